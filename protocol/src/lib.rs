@@ -1,0 +1,12 @@
+//! quicmesh protocol: identities, the certificate profile, every wire message with its
+//! codec, and the policy model. Pure: no async runtime, no sockets, no clock reads —
+//! callers pass `now` in where time matters.
+
+pub mod cert;
+pub mod ident;
+pub mod policy;
+pub mod wire;
+
+pub use cert::{PeerIdentity, Serial};
+pub use ident::{Labels, NodeName, ServiceName, SpiffeId, TrustDomain};
+pub use policy::{Decision, DenyReason, Policy};

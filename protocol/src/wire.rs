@@ -1,0 +1,406 @@
+//! Every wire message and the one codec that carries them.
+//!
+//! A message on the wire is a frame: a 4-byte big-endian length, then the body. The body is
+//! `[WIRE_VERSION, kind, postcard bytes...]`. Decoding checks the length limit of the
+//! message type before anything is read, refuses unknown versions and kinds, and refuses
+//! trailing bytes. Encoding cannot fail. Names inside messages are checked types, so a
+//! decoded message needs no further validation.
+
+use std::net::SocketAddr;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::cert::Serial;
+use crate::ident::{Labels, NodeName, ServiceName, TrustDomain};
+use crate::policy::Policy;
+
+/// The wire format version this build speaks.
+pub const WIRE_VERSION: u8 = 1;
+/// Bytes of the length prefix in front of every frame.
+pub const FRAME_HEADER_LEN: usize = 4;
+/// ALPN of peer tunnels.
+pub const ALPN_TUNNEL: &[u8] = b"quicmesh/1";
+/// ALPN of the control session with the coordinator.
+pub const ALPN_CONTROL: &[u8] = b"quicmesh-control/1";
+
+/// Why bytes did not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message is empty")]
+    Empty,
+    #[error("message truncated")]
+    Truncated,
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("unsupported wire version {0} (this build speaks {WIRE_VERSION})")]
+    Version(u8),
+    #[error("unexpected message kind {got} (expected {expected})")]
+    Kind { expected: u8, got: u8 },
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("{0} trailing bytes after message")]
+    Trailing(usize),
+}
+
+/// A message type with its kind byte and size limit.
+pub trait Message: Serialize + DeserializeOwned {
+    /// Distinguishes message families on the wire.
+    const KIND: u8;
+    /// Largest encoded body accepted.
+    const MAX_LEN: usize;
+}
+
+/// Encodes a message body (without the length prefix).
+pub fn encode<M: Message>(msg: &M) -> Vec<u8> {
+    let mut out = vec![WIRE_VERSION, M::KIND];
+    // Serializing our own types into a Vec cannot fail: no maps with non-string keys
+    // that postcard refuses, no io errors.
+    out.extend(postcard::to_stdvec(msg).unwrap_or_default());
+    out
+}
+
+/// Encodes a message as a frame: length prefix then body.
+pub fn encode_frame<M: Message>(msg: &M) -> Vec<u8> {
+    let body = encode(msg);
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Reads a frame's body length from its prefix, refusing it before any body is read when
+/// it exceeds `M::MAX_LEN`.
+pub fn frame_len<M: Message>(prefix: [u8; FRAME_HEADER_LEN]) -> Result<usize, DecodeError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > M::MAX_LEN {
+        return Err(DecodeError::TooLong {
+            len,
+            max: M::MAX_LEN,
+        });
+    }
+    if len < 2 {
+        return Err(DecodeError::Truncated);
+    }
+    Ok(len)
+}
+
+/// Decodes a message body (without the length prefix).
+pub fn decode<M: Message>(buf: &[u8]) -> Result<M, DecodeError> {
+    if buf.len() > M::MAX_LEN {
+        return Err(DecodeError::TooLong {
+            len: buf.len(),
+            max: M::MAX_LEN,
+        });
+    }
+    let (&version, rest) = buf.split_first().ok_or(DecodeError::Empty)?;
+    if version != WIRE_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let (&kind, body) = rest.split_first().ok_or(DecodeError::Truncated)?;
+    if kind != M::KIND {
+        return Err(DecodeError::Kind {
+            expected: M::KIND,
+            got: kind,
+        });
+    }
+    let (msg, trailing) = postcard::take_from_bytes::<M>(body).map_err(|e| match e {
+        postcard::Error::DeserializeUnexpectedEnd => DecodeError::Truncated,
+        other => DecodeError::Malformed(other.to_string()),
+    })?;
+    if !trailing.is_empty() {
+        return Err(DecodeError::Trailing(trailing.len()));
+    }
+    Ok(msg)
+}
+
+// ---------------------------------------------------------------------------------------
+// Control session: node -> coordinator
+
+/// First message of an enrollment connection (no client certificate yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// The join token's secret part.
+    pub secret: String,
+    pub node: NodeName,
+    /// PKCS#10 CSR, DER.
+    pub csr_der: Vec<u8>,
+    pub services: Vec<ServiceName>,
+    pub labels: Labels,
+}
+
+/// First message of an authenticated control session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub node: NodeName,
+    /// UDP port of the node's tunnel endpoint.
+    pub tunnel_port: u16,
+    /// Address peers should dial, when the node knows better than the coordinator.
+    pub advertise: Option<SocketAddr>,
+    pub services: Vec<ServiceName>,
+    pub labels: Labels,
+    /// Snapshot version the node holds (0 = none).
+    pub have_version: u64,
+    pub agent_version: String,
+}
+
+/// Periodic report of a node's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub snapshot_version: u64,
+    pub cert_not_after: i64,
+    pub flows_active: u64,
+    pub flows_accepted: u64,
+    pub flows_rejected: u64,
+    pub peers_connected: u32,
+}
+
+/// Node -> coordinator messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlUp {
+    Enroll(EnrollRequest),
+    Hello(Hello),
+    /// The snapshot of this version was applied.
+    Ack { version: u64 },
+    /// The snapshot of this version was refused; the node keeps its previous one.
+    Nack { version: u64, reason: String },
+    Status(StatusReport),
+    /// A new CSR for the same node; answered with `Renewed` or `RenewRefused`.
+    Renew { csr_der: Vec<u8> },
+}
+
+impl Message for ControlUp {
+    const KIND: u8 = 1;
+    const MAX_LEN: usize = 64 * 1024;
+}
+
+// ---------------------------------------------------------------------------------------
+// Control session: coordinator -> node
+
+/// A successful enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub trust_domain: TrustDomain,
+    /// The node's leaf certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// The mesh CA certificate(s), DER.
+    pub ca_bundle: Vec<Vec<u8>>,
+}
+
+/// Why an enrollment was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrollErrorCode {
+    TokenUnknown,
+    TokenUsed,
+    TokenExpired,
+    NodeMismatch,
+    ServiceNotAllowed,
+    LabelNotAllowed,
+    BadCsr,
+    NodeRevoked,
+    Internal,
+}
+
+impl EnrollErrorCode {
+    /// Stable short text for users and tests.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EnrollErrorCode::TokenUnknown => "token unknown",
+            EnrollErrorCode::TokenUsed => "token already used",
+            EnrollErrorCode::TokenExpired => "token expired",
+            EnrollErrorCode::NodeMismatch => "token is for another node name",
+            EnrollErrorCode::ServiceNotAllowed => "token does not allow a claimed service",
+            EnrollErrorCode::LabelNotAllowed => "token does not allow a claimed label",
+            EnrollErrorCode::BadCsr => "certificate signing request is invalid",
+            EnrollErrorCode::NodeRevoked => "node is revoked",
+            EnrollErrorCode::Internal => "coordinator internal error",
+        }
+    }
+}
+
+/// A peer node as a snapshot describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub node: NodeName,
+    /// Where the peer's tunnel endpoint can be dialled; `None` until it reported one.
+    pub endpoint: Option<SocketAddr>,
+    pub services: Vec<ServiceName>,
+    pub labels: Labels,
+}
+
+/// The whole desired state for one node. Applying the same snapshot twice changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Monotonic across the mesh; a node ignores versions older than the one it holds.
+    pub version: u64,
+    pub node: NodeName,
+    pub trust_domain: TrustDomain,
+    /// This node's own labels as the coordinator knows them (policy `to = "tag:..."`).
+    pub labels: Labels,
+    pub peers: Vec<PeerInfo>,
+    pub policy_version: u64,
+    pub policy: Policy,
+    /// Revoked certificate serials.
+    pub revoked: Vec<Serial>,
+    pub ca_bundle: Vec<Vec<u8>>,
+}
+
+/// Coordinator -> node messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlDown {
+    Enrolled(EnrollResponse),
+    EnrollRefused {
+        code: EnrollErrorCode,
+        detail: String,
+    },
+    Snapshot(Box<Snapshot>),
+    Renewed {
+        cert_der: Vec<u8>,
+    },
+    RenewRefused {
+        detail: String,
+    },
+    /// The coordinator ends the session (revoked, shutting down); the node should not
+    /// reconnect with the same certificate when `revoked` is true.
+    Goodbye {
+        revoked: bool,
+        detail: String,
+    },
+}
+
+impl Message for ControlDown {
+    const KIND: u8 = 2;
+    const MAX_LEN: usize = 16 * 1024 * 1024;
+}
+
+// ---------------------------------------------------------------------------------------
+// Tunnel streams
+
+/// Opens every proxied stream between two nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamHeader {
+    pub src_service: ServiceName,
+    pub dst_service: ServiceName,
+    /// Chosen by the sender; unique per connection, used in logs on both ends.
+    pub flow_id: u64,
+}
+
+impl Message for StreamHeader {
+    const KIND: u8 = 3;
+    const MAX_LEN: usize = 512;
+}
+
+/// Why the ingress refused a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RejectCode {
+    /// The policy denies source -> destination.
+    PolicyDenied,
+    /// The peer's certificate does not carry the claimed source service.
+    SourceNotInCertificate,
+    /// This node does not host the destination service.
+    UnknownService,
+    /// The local service did not accept the connection.
+    ServiceUnavailable,
+    /// The header did not decode.
+    Malformed,
+    /// The node has no snapshot yet and cannot decide.
+    NotReady,
+}
+
+impl RejectCode {
+    /// Stable label for metrics and logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RejectCode::PolicyDenied => "policy_denied",
+            RejectCode::SourceNotInCertificate => "source_not_in_certificate",
+            RejectCode::UnknownService => "unknown_service",
+            RejectCode::ServiceUnavailable => "service_unavailable",
+            RejectCode::Malformed => "malformed",
+            RejectCode::NotReady => "not_ready",
+        }
+    }
+}
+
+/// The ingress's answer to a [`StreamHeader`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamReply {
+    Accept,
+    /// `rule` is the deciding rule label (`rule[3]`, `default`) when the policy denied.
+    Reject { code: RejectCode, rule: Option<String> },
+}
+
+impl Message for StreamReply {
+    const KIND: u8 = 4;
+    const MAX_LEN: usize = 256;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> StreamHeader {
+        StreamHeader {
+            src_service: ServiceName::new("web").unwrap(),
+            dst_service: ServiceName::new("db").unwrap(),
+            flow_id: 7,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_frame() {
+        let h = header();
+        let body = encode(&h);
+        assert_eq!(decode::<StreamHeader>(&body).unwrap(), h);
+        let frame = encode_frame(&h);
+        let prefix: [u8; 4] = frame[..4].try_into().unwrap();
+        assert_eq!(frame_len::<StreamHeader>(prefix).unwrap(), body.len());
+    }
+
+    #[test]
+    fn typed_errors() {
+        let mut body = encode(&header());
+        assert_eq!(decode::<StreamHeader>(&[]), Err(DecodeError::Empty));
+        assert_eq!(decode::<StreamHeader>(&[9, 3]), Err(DecodeError::Version(9)));
+        assert_eq!(
+            decode::<StreamReply>(&body),
+            Err(DecodeError::Kind {
+                expected: 4,
+                got: 3
+            })
+        );
+        assert_eq!(
+            decode::<StreamHeader>(&body[..body.len() - 1]),
+            Err(DecodeError::Truncated)
+        );
+        body.push(0);
+        assert_eq!(decode::<StreamHeader>(&body), Err(DecodeError::Trailing(1)));
+        assert!(matches!(
+            frame_len::<StreamHeader>(1000u32.to_be_bytes()),
+            Err(DecodeError::TooLong { len: 1000, .. })
+        ));
+    }
+
+    #[test]
+    fn invalid_names_do_not_decode() {
+        // A header whose service name is upper case must be refused at the seam.
+        #[derive(Serialize)]
+        struct Raw {
+            a: String,
+            b: String,
+            f: u64,
+        }
+        let mut body = vec![WIRE_VERSION, StreamHeader::KIND];
+        body.extend(
+            postcard::to_stdvec(&Raw {
+                a: "WEB".into(),
+                b: "db".into(),
+                f: 1,
+            })
+            .unwrap(),
+        );
+        assert!(matches!(
+            decode::<StreamHeader>(&body),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+}
