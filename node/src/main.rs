@@ -1,1 +1,151 @@
-fn main(){}
+//! `quicmesh-node`: run the daemon, or ask a running one for its status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use quicmesh_node::config::NodeConfig;
+
+#[derive(Parser)]
+#[command(name = "quicmesh-node", version, about = "quicmesh node daemon")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node with a config file.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a config file and exit (64 on error).
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show a running node's status (peers, flows, snapshot, certificate, counters).
+    Status {
+        /// The node's config file (its data_dir holds the admin socket).
+        #[arg(long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The admin socket path (default: <data_dir>/admin.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print raw JSON.
+        #[arg(long)]
+        json: bool,
+        /// Print Prometheus metrics instead.
+        #[arg(long)]
+        metrics: bool,
+    },
+}
+
+fn load(path: &PathBuf) -> Result<NodeConfig, ExitCode> {
+    NodeConfig::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(64)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QUICMESH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.cmd {
+        Cmd::Check { config } => match load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(c) => c,
+        },
+        Cmd::Run { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(c) => return c,
+            };
+            rt.block_on(async move {
+                let node = match quicmesh_node::run::start(cfg).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(e.exit_code() as u8);
+                    }
+                };
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(s) => s,
+                        Err(e) => {
+                            eprintln!("error: signal handler: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                tracing::info!("shutting down");
+                node.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+                let _ = std::fs::remove_file(node.data.admin_socket());
+                ExitCode::SUCCESS
+            })
+        }
+        Cmd::Status {
+            config,
+            socket,
+            json,
+            metrics,
+        } => {
+            let path = match (socket, config) {
+                (Some(s), _) => s,
+                (None, Some(c)) => match load(&c) {
+                    Ok(cfg) => cfg.data_dir.join("admin.sock"),
+                    Err(code) => return code,
+                },
+                (None, None) => {
+                    eprintln!("error: give --config or --socket");
+                    return ExitCode::from(64);
+                }
+            };
+            let cmd = if metrics { "metrics" } else { "status" };
+            match rt.block_on(quicmesh_node::admin::query(&path, cmd)) {
+                Ok(out) if json || metrics => {
+                    println!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Ok(out) => match serde_json::from_str::<serde_json::Value>(&out) {
+                    Ok(v) => {
+                        print!("{}", quicmesh_node::admin::render_status(&v));
+                        ExitCode::SUCCESS
+                    }
+                    Err(_) => {
+                        println!("{out}");
+                        ExitCode::SUCCESS
+                    }
+                },
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

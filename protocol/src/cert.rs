@@ -100,6 +100,23 @@ pub enum IdentityError {
     Serial(#[from] SerialError),
 }
 
+/// Every SPIFFE identity among a certificate's URI SANs (other URIs are ignored).
+pub fn spiffe_ids(der: &[u8]) -> Result<Vec<SpiffeId>, IdentityError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let mut ids = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                if let Ok(id) = uri.parse::<SpiffeId>() {
+                    ids.push(id);
+                }
+            }
+        }
+    }
+    Ok(ids)
+}
+
 impl PeerIdentity {
     /// Reads the identity from a leaf certificate (DER) that the caller has verified.
     pub fn from_der(der: &[u8], expected: &TrustDomain) -> Result<Self, IdentityError> {
@@ -107,31 +124,23 @@ impl PeerIdentity {
             X509Certificate::from_der(der).map_err(|e| IdentityError::Parse(e.to_string()))?;
         let mut node = None;
         let mut services = BTreeSet::new();
-        if let Ok(Some(san)) = cert.subject_alternative_name() {
-            for name in &san.value.general_names {
-                let GeneralName::URI(uri) = name else {
-                    continue;
-                };
-                let Ok(id) = uri.parse::<SpiffeId>() else {
-                    continue;
-                };
-                if id.trust_domain() != expected {
-                    return Err(IdentityError::ForeignTrustDomain {
-                        expected: expected.to_string(),
-                        got: id.trust_domain().to_string(),
-                    });
-                }
-                match id {
-                    SpiffeId::Node(_, n) => {
-                        if node.replace(n).is_some() {
-                            return Err(IdentityError::SeveralNodes);
-                        }
+        for id in spiffe_ids(der)? {
+            if id.trust_domain() != expected {
+                return Err(IdentityError::ForeignTrustDomain {
+                    expected: expected.to_string(),
+                    got: id.trust_domain().to_string(),
+                });
+            }
+            match id {
+                SpiffeId::Node(_, n) => {
+                    if node.replace(n).is_some() {
+                        return Err(IdentityError::SeveralNodes);
                     }
-                    SpiffeId::Service(_, s) => {
-                        services.insert(s);
-                    }
-                    SpiffeId::Coordinator(_) => {}
                 }
+                SpiffeId::Service(_, s) => {
+                    services.insert(s);
+                }
+                SpiffeId::Coordinator(_) => {}
             }
         }
         Ok(Self {
@@ -171,7 +180,10 @@ mod tests {
             &NodeName::new("n1").unwrap(),
             &[ServiceName::new("web").unwrap()],
         );
-        assert_eq!(uris, ["spiffe://t.local/node/n1", "spiffe://t.local/svc/web"]);
+        assert_eq!(
+            uris,
+            ["spiffe://t.local/node/n1", "spiffe://t.local/svc/web"]
+        );
     }
 
     #[test]

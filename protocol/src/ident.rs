@@ -124,7 +124,10 @@ name_type!(
 
 /// Node labels (`datacenter = "dc1"`): at most [`Labels::MAX`] entries, values up to 255 bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "BTreeMap<LabelKey, String>", into = "BTreeMap<LabelKey, String>")]
+#[serde(
+    try_from = "BTreeMap<LabelKey, String>",
+    into = "BTreeMap<LabelKey, String>"
+)]
 pub struct Labels(BTreeMap<LabelKey, String>);
 
 /// Why a label set was refused.
@@ -218,7 +221,9 @@ pub enum SpiffeId {
 pub enum SpiffeError {
     #[error("uri {0:?} does not start with spiffe://")]
     Scheme(String),
-    #[error("uri {0:?} has an unknown path (expected /node/<name>, /svc/<service> or /coordinator)")]
+    #[error(
+        "uri {0:?} has an unknown path (expected /node/<name>, /svc/<service> or /coordinator)"
+    )]
     Path(String),
     #[error("uri {uri:?}: {source}")]
     Name { uri: String, source: NameError },
@@ -259,7 +264,10 @@ impl FromStr for SpiffeId {
         let td = TrustDomain::new(td).map_err(name_err)?;
         match path.split_once('/') {
             Some(("node", n)) => Ok(SpiffeId::Node(td, NodeName::new(n).map_err(name_err)?)),
-            Some(("svc", s)) => Ok(SpiffeId::Service(td, ServiceName::new(s).map_err(name_err)?)),
+            Some(("svc", s)) => Ok(SpiffeId::Service(
+                td,
+                ServiceName::new(s).map_err(name_err)?,
+            )),
             None if path == "coordinator" => Ok(SpiffeId::Coordinator(td)),
             _ => Err(SpiffeError::Path(uri.to_string())),
         }

@@ -5,6 +5,7 @@
 pub mod cert;
 pub mod ident;
 pub mod policy;
+pub mod token;
 pub mod wire;
 
 pub use cert::{PeerIdentity, Serial};

@@ -290,7 +290,8 @@ impl Policy {
         if text.len() > MAX_POLICY_BYTES {
             return Err(PolicyError::TooLarge);
         }
-        let raw: RawFile = toml::from_str(text).map_err(|e| PolicyError::Toml(e.message().to_string()))?;
+        let raw: RawFile =
+            toml::from_str(text).map_err(|e| PolicyError::Toml(e.message().to_string()))?;
         let default = match raw.default.as_deref() {
             None => Action::Deny,
             Some(s) => parse_action(s).ok_or_else(|| PolicyError::Default(s.to_string()))?,
@@ -385,7 +386,9 @@ impl Policy {
             .rules
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.from.matches(src.service, src.labels) && r.to.matches(dst.service, dst.labels))
+            .filter(|(_, r)| {
+                r.from.matches(src.service, src.labels) && r.to.matches(dst.service, dst.labels)
+            })
             .map(|(index, r)| Candidate {
                 index,
                 rule: r.to_string(),
@@ -395,7 +398,11 @@ impl Policy {
         let text = match decision {
             Decision::Allow(Some(i)) | Decision::Deny(DenyReason::Rule(i)) => {
                 let others = candidates.len().saturating_sub(1);
-                let rule = self.rules.get(i).map(ToString::to_string).unwrap_or_default();
+                let rule = self
+                    .rules
+                    .get(i)
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
                 if others == 0 {
                     format!("rule[{i}] ({rule}) is the only matching rule")
                 } else {
@@ -536,16 +543,45 @@ action = "deny"
     #[test]
     fn errors_name_the_rule_index_and_field() {
         let e = Policy::parse("[[rule]]\nfrom='web'\nto='db'\naction='allow'\n[[rule]]\nfrom='Web'\nto='db'\naction='allow'").unwrap_err();
-        assert!(matches!(e, PolicyError::Rule { index: 1, field: "from", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                PolicyError::Rule {
+                    index: 1,
+                    field: "from",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = Policy::parse("[[rule]]\nfrom='web'\nto='db'\naction='maybe'").unwrap_err();
-        assert_eq!(e.to_string(), "rule[0].action: must be \"allow\" or \"deny\", got \"maybe\"");
+        assert_eq!(
+            e.to_string(),
+            "rule[0].action: must be \"allow\" or \"deny\", got \"maybe\""
+        );
         let e = Policy::parse("[[rule]]\nfrom='web'\naction='allow'").unwrap_err();
         assert_eq!(e.to_string(), "rule[0].to: missing");
         let e = Policy::parse("[[test]]\nfrom='web'\nto='db'\nexpect='x'").unwrap_err();
-        assert!(matches!(e, PolicyError::Test { index: 0, field: "expect", .. }));
-        assert!(matches!(Policy::parse("default='maybe'"), Err(PolicyError::Default(_))));
-        assert!(matches!(Policy::parse("bogus=1"), Err(PolicyError::Toml(_))));
-        assert!(matches!(Policy::parse("[[rule]]\nfrom='a'\nto='b'\naction='allow'\nport=3"), Err(PolicyError::Toml(_))));
+        assert!(matches!(
+            e,
+            PolicyError::Test {
+                index: 0,
+                field: "expect",
+                ..
+            }
+        ));
+        assert!(matches!(
+            Policy::parse("default='maybe'"),
+            Err(PolicyError::Default(_))
+        ));
+        assert!(matches!(
+            Policy::parse("bogus=1"),
+            Err(PolicyError::Toml(_))
+        ));
+        assert!(matches!(
+            Policy::parse("[[rule]]\nfrom='a'\nto='b'\naction='allow'\nport=3"),
+            Err(PolicyError::Toml(_))
+        ));
     }
 
     #[test]
@@ -558,7 +594,11 @@ action = "deny"
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].index, 0);
         assert_eq!(f[0].got.decision, Decision::Allow(Some(0)));
-        assert!(f[0].to_string().contains("expected deny, got allow"), "{}", f[0]);
+        assert!(
+            f[0].to_string().contains("expected deny, got allow"),
+            "{}",
+            f[0]
+        );
     }
 
     #[test]
@@ -567,15 +607,27 @@ action = "deny"
         let none = Labels::default();
         let (w, d) = (svc("web"), svc("db"));
         let e = p.explain(
-            Source { service: &w, labels: &none },
-            Destination { service: &d, labels: &none },
+            Source {
+                service: &w,
+                labels: &none,
+            },
+            Destination {
+                service: &d,
+                labels: &none,
+            },
         );
         assert_eq!(e.candidates.len(), 1);
         assert!(e.text.contains("rule[0]"), "{}", e.text);
         let pay = svc("payments");
         let e = p.explain(
-            Source { service: &w, labels: &none },
-            Destination { service: &pay, labels: &none },
+            Source {
+                service: &w,
+                labels: &none,
+            },
+            Destination {
+                service: &pay,
+                labels: &none,
+            },
         );
         assert_eq!(e.text, "no rule matches; default is deny");
     }

@@ -161,12 +161,19 @@ pub enum ControlUp {
     Enroll(EnrollRequest),
     Hello(Hello),
     /// The snapshot of this version was applied.
-    Ack { version: u64 },
+    Ack {
+        version: u64,
+    },
     /// The snapshot of this version was refused; the node keeps its previous one.
-    Nack { version: u64, reason: String },
+    Nack {
+        version: u64,
+        reason: String,
+    },
     Status(StatusReport),
     /// A new CSR for the same node; answered with `Renewed` or `RenewRefused`.
-    Renew { csr_der: Vec<u8> },
+    Renew {
+        csr_der: Vec<u8>,
+    },
 }
 
 impl Message for ControlUp {
@@ -326,7 +333,10 @@ impl RejectCode {
 pub enum StreamReply {
     Accept,
     /// `rule` is the deciding rule label (`rule[3]`, `default`) when the policy denied.
-    Reject { code: RejectCode, rule: Option<String> },
+    Reject {
+        code: RejectCode,
+        rule: Option<String>,
+    },
 }
 
 impl Message for StreamReply {
@@ -360,7 +370,10 @@ mod tests {
     fn typed_errors() {
         let mut body = encode(&header());
         assert_eq!(decode::<StreamHeader>(&[]), Err(DecodeError::Empty));
-        assert_eq!(decode::<StreamHeader>(&[9, 3]), Err(DecodeError::Version(9)));
+        assert_eq!(
+            decode::<StreamHeader>(&[9, 3]),
+            Err(DecodeError::Version(9))
+        );
         assert_eq!(
             decode::<StreamReply>(&body),
             Err(DecodeError::Kind {

@@ -1,0 +1,221 @@
+//! Local admin: `status` over a unix socket in the data dir (mode 0600), and Prometheus
+//! metrics on a loopback TCP port. Both are apart from the data plane.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::control::unix_now;
+use crate::state::Node;
+
+/// The status document `quicmesh-node status` prints.
+pub fn status_json(node: &Node) -> serde_json::Value {
+    let view = node.view();
+    let id = node.identity.load();
+    let conns = node
+        .conns
+        .lock()
+        .map(|m| m.keys().cloned().collect::<Vec<_>>())
+        .unwrap_or_default();
+    let mut peers: Vec<_> = view
+        .peers
+        .values()
+        .map(|p| {
+            json!({
+                "node": p.node,
+                "endpoint": p.endpoint.map(|e| e.to_string()),
+                "services": p.services,
+                "connected": conns.contains(&p.node),
+            })
+        })
+        .collect();
+    peers.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
+    let control = node.control.lock().map(|c| c.clone()).unwrap_or_default();
+    json!({
+        "node": node.cfg.name,
+        "trust_domain": id.trust_domain,
+        "tunnel_listen": node.endpoint.local_addr().ok().map(|a| a.to_string()),
+        "snapshot_version": view.version,
+        "policy_version": view.policy_version,
+        "certificate": {
+            "serial": id.serial.to_string(),
+            "services": id.services,
+            "not_after": id.not_after,
+            "expires_in_secs": id.not_after - unix_now(),
+        },
+        "control": control,
+        "services": node.cfg.services.iter().map(|s| json!({"name": s.name, "address": s.address.to_string()})).collect::<Vec<_>>(),
+        "upstreams": node.cfg.upstreams.iter().map(|u| json!({"service": u.service, "bind": u.bind.to_string(), "source": u.source})).collect::<Vec<_>>(),
+        "peers": peers,
+        "flows": node.flows.list(),
+        "counters": node.metrics.reasons(),
+    })
+}
+
+/// Binds the admin socket (replacing a stale one) with mode 0600.
+pub fn bind_admin(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        // A live node answers on it; a stale file from a crash does not.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is in use: is another node running with this data_dir?",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serves `status` requests: one line in (`status`), one JSON document out.
+pub async fn serve_admin(node: Arc<Node>, listener: UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut r = BufReader::new(r);
+            if r.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let body = match line.trim() {
+                "status" => status_json(&node).to_string(),
+                "metrics" => node.metrics.encode(),
+                other => {
+                    json!({"error": format!("unknown command {other:?} (try: status, metrics)")})
+                        .to_string()
+                }
+            };
+            let _ = w.write_all(body.as_bytes()).await;
+            let _ = w.shutdown().await;
+        });
+    }
+}
+
+/// Asks a running node over its admin socket.
+pub async fn query(path: &Path, command: &str) -> std::io::Result<String> {
+    let mut s = UnixStream::connect(path).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "{}: {e} (is quicmesh-node running with this data_dir?)",
+                path.display()
+            ),
+        )
+    })?;
+    s.write_all(format!("{command}\n").as_bytes()).await?;
+    let mut out = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out).await?;
+    Ok(out)
+}
+
+/// Serves `/metrics` on a loopback listener.
+pub async fn serve_metrics(node: Arc<Node>, listener: tokio::net::TcpListener) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let node = node.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    node.metrics.encode(),
+                )
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics listener failed");
+    }
+}
+
+/// Human-readable status.
+pub fn render_status(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let s = |v: &serde_json::Value| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string())
+    };
+    let _ = writeln!(
+        o,
+        "node       {} ({})",
+        s(&v["node"]),
+        s(&v["trust_domain"])
+    );
+    let _ = writeln!(o, "tunnel     {}", s(&v["tunnel_listen"]));
+    let _ = writeln!(
+        o,
+        "snapshot   v{} (policy v{})",
+        v["snapshot_version"], v["policy_version"]
+    );
+    let c = &v["certificate"];
+    let _ = writeln!(
+        o,
+        "cert       serial {} expires in {}s",
+        s(&c["serial"]),
+        c["expires_in_secs"]
+    );
+    let ctl = &v["control"];
+    let _ = writeln!(
+        o,
+        "control    {}{}",
+        if ctl["connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "disconnected"
+        },
+        ctl["last_error"]
+            .as_str()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(o, "peers:");
+    for p in v["peers"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  {:<20} {:<24} {:<10} {}",
+            s(&p["node"]),
+            s(&p["endpoint"]),
+            if p["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "idle"
+            },
+            p["services"]
+        );
+    }
+    let _ = writeln!(o, "flows:");
+    for f in v["flows"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  #{} {} {} -> {} peer {} {}",
+            f["id"],
+            s(&f["direction"]),
+            s(&f["src"]),
+            s(&f["dst"]),
+            s(&f["peer"]),
+            s(&f["rule"])
+        );
+    }
+    let _ = writeln!(o, "counters:");
+    for (k, n) in v["counters"].as_object().into_iter().flatten() {
+        let _ = writeln!(o, "  {k:<40} {n}");
+    }
+    o
+}

@@ -1,0 +1,350 @@
+//! The node config file (`node.toml`), parsed and checked before anything binds.
+//!
+//! Every error names the key and the reason; `quicmesh-node` exits 64 on one.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use quicmesh_protocol::ident::{LabelKey, Labels, NodeName, ServiceName};
+use serde::Deserialize;
+
+/// A config error: which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config {file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+/// A local service offered to the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: ServiceName,
+    /// Where the node connects when a flow for this service is accepted.
+    pub address: SocketAddr,
+}
+
+/// A mesh service consumed by local apps through a local listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    pub service: ServiceName,
+    pub bind: SocketAddr,
+    /// The local service this traffic speaks for (must be one of this node's services).
+    pub source: ServiceName,
+}
+
+/// The checked node config.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: NodeName,
+    pub coordinator: SocketAddr,
+    pub join_token: Option<String>,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub advertise: Option<SocketAddr>,
+    pub labels: Labels,
+    pub services: Vec<ServiceConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Prometheus metrics listener (loopback only); `None` turns metrics off.
+    pub metrics: Option<SocketAddr>,
+    /// Also check policy at the sending side, to fail fast (ingress always checks).
+    pub check_egress: bool,
+    /// A proxied flow with no bytes either way for this long is closed.
+    pub flow_idle_timeout: Duration,
+    /// How often the node reports status to the coordinator.
+    pub status_interval: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    name: Option<String>,
+    coordinator: Option<String>,
+    join_token: Option<String>,
+    join_token_file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    advertise: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    metrics: Option<String>,
+    #[serde(default)]
+    service: Vec<RawService>,
+    #[serde(default)]
+    upstream: Vec<RawUpstream>,
+    overlay: Option<RawOverlay>,
+    policy: Option<RawPolicy>,
+    flow_idle_timeout: Option<String>,
+    status_interval: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<String>,
+    address: Option<String>,
+    check: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    service: Option<String>,
+    bind: Option<String>,
+    source: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverlay {
+    enabled: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    check_egress: Option<bool>,
+}
+
+/// Default UDP port of the tunnel endpoint.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7800";
+
+impl NodeConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "(file)".into(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text, &file, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Parses and checks config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
+        let err = |key: &str, reason: String| ConfigError {
+            file: file.to_string(),
+            key: key.to_string(),
+            reason,
+        };
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            // toml names unknown keys in its message: surface them as the key.
+            let key = msg
+                .split('`')
+                .nth(1)
+                .filter(|_| msg.starts_with("unknown field"))
+                .unwrap_or("(syntax)")
+                .to_string();
+            err(&key, msg)
+        })?;
+        let req = |key: &str, v: Option<String>| v.ok_or_else(|| err(key, "missing".into()));
+        let addr = |key: &str, v: &str| -> Result<SocketAddr, ConfigError> {
+            v.parse()
+                .map_err(|_| err(key, format!("{v:?} is not an ip:port address")))
+        };
+        let dur =
+            |key: &str, v: Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+                match v {
+                    None => Ok(default),
+                    Some(s) => humantime::parse_duration(&s)
+                        .map_err(|e| err(key, format!("{s:?} is not a duration: {e}"))),
+                }
+            };
+        let name = NodeName::new(req("name", raw.name)?).map_err(|e| err("name", e.to_string()))?;
+        let coordinator = addr("coordinator", &req("coordinator", raw.coordinator)?)?;
+        let join_token = match (raw.join_token, raw.join_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "join_token_file",
+                    "set either join_token or join_token_file, not both".into(),
+                ))
+            }
+            (Some(t), None) => Some(t.trim().to_string()),
+            (None, Some(p)) => {
+                let p = base.join(p);
+                Some(
+                    std::fs::read_to_string(&p)
+                        .map_err(|e| err("join_token_file", format!("{}: {e}", p.display())))?
+                        .trim()
+                        .to_string(),
+                )
+            }
+            (None, None) => None,
+        };
+        let data_dir = base.join(
+            raw.data_dir
+                .ok_or_else(|| err("data_dir", "missing".into()))?,
+        );
+        let listen = addr("listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
+        let advertise = raw.advertise.map(|a| addr("advertise", &a)).transpose()?;
+        if advertise.is_some_and(|a| a.ip().is_unspecified() || a.port() == 0) {
+            return Err(err("advertise", "must be a concrete ip and port".into()));
+        }
+        let mut labels = BTreeMap::new();
+        for (k, v) in raw.labels {
+            let key = LabelKey::new(&k).map_err(|e| err(&format!("labels.{k}"), e.to_string()))?;
+            labels.insert(key, v);
+        }
+        let labels = Labels::new(labels).map_err(|e| err("labels", e.to_string()))?;
+        let mut services: Vec<ServiceConfig> = Vec::new();
+        for (i, s) in raw.service.into_iter().enumerate() {
+            let k = |f: &str| format!("service[{i}].{f}");
+            let name = ServiceName::new(req(&k("name"), s.name)?)
+                .map_err(|e| err(&k("name"), e.to_string()))?;
+            if services.iter().any(|o| o.name == name) {
+                return Err(err(&k("name"), format!("service {name} is listed twice")));
+            }
+            let address = addr(&k("address"), &req(&k("address"), s.address)?)?;
+            if let Some(check) = s.check {
+                if !check.is_table() {
+                    return Err(err(&k("check"), "must be a table".into()));
+                }
+            }
+            services.push(ServiceConfig { name, address });
+        }
+        let mut upstreams: Vec<UpstreamConfig> = Vec::new();
+        for (i, u) in raw.upstream.into_iter().enumerate() {
+            let k = |f: &str| format!("upstream[{i}].{f}");
+            let service = ServiceName::new(req(&k("service"), u.service)?)
+                .map_err(|e| err(&k("service"), e.to_string()))?;
+            let bind = addr(&k("bind"), &req(&k("bind"), u.bind)?)?;
+            if upstreams.iter().any(|o| o.bind == bind) {
+                return Err(err(
+                    &k("bind"),
+                    format!("{bind} is used by another upstream"),
+                ));
+            }
+            let source = match u.source {
+                Some(s) => {
+                    let s = ServiceName::new(s).map_err(|e| err(&k("source"), e.to_string()))?;
+                    if !services.iter().any(|x| x.name == s) {
+                        return Err(err(
+                            &k("source"),
+                            format!("{s} is not one of this node's [[service]] entries"),
+                        ));
+                    }
+                    s
+                }
+                None => services.first().map(|s| s.name.clone()).ok_or_else(|| {
+                    err(
+                        &k("source"),
+                        "this node has no [[service]]: name the service this upstream speaks for"
+                            .into(),
+                    )
+                })?,
+            };
+            upstreams.push(UpstreamConfig {
+                service,
+                bind,
+                source,
+            });
+        }
+        if raw.overlay.and_then(|o| o.enabled).unwrap_or(false) {
+            return Err(err(
+                "overlay.enabled",
+                "overlay mode is not available in this build yet".into(),
+            ));
+        }
+        let metrics = match raw.metrics.as_deref() {
+            None => Some(addr("metrics", "127.0.0.1:9790")?),
+            Some("off") | Some("") => None,
+            Some(m) => Some(addr("metrics", m)?),
+        };
+        if metrics.is_some_and(|m| !m.ip().is_loopback()) {
+            return Err(err(
+                "metrics",
+                "must be a loopback address (metrics are not authenticated)".into(),
+            ));
+        }
+        Ok(Self {
+            name,
+            coordinator,
+            join_token,
+            data_dir,
+            listen,
+            advertise,
+            labels,
+            services,
+            upstreams,
+            metrics,
+            check_egress: raw.policy.and_then(|p| p.check_egress).unwrap_or(true),
+            flow_idle_timeout: dur(
+                "flow_idle_timeout",
+                raw.flow_idle_timeout,
+                Duration::from_secs(3600),
+            )?,
+            status_interval: dur(
+                "status_interval",
+                raw.status_interval,
+                Duration::from_secs(10),
+            )?,
+        })
+    }
+
+    /// The local service named `name`, if this node hosts it.
+    pub fn service(&self, name: &ServiceName) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| &s.name == name)
+    }
+
+    /// Names of the services this node hosts.
+    pub fn service_names(&self) -> Vec<ServiceName> {
+        self.services.iter().map(|s| s.name.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::parse(t, "node.toml", Path::new("/tmp"))
+    }
+
+    const GOOD: &str = r#"
+name = "web-1"
+coordinator = "198.18.0.1:7700"
+join_token = "x"
+data_dir = "/var/lib/quicmesh"
+labels = { datacenter = "dc1" }
+[[service]]
+name = "web"
+address = "127.0.0.1:8080"
+check = { tcp = "127.0.0.1:8080", interval = "2s" }
+[[upstream]]
+service = "db"
+bind = "127.0.0.1:15432"
+"#;
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.name.as_str(), "web-1");
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.upstreams[0].source.as_str(), "web");
+        assert!(c.check_egress);
+        assert_eq!(c.labels.get("datacenter"), Some("dc1"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse(&GOOD.replace("198.18.0.1:7700", "nowhere")).unwrap_err();
+        assert_eq!(e.key, "coordinator");
+        let e = parse(&GOOD.replace("name = \"web-1\"", "name = \"Web\"")).unwrap_err();
+        assert_eq!(e.key, "name");
+        let e = parse(&format!("{GOOD}\nbogus = 1\n")).unwrap_err();
+        assert_eq!(e.key, "bogus", "{e}");
+        let e = parse(&GOOD.replace("bind = \"127.0.0.1:15432\"", "")).unwrap_err();
+        assert_eq!(e.key, "upstream[0].bind");
+        let e = parse(&format!("{GOOD}\nmetrics = \"0.0.0.0:9000\"\n")).unwrap_err();
+        assert_eq!(e.key, "metrics");
+        let e = parse(&format!("{GOOD}\n[overlay]\nenabled = true\n")).unwrap_err();
+        assert_eq!(e.key, "overlay.enabled");
+        let e = parse(&GOOD.replace("data_dir = \"/var/lib/quicmesh\"", "")).unwrap_err();
+        assert_eq!(e.to_string(), "config node.toml: data_dir: missing");
+    }
+}

@@ -1,0 +1,331 @@
+//! The node's side of the control plane: enrollment with a join token, then a long-lived
+//! session that receives snapshots (acked or nacked), reports status and renews the
+//! certificate. Reconnects with capped exponential backoff and jitter; the node keeps
+//! serving from its last snapshot while the coordinator is away.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use quicmesh_protocol::cert::PeerIdentity;
+use quicmesh_protocol::token::{renew_at, JoinToken};
+use quicmesh_protocol::wire::{
+    ControlDown, ControlUp, EnrollErrorCode, EnrollRequest, Hello, StatusReport, ALPN_CONTROL,
+};
+use rand::Rng;
+use tokio::sync::mpsc;
+
+use crate::config::NodeConfig;
+use crate::frame::{read_frame, write_frame, FrameError};
+use crate::state::Node;
+use crate::store::StoredIdentity;
+use crate::tls::{self, fingerprint, MeshServerVerifier, ServerExpect};
+
+/// Why enrollment failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("join token: {0}")]
+    Token(#[from] quicmesh_protocol::token::TokenError),
+    #[error("enrollment refused: {}{}", .code.as_str(), if .detail.is_empty() { String::new() } else { format!(" ({})", .detail) })]
+    Refused {
+        code: EnrollErrorCode,
+        detail: String,
+    },
+    #[error("enrollment: cannot reach coordinator {addr}: {reason}")]
+    Transport { addr: String, reason: String },
+    #[error("enrollment: bad answer from coordinator: {0}")]
+    BadAnswer(String),
+}
+
+/// Current Unix time in seconds.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Makes a CSR for `key`. The coordinator decides the SANs; the CSR only proves the key.
+pub fn csr(node: &str, key: &rcgen::KeyPair) -> Result<Vec<u8>, rcgen::Error> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, node);
+    Ok(params.serialize_request(key)?.der().to_vec())
+}
+
+/// Enrolls with the join token: proves the token, gets a certificate for our key.
+pub async fn enroll(
+    endpoint: &quinn::Endpoint,
+    cfg: &NodeConfig,
+    key: &rcgen::KeyPair,
+    token: &str,
+) -> Result<StoredIdentity, EnrollError> {
+    let token: JoinToken = token.parse()?;
+    let transport = |reason: String| EnrollError::Transport {
+        addr: cfg.coordinator.to_string(),
+        reason,
+    };
+    let verifier = MeshServerVerifier::new(
+        None,
+        ServerExpect::PinnedCoordinator(token.ca_fingerprint),
+        Arc::new(|_| {}),
+    );
+    let client =
+        tls::client_config(None, verifier, ALPN_CONTROL).map_err(|e| transport(e.to_string()))?;
+    let conn = tokio::time::timeout(
+        Duration::from_secs(15),
+        endpoint
+            .connect_with(client, cfg.coordinator, "coordinator")
+            .map_err(|e| transport(e.to_string()))?,
+    )
+    .await
+    .map_err(|_| transport("timed out".into()))?
+    .map_err(|e| transport(e.to_string()))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
+    let req = EnrollRequest {
+        secret: token.secret_hex(),
+        node: cfg.name.clone(),
+        csr_der: csr(cfg.name.as_str(), key)
+            .map_err(|e| EnrollError::BadAnswer(format!("csr: {e}")))?,
+        services: cfg.service_names(),
+        labels: cfg.labels.clone(),
+    };
+    write_frame(&mut send, &ControlUp::Enroll(req))
+        .await
+        .map_err(|e| transport(e.to_string()))?;
+    let _ = send.finish();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(15),
+        read_frame::<ControlDown, _>(&mut recv),
+    )
+    .await
+    .map_err(|_| transport("no answer".into()))?
+    .map_err(|e| transport(e.to_string()))?;
+    conn.close(quinn::VarInt::from_u32(0), b"enrolled");
+    match answer {
+        Some(ControlDown::Enrolled(r)) => {
+            if !r
+                .ca_bundle
+                .iter()
+                .any(|c| fingerprint(c) == token.ca_fingerprint)
+            {
+                return Err(EnrollError::BadAnswer(
+                    "ca bundle does not contain the pinned ca".into(),
+                ));
+            }
+            let id = PeerIdentity::from_der(&r.cert_der, &r.trust_domain)
+                .map_err(|e| EnrollError::BadAnswer(e.to_string()))?;
+            if id.node != cfg.name {
+                return Err(EnrollError::BadAnswer(format!(
+                    "certificate is for {}",
+                    id.node
+                )));
+            }
+            Ok(StoredIdentity {
+                trust_domain: r.trust_domain,
+                cert_der: r.cert_der,
+                ca_bundle: r.ca_bundle,
+            })
+        }
+        Some(ControlDown::EnrollRefused { code, detail }) => {
+            Err(EnrollError::Refused { code, detail })
+        }
+        Some(other) => Err(EnrollError::BadAnswer(format!("unexpected {other:?}"))),
+        None => Err(EnrollError::BadAnswer(
+            "coordinator closed the stream".into(),
+        )),
+    }
+}
+
+/// How a session ended.
+enum SessionEnd {
+    Revoked(String),
+}
+
+/// Keeps a control session up for the life of the node.
+pub async fn session_loop(node: Arc<Node>) {
+    let mut backoff = Duration::from_millis(250);
+    let max = Duration::from_secs(15);
+    loop {
+        let started = Instant::now();
+        let result = session(&node).await;
+        if let Ok(mut c) = node.control.lock() {
+            c.connected = false;
+        }
+        match result {
+            Ok(SessionEnd::Revoked(detail)) => {
+                tracing::error!(%detail, "coordinator says this node is revoked; control session stopped");
+                if let Ok(mut c) = node.control.lock() {
+                    c.revoked = true;
+                    c.last_error = Some(format!("revoked: {detail}"));
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control session down");
+                if let Ok(mut c) = node.control.lock() {
+                    c.last_error = Some(e);
+                }
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(250);
+        }
+        let jitter = rand::thread_rng().gen_range(0.5..1.0);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+fn status(node: &Node) -> StatusReport {
+    let (accepted, rejected, active) = node.metrics.totals();
+    StatusReport {
+        snapshot_version: node.view().version,
+        cert_not_after: node.identity.load().not_after,
+        flows_active: active.max(0) as u64,
+        flows_accepted: accepted,
+        flows_rejected: rejected,
+        peers_connected: node.conns.lock().map(|m| m.len() as u32).unwrap_or(0),
+    }
+}
+
+async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
+    let verifier = MeshServerVerifier::new(
+        Some(node.trust.clone()),
+        ServerExpect::Coordinator,
+        Arc::new(|_| {}),
+    );
+    let client = tls::client_config(Some(node.cert.clone()), verifier, ALPN_CONTROL)
+        .map_err(|e| e.to_string())?;
+    let connecting = node
+        .endpoint
+        .connect_with(client, node.cfg.coordinator, "coordinator")
+        .map_err(|e| e.to_string())?;
+    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .map_err(|_| format!("connecting to {}: timed out", node.cfg.coordinator))?
+        .map_err(|e| format!("connecting to {}: {e}", node.cfg.coordinator))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let hello = Hello {
+        node: node.cfg.name.clone(),
+        tunnel_port: node.endpoint.local_addr().map(|a| a.port()).unwrap_or(0),
+        advertise: node.advertise(),
+        services: node.cfg.service_names(),
+        labels: node.cfg.labels.clone(),
+        have_version: node.view().version,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    write_frame(&mut send, &ControlUp::Hello(hello))
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Ok(mut c) = node.control.lock() {
+        c.connected = true;
+        c.last_error = None;
+    }
+    tracing::info!(coordinator = %node.cfg.coordinator, "control session up");
+
+    // Frames are read in their own task: reading is not cancel-safe inside select!.
+    let (tx, mut rx) = mpsc::channel::<Result<Option<ControlDown>, FrameError>>(4);
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = read_frame::<ControlDown, _>(&mut recv).await;
+            let stop = !matches!(r, Ok(Some(_)));
+            if tx.send(r).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let _abort = AbortOnDrop(reader);
+    let mut status_tick = tokio::time::interval(node.cfg.status_interval);
+    let mut renew_tick = tokio::time::interval(Duration::from_millis(500));
+    let jitter: f64 = rand::thread_rng().gen_range(0.0..1.0);
+    let mut renewing = false;
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let msg = match msg {
+                    Some(Ok(Some(m))) => m,
+                    Some(Ok(None)) | None => return Err("coordinator closed the session".into()),
+                    Some(Err(e)) => return Err(format!("control stream: {e}")),
+                };
+                match msg {
+                    ControlDown::Snapshot(snap) => {
+                        let version = snap.version;
+                        let reply = match node.apply_snapshot(&snap, true) {
+                            Ok(_) => ControlUp::Ack { version },
+                            Err(e) => {
+                                tracing::warn!(version, error = %e, "snapshot refused");
+                                ControlUp::Nack { version, reason: e.to_string() }
+                            }
+                        };
+                        write_frame(&mut send, &reply).await.map_err(|e| e.to_string())?;
+                    }
+                    ControlDown::Renewed { cert_der } => {
+                        renewing = false;
+                        if let Err(e) = install_renewed(node, cert_der) {
+                            tracing::warn!(error = %e, "renewed certificate refused");
+                        }
+                    }
+                    ControlDown::RenewRefused { detail } => {
+                        renewing = false;
+                        tracing::warn!(%detail, "renewal refused");
+                    }
+                    ControlDown::Goodbye { revoked: true, detail } => return Ok(SessionEnd::Revoked(detail)),
+                    ControlDown::Goodbye { revoked: false, detail } => return Err(format!("coordinator said goodbye: {detail}")),
+                    other => return Err(format!("unexpected control message {other:?}")),
+                }
+            }
+            _ = status_tick.tick() => {
+                write_frame(&mut send, &ControlUp::Status(status(node))).await.map_err(|e| e.to_string())?;
+            }
+            _ = renew_tick.tick() => {
+                let id = node.identity.load();
+                if !renewing && unix_now() >= renew_at(id.not_before, id.not_after, jitter) {
+                    let key = rcgen::KeyPair::from_pem(&node.key_pem).map_err(|e| e.to_string())?;
+                    let csr_der = csr(node.cfg.name.as_str(), &key).map_err(|e| e.to_string())?;
+                    tracing::info!(not_after = id.not_after, "renewing certificate");
+                    write_frame(&mut send, &ControlUp::Renew { csr_der }).await.map_err(|e| e.to_string())?;
+                    renewing = true;
+                }
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn install_renewed(node: &Node, cert_der: Vec<u8>) -> Result<(), String> {
+    let trust = node.trust.load();
+    let id = PeerIdentity::from_der(&cert_der, &trust.trust_domain).map_err(|e| e.to_string())?;
+    if id.node != node.cfg.name {
+        return Err(format!("certificate is for {}", id.node));
+    }
+    let key = rcgen::KeyPair::from_pem(&node.key_pem).map_err(|e| e.to_string())?;
+    node.cert
+        .set(vec![cert_der.clone()], &key.serialize_der())
+        .map_err(|e| e.to_string())?;
+    let stored = StoredIdentity {
+        trust_domain: trust.trust_domain.clone(),
+        cert_der: cert_der.clone(),
+        ca_bundle: node
+            .data
+            .identity()
+            .ok()
+            .flatten()
+            .map(|i| i.ca_bundle)
+            .unwrap_or_default(),
+    };
+    node.data
+        .save_identity(&stored)
+        .map_err(|e| e.to_string())?;
+    node.metrics.set_cert_not_after(id.not_after);
+    tracing::info!(not_after = id.not_after, serial = %id.serial, "certificate renewed");
+    node.identity.store(Arc::new(id));
+    node.leaf_der.store(Arc::new(cert_der));
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! The table of live proxied flows, and the byte pump that carries one flow.
+//!
+//! Every flow is registered with who it belongs to, so a policy or revocation change can
+//! find the flows no longer allowed and close them with a reason.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quicmesh_protocol::cert::Serial;
+use quicmesh_protocol::ident::{NodeName, ServiceName};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+
+/// Which side of the tunnel a flow was opened from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// A local client's flow to a peer.
+    Egress,
+    /// A peer's flow to a local service.
+    Ingress,
+}
+
+/// What the table knows about a live flow.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlowInfo {
+    pub id: u64,
+    pub direction: Direction,
+    pub peer: NodeName,
+    #[serde(skip)]
+    pub peer_serial: Option<Serial>,
+    pub src: ServiceName,
+    pub dst: ServiceName,
+    pub rule: String,
+}
+
+struct Entry {
+    info: FlowInfo,
+    kill: Option<oneshot::Sender<&'static str>>,
+}
+
+/// Live flows.
+#[derive(Default)]
+pub struct Flows {
+    next: AtomicU64,
+    map: Mutex<HashMap<u64, Entry>>,
+}
+
+impl std::fmt::Debug for Flows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flows").field("next", &self.next).finish()
+    }
+}
+
+/// Removes its flow from the table when dropped.
+#[derive(Debug)]
+pub struct FlowGuard {
+    id: u64,
+    flows: Arc<Flows>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for FlowGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.flows.map.lock() {
+            m.remove(&self.id);
+        }
+        self.metrics.flows_active_add(-1);
+    }
+}
+
+impl Flows {
+    /// A fresh flow id (unique per node run).
+    pub fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Registers a flow; the receiver fires with a reason when the flow must close.
+    pub fn register(
+        self: &Arc<Self>,
+        info: FlowInfo,
+        metrics: &Arc<Metrics>,
+    ) -> (FlowGuard, oneshot::Receiver<&'static str>) {
+        let (tx, rx) = oneshot::channel();
+        let id = info.id;
+        if let Ok(mut m) = self.map.lock() {
+            m.insert(
+                id,
+                Entry {
+                    info,
+                    kill: Some(tx),
+                },
+            );
+        }
+        metrics.flows_active_add(1);
+        (
+            FlowGuard {
+                id,
+                flows: self.clone(),
+                metrics: metrics.clone(),
+            },
+            rx,
+        )
+    }
+
+    /// Closes every flow for which `verdict` returns a reason. Returns how many closed.
+    pub fn recheck(&self, verdict: impl Fn(&FlowInfo) -> Option<&'static str>) -> usize {
+        let Ok(mut m) = self.map.lock() else { return 0 };
+        let mut n = 0;
+        for e in m.values_mut() {
+            if let Some(reason) = verdict(&e.info) {
+                if let Some(kill) = e.kill.take() {
+                    let _ = kill.send(reason);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// A copy of the table.
+    pub fn list(&self) -> Vec<FlowInfo> {
+        let Ok(m) = self.map.lock() else {
+            return Vec::new();
+        };
+        let mut v: Vec<FlowInfo> = m.values().map(|e| e.info.clone()).collect();
+        v.sort_by_key(|f| f.id);
+        v
+    }
+}
+
+/// How a pumped flow ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowEnd {
+    /// Both directions finished.
+    Done,
+    /// One side failed (reset, connection lost).
+    Error,
+    /// No bytes either way for the idle timeout.
+    Idle,
+    /// Closed by the node, with the reason.
+    Killed(&'static str),
+}
+
+/// Carries bytes both ways between a TCP connection and a tunnel stream, with half-close,
+/// an idle timeout and a kill switch.
+pub async fn pump(
+    tcp: TcpStream,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut kill: oneshot::Receiver<&'static str>,
+    idle: Duration,
+    metrics: &Metrics,
+) -> FlowEnd {
+    let start = Instant::now();
+    let last = AtomicU64::new(0);
+    let touch = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let (mut tr, mut tw) = tcp.into_split();
+    let end = {
+        let to_tunnel = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = tr.read(&mut buf).await.map_err(|_| ())?;
+                if n == 0 {
+                    let _ = send.finish();
+                    return Ok::<(), ()>(());
+                }
+                touch();
+                send.write_all(&buf[..n]).await.map_err(|_| ())?;
+                metrics.bytes("to_tunnel", n as u64);
+            }
+        };
+        let from_tunnel = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match recv.read(&mut buf).await {
+                    Ok(Some(n)) => {
+                        touch();
+                        tw.write_all(&buf[..n]).await.map_err(|_| ())?;
+                        metrics.bytes("from_tunnel", n as u64);
+                    }
+                    Ok(None) => {
+                        let _ = tw.shutdown().await;
+                        return Ok::<(), ()>(());
+                    }
+                    Err(_) => return Err(()),
+                }
+            }
+        };
+        tokio::pin!(to_tunnel, from_tunnel);
+        let (mut up_done, mut down_done) = (false, false);
+        let mut tick = tokio::time::interval(Duration::from_millis(500).min(idle));
+        let end = loop {
+            tokio::select! {
+                r = &mut to_tunnel, if !up_done => {
+                    if r.is_err() { break FlowEnd::Error; }
+                    up_done = true;
+                }
+                r = &mut from_tunnel, if !down_done => {
+                    if r.is_err() { break FlowEnd::Error; }
+                    down_done = true;
+                }
+                reason = &mut kill => {
+                    break FlowEnd::Killed(reason.unwrap_or("node_shutdown"));
+                }
+                _ = tick.tick() => {
+                    let idle_for = start.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);
+                    if idle_for >= idle.as_millis() as u64 {
+                        break FlowEnd::Idle;
+                    }
+                }
+            }
+            if up_done && down_done {
+                break FlowEnd::Done;
+            }
+        };
+        end
+    };
+    if end != FlowEnd::Done {
+        let code = quinn::VarInt::from_u32(match end {
+            FlowEnd::Killed(_) => 1,
+            FlowEnd::Idle => 2,
+            _ => 3,
+        });
+        let _ = send.reset(code);
+        let _ = recv.stop(code);
+    }
+    end
+}

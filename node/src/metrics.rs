@@ -1,0 +1,269 @@
+//! Counters of everything the node accepts, refuses and closes, with a reason label on
+//! every refusal. Exposed as Prometheus text on a loopback port and in `status`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    src_service: String,
+    dst_service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    reason: String,
+    src_service: String,
+    dst_service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirLabels {
+    direction: String,
+}
+
+/// The node's metrics.
+pub struct Metrics {
+    registry: Registry,
+    ingress_accepted: Family<FlowLabels, Counter>,
+    ingress_rejected: Family<RejectLabels, Counter>,
+    egress_accepted: Family<FlowLabels, Counter>,
+    egress_rejected: Family<RejectLabels, Counter>,
+    handshake_refused: Family<ReasonLabels, Counter>,
+    flows_closed: Family<ReasonLabels, Counter>,
+    bytes: Family<DirLabels, Counter>,
+    flows_active: Gauge,
+    snapshot_version: Gauge,
+    cert_not_after: Gauge,
+    peers_connected: Gauge,
+    accepted_total: AtomicU64,
+    rejected_total: AtomicU64,
+    /// `kind/reason` -> count, for `status`.
+    reasons: Mutex<BTreeMap<String, u64>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("quicmesh");
+        let m = Self {
+            registry: Registry::default(),
+            ingress_accepted: Family::default(),
+            ingress_rejected: Family::default(),
+            egress_accepted: Family::default(),
+            egress_rejected: Family::default(),
+            handshake_refused: Family::default(),
+            flows_closed: Family::default(),
+            bytes: Family::default(),
+            flows_active: Gauge::default(),
+            snapshot_version: Gauge::default(),
+            cert_not_after: Gauge::default(),
+            peers_connected: Gauge::default(),
+            accepted_total: AtomicU64::new(0),
+            rejected_total: AtomicU64::new(0),
+            reasons: Mutex::new(BTreeMap::new()),
+        };
+        registry.register(
+            "ingress_accepted",
+            "Flows accepted at tunnel ingress",
+            m.ingress_accepted.clone(),
+        );
+        registry.register(
+            "ingress_rejected",
+            "Flows rejected at tunnel ingress, by reason",
+            m.ingress_rejected.clone(),
+        );
+        registry.register(
+            "egress_accepted",
+            "Flows the peer accepted for local clients",
+            m.egress_accepted.clone(),
+        );
+        registry.register(
+            "egress_rejected",
+            "Flows of local clients refused, by reason",
+            m.egress_rejected.clone(),
+        );
+        registry.register(
+            "handshake_refused",
+            "Peer certificates refused at the tunnel handshake, by reason",
+            m.handshake_refused.clone(),
+        );
+        registry.register(
+            "flows_closed",
+            "Live flows closed by the node, by reason",
+            m.flows_closed.clone(),
+        );
+        registry.register(
+            "tunnel_bytes",
+            "Bytes proxied through tunnels",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "flows_active",
+            "Proxied flows open now",
+            m.flows_active.clone(),
+        );
+        registry.register(
+            "snapshot_version",
+            "Version of the applied snapshot",
+            m.snapshot_version.clone(),
+        );
+        registry.register(
+            "cert_not_after_seconds",
+            "Expiry of the node certificate (Unix time)",
+            m.cert_not_after.clone(),
+        );
+        registry.register(
+            "peers_connected",
+            "Peer tunnels open now",
+            m.peers_connected.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    fn reason(&self, kind: &str, reason: &str) {
+        if let Ok(mut r) = self.reasons.lock() {
+            *r.entry(format!("{kind}/{reason}")).or_default() += 1;
+        }
+    }
+
+    /// A flow accepted at ingress.
+    pub fn ingress_accepted(&self, src: &str, dst: &str) {
+        self.accepted_total.fetch_add(1, Ordering::Relaxed);
+        self.ingress_accepted
+            .get_or_create(&FlowLabels {
+                src_service: src.into(),
+                dst_service: dst.into(),
+            })
+            .inc();
+    }
+
+    /// A flow rejected at ingress.
+    pub fn ingress_rejected(&self, reason: &str, src: &str, dst: &str) {
+        self.rejected_total.fetch_add(1, Ordering::Relaxed);
+        self.reason("ingress_rejected", reason);
+        self.ingress_rejected
+            .get_or_create(&RejectLabels {
+                reason: reason.into(),
+                src_service: src.into(),
+                dst_service: dst.into(),
+            })
+            .inc();
+    }
+
+    /// A local client's flow accepted by the peer.
+    pub fn egress_accepted(&self, src: &str, dst: &str) {
+        self.egress_accepted
+            .get_or_create(&FlowLabels {
+                src_service: src.into(),
+                dst_service: dst.into(),
+            })
+            .inc();
+    }
+
+    /// A local client's flow refused (locally or by the peer).
+    pub fn egress_rejected(&self, reason: &str, src: &str, dst: &str) {
+        self.reason("egress_rejected", reason);
+        self.egress_rejected
+            .get_or_create(&RejectLabels {
+                reason: reason.into(),
+                src_service: src.into(),
+                dst_service: dst.into(),
+            })
+            .inc();
+    }
+
+    /// A peer certificate refused at the handshake.
+    pub fn handshake_refused(&self, reason: &str) {
+        self.reason("handshake_refused", reason);
+        self.handshake_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A live flow closed by the node.
+    pub fn flow_closed(&self, reason: &str) {
+        self.reason("flow_closed", reason);
+        self.flows_closed
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Bytes proxied.
+    pub fn bytes(&self, direction: &str, n: u64) {
+        self.bytes
+            .get_or_create(&DirLabels {
+                direction: direction.into(),
+            })
+            .inc_by(n);
+    }
+
+    /// A flow opened (+1) or ended (-1).
+    pub fn flows_active_add(&self, d: i64) {
+        self.flows_active.inc_by(d);
+    }
+
+    /// Records the applied snapshot version.
+    pub fn set_snapshot_version(&self, v: u64) {
+        self.snapshot_version.set(v as i64);
+    }
+
+    /// Records the certificate expiry.
+    pub fn set_cert_not_after(&self, t: i64) {
+        self.cert_not_after.set(t);
+    }
+
+    /// Records how many peer tunnels are open.
+    pub fn set_peers_connected(&self, n: usize) {
+        self.peers_connected.set(n as i64);
+    }
+
+    /// Counters by `kind/reason` for `status`.
+    pub fn reasons(&self) -> BTreeMap<String, u64> {
+        self.reasons.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Flows accepted and rejected at ingress so far.
+    pub fn totals(&self) -> (u64, u64, i64) {
+        (
+            self.accepted_total.load(Ordering::Relaxed),
+            self.rejected_total.load(Ordering::Relaxed),
+            self.flows_active.get(),
+        )
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,171 @@
+//! L4 upstreams: a local TCP listener per `[[upstream]]`. Each accepted connection picks an
+//! instance of the destination service (round-robin over the nodes hosting it, trying the
+//! next one when a tunnel cannot be opened), opens a stream with the header, waits for the
+//! ingress's answer, then pumps bytes.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quicmesh_protocol::wire::{RejectCode, StreamHeader, StreamReply};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+use crate::config::UpstreamConfig;
+use crate::flow::{pump, Direction, FlowEnd, FlowInfo};
+use crate::frame::{read_frame, write_frame};
+use crate::state::Node;
+use crate::tunnel;
+
+/// How long to wait for the ingress's accept or reject.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds every upstream listener (before any is served, so a bad bind fails startup whole).
+pub async fn bind_all(node: &Arc<Node>) -> std::io::Result<Vec<(UpstreamConfig, TcpListener)>> {
+    let mut out = Vec::new();
+    for u in &node.cfg.upstreams {
+        let l = TcpListener::bind(u.bind).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("upstream {} bind {}: {e}", u.service, u.bind),
+            )
+        })?;
+        out.push((u.clone(), l));
+    }
+    Ok(out)
+}
+
+/// Serves one upstream listener forever.
+pub async fn serve(node: Arc<Node>, up: UpstreamConfig, listener: TcpListener) {
+    let rr = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (tcp, client) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let node = node.clone();
+        let up = up.clone();
+        let rr = rr.clone();
+        let id = node.flows.next_id();
+        let span =
+            tracing::info_span!("flow", flow = id, %client, src = %up.source, dst = %up.service);
+        tokio::spawn(async move { egress(node, up, tcp, id, rr).await }.instrument(span));
+    }
+}
+
+async fn egress(
+    node: Arc<Node>,
+    up: UpstreamConfig,
+    tcp: TcpStream,
+    id: u64,
+    rr: Arc<AtomicUsize>,
+) {
+    let (src, dst) = (up.source.as_str(), up.service.as_str());
+    let view = node.view();
+    let instances = view
+        .by_service
+        .get(&up.service)
+        .cloned()
+        .unwrap_or_default();
+    if instances.is_empty() {
+        node.metrics.egress_rejected("no_instance", src, dst);
+        tracing::info!("no instance of the service in the catalog");
+        return;
+    }
+    let start = rr.fetch_add(1, Ordering::Relaxed);
+    for i in 0..instances.len() {
+        let name = &instances[(start + i) % instances.len()];
+        let Some(peer) = view.peers.get(name) else {
+            continue;
+        };
+        if node.cfg.check_egress {
+            let d = view.decide(&up.source, &view.labels, &up.service, &peer.labels);
+            if !d.is_allow() {
+                node.metrics
+                    .egress_rejected(RejectCode::PolicyDenied.as_str(), src, dst);
+                tracing::info!(rule = %d.rule_label(), peer = %peer.node, "egress denied by local policy");
+                return;
+            }
+        }
+        let conn = match tunnel::connection(&node, peer).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "instance unreachable, trying the next");
+                continue;
+            }
+        };
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, peer = %peer.node, "could not open stream, trying the next");
+                continue;
+            }
+        };
+        let header = StreamHeader {
+            src_service: up.source.clone(),
+            dst_service: up.service.clone(),
+            flow_id: id,
+        };
+        if write_frame(&mut send, &header).await.is_err() {
+            continue;
+        }
+        let reply =
+            tokio::time::timeout(REPLY_TIMEOUT, read_frame::<StreamReply, _>(&mut recv)).await;
+        match reply {
+            Ok(Ok(Some(StreamReply::Accept))) => {}
+            Ok(Ok(Some(StreamReply::Reject { code, rule }))) => {
+                node.metrics.egress_rejected(code.as_str(), src, dst);
+                tracing::info!(peer = %peer.node, reason = code.as_str(), rule = rule.as_deref().unwrap_or("-"), "rejected by peer ingress");
+                if code == RejectCode::ServiceUnavailable {
+                    continue;
+                }
+                return;
+            }
+            other => {
+                tracing::warn!(peer = %peer.node, result = ?other.map(|r| r.map(|_| ())), "no answer from peer ingress, trying the next");
+                continue;
+            }
+        }
+        node.metrics.egress_accepted(src, dst);
+        let _ = tcp.set_nodelay(true);
+        let (_guard, kill) = node.flows.register(
+            FlowInfo {
+                id,
+                direction: Direction::Egress,
+                peer: peer.node.clone(),
+                peer_serial: tunnel_serial(&node, &conn),
+                src: up.source.clone(),
+                dst: up.service.clone(),
+                rule: String::new(),
+            },
+            &node.metrics,
+        );
+        let end = pump(
+            tcp,
+            send,
+            recv,
+            kill,
+            node.cfg.flow_idle_timeout,
+            &node.metrics,
+        )
+        .await;
+        if let FlowEnd::Killed(reason) = end {
+            node.metrics.flow_closed(reason);
+        }
+        tracing::debug!(?end, "flow ended");
+        return;
+    }
+    node.metrics.egress_rejected("unreachable", src, dst);
+    tracing::warn!("no instance reachable");
+}
+
+fn tunnel_serial(node: &Node, conn: &quinn::Connection) -> Option<quicmesh_protocol::cert::Serial> {
+    let td = node.trust.load().trust_domain.clone();
+    crate::tls::peer_leaf(conn)
+        .and_then(|d| quicmesh_protocol::cert::PeerIdentity::from_der(&d, &td).ok())
+        .map(|id| id.serial)
+}

@@ -1,0 +1,176 @@
+//! Node startup: check, enroll if needed, bind everything, then start the tasks.
+
+use std::sync::Arc;
+
+use quicmesh_protocol::cert::PeerIdentity;
+
+use crate::config::NodeConfig;
+use crate::control::{self, unix_now, EnrollError};
+use crate::metrics::Metrics;
+use crate::state::Node;
+use crate::store::{DataDir, StoreError};
+use crate::tls::{self, CertSlot, MeshClientVerifier, Trust};
+use crate::{admin, proxy, tunnel};
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data dir: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Enroll(#[from] EnrollError),
+    #[error("not enrolled: no certificate in {0} and no join_token in the config")]
+    NoToken(String),
+    #[error("certificate expired at {0} (unix); enroll again with a new join_token")]
+    Expired(i64),
+    #[error("stored certificate: {0}")]
+    BadCert(String),
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("bind {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    /// Process exit code: 77 (no permission) for refused enrollment, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Enroll(EnrollError::Refused { .. })
+            | StartError::Enroll(EnrollError::Token(_)) => 77,
+            StartError::NoToken(_) | StartError::Expired(_) => 78,
+            _ => 1,
+        }
+    }
+}
+
+/// Starts a node and returns once it is serving.
+pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
+    let data = DataDir::open(&cfg.data_dir)?;
+    let key = data.key()?;
+    let endpoint = quinn::Endpoint::client(cfg.listen).map_err(|source| StartError::Bind {
+        what: "tunnel listener (udp)",
+        addr: cfg.listen.to_string(),
+        source,
+    })?;
+    let stored = match data.identity()? {
+        Some(id) => {
+            let peer = PeerIdentity::from_der(&id.cert_der, &id.trust_domain)
+                .map_err(|e| StartError::BadCert(e.to_string()))?;
+            if peer.node != cfg.name {
+                return Err(StartError::BadCert(format!(
+                    "data_dir holds the certificate of node {}, config says {}",
+                    peer.node, cfg.name
+                )));
+            }
+            if peer.not_after <= unix_now() {
+                match cfg.join_token.as_deref() {
+                    Some(t) => control::enroll(&endpoint, &cfg, &key, t).await?,
+                    None => return Err(StartError::Expired(peer.not_after)),
+                }
+            } else {
+                id
+            }
+        }
+        None => {
+            let token = cfg
+                .join_token
+                .as_deref()
+                .ok_or_else(|| StartError::NoToken(cfg.data_dir.display().to_string()))?;
+            let id = control::enroll(&endpoint, &cfg, &key, token).await?;
+            tracing::info!(node = %cfg.name, "enrolled");
+            id
+        }
+    };
+    data.save_identity(&stored)?;
+    let identity = PeerIdentity::from_der(&stored.cert_der, &stored.trust_domain)
+        .map_err(|e| StartError::BadCert(e.to_string()))?;
+    let snapshot = match data.snapshot() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring unreadable stored snapshot");
+            None
+        }
+    };
+    let revoked = snapshot
+        .as_ref()
+        .map(|s| s.revoked.clone())
+        .unwrap_or_default();
+    let trust = Trust::new(stored.trust_domain.clone(), &stored.ca_bundle, revoked)?;
+    let cert = CertSlot::with(vec![stored.cert_der.clone()], &key.serialize_der())?;
+    let metrics = Arc::new(Metrics::new());
+    let node = Node::new(
+        cfg,
+        data,
+        metrics,
+        trust,
+        cert,
+        key.serialize_pem(),
+        identity,
+        stored.cert_der,
+        endpoint,
+    );
+    if let Some(snap) = snapshot {
+        match node.apply_snapshot(&snap, false) {
+            Ok(_) => tracing::info!(version = snap.version, "serving from stored snapshot"),
+            Err(e) => tracing::warn!(error = %e, "stored snapshot not applied"),
+        }
+    }
+    let m = node.metrics.clone();
+    let verifier = MeshClientVerifier::new(
+        node.trust.clone(),
+        true,
+        Arc::new(move |r| m.handshake_refused(r.as_str())),
+    );
+    node.endpoint.set_server_config(Some(tls::server_config(
+        node.cert.clone(),
+        verifier,
+        quicmesh_protocol::wire::ALPN_TUNNEL,
+    )?));
+
+    // Bind every listener before serving any, so a bad address fails startup whole.
+    let upstreams = proxy::bind_all(&node)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "upstream",
+            addr: String::new(),
+            source,
+        })?;
+    let admin_path = node.data.admin_socket();
+    let admin_l = admin::bind_admin(&admin_path).map_err(|source| StartError::Bind {
+        what: "admin socket",
+        addr: admin_path.display().to_string(),
+        source,
+    })?;
+    let metrics_l = match node.cfg.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "metrics",
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+
+    tokio::spawn(tunnel::accept_loop(node.clone()));
+    for (up, l) in upstreams {
+        tokio::spawn(proxy::serve(node.clone(), up, l));
+    }
+    tokio::spawn(admin::serve_admin(node.clone(), admin_l));
+    if let Some(l) = metrics_l {
+        tokio::spawn(admin::serve_metrics(node.clone(), l));
+    }
+    tokio::spawn(control::session_loop(node.clone()));
+    tracing::info!(
+        node = %node.cfg.name,
+        tunnel = %node.endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "node serving"
+    );
+    Ok(node)
+}

@@ -1,0 +1,270 @@
+//! The node's state: the applied snapshot as an immutable [`View`] published to readers,
+//! and the one function that applies a new snapshot.
+//!
+//! One writer (the control session, or startup from disk) calls [`Node::apply_snapshot`];
+//! the data plane only reads `view()`. Applying the same snapshot twice changes nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use quicmesh_protocol::cert::{PeerIdentity, Serial};
+use quicmesh_protocol::ident::{Labels, NodeName, ServiceName};
+use quicmesh_protocol::policy::{Decision, Destination, Policy, Source};
+use quicmesh_protocol::wire::{PeerInfo, Snapshot};
+use tokio::sync::watch;
+
+use crate::config::NodeConfig;
+use crate::flow::{Direction, Flows};
+use crate::metrics::Metrics;
+use crate::store::DataDir;
+use crate::tls::{CertSlot, Trust, TrustHandle};
+
+/// What the data plane reads: the applied snapshot, indexed.
+#[derive(Debug, Default)]
+pub struct View {
+    pub version: u64,
+    pub policy_version: u64,
+    pub policy: Policy,
+    pub labels: Labels,
+    pub peers: HashMap<NodeName, PeerInfo>,
+    /// Nodes hosting each service, in name order.
+    pub by_service: HashMap<ServiceName, Vec<NodeName>>,
+    pub revoked: HashSet<Serial>,
+}
+
+impl View {
+    fn from_snapshot(s: &Snapshot) -> Self {
+        let mut by_service: HashMap<ServiceName, Vec<NodeName>> = HashMap::new();
+        for p in &s.peers {
+            for svc in &p.services {
+                by_service
+                    .entry(svc.clone())
+                    .or_default()
+                    .push(p.node.clone());
+            }
+        }
+        for v in by_service.values_mut() {
+            v.sort();
+        }
+        Self {
+            version: s.version,
+            policy_version: s.policy_version,
+            policy: s.policy.clone(),
+            labels: s.labels.clone(),
+            peers: s
+                .peers
+                .iter()
+                .map(|p| (p.node.clone(), p.clone()))
+                .collect(),
+            by_service,
+            revoked: s.revoked.iter().cloned().collect(),
+        }
+    }
+
+    /// Labels of a peer node (empty when unknown).
+    pub fn peer_labels(&self, node: &NodeName) -> Labels {
+        self.peers
+            .get(node)
+            .map(|p| p.labels.clone())
+            .unwrap_or_default()
+    }
+
+    /// Evaluates `src (on node src_node) -> dst (on node dst_node)`.
+    pub fn decide(
+        &self,
+        src: &ServiceName,
+        src_labels: &Labels,
+        dst: &ServiceName,
+        dst_labels: &Labels,
+    ) -> Decision {
+        self.policy.evaluate(
+            Source {
+                service: src,
+                labels: src_labels,
+            },
+            Destination {
+                service: dst,
+                labels: dst_labels,
+            },
+        )
+    }
+}
+
+/// Control-session state shown by `status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ControlState {
+    pub connected: bool,
+    pub last_error: Option<String>,
+    pub revoked: bool,
+}
+
+/// Everything the node's tasks share.
+pub struct Node {
+    pub cfg: NodeConfig,
+    pub data: DataDir,
+    pub metrics: Arc<Metrics>,
+    pub trust: TrustHandle,
+    pub cert: Arc<CertSlot>,
+    /// The node's private key, PEM (for renewal CSRs).
+    pub key_pem: String,
+    /// The current leaf (DER) and its identity.
+    pub identity: ArcSwap<PeerIdentity>,
+    pub leaf_der: ArcSwap<Vec<u8>>,
+    pub endpoint: quinn::Endpoint,
+    pub flows: Arc<Flows>,
+    pub conns: Mutex<HashMap<NodeName, quinn::Connection>>,
+    pub control: Mutex<ControlState>,
+    view_tx: watch::Sender<Arc<View>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.cfg.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a snapshot was refused (sent back as a nack).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot is for node {0}")]
+    WrongNode(String),
+    #[error("snapshot is for trust domain {0}")]
+    WrongTrustDomain(String),
+    #[error("snapshot version {got} is older than the applied {have}")]
+    Stale { got: u64, have: u64 },
+    #[error("snapshot ca bundle: {0}")]
+    Ca(String),
+}
+
+impl Node {
+    /// Builds the shared state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: NodeConfig,
+        data: DataDir,
+        metrics: Arc<Metrics>,
+        trust: Trust,
+        cert: Arc<CertSlot>,
+        key_pem: String,
+        identity: PeerIdentity,
+        leaf_der: Vec<u8>,
+        endpoint: quinn::Endpoint,
+    ) -> Arc<Self> {
+        metrics.set_cert_not_after(identity.not_after);
+        let (view_tx, _) = watch::channel(Arc::new(View::default()));
+        Arc::new(Self {
+            cfg,
+            data,
+            metrics,
+            trust: Arc::new(ArcSwap::from_pointee(trust)),
+            cert,
+            key_pem,
+            identity: ArcSwap::from_pointee(identity),
+            leaf_der: ArcSwap::from_pointee(leaf_der),
+            endpoint,
+            flows: Arc::new(Flows::default()),
+            conns: Mutex::new(HashMap::new()),
+            control: Mutex::new(ControlState::default()),
+            view_tx,
+        })
+    }
+
+    /// The applied state.
+    pub fn view(&self) -> Arc<View> {
+        self.view_tx.borrow().clone()
+    }
+
+    /// Applies a snapshot: trust, view, disk, then re-checks live flows and tunnels.
+    /// `persist = false` when loading the snapshot from disk at startup.
+    pub fn apply_snapshot(&self, snap: &Snapshot, persist: bool) -> Result<bool, SnapshotError> {
+        if snap.node != self.cfg.name {
+            return Err(SnapshotError::WrongNode(snap.node.to_string()));
+        }
+        let td = self.trust.load().trust_domain.clone();
+        if snap.trust_domain != td {
+            return Err(SnapshotError::WrongTrustDomain(
+                snap.trust_domain.to_string(),
+            ));
+        }
+        let have = self.view().version;
+        if snap.version < have {
+            return Err(SnapshotError::Stale {
+                got: snap.version,
+                have,
+            });
+        }
+        if snap.version == have && have != 0 {
+            return Ok(false);
+        }
+        let trust = Trust::new(td, &snap.ca_bundle, snap.revoked.iter().cloned())
+            .map_err(|e| SnapshotError::Ca(e.to_string()))?;
+        if persist {
+            if let Err(e) = self.data.save_snapshot(snap) {
+                tracing::warn!(error = %e, "could not store snapshot; applying it anyway");
+            }
+        }
+        self.trust.store(Arc::new(trust));
+        let view = Arc::new(View::from_snapshot(snap));
+        self.view_tx.send_replace(view.clone());
+        self.metrics.set_snapshot_version(snap.version);
+        self.recheck(&view);
+        tracing::info!(
+            version = snap.version,
+            policy_version = snap.policy_version,
+            peers = snap.peers.len(),
+            "snapshot applied"
+        );
+        Ok(true)
+    }
+
+    /// Closes flows and tunnels the new view no longer allows.
+    fn recheck(&self, view: &View) {
+        let my_labels = &view.labels;
+        let closed = self.flows.recheck(|f| {
+            if f.peer_serial
+                .as_ref()
+                .is_some_and(|s| view.revoked.contains(s))
+            {
+                return Some("peer_revoked");
+            }
+            let peer_labels = view.peer_labels(&f.peer);
+            let decision = match f.direction {
+                Direction::Ingress => view.decide(&f.src, &peer_labels, &f.dst, my_labels),
+                Direction::Egress if self.cfg.check_egress => {
+                    view.decide(&f.src, my_labels, &f.dst, &peer_labels)
+                }
+                Direction::Egress => return None,
+            };
+            (!decision.is_allow()).then_some("policy_changed")
+        });
+        if closed > 0 {
+            tracing::info!(closed, "closed flows no longer allowed");
+        }
+        let td = self.trust.load().trust_domain.clone();
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.retain(|name, conn| {
+                let revoked = crate::tls::peer_leaf(conn)
+                    .and_then(|der| PeerIdentity::from_der(&der, &td).ok())
+                    .is_some_and(|id| view.revoked.contains(&id.serial));
+                if revoked {
+                    tracing::info!(peer = %name, "closing tunnel to revoked peer");
+                    self.metrics.flow_closed("peer_revoked_tunnel");
+                    conn.close(quinn::VarInt::from_u32(2), b"revoked");
+                }
+                !revoked
+            });
+        }
+        if view.revoked.contains(&self.identity.load().serial) {
+            tracing::error!("this node's certificate is revoked");
+        }
+    }
+
+    /// The address the coordinator should tell peers to dial.
+    pub fn advertise(&self) -> Option<SocketAddr> {
+        self.cfg.advertise
+    }
+}

@@ -1,0 +1,487 @@
+//! TLS for tunnels and the control session: certificate verifiers bound to the mesh CA,
+//! the revocation list and SPIFFE identities, and hot-swappable local certificates.
+//!
+//! Chain and validity checks are done by webpki against the mesh CA only (never the
+//! system roots). The trust material is an `ArcSwap` so a new snapshot (CA bundle,
+//! revocation list) applies to the next handshake without rebuilding endpoints.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use quicmesh_protocol::cert::{spiffe_ids, PeerIdentity, Serial};
+use quicmesh_protocol::ident::{NodeName, SpiffeId, TrustDomain};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+/// Why a presented certificate was refused. Counted with these labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    NoCertificate,
+    BadCertificate,
+    UnknownCa,
+    Expired,
+    NotYetValid,
+    Revoked,
+    NoIdentity,
+    WrongPeer,
+}
+
+impl Refusal {
+    /// Stable metric label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Refusal::NoCertificate => "no_certificate",
+            Refusal::BadCertificate => "bad_certificate",
+            Refusal::UnknownCa => "unknown_ca",
+            Refusal::Expired => "expired",
+            Refusal::NotYetValid => "not_yet_valid",
+            Refusal::Revoked => "revoked",
+            Refusal::NoIdentity => "no_identity",
+            Refusal::WrongPeer => "wrong_peer",
+        }
+    }
+
+    fn to_rustls(self) -> rustls::Error {
+        rustls::Error::InvalidCertificate(match self {
+            Refusal::UnknownCa => CertificateError::UnknownIssuer,
+            Refusal::Expired => CertificateError::Expired,
+            Refusal::NotYetValid => CertificateError::NotValidYet,
+            Refusal::Revoked => CertificateError::Revoked,
+            Refusal::BadCertificate => CertificateError::BadEncoding,
+            Refusal::NoCertificate | Refusal::NoIdentity | Refusal::WrongPeer => {
+                CertificateError::ApplicationVerificationFailure
+            }
+        })
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Errors building TLS material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("ca certificate is not usable as a trust anchor: {0}")]
+    BadCa(String),
+    #[error("private key is not usable: {0}")]
+    BadKey(String),
+    #[error("tls configuration: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("quic crypto configuration: {0}")]
+    Quic(String),
+}
+
+/// The mesh trust material: CA anchors, the trust domain and the revocation list.
+#[derive(Debug)]
+pub struct Trust {
+    pub trust_domain: TrustDomain,
+    anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    revoked: HashSet<Serial>,
+}
+
+/// Shared, swappable trust material.
+pub type TrustHandle = Arc<ArcSwap<Trust>>;
+
+/// Called with every refusal, for counting.
+pub type RefusalHook = Arc<dyn Fn(Refusal) + Send + Sync>;
+
+/// SHA-256 of a DER certificate: how join tokens pin the CA.
+pub fn fingerprint(der: &[u8]) -> [u8; 32] {
+    Sha256::digest(der).into()
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn algs() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
+fn anchors_from(
+    ca_ders: &[Vec<u8>],
+) -> Result<Vec<rustls::pki_types::TrustAnchor<'static>>, TlsError> {
+    ca_ders
+        .iter()
+        .map(|der| {
+            let der = CertificateDer::from(der.as_slice());
+            webpki::anchor_from_trusted_cert(&der)
+                .map(|a| a.to_owned())
+                .map_err(|e| TlsError::BadCa(format!("{e:?}")))
+        })
+        .collect()
+}
+
+impl Trust {
+    /// Builds trust material from CA certificates (DER) and revoked serials.
+    pub fn new(
+        trust_domain: TrustDomain,
+        ca_ders: &[Vec<u8>],
+        revoked: impl IntoIterator<Item = Serial>,
+    ) -> Result<Self, TlsError> {
+        Ok(Self {
+            trust_domain,
+            anchors: anchors_from(ca_ders)?,
+            revoked: revoked.into_iter().collect(),
+        })
+    }
+
+    /// True when `serial` is on the revocation list.
+    pub fn is_revoked(&self, serial: &Serial) -> bool {
+        self.revoked.contains(serial)
+    }
+
+    /// Verifies a leaf against the mesh CA at `now` and reads its node identity.
+    pub fn verify_node(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<PeerIdentity, Refusal> {
+        verify_chain(&self.anchors, end_entity, intermediates, now, usage)?;
+        let id = PeerIdentity::from_der(end_entity, &self.trust_domain)
+            .map_err(|_| Refusal::NoIdentity)?;
+        if self.revoked.contains(&id.serial) {
+            return Err(Refusal::Revoked);
+        }
+        Ok(id)
+    }
+}
+
+fn verify_chain(
+    anchors: &[rustls::pki_types::TrustAnchor<'_>],
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+) -> Result<(), Refusal> {
+    let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|_| Refusal::BadCertificate)?;
+    let algs = algs();
+    ee.verify_for_usage(algs.all, anchors, intermediates, now, usage, None, None)
+        .map(|_| ())
+        .map_err(|e| match e {
+            webpki::Error::CertExpired { .. } => Refusal::Expired,
+            webpki::Error::CertNotValidYet { .. } => Refusal::NotYetValid,
+            webpki::Error::UnknownIssuer => Refusal::UnknownCa,
+            _ => Refusal::BadCertificate,
+        })
+}
+
+/// Verifies client certificates at a server (tunnel ingress, coordinator control port).
+pub struct MeshClientVerifier {
+    trust: TrustHandle,
+    mandatory: bool,
+    on_refuse: RefusalHook,
+}
+
+impl fmt::Debug for MeshClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshClientVerifier")
+            .field("mandatory", &self.mandatory)
+            .finish()
+    }
+}
+
+impl MeshClientVerifier {
+    /// `mandatory = false` lets certificate-less clients in (enrollment on the coordinator).
+    pub fn new(trust: TrustHandle, mandatory: bool, on_refuse: RefusalHook) -> Arc<Self> {
+        Arc::new(Self {
+            trust,
+            mandatory,
+            on_refuse,
+        })
+    }
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match self.trust.load().verify_node(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        ) {
+            Ok(_) => Ok(ClientCertVerified::assertion()),
+            Err(r) => {
+                (self.on_refuse)(r);
+                Err(r.to_rustls())
+            }
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algs())
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algs())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algs().supported_schemes()
+    }
+}
+
+/// What a client expects the server to be.
+#[derive(Debug, Clone)]
+pub enum ServerExpect {
+    /// A mesh node whose name is the TLS server name.
+    Node,
+    /// The coordinator, verified against the mesh trust.
+    Coordinator,
+    /// The coordinator at first contact: its chain must end in a CA with this SHA-256
+    /// fingerprint (from the join token).
+    PinnedCoordinator([u8; 32]),
+}
+
+/// Verifies server certificates at a client (peer tunnels, control session).
+pub struct MeshServerVerifier {
+    trust: Option<TrustHandle>,
+    expect: ServerExpect,
+    on_refuse: RefusalHook,
+}
+
+impl fmt::Debug for MeshServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshServerVerifier")
+            .field("expect", &self.expect)
+            .finish()
+    }
+}
+
+impl MeshServerVerifier {
+    /// A verifier; `trust` may be `None` only with [`ServerExpect::PinnedCoordinator`].
+    pub fn new(
+        trust: Option<TrustHandle>,
+        expect: ServerExpect,
+        on_refuse: RefusalHook,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            trust,
+            expect,
+            on_refuse,
+        })
+    }
+
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        now: UnixTime,
+    ) -> Result<(), Refusal> {
+        let usage = webpki::KeyUsage::server_auth();
+        match &self.expect {
+            ServerExpect::PinnedCoordinator(pin) => {
+                let ca = intermediates
+                    .iter()
+                    .find(|c| fingerprint(c) == *pin)
+                    .ok_or(Refusal::UnknownCa)?;
+                let anchors = anchors_from(&[ca.to_vec()]).map_err(|_| Refusal::UnknownCa)?;
+                verify_chain(&anchors, end_entity, &[], now, usage)?;
+                let ids = spiffe_ids(end_entity).map_err(|_| Refusal::BadCertificate)?;
+                if !ids.iter().any(|i| matches!(i, SpiffeId::Coordinator(_))) {
+                    return Err(Refusal::WrongPeer);
+                }
+                Ok(())
+            }
+            ServerExpect::Coordinator => {
+                let trust = self.trust.as_ref().ok_or(Refusal::UnknownCa)?.load();
+                verify_chain(&trust.anchors, end_entity, intermediates, now, usage)?;
+                let ids = spiffe_ids(end_entity).map_err(|_| Refusal::BadCertificate)?;
+                if !ids.contains(&SpiffeId::Coordinator(trust.trust_domain.clone())) {
+                    return Err(Refusal::WrongPeer);
+                }
+                Ok(())
+            }
+            ServerExpect::Node => {
+                let trust = self.trust.as_ref().ok_or(Refusal::UnknownCa)?.load();
+                let id = trust.verify_node(end_entity, intermediates, now, usage)?;
+                let expected = match server_name {
+                    ServerName::DnsName(n) => {
+                        NodeName::new(n.as_ref()).map_err(|_| Refusal::WrongPeer)?
+                    }
+                    _ => return Err(Refusal::WrongPeer),
+                };
+                if id.node != expected {
+                    return Err(Refusal::WrongPeer);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.check(end_entity, intermediates, server_name, now) {
+            Ok(()) => Ok(ServerCertVerified::assertion()),
+            Err(r) => {
+                (self.on_refuse)(r);
+                Err(r.to_rustls())
+            }
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algs())
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algs())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algs().supported_schemes()
+    }
+}
+
+/// The local certificate, swappable on renewal. Serves both TLS roles.
+#[derive(Debug, Default)]
+pub struct CertSlot(ArcSwap<Option<Arc<CertifiedKey>>>);
+
+impl CertSlot {
+    /// A slot holding `key` with `chain` (leaf first).
+    pub fn with(chain: Vec<Vec<u8>>, key_der: &[u8]) -> Result<Arc<Self>, TlsError> {
+        let slot = Arc::new(Self::default());
+        slot.set(chain, key_der)?;
+        Ok(slot)
+    }
+    /// Replaces the certificate; the next handshake uses it.
+    pub fn set(&self, chain: Vec<Vec<u8>>, key_der: &[u8]) -> Result<(), TlsError> {
+        let key = PrivateKeyDer::try_from(key_der.to_vec())
+            .map_err(|e| TlsError::BadKey(e.to_string()))?;
+        let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| TlsError::BadKey(e.to_string()))?;
+        let chain = chain.into_iter().map(CertificateDer::from).collect();
+        self.0
+            .store(Arc::new(Some(Arc::new(CertifiedKey::new(chain, signer)))));
+        Ok(())
+    }
+    fn get(&self) -> Option<Arc<CertifiedKey>> {
+        self.0.load().as_ref().clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertSlot {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertSlot {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+    fn has_certs(&self) -> bool {
+        self.get().is_some()
+    }
+}
+
+/// QUIC transport settings shared by tunnels and the control session.
+pub fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+    t.max_idle_timeout(Some(
+        std::time::Duration::from_secs(20)
+            .try_into()
+            .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(20_000))),
+    ));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    Arc::new(t)
+}
+
+/// A QUIC server config: our certificate, client certificates verified by `verifier`.
+pub fn server_config(
+    cert: Arc<CertSlot>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    alpn: &[u8],
+) -> Result<quinn::ServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.max_early_data_size = 0;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// A QUIC client config: `verifier` checks the server, `cert` (if any) is presented.
+pub fn client_config(
+    cert: Option<Arc<CertSlot>>,
+    verifier: Arc<MeshServerVerifier>,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut tls = match cert {
+        Some(c) => builder.with_client_cert_resolver(c),
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// Reads the verified peer certificate chain of an established connection.
+pub fn peer_leaf(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let any = conn.peer_identity()?;
+    let chain = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().map(|c| c.to_vec())
+}

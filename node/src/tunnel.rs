@@ -1,0 +1,253 @@
+//! Peer tunnels: one QUIC endpoint for both directions, one connection per peer (opened on
+//! first use, reused by every flow), and tunnel ingress — identity and policy checked on
+//! every stream before the local service is dialled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quicmesh_protocol::cert::PeerIdentity;
+use quicmesh_protocol::ident::NodeName;
+use quicmesh_protocol::wire::{PeerInfo, RejectCode, StreamHeader, StreamReply};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::flow::{pump, Direction, FlowEnd, FlowInfo};
+use crate::frame::{read_frame, write_frame};
+use crate::state::Node;
+use crate::tls::{self, MeshServerVerifier, ServerExpect};
+
+/// How long a peer has to send a stream header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the ingress waits for the local service to accept.
+const SERVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors opening a tunnel to a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("peer {0} has no known endpoint")]
+    NoEndpoint(NodeName),
+    #[error("connecting to {peer}: {reason}")]
+    Connect { peer: NodeName, reason: String },
+}
+
+/// The client config used to dial peers (our certificate, peers checked against the mesh).
+pub fn peer_client_config(node: &Arc<Node>) -> Result<quinn::ClientConfig, tls::TlsError> {
+    let metrics = node.metrics.clone();
+    let verifier = MeshServerVerifier::new(
+        Some(node.trust.clone()),
+        ServerExpect::Node,
+        Arc::new(move |r| metrics.handshake_refused(r.as_str())),
+    );
+    tls::client_config(
+        Some(node.cert.clone()),
+        verifier,
+        quicmesh_protocol::wire::ALPN_TUNNEL,
+    )
+}
+
+/// Returns the live tunnel to `peer`, dialling it if there is none.
+pub async fn connection(node: &Arc<Node>, peer: &PeerInfo) -> Result<quinn::Connection, DialError> {
+    if let Some(c) = node
+        .conns
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&peer.node).cloned())
+    {
+        if c.close_reason().is_none() {
+            return Ok(c);
+        }
+    }
+    let addr = peer
+        .endpoint
+        .ok_or_else(|| DialError::NoEndpoint(peer.node.clone()))?;
+    let err = |reason: String| DialError::Connect {
+        peer: peer.node.clone(),
+        reason,
+    };
+    let cfg = peer_client_config(node).map_err(|e| err(e.to_string()))?;
+    let conn = node
+        .endpoint
+        .connect_with(cfg, addr, peer.node.as_str())
+        .map_err(|e| err(e.to_string()))?
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    tracing::info!(peer = %peer.node, %addr, "tunnel up (dialled)");
+    if let Ok(mut m) = node.conns.lock() {
+        m.insert(peer.node.clone(), conn.clone());
+        node.metrics.set_peers_connected(m.len());
+    }
+    // Streams the peer opens on a connection we dialled are served like any other.
+    let n = node.clone();
+    let c = conn.clone();
+    let name = peer.node.clone();
+    tokio::spawn(async move { serve_connection(n, c, name).await });
+    Ok(conn)
+}
+
+/// Accepts peer tunnels until the endpoint closes.
+pub async fn accept_loop(node: Arc<Node>) {
+    while let Some(incoming) = node.endpoint.accept().await {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Certificate refusals were counted by the verifier with their reason.
+                    tracing::info!(%remote, error = %e, "tunnel handshake refused");
+                    return;
+                }
+            };
+            let td = node.trust.load().trust_domain.clone();
+            let Some(id) = tls::peer_leaf(&conn).and_then(|d| PeerIdentity::from_der(&d, &td).ok())
+            else {
+                node.metrics.handshake_refused("no_identity");
+                conn.close(quinn::VarInt::from_u32(1), b"no identity");
+                return;
+            };
+            tracing::info!(peer = %id.node, %remote, "tunnel up (accepted)");
+            if let Ok(mut m) = node.conns.lock() {
+                m.entry(id.node.clone()).or_insert_with(|| conn.clone());
+                node.metrics.set_peers_connected(m.len());
+            }
+            serve_connection(node, conn, id.node).await;
+        });
+    }
+}
+
+/// Serves the streams a peer opens on `conn`.
+async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeName) {
+    let td = node.trust.load().trust_domain.clone();
+    let id = match tls::peer_leaf(&conn).and_then(|d| PeerIdentity::from_der(&d, &td).ok()) {
+        Some(id) => Arc::new(id),
+        None => return,
+    };
+    let span = tracing::info_span!("tunnel", peer = %peer);
+    async {
+        loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    let node = node.clone();
+                    let id = id.clone();
+                    tokio::spawn(async move { ingress_stream(node, id, send, recv).await });
+                }
+                Err(e) => {
+                    tracing::info!(reason = %e, "tunnel closed");
+                    break;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+    if let Ok(mut m) = node.conns.lock() {
+        if m.get(&peer)
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            m.remove(&peer);
+        }
+        node.metrics.set_peers_connected(m.len());
+    }
+}
+
+async fn reject(send: &mut quinn::SendStream, code: RejectCode, rule: Option<String>) {
+    let _ = write_frame(send, &StreamReply::Reject { code, rule }).await;
+    let _ = send.finish();
+    // Give the reply a moment to leave before the stream is dropped.
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+}
+
+/// Tunnel ingress for one stream: decode the header, check identity and policy, dial the
+/// local service, then pump bytes.
+async fn ingress_stream(
+    node: Arc<Node>,
+    peer: Arc<PeerIdentity>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let header = match tokio::time::timeout(
+        HEADER_TIMEOUT,
+        read_frame::<StreamHeader, _>(&mut recv),
+    )
+    .await
+    {
+        Ok(Ok(Some(h))) => h,
+        other => {
+            tracing::info!(peer = %peer.node, result = ?other.map(|r| r.map(|_| ())), "stream header refused");
+            node.metrics
+                .ingress_rejected(RejectCode::Malformed.as_str(), "", "");
+            reject(&mut send, RejectCode::Malformed, None).await;
+            return;
+        }
+    };
+    let (src, dst) = (header.src_service.clone(), header.dst_service.clone());
+    let span = tracing::info_span!("flow", flow = header.flow_id, peer = %peer.node, src = %src, dst = %dst);
+    async move {
+        let view = node.view();
+        let refuse = |code: RejectCode, rule: Option<String>| {
+            node.metrics.ingress_rejected(code.as_str(), src.as_str(), dst.as_str());
+            tracing::info!(reason = code.as_str(), rule = rule.as_deref().unwrap_or("-"), "ingress rejected");
+            (code, rule)
+        };
+        let verdict = if view.version == 0 {
+            Err(refuse(RejectCode::NotReady, None))
+        } else if node.cfg.service(&dst).is_none() {
+            Err(refuse(RejectCode::UnknownService, None))
+        } else if !peer.may_speak_for(&src) {
+            Err(refuse(RejectCode::SourceNotInCertificate, None))
+        } else {
+            let d = view.decide(&src, &view.peer_labels(&peer.node), &dst, &view.labels);
+            if d.is_allow() {
+                Ok(d.rule_label())
+            } else {
+                Err(refuse(RejectCode::PolicyDenied, Some(d.rule_label())))
+            }
+        };
+        let rule = match verdict {
+            Ok(rule) => rule,
+            Err((code, rule)) => {
+                reject(&mut send, code, rule).await;
+                return;
+            }
+        };
+        let Some(svc) = node.cfg.service(&dst) else { return };
+        let tcp = match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(svc.address)).await {
+            Ok(Ok(t)) => t,
+            other => {
+                let _ = refuse(RejectCode::ServiceUnavailable, None);
+                tracing::warn!(address = %svc.address, error = ?other.map(|r| r.err()), "local service unavailable");
+                reject(&mut send, RejectCode::ServiceUnavailable, None).await;
+                return;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        if write_frame(&mut send, &StreamReply::Accept).await.is_err() {
+            return;
+        }
+        node.metrics.ingress_accepted(src.as_str(), dst.as_str());
+        tracing::info!(rule = %rule, "ingress accepted");
+        let (_guard, kill) = node.flows.register(
+            FlowInfo {
+                id: node.flows.next_id(),
+                direction: Direction::Ingress,
+                peer: peer.node.clone(),
+                peer_serial: Some(peer.serial.clone()),
+                src: src.clone(),
+                dst: dst.clone(),
+                rule,
+            },
+            &node.metrics,
+        );
+        let end = pump(tcp, send, recv, kill, node.cfg.flow_idle_timeout, &node.metrics).await;
+        match end {
+            FlowEnd::Killed(reason) => {
+                node.metrics.flow_closed(reason);
+                tracing::info!(reason, "flow closed by node");
+            }
+            FlowEnd::Idle => node.metrics.flow_closed("idle"),
+            FlowEnd::Done | FlowEnd::Error => tracing::debug!(?end, "flow ended"),
+        }
+    }
+    .instrument(span)
+    .await;
+}
