@@ -1,1 +1,491 @@
-fn main() {}
+//! `quicmesh-coordinator`: init, serve, the dev mesh, and admin commands that talk to a
+//! running coordinator's API.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use quicmesh_coordinator::client::{ApiClient, ClientError};
+use quicmesh_protocol::ident::TrustDomain;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(
+    name = "quicmesh-coordinator",
+    version,
+    about = "quicmesh coordinator: mesh CA, catalog, policy, API"
+)]
+struct Cli {
+    #[command(flatten)]
+    admin: AdminOpts,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct AdminOpts {
+    /// Coordinator API URL for admin commands.
+    #[arg(
+        long,
+        global = true,
+        env = "QUICMESH_API",
+        default_value = "http://127.0.0.1:7780"
+    )]
+    api: String,
+    /// Data dir (for `init`/`serve`; admin commands read `admin.token` from it when
+    /// QUICMESH_ADMIN_TOKEN is not set).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Print raw JSON.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a data dir: CA key and root, trust domain, admin token (files 0600).
+    Init {
+        #[arg(long, default_value = "quicmesh.local")]
+        trust_domain: String,
+    },
+    /// Run the coordinator.
+    Serve {
+        /// UDP address of the QUIC control listener.
+        #[arg(long, default_value = "0.0.0.0:7700")]
+        listen: SocketAddr,
+        /// TCP address of the HTTP API (keep it on loopback or a management network).
+        #[arg(long, default_value = "127.0.0.1:7780")]
+        http: SocketAddr,
+        /// Lifetime of node certificates (e.g. 24h, 10m, 30s).
+        #[arg(long, default_value = "24h")]
+        cert_ttl: String,
+        /// Storage backend URL (default: the embedded SQLite store in the data dir).
+        #[arg(long)]
+        store: Option<String>,
+    },
+    /// A whole mesh in one process, for trying quicmesh: no root, temporary data.
+    Dev {
+        #[arg(long, default_value = "127.0.0.1:7780")]
+        http: SocketAddr,
+    },
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The policy.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// The node catalog.
+    #[command(subcommand)]
+    Nodes(NodesCmd),
+    /// The service catalog.
+    #[command(subcommand)]
+    Services(ServicesCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a single-use join token; prints the token line on stdout.
+    Create {
+        #[arg(long)]
+        node: String,
+        /// A service the node may host (repeat).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// A label the node may claim, key=value (repeat).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Run the file's tests and apply it whole, or reject it naming the failing test.
+    Apply {
+        file: PathBuf,
+        /// Check only; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the current policy.
+    Show,
+    /// Every applied version.
+    History,
+    /// Which rule decides from -> to, and why.
+    Explain {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesCmd {
+    /// List nodes.
+    List,
+    /// Revoke a node: its certificates go on every node's deny list.
+    Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+enum ServicesCmd {
+    /// List services and their instances.
+    List,
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(code)
+}
+
+fn duration_secs(s: &str, what: &str) -> Result<i64, String> {
+    humantime::parse_duration(s)
+        .map(|d| d.as_secs() as i64)
+        .map_err(|e| format!("--{what} {s:?}: {e}"))
+}
+
+fn admin_token(opts: &AdminOpts) -> Result<String, String> {
+    if let Ok(t) = std::env::var("QUICMESH_ADMIN_TOKEN") {
+        return Ok(t);
+    }
+    match &opts.data_dir {
+        Some(d) => std::fs::read_to_string(d.join("admin.token"))
+            .map(|t| t.trim().to_string())
+            .map_err(|e| format!("{}: {e}", d.join("admin.token").display())),
+        None => Err("no admin token: set QUICMESH_ADMIN_TOKEN or pass --data-dir".into()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_log = if matches!(cli.cmd, Cmd::Dev { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QUICMESH_LOG")
+                .unwrap_or_else(|_| default_log.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, format!("tokio runtime: {e}")),
+    };
+    rt.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let opts = &cli.admin;
+    match cli.cmd {
+        Cmd::Init { trust_domain } => {
+            let Some(dir) = &opts.data_dir else {
+                return fail(64, "init needs --data-dir");
+            };
+            let td = match TrustDomain::new(trust_domain) {
+                Ok(t) => t,
+                Err(e) => return fail(64, format!("--trust-domain: {e}")),
+            };
+            match quicmesh_coordinator::mesh::init(dir, td) {
+                Ok(out) => {
+                    println!("initialized {}", dir.display());
+                    println!("trust domain    {}", out.trust_domain);
+                    println!("ca fingerprint  sha256:{}", out.ca_fingerprint);
+                    println!(
+                        "admin token     in {} (mode 0600)",
+                        dir.join("admin.token").display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, e),
+            }
+        }
+        Cmd::Serve {
+            listen,
+            http,
+            cert_ttl,
+            store,
+        } => {
+            let Some(dir) = &opts.data_dir else {
+                return fail(64, "serve needs --data-dir");
+            };
+            if let Some(s) = store {
+                if !s.starts_with("sqlite:") {
+                    return fail(64, format!("--store {s:?}: only the embedded SQLite store is built in this version"));
+                }
+            }
+            let ttl = match duration_secs(&cert_ttl, "cert-ttl") {
+                Ok(t) if t >= 1 => t,
+                Ok(_) => return fail(64, "--cert-ttl must be at least 1s"),
+                Err(e) => return fail(64, e),
+            };
+            let running = match quicmesh_coordinator::serve::start(dir, listen, http, ttl).await {
+                Ok(r) => r,
+                Err(e) => return fail(1, e),
+            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => return fail(1, e),
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            running
+                .endpoint
+                .close(quinn::VarInt::from_u32(0), b"coordinator stopping");
+            ExitCode::SUCCESS
+        }
+        Cmd::Dev { http } => match quicmesh_coordinator::dev::run(http).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, e),
+        },
+        cmd => {
+            let token = match admin_token(opts) {
+                Ok(t) => t,
+                Err(e) => return fail(64, e),
+            };
+            let client = match ApiClient::new(&opts.api, &token) {
+                Ok(c) => c,
+                Err(e) => return fail(64, e),
+            };
+            match admin(&client, cmd, opts.json).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(AdminError::Usage(e)) => fail(64, e),
+                Err(AdminError::Api(ClientError::Status {
+                    status,
+                    message,
+                    body,
+                })) => {
+                    eprintln!("error: {message} (http {status})");
+                    for f in body["failures"].as_array().into_iter().flatten() {
+                        eprintln!(
+                            "  test[{}]: {} -> {} expected {}, got {}",
+                            f["index"],
+                            s(&f["from"]),
+                            s(&f["to"]),
+                            s(&f["expect"]).to_lowercase(),
+                            s(&f["got"]["text"])
+                        );
+                    }
+                    ExitCode::from(if status == 422 { 65 } else { 1 })
+                }
+                Err(AdminError::Api(e)) => fail(1, e),
+            }
+        }
+    }
+}
+
+enum AdminError {
+    Usage(String),
+    Api(ClientError),
+}
+
+impl From<ClientError> for AdminError {
+    fn from(e: ClientError) -> Self {
+        AdminError::Api(e)
+    }
+}
+
+fn s(v: &Value) -> String {
+    v.as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string())
+}
+
+async fn admin(client: &ApiClient, cmd: Cmd, raw: bool) -> Result<(), AdminError> {
+    let print = |v: &Value| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    match cmd {
+        Cmd::Token(TokenCmd::Create {
+            node,
+            services,
+            labels,
+            ttl,
+        }) => {
+            let ttl = duration_secs(&ttl, "ttl").map_err(AdminError::Usage)?;
+            let mut lm = BTreeMap::new();
+            for l in labels {
+                let (k, v) = l.split_once('=').ok_or_else(|| {
+                    AdminError::Usage(format!("--label {l:?}: expected key=value"))
+                })?;
+                lm.insert(k.to_string(), v.to_string());
+            }
+            let v = client
+                .post(
+                    "/tokens",
+                    json!({"node": node, "services": services, "labels": lm, "ttl_secs": ttl}),
+                )
+                .await?;
+            if raw {
+                print(&v)
+            } else {
+                println!("{}", s(&v["token"]))
+            }
+        }
+        Cmd::Policy(PolicyCmd::Apply { file, dry_run }) => {
+            let source = std::fs::read_to_string(&file)
+                .map_err(|e| AdminError::Usage(format!("{}: {e}", file.display())))?;
+            let v = client
+                .post("/policy", json!({"source": source, "dry_run": dry_run}))
+                .await?;
+            if raw {
+                print(&v)
+            } else if dry_run {
+                println!(
+                    "policy ok: {} rules, {} tests pass (dry run, nothing applied)",
+                    v["rules"], v["tests"]
+                );
+            } else {
+                println!(
+                    "policy v{} applied: {} rules, {} tests pass",
+                    v["version"], v["rules"], v["tests"]
+                );
+            }
+        }
+        Cmd::Policy(PolicyCmd::Show) => {
+            let v = client.get("/policy").await?;
+            if raw {
+                print(&v)
+            } else {
+                println!("# policy v{}", v["version"]);
+                println!(
+                    "{}",
+                    v["source"]
+                        .as_str()
+                        .unwrap_or("# no policy applied: default deny")
+                );
+            }
+        }
+        Cmd::Policy(PolicyCmd::History) => {
+            let v = client.get("/policy/history").await?;
+            if raw {
+                print(&v)
+            } else {
+                for p in v["versions"].as_array().into_iter().flatten() {
+                    println!(
+                        "v{}  applied_at {}  {} bytes",
+                        p["version"],
+                        p["applied_at"],
+                        s(&p["source"]).len()
+                    );
+                }
+            }
+        }
+        Cmd::Policy(PolicyCmd::Explain { from, to }) => {
+            let q = format!("/policy/explain?from={}&to={}", enc(&from), enc(&to));
+            let v = client.get(&q).await?;
+            if raw {
+                print(&v)
+            } else {
+                println!("{from} -> {to}: {} by {}", s(&v["decision"]), s(&v["rule"]));
+                println!("  {}", s(&v["explanation"]["text"]));
+                for c in v["explanation"]["candidates"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    println!("  matching rule[{}]: {}", c["index"], s(&c["rule"]));
+                }
+            }
+        }
+        Cmd::Nodes(NodesCmd::List) => {
+            let v = client.get("/nodes").await?;
+            if raw {
+                print(&v)
+            } else {
+                println!(
+                    "{:<20} {:<8} {:<22} {:<20} {:>6} {:<12}",
+                    "NODE", "STATE", "ENDPOINT", "SERVICES", "ACKED", "CERT EXPIRES"
+                );
+                let now = quicmesh_coordinator::mesh::now();
+                for n in v["nodes"].as_array().into_iter().flatten() {
+                    let state = if !n["revoked_at"].is_null() {
+                        "revoked"
+                    } else if n["online"] == true {
+                        "online"
+                    } else {
+                        "offline"
+                    };
+                    let exp = n["cert_not_after"]
+                        .as_i64()
+                        .map(|t| format!("in {}s", t - now))
+                        .unwrap_or_default();
+                    let svcs = n["services"]
+                        .as_array()
+                        .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+                        .unwrap_or_default();
+                    println!(
+                        "{:<20} {:<8} {:<22} {:<20} {:>6} {:<12}",
+                        s(&n["name"]),
+                        state,
+                        n["endpoint"].as_str().unwrap_or("-"),
+                        svcs,
+                        n["acked_version"],
+                        exp
+                    );
+                }
+                println!("mesh version {}", v["mesh_version"]);
+            }
+        }
+        Cmd::Nodes(NodesCmd::Revoke { name }) => {
+            let v = client
+                .post(&format!("/nodes/{}/revoke", enc(&name)), json!({}))
+                .await?;
+            if raw {
+                print(&v)
+            } else {
+                println!(
+                    "revoked {name} ({} certificate serials on the deny list)",
+                    v["revoked_serials"].as_array().map(Vec::len).unwrap_or(0)
+                )
+            }
+        }
+        Cmd::Services(ServicesCmd::List) => {
+            let v = client.get("/services").await?;
+            if raw {
+                print(&v)
+            } else {
+                for (name, inst) in v["services"].as_object().into_iter().flatten() {
+                    println!("{name}");
+                    for i in inst.as_array().into_iter().flatten() {
+                        println!(
+                            "  {:<20} {:<22} {}",
+                            s(&i["node"]),
+                            i["endpoint"].as_str().unwrap_or("-"),
+                            if i["online"] == true {
+                                "online"
+                            } else {
+                                "offline"
+                            }
+                        );
+                    }
+                }
+            }
+        }
+        Cmd::Init { .. } | Cmd::Serve { .. } | Cmd::Dev { .. } => {}
+    }
+    Ok(())
+}
+
+/// Percent-encodes a query or path component.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,195 @@
+//! The HTTP JSON API (`/api/v1`), behind the admin token (`Authorization: Bearer ...`).
+//! The CLI and (later) the dashboard use exactly these routes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::mesh::{Mesh, MeshError};
+
+impl IntoResponse for MeshError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            MeshError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            MeshError::NoSuchNode(_) => StatusCode::NOT_FOUND,
+            MeshError::Policy(_) | MeshError::PolicyTests(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let failures = match &self {
+            MeshError::PolicyTests(f) => serde_json::to_value(f).unwrap_or_default(),
+            _ => serde_json::Value::Null,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self, "api error");
+        }
+        (
+            status,
+            Json(json!({ "error": self.to_string(), "failures": failures })),
+        )
+            .into_response()
+    }
+}
+
+async fn auth(State(mesh): State<Arc<Mesh>>, req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match token {
+        Some(t) if mesh.check_admin(t) => next.run(req).await,
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            Json(json!({"error": "missing or invalid admin token"})),
+        )
+            .into_response(),
+    }
+}
+
+/// The API router.
+pub fn router(mesh: Arc<Mesh>) -> Router {
+    let api = Router::new()
+        .route("/status", get(status))
+        .route("/nodes", get(nodes))
+        .route("/nodes/{name}/revoke", post(revoke))
+        .route("/services", get(services))
+        .route("/tokens", post(create_token))
+        .route("/policy", get(policy_show).post(policy_apply))
+        .route("/policy/history", get(policy_history))
+        .route("/policy/explain", get(policy_explain))
+        .layer(middleware::from_fn_with_state(mesh.clone(), auth))
+        .with_state(mesh);
+    Router::new().nest("/api/v1", api).fallback(|| async {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such route"})),
+        )
+    })
+}
+
+async fn status(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {
+    let nodes = mesh.nodes()?;
+    Ok(Json(json!({
+        "trust_domain": mesh.ca.trust_domain,
+        "ca_fingerprint": hex::encode(mesh.ca.fingerprint()),
+        "mesh_version": mesh.store.version()?,
+        "policy_version": mesh.policy().0,
+        "nodes": nodes.len(),
+        "nodes_online": nodes.iter().filter(|n| n.online).count(),
+    })))
+}
+
+async fn nodes(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {
+    Ok(Json(
+        json!({ "mesh_version": mesh.store.version()?, "nodes": mesh.nodes()? }),
+    ))
+}
+
+async fn revoke(
+    State(mesh): State<Arc<Mesh>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, MeshError> {
+    let serials = mesh.revoke(&name)?;
+    Ok(Json(json!({ "node": name, "revoked_serials": serials })))
+}
+
+async fn services(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {
+    Ok(Json(json!({ "services": mesh.services()? })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    node: String,
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    /// Seconds; default one hour.
+    ttl_secs: Option<i64>,
+}
+
+async fn create_token(
+    State(mesh): State<Arc<Mesh>>,
+    Json(req): Json<TokenRequest>,
+) -> Result<Json<serde_json::Value>, MeshError> {
+    let (token, expires_at) = mesh.create_token(
+        &req.node,
+        &req.services,
+        &req.labels,
+        req.ttl_secs.unwrap_or(3600),
+    )?;
+    Ok(Json(
+        json!({ "token": token, "node": req.node, "expires_at": expires_at }),
+    ))
+}
+
+async fn policy_show(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {
+    let latest = mesh.store.latest_policy()?;
+    let p = mesh.policy();
+    Ok(Json(json!({
+        "version": p.0,
+        "source": latest.map(|l| l.source),
+        "policy": p.1,
+    })))
+}
+
+async fn policy_history(
+    State(mesh): State<Arc<Mesh>>,
+) -> Result<Json<serde_json::Value>, MeshError> {
+    Ok(Json(json!({ "versions": mesh.store.policies()? })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyApply {
+    source: String,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn policy_apply(
+    State(mesh): State<Arc<Mesh>>,
+    Json(req): Json<PolicyApply>,
+) -> Result<Json<serde_json::Value>, MeshError> {
+    if req.dry_run {
+        let p = Mesh::check_policy(&req.source)?;
+        return Ok(Json(
+            json!({ "ok": true, "dry_run": true, "rules": p.rules.len(), "tests": p.tests.len() }),
+        ));
+    }
+    let version = mesh.apply_policy(&req.source)?;
+    let p = mesh.policy();
+    Ok(Json(
+        json!({ "ok": true, "version": version, "rules": p.1.rules.len(), "tests": p.1.tests.len() }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ExplainQuery {
+    from: String,
+    to: String,
+}
+
+async fn policy_explain(
+    State(mesh): State<Arc<Mesh>>,
+    Query(q): Query<ExplainQuery>,
+) -> Result<Json<serde_json::Value>, MeshError> {
+    let e = mesh.explain(&q.from, &q.to)?;
+    Ok(Json(json!({
+        "from": q.from,
+        "to": q.to,
+        "decision": e.decision.action().to_string(),
+        "rule": e.decision.rule_label(),
+        "explanation": e,
+    })))
+}

@@ -1,0 +1,11 @@
+//! quicmesh-coordinator: the mesh CA, enrollment, catalog, policy store, snapshot push,
+//! JSON API and admin CLI. Never on the data path.
+
+pub mod api;
+pub mod ca;
+pub mod client;
+pub mod control;
+pub mod dev;
+pub mod mesh;
+pub mod serve;
+pub mod store;

@@ -1,0 +1,627 @@
+//! The coordinator's core: join tokens, enrollment, the catalog, the policy store,
+//! revocation, and the per-node snapshots every change is pushed as. IO-free apart from
+//! the store; the control listener and the HTTP API call into it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use quicmesh_node::tls::{Trust, TrustHandle};
+use quicmesh_protocol::cert::Serial;
+use quicmesh_protocol::ident::{LabelKey, Labels, NodeName, ServiceName, TrustDomain};
+use quicmesh_protocol::policy::{
+    Destination, Explanation, Policy, PolicyError, Source, TestFailure,
+};
+use quicmesh_protocol::token::JoinToken;
+use quicmesh_protocol::wire::{
+    ControlDown, EnrollErrorCode, EnrollRequest, EnrollResponse, PeerInfo, Snapshot,
+};
+use rand::RngCore;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::ca::{Ca, CaError};
+use crate::store::{NodeRecord, SqliteStore, Store, StoreError, TokenProblem, TokenRecord};
+
+/// Default leaf certificate lifetime.
+pub const DEFAULT_CERT_TTL_SECS: i64 = 24 * 3600;
+/// Longest join token lifetime accepted.
+pub const MAX_TOKEN_TTL_SECS: i64 = 30 * 86400;
+
+/// Errors of coordinator operations, each with an HTTP status in the API.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("node {0} not found")]
+    NoSuchNode(String),
+    #[error("policy: {0}")]
+    Policy(#[from] PolicyError),
+    #[error("policy tests failed: {}", .0.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; "))]
+    PolicyTests(Vec<TestFailure>),
+    #[error("data dir {path}: {reason}")]
+    DataDir { path: String, reason: String },
+}
+
+/// Current Unix time.
+pub fn now() -> i64 {
+    quicmesh_node::control::unix_now()
+}
+
+/// SHA-256 hex of a secret: how tokens are stored.
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn random_hex32() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut b);
+    b
+}
+
+/// Live control sessions, by node.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub id: u64,
+    pub conn: quinn::Connection,
+    pub kick: tokio::sync::mpsc::Sender<ControlDown>,
+}
+
+/// The coordinator.
+pub struct Mesh {
+    pub store: Arc<dyn Store>,
+    pub ca: Ca,
+    pub data_dir: PathBuf,
+    pub cert_ttl_secs: i64,
+    pub trust: TrustHandle,
+    admin_hash: String,
+    policy: ArcSwap<(u64, Policy)>,
+    version_tx: watch::Sender<u64>,
+    sessions: Mutex<HashMap<String, SessionHandle>>,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("trust_domain", &self.ca.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), MeshError> {
+    quicmesh_node::store::write_private(path, bytes).map_err(|e| MeshError::DataDir {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// What `init` made.
+#[derive(Debug)]
+pub struct InitOutput {
+    pub trust_domain: TrustDomain,
+    pub ca_fingerprint: String,
+    pub admin_token: String,
+}
+
+/// Creates a data dir: CA, database, admin token. Refuses an initialized dir.
+pub fn init(dir: &Path, trust_domain: TrustDomain) -> Result<InitOutput, MeshError> {
+    let dd = |reason: String| MeshError::DataDir {
+        path: dir.display().to_string(),
+        reason,
+    };
+    if dir.join("ca.key").exists() {
+        return Err(dd("already initialized (ca.key exists)".into()));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| dd(e.to_string()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| dd(e.to_string()))?;
+    }
+    let (ca, key_pem) = Ca::generate(trust_domain.clone(), now())?;
+    write_private(&dir.join("ca.key"), key_pem.as_bytes())?;
+    write_private(&dir.join("ca.crt"), ca.cert_pem().as_bytes())?;
+    let store = SqliteStore::open(&dir.join("quicmesh.db"))?;
+    store.set_meta("trust_domain", trust_domain.as_str())?;
+    let admin_token = format!("qma_{}", hex::encode(random_hex32()));
+    store.set_meta("admin_token_sha256", &hash_secret(&admin_token))?;
+    write_private(&dir.join("admin.token"), admin_token.as_bytes())?;
+    Ok(InitOutput {
+        trust_domain,
+        ca_fingerprint: hex::encode(ca.fingerprint()),
+        admin_token,
+    })
+}
+
+/// Checks a label map from API input.
+pub fn labels_from(map: &BTreeMap<String, String>) -> Result<Labels, MeshError> {
+    let mut m = BTreeMap::new();
+    for (k, v) in map {
+        m.insert(
+            LabelKey::new(k).map_err(|e| MeshError::Invalid {
+                field: "labels",
+                reason: e.to_string(),
+            })?,
+            v.clone(),
+        );
+    }
+    Labels::new(m).map_err(|e| MeshError::Invalid {
+        field: "labels",
+        reason: e.to_string(),
+    })
+}
+
+/// A node as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    #[serde(flatten)]
+    pub record: NodeRecord,
+    pub online: bool,
+}
+
+/// A service instance as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceView {
+    pub node: String,
+    pub endpoint: Option<String>,
+    pub online: bool,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Mesh {
+    /// Opens an initialized data dir.
+    pub fn open(dir: &Path, cert_ttl_secs: i64) -> Result<Arc<Self>, MeshError> {
+        if !dir.join("ca.key").exists() {
+            return Err(MeshError::DataDir {
+                path: dir.display().to_string(),
+                reason: "not initialized: run `quicmesh-coordinator init --data-dir DIR` first"
+                    .into(),
+            });
+        }
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("quicmesh.db"))?);
+        let td = store
+            .meta("trust_domain")?
+            .ok_or_else(|| MeshError::DataDir {
+                path: dir.display().to_string(),
+                reason: "no trust domain in database".into(),
+            })?;
+        let td = TrustDomain::new(td).map_err(|e| MeshError::Invalid {
+            field: "trust_domain",
+            reason: e.to_string(),
+        })?;
+        let ca = Ca::load(dir, td.clone())?;
+        let admin_hash = store.meta("admin_token_sha256")?.unwrap_or_default();
+        let policy = match store.latest_policy()? {
+            Some(p) => (p.version, Policy::parse(&p.source)?),
+            None => (0, Policy::default()),
+        };
+        let revoked = Self::revoked_list(&*store)?;
+        let trust =
+            Trust::new(td, &[ca.cert_der.clone()], revoked).map_err(|e| MeshError::Invalid {
+                field: "ca",
+                reason: e.to_string(),
+            })?;
+        let version = store.version()?;
+        let (version_tx, _) = watch::channel(version);
+        Ok(Arc::new(Self {
+            store,
+            ca,
+            data_dir: dir.to_path_buf(),
+            cert_ttl_secs,
+            trust: Arc::new(ArcSwap::from_pointee(trust)),
+            admin_hash,
+            policy: ArcSwap::from_pointee(policy),
+            version_tx,
+            sessions: Mutex::new(HashMap::new()),
+            next_session: 1.into(),
+        }))
+    }
+
+    fn revoked_list(store: &dyn Store) -> Result<Vec<Serial>, MeshError> {
+        Ok(store
+            .revoked_serials(now())?
+            .into_iter()
+            .filter_map(|s| hex::decode(s).ok().and_then(|b| Serial::new(b).ok()))
+            .collect())
+    }
+
+    /// True when `token` is the admin token (compared by hash, in constant time).
+    pub fn check_admin(&self, token: &str) -> bool {
+        let got = hash_secret(token);
+        !self.admin_hash.is_empty()
+            && got.len() == self.admin_hash.len()
+            && got
+                .bytes()
+                .zip(self.admin_hash.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    /// Subscribes to mesh version changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version_tx.subscribe()
+    }
+
+    /// Records a change: bumps the mesh version and wakes every session.
+    pub fn changed(&self) -> Result<u64, MeshError> {
+        let v = self.store.bump_version()?;
+        self.version_tx.send_replace(v);
+        Ok(v)
+    }
+
+    /// Creates a join token for `node`, allowed to claim `services` and `labels`.
+    pub fn create_token(
+        &self,
+        node: &str,
+        services: &[String],
+        labels: &BTreeMap<String, String>,
+        ttl_secs: i64,
+    ) -> Result<(String, i64), MeshError> {
+        let node = NodeName::new(node).map_err(|e| MeshError::Invalid {
+            field: "node",
+            reason: e.to_string(),
+        })?;
+        let services = services
+            .iter()
+            .map(|s| {
+                ServiceName::new(s.as_str()).map_err(|e| MeshError::Invalid {
+                    field: "service",
+                    reason: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        labels_from(labels)?;
+        if ttl_secs <= 0 || ttl_secs > MAX_TOKEN_TTL_SECS {
+            return Err(MeshError::Invalid {
+                field: "ttl",
+                reason: format!("must be between 1s and {}d", MAX_TOKEN_TTL_SECS / 86400),
+            });
+        }
+        let token = JoinToken {
+            ca_fingerprint: self.ca.fingerprint(),
+            secret: random_hex32(),
+        };
+        let t = now();
+        self.store.insert_token(&TokenRecord {
+            hash: hash_secret(&token.secret_hex()),
+            node: node.to_string(),
+            services: services.iter().map(ToString::to_string).collect(),
+            labels: labels.clone(),
+            created_at: t,
+            expires_at: t + ttl_secs,
+            used_at: None,
+        })?;
+        Ok((token.to_string(), t + ttl_secs))
+    }
+
+    /// Handles an enrollment request.
+    pub fn enroll(&self, req: &EnrollRequest) -> ControlDown {
+        match self.try_enroll(req) {
+            Ok(r) => {
+                tracing::info!(node = %req.node, "node enrolled");
+                ControlDown::Enrolled(r)
+            }
+            Err((code, detail)) => {
+                tracing::warn!(node = %req.node, reason = code.as_str(), %detail, "enrollment refused");
+                ControlDown::EnrollRefused { code, detail }
+            }
+        }
+    }
+
+    fn try_enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, (EnrollErrorCode, String)> {
+        let internal = |e: &dyn std::fmt::Display| (EnrollErrorCode::Internal, e.to_string());
+        let t = now();
+        let hash = hash_secret(&req.secret);
+        let tok = self
+            .store
+            .token(&hash)
+            .map_err(|e| internal(&e))?
+            .ok_or((EnrollErrorCode::TokenUnknown, String::new()))?;
+        if tok.used_at.is_some() {
+            return Err((EnrollErrorCode::TokenUsed, String::new()));
+        }
+        if tok.expires_at <= t {
+            return Err((
+                EnrollErrorCode::TokenExpired,
+                format!("expired {}s ago", t - tok.expires_at),
+            ));
+        }
+        if tok.node != req.node.as_str() {
+            return Err((
+                EnrollErrorCode::NodeMismatch,
+                format!("token is for {}, request is for {}", tok.node, req.node),
+            ));
+        }
+        if let Some(s) = req
+            .services
+            .iter()
+            .find(|s| !tok.services.iter().any(|a| a == s.as_str()))
+        {
+            return Err((EnrollErrorCode::ServiceNotAllowed, format!("service {s}")));
+        }
+        let allowed = labels_from(&tok.labels).map_err(|e| internal(&e))?;
+        if let Some((k, v)) = req
+            .labels
+            .iter()
+            .find(|(k, v)| allowed.get(k.as_str()) != Some(v.as_str()))
+        {
+            return Err((
+                EnrollErrorCode::LabelNotAllowed,
+                format!("label {k}={v} (create the token with --label {k}={v})"),
+            ));
+        }
+        let leaf = self
+            .ca
+            .sign_node(
+                &req.csr_der,
+                &req.node,
+                &req.services,
+                t,
+                self.cert_ttl_secs,
+            )
+            .map_err(|e| (EnrollErrorCode::BadCsr, e.to_string()))?;
+        let record = NodeRecord {
+            name: req.node.to_string(),
+            services: req.services.iter().map(ToString::to_string).collect(),
+            labels: req
+                .labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            endpoint: None,
+            serial: Some(leaf.serial.to_string()),
+            cert_not_after: Some(leaf.not_after),
+            enrolled_at: t,
+            last_seen: None,
+            acked_version: 0,
+            agent_version: None,
+            revoked_at: None,
+        };
+        match self
+            .store
+            .enroll(&hash, &record, leaf.not_after, t)
+            .map_err(|e| internal(&e))?
+        {
+            Ok(()) => {}
+            Err(TokenProblem::Used) => return Err((EnrollErrorCode::TokenUsed, String::new())),
+            Err(TokenProblem::Expired) => {
+                return Err((EnrollErrorCode::TokenExpired, String::new()))
+            }
+            Err(TokenProblem::Unknown) => {
+                return Err((EnrollErrorCode::TokenUnknown, String::new()))
+            }
+        }
+        self.changed().map_err(|e| internal(&e))?;
+        Ok(EnrollResponse {
+            trust_domain: self.ca.trust_domain.clone(),
+            cert_der: leaf.der,
+            ca_bundle: vec![self.ca.cert_der.clone()],
+        })
+    }
+
+    /// Signs a renewal CSR for an enrolled, unrevoked node.
+    pub fn renew(&self, node: &NodeName, csr_der: &[u8]) -> Result<Vec<u8>, MeshError> {
+        let rec = self
+            .store
+            .node(node.as_str())?
+            .ok_or_else(|| MeshError::NoSuchNode(node.to_string()))?;
+        if rec.revoked_at.is_some() {
+            return Err(MeshError::Invalid {
+                field: "node",
+                reason: "revoked".into(),
+            });
+        }
+        let services = rec
+            .services
+            .iter()
+            .filter_map(|s| ServiceName::new(s.as_str()).ok())
+            .collect::<Vec<_>>();
+        let t = now();
+        let leaf = self
+            .ca
+            .sign_node(csr_der, node, &services, t, self.cert_ttl_secs)?;
+        self.store
+            .record_cert(&leaf.serial.to_string(), node.as_str(), leaf.not_after, t)?;
+        tracing::info!(%node, serial = %leaf.serial, "certificate renewed");
+        Ok(leaf.der)
+    }
+
+    /// The current policy and its version.
+    pub fn policy(&self) -> Arc<(u64, Policy)> {
+        self.policy.load_full()
+    }
+
+    /// Checks a policy file without applying it: parse errors or failing tests.
+    pub fn check_policy(source: &str) -> Result<Policy, MeshError> {
+        let p = Policy::parse(source)?;
+        let failures = p.run_tests();
+        if !failures.is_empty() {
+            return Err(MeshError::PolicyTests(failures));
+        }
+        Ok(p)
+    }
+
+    /// Applies a policy file whole, or nothing of it.
+    pub fn apply_policy(&self, source: &str) -> Result<u64, MeshError> {
+        let p = Self::check_policy(source)?;
+        let v = self.store.insert_policy(source, now())?;
+        self.policy.store(Arc::new((v, p)));
+        self.changed()?;
+        tracing::info!(version = v, "policy applied");
+        Ok(v)
+    }
+
+    /// Explains `from -> to` under the current policy (services only).
+    pub fn explain(&self, from: &str, to: &str) -> Result<Explanation, MeshError> {
+        let from = ServiceName::new(from).map_err(|e| MeshError::Invalid {
+            field: "from",
+            reason: e.to_string(),
+        })?;
+        let to = ServiceName::new(to).map_err(|e| MeshError::Invalid {
+            field: "to",
+            reason: e.to_string(),
+        })?;
+        let none = Labels::default();
+        Ok(self.policy().1.explain(
+            Source {
+                service: &from,
+                labels: &none,
+            },
+            Destination {
+                service: &to,
+                labels: &none,
+            },
+        ))
+    }
+
+    /// Revokes a node: its certificates go on the deny list every node receives, and its
+    /// control session is ended.
+    pub fn revoke(&self, name: &str) -> Result<Vec<String>, MeshError> {
+        let serials = self
+            .store
+            .revoke_node(name, now())?
+            .ok_or_else(|| MeshError::NoSuchNode(name.to_string()))?;
+        let td = self.ca.trust_domain.clone();
+        let trust = Trust::new(
+            td,
+            &[self.ca.cert_der.clone()],
+            Self::revoked_list(&*self.store)?,
+        )
+        .map_err(|e| MeshError::Invalid {
+            field: "ca",
+            reason: e.to_string(),
+        })?;
+        self.trust.store(Arc::new(trust));
+        self.changed()?;
+        if let Some(s) = self.sessions.lock().ok().and_then(|mut m| m.remove(name)) {
+            let _ = s.kick.try_send(ControlDown::Goodbye {
+                revoked: true,
+                detail: "node revoked by an administrator".into(),
+            });
+        }
+        tracing::info!(node = name, serials = serials.len(), "node revoked");
+        Ok(serials)
+    }
+
+    /// The whole desired state for `node`.
+    pub fn snapshot_for(&self, node: &NodeName) -> Result<Snapshot, MeshError> {
+        let version = self.store.version()?;
+        let nodes = self.store.nodes()?;
+        let mut labels = Labels::default();
+        let mut peers = Vec::new();
+        for n in &nodes {
+            if n.revoked_at.is_some() {
+                continue;
+            }
+            let l = labels_from(&n.labels)?;
+            if n.name == node.as_str() {
+                labels = l;
+                continue;
+            }
+            let Ok(name) = NodeName::new(n.name.as_str()) else {
+                continue;
+            };
+            peers.push(PeerInfo {
+                node: name,
+                endpoint: n
+                    .endpoint
+                    .as_deref()
+                    .and_then(|e| e.parse::<SocketAddr>().ok()),
+                services: n
+                    .services
+                    .iter()
+                    .filter_map(|s| ServiceName::new(s.as_str()).ok())
+                    .collect(),
+                labels: l,
+            });
+        }
+        let policy = self.policy();
+        Ok(Snapshot {
+            version,
+            node: node.clone(),
+            trust_domain: self.ca.trust_domain.clone(),
+            labels,
+            peers,
+            policy_version: policy.0,
+            policy: policy.1.clone(),
+            revoked: Self::revoked_list(&*self.store)?,
+            ca_bundle: vec![self.ca.cert_der.clone()],
+        })
+    }
+
+    /// Registers a live session (ending an older one for the same node).
+    pub fn register_session(
+        &self,
+        node: &str,
+        conn: quinn::Connection,
+        kick: tokio::sync::mpsc::Sender<ControlDown>,
+    ) -> u64 {
+        let id = self
+            .next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut m) = self.sessions.lock() {
+            if let Some(old) = m.insert(node.to_string(), SessionHandle { id, conn, kick }) {
+                old.conn
+                    .close(quinn::VarInt::from_u32(0), b"replaced by a newer session");
+            }
+        }
+        id
+    }
+
+    /// Removes a session if it is still the registered one.
+    pub fn end_session(&self, node: &str, id: u64) {
+        if let Ok(mut m) = self.sessions.lock() {
+            if m.get(node).is_some_and(|s| s.id == id) {
+                m.remove(node);
+            }
+        }
+    }
+
+    /// True when `node` has a live control session.
+    pub fn online(&self, node: &str) -> bool {
+        self.sessions
+            .lock()
+            .map(|m| m.contains_key(node))
+            .unwrap_or(false)
+    }
+
+    /// The catalog's nodes.
+    pub fn nodes(&self) -> Result<Vec<NodeView>, MeshError> {
+        Ok(self
+            .store
+            .nodes()?
+            .into_iter()
+            .map(|r| NodeView {
+                online: self.online(&r.name),
+                record: r,
+            })
+            .collect())
+    }
+
+    /// Services and their instances (revoked nodes excluded).
+    pub fn services(&self) -> Result<BTreeMap<String, Vec<InstanceView>>, MeshError> {
+        let mut out: BTreeMap<String, Vec<InstanceView>> = BTreeMap::new();
+        for n in self.store.nodes()? {
+            if n.revoked_at.is_some() {
+                continue;
+            }
+            for s in &n.services {
+                out.entry(s.clone()).or_default().push(InstanceView {
+                    node: n.name.clone(),
+                    endpoint: n.endpoint.clone(),
+                    online: self.online(&n.name),
+                    labels: n.labels.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+}

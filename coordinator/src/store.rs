@@ -1,0 +1,582 @@
+//! Persistent coordinator state behind one interface ([`Store`]), with the embedded SQLite
+//! implementation. Everything a restart must keep lives here: settings, join tokens
+//! (hashed), nodes, issued certificates, revocations and every policy version.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("database: stored value for {what} is corrupt: {reason}")]
+    Corrupt { what: String, reason: String },
+}
+
+/// A join token as stored (the secret only as its hash).
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenRecord {
+    pub hash: String,
+    pub node: String,
+    pub services: Vec<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub used_at: Option<i64>,
+}
+
+/// A node in the catalog.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub services: Vec<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub endpoint: Option<String>,
+    pub serial: Option<String>,
+    pub cert_not_after: Option<i64>,
+    pub enrolled_at: i64,
+    pub last_seen: Option<i64>,
+    pub acked_version: u64,
+    pub agent_version: Option<String>,
+    pub revoked_at: Option<i64>,
+}
+
+/// A stored policy version.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyRecord {
+    pub version: u64,
+    pub source: String,
+    pub applied_at: i64,
+}
+
+/// Why a token could not be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenProblem {
+    Unknown,
+    Used,
+    Expired,
+}
+
+/// The coordinator's storage interface. A PostgreSQL backend implements the same.
+pub trait Store: Send + Sync {
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+    fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError>;
+    fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
+    fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Marks the token used and records the enrolled node and its certificate, atomically.
+    /// Fails with the token's problem if it is unknown, used or expired at `now`.
+    fn enroll(
+        &self,
+        hash: &str,
+        node: &NodeRecord,
+        not_after: i64,
+        now: i64,
+    ) -> Result<Result<(), TokenProblem>, StoreError>;
+    fn record_cert(
+        &self,
+        serial: &str,
+        node: &str,
+        not_after: i64,
+        now: i64,
+    ) -> Result<(), StoreError>;
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError>;
+    /// Records what a node said at session start; returns true if peers must learn of it.
+    fn node_hello(
+        &self,
+        name: &str,
+        endpoint: &str,
+        agent: &str,
+        now: i64,
+    ) -> Result<bool, StoreError>;
+    fn node_seen(&self, name: &str, now: i64) -> Result<(), StoreError>;
+    fn node_acked(&self, name: &str, version: u64) -> Result<(), StoreError>;
+    /// Revokes a node and every certificate issued to it; returns the serials.
+    fn revoke_node(&self, name: &str, now: i64) -> Result<Option<Vec<String>>, StoreError>;
+    /// Serials revoked and not yet expired at `now`.
+    fn revoked_serials(&self, now: i64) -> Result<Vec<String>, StoreError>;
+    fn insert_policy(&self, source: &str, now: i64) -> Result<u64, StoreError>;
+    fn latest_policy(&self) -> Result<Option<PolicyRecord>, StoreError>;
+    fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError>;
+    /// Bumps and returns the mesh version (every snapshot carries it).
+    fn bump_version(&self) -> Result<u64, StoreError>;
+    fn version(&self) -> Result<u64, StoreError>;
+}
+
+/// SQLite, in one file in the data dir.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` says how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE tokens (
+    hash TEXT PRIMARY KEY, node TEXT NOT NULL, services TEXT NOT NULL, labels TEXT NOT NULL,
+    created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, used_at INTEGER);
+CREATE TABLE nodes (
+    name TEXT PRIMARY KEY, services TEXT NOT NULL, labels TEXT NOT NULL, endpoint TEXT,
+    serial TEXT, cert_not_after INTEGER, enrolled_at INTEGER NOT NULL, last_seen INTEGER,
+    acked_version INTEGER NOT NULL DEFAULT 0, agent_version TEXT, revoked_at INTEGER);
+CREATE TABLE certs (
+    serial TEXT PRIMARY KEY, node TEXT NOT NULL, not_after INTEGER NOT NULL, issued_at INTEGER NOT NULL);
+CREATE TABLE revocations (
+    serial TEXT PRIMARY KEY, node TEXT NOT NULL, not_after INTEGER NOT NULL, revoked_at INTEGER NOT NULL);
+CREATE TABLE policies (
+    version INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, applied_at INTEGER NOT NULL);
+"#];
+
+fn json_vec(s: String) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(&s).map_err(|e| StoreError::Corrupt {
+        what: "list".into(),
+        reason: e.to_string(),
+    })
+}
+
+fn json_map(s: String) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
+    serde_json::from_str(&s).map_err(|e| StoreError::Corrupt {
+        what: "labels".into(),
+        reason: e.to_string(),
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+const NODE_COLS: &str = "name, services, labels, endpoint, serial, cert_not_after, enrolled_at, last_seen, acked_version, agent_version, revoked_at";
+
+type RawNode = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    i64,
+    Option<i64>,
+    i64,
+    Option<String>,
+    Option<i64>,
+);
+
+fn raw_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+    ))
+}
+
+fn node_from(raw: RawNode) -> Result<NodeRecord, StoreError> {
+    Ok(NodeRecord {
+        name: raw.0,
+        services: json_vec(raw.1)?,
+        labels: json_map(raw.2)?,
+        endpoint: raw.3,
+        serial: raw.4,
+        cert_not_after: raw.5,
+        enrolled_at: raw.6,
+        last_seen: raw.7,
+        acked_version: raw.8.max(0) as u64,
+        agent_version: raw.9,
+        revoked_at: raw.10,
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating) the database at `path`, file mode 0600.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let have: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))?
+            .max(0) as usize;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(have) {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut c)
+    }
+}
+
+impl Store for SqliteStore {
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            Ok(
+                c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                    .optional()?,
+            )
+        })
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, value])?;
+            Ok(())
+        })
+    }
+
+    fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (hash, node, services, labels, created_at, expires_at, used_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
+                params![t.hash, t.node, to_json(&t.services), to_json(&t.labels), t.created_at, t.expires_at],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let raw = self.with(|c| {
+            Ok(c.query_row(
+                "SELECT hash, node, services, labels, created_at, expires_at, used_at FROM tokens WHERE hash = ?1",
+                [hash],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+            )
+            .optional()?)
+        })?;
+        raw.map(
+            |(hash, node, services, labels, created_at, expires_at, used_at)| {
+                Ok(TokenRecord {
+                    hash,
+                    node,
+                    services: json_vec(services)?,
+                    labels: json_map(labels)?,
+                    created_at,
+                    expires_at,
+                    used_at,
+                })
+            },
+        )
+        .transpose()
+    }
+
+    fn enroll(
+        &self,
+        hash: &str,
+        node: &NodeRecord,
+        not_after: i64,
+        now: i64,
+    ) -> Result<Result<(), TokenProblem>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row: Option<(i64, Option<i64>)> = tx
+                .query_row("SELECT expires_at, used_at FROM tokens WHERE hash = ?1", [hash], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            match row {
+                None => return Ok(Err(TokenProblem::Unknown)),
+                Some((_, Some(_))) => return Ok(Err(TokenProblem::Used)),
+                Some((exp, None)) if exp <= now => return Ok(Err(TokenProblem::Expired)),
+                Some(_) => {}
+            }
+            tx.execute("UPDATE tokens SET used_at = ?1 WHERE hash = ?2", params![now, hash])?;
+            tx.execute(
+                "INSERT INTO nodes (name, services, labels, endpoint, serial, cert_not_after, enrolled_at, last_seen, acked_version, agent_version, revoked_at)
+                 VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, NULL, 0, NULL, NULL)
+                 ON CONFLICT(name) DO UPDATE SET services = excluded.services, labels = excluded.labels, serial = excluded.serial,
+                   cert_not_after = excluded.cert_not_after, enrolled_at = excluded.enrolled_at, revoked_at = NULL, acked_version = 0",
+                params![node.name, to_json(&node.services), to_json(&node.labels), node.serial, not_after, now],
+            )?;
+            if let Some(serial) = &node.serial {
+                tx.execute(
+                    "INSERT OR REPLACE INTO certs (serial, node, not_after, issued_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![serial, node.name, not_after, now],
+                )?;
+            }
+            tx.commit()?;
+            Ok(Ok(()))
+        })
+    }
+
+    fn record_cert(
+        &self,
+        serial: &str,
+        node: &str,
+        not_after: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute("INSERT OR REPLACE INTO certs (serial, node, not_after, issued_at) VALUES (?1, ?2, ?3, ?4)", params![serial, node, not_after, now])?;
+            tx.execute("UPDATE nodes SET serial = ?1, cert_not_after = ?2 WHERE name = ?3", params![serial, not_after, node])?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let raws = self.with(|c| {
+            let mut st = c.prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name"))?;
+            let rows = st.query_map([], raw_node)?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })?;
+        raws.into_iter().map(node_from).collect()
+    }
+
+    fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let raw = self.with(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {NODE_COLS} FROM nodes WHERE name = ?1"),
+                [name],
+                raw_node,
+            )
+            .optional()?)
+        })?;
+        raw.map(node_from).transpose()
+    }
+
+    fn node_hello(
+        &self,
+        name: &str,
+        endpoint: &str,
+        agent: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let old: Option<Option<String>> = c.query_row("SELECT endpoint FROM nodes WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+            c.execute("UPDATE nodes SET endpoint = ?1, agent_version = ?2, last_seen = ?3 WHERE name = ?4", params![endpoint, agent, now, name])?;
+            Ok(old.flatten().as_deref() != Some(endpoint))
+        })
+    }
+
+    fn node_seen(&self, name: &str, now: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE nodes SET last_seen = ?1 WHERE name = ?2",
+                params![now, name],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn node_acked(&self, name: &str, version: u64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE nodes SET acked_version = ?1 WHERE name = ?2",
+                params![version as i64, name],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn revoke_node(&self, name: &str, now: i64) -> Result<Option<Vec<String>>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute("UPDATE nodes SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL", params![now, name])?;
+            if n == 0 {
+                let exists: Option<String> = tx.query_row("SELECT name FROM nodes WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+                return Ok(exists.map(|_| Vec::new()));
+            }
+            let serials: Vec<(String, i64)> = {
+                let mut st = tx.prepare("SELECT serial, not_after FROM certs WHERE node = ?1")?;
+                let rows = st.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
+                rows
+            };
+            for (s, na) in &serials {
+                tx.execute("INSERT OR IGNORE INTO revocations (serial, node, not_after, revoked_at) VALUES (?1, ?2, ?3, ?4)", params![s, name, na, now])?;
+            }
+            tx.commit()?;
+            Ok(Some(serials.into_iter().map(|(s, _)| s).collect()))
+        })
+    }
+
+    fn revoked_serials(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT serial FROM revocations WHERE not_after > ?1 ORDER BY serial")?;
+            let rows = st
+                .query_map([now], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn insert_policy(&self, source: &str, now: i64) -> Result<u64, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO policies (source, applied_at) VALUES (?1, ?2)",
+                params![source, now],
+            )?;
+            Ok(c.last_insert_rowid().max(0) as u64)
+        })
+    }
+
+    fn latest_policy(&self) -> Result<Option<PolicyRecord>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT version, source, applied_at FROM policies ORDER BY version DESC LIMIT 1",
+                [],
+                |r| {
+                    Ok(PolicyRecord {
+                        version: r.get::<_, i64>(0)?.max(0) as u64,
+                        source: r.get(1)?,
+                        applied_at: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+        })
+    }
+
+    fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT version, source, applied_at FROM policies ORDER BY version")?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok(PolicyRecord {
+                        version: r.get::<_, i64>(0)?.max(0) as u64,
+                        source: r.get(1)?,
+                        applied_at: r.get(2)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn bump_version(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let v: Option<String> = tx.query_row("SELECT value FROM meta WHERE key = 'mesh_version'", [], |r| r.get(0)).optional()?;
+            let next = v.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0) + 1;
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('mesh_version', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [next.to_string()],
+            )?;
+            tx.commit()?;
+            Ok(next)
+        })
+    }
+
+    fn version(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .meta("mesh_version")?
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            services: vec!["web".into()],
+            labels: Default::default(),
+            endpoint: None,
+            serial: Some("01".into()),
+            cert_not_after: None,
+            enrolled_at: 0,
+            last_seen: None,
+            acked_version: 0,
+            agent_version: None,
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn tokens_are_single_use_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let t = TokenRecord {
+            hash: "h".into(),
+            node: "a".into(),
+            services: vec![],
+            labels: Default::default(),
+            created_at: 0,
+            expires_at: 100,
+            used_at: None,
+        };
+        s.insert_token(&t).unwrap();
+        s.insert_token(&TokenRecord {
+            hash: "old".into(),
+            expires_at: 10,
+            ..t.clone()
+        })
+        .unwrap();
+        assert_eq!(
+            s.enroll("nope", &node("a"), 500, 50).unwrap(),
+            Err(TokenProblem::Unknown)
+        );
+        assert_eq!(
+            s.enroll("old", &node("a"), 500, 50).unwrap(),
+            Err(TokenProblem::Expired)
+        );
+        assert_eq!(s.enroll("h", &node("a"), 500, 50).unwrap(), Ok(()));
+        assert_eq!(
+            s.enroll("h", &node("a"), 500, 51).unwrap(),
+            Err(TokenProblem::Used)
+        );
+        assert_eq!(s.nodes().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn state_survives_reopen_and_revocation_lists_serials() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.insert_token(&TokenRecord {
+                hash: "h".into(),
+                node: "a".into(),
+                services: vec![],
+                labels: Default::default(),
+                created_at: 0,
+                expires_at: 100,
+                used_at: None,
+            })
+            .unwrap();
+            s.enroll("h", &node("a"), 500, 1).unwrap().unwrap();
+            s.insert_policy("default = \"deny\"", 1).unwrap();
+            assert_eq!(s.bump_version().unwrap(), 1);
+            assert_eq!(s.revoke_node("a", 2).unwrap(), Some(vec!["01".to_string()]));
+            assert_eq!(s.revoke_node("zz", 2).unwrap(), None);
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.version().unwrap(), 1);
+        assert_eq!(s.latest_policy().unwrap().unwrap().version, 1);
+        assert_eq!(s.revoked_serials(3).unwrap(), vec!["01".to_string()]);
+        assert!(s.revoked_serials(600).unwrap().is_empty());
+        assert!(s.node("a").unwrap().unwrap().revoked_at.is_some());
+    }
+}
