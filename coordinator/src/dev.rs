@@ -70,14 +70,29 @@ pub fn free_port() -> std::io::Result<u16> {
 pub async fn request(addr: SocketAddr, line: &str) -> anyhow::Result<Option<String>> {
     let s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
     let (r, mut w) = s.into_split();
-    w.write_all(format!("{line}\n").as_bytes()).await?;
+    match w.write_all(format!("{line}\n").as_bytes()).await {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            return Ok(None)
+        }
+        r => r?,
+    }
     let mut reply = String::new();
-    let n = tokio::time::timeout(
+    // A refused flow is closed by the mesh: end of stream or a reset, never a reply.
+    match tokio::time::timeout(
         Duration::from_secs(10),
         BufReader::new(r).read_line(&mut reply),
     )
-    .await??;
-    Ok((n > 0).then(|| reply.trim_end().to_string()))
+    .await?
+    {
+        Ok(n) => Ok((n > 0).then(|| reply.trim_end().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
