@@ -91,33 +91,14 @@ async fn egress(
                 return;
             }
         }
-        let conn = match tunnel::connection(&node, peer).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "instance unreachable, trying the next");
-                continue;
-            }
-        };
-        let (mut send, mut recv) = match conn.open_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, peer = %peer.node, "could not open stream, trying the next");
-                continue;
-            }
-        };
         let header = StreamHeader {
             src_service: up.source.clone(),
             dst_service: up.service.clone(),
             flow_id: id,
         };
-        if write_frame(&mut send, &header).await.is_err() {
-            continue;
-        }
-        let reply =
-            tokio::time::timeout(REPLY_TIMEOUT, read_frame::<StreamReply, _>(&mut recv)).await;
-        match reply {
-            Ok(Ok(Some(StreamReply::Accept))) => {}
-            Ok(Ok(Some(StreamReply::Reject { code, rule }))) => {
+        let (conn, send, recv) = match open_stream(&node, peer, &header).await {
+            Ok(x) => x,
+            Err(Attempt::Rejected(code, rule)) => {
                 node.metrics.egress_rejected(code.as_str(), src, dst);
                 tracing::info!(peer = %peer.node, reason = code.as_str(), rule = rule.as_deref().unwrap_or("-"), "rejected by peer ingress");
                 if code == RejectCode::ServiceUnavailable {
@@ -125,11 +106,11 @@ async fn egress(
                 }
                 return;
             }
-            other => {
-                tracing::warn!(peer = %peer.node, result = ?other.map(|r| r.map(|_| ())), "no answer from peer ingress, trying the next");
+            Err(Attempt::Failed(e)) => {
+                tracing::warn!(peer = %peer.node, error = %e, "instance unreachable, trying the next");
                 continue;
             }
-        }
+        };
         node.metrics.egress_accepted(src, dst);
         let _ = tcp.set_nodelay(true);
         let (_guard, kill) = node.flows.register(
@@ -161,6 +142,51 @@ async fn egress(
     }
     node.metrics.egress_rejected("unreachable", src, dst);
     tracing::warn!("no instance reachable");
+}
+
+enum Attempt {
+    Rejected(RejectCode, Option<String>),
+    Failed(String),
+}
+
+/// Opens a stream to `peer`, sends the header and waits for the ingress's answer. A cached
+/// tunnel that fails is forgotten and the peer dialled afresh once.
+async fn open_stream(
+    node: &Arc<Node>,
+    peer: &quicmesh_protocol::wire::PeerInfo,
+    header: &StreamHeader,
+) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), Attempt> {
+    for _ in 0..2 {
+        let (conn, fresh) = tunnel::connection(node, peer)
+            .await
+            .map_err(|e| Attempt::Failed(e.to_string()))?;
+        let result = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_frame(&mut send, header)
+                .await
+                .map_err(|e| e.to_string())?;
+            match tokio::time::timeout(REPLY_TIMEOUT, read_frame::<StreamReply, _>(&mut recv)).await
+            {
+                Ok(Ok(Some(reply))) => Ok((send, recv, reply)),
+                Ok(Ok(None)) => Err("stream closed before an answer".to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no answer in time".to_string()),
+            }
+        }
+        .await;
+        match result {
+            Ok((send, recv, StreamReply::Accept)) => return Ok((conn, send, recv)),
+            Ok((_, _, StreamReply::Reject { code, rule })) => {
+                return Err(Attempt::Rejected(code, rule))
+            }
+            Err(e) if fresh => return Err(Attempt::Failed(e)),
+            Err(e) => {
+                tracing::info!(peer = %peer.node, error = %e, "cached tunnel failed; dialling afresh");
+                tunnel::forget(node, &peer.node, &conn);
+            }
+        }
+    }
+    Err(Attempt::Failed("tunnel failed twice".into()))
 }
 
 fn tunnel_serial(node: &Node, conn: &quinn::Connection) -> Option<quicmesh_protocol::cert::Serial> {

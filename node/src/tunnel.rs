@@ -46,7 +46,10 @@ pub fn peer_client_config(node: &Arc<Node>) -> Result<quinn::ClientConfig, tls::
 }
 
 /// Returns the live tunnel to `peer`, dialling it if there is none.
-pub async fn connection(node: &Arc<Node>, peer: &PeerInfo) -> Result<quinn::Connection, DialError> {
+pub async fn connection(
+    node: &Arc<Node>,
+    peer: &PeerInfo,
+) -> Result<(quinn::Connection, bool), DialError> {
     if let Some(c) = node
         .conns
         .lock()
@@ -54,7 +57,7 @@ pub async fn connection(node: &Arc<Node>, peer: &PeerInfo) -> Result<quinn::Conn
         .and_then(|m| m.get(&peer.node).cloned())
     {
         if c.close_reason().is_none() {
-            return Ok(c);
+            return Ok((c, false));
         }
     }
     let addr = peer
@@ -81,7 +84,21 @@ pub async fn connection(node: &Arc<Node>, peer: &PeerInfo) -> Result<quinn::Conn
     let c = conn.clone();
     let name = peer.node.clone();
     tokio::spawn(async move { serve_connection(n, c, name).await });
-    Ok(conn)
+    Ok((conn, true))
+}
+
+/// Drops a cached tunnel that turned out dead (e.g. the peer restarted), so the next
+/// flow dials afresh instead of waiting for the idle timeout.
+pub fn forget(node: &Node, peer: &NodeName, conn: &quinn::Connection) {
+    conn.close(quinn::VarInt::from_u32(3), b"stale");
+    if let Ok(mut m) = node.conns.lock() {
+        if m.get(peer)
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            m.remove(peer);
+        }
+        node.metrics.set_peers_connected(m.len());
+    }
 }
 
 /// Accepts peer tunnels until the endpoint closes.

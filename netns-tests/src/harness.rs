@@ -1,0 +1,512 @@
+//! Real binaries as processes: build once, give each process a data dir and a log file,
+//! start, SIGKILL, restart, and ask it things (CLI, admin socket, metrics).
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::net::{free_tcp_port, free_udp_port, scrape};
+
+/// Paths of the built binaries.
+#[derive(Debug)]
+pub struct Bins {
+    pub coordinator: PathBuf,
+    pub node: PathBuf,
+}
+
+impl Bins {
+    /// Builds both binaries (once per test process) with the test's own profile and
+    /// returns their paths, so tests never run a stale binary.
+    pub fn get() -> &'static Bins {
+        static BINS: OnceLock<Bins> = OnceLock::new();
+        BINS.get_or_init(|| {
+            let exe = std::env::current_exe().unwrap_or_default();
+            // target/<profile>/deps/<test> -> target/<profile>
+            let dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            // Cargo gives a test process package-specific variables; passed on, they make
+            // build scripts (ring's) look dirty and rebuild half the tree.
+            for (k, _) in std::env::vars_os() {
+                let k = k.to_string_lossy().to_string();
+                let keep = ["CARGO_HOME", "CARGO_TARGET_DIR"].contains(&k.as_str())
+                    || k.starts_with("CARGO_BUILD_")
+                    || k.starts_with("CARGO_PROFILE_")
+                    || k.starts_with("CARGO_REGISTRIES_")
+                    || k.starts_with("CARGO_NET_")
+                    || k.starts_with("CARGO_HTTP_");
+                if (k.starts_with("CARGO_") && !keep) || k == "OUT_DIR" || k.starts_with("__CARGO")
+                {
+                    cmd.env_remove(&k);
+                }
+            }
+            cmd.args([
+                "build",
+                "--quiet",
+                "-p",
+                "quicmesh-coordinator",
+                "-p",
+                "quicmesh-node",
+                "--bins",
+            ]);
+            if dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let t = Instant::now();
+            let status = cmd.status();
+            eprintln!("harness: built the quicmesh binaries in {:?}", t.elapsed());
+            assert!(
+                status.as_ref().is_ok_and(|s| s.success()),
+                "building the quicmesh binaries failed: {status:?}"
+            );
+            Bins {
+                coordinator: dir.join("quicmesh-coordinator"),
+                node: dir.join("quicmesh-node"),
+            }
+        })
+    }
+}
+
+/// The patience factor for timeouts (`QUICMESH_TEST_PATIENCE`, default 1).
+pub fn patience() -> f64 {
+    std::env::var("QUICMESH_TEST_PATIENCE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0)
+}
+
+/// Polls `f` until it returns `Ok`, for at most `within` (times the patience factor).
+/// Returns how long it took; panics with the last error otherwise.
+pub fn assert_eventually<T>(
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> anyhow::Result<T>,
+) -> (T, Duration) {
+    let start = Instant::now();
+    let deadline = within.mul_f64(patience());
+    loop {
+        match f() {
+            Ok(v) => return (v, start.elapsed()),
+            Err(e) if start.elapsed() > deadline => {
+                panic!("{what}: not true within {deadline:?}: {e:#}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// A test's working dir: every process's data dir and log lives under it. Kept (and
+/// printed) when the test fails.
+#[derive(Debug)]
+pub struct Mesh {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl Mesh {
+    /// A fresh working dir named after the test.
+    pub fn new(test: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("quicmesh-{test}-"))
+            .tempdir()
+            .unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let path = dir.path().to_path_buf();
+        Self {
+            dir: Some(dir),
+            path,
+        }
+    }
+
+    /// The working dir.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(d) = self.dir.take() {
+                let kept = d.keep();
+                eprintln!("test failed: logs and data dirs kept in {}", kept.display());
+            }
+        }
+    }
+}
+
+fn spawn_logged(
+    bin: &Path,
+    args: &[&str],
+    log: &Path,
+    envs: &[(&str, &str)],
+) -> anyhow::Result<Child> {
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| log.display().to_string())?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env("QUICMESH_LOG", "info,quinn=warn");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .with_context(|| format!("spawn {}", bin.display()))
+}
+
+fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        // SIGKILL by PID of a process this harness started.
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// A `quicmesh-coordinator serve` process.
+#[derive(Debug)]
+pub struct CoordinatorProc {
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub control_port: u16,
+    pub http_port: u16,
+    pub admin_token: String,
+    pub cert_ttl: String,
+    child: Option<Child>,
+}
+
+impl CoordinatorProc {
+    /// Runs `init` in `<mesh>/coordinator` and starts `serve`.
+    pub fn start(mesh: &Mesh, cert_ttl: &str) -> anyhow::Result<Self> {
+        let data_dir = mesh.path().join("coordinator");
+        let log = mesh.path().join("coordinator.log");
+        let bins = Bins::get();
+        let out = Command::new(&bins.coordinator)
+            .args(["init", "--data-dir"])
+            .arg(&data_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let admin_token = fs::read_to_string(data_dir.join("admin.token"))?
+            .trim()
+            .to_string();
+        let mut c = Self {
+            data_dir,
+            log,
+            control_port: free_udp_port(),
+            http_port: free_tcp_port(),
+            admin_token,
+            cert_ttl: cert_ttl.to_string(),
+            child: None,
+        };
+        c.restart()?;
+        Ok(c)
+    }
+
+    /// The control address nodes dial.
+    pub fn control_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.control_port))
+    }
+
+    /// Starts `serve` again from the same data dir and ports; waits for the API.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        kill_child(&mut self.child);
+        let listen = format!("127.0.0.1:{}", self.control_port);
+        let http = format!("127.0.0.1:{}", self.http_port);
+        let dd = self.data_dir.display().to_string();
+        self.child = Some(spawn_logged(
+            &Bins::get().coordinator,
+            &[
+                "serve",
+                "--data-dir",
+                &dd,
+                "--listen",
+                &listen,
+                "--http",
+                &http,
+                "--cert-ttl",
+                &self.cert_ttl,
+            ],
+            &self.log,
+            &[],
+        )?);
+        assert_eventually("coordinator api up", Duration::from_secs(15), || {
+            self.json(&["nodes", "list"]).map(|_| ())
+        });
+        Ok(())
+    }
+
+    /// SIGKILLs the coordinator.
+    pub fn kill(&mut self) {
+        kill_child(&mut self.child);
+    }
+
+    /// Runs an admin CLI command against this coordinator.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(Command::new(&Bins::get().coordinator)
+            .args(["--api", &format!("http://127.0.0.1:{}", self.http_port)])
+            .args(args)
+            .env("QUICMESH_ADMIN_TOKEN", &self.admin_token)
+            .output()?)
+    }
+
+    /// Runs an admin command with `--json` and parses its output.
+    pub fn json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.cli(&a)?;
+        if !out.status.success() {
+            bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// `token create` for a node and its services; returns the token line.
+    pub fn token(&self, node: &str, services: &[&str], ttl: &str) -> anyhow::Result<String> {
+        let mut a = vec!["token", "create", "--node", node, "--ttl", ttl];
+        for s in services {
+            a.extend_from_slice(&["--service", s]);
+        }
+        let out = self.cli(&a)?;
+        if !out.status.success() {
+            bail!(
+                "token create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    /// Applies a policy file given as text; returns the CLI output.
+    pub fn apply_policy(&self, mesh: &Mesh, text: &str) -> anyhow::Result<Output> {
+        let p = mesh
+            .path()
+            .join(format!("policy-{}.toml", rand::random::<u32>()));
+        fs::write(&p, text)?;
+        self.cli(&["policy", "apply", &p.display().to_string()])
+    }
+}
+
+impl Drop for CoordinatorProc {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+/// What a node offers and consumes.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSpec {
+    pub name: String,
+    /// (service, local address)
+    pub services: Vec<(String, SocketAddr)>,
+    /// Mesh services consumed: one upstream listener each, on a free loopback port.
+    pub upstreams: Vec<String>,
+    pub check_egress: bool,
+}
+
+impl NodeSpec {
+    /// A node named `name` with egress checks on (the default).
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            check_egress: true,
+            ..Default::default()
+        }
+    }
+    /// Adds a hosted service.
+    pub fn service(mut self, name: &str, addr: SocketAddr) -> Self {
+        self.services.push((name.into(), addr));
+        self
+    }
+    /// Adds an upstream.
+    pub fn upstream(mut self, service: &str) -> Self {
+        self.upstreams.push(service.into());
+        self
+    }
+    /// Turns the sender-side policy check off (ingress stays authoritative).
+    pub fn no_egress_check(mut self) -> Self {
+        self.check_egress = false;
+        self
+    }
+}
+
+/// A `quicmesh-node run` process.
+#[derive(Debug)]
+pub struct NodeProc {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub metrics_port: u16,
+    /// service -> local upstream port
+    pub upstreams: Vec<(String, u16)>,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    /// Writes the node's config (with `token`) under the mesh dir; does not start it.
+    pub fn configure(
+        mesh: &Mesh,
+        coord: &CoordinatorProc,
+        spec: &NodeSpec,
+        token: &str,
+    ) -> anyhow::Result<Self> {
+        let data_dir = mesh.path().join(&spec.name);
+        let config = mesh.path().join(format!("{}.toml", spec.name));
+        let metrics_port = free_tcp_port();
+        // A fixed tunnel port, as in production: peers keep dialling it across restarts.
+        let listen_port = free_udp_port();
+        let upstreams: Vec<(String, u16)> = spec
+            .upstreams
+            .iter()
+            .map(|s| (s.clone(), free_tcp_port()))
+            .collect();
+        let mut t = format!(
+            "name = \"{}\"\ncoordinator = \"{}\"\njoin_token = \"{token}\"\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:{listen_port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\nstatus_interval = \"1s\"\n\n[policy]\ncheck_egress = {}\n",
+            spec.name,
+            coord.control_addr(),
+            data_dir.display(),
+            spec.check_egress
+        );
+        for (s, a) in &spec.services {
+            t.push_str(&format!(
+                "\n[[service]]\nname = \"{s}\"\naddress = \"{a}\"\n"
+            ));
+        }
+        for (s, p) in &upstreams {
+            t.push_str(&format!(
+                "\n[[upstream]]\nservice = \"{s}\"\nbind = \"127.0.0.1:{p}\"\n"
+            ));
+        }
+        fs::write(&config, t)?;
+        Ok(Self {
+            name: spec.name.clone(),
+            data_dir,
+            config,
+            log: mesh.path().join(format!("{}.log", spec.name)),
+            metrics_port,
+            upstreams,
+            child: None,
+        })
+    }
+
+    /// Configures and starts a node, waiting until it serves.
+    pub fn start(mesh: &Mesh, coord: &CoordinatorProc, spec: &NodeSpec) -> anyhow::Result<Self> {
+        let services: Vec<&str> = spec.services.iter().map(|(s, _)| s.as_str()).collect();
+        let token = coord.token(&spec.name, &services, "10m")?;
+        let mut n = Self::configure(mesh, coord, spec, &token)?;
+        n.restart()?;
+        Ok(n)
+    }
+
+    /// Runs the node to completion (for enrollment that must fail) and returns its output.
+    pub fn run_to_exit(&self, within: Duration) -> anyhow::Result<Output> {
+        let mut child = Command::new(&Bins::get().node)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let start = Instant::now();
+        loop {
+            if child.try_wait()?.is_some() {
+                return Ok(child.wait_with_output()?);
+            }
+            if start.elapsed() > within {
+                let _ = child.kill();
+                let out = child.wait_with_output()?;
+                bail!(
+                    "node kept running: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// (Re)starts the node from its data dir and waits until its admin socket answers.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        kill_child(&mut self.child);
+        let cfg = self.config.display().to_string();
+        self.child = Some(spawn_logged(
+            &Bins::get().node,
+            &["run", "--config", &cfg],
+            &self.log,
+            &[],
+        )?);
+        let child = &mut self.child;
+        assert_eventually(
+            &format!("node {} serving", self.name),
+            Duration::from_secs(15),
+            || {
+                if let Some(c) = child.as_mut() {
+                    if let Some(status) = c.try_wait()? {
+                        bail!("node exited: {status}");
+                    }
+                }
+                let out = Command::new(&Bins::get().node)
+                    .args(["status", "--json", "--config"])
+                    .arg(&self.config)
+                    .output()?;
+                if !out.status.success() {
+                    bail!("status: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                Ok(())
+            },
+        );
+        Ok(())
+    }
+
+    /// SIGKILLs the node.
+    pub fn kill(&mut self) {
+        kill_child(&mut self.child);
+    }
+
+    /// The node's `status --json`.
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(&Bins::get().node)
+            .args(["status", "--json", "--config"])
+            .arg(&self.config)
+            .output()?;
+        if !out.status.success() {
+            bail!("status: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// The node's Prometheus metrics.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        Ok(scrape(self.metrics_port)?)
+    }
+
+    /// The local address of the upstream for `service`.
+    pub fn upstream(&self, service: &str) -> SocketAddr {
+        let port = self
+            .upstreams
+            .iter()
+            .find(|(s, _)| s == service)
+            .map(|(_, p)| *p)
+            .unwrap_or(0);
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}

@@ -1,0 +1,149 @@
+//! Loopback tools: free ports, echo services, bulk transfers with digests, metrics scraping.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// A loopback UDP port that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// A TCP echo service on loopback (threads; runs until the process exits).
+pub fn echo_server() -> std::io::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = s;
+                let Ok(mut w) = r.try_clone() else { return };
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Sends `len` pseudo-random bytes through an echo path at `addr` and reads them back.
+/// Returns (sha256 sent, sha256 received, bytes received).
+pub fn echo_transfer(addr: SocketAddr, len: usize) -> std::io::Result<(String, String, usize)> {
+    let s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut w = s.try_clone()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<String> {
+        let mut h = Sha256::new();
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len());
+            for b in buf[..n].iter_mut() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *b = state as u8;
+            }
+            w.write_all(&buf[..n])?;
+            h.update(&buf[..n]);
+            left -= n;
+        }
+        w.shutdown(std::net::Shutdown::Write)?;
+        Ok(hex(&h.finalize()))
+    });
+    let mut r = s;
+    let mut h = Sha256::new();
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        got += n;
+    }
+    let sent = writer
+        .join()
+        .map_err(|_| std::io::Error::other("writer panicked"))??;
+    Ok((sent, hex(&h.finalize()), got))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A long-lived echo flow: send a line, expect it back.
+#[derive(Debug)]
+pub struct LiveFlow {
+    stream: TcpStream,
+}
+
+impl LiveFlow {
+    /// Opens a flow to `addr` and checks one round trip.
+    pub fn open(addr: SocketAddr) -> std::io::Result<Self> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut f = Self { stream };
+        f.ping()?;
+        Ok(f)
+    }
+
+    /// One round trip of 16 bytes.
+    pub fn ping(&mut self) -> std::io::Result<()> {
+        let msg = *b"quicmesh-ping-16";
+        self.stream.write_all(&msg)?;
+        let mut back = [0u8; 16];
+        self.stream.read_exact(&mut back)?;
+        if back != msg {
+            return Err(std::io::Error::other("echo mismatch"));
+        }
+        Ok(())
+    }
+}
+
+/// Fetches Prometheus text from a loopback metrics port.
+pub fn scrape(port: u16) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+/// Sums a metric's samples whose labels contain every `key="value"` in `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            if n != name {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}

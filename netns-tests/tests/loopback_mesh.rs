@@ -1,0 +1,507 @@
+//! The core mesh end to end on loopback: a real coordinator and real nodes as separate
+//! processes, the demo policy (web -> db allowed, everything else denied).
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure};
+use quicmesh_netns_tests::net::{echo_server, echo_transfer, metric, LiveFlow};
+use quicmesh_netns_tests::{assert_eventually, CoordinatorProc, Mesh, NodeProc, NodeSpec};
+
+const DEMO_POLICY: &str = r#"
+default = "deny"
+[[rule]]
+from = "web"
+to = "db"
+action = "allow"
+[[test]]
+from = "web"
+to = "db"
+expect = "allow"
+[[test]]
+from = "web"
+to = "payments"
+expect = "deny"
+"#;
+
+const NO_WEB_DB: &str = r#"
+default = "deny"
+[[test]]
+from = "web"
+to = "db"
+expect = "deny"
+"#;
+
+struct Demo {
+    mesh: Mesh,
+    coord: CoordinatorProc,
+    web: NodeProc,
+    db: NodeProc,
+    payments: NodeProc,
+}
+
+/// Coordinator + web-1 (no egress check, so ingress decides), db-1, payments-1.
+fn demo(test: &str) -> Demo {
+    let mesh = Mesh::new(test);
+    let coord = CoordinatorProc::start(&mesh, "1h").unwrap();
+    let out = coord.apply_policy(&mesh, DEMO_POLICY).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let db = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("db-1").service("db", echo_server().unwrap()),
+    )
+    .unwrap();
+    let payments = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("payments-1").service("payments", echo_server().unwrap()),
+    )
+    .unwrap();
+    let web = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("web-1")
+            .service("web", echo_server().unwrap())
+            .upstream("db")
+            .upstream("payments")
+            .no_egress_check(),
+    )
+    .unwrap();
+    let d = Demo {
+        mesh,
+        coord,
+        web,
+        db,
+        payments,
+    };
+    wait_all_acked(&d.coord, 3);
+    d
+}
+
+/// Waits until `n` nodes are online and have acked the current mesh version.
+fn wait_all_acked(coord: &CoordinatorProc, n: usize) {
+    assert_eventually(
+        "every node acks the latest snapshot",
+        Duration::from_secs(15),
+        || {
+            let v = coord.json(&["nodes", "list"])?;
+            let version = v["mesh_version"].as_u64().unwrap_or(0);
+            let nodes: Vec<_> = v["nodes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|n| n["revoked_at"].is_null())
+                .collect();
+            ensure!(nodes.len() == n, "{} nodes", nodes.len());
+            for node in &nodes {
+                ensure!(node["online"] == true, "{} offline", node["name"]);
+                ensure!(
+                    node["acked_version"].as_u64() == Some(version),
+                    "{} acked {} of {version}",
+                    node["name"],
+                    node["acked_version"]
+                );
+            }
+            Ok(())
+        },
+    );
+}
+
+fn rejected(node: &NodeProc, reason: &str) -> f64 {
+    node.metrics()
+        .map(|m| metric(&m, "quicmesh_ingress_rejected_total", &[("reason", reason)]))
+        .unwrap_or(-1.0)
+}
+
+fn refused(node: &NodeProc, reason: &str) -> f64 {
+    node.metrics()
+        .map(|m| {
+            metric(
+                &m,
+                "quicmesh_handshake_refused_total",
+                &[("reason", reason)],
+            )
+        })
+        .unwrap_or(-1.0)
+}
+
+fn closed(node: &NodeProc, reason: &str) -> f64 {
+    node.metrics()
+        .map(|m| metric(&m, "quicmesh_flows_closed_total", &[("reason", reason)]))
+        .unwrap_or(-1.0)
+}
+
+/// A refused flow: the upstream accepts, then closes without a byte of answer.
+fn assert_refused(addr: std::net::SocketAddr) {
+    match LiveFlow::open(addr) {
+        Ok(_) => panic!("flow to {addr} was expected to be refused but answered"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+            ),
+            "unexpected error kind for a refused flow: {e:?}"
+        ),
+    }
+}
+
+#[test]
+fn allowed_flow_carries_10mib_both_ways_and_denied_flow_is_refused_at_ingress() {
+    let t = std::time::Instant::now();
+    let d = demo("allow-deny");
+    eprintln!("mesh up in {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let (sent, got, n) = echo_transfer(d.web.upstream("db"), 10 << 20).unwrap();
+    eprintln!("10 MiB echoed in {:?}", t.elapsed());
+    assert_eq!(n, 10 << 20, "all bytes came back");
+    assert_eq!(sent, got, "sha256 of what came back equals what was sent");
+    let m = d.db.metrics().unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_ingress_accepted_total",
+            &[("src_service", "web"), ("dst_service", "db")]
+        ),
+        1.0
+    );
+
+    // Denied twin: web -> payments, decided at payments-1's ingress by the default rule.
+    let before = rejected(&d.payments, "policy_denied");
+    assert_eq!(before, 0.0);
+    assert_refused(d.web.upstream("payments"));
+    assert_eventually(
+        "payments-1 counts the policy denial",
+        Duration::from_secs(5),
+        || {
+            let m = d.payments.metrics()?;
+            let n = metric(
+                &m,
+                "quicmesh_ingress_rejected_total",
+                &[
+                    ("reason", "policy_denied"),
+                    ("src_service", "web"),
+                    ("dst_service", "payments"),
+                ],
+            );
+            ensure!(n == 1.0, "policy_denied = {n}");
+            Ok(())
+        },
+    );
+    let m = d.web.metrics().unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_egress_rejected_total",
+            &[("reason", "policy_denied")]
+        ),
+        1.0,
+        "web-1 saw the peer's reject"
+    );
+    let status = d.payments.status().unwrap();
+    assert_eq!(status["counters"]["ingress_rejected/policy_denied"], 1);
+}
+
+#[test]
+fn sender_side_check_fails_fast_without_reaching_the_peer() {
+    let d = demo("egress-check");
+    // web-2 checks policy before dialling (the default): the denial never reaches payments.
+    let web2 = NodeProc::start(
+        &d.mesh,
+        &d.coord,
+        &NodeSpec::new("web-2")
+            .service("web", echo_server().unwrap())
+            .upstream("payments")
+            .upstream("db"),
+    )
+    .unwrap();
+    wait_all_acked(&d.coord, 4);
+    assert_refused(web2.upstream("payments"));
+    let m = web2.metrics().unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_egress_rejected_total",
+            &[("reason", "policy_denied"), ("dst_service", "payments")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        rejected(&d.payments, "policy_denied"),
+        0.0,
+        "payments-1 never saw the flow"
+    );
+    // Allowed twin through the same node.
+    LiveFlow::open(web2.upstream("db")).unwrap();
+}
+
+#[test]
+fn enrollment_refuses_reused_expired_and_foreign_name_tokens() {
+    let d = demo("enroll");
+    let spec = NodeSpec::new("web-9").service("web", echo_server().unwrap());
+
+    // Reused: web-7 enrolls with its token; a second enrollment with it is refused.
+    let reuse2 = {
+        let mesh2 = &d.mesh;
+        let t = d.coord.token("web-7", &["web"], "10m").unwrap();
+        let first = NodeProc::configure(
+            mesh2,
+            &d.coord,
+            &NodeSpec {
+                name: "web-7".into(),
+                ..spec.clone()
+            },
+            &t,
+        )
+        .unwrap();
+        let mut first = first;
+        first.restart().unwrap();
+        first.kill();
+        // A second node with a new data dir presents the same token again.
+        let again = NodeProc::configure(
+            mesh2,
+            &d.coord,
+            &NodeSpec {
+                name: "web-7".into(),
+                ..spec.clone()
+            },
+            &t,
+        )
+        .unwrap();
+        std::fs::remove_dir_all(&again.data_dir).unwrap();
+        again.run_to_exit(Duration::from_secs(20)).unwrap()
+    };
+    let err = String::from_utf8_lossy(&reuse2.stderr);
+    assert_eq!(reuse2.status.code(), Some(77), "{err}");
+    assert!(
+        err.contains("enrollment refused: token already used"),
+        "{err}"
+    );
+
+    // Expired.
+    let t = d.coord.token("web-8", &["web"], "1s").unwrap();
+    std::thread::sleep(Duration::from_millis(2100));
+    let n = NodeProc::configure(
+        &d.mesh,
+        &d.coord,
+        &NodeSpec {
+            name: "web-8".into(),
+            ..spec.clone()
+        },
+        &t,
+    )
+    .unwrap();
+    let out = n.run_to_exit(Duration::from_secs(20)).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(err.contains("enrollment refused: token expired"), "{err}");
+
+    // Another node's name.
+    let t = d.coord.token("db-9", &["web"], "10m").unwrap();
+    let n = NodeProc::configure(&d.mesh, &d.coord, &spec, &t).unwrap();
+    let out = n.run_to_exit(Duration::from_secs(20)).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(
+        err.contains("enrollment refused: token is for another node name"),
+        "{err}"
+    );
+
+    // A service the token does not cover.
+    let t = d.coord.token("web-9", &["db"], "10m").unwrap();
+    let n = NodeProc::configure(&d.mesh, &d.coord, &spec, &t).unwrap();
+    let out = n.run_to_exit(Duration::from_secs(20)).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("token does not allow a claimed service (service web)"),
+        "{err}"
+    );
+
+    // Allowed twin: a fresh token for the right name and services enrolls.
+    let t = d.coord.token("web-9", &["web"], "10m").unwrap();
+    let mut n = NodeProc::configure(&d.mesh, &d.coord, &spec, &t).unwrap();
+    std::fs::remove_dir_all(&n.data_dir).ok();
+    n.restart().unwrap();
+    assert_eventually("web-9 online", Duration::from_secs(10), || {
+        let v = d.coord.json(&["nodes", "list"])?;
+        ensure!(
+            v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == "web-9" && n["online"] == true),
+            "web-9 not online"
+        );
+        Ok(())
+    });
+    // The foreign-name token did not enroll anything.
+    let nodes = d.coord.json(&["nodes", "list"]).unwrap();
+    assert!(!nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["name"] == "db-9" || n["name"] == "web-8"));
+}
+
+#[test]
+fn revoking_a_node_closes_its_flows_and_refuses_new_ones() {
+    let d = demo("revoke");
+    let mut flow = LiveFlow::open(d.web.upstream("db")).unwrap();
+    let out = d.coord.cli(&["nodes", "revoke", "web-1"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, took) = assert_eventually(
+        "the revoked node's live flow is closed",
+        Duration::from_secs(5),
+        || match flow.ping() {
+            Ok(()) => bail!("flow still carries bytes"),
+            Err(_) => Ok(()),
+        },
+    );
+    eprintln!("live flow closed {took:?} after revocation");
+    // New flows from the revoked node are refused at db-1's handshake, reason revoked.
+    assert_eventually(
+        "db-1 refuses the revoked certificate",
+        Duration::from_secs(5),
+        || {
+            ensure!(
+                LiveFlow::open(d.web.upstream("db")).is_err(),
+                "new flow got through"
+            );
+            let n = refused(&d.db, "revoked");
+            ensure!(n >= 1.0, "handshake_refused{{reason=revoked}} = {n}");
+            Ok(())
+        },
+    );
+    // payments-1 and db-1 still talk to the rest of the mesh: the coordinator lists web-1
+    // as revoked and the others acked the snapshot carrying the deny list.
+    let nodes = d.coord.json(&["nodes", "list"]).unwrap();
+    let web = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "web-1")
+        .unwrap()
+        .clone();
+    assert!(!web["revoked_at"].is_null());
+    wait_all_acked(&d.coord, 2);
+}
+
+#[test]
+fn policy_change_closes_live_flows_and_readding_lets_new_flows_through() {
+    let d = demo("policy-change");
+    let mut flow = LiveFlow::open(d.web.upstream("db")).unwrap();
+    let out = d.coord.apply_policy(&d.mesh, NO_WEB_DB).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, took) = assert_eventually(
+        "the live web -> db flow is closed",
+        Duration::from_secs(5),
+        || match flow.ping() {
+            Ok(()) => bail!("flow still carries bytes"),
+            Err(_) => Ok(()),
+        },
+    );
+    eprintln!("live flow closed {took:?} after the policy change");
+    assert_eq!(
+        closed(&d.db, "policy_changed"),
+        1.0,
+        "db-1 closed it for the policy change"
+    );
+    assert_refused(d.web.upstream("db"));
+    // Re-adding the rule lets new flows through.
+    let out = d.coord.apply_policy(&d.mesh, DEMO_POLICY).unwrap();
+    assert!(out.status.success());
+    assert_eventually("web -> db flows again", Duration::from_secs(5), || {
+        Ok(LiveFlow::open(d.web.upstream("db"))?)
+    });
+
+    // A policy whose test fails is rejected whole, naming the test; nothing changes.
+    let bad = DEMO_POLICY.replace(
+        "to = \"payments\"\nexpect = \"deny\"",
+        "to = \"payments\"\nexpect = \"allow\"",
+    );
+    let before = d.coord.json(&["policy", "show"]).unwrap()["version"].clone();
+    let out = d.coord.apply_policy(&d.mesh, &bad).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(err.contains("test[1]"), "{err}");
+    assert_eq!(
+        d.coord.json(&["policy", "show"]).unwrap()["version"],
+        before
+    );
+}
+
+#[test]
+fn mesh_works_through_a_coordinator_outage_and_restart_keeps_state() {
+    let mut d = demo("outage");
+    let before = d.coord.json(&["nodes", "list"]).unwrap();
+    let policy_before = d.coord.json(&["policy", "show"]).unwrap();
+    let ca_before = std::fs::read(d.coord.data_dir.join("ca.crt")).unwrap();
+    let mut flow = LiveFlow::open(d.web.upstream("db")).unwrap();
+
+    d.coord.kill();
+    // Existing and new flows keep working.
+    for _ in 0..5 {
+        flow.ping().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (a, b, _) = echo_transfer(d.web.upstream("db"), 1 << 20).unwrap();
+    assert_eq!(a, b);
+    // A node restarted during the outage serves again from its stored state.
+    d.db.kill();
+    d.db.restart().unwrap();
+    let status = d.db.status().unwrap();
+    assert!(
+        status["snapshot_version"].as_u64().unwrap() > 0,
+        "db-1 restored its snapshot"
+    );
+    assert_eq!(status["control"]["connected"], false);
+    assert_eventually(
+        "web -> db works again through the restarted db-1",
+        Duration::from_secs(10),
+        || {
+            let (a, b, n) = echo_transfer(d.web.upstream("db"), 64 << 10)?;
+            ensure!(a == b && n == 64 << 10, "transfer mismatch");
+            Ok(())
+        },
+    );
+    // The denied twin still holds during the outage.
+    assert_refused(d.web.upstream("payments"));
+
+    d.coord.restart().unwrap();
+    wait_all_acked(&d.coord, 3);
+    let after = d.coord.json(&["nodes", "list"]).unwrap();
+    let names = |v: &serde_json::Value| {
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&before), names(&after));
+    assert_eq!(
+        d.coord.json(&["policy", "show"]).unwrap()["version"],
+        policy_before["version"]
+    );
+    assert_eq!(
+        std::fs::read(d.coord.data_dir.join("ca.crt")).unwrap(),
+        ca_before
+    );
+    // The flow opened before the outage to the db-1 that was restarted ended with it; the
+    // mesh serves new flows after the coordinator is back.
+    LiveFlow::open(d.web.upstream("db")).unwrap();
+}
