@@ -173,7 +173,12 @@ fn verify_chain(
         .map_err(|e| match e {
             webpki::Error::CertExpired { .. } => Refusal::Expired,
             webpki::Error::CertNotValidYet { .. } => Refusal::NotYetValid,
-            webpki::Error::UnknownIssuer => Refusal::UnknownCa,
+            // Not issued by (or not signed by the key of) a mesh CA: a foreign CA that
+            // copies our CA's name lands here, not in UnknownIssuer.
+            webpki::Error::UnknownIssuer
+            | webpki::Error::InvalidSignatureForPublicKey
+            | webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_)
+            | webpki::Error::UnsupportedSignatureAlgorithmContext(_) => Refusal::UnknownCa,
             _ => Refusal::BadCertificate,
         })
 }
