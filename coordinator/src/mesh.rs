@@ -205,7 +205,7 @@ impl Mesh {
         };
         let revoked = Self::revoked_list(&*store)?;
         let trust =
-            Trust::new(td, &[ca.cert_der.clone()], revoked).map_err(|e| MeshError::Invalid {
+            Trust::new(td, std::slice::from_ref(&ca.cert_der), revoked).map_err(|e| MeshError::Invalid {
                 field: "ca",
                 reason: e.to_string(),
             })?;
@@ -492,7 +492,7 @@ impl Mesh {
         let td = self.ca.trust_domain.clone();
         let trust = Trust::new(
             td,
-            &[self.ca.cert_der.clone()],
+            std::slice::from_ref(&self.ca.cert_der),
             Self::revoked_list(&*self.store)?,
         )
         .map_err(|e| MeshError::Invalid {

@@ -29,6 +29,9 @@ fn ts(t: i64) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(t).unwrap()
 }
 
+/// A certificate (DER) and its private key (PKCS#8 DER).
+type CertAndKey = (Vec<u8>, Vec<u8>);
+
 struct Issuer {
     cert: rcgen::Certificate,
     key: KeyPair,
@@ -190,7 +193,7 @@ fn hostile_certificates_are_refused_with_counted_reasons() {
         Ok(())
     });
 
-    let cases: Vec<(&str, (Vec<u8>, Vec<u8>), &str)> = vec![
+    let cases: Vec<(&str, CertAndKey, &str)> = vec![
         (
             "foreign ca",
             leaf(Some(&foreign), "web-1", &["web"], t - 60, t + 3600),

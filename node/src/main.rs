@@ -42,7 +42,7 @@ enum Cmd {
     },
 }
 
-fn load(path: &PathBuf) -> Result<NodeConfig, ExitCode> {
+fn load(path: &std::path::Path) -> Result<NodeConfig, ExitCode> {
     NodeConfig::load(path).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(64)

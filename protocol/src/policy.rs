@@ -176,6 +176,22 @@ struct RawTest {
     expect: Option<String>,
 }
 
+/// A TOML basic string with everything that needs it escaped.
+fn toml_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 fn parse_action(s: &str) -> Option<Action> {
     match s {
         "allow" => Some(Action::Allow),
@@ -351,6 +367,28 @@ impl Policy {
             rules,
             tests,
         })
+    }
+
+    /// Renders the policy as a policy file that parses back to the same policy.
+    pub fn to_toml(&self) -> String {
+        let mut out = format!("default = {}\n", toml_str(&self.default.to_string()));
+        for r in &self.rules {
+            out.push_str(&format!(
+                "\n[[rule]]\nfrom = {}\nto = {}\naction = {}\n",
+                toml_str(&r.from.to_string()),
+                toml_str(&r.to.to_string()),
+                toml_str(&r.action.to_string())
+            ));
+        }
+        for t in &self.tests {
+            out.push_str(&format!(
+                "\n[[test]]\nfrom = {}\nto = {}\nexpect = {}\n",
+                toml_str(t.from.as_str()),
+                toml_str(t.to.as_str()),
+                toml_str(&t.expect.to_string())
+            ));
+        }
+        out
     }
 
     /// Evaluates a request. Pure: same inputs, same answer.
@@ -599,6 +637,12 @@ action = "deny"
             "{}",
             f[0]
         );
+    }
+
+    #[test]
+    fn rendering_parses_back_to_the_same_policy() {
+        let p = Policy::parse(&format!("{DEMO}\n[[rule]]\nfrom = 'tag:env=a\"b'\nto = '*'\naction = 'deny'\n")).unwrap();
+        assert_eq!(Policy::parse(&p.to_toml()).unwrap(), p);
     }
 
     #[test]
