@@ -74,16 +74,25 @@ fn row(name: &str, h: &Histogram<u64>) -> serde_json::Value {
 fn policy_of(n: usize) -> anyhow::Result<Policy> {
     let mut text = String::from("default = \"deny\"\n");
     for i in 0..n {
-        text.push_str(&format!("[[rule]]\nfrom = \"svc-{i}\"\nto = \"db\"\naction = \"allow\"\n"));
+        text.push_str(&format!(
+            "[[rule]]\nfrom = \"svc-{i}\"\nto = \"db\"\naction = \"allow\"\n"
+        ));
     }
     text.push_str("[[rule]]\nfrom = \"web\"\nto = \"db\"\naction = \"allow\"\n");
     Ok(Policy::parse(&text)?)
 }
 
 fn micro(ops: u64) -> anyhow::Result<Vec<serde_json::Value>> {
-    println!("{:<34} {:>8} {:>8} {:>8} {:>8}   (ns per op)", "case", "p50", "p99", "p99.9", "max");
+    println!(
+        "{:<34} {:>8} {:>8} {:>8} {:>8}   (ns per op)",
+        "case", "p50", "p99", "p99.9", "max"
+    );
     let mut rows = Vec::new();
-    let header = StreamHeader { src_service: ServiceName::new("web")?, dst_service: ServiceName::new("db")?, flow_id: 42 };
+    let header = StreamHeader {
+        src_service: ServiceName::new("web")?,
+        dst_service: ServiceName::new("db")?,
+        flow_id: 42,
+    };
     let h = measure(ops, || {
         let b = encode(&header);
         let d: StreamHeader = decode(&b).unwrap_or_else(|_| header.clone());
@@ -95,7 +104,16 @@ fn micro(ops: u64) -> anyhow::Result<Vec<serde_json::Value>> {
     for n in [1usize, 100, 1000] {
         let p = policy_of(n)?;
         let h = measure(ops, || {
-            std::hint::black_box(p.evaluate(Source { service: &web, labels: &none }, Destination { service: &db, labels: &none }));
+            std::hint::black_box(p.evaluate(
+                Source {
+                    service: &web,
+                    labels: &none,
+                },
+                Destination {
+                    service: &db,
+                    labels: &none,
+                },
+            ));
         })?;
         rows.push(row(&format!("policy evaluate ({} rules)", n + 1), &h));
     }
@@ -109,7 +127,12 @@ fn main() -> anyhow::Result<()> {
         Scenario::Micro { ops } => {
             let rows = micro(ops)?;
             let path = cli.results.join("micro.json");
-            std::fs::write(&path, serde_json::to_string_pretty(&json!({ "scenario": "micro", "ops": ops, "results": rows }))?)?;
+            std::fs::write(
+                &path,
+                serde_json::to_string_pretty(
+                    &json!({ "scenario": "micro", "ops": ops, "results": rows }),
+                )?,
+            )?;
             println!("wrote {}", path.display());
         }
     }

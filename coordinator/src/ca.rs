@@ -145,8 +145,9 @@ impl Ca {
     ) -> Result<Leaf, CaError> {
         let (serial_number, serial) = random_serial()?;
         p.serial_number = Some(serial_number);
-        // A minute of slack for clocks that run slightly behind ours.
-        p.not_before = ts(now - 60)?;
+        // Slack for clocks that run slightly behind ours: a minute, but never a large part
+        // of a short lifetime, so renewal at 2/3 of the validity stays meaningful.
+        p.not_before = ts(now - (ttl_secs / 4).clamp(0, 60))?;
         let not_after = now + ttl_secs;
         p.not_after = ts(not_after)?;
         p.is_ca = IsCa::ExplicitNoCa;

@@ -204,11 +204,12 @@ impl Mesh {
             None => (0, Policy::default()),
         };
         let revoked = Self::revoked_list(&*store)?;
-        let trust =
-            Trust::new(td, std::slice::from_ref(&ca.cert_der), revoked).map_err(|e| MeshError::Invalid {
+        let trust = Trust::new(td, std::slice::from_ref(&ca.cert_der), revoked).map_err(|e| {
+            MeshError::Invalid {
                 field: "ca",
                 reason: e.to_string(),
-            })?;
+            }
+        })?;
         let version = store.version()?;
         let (version_tx, _) = watch::channel(version);
         Ok(Arc::new(Self {

@@ -505,3 +505,142 @@ fn mesh_works_through_a_coordinator_outage_and_restart_keeps_state() {
     // mesh serves new flows after the coordinator is back.
     LiveFlow::open(d.web.upstream("db")).unwrap();
 }
+
+#[test]
+fn certificates_renew_before_expiry_and_the_mesh_keeps_working_past_the_first_expiry() {
+    let mesh = Mesh::new("renewal");
+    let coord = CoordinatorProc::start(&mesh, "8s").unwrap();
+    assert!(coord
+        .apply_policy(&mesh, DEMO_POLICY)
+        .unwrap()
+        .status
+        .success());
+    let db = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("db-1").service("db", echo_server().unwrap()),
+    )
+    .unwrap();
+    let web = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("web-1")
+            .service("web", echo_server().unwrap())
+            .upstream("db"),
+    )
+    .unwrap();
+    let first = web.status().unwrap()["certificate"].clone();
+    let first_serial = first["serial"].as_str().unwrap().to_string();
+    let first_expiry = first["not_after"].as_i64().unwrap();
+    // Renewed at about 2/3 of the lifetime: a new serial, a later expiry.
+    let (renewed, took) = assert_eventually(
+        "web-1 renews its certificate",
+        Duration::from_secs(10),
+        || {
+            let c = web.status()?["certificate"].clone();
+            ensure!(
+                c["serial"].as_str() != Some(first_serial.as_str()),
+                "still the first certificate"
+            );
+            Ok(c)
+        },
+    );
+    eprintln!("renewed {took:?} into the run");
+    assert!(renewed["not_after"].as_i64().unwrap() > first_expiry);
+    // Wait past the first certificate's expiry, then open a new tunnel: db-1 must accept the
+    // renewed certificate (a restart of db-1 forces a fresh handshake).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    std::thread::sleep(Duration::from_secs((first_expiry - now + 1).max(0) as u64));
+    let mut db = db;
+    db.restart().unwrap();
+    assert_eventually(
+        "web -> db over a tunnel made with the renewed certificate",
+        Duration::from_secs(10),
+        || {
+            let (a, b, n) = echo_transfer(web.upstream("db"), 256 << 10)?;
+            ensure!(a == b && n == 256 << 10, "transfer mismatch");
+            Ok(())
+        },
+    );
+    assert_eq!(refused(&db, "expired"), 0.0);
+}
+
+#[test]
+fn bad_node_config_exits_64_naming_the_key_before_binding() {
+    let mesh = Mesh::new("bad-config");
+    let cfg = mesh.path().join("node.toml");
+    let node = &quicmesh_netns_tests::Bins::get().node;
+    for (text, key) in [
+        ("name = \"Web\"\ncoordinator = \"198.18.0.1:7700\"\ndata_dir = \"d\"\n", "name"),
+        ("name = \"web-1\"\ncoordinator = \"nowhere\"\ndata_dir = \"d\"\n", "coordinator"),
+        ("name = \"web-1\"\ncoordinator = \"198.18.0.1:7700\"\ndata_dir = \"d\"\nmetrics = \"0.0.0.0:9\"\n", "metrics"),
+        ("name = \"web-1\"\ncoordinator = \"198.18.0.1:7700\"\ndata_dir = \"d\"\nbogus = 1\n", "bogus"),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        for cmd in ["check", "run"] {
+            let out = std::process::Command::new(node).args([cmd, "--config"]).arg(&cfg).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{cmd}: {err}");
+            assert!(err.contains(&format!(": {key}: ")), "{cmd} names {key}: {err}");
+        }
+        assert!(!mesh.path().join("d").exists(), "nothing was created for a bad config");
+    }
+    // The good twin passes the check.
+    std::fs::write(
+        &cfg,
+        "name = \"web-1\"\ncoordinator = \"198.18.0.1:7700\"\ndata_dir = \"d\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(node)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn api_refuses_requests_without_the_admin_token() {
+    use std::io::{Read, Write};
+    let mesh = Mesh::new("api-auth");
+    let coord = CoordinatorProc::start(&mesh, "1h").unwrap();
+    let call = |method: &str, path: &str, auth: Option<&str>| -> String {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", coord.http_port)).unwrap();
+        let auth = auth
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.lines().next().unwrap_or_default().to_string()
+    };
+    for (m, p) in [
+        ("GET", "/api/v1/nodes"),
+        ("GET", "/api/v1/status"),
+        ("POST", "/api/v1/tokens"),
+        ("POST", "/api/v1/nodes/x/revoke"),
+        ("GET", "/api/v1/policy"),
+        ("POST", "/api/v1/policy"),
+        ("GET", "/api/v1/services"),
+    ] {
+        assert!(
+            call(m, p, None).contains(" 401 "),
+            "{m} {p} without a token"
+        );
+        assert!(
+            call(m, p, Some("qma_wrong")).contains(" 401 "),
+            "{m} {p} with a wrong token"
+        );
+    }
+    assert!(
+        call("GET", "/api/v1/nodes", Some(&coord.admin_token)).contains(" 200 "),
+        "the admin token is accepted"
+    );
+}

@@ -641,7 +641,10 @@ action = "deny"
 
     #[test]
     fn rendering_parses_back_to_the_same_policy() {
-        let p = Policy::parse(&format!("{DEMO}\n[[rule]]\nfrom = 'tag:env=a\"b'\nto = '*'\naction = 'deny'\n")).unwrap();
+        let p = Policy::parse(&format!(
+            "{DEMO}\n[[rule]]\nfrom = 'tag:env=a\"b'\nto = '*'\naction = 'deny'\n"
+        ))
+        .unwrap();
         assert_eq!(Policy::parse(&p.to_toml()).unwrap(), p);
     }
 

@@ -11,7 +11,10 @@ use proptest::prelude::*;
 use quicmesh_protocol::ident::{LabelKey, Labels, NodeName, ServiceName, TrustDomain};
 use quicmesh_protocol::policy::{Destination, Policy, Source};
 use quicmesh_protocol::token::JoinToken;
-use quicmesh_protocol::wire::{self, ControlDown, ControlUp, Hello, Message, RejectCode, StatusReport, StreamHeader, StreamReply};
+use quicmesh_protocol::wire::{
+    self, ControlDown, ControlUp, Hello, Message, RejectCode, StatusReport, StreamHeader,
+    StreamReply,
+};
 
 fn name() -> impl Strategy<Value = String> {
     "[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?"
@@ -23,12 +26,21 @@ fn service() -> impl Strategy<Value = ServiceName> {
 
 fn labels() -> impl Strategy<Value = Labels> {
     proptest::collection::btree_map(name(), "[ -~]{0,12}", 0..4).prop_map(|m| {
-        Labels::new(m.into_iter().map(|(k, v)| (LabelKey::new(k).unwrap(), v)).collect::<BTreeMap<_, _>>()).unwrap()
+        Labels::new(
+            m.into_iter()
+                .map(|(k, v)| (LabelKey::new(k).unwrap(), v))
+                .collect::<BTreeMap<_, _>>(),
+        )
+        .unwrap()
     })
 }
 
 fn header() -> impl Strategy<Value = StreamHeader> {
-    (service(), service(), any::<u64>()).prop_map(|(a, b, f)| StreamHeader { src_service: a, dst_service: b, flow_id: f })
+    (service(), service(), any::<u64>()).prop_map(|(a, b, f)| StreamHeader {
+        src_service: a,
+        dst_service: b,
+        flow_id: f,
+    })
 }
 
 fn reply() -> impl Strategy<Value = StreamReply> {
@@ -52,19 +64,31 @@ fn up() -> impl Strategy<Value = ControlUp> {
     prop_oneof![
         any::<u64>().prop_map(|version| ControlUp::Ack { version }),
         (any::<u64>(), ".{0,20}").prop_map(|(version, reason)| ControlUp::Nack { version, reason }),
-        (name(), any::<u16>(), proptest::collection::vec(service(), 0..3), labels(), any::<u64>()).prop_map(|(n, p, s, l, v)| {
-            ControlUp::Hello(Hello {
-                node: NodeName::new(n).unwrap(),
-                tunnel_port: p,
-                advertise: None,
-                services: s,
-                labels: l,
-                have_version: v,
-                agent_version: "0.1.0".into(),
-            })
-        }),
-        (any::<u64>(), any::<i64>()).prop_map(|(v, t)| ControlUp::Status(StatusReport { snapshot_version: v, cert_not_after: t, ..Default::default() })),
-        proptest::collection::vec(any::<u8>(), 0..64).prop_map(|csr_der| ControlUp::Renew { csr_der }),
+        (
+            name(),
+            any::<u16>(),
+            proptest::collection::vec(service(), 0..3),
+            labels(),
+            any::<u64>()
+        )
+            .prop_map(|(n, p, s, l, v)| {
+                ControlUp::Hello(Hello {
+                    node: NodeName::new(n).unwrap(),
+                    tunnel_port: p,
+                    advertise: None,
+                    services: s,
+                    labels: l,
+                    have_version: v,
+                    agent_version: "0.1.0".into(),
+                })
+            }),
+        (any::<u64>(), any::<i64>()).prop_map(|(v, t)| ControlUp::Status(StatusReport {
+            snapshot_version: v,
+            cert_not_after: t,
+            ..Default::default()
+        })),
+        proptest::collection::vec(any::<u8>(), 0..64)
+            .prop_map(|csr_der| ControlUp::Renew { csr_der }),
     ]
 }
 
