@@ -458,14 +458,7 @@ impl NodeProc {
                         bail!("node exited: {status}");
                     }
                 }
-                let out = Command::new(&Bins::get().node)
-                    .args(["status", "--json", "--config"])
-                    .arg(&self.config)
-                    .output()?;
-                if !out.status.success() {
-                    bail!("status: {}", String::from_utf8_lossy(&out.stderr));
-                }
-                Ok(())
+                status_of(&self.config).map(|_| ())
             },
         );
         Ok(())
@@ -478,14 +471,7 @@ impl NodeProc {
 
     /// The node's `status --json`.
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
-        let out = Command::new(&Bins::get().node)
-            .args(["status", "--json", "--config"])
-            .arg(&self.config)
-            .output()?;
-        if !out.status.success() {
-            bail!("status: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        status_of(&self.config)
     }
 
     /// The node's Prometheus metrics.
@@ -503,6 +489,18 @@ impl NodeProc {
             .unwrap_or(0);
         SocketAddr::from(([127, 0, 0, 1], port))
     }
+}
+
+/// `quicmesh-node status --json` of the node configured by `config`.
+fn status_of(config: &Path) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new(&Bins::get().node)
+        .args(["status", "--json", "--config"])
+        .arg(config)
+        .output()?;
+    if !out.status.success() {
+        bail!("status: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 impl Drop for NodeProc {

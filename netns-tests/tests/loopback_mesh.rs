@@ -7,21 +7,7 @@ use anyhow::{bail, ensure};
 use quicmesh_netns_tests::net::{echo_server, echo_transfer, metric, LiveFlow};
 use quicmesh_netns_tests::{assert_eventually, CoordinatorProc, Mesh, NodeProc, NodeSpec};
 
-const DEMO_POLICY: &str = r#"
-default = "deny"
-[[rule]]
-from = "web"
-to = "db"
-action = "allow"
-[[test]]
-from = "web"
-to = "db"
-expect = "allow"
-[[test]]
-from = "web"
-to = "payments"
-expect = "deny"
-"#;
+use quicmesh_coordinator::dev::DEMO_POLICY;
 
 const NO_WEB_DB: &str = r#"
 default = "deny"

@@ -183,6 +183,32 @@ fn verify_chain(
         })
 }
 
+/// The handshake-signature half of a verifier: the same for both roles (the chain half is
+/// ours, the signature half is rustls's with the ring provider's algorithms).
+macro_rules! handshake_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &algs())
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &algs())
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            algs().supported_schemes()
+        }
+    };
+}
+
 /// Verifies client certificates at a server (tunnel ingress, coordinator control port).
 pub struct MeshClientVerifier {
     trust: TrustHandle,
@@ -238,25 +264,7 @@ impl ClientCertVerifier for MeshClientVerifier {
             }
         }
     }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &algs())
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &algs())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        algs().supported_schemes()
-    }
+    handshake_signatures!();
 }
 
 /// What a client expects the server to be.
@@ -366,25 +374,7 @@ impl ServerCertVerifier for MeshServerVerifier {
             }
         }
     }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &algs())
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &algs())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        algs().supported_schemes()
-    }
+    handshake_signatures!();
 }
 
 /// The local certificate, swappable on renewal. Serves both TLS roles.
