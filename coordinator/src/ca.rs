@@ -208,3 +208,105 @@ impl Ca {
         Ok((leaf, key))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quicmesh_node::tls::{Refusal, Trust};
+    use quicmesh_protocol::cert::PeerIdentity;
+    use rustls::pki_types::{CertificateDer, UnixTime};
+
+    fn at(t: i64) -> UnixTime {
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(t as u64))
+    }
+
+    #[test]
+    fn signed_leaf_carries_the_profile_and_verifies_only_inside_its_window() {
+        let now = 1_800_000_000;
+        let td = TrustDomain::new("t.local").unwrap();
+        let (ca, _) = Ca::generate(td.clone(), now).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let csr = quicmesh_node::control::csr("web-1", &key).unwrap();
+        let node = NodeName::new("web-1").unwrap();
+        let leaf = ca
+            .sign_node(&csr, &node, &[ServiceName::new("web").unwrap()], now, 600)
+            .unwrap();
+        let id = PeerIdentity::from_der(&leaf.der, &td).unwrap();
+        assert_eq!(id.node, node);
+        assert!(id.may_speak_for(&ServiceName::new("web").unwrap()));
+        assert!(!id.may_speak_for(&ServiceName::new("db").unwrap()));
+        assert_eq!(id.serial, leaf.serial);
+        assert_eq!(id.not_after, now + 600);
+
+        let trust = Trust::new(td.clone(), std::slice::from_ref(&ca.cert_der), []).unwrap();
+        let der = CertificateDer::from(leaf.der.clone());
+        let usage = webpki::KeyUsage::client_auth();
+        assert!(trust.verify_node(&der, &[], at(now + 10), usage).is_ok());
+        assert_eq!(
+            trust
+                .verify_node(&der, &[], at(now + 601), usage)
+                .unwrap_err(),
+            Refusal::Expired
+        );
+        assert_eq!(
+            trust
+                .verify_node(&der, &[], at(now - 3600), usage)
+                .unwrap_err(),
+            Refusal::NotYetValid
+        );
+        // Revoked twin.
+        let revoked = Trust::new(
+            td.clone(),
+            std::slice::from_ref(&ca.cert_der),
+            [leaf.serial.clone()],
+        )
+        .unwrap();
+        assert_eq!(
+            revoked
+                .verify_node(&der, &[], at(now + 10), usage)
+                .unwrap_err(),
+            Refusal::Revoked
+        );
+        // Another CA's trust does not accept it.
+        let (other, _) = Ca::generate(td.clone(), now).unwrap();
+        let foreign = Trust::new(td, std::slice::from_ref(&other.cert_der), []).unwrap();
+        assert_eq!(
+            foreign
+                .verify_node(&der, &[], at(now + 10), usage)
+                .unwrap_err(),
+            Refusal::UnknownCa
+        );
+    }
+
+    #[test]
+    fn garbage_csr_is_a_typed_error() {
+        let (ca, _) = Ca::generate(TrustDomain::new("t").unwrap(), 1_800_000_000).unwrap();
+        let err = ca
+            .sign_node(
+                b"not a csr",
+                &NodeName::new("a").unwrap(),
+                &[],
+                1_800_000_000,
+                60,
+            )
+            .unwrap_err();
+        assert!(matches!(err, CaError::BadCsr(_)), "{err}");
+    }
+
+    #[test]
+    fn short_lifetimes_keep_little_backdating() {
+        let now = 1_800_000_000;
+        let td = TrustDomain::new("t").unwrap();
+        let (ca, _) = Ca::generate(td.clone(), now).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let csr = quicmesh_node::control::csr("a", &key).unwrap();
+        let leaf = ca
+            .sign_node(&csr, &NodeName::new("a").unwrap(), &[], now, 8)
+            .unwrap();
+        let id = PeerIdentity::from_der(&leaf.der, &td).unwrap();
+        assert_eq!(id.not_before, now - 2);
+        // Renewal lands before expiry.
+        let renew = quicmesh_protocol::token::renew_at(id.not_before, id.not_after, 1.0);
+        assert!(renew > now && renew < id.not_after, "{renew}");
+    }
+}
