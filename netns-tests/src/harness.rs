@@ -352,8 +352,13 @@ pub struct NodeProc {
     pub config: PathBuf,
     pub log: PathBuf,
     pub metrics_port: u16,
+    /// UDP port of the tunnel endpoint.
+    pub listen_port: u16,
     /// service -> local upstream port
     pub upstreams: Vec<(String, u16)>,
+    spec: NodeSpec,
+    coordinator: SocketAddr,
+    token: String,
     child: Option<Child>,
 }
 
@@ -365,43 +370,72 @@ impl NodeProc {
         spec: &NodeSpec,
         token: &str,
     ) -> anyhow::Result<Self> {
-        let data_dir = mesh.path().join(&spec.name);
-        let config = mesh.path().join(format!("{}.toml", spec.name));
-        let metrics_port = free_tcp_port();
-        // A fixed tunnel port, as in production: peers keep dialling it across restarts.
-        let listen_port = free_udp_port();
-        let upstreams: Vec<(String, u16)> = spec
-            .upstreams
-            .iter()
-            .map(|s| (s.clone(), free_tcp_port()))
-            .collect();
+        let n = Self {
+            name: spec.name.clone(),
+            data_dir: mesh.path().join(&spec.name),
+            config: mesh.path().join(format!("{}.toml", spec.name)),
+            log: mesh.path().join(format!("{}.log", spec.name)),
+            // Port 0 everywhere: the node picks free ports (no races between parallel
+            // tests) and reports them in `status`; they are then pinned in the config so
+            // a restart keeps them, as in production.
+            metrics_port: 0,
+            listen_port: 0,
+            upstreams: spec.upstreams.iter().map(|s| (s.clone(), 0)).collect(),
+            spec: spec.clone(),
+            coordinator: coord.control_addr(),
+            token: token.to_string(),
+            child: None,
+        };
+        n.write_config()?;
+        Ok(n)
+    }
+
+    fn write_config(&self) -> anyhow::Result<()> {
         let mut t = format!(
-            "name = \"{}\"\ncoordinator = \"{}\"\njoin_token = \"{token}\"\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:{listen_port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\nstatus_interval = \"1s\"\n\n[policy]\ncheck_egress = {}\n",
-            spec.name,
-            coord.control_addr(),
-            data_dir.display(),
-            spec.check_egress
+            "name = \"{}\"\ncoordinator = \"{}\"\njoin_token = \"{}\"\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:{}\"\nmetrics = \"127.0.0.1:{}\"\nstatus_interval = \"1s\"\n\n[policy]\ncheck_egress = {}\n",
+            self.spec.name,
+            self.coordinator,
+            self.token,
+            self.data_dir.display(),
+            self.listen_port,
+            self.metrics_port,
+            self.spec.check_egress
         );
-        for (s, a) in &spec.services {
+        for (s, a) in &self.spec.services {
             t.push_str(&format!(
                 "\n[[service]]\nname = \"{s}\"\naddress = \"{a}\"\n"
             ));
         }
-        for (s, p) in &upstreams {
+        for (s, p) in &self.upstreams {
             t.push_str(&format!(
                 "\n[[upstream]]\nservice = \"{s}\"\nbind = \"127.0.0.1:{p}\"\n"
             ));
         }
-        fs::write(&config, t)?;
-        Ok(Self {
-            name: spec.name.clone(),
-            data_dir,
-            config,
-            log: mesh.path().join(format!("{}.log", spec.name)),
-            metrics_port,
-            upstreams,
-            child: None,
-        })
+        fs::write(&self.config, t)?;
+        Ok(())
+    }
+
+    /// Reads the ports the node picked and pins them in its config.
+    fn pin_ports(&mut self) -> anyhow::Result<()> {
+        let st = self.status()?;
+        let port = |v: &serde_json::Value| -> anyhow::Result<u16> {
+            let a: SocketAddr = v.as_str().context("address missing in status")?.parse()?;
+            Ok(a.port())
+        };
+        self.listen_port = port(&st["tunnel_listen"])?;
+        self.metrics_port = port(&st["metrics"])?;
+        for (i, u) in st["upstreams"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            if let Some(slot) = self.upstreams.get_mut(i) {
+                slot.1 = port(&u["bind"])?;
+            }
+        }
+        self.write_config()
     }
 
     /// Configures and starts a node, waiting until it serves.
@@ -461,6 +495,9 @@ impl NodeProc {
                 status_of(&self.config).map(|_| ())
             },
         );
+        if self.listen_port == 0 {
+            self.pin_ports()?;
+        }
         Ok(())
     }
 

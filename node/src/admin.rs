@@ -35,6 +35,7 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         .collect();
     peers.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
     let control = node.control.lock().map(|c| c.clone()).unwrap_or_default();
+    let bound = node.bound.lock().map(|b| b.clone()).unwrap_or_default();
     json!({
         "node": node.cfg.name,
         "trust_domain": id.trust_domain,
@@ -49,7 +50,8 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         },
         "control": control,
         "services": node.cfg.services.iter().map(|s| json!({"name": s.name, "address": s.address.to_string()})).collect::<Vec<_>>(),
-        "upstreams": node.cfg.upstreams.iter().map(|u| json!({"service": u.service, "bind": u.bind.to_string(), "source": u.source})).collect::<Vec<_>>(),
+        "upstreams": node.cfg.upstreams.iter().zip(bound.upstreams.iter()).map(|(u, (_, addr))| json!({"service": u.service, "bind": addr.to_string(), "source": u.source})).collect::<Vec<_>>(),
+        "metrics": bound.metrics.map(|a| a.to_string()),
         "peers": peers,
         "flows": node.flows.list(),
         "counters": node.metrics.reasons(),

@@ -213,7 +213,7 @@ impl NodeConfig {
             let service = ServiceName::new(req(&k("service"), u.service)?)
                 .map_err(|e| err(&k("service"), e.to_string()))?;
             let bind = addr(&k("bind"), &req(&k("bind"), u.bind)?)?;
-            if upstreams.iter().any(|o| o.bind == bind) {
+            if bind.port() != 0 && upstreams.iter().any(|o| o.bind == bind) {
                 return Err(err(
                     &k("bind"),
                     format!("{bind} is used by another upstream"),

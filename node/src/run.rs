@@ -159,6 +159,13 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
     };
 
     tokio::spawn(tunnel::accept_loop(node.clone()));
+    if let Ok(mut b) = node.bound.lock() {
+        b.upstreams = upstreams
+            .iter()
+            .filter_map(|(u, l)| l.local_addr().ok().map(|a| (u.service.clone(), a)))
+            .collect();
+        b.metrics = metrics_l.as_ref().and_then(|l| l.local_addr().ok());
+    }
     for (up, l) in upstreams {
         tokio::spawn(proxy::serve(node.clone(), up, l));
     }

@@ -100,6 +100,14 @@ pub struct ControlState {
     pub revoked: bool,
 }
 
+/// Addresses the node's listeners bound to.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Bound {
+    /// (service, address) per upstream listener.
+    pub upstreams: Vec<(ServiceName, SocketAddr)>,
+    pub metrics: Option<SocketAddr>,
+}
+
 /// Everything the node's tasks share.
 pub struct Node {
     pub cfg: NodeConfig,
@@ -116,6 +124,8 @@ pub struct Node {
     pub flows: Arc<Flows>,
     pub conns: Mutex<HashMap<NodeName, quinn::Connection>>,
     pub control: Mutex<ControlState>,
+    /// Where the listeners actually bound (a config port of 0 picks a free one).
+    pub bound: Mutex<Bound>,
     view_tx: watch::Sender<Arc<View>>,
 }
 
@@ -169,6 +179,7 @@ impl Node {
             flows: Arc::new(Flows::default()),
             conns: Mutex::new(HashMap::new()),
             control: Mutex::new(ControlState::default()),
+            bound: Mutex::new(Bound::default()),
             view_tx,
         })
     }
