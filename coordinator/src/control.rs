@@ -16,6 +16,9 @@ use crate::mesh::{now, Mesh};
 
 /// Lifetime of the coordinator's own server certificate (re-issued at every start).
 const SERVER_CERT_TTL: i64 = 30 * 86400;
+/// How long after its certificate expired a node may still connect to renew it (a node
+/// that outlived its certificate during a coordinator outage). Revocation still applies.
+const EXPIRED_RENEWAL_GRACE_SECS: u64 = 7 * 86400;
 /// Most enrollments handled at once; more wait.
 const MAX_CONCURRENT_ENROLLMENTS: usize = 16;
 
@@ -26,10 +29,11 @@ pub fn bind(mesh: &Arc<Mesh>, addr: SocketAddr) -> anyhow::Result<quinn::Endpoin
         vec![leaf.der, mesh.ca.cert_der.clone()],
         &key.serialize_der(),
     )?;
-    let verifier = MeshClientVerifier::new(
+    let verifier = MeshClientVerifier::with_expired_grace(
         mesh.trust.clone(),
         false,
         Arc::new(|r| tracing::info!(reason = r.as_str(), "control client certificate refused")),
+        EXPIRED_RENEWAL_GRACE_SECS,
     );
     let cfg = tls::server_config(slot, verifier, ALPN_CONTROL)?;
     let ep = quinn::Endpoint::server(cfg, addr)

@@ -143,7 +143,20 @@ impl Drop for Mesh {
     }
 }
 
+/// A command for `bin`, run inside namespace `netns` when given.
+pub fn command(netns: Option<&str>, bin: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
 fn spawn_logged(
+    netns: Option<&str>,
     bin: &Path,
     args: &[&str],
     log: &Path,
@@ -155,7 +168,7 @@ fn spawn_logged(
         .open(log)
         .with_context(|| log.display().to_string())?;
     let err = out.try_clone()?;
-    let mut cmd = Command::new(bin);
+    let mut cmd = command(netns, bin);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(out)
@@ -185,12 +198,44 @@ pub struct CoordinatorProc {
     pub http_port: u16,
     pub admin_token: String,
     pub cert_ttl: String,
+    /// The namespace it runs in (None: this host) and its control IP there.
+    pub netns: Option<String>,
+    pub ip: std::net::IpAddr,
     child: Option<Child>,
 }
 
 impl CoordinatorProc {
     /// Runs `init` in `<mesh>/coordinator` and starts `serve`.
     pub fn start(mesh: &Mesh, cert_ttl: &str) -> anyhow::Result<Self> {
+        Self::start_at(
+            mesh,
+            cert_ttl,
+            None,
+            [127, 0, 0, 1].into(),
+            free_udp_port(),
+            free_tcp_port(),
+        )
+    }
+
+    /// Runs `init` and `serve` inside namespace `ns`, control on `ip:7700`, API on its
+    /// loopback.
+    pub fn start_in(
+        mesh: &Mesh,
+        cert_ttl: &str,
+        ns: &str,
+        ip: std::net::IpAddr,
+    ) -> anyhow::Result<Self> {
+        Self::start_at(mesh, cert_ttl, Some(ns.to_string()), ip, 7700, 7780)
+    }
+
+    fn start_at(
+        mesh: &Mesh,
+        cert_ttl: &str,
+        netns: Option<String>,
+        ip: std::net::IpAddr,
+        control_port: u16,
+        http_port: u16,
+    ) -> anyhow::Result<Self> {
         let data_dir = mesh.path().join("coordinator");
         let log = mesh.path().join("coordinator.log");
         let bins = Bins::get();
@@ -207,10 +252,12 @@ impl CoordinatorProc {
         let mut c = Self {
             data_dir,
             log,
-            control_port: free_udp_port(),
-            http_port: free_tcp_port(),
+            control_port,
+            http_port,
             admin_token,
             cert_ttl: cert_ttl.to_string(),
+            netns,
+            ip,
             child: None,
         };
         c.restart()?;
@@ -219,16 +266,17 @@ impl CoordinatorProc {
 
     /// The control address nodes dial.
     pub fn control_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.control_port))
+        SocketAddr::new(self.ip, self.control_port)
     }
 
     /// Starts `serve` again from the same data dir and ports; waits for the API.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         kill_child(&mut self.child);
-        let listen = format!("127.0.0.1:{}", self.control_port);
+        let listen = self.control_addr().to_string();
         let http = format!("127.0.0.1:{}", self.http_port);
         let dd = self.data_dir.display().to_string();
         self.child = Some(spawn_logged(
+            self.netns.as_deref(),
             &Bins::get().coordinator,
             &[
                 "serve",
@@ -257,7 +305,7 @@ impl CoordinatorProc {
 
     /// Runs an admin CLI command against this coordinator.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
-        Ok(Command::new(&Bins::get().coordinator)
+        Ok(command(self.netns.as_deref(), &Bins::get().coordinator)
             .args(["--api", &format!("http://127.0.0.1:{}", self.http_port)])
             .args(args)
             .env("QUICMESH_ADMIN_TOKEN", &self.admin_token)
@@ -316,6 +364,8 @@ pub struct NodeSpec {
     /// Mesh services consumed: one upstream listener each, on a free loopback port.
     pub upstreams: Vec<String>,
     pub check_egress: bool,
+    /// The namespace (test host) the node runs in; None: this host, on loopback.
+    pub netns: Option<String>,
 }
 
 impl NodeSpec {
@@ -335,6 +385,11 @@ impl NodeSpec {
     /// Adds an upstream.
     pub fn upstream(mut self, service: &str) -> Self {
         self.upstreams.push(service.into());
+        self
+    }
+    /// Runs the node inside namespace `ns`, its tunnel on all of that host's addresses.
+    pub fn on(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_string());
         self
     }
     /// Turns the sender-side policy check off (ingress stays authoritative).
@@ -392,11 +447,12 @@ impl NodeProc {
 
     fn write_config(&self) -> anyhow::Result<()> {
         let mut t = format!(
-            "name = \"{}\"\ncoordinator = \"{}\"\njoin_token = \"{}\"\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:{}\"\nmetrics = \"127.0.0.1:{}\"\nstatus_interval = \"1s\"\n\n[policy]\ncheck_egress = {}\n",
+            "name = \"{}\"\ncoordinator = \"{}\"\njoin_token = \"{}\"\ndata_dir = \"{}\"\nlisten = \"{}:{}\"\nmetrics = \"127.0.0.1:{}\"\nstatus_interval = \"1s\"\n\n[policy]\ncheck_egress = {}\n",
             self.spec.name,
             self.coordinator,
             self.token,
             self.data_dir.display(),
+            if self.spec.netns.is_some() { "0.0.0.0" } else { "127.0.0.1" },
             self.listen_port,
             self.metrics_port,
             self.spec.check_egress
@@ -449,7 +505,7 @@ impl NodeProc {
 
     /// Runs the node to completion (for enrollment that must fail) and returns its output.
     pub fn run_to_exit(&self, within: Duration) -> anyhow::Result<Output> {
-        let mut child = Command::new(&Bins::get().node)
+        let mut child = command(self.spec.netns.as_deref(), &Bins::get().node)
             .args(["run", "--config"])
             .arg(&self.config)
             .stdout(Stdio::piped())
@@ -477,6 +533,7 @@ impl NodeProc {
         kill_child(&mut self.child);
         let cfg = self.config.display().to_string();
         self.child = Some(spawn_logged(
+            self.spec.netns.as_deref(),
             &Bins::get().node,
             &["run", "--config", &cfg],
             &self.log,
@@ -501,6 +558,30 @@ impl NodeProc {
         Ok(())
     }
 
+    /// Restarts the node on a new tunnel port (same identity, same data dir).
+    pub fn restart_on_new_port(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let old = self.listen_port;
+        self.listen_port = 0;
+        self.write_config()?;
+        self.restart()?;
+        if self.listen_port == old {
+            bail!("the node came back on its old port {old}");
+        }
+        Ok(())
+    }
+
+    /// Runs `f` inside this node's host (loopback there reaches its upstreams).
+    pub fn on_host<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        match &self.spec.netns {
+            Some(ns) => crate::topo::in_ns(ns, f),
+            None => Ok(f()),
+        }
+    }
+
     /// SIGKILLs the node.
     pub fn kill(&mut self) {
         kill_child(&mut self.child);
@@ -513,7 +594,11 @@ impl NodeProc {
 
     /// The node's Prometheus metrics.
     pub fn metrics(&self) -> anyhow::Result<String> {
-        Ok(scrape(self.metrics_port)?)
+        let port = self.metrics_port;
+        match &self.spec.netns {
+            Some(ns) => Ok(crate::topo::in_ns(ns, move || scrape(port))??),
+            None => Ok(scrape(port)?),
+        }
     }
 
     /// The local address of the upstream for `service`.

@@ -8,5 +8,6 @@
 
 pub mod harness;
 pub mod net;
+pub mod topo;
 
 pub use harness::{assert_eventually, patience, Bins, CoordinatorProc, Mesh, NodeProc, NodeSpec};

@@ -145,7 +145,8 @@ enum SessionEnd {
 /// Keeps a control session up for the life of the node.
 pub async fn session_loop(node: Arc<Node>) {
     let mut backoff = Duration::from_millis(250);
-    let max = Duration::from_secs(15);
+    // Capped low: a node must be back on the latest snapshot soon after the coordinator is.
+    let max = Duration::from_secs(4);
     loop {
         let started = Instant::now();
         let result = session(&node).await;

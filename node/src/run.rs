@@ -21,8 +21,6 @@ pub enum StartError {
     Enroll(#[from] EnrollError),
     #[error("not enrolled: no certificate in {0} and no join_token in the config")]
     NoToken(String),
-    #[error("certificate expired at {0} (unix); enroll again with a new join_token")]
-    Expired(i64),
     #[error("stored certificate: {0}")]
     BadCert(String),
     #[error("tls: {0}")]
@@ -41,7 +39,7 @@ impl StartError {
         match self {
             StartError::Enroll(EnrollError::Refused { .. })
             | StartError::Enroll(EnrollError::Token(_)) => 77,
-            StartError::NoToken(_) | StartError::Expired(_) => 78,
+            StartError::NoToken(_) => 78,
             _ => 1,
         }
     }
@@ -68,8 +66,21 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
             }
             if peer.not_after <= unix_now() {
                 match cfg.join_token.as_deref() {
-                    Some(t) => control::enroll(&endpoint, &cfg, &key, t).await?,
-                    None => return Err(StartError::Expired(peer.not_after)),
+                    Some(t) if t.parse::<quicmesh_protocol::token::JoinToken>().is_ok() => {
+                        match control::enroll(&endpoint, &cfg, &key, t).await {
+                            Ok(id) => id,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "certificate expired and re-enrollment failed; renewing over the control session instead");
+                                id
+                            }
+                        }
+                    }
+                    _ => {
+                        // The coordinator accepts an expired (unrevoked) certificate for a
+                        // grace period so the node can renew it.
+                        tracing::warn!(not_after = peer.not_after, "certificate expired; it will be renewed when the coordinator is reachable");
+                        id
+                    }
                 }
             } else {
                 id

@@ -219,7 +219,23 @@ impl Node {
             }
         }
         self.trust.store(Arc::new(trust));
+        let old = self.view();
         let view = Arc::new(View::from_snapshot(snap));
+        // A peer that moved (restart on a new port, new address) leaves a tunnel to where it
+        // was: drop it now rather than wait for the idle timeout.
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.retain(|name, conn| {
+                let before = old.peers.get(name).and_then(|p| p.endpoint);
+                let now = view.peers.get(name).and_then(|p| p.endpoint);
+                let moved = before.is_some() && now.is_some() && before != now;
+                if moved {
+                    tracing::info!(peer = %name, ?before, ?now, "peer moved; closing the old tunnel");
+                    conn.close(quinn::VarInt::from_u32(4), b"peer moved");
+                }
+                !moved
+            });
+            self.metrics.set_peers_connected(conns.len());
+        }
         self.view_tx.send_replace(view.clone());
         self.metrics.set_snapshot_version(snap.version);
         self.recheck(&view);

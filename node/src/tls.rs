@@ -214,6 +214,7 @@ pub struct MeshClientVerifier {
     trust: TrustHandle,
     mandatory: bool,
     on_refuse: RefusalHook,
+    expired_grace_secs: u64,
 }
 
 impl fmt::Debug for MeshClientVerifier {
@@ -231,6 +232,24 @@ impl MeshClientVerifier {
             trust,
             mandatory,
             on_refuse,
+            expired_grace_secs: 0,
+        })
+    }
+
+    /// Also accepts certificates expired for at most `secs` (and otherwise valid and not
+    /// revoked). The coordinator's control port uses it so a node whose certificate ran
+    /// out during a coordinator outage can still renew it.
+    pub fn with_expired_grace(
+        trust: TrustHandle,
+        mandatory: bool,
+        on_refuse: RefusalHook,
+        secs: u64,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            trust,
+            mandatory,
+            on_refuse,
+            expired_grace_secs: secs,
         })
     }
 }
@@ -251,12 +270,21 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        match self.trust.load().verify_node(
-            end_entity,
-            intermediates,
-            now,
-            webpki::KeyUsage::client_auth(),
-        ) {
+        let trust = self.trust.load();
+        let usage = webpki::KeyUsage::client_auth();
+        let mut result = trust.verify_node(end_entity, intermediates, now, usage);
+        if result == Err(Refusal::Expired) && self.expired_grace_secs > 0 {
+            if let Ok(id) = PeerIdentity::from_der(end_entity, &trust.trust_domain) {
+                let late = now.as_secs() as i64 - id.not_after;
+                if late >= 0 && late as u64 <= self.expired_grace_secs {
+                    let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                        id.not_after.max(1) as u64 - 1,
+                    ));
+                    result = trust.verify_node(end_entity, intermediates, at, usage);
+                }
+            }
+        }
+        match result {
             Ok(_) => Ok(ClientCertVerified::assertion()),
             Err(r) => {
                 (self.on_refuse)(r);
