@@ -8,6 +8,7 @@
 
 pub mod harness;
 pub mod net;
+pub mod rogue;
 pub mod topo;
 
 pub use harness::{assert_eventually, patience, Bins, CoordinatorProc, Mesh, NodeProc, NodeSpec};

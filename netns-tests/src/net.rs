@@ -147,3 +147,63 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// A sink service: reads a connection to its end, then answers `"<bytes> <sha256>\n"`.
+pub fn sink_server(bind: &str) -> std::io::Result<SocketAddr> {
+    let l = TcpListener::bind(bind)?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = s;
+                let mut h = Sha256::new();
+                let mut n = 0usize;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match r.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(k) => {
+                            h.update(&buf[..k]);
+                            n += k;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let _ = r.write_all(format!("{n} {}\n", hex(&h.finalize())).as_bytes());
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Pushes `len` pseudo-random bytes to a [`sink_server`] at `addr`. Returns (sha256 sent,
+/// the sink's answer `"<bytes> <sha256>"`, seconds from connect to answer).
+pub fn sink_transfer(addr: SocketAddr, len: usize) -> std::io::Result<(String, String, f64)> {
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut h = Sha256::new();
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        for b in buf[..n].iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *b = state as u8;
+        }
+        s.write_all(&buf[..n])?;
+        h.update(&buf[..n]);
+        left -= n;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok((
+        format!("{len} {}", hex(&h.finalize())),
+        answer.trim().to_string(),
+        start.elapsed().as_secs_f64(),
+    ))
+}

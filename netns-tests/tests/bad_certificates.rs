@@ -4,155 +4,15 @@
 //! legitimate flows.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::ensure;
 use quicmesh_netns_tests::net::{echo_server, echo_transfer, metric};
+use quicmesh_netns_tests::rogue::{foreign_ca, leaf, mesh_ca, now, present, CertAndKey, Outcome};
 use quicmesh_netns_tests::{assert_eventually, CoordinatorProc, Mesh, NodeProc, NodeSpec};
-use quicmesh_node::frame::{read_frame, write_frame};
-use quicmesh_node::tls::{self, CertSlot, MeshServerVerifier, ServerExpect, Trust};
-use quicmesh_protocol::ident::{ServiceName, TrustDomain};
-use quicmesh_protocol::wire::{RejectCode, StreamHeader, StreamReply, ALPN_TUNNEL};
-use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType};
+use quicmesh_protocol::wire::{RejectCode, StreamReply};
 
 const POLICY: &str = "[[rule]]\nfrom = \"web\"\nto = \"db\"\naction = \"allow\"\n";
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-fn ts(t: i64) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp(t).unwrap()
-}
-
-/// A certificate (DER) and its private key (PKCS#8 DER).
-type CertAndKey = (Vec<u8>, Vec<u8>);
-
-struct Issuer {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-fn foreign_ca() -> Issuer {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name
-        .push(DnType::CommonName, "quicmesh CA quicmesh.local");
-    p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let cert = p.self_signed(&key).unwrap();
-    Issuer { cert, key }
-}
-
-fn mesh_ca(coord: &CoordinatorProc) -> Issuer {
-    let cert_pem = std::fs::read_to_string(coord.data_dir.join("ca.crt")).unwrap();
-    let key = KeyPair::from_pem(&std::fs::read_to_string(coord.data_dir.join("ca.key")).unwrap())
-        .unwrap();
-    let cert = CertificateParams::from_ca_cert_pem(&cert_pem)
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    Issuer { cert, key }
-}
-
-/// A leaf for `node` speaking for `services`, valid over [from, to]; self-signed when
-/// `issuer` is None.
-fn leaf(
-    issuer: Option<&Issuer>,
-    node: &str,
-    services: &[&str],
-    from: i64,
-    to: i64,
-) -> (Vec<u8>, Vec<u8>) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name.push(DnType::CommonName, node);
-    let mut sans = vec![SanType::URI(
-        format!("spiffe://quicmesh.local/node/{node}")
-            .try_into()
-            .unwrap(),
-    )];
-    for s in services {
-        sans.push(SanType::URI(
-            format!("spiffe://quicmesh.local/svc/{s}")
-                .try_into()
-                .unwrap(),
-        ));
-    }
-    p.subject_alt_names = sans;
-    p.not_before = ts(from);
-    p.not_after = ts(to);
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = match issuer {
-        Some(i) => p.signed_by(&key, &i.cert, &i.key).unwrap(),
-        None => p.self_signed(&key).unwrap(),
-    };
-    (cert.der().to_vec(), key.serialize_der())
-}
-
-/// What a rogue client observed.
-#[derive(Debug, PartialEq)]
-enum Outcome {
-    /// The connection failed (handshake refused).
-    Refused,
-    /// A stream was answered.
-    Reply(StreamReply),
-}
-
-/// Presents `(cert, key)` at `target` (node `db-1`) and asks for web -> db.
-async fn present(
-    target: SocketAddr,
-    ca_der: &[u8],
-    cert: (Vec<u8>, Vec<u8>),
-    claim: &str,
-) -> Outcome {
-    let trust = Arc::new(arc_swap_shim(
-        Trust::new(
-            TrustDomain::new("quicmesh.local").unwrap(),
-            &[ca_der.to_vec()],
-            [],
-        )
-        .unwrap(),
-    ));
-    let verifier = MeshServerVerifier::new(Some(trust), ServerExpect::Node, Arc::new(|_| {}));
-    let slot = CertSlot::with(vec![cert.0], &cert.1).unwrap();
-    let cfg = tls::client_config(Some(slot), verifier, ALPN_TUNNEL).unwrap();
-    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let attempt = async {
-        let conn = ep
-            .connect_with(cfg, target, "db-1")
-            .map_err(|_| ())?
-            .await
-            .map_err(|_| ())?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|_| ())?;
-        let h = StreamHeader {
-            src_service: ServiceName::new(claim).unwrap(),
-            dst_service: ServiceName::new("db").unwrap(),
-            flow_id: 1,
-        };
-        write_frame(&mut send, &h).await.map_err(|_| ())?;
-        match read_frame::<StreamReply, _>(&mut recv).await {
-            Ok(Some(r)) => Ok(r),
-            _ => Err(()),
-        }
-    };
-    let out = match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-        Ok(Ok(r)) => Outcome::Reply(r),
-        _ => Outcome::Refused,
-    };
-    ep.close(0u32.into(), b"done");
-    out
-}
-
-fn arc_swap_shim(t: Trust) -> arc_swap::ArcSwap<Trust> {
-    arc_swap::ArcSwap::from_pointee(t)
-}
 
 #[test]
 fn hostile_certificates_are_refused_with_counted_reasons() {

@@ -1,0 +1,405 @@
+//! The mesh across real hosts: network namespaces for hosts, bridges for LANs, routers
+//! (one of them NATing), and an impaired WAN link, all running the real binaries.
+//!
+//! Topology of every scenario (198.18.0.0/15 only):
+//!
+//! ```text
+//!   dc1 198.18.1.0/24            WAN 198.18.100.0/30            dc2 198.18.2.0/24
+//!   web-1 .11, web-2 .12 --- r1 ===== impair ===== r2 --- db-1 .21, payments-1 .22
+//!                            |
+//!   ctl 198.18.3.0/24 -------+  coordinator .10      (nat .50 -> home 198.18.10.0/24)
+//! ```
+//!
+//! The scenarios run one at a time (they share the two cores); each builds and removes its
+//! own namespaces.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure};
+use quicmesh_netns_tests::net::{
+    echo_server, echo_transfer, metric, sink_server, sink_transfer, LiveFlow,
+};
+use quicmesh_netns_tests::rogue::{foreign_ca, leaf, mesh_ca, now, present, CertAndKey, Outcome};
+use quicmesh_netns_tests::topo::{in_ns, Net};
+use quicmesh_netns_tests::{assert_eventually, CoordinatorProc, Mesh, NodeProc, NodeSpec};
+use quicmesh_protocol::wire::{RejectCode, StreamReply};
+
+const IMPAIR: &str = env!("CARGO_BIN_EXE_quicmesh-impair");
+
+const POLICY: &str = r#"
+default = "deny"
+[[rule]]
+from = "web"
+to = "db"
+action = "allow"
+[[rule]]
+from = "web"
+to = "cache"
+action = "allow"
+[[rule]]
+from = "agent"
+to = "db"
+action = "allow"
+[[rule]]
+from = "db"
+to = "agent"
+action = "allow"
+[[test]]
+from = "web"
+to = "payments"
+expect = "deny"
+"#;
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The two-datacenter world. Field order is drop order: processes, then the network.
+struct World {
+    web1: NodeProc,
+    web2: NodeProc,
+    db: NodeProc,
+    payments: NodeProc,
+    coord: CoordinatorProc,
+    net: Net,
+    ns_db: String,
+    sink_port: u16,
+    mesh: Mesh,
+    _lock: MutexGuard<'static, ()>,
+}
+
+fn echo_in(ns: &str) -> SocketAddr {
+    in_ns(ns, || echo_server().unwrap()).unwrap()
+}
+
+fn world(test: &str, cert_ttl: &str) -> World {
+    let lock = serial();
+    let mesh = Mesh::new(test);
+    let mut net = Net::new(test, mesh.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    let dc1 = net.lan("dc1", "198.18.1").unwrap();
+    let dc2 = net.lan("dc2", "198.18.2").unwrap();
+    let ctl = net.lan("ctl", "198.18.3").unwrap();
+    let r1 = net.router("r1", &[(&dc1, 1), (&ctl, 1)]).unwrap();
+    let r2 = net.router("r2", &[(&dc2, 1)]).unwrap();
+    net.impaired_link("wan", &r1, &r2, "198.18.100", IMPAIR.as_ref())
+        .unwrap();
+    net.route(&r1, "198.18.2.0/24", "198.18.100.2").unwrap();
+    net.route(&r2, "198.18.1.0/24", "198.18.100.1").unwrap();
+    net.route(&r2, "198.18.3.0/24", "198.18.100.1").unwrap();
+    net.route(&r2, "198.18.10.0/24", "198.18.100.1").ok();
+    let ns_coord = net.host("coord", &ctl, 10, Some(1)).unwrap();
+    let ns_web1 = net.host("web-1", &dc1, 11, Some(1)).unwrap();
+    let ns_web2 = net.host("web-2", &dc1, 12, Some(1)).unwrap();
+    let ns_db = net.host("db-1", &dc2, 21, Some(1)).unwrap();
+    let ns_pay = net.host("payments-1", &dc2, 22, Some(1)).unwrap();
+    // A host on the underlay that is not part of the mesh (scenario 2's rogue).
+    net.host("rogue", &dc2, 99, Some(1)).unwrap();
+
+    let coord =
+        CoordinatorProc::start_in(&mesh, cert_ttl, &ns_coord, IpAddr::from([198, 18, 3, 10]))
+            .unwrap();
+    let out = coord.apply_policy(&mesh, POLICY).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sink = in_ns(&ns_db, || sink_server("0.0.0.0:9000").unwrap()).unwrap();
+    let db = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("db-1")
+            .on(&ns_db)
+            .service("db", echo_in(&ns_db))
+            .service("cache", echo_in(&ns_db))
+            .service("bulk", sink)
+            .upstream("agent")
+            .upstream("agent-admin"),
+    )
+    .unwrap();
+    let payments = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("payments-1")
+            .on(&ns_pay)
+            .service("payments", echo_in(&ns_pay)),
+    )
+    .unwrap();
+    let web = |name: &str, ns: &str| {
+        NodeSpec::new(name)
+            .on(ns)
+            .service("web", echo_in(ns))
+            .upstream("db")
+            .upstream("cache")
+            .upstream("payments")
+            .upstream("bulk")
+            .no_egress_check()
+    };
+    let web1 = NodeProc::start(&mesh, &coord, &web("web-1", &ns_web1)).unwrap();
+    let web2 = NodeProc::start(&mesh, &coord, &web("web-2", &ns_web2)).unwrap();
+    let w = World {
+        web1,
+        web2,
+        db,
+        payments,
+        coord,
+        net,
+        ns_db,
+        sink_port: sink.port(),
+        mesh,
+        _lock: lock,
+    };
+    wait_acked(&w.coord, 4, Duration::from_secs(15));
+    w
+}
+
+fn wait_acked(coord: &CoordinatorProc, n: usize, within: Duration) -> Duration {
+    assert_eventually(
+        "every node online and acked the latest snapshot",
+        within,
+        || {
+            let v = coord.json(&["nodes", "list"])?;
+            let version = v["mesh_version"].as_u64().unwrap_or(0);
+            let nodes: Vec<_> = v["nodes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|n| n["revoked_at"].is_null())
+                .collect();
+            ensure!(nodes.len() == n, "{} nodes", nodes.len());
+            for node in &nodes {
+                ensure!(node["online"] == true, "{} offline", node["name"]);
+                ensure!(
+                    node["acked_version"].as_u64() == Some(version),
+                    "{} acked {} of {version}",
+                    node["name"],
+                    node["acked_version"]
+                );
+            }
+            Ok(())
+        },
+    )
+    .1
+}
+
+fn m(node: &NodeProc, name: &str, labels: &[(&str, &str)]) -> f64 {
+    node.metrics()
+        .map(|t| metric(&t, name, labels))
+        .unwrap_or(-1.0)
+}
+
+fn transfer_10mib(node: &NodeProc, service: &str) -> (String, String, usize) {
+    let addr = node.upstream(service);
+    node.on_host(move || echo_transfer(addr, 10 << 20))
+        .unwrap()
+        .unwrap()
+}
+
+fn open_flow(node: &NodeProc, service: &str) -> std::io::Result<LiveFlow> {
+    let addr = node.upstream(service);
+    node.on_host(move || LiveFlow::open(addr)).unwrap()
+}
+
+/// Pings a flow from inside its host (the socket is already connected, any thread works).
+fn ping(f: &mut LiveFlow) -> std::io::Result<()> {
+    f.ping()
+}
+
+#[test]
+fn s1_two_datacenters_allow_web_to_db_and_deny_web_to_payments_at_its_ingress() {
+    let w = world("s1", "1h");
+    for web in [&w.web1, &w.web2] {
+        let (sent, got, n) = transfer_10mib(web, "db");
+        assert_eq!(
+            (n, sent == got),
+            (10 << 20, true),
+            "{} -> db carried 10 MiB intact",
+            web.name
+        );
+    }
+    assert_eq!(
+        m(
+            &w.db,
+            "quicmesh_ingress_accepted_total",
+            &[("src_service", "web"), ("dst_service", "db")]
+        ),
+        2.0
+    );
+    // Denied twin: refused at payments-1's ingress, the reason counted there.
+    assert!(
+        open_flow(&w.web1, "payments").is_err(),
+        "web -> payments must be refused"
+    );
+    assert_eventually(
+        "payments-1 counts the denial",
+        Duration::from_secs(5),
+        || {
+            let n = m(
+                &w.payments,
+                "quicmesh_ingress_rejected_total",
+                &[
+                    ("reason", "policy_denied"),
+                    ("src_service", "web"),
+                    ("dst_service", "payments"),
+                ],
+            );
+            ensure!(n == 1.0, "policy_denied = {n}");
+            Ok(())
+        },
+    );
+    assert_eq!(m(&w.payments, "quicmesh_ingress_accepted_total", &[]), 0.0);
+}
+
+#[test]
+fn s2_rogue_host_certificates_are_refused_with_reasons_and_legit_flows_continue() {
+    let w = world("s2", "1h");
+    let target: SocketAddr = SocketAddr::new(IpAddr::from([198, 18, 2, 21]), w.db.listen_port);
+    let ca_der = pem::parse(std::fs::read_to_string(w.coord.data_dir.join("ca.crt")).unwrap())
+        .unwrap()
+        .into_contents();
+    let mesh_issuer = mesh_ca(&w.coord);
+    let foreign = foreign_ca();
+    let t = now();
+
+    // A revoked node's certificate: enroll old-1, revoke it, keep its key and certificate.
+    let ns_old = w.net.ns("payments-1");
+    let old = NodeProc::start(
+        &w.mesh,
+        &w.coord,
+        &NodeSpec::new("old-1")
+            .on(&ns_old)
+            .service("web", echo_in(&ns_old)),
+    )
+    .unwrap();
+    let old_cert = pem::parse(std::fs::read_to_string(old.data_dir.join("node.crt")).unwrap())
+        .unwrap()
+        .into_contents();
+    let old_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(old.data_dir.join("node.key")).unwrap())
+            .unwrap()
+            .serialize_der();
+    drop(old);
+    assert!(w
+        .coord
+        .cli(&["nodes", "revoke", "old-1"])
+        .unwrap()
+        .status
+        .success());
+    wait_acked(&w.coord, 4, Duration::from_secs(10));
+
+    let mut flow = open_flow(&w.web1, "db").unwrap();
+    let cases: Vec<(&str, CertAndKey, &str)> = vec![
+        (
+            "self-signed",
+            leaf(None, "web-1", &["web"], t - 60, t + 3600),
+            "unknown_ca",
+        ),
+        (
+            "foreign ca",
+            leaf(Some(&foreign), "web-1", &["web"], t - 60, t + 3600),
+            "unknown_ca",
+        ),
+        (
+            "expired",
+            leaf(Some(&mesh_issuer), "web-1", &["web"], t - 7200, t - 3600),
+            "expired",
+        ),
+        (
+            "not yet valid",
+            leaf(Some(&mesh_issuer), "web-1", &["web"], t + 3600, t + 7200),
+            "not_yet_valid",
+        ),
+        ("revoked node", (old_cert, old_key), "revoked"),
+    ];
+    let rogue_host = w.net.ns("rogue");
+    let mut want_unknown = 0.0;
+    for (what, cert, reason) in cases {
+        let ca = ca_der.clone();
+        // The rogue presents from a host on the underlay (dc2's LAN, next to db-1).
+        let out = in_ns(&rogue_host, move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(present(target, &ca, cert, "web"))
+        })
+        .unwrap();
+        assert_eq!(out, Outcome::Refused, "{what}");
+        if reason == "unknown_ca" {
+            want_unknown += 1.0;
+        }
+        let want = if reason == "unknown_ca" {
+            want_unknown
+        } else {
+            1.0
+        };
+        assert_eventually(
+            &format!("{what} counted as {reason}"),
+            Duration::from_secs(5),
+            || {
+                let n = m(
+                    &w.db,
+                    "quicmesh_handshake_refused_total",
+                    &[("reason", reason)],
+                );
+                ensure!(
+                    n == want,
+                    "handshake_refused{{reason={reason}}} = {n}, want {want}"
+                );
+                Ok(())
+            },
+        );
+        ping(&mut flow).unwrap();
+    }
+    // Valid mesh certificate, but it may speak only for payments: claiming web is refused;
+    // its honest twin claiming payments passes the identity check and meets the policy.
+    let rogue = leaf(
+        Some(&mesh_issuer),
+        "rogue-1",
+        &["payments"],
+        t - 60,
+        t + 3600,
+    );
+    for (claim, expected) in [
+        (
+            "web",
+            StreamReply::Reject {
+                code: RejectCode::SourceNotInCertificate,
+                rule: None,
+            },
+        ),
+        (
+            "payments",
+            StreamReply::Reject {
+                code: RejectCode::PolicyDenied,
+                rule: Some("default".into()),
+            },
+        ),
+    ] {
+        let (ca, cert) = (ca_der.clone(), rogue.clone());
+        let out = in_ns(&rogue_host, move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(present(target, &ca, cert, claim))
+        })
+        .unwrap();
+        assert_eq!(out, Outcome::Reply(expected), "claim {claim}");
+    }
+    assert_eq!(
+        m(
+            &w.db,
+            "quicmesh_ingress_rejected_total",
+            &[("reason", "source_not_in_certificate")]
+        ),
+        1.0
+    );
+    ping(&mut flow).unwrap();
+    let (a, b, n) = transfer_10mib(&w.web2, "db");
+    assert_eq!(
+        (a == b, n),
+        (true, 10 << 20),
+        "legitimate flows through db-1 are unaffected"
+    );
+}
