@@ -582,6 +582,11 @@ impl NodeProc {
         }
     }
 
+    /// The node process's PID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILLs the node.
     pub fn kill(&mut self) {
         kill_child(&mut self.child);

@@ -22,7 +22,7 @@ use quicmesh_netns_tests::net::{
     echo_server, echo_transfer, metric, sink_server, sink_transfer, LiveFlow,
 };
 use quicmesh_netns_tests::rogue::{foreign_ca, leaf, mesh_ca, now, present, CertAndKey, Outcome};
-use quicmesh_netns_tests::topo::{in_ns, Net};
+use quicmesh_netns_tests::topo::{in_ns, Lan, Net};
 use quicmesh_netns_tests::{assert_eventually, CoordinatorProc, Mesh, NodeProc, NodeSpec};
 use quicmesh_protocol::wire::{RejectCode, StreamReply};
 
@@ -65,7 +65,7 @@ struct World {
     payments: NodeProc,
     coord: CoordinatorProc,
     net: Net,
-    ns_db: String,
+    ctl: Lan,
     sink_port: u16,
     mesh: Mesh,
     _lock: MutexGuard<'static, ()>,
@@ -117,7 +117,8 @@ fn world(test: &str, cert_ttl: &str) -> World {
             .service("cache", echo_in(&ns_db))
             .service("bulk", sink)
             .upstream("agent")
-            .upstream("agent-admin"),
+            .upstream("agent-admin")
+            .no_egress_check(),
     )
     .unwrap();
     let payments = NodeProc::start(
@@ -147,7 +148,7 @@ fn world(test: &str, cert_ttl: &str) -> World {
         payments,
         coord,
         net,
-        ns_db,
+        ctl,
         sink_port: sink.port(),
         mesh,
         _lock: lock,
@@ -402,4 +403,193 @@ fn s2_rogue_host_certificates_are_refused_with_reasons_and_legit_flows_continue(
         (true, 10 << 20),
         "legitimate flows through db-1 are unaffected"
     );
+}
+
+const POLICY_NO_WEB_DB: &str = r#"
+default = "deny"
+[[rule]]
+from = "web"
+to = "cache"
+action = "allow"
+[[rule]]
+from = "agent"
+to = "db"
+action = "allow"
+[[rule]]
+from = "db"
+to = "agent"
+action = "allow"
+[[test]]
+from = "web"
+to = "db"
+expect = "deny"
+"#;
+
+#[test]
+fn s3_policy_revoked_mid_flow_closes_only_that_service_and_readding_restores() {
+    let w = world("s3", "1h");
+    let mut db_flow = open_flow(&w.web1, "db").unwrap();
+    let mut cache_flow = open_flow(&w.web1, "cache").unwrap();
+    let applied = Instant::now();
+    assert!(w.coord.apply_policy(&w.mesh, POLICY_NO_WEB_DB).unwrap().status.success());
+    let (_, took) = assert_eventually("the web -> db flow is closed", Duration::from_secs(5), || match ping(&mut db_flow) {
+        Ok(()) => bail!("still flowing"),
+        Err(_) => Ok(()),
+    });
+    eprintln!("RESULT s3 flow closed {:?} after the apply ({took:?} after the first check)", applied.elapsed());
+    // The other service on the same tunnel keeps flowing.
+    for _ in 0..10 {
+        ping(&mut cache_flow).unwrap();
+    }
+    assert_eq!(m(&w.db, "quicmesh_flows_closed_total", &[("reason", "policy_changed")]), 1.0);
+    assert!(open_flow(&w.web1, "db").is_err(), "new web -> db flows are refused");
+    assert!(w.coord.apply_policy(&w.mesh, POLICY).unwrap().status.success());
+    assert_eventually("web -> db flows again", Duration::from_secs(5), || Ok(open_flow(&w.web1, "db")?));
+    ping(&mut cache_flow).unwrap();
+}
+
+#[test]
+fn s4_coordinator_outage_across_several_renewal_periods() {
+    let mut w = world("s4", "12s");
+    let pids: Vec<u32> = [&w.web1, &w.web2, &w.db, &w.payments].iter().map(|n| n.pid().unwrap()).collect();
+    let mut f1 = open_flow(&w.web1, "db").unwrap();
+    let mut f2 = open_flow(&w.web2, "cache").unwrap();
+    w.coord.kill();
+    // Down for ~3 renewal periods (renewal at ~2/3 of 12 s); the certificates expire too.
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(25) {
+        ping(&mut f1).unwrap();
+        ping(&mut f2).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // New flows keep working over the tunnels in place; the denied twin stays denied.
+    let (a, b, n) = transfer_10mib(&w.web1, "db");
+    assert_eq!((a == b, n), (true, 10 << 20));
+    assert!(open_flow(&w.web2, "db").is_ok());
+    assert!(open_flow(&w.web1, "payments").is_err());
+    let back = Instant::now();
+    w.coord.restart().unwrap();
+    let took = wait_acked(&w.coord, 4, Duration::from_secs(10));
+    eprintln!("RESULT s4 every node acked the latest snapshot {:?} after the coordinator returned ({took:?} after its API answered)", back.elapsed());
+    // Everyone renewed after the outage, and no node restarted.
+    assert_eventually("certificates renewed after the outage", Duration::from_secs(10), || {
+        for n in [&w.web1, &w.web2, &w.db, &w.payments] {
+            let left = n.status()?["certificate"]["expires_in_secs"].as_i64().unwrap_or(0);
+            ensure!(left > 0, "{} still holds an expired certificate", n.name);
+        }
+        Ok(())
+    });
+    let after: Vec<u32> = [&w.web1, &w.web2, &w.db, &w.payments].iter().map(|n| n.pid().unwrap()).collect();
+    assert_eq!(pids, after, "no node restarted");
+    ping(&mut f1).unwrap();
+}
+
+#[test]
+fn s5_peer_restart_on_a_new_port_resumes_flows_and_counters_return_to_baseline() {
+    let mut w = world("s5", "1h");
+    let (a, b, _) = transfer_10mib(&w.web1, "db");
+    assert_eq!(a, b);
+    let peers = m(&w.web1, "quicmesh_peers_connected", &[]);
+    let active = m(&w.web1, "quicmesh_flows_active", &[]);
+    let old_port = w.db.listen_port;
+    w.db.kill();
+    assert!(open_flow(&w.web1, "db").is_err(), "db-1 is down");
+    w.db.restart_on_new_port().unwrap();
+    let back = Instant::now();
+    assert_ne!(w.db.listen_port, old_port);
+    let (_, took) = assert_eventually("web -> db resumes", Duration::from_secs(5), || {
+        let mut f = open_flow(&w.web1, "db")?;
+        ping(&mut f)?;
+        Ok(())
+    });
+    eprintln!("RESULT s5 web -> db resumed {:?} after db-1 returned on a new port ({took:?} of polling)", back.elapsed());
+    assert_eventually("web-1's peer and flow counters return to baseline", Duration::from_secs(10), || {
+        let p = m(&w.web1, "quicmesh_peers_connected", &[]);
+        let f = m(&w.web1, "quicmesh_flows_active", &[]);
+        ensure!(p == peers && f == active, "peers {p} (baseline {peers}), flows {f} (baseline {active})");
+        Ok(())
+    });
+}
+
+#[test]
+fn s6_impaired_wan_profiles_deliver_10mib_intact() {
+    let w = world("s6", "1h");
+    let wan = &w.net.impairments[0];
+    let r1 = w.net.ns("r1");
+    let r2 = w.net.ns("r2");
+    let plain: SocketAddr = SocketAddr::new(IpAddr::from([198, 18, 2, 21]), w.sink_port);
+    let mesh_addr = w.web1.upstream("bulk");
+    let ns_web = w.net.ns("web-1");
+    let profiles = [
+        ("200ms-rtt", "delay_ms = 100\n", None),
+        ("2%-loss", "loss = 0.02\n", None),
+        ("1%-corruption", "corrupt = 0.01\n", None),
+        ("25%-reordering", "reorder = 0.25\nreorder_ms = 5\n", None),
+        ("mtu-1280", "", Some(1280)),
+    ];
+    for (name, config, mtu) in profiles {
+        wan.set(config).unwrap();
+        if let Some(mtu) = mtu {
+            w.net.mtu(&r1, "wan", mtu).unwrap();
+            w.net.mtu(&r2, "wan", mtu).unwrap();
+        }
+        let len = 10usize << 20;
+        let through = {
+            let a = mesh_addr;
+            in_ns(&ns_web, move || sink_transfer(a, len)).unwrap().unwrap_or_else(|e| panic!("{name}: mesh transfer: {e}"))
+        };
+        assert_eq!(through.0, through.1, "{name}: 10 MiB arrived intact through the mesh");
+        let direct = in_ns(&ns_web, move || sink_transfer(plain, len)).unwrap().unwrap_or_else(|e| panic!("{name}: plain transfer: {e}"));
+        assert_eq!(direct.0, direct.1, "{name}: plain TCP arrived intact");
+        let mbit = |secs: f64| len as f64 * 8.0 / secs / 1e6;
+        eprintln!(
+            "RESULT s6 {name:<15} mesh {:>7.1} Mbit/s ({:.2} s)   plain tcp {:>7.1} Mbit/s ({:.2} s)",
+            mbit(through.2),
+            through.2,
+            mbit(direct.2),
+            direct.2
+        );
+        if mtu.is_some() {
+            w.net.mtu(&r1, "wan", 1500).unwrap();
+            w.net.mtu(&r2, "wan", 1500).unwrap();
+        }
+    }
+    wan.set("").unwrap();
+}
+
+#[test]
+fn s7_node_behind_nat_enrolls_reaches_out_and_is_reached_back() {
+    let mut w = world("s7", "1h");
+    let ctl = w.ctl.clone();
+    let home = w.net.lan("home", "198.18.10").unwrap();
+    let nat = w.net.router("nat", &[(&home, 1), (&ctl, 50)]).unwrap();
+    w.net.route(&nat, "default", "198.18.3.1").unwrap();
+    w.net.masquerade(&nat, "eth1", false).unwrap();
+    let ns_edge = w.net.host("edge-1", &home, 11, Some(1)).unwrap();
+    let edge = NodeProc::start(
+        &w.mesh,
+        &w.coord,
+        &NodeSpec::new("edge-1").on(&ns_edge).service("agent", echo_in(&ns_edge)).service("agent-admin", echo_in(&ns_edge)).upstream("db"),
+    )
+    .unwrap();
+    wait_acked(&w.coord, 5, Duration::from_secs(15));
+    // The coordinator sees edge-1 at the NAT's public address.
+    let nodes = w.coord.json(&["nodes", "list"]).unwrap();
+    let e = nodes["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "edge-1").unwrap().clone();
+    assert!(e["endpoint"].as_str().unwrap().starts_with("198.18.3.50:"), "edge-1 is seen behind the NAT: {e}");
+    // Out: edge-1 -> db (the tunnel edge-1 opens through the NAT).
+    let mut out = open_flow(&edge, "db").unwrap();
+    ping(&mut out).unwrap();
+    // Back: db-1 -> agent over that same tunnel; its denied twin agent-admin is refused at
+    // edge-1's ingress with the reason counted there.
+    let mut back = open_flow(&w.db, "agent").unwrap();
+    ping(&mut back).unwrap();
+    assert!(open_flow(&w.db, "agent-admin").is_err());
+    assert_eventually("edge-1 counts the denial", Duration::from_secs(5), || {
+        let n = m(&edge, "quicmesh_ingress_rejected_total", &[("reason", "policy_denied"), ("dst_service", "agent-admin")]);
+        ensure!(n == 1.0, "policy_denied = {n}");
+        Ok(())
+    });
+    assert_eq!(m(&edge, "quicmesh_ingress_accepted_total", &[("src_service", "db"), ("dst_service", "agent")]), 1.0);
+    drop(edge);
 }
