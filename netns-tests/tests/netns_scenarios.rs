@@ -39,6 +39,10 @@ from = "web"
 to = "cache"
 action = "allow"
 [[rule]]
+from = "web"
+to = "bulk"
+action = "allow"
+[[rule]]
 from = "agent"
 to = "db"
 action = "allow"
@@ -412,6 +416,10 @@ from = "web"
 to = "cache"
 action = "allow"
 [[rule]]
+from = "web"
+to = "bulk"
+action = "allow"
+[[rule]]
 from = "agent"
 to = "db"
 action = "allow"
@@ -431,27 +439,59 @@ fn s3_policy_revoked_mid_flow_closes_only_that_service_and_readding_restores() {
     let mut db_flow = open_flow(&w.web1, "db").unwrap();
     let mut cache_flow = open_flow(&w.web1, "cache").unwrap();
     let applied = Instant::now();
-    assert!(w.coord.apply_policy(&w.mesh, POLICY_NO_WEB_DB).unwrap().status.success());
-    let (_, took) = assert_eventually("the web -> db flow is closed", Duration::from_secs(5), || match ping(&mut db_flow) {
-        Ok(()) => bail!("still flowing"),
-        Err(_) => Ok(()),
-    });
-    eprintln!("RESULT s3 flow closed {:?} after the apply ({took:?} after the first check)", applied.elapsed());
+    assert!(w
+        .coord
+        .apply_policy(&w.mesh, POLICY_NO_WEB_DB)
+        .unwrap()
+        .status
+        .success());
+    let (_, took) = assert_eventually(
+        "the web -> db flow is closed",
+        Duration::from_secs(5),
+        || match ping(&mut db_flow) {
+            Ok(()) => bail!("still flowing"),
+            Err(_) => Ok(()),
+        },
+    );
+    eprintln!(
+        "RESULT s3 flow closed {:?} after the apply ({took:?} after the first check)",
+        applied.elapsed()
+    );
     // The other service on the same tunnel keeps flowing.
     for _ in 0..10 {
         ping(&mut cache_flow).unwrap();
     }
-    assert_eq!(m(&w.db, "quicmesh_flows_closed_total", &[("reason", "policy_changed")]), 1.0);
-    assert!(open_flow(&w.web1, "db").is_err(), "new web -> db flows are refused");
-    assert!(w.coord.apply_policy(&w.mesh, POLICY).unwrap().status.success());
-    assert_eventually("web -> db flows again", Duration::from_secs(5), || Ok(open_flow(&w.web1, "db")?));
+    assert_eq!(
+        m(
+            &w.db,
+            "quicmesh_flows_closed_total",
+            &[("reason", "policy_changed")]
+        ),
+        1.0
+    );
+    assert!(
+        open_flow(&w.web1, "db").is_err(),
+        "new web -> db flows are refused"
+    );
+    assert!(w
+        .coord
+        .apply_policy(&w.mesh, POLICY)
+        .unwrap()
+        .status
+        .success());
+    assert_eventually("web -> db flows again", Duration::from_secs(5), || {
+        Ok(open_flow(&w.web1, "db")?)
+    });
     ping(&mut cache_flow).unwrap();
 }
 
 #[test]
 fn s4_coordinator_outage_across_several_renewal_periods() {
     let mut w = world("s4", "12s");
-    let pids: Vec<u32> = [&w.web1, &w.web2, &w.db, &w.payments].iter().map(|n| n.pid().unwrap()).collect();
+    let pids: Vec<u32> = [&w.web1, &w.web2, &w.db, &w.payments]
+        .iter()
+        .map(|n| n.pid().unwrap())
+        .collect();
     let mut f1 = open_flow(&w.web1, "db").unwrap();
     let mut f2 = open_flow(&w.web2, "cache").unwrap();
     w.coord.kill();
@@ -472,14 +512,23 @@ fn s4_coordinator_outage_across_several_renewal_periods() {
     let took = wait_acked(&w.coord, 4, Duration::from_secs(10));
     eprintln!("RESULT s4 every node acked the latest snapshot {:?} after the coordinator returned ({took:?} after its API answered)", back.elapsed());
     // Everyone renewed after the outage, and no node restarted.
-    assert_eventually("certificates renewed after the outage", Duration::from_secs(10), || {
-        for n in [&w.web1, &w.web2, &w.db, &w.payments] {
-            let left = n.status()?["certificate"]["expires_in_secs"].as_i64().unwrap_or(0);
-            ensure!(left > 0, "{} still holds an expired certificate", n.name);
-        }
-        Ok(())
-    });
-    let after: Vec<u32> = [&w.web1, &w.web2, &w.db, &w.payments].iter().map(|n| n.pid().unwrap()).collect();
+    assert_eventually(
+        "certificates renewed after the outage",
+        Duration::from_secs(10),
+        || {
+            for n in [&w.web1, &w.web2, &w.db, &w.payments] {
+                let left = n.status()?["certificate"]["expires_in_secs"]
+                    .as_i64()
+                    .unwrap_or(0);
+                ensure!(left > 0, "{} still holds an expired certificate", n.name);
+            }
+            Ok(())
+        },
+    );
+    let after: Vec<u32> = [&w.web1, &w.web2, &w.db, &w.payments]
+        .iter()
+        .map(|n| n.pid().unwrap())
+        .collect();
     assert_eq!(pids, after, "no node restarted");
     ping(&mut f1).unwrap();
 }
@@ -502,13 +551,23 @@ fn s5_peer_restart_on_a_new_port_resumes_flows_and_counters_return_to_baseline()
         ping(&mut f)?;
         Ok(())
     });
-    eprintln!("RESULT s5 web -> db resumed {:?} after db-1 returned on a new port ({took:?} of polling)", back.elapsed());
-    assert_eventually("web-1's peer and flow counters return to baseline", Duration::from_secs(10), || {
-        let p = m(&w.web1, "quicmesh_peers_connected", &[]);
-        let f = m(&w.web1, "quicmesh_flows_active", &[]);
-        ensure!(p == peers && f == active, "peers {p} (baseline {peers}), flows {f} (baseline {active})");
-        Ok(())
-    });
+    eprintln!(
+        "RESULT s5 web -> db resumed {:?} after db-1 returned on a new port ({took:?} of polling)",
+        back.elapsed()
+    );
+    assert_eventually(
+        "web-1's peer and flow counters return to baseline",
+        Duration::from_secs(10),
+        || {
+            let p = m(&w.web1, "quicmesh_peers_connected", &[]);
+            let f = m(&w.web1, "quicmesh_flows_active", &[]);
+            ensure!(
+                p == peers && f == active,
+                "peers {p} (baseline {peers}), flows {f} (baseline {active})"
+            );
+            Ok(())
+        },
+    );
 }
 
 #[test]
@@ -536,10 +595,17 @@ fn s6_impaired_wan_profiles_deliver_10mib_intact() {
         let len = 10usize << 20;
         let through = {
             let a = mesh_addr;
-            in_ns(&ns_web, move || sink_transfer(a, len)).unwrap().unwrap_or_else(|e| panic!("{name}: mesh transfer: {e}"))
+            in_ns(&ns_web, move || sink_transfer(a, len))
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{name}: mesh transfer: {e}"))
         };
-        assert_eq!(through.0, through.1, "{name}: 10 MiB arrived intact through the mesh");
-        let direct = in_ns(&ns_web, move || sink_transfer(plain, len)).unwrap().unwrap_or_else(|e| panic!("{name}: plain transfer: {e}"));
+        assert_eq!(
+            through.0, through.1,
+            "{name}: 10 MiB arrived intact through the mesh"
+        );
+        let direct = in_ns(&ns_web, move || sink_transfer(plain, len))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{name}: plain transfer: {e}"));
         assert_eq!(direct.0, direct.1, "{name}: plain TCP arrived intact");
         let mbit = |secs: f64| len as f64 * 8.0 / secs / 1e6;
         eprintln!(
@@ -569,14 +635,27 @@ fn s7_node_behind_nat_enrolls_reaches_out_and_is_reached_back() {
     let edge = NodeProc::start(
         &w.mesh,
         &w.coord,
-        &NodeSpec::new("edge-1").on(&ns_edge).service("agent", echo_in(&ns_edge)).service("agent-admin", echo_in(&ns_edge)).upstream("db"),
+        &NodeSpec::new("edge-1")
+            .on(&ns_edge)
+            .service("agent", echo_in(&ns_edge))
+            .service("agent-admin", echo_in(&ns_edge))
+            .upstream("db"),
     )
     .unwrap();
     wait_acked(&w.coord, 5, Duration::from_secs(15));
     // The coordinator sees edge-1 at the NAT's public address.
     let nodes = w.coord.json(&["nodes", "list"]).unwrap();
-    let e = nodes["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "edge-1").unwrap().clone();
-    assert!(e["endpoint"].as_str().unwrap().starts_with("198.18.3.50:"), "edge-1 is seen behind the NAT: {e}");
+    let e = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "edge-1")
+        .unwrap()
+        .clone();
+    assert!(
+        e["endpoint"].as_str().unwrap().starts_with("198.18.3.50:"),
+        "edge-1 is seen behind the NAT: {e}"
+    );
     // Out: edge-1 -> db (the tunnel edge-1 opens through the NAT).
     let mut out = open_flow(&edge, "db").unwrap();
     ping(&mut out).unwrap();
@@ -586,10 +665,21 @@ fn s7_node_behind_nat_enrolls_reaches_out_and_is_reached_back() {
     ping(&mut back).unwrap();
     assert!(open_flow(&w.db, "agent-admin").is_err());
     assert_eventually("edge-1 counts the denial", Duration::from_secs(5), || {
-        let n = m(&edge, "quicmesh_ingress_rejected_total", &[("reason", "policy_denied"), ("dst_service", "agent-admin")]);
+        let n = m(
+            &edge,
+            "quicmesh_ingress_rejected_total",
+            &[("reason", "policy_denied"), ("dst_service", "agent-admin")],
+        );
         ensure!(n == 1.0, "policy_denied = {n}");
         Ok(())
     });
-    assert_eq!(m(&edge, "quicmesh_ingress_accepted_total", &[("src_service", "db"), ("dst_service", "agent")]), 1.0);
+    assert_eq!(
+        m(
+            &edge,
+            "quicmesh_ingress_accepted_total",
+            &[("src_service", "db"), ("dst_service", "agent")]
+        ),
+        1.0
+    );
     drop(edge);
 }
