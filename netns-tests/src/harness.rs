@@ -323,6 +323,43 @@ impl CoordinatorProc {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// Waits until `n` unrevoked nodes are online and have acked the current mesh version;
+    /// returns how long that took.
+    pub fn wait_all_acked(&self, n: usize, within: Duration) -> Duration {
+        assert_eventually(
+            "every node online and acked the latest snapshot",
+            within,
+            || {
+                let v = self.json(&["nodes", "list"])?;
+                let version = v["mesh_version"].as_u64().unwrap_or(0);
+                let nodes: Vec<_> = v["nodes"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|n| n["revoked_at"].is_null())
+                    .collect();
+                if nodes.len() != n {
+                    bail!("{} nodes, want {n}", nodes.len());
+                }
+                for node in &nodes {
+                    if node["online"] != true {
+                        bail!("{} offline", node["name"]);
+                    }
+                    if node["acked_version"].as_u64() != Some(version) {
+                        bail!(
+                            "{} acked {} of {version}",
+                            node["name"],
+                            node["acked_version"]
+                        );
+                    }
+                }
+                Ok(())
+            },
+        )
+        .1
+    }
+
     /// `token create` for a node and its services; returns the token line.
     pub fn token(&self, node: &str, services: &[&str], ttl: &str) -> anyhow::Result<String> {
         let mut a = vec!["token", "create", "--node", node, "--ttl", ttl];

@@ -52,12 +52,7 @@ pub fn echo_transfer(addr: SocketAddr, len: usize) -> std::io::Result<(String, S
         let mut left = len;
         while left > 0 {
             let n = left.min(buf.len());
-            for b in buf[..n].iter_mut() {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                *b = state as u8;
-            }
+            fill(&mut state, &mut buf[..n]);
             w.write_all(&buf[..n])?;
             h.update(&buf[..n]);
             left -= n;
@@ -81,6 +76,16 @@ pub fn echo_transfer(addr: SocketAddr, len: usize) -> std::io::Result<(String, S
         .join()
         .map_err(|_| std::io::Error::other("writer panicked"))??;
     Ok((sent, hex(&h.finalize()), got))
+}
+
+/// Fills `buf` from a xorshift generator: cheap, incompressible-looking test bytes.
+fn fill(state: &mut u64, buf: &mut [u8]) {
+    for b in buf.iter_mut() {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *b = *state as u8;
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -188,12 +193,7 @@ pub fn sink_transfer(addr: SocketAddr, len: usize) -> std::io::Result<(String, S
     let mut left = len;
     while left > 0 {
         let n = left.min(buf.len());
-        for b in buf[..n].iter_mut() {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            *b = state as u8;
-        }
+        fill(&mut state, &mut buf[..n]);
         s.write_all(&buf[..n])?;
         h.update(&buf[..n]);
         left -= n;

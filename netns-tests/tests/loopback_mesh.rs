@@ -70,32 +70,7 @@ fn demo(test: &str) -> Demo {
 
 /// Waits until `n` nodes are online and have acked the current mesh version.
 fn wait_all_acked(coord: &CoordinatorProc, n: usize) {
-    assert_eventually(
-        "every node acks the latest snapshot",
-        Duration::from_secs(15),
-        || {
-            let v = coord.json(&["nodes", "list"])?;
-            let version = v["mesh_version"].as_u64().unwrap_or(0);
-            let nodes: Vec<_> = v["nodes"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|n| n["revoked_at"].is_null())
-                .collect();
-            ensure!(nodes.len() == n, "{} nodes", nodes.len());
-            for node in &nodes {
-                ensure!(node["online"] == true, "{} offline", node["name"]);
-                ensure!(
-                    node["acked_version"].as_u64() == Some(version),
-                    "{} acked {} of {version}",
-                    node["name"],
-                    node["acked_version"]
-                );
-            }
-            Ok(())
-        },
-    );
+    coord.wait_all_acked(n, Duration::from_secs(15));
 }
 
 fn rejected(node: &NodeProc, reason: &str) -> f64 {

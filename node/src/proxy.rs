@@ -156,8 +156,9 @@ async fn open_stream(
     peer: &quicmesh_protocol::wire::PeerInfo,
     header: &StreamHeader,
 ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), Attempt> {
+    let mut peer = peer.clone();
     for _ in 0..2 {
-        let (conn, fresh) = tunnel::connection(node, peer)
+        let (conn, fresh) = tunnel::connection(node, &peer)
             .await
             .map_err(|e| Attempt::Failed(e.to_string()))?;
         let result = async {
@@ -183,6 +184,10 @@ async fn open_stream(
             Err(e) => {
                 tracing::info!(peer = %peer.node, error = %e, "cached tunnel failed; dialling afresh");
                 tunnel::forget(node, &peer.node, &conn);
+                // The peer may have moved meanwhile: dial where the latest snapshot says.
+                if let Some(p) = node.view().peers.get(&peer.node) {
+                    peer = p.clone();
+                }
             }
         }
     }
