@@ -222,6 +222,15 @@ impl SqliteStore {
             tx.pragma_update(None, "user_version", (i + 1) as i64)?;
             tx.commit()?;
         }
+        // WAL mode adds -wal and -shm files next to the database: same mode as the database.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for ext in ["-wal", "-shm"] {
+                let mut side = path.as_os_str().to_owned();
+                side.push(ext);
+                let _ = std::fs::set_permissions(&side, std::fs::Permissions::from_mode(0o600));
+            }
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
