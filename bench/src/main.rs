@@ -5,7 +5,14 @@
 //! - `micro`: the per-flow CPU work of the protocol crate — stream header encode+decode and
 //!   policy evaluation over a policy of N rules — in nanoseconds per operation.
 //!
-//! The side-by-side scenarios (l3, l4, control, footprint) arrive with the benchmark issue.
+//! - `l4`: a TCP echo service directly, through quicmesh's L4 path, and through an mTLS
+//!   stunnel pair, between two network namespaces (root): open-loop latency at fixed rates,
+//!   bulk goodput, new-connection rate; medians over rounds and quicmesh's added latency.
+//!
+//! Still to come: l3 (overlay vs WireGuard, Nebula, quincy), control, footprint.
+
+mod l4;
+mod stat;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -34,6 +41,24 @@ enum Scenario {
         /// Operations measured per case.
         #[arg(long, default_value_t = 200_000)]
         ops: u64,
+    },
+    /// L4 path vs direct TCP vs stunnel (needs root: network namespaces).
+    L4 {
+        /// Open-loop request rates (requests per second, all connections together).
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        rates: Vec<u64>,
+        /// Seconds per rate.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        /// Connections the requests are spread over.
+        #[arg(long, default_value_t = 4)]
+        conns: usize,
+        /// MiB pushed in the bulk test.
+        #[arg(long, default_value_t = 256)]
+        bulk_mib: usize,
+        /// Rounds (the order of systems rotates each round).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -133,6 +158,24 @@ fn main() -> anyhow::Result<()> {
                     &json!({ "scenario": "micro", "ops": ops, "results": rows }),
                 )?,
             )?;
+            println!("wrote {}", path.display());
+        }
+        Scenario::L4 {
+            rates,
+            secs,
+            conns,
+            bulk_mib,
+            rounds,
+        } => {
+            let v = l4::run(&l4::L4Opts {
+                rates,
+                secs,
+                conns,
+                bulk_mib,
+                rounds,
+            })?;
+            let path = cli.results.join("l4.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
             println!("wrote {}", path.display());
         }
     }

@@ -26,12 +26,11 @@ impl Bins {
         static BINS: OnceLock<Bins> = OnceLock::new();
         BINS.get_or_init(|| {
             let exe = std::env::current_exe().unwrap_or_default();
-            // target/<profile>/deps/<test> -> target/<profile>
-            let dir = exe
-                .parent()
-                .and_then(Path::parent)
-                .map(Path::to_path_buf)
-                .unwrap_or_default();
+            // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (bench)
+            let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                dir.pop();
+            }
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
             // Cargo gives a test process package-specific variables; passed on, they make
