@@ -56,6 +56,9 @@ pub struct NodeConfig {
     pub flow_idle_timeout: Duration,
     /// How often the node reports status to the coordinator.
     pub status_interval: Duration,
+    /// Runtime threads: `None` = one per core; `Some(1)` runs everything on one thread
+    /// (fewer cross-thread wake-ups: lower latency on small hosts).
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -79,6 +82,7 @@ struct Raw {
     policy: Option<RawPolicy>,
     flow_idle_timeout: Option<String>,
     status_interval: Option<String>,
+    worker_threads: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -283,6 +287,16 @@ impl NodeConfig {
                 raw.status_interval,
                 Duration::from_secs(10),
             )?,
+            worker_threads: match raw.worker_threads {
+                None | Some(0) => None,
+                Some(n) if (1..=256).contains(&n) => Some(n as usize),
+                Some(n) => {
+                    return Err(err(
+                        "worker_threads",
+                        format!("{n} is not between 0 (one per core) and 256"),
+                    ))
+                }
+            },
         })
     }
 
@@ -342,6 +356,14 @@ bind = "127.0.0.1:15432"
         assert_eq!(e.key, "upstream[0].bind");
         let e = parse(&format!("{GOOD}\nmetrics = \"0.0.0.0:9000\"\n")).unwrap_err();
         assert_eq!(e.key, "metrics");
+        let e = parse(&format!("worker_threads = 999\n{GOOD}")).unwrap_err();
+        assert_eq!(e.key, "worker_threads");
+        assert_eq!(
+            parse(&format!("worker_threads = 1\n{GOOD}"))
+                .unwrap()
+                .worker_threads,
+            Some(1)
+        );
         let e = parse(&format!("{GOOD}\n[overlay]\nenabled = true\n")).unwrap_err();
         assert_eq!(e.key, "overlay.enabled");
         let e = parse(&GOOD.replace("data_dir = \"/var/lib/quicmesh\"", "")).unwrap_err();
