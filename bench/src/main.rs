@@ -9,8 +9,13 @@
 //!   stunnel pair, between two network namespaces (root): open-loop latency at fixed rates,
 //!   bulk goodput, new-connection rate; medians over rounds and quicmesh's added latency.
 //!
-//! Still to come: l3 (overlay vs WireGuard, Nebula, quincy), control, footprint.
+//! - `control`: one coordinator and N simulated nodes with real control sessions: time from
+//!   `policy apply` until every node has the new snapshot, coordinator RSS and CPU,
+//!   snapshot size per node.
+//!
+//! Still to come: l3 (overlay vs WireGuard, Nebula, quincy), footprint.
 
+mod control;
 mod l4;
 mod stat;
 
@@ -41,6 +46,12 @@ enum Scenario {
         /// Operations measured per case.
         #[arg(long, default_value_t = 200_000)]
         ops: u64,
+    },
+    /// One coordinator, N simulated nodes: policy push latency and coordinator cost.
+    Control {
+        /// Node counts, run in order until one does not complete.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        nodes: Vec<usize>,
     },
     /// L4 path vs direct TCP vs stunnel (needs root: network namespaces).
     L4 {
@@ -158,6 +169,12 @@ fn main() -> anyhow::Result<()> {
                     &json!({ "scenario": "micro", "ops": ops, "results": rows }),
                 )?,
             )?;
+            println!("wrote {}", path.display());
+        }
+        Scenario::Control { nodes } => {
+            let v = control::run(&nodes)?;
+            let path = cli.results.join("control.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
             println!("wrote {}", path.display());
         }
         Scenario::L4 {

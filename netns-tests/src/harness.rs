@@ -297,6 +297,11 @@ impl CoordinatorProc {
         Ok(())
     }
 
+    /// The coordinator process's PID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILLs the coordinator.
     pub fn kill(&mut self) {
         kill_child(&mut self.child);

@@ -1,0 +1,271 @@
+//! The `control` scenario: one coordinator (a real process on loopback) and N simulated
+//! nodes in this process, each enrolling with its own token and key and holding a real
+//! control session over QUIC (its own client certificate, one shared UDP endpoint per
+//! 500 nodes). Measures the time from `policy apply` until every node received and acked
+//! the new snapshot, the coordinator's RSS and CPU, and the snapshot size per node.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use quicmesh_coordinator::client::ApiClient;
+use quicmesh_netns_tests::{CoordinatorProc, Mesh};
+use quicmesh_node::config::NodeConfig;
+use quicmesh_node::frame::{read_frame, write_frame};
+use quicmesh_node::tls::{self, CertSlot, MeshServerVerifier, ServerExpect, Trust};
+use quicmesh_protocol::ident::Labels;
+use quicmesh_protocol::wire::{self, ControlDown, ControlUp, Hello, ALPN_CONTROL};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+/// One simulated node's view of a policy push: when its snapshot arrived.
+struct Arrival {
+    policy_version: u64,
+    at: Instant,
+    bytes: usize,
+}
+
+fn proc_stat(pid: u32) -> (u64, u64) {
+    // (rss kB, utime+stime ticks)
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let cpu = fields
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    (rss, cpu)
+}
+
+async fn sim_node(
+    i: usize,
+    endpoint: quinn::Endpoint,
+    coord: std::net::SocketAddr,
+    api: ApiClient,
+    dir: std::path::PathBuf,
+    tx: mpsc::UnboundedSender<Arrival>,
+    up: Arc<AtomicUsize>,
+) -> anyhow::Result<()> {
+    let name = format!("sim-{i}");
+    let v = api
+        .post(
+            "/tokens",
+            json!({"node": name, "services": [format!("svc-{}", i % 50)], "ttl_secs": 600}),
+        )
+        .await?;
+    let token = v["token"].as_str().context("token")?.to_string();
+    let cfg_text = format!("name = \"{name}\"\ncoordinator = \"{coord}\"\ndata_dir = \"{}\"\nmetrics = \"off\"\n[[service]]\nname = \"svc-{}\"\naddress = \"127.0.0.1:9\"\n", dir.join(&name).display(), i % 50);
+    let cfg = NodeConfig::parse(&cfg_text, &name, &dir)?;
+    let key = rcgen::KeyPair::generate()?;
+    let id = quicmesh_node::control::enroll(&endpoint, &cfg, &key, &token).await?;
+    let trust = Arc::new(arc_swap::ArcSwap::from_pointee(Trust::new(
+        id.trust_domain.clone(),
+        &id.ca_bundle,
+        [],
+    )?));
+    let verifier =
+        MeshServerVerifier::new(Some(trust), ServerExpect::Coordinator, Arc::new(|_| {}));
+    let slot = CertSlot::with(vec![id.cert_der.clone()], &key.serialize_der())?;
+    let client = tls::client_config(Some(slot), verifier, ALPN_CONTROL)?;
+    let conn = endpoint.connect_with(client, coord, "coordinator")?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let hello = Hello {
+        node: cfg.name.clone(),
+        tunnel_port: 7800,
+        advertise: Some(format!("127.0.0.{}:7800", 1 + i % 200).parse()?),
+        services: cfg.service_names(),
+        labels: Labels::default(),
+        have_version: 0,
+        agent_version: "bench".into(),
+    };
+    write_frame(&mut send, &ControlUp::Hello(hello)).await?;
+    up.fetch_add(1, Ordering::Relaxed);
+    loop {
+        match read_frame::<ControlDown, _>(&mut recv).await? {
+            Some(ControlDown::Snapshot(s)) => {
+                let bytes = wire::encode(&ControlDown::Snapshot(s.clone())).len();
+                let _ = tx.send(Arrival {
+                    policy_version: s.policy_version,
+                    at: Instant::now(),
+                    bytes,
+                });
+                write_frame(&mut send, &ControlUp::Ack { version: s.version }).await?;
+            }
+            Some(_) => {}
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Runs the scenario for each N; returns its JSON.
+pub fn run(sizes: &[usize]) -> anyhow::Result<Value> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut rows = Vec::new();
+    println!(
+        "{:>7} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>14}",
+        "nodes",
+        "setup s",
+        "ack p50 ms",
+        "ack p99 ms",
+        "ack max ms",
+        "coord RSS MB",
+        "coord CPU s",
+        "snapshot bytes"
+    );
+    for &n in sizes {
+        match rt.block_on(one(n)) {
+            Ok(row) => {
+                println!(
+                    "{:>7} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>12.2} {:>14}",
+                    n,
+                    row["setup_s"].as_f64().unwrap_or(0.0),
+                    row["ack_p50_ms"].as_f64().unwrap_or(0.0),
+                    row["ack_p99_ms"].as_f64().unwrap_or(0.0),
+                    row["ack_max_ms"].as_f64().unwrap_or(0.0),
+                    row["coordinator_rss_mb"].as_f64().unwrap_or(0.0),
+                    row["coordinator_cpu_s_for_apply"].as_f64().unwrap_or(0.0),
+                    row["snapshot_bytes_per_node"]
+                );
+                rows.push(row);
+            }
+            Err(e) => {
+                println!("{n:>7} did not complete: {e:#}");
+                rows.push(json!({"nodes": n, "error": format!("{e:#}")}));
+                break;
+            }
+        }
+    }
+    Ok(json!({"scenario": "control", "rows": rows}))
+}
+
+async fn one(n: usize) -> anyhow::Result<Value> {
+    let mesh = Mesh::new(&format!("bench-control-{n}"));
+    let coord = tokio::task::block_in_place(|| CoordinatorProc::start(&mesh, "1h"))?;
+    let pid = coord.pid().context("coordinator pid")?;
+    let api = ApiClient::new(
+        &format!("http://127.0.0.1:{}", coord.http_port),
+        &coord.admin_token,
+    )?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let up = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut endpoints = Vec::new();
+    for _ in 0..n.div_ceil(500) {
+        endpoints.push(quinn::Endpoint::client("127.0.0.1:0".parse()?)?);
+    }
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (ep, api, tx, up, dir, sem) = (
+            endpoints[i / 500].clone(),
+            api.clone(),
+            tx.clone(),
+            up.clone(),
+            mesh.path().to_path_buf(),
+            sem.clone(),
+        );
+        let addr = coord.control_addr();
+        tasks.push(tokio::spawn(async move {
+            // Enrollment is paced (64 at a time); sessions stay open.
+            let permit = sem.acquire_owned().await;
+            let r = sim_node(i, ep, addr, api, dir, tx, up.clone());
+            drop(permit);
+            r.await
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while up.load(Ordering::Relaxed) < n {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {n} sessions up after 600 s",
+                up.load(Ordering::Relaxed)
+            );
+        }
+        if let Some(t) = tasks.iter().find(|t| t.is_finished()) {
+            let _ = t;
+            bail!("a simulated node stopped during setup");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let setup = start.elapsed().as_secs_f64();
+    // Let the join storm settle: wait until no snapshot arrived for a second.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+            Ok(Some(_)) => continue,
+            _ => break,
+        }
+    }
+    let (_, cpu0) = proc_stat(pid);
+    let policy = "[[rule]]\nfrom = \"svc-1\"\nto = \"svc-2\"\naction = \"allow\"\n";
+    let t0 = Instant::now();
+    let v = api.post("/policy", json!({"source": policy})).await?;
+    let version = v["version"].as_u64().context("policy version")?;
+    let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
+    let mut got = 0;
+    let mut bytes = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while got < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(a)) if a.policy_version == version => {
+                h.record(a.at.duration_since(t0).as_millis().max(1) as u64)?;
+                bytes = bytes.max(a.bytes);
+                got += 1;
+            }
+            Ok(Some(_)) => {}
+            _ => bail!("only {got} of {n} nodes received policy v{version}"),
+        }
+    }
+    // Every node acked: the coordinator's catalog agrees.
+    let acked = loop {
+        let nodes = api.get("/nodes").await?;
+        let mv = nodes["mesh_version"].as_u64().unwrap_or(0);
+        let k = nodes["nodes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|x| x["acked_version"].as_u64() == Some(mv))
+                    .count()
+            })
+            .unwrap_or(0);
+        if k == n || t0.elapsed() > Duration::from_secs(600) {
+            break k;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let all_acked_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let (rss, cpu1) = proc_stat(pid);
+    for t in &tasks {
+        t.abort();
+    }
+    drop(coord);
+    Ok(json!({
+        "nodes": n,
+        "setup_s": setup,
+        "ack_p50_ms": h.value_at_quantile(0.5) as f64,
+        "ack_p99_ms": h.value_at_quantile(0.99) as f64,
+        "ack_max_ms": h.max() as f64,
+        "catalog_all_acked_ms": all_acked_ms,
+        "catalog_acked_nodes": acked,
+        "coordinator_rss_mb": rss as f64 / 1024.0,
+        "coordinator_cpu_s_for_apply": (cpu1 - cpu0) as f64 / 100.0,
+        "snapshot_bytes_per_node": bytes,
+    }))
+}
