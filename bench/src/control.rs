@@ -206,12 +206,7 @@ async fn one(n: usize) -> anyhow::Result<Value> {
     }
     let setup = start.elapsed().as_secs_f64();
     // Let the join storm settle: wait until no snapshot arrived for a second.
-    loop {
-        match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
-            Ok(Some(_)) => continue,
-            _ => break,
-        }
-    }
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {}
     let (_, cpu0) = proc_stat(pid);
     let policy = "[[rule]]\nfrom = \"svc-1\"\nto = \"svc-2\"\naction = \"allow\"\n";
     let t0 = Instant::now();
