@@ -198,9 +198,20 @@ async fn one(n: usize) -> anyhow::Result<Value> {
                 up.load(Ordering::Relaxed)
             );
         }
-        if let Some(t) = tasks.iter().find(|t| t.is_finished()) {
-            let _ = t;
-            bail!("a simulated node stopped during setup");
+        if let Some(pos) = tasks.iter().position(|t| t.is_finished()) {
+            let r = tasks.swap_remove(pos).await;
+            let log = std::fs::read_to_string(&coord.log).unwrap_or_default();
+            let tail: Vec<&str> = log
+                .lines()
+                .rev()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("ended"))
+                .take(5)
+                .collect();
+            let err = match r {
+                Ok(Err(e)) => format!("{e}"),
+                other => format!("{other:?}"),
+            };
+            bail!("a simulated node stopped during setup after {} sessions: {err}; coordinator log: {tail:?}", up.load(Ordering::Relaxed));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

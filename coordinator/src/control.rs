@@ -19,6 +19,10 @@ const SERVER_CERT_TTL: i64 = 30 * 86400;
 /// How long after its certificate expired a node may still connect to renew it (a node
 /// that outlived its certificate during a coordinator outage). Revocation still applies.
 const EXPIRED_RENEWAL_GRACE_SECS: u64 = 7 * 86400;
+/// How long a session waits after a change before building its snapshot.
+const SNAPSHOT_COALESCE: Duration = Duration::from_millis(50);
+/// The longest a session holds a snapshot back while changes keep coming.
+const SNAPSHOT_MAX_WAIT: Duration = Duration::from_secs(2);
 /// Most enrollments handled at once; more wait.
 const MAX_CONCURRENT_ENROLLMENTS: usize = 16;
 
@@ -83,7 +87,9 @@ async fn handle(
             let reply = mesh.enroll(&req);
             write_frame(&mut send, &reply).await?;
             send.finish()?;
-            let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+            // The node closes the connection once it has the answer; dropping it here
+            // first could discard an answer still in flight on a busy coordinator.
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn.closed()).await;
             Ok(())
         }
         (Some(id), ControlUp::Hello(hello)) => {
@@ -179,7 +185,20 @@ async fn run_session(
             write_frame(send, &ControlDown::Snapshot(Box::new(snap))).await?;
         }
         tokio::select! {
-            r = versions.changed() => { r?; }
+            r = versions.changed() => {
+                r?;
+                // Coalesce bursts (a join storm bumps the version once per node): wait
+                // until changes pause (or at most SNAPSHOT_MAX_WAIT), then send one snapshot
+                // for the whole burst instead of one per change.
+                let burst = tokio::time::Instant::now();
+                loop {
+                    versions.borrow_and_update();
+                    tokio::time::sleep(SNAPSHOT_COALESCE).await;
+                    if !versions.has_changed()? || burst.elapsed() >= SNAPSHOT_MAX_WAIT {
+                        break;
+                    }
+                }
+            }
             kick = kick_rx.recv() => {
                 if let Some(msg) = kick {
                     write_frame(send, &msg).await?;

@@ -66,6 +66,14 @@ fn random_hex32() -> [u8; 32] {
     b
 }
 
+/// The catalog as of one mesh version.
+#[derive(Debug)]
+struct Catalog {
+    version: u64,
+    nodes: Vec<NodeRecord>,
+    revoked: Vec<Serial>,
+}
+
 /// Live control sessions, by node.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
@@ -85,6 +93,7 @@ pub struct Mesh {
     policy: ArcSwap<(u64, Policy)>,
     version_tx: watch::Sender<u64>,
     sessions: Mutex<HashMap<String, SessionHandle>>,
+    catalog: Mutex<Option<Arc<Catalog>>>,
     next_session: std::sync::atomic::AtomicU64,
 }
 
@@ -222,6 +231,7 @@ impl Mesh {
             policy: ArcSwap::from_pointee(policy),
             version_tx,
             sessions: Mutex::new(HashMap::new()),
+            catalog: Mutex::new(None),
             next_session: 1.into(),
         }))
     }
@@ -514,11 +524,11 @@ impl Mesh {
 
     /// The whole desired state for `node`.
     pub fn snapshot_for(&self, node: &NodeName) -> Result<Snapshot, MeshError> {
-        let version = self.store.version()?;
-        let nodes = self.store.nodes()?;
+        let catalog = self.catalog()?;
+        let (version, nodes, revoked) = (catalog.version, &catalog.nodes, &catalog.revoked);
         let mut labels = Labels::default();
         let mut peers = Vec::new();
-        for n in &nodes {
+        for n in nodes {
             if n.revoked_at.is_some() {
                 continue;
             }
@@ -553,9 +563,26 @@ impl Mesh {
             peers,
             policy_version: policy.0,
             policy: policy.1.clone(),
-            revoked: Self::revoked_list(&*self.store)?,
+            revoked: revoked.clone(),
             ca_bundle: vec![self.ca.cert_der.clone()],
         })
+    }
+
+    /// The catalog at the current mesh version, read from the store once per version and
+    /// shared by every session building its snapshot (a change wakes every session).
+    fn catalog(&self) -> Result<Arc<Catalog>, MeshError> {
+        let version = self.store.version()?;
+        let mut cache = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.as_ref().filter(|c| c.version == version) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(Catalog {
+            version,
+            nodes: self.store.nodes()?,
+            revoked: Self::revoked_list(&*self.store)?,
+        });
+        *cache = Some(c.clone());
+        Ok(c)
     }
 
     /// Registers a live session (ending an older one for the same node).
