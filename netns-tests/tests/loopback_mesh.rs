@@ -605,3 +605,26 @@ fn api_refuses_requests_without_the_admin_token() {
         "the admin token is accepted"
     );
 }
+
+#[test]
+fn a_node_started_before_its_coordinator_enrolls_once_it_is_up() {
+    let mesh = Mesh::new("enroll-retry");
+    let mut coord = CoordinatorProc::start(&mesh, "1h").unwrap();
+    let spec = NodeSpec::new("db-1").service("db", echo_server().unwrap());
+    let token = coord.token("db-1", &["db"], "10m").unwrap();
+    let mut node = NodeProc::configure(&mesh, &coord, &spec, &token).unwrap();
+    coord.kill();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(2));
+            coord.restart().unwrap();
+        });
+        // Waits (up to 15 s) until the node serves. A short outage is bridged by QUIC
+        // retransmitting its first packets; a longer one by the node retrying enrollment
+        // with backoff (both instead of exiting).
+        node.restart().unwrap();
+    });
+    assert!(node.status().unwrap()["certificate"]["serial"].is_string());
+    let nodes = coord.json(&["nodes", "list"]).unwrap();
+    assert_eq!(nodes["nodes"][0]["name"], "db-1");
+}

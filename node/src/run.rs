@@ -45,6 +45,27 @@ impl StartError {
     }
 }
 
+/// Enrolls, retrying with capped backoff while the coordinator cannot be reached (a node
+/// may well start before its coordinator). A refusal is final.
+async fn enroll_retrying(
+    endpoint: &quinn::Endpoint,
+    cfg: &NodeConfig,
+    key: &rcgen::KeyPair,
+    token: &str,
+) -> Result<crate::store::StoredIdentity, EnrollError> {
+    let mut backoff = std::time::Duration::from_millis(500);
+    loop {
+        match control::enroll(endpoint, cfg, key, token).await {
+            Err(e @ EnrollError::Transport { .. }) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "coordinator unreachable; will retry enrollment");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Starts a node and returns once it is serving.
 pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
     let data = DataDir::open(&cfg.data_dir)?;
@@ -91,7 +112,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
                 .join_token
                 .as_deref()
                 .ok_or_else(|| StartError::NoToken(cfg.data_dir.display().to_string()))?;
-            let id = control::enroll(&endpoint, &cfg, &key, token).await?;
+            let id = enroll_retrying(&endpoint, &cfg, &key, token).await?;
             tracing::info!(node = %cfg.name, "enrolled");
             id
         }
