@@ -186,6 +186,14 @@ fn raw_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
     ))
 }
 
+fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRecord> {
+    Ok(PolicyRecord {
+        version: r.get::<_, i64>(0)?.max(0) as u64,
+        source: r.get(1)?,
+        applied_at: r.get(2)?,
+    })
+}
+
 fn node_from(raw: RawNode) -> Result<NodeRecord, StoreError> {
     Ok(NodeRecord {
         name: raw.0,
@@ -452,13 +460,7 @@ impl Store for SqliteStore {
             Ok(c.query_row(
                 "SELECT version, source, applied_at FROM policies ORDER BY version DESC LIMIT 1",
                 [],
-                |r| {
-                    Ok(PolicyRecord {
-                        version: r.get::<_, i64>(0)?.max(0) as u64,
-                        source: r.get(1)?,
-                        applied_at: r.get(2)?,
-                    })
-                },
+                policy_row,
             )
             .optional()?)
         })
@@ -469,13 +471,7 @@ impl Store for SqliteStore {
             let mut st =
                 c.prepare("SELECT version, source, applied_at FROM policies ORDER BY version")?;
             let rows = st
-                .query_map([], |r| {
-                    Ok(PolicyRecord {
-                        version: r.get::<_, i64>(0)?.max(0) as u64,
-                        source: r.get(1)?,
-                        applied_at: r.get(2)?,
-                    })
-                })?
+                .query_map([], policy_row)?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })

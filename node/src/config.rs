@@ -59,6 +59,9 @@ pub struct NodeConfig {
     /// Runtime threads: `None` = one per core; `Some(1)` runs everything on one thread
     /// (fewer cross-thread wake-ups: lower latency on small hosts).
     pub worker_threads: Option<usize>,
+    /// `[[service]] check` keys present in the file: accepted for forward compatibility,
+    /// not run yet (health checks are a later feature); startup warns about each.
+    pub unused_checks: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -196,6 +199,7 @@ impl NodeConfig {
         }
         let labels = Labels::new(labels).map_err(|e| err("labels", e.to_string()))?;
         let mut services: Vec<ServiceConfig> = Vec::new();
+        let mut unused_checks = Vec::new();
         for (i, s) in raw.service.into_iter().enumerate() {
             let k = |f: &str| format!("service[{i}].{f}");
             let name = ServiceName::new(req(&k("name"), s.name)?)
@@ -208,6 +212,7 @@ impl NodeConfig {
                 if !check.is_table() {
                     return Err(err(&k("check"), "must be a table".into()));
                 }
+                unused_checks.push(k("check"));
             }
             services.push(ServiceConfig { name, address });
         }
@@ -287,6 +292,7 @@ impl NodeConfig {
                 raw.status_interval,
                 Duration::from_secs(10),
             )?,
+            unused_checks,
             worker_threads: match raw.worker_threads {
                 None | Some(0) => None,
                 Some(n) if (1..=256).contains(&n) => Some(n as usize),
@@ -342,6 +348,7 @@ bind = "127.0.0.1:15432"
         assert_eq!(c.upstreams[0].source.as_str(), "web");
         assert!(c.check_egress);
         assert_eq!(c.labels.get("datacenter"), Some("dc1"));
+        assert_eq!(c.unused_checks, vec!["service[0].check".to_string()]);
     }
 
     #[test]

@@ -173,7 +173,7 @@ pub async fn pump(
                 }
                 touch();
                 send.write_all(&buf[..n]).await.map_err(|_| ())?;
-                metrics.bytes("to_tunnel", n as u64);
+                metrics.bytes_to_tunnel(n as u64);
             }
         };
         let from_tunnel = async {
@@ -183,7 +183,7 @@ pub async fn pump(
                     Ok(Some(n)) => {
                         touch();
                         tw.write_all(&buf[..n]).await.map_err(|_| ())?;
-                        metrics.bytes("from_tunnel", n as u64);
+                        metrics.bytes_from_tunnel(n as u64);
                     }
                     Ok(None) => {
                         let _ = tw.shutdown().await;

@@ -68,6 +68,9 @@ async fn enroll_retrying(
 
 /// Starts a node and returns once it is serving.
 pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
+    for key in &cfg.unused_checks {
+        tracing::warn!(%key, "health checks are not built yet: this check is not run");
+    }
     let data = DataDir::open(&cfg.data_dir)?;
     let key = data.key()?;
     let endpoint = quinn::Endpoint::client(cfg.listen).map_err(|source| StartError::Bind {
