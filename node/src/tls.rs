@@ -23,7 +23,6 @@ use sha2::{Digest, Sha256};
 /// Why a presented certificate was refused. Counted with these labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Refusal {
-    NoCertificate,
     BadCertificate,
     UnknownCa,
     Expired,
@@ -37,7 +36,6 @@ impl Refusal {
     /// Stable metric label.
     pub fn as_str(&self) -> &'static str {
         match self {
-            Refusal::NoCertificate => "no_certificate",
             Refusal::BadCertificate => "bad_certificate",
             Refusal::UnknownCa => "unknown_ca",
             Refusal::Expired => "expired",
@@ -55,7 +53,7 @@ impl Refusal {
             Refusal::NotYetValid => CertificateError::NotValidYet,
             Refusal::Revoked => CertificateError::Revoked,
             Refusal::BadCertificate => CertificateError::BadEncoding,
-            Refusal::NoCertificate | Refusal::NoIdentity | Refusal::WrongPeer => {
+            Refusal::NoIdentity | Refusal::WrongPeer => {
                 CertificateError::ApplicationVerificationFailure
             }
         })

@@ -186,11 +186,6 @@ impl Labels {
     pub fn iter(&self) -> impl Iterator<Item = (&LabelKey, &String)> {
         self.0.iter()
     }
-
-    /// True when every label in `self` is also in `allowed` with the same value.
-    pub fn is_subset_of(&self, allowed: &Labels) -> bool {
-        self.0.iter().all(|(k, v)| allowed.0.get(k) == Some(v))
-    }
 }
 
 impl TryFrom<BTreeMap<LabelKey, String>> for Labels {
@@ -331,9 +326,5 @@ mod tests {
         assert_eq!(l.get("datacenter"), Some("dc1"));
         let big = Labels::from_pairs([("k", &*"v".repeat(256))]);
         assert!(matches!(big, Err(LabelsError::ValueTooLong { .. })));
-        let sub = Labels::from_pairs([("datacenter", "dc1")]).unwrap();
-        let all = Labels::from_pairs([("datacenter", "dc1"), ("cloud", "aws")]).unwrap();
-        assert!(sub.is_subset_of(&all));
-        assert!(!all.is_subset_of(&sub));
     }
 }
