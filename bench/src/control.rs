@@ -15,41 +15,25 @@ use quicmesh_netns_tests::{CoordinatorProc, Mesh};
 use quicmesh_node::config::NodeConfig;
 use quicmesh_node::frame::{read_frame, write_frame};
 use quicmesh_node::tls::{self, CertSlot, MeshServerVerifier, ServerExpect, Trust};
-use quicmesh_protocol::ident::Labels;
+use quicmesh_protocol::ident::{Labels, NodeName};
 use quicmesh_protocol::wire::{self, ControlDown, ControlUp, Hello, ALPN_CONTROL};
 use serde_json::{json, Value};
+
+use crate::stat;
 use tokio::sync::mpsc;
+
+/// Enrollments retried after a transport error, over the whole run.
+static ENROLL_RETRIES: AtomicUsize = AtomicUsize::new(0);
 
 /// One simulated node's view of a policy push: when its snapshot arrived.
 struct Arrival {
     policy_version: u64,
     at: Instant,
+    /// Encoded size of the message that brought it.
     bytes: usize,
-}
-
-fn proc_stat(pid: u32) -> (u64, u64) {
-    // (rss kB, utime+stime ticks)
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let cpu = fields
-        .get(11)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-    (rss, cpu)
+    /// Sent whole (true) or as a delta.
+    whole: bool,
+    peers: usize,
 }
 
 async fn sim_node(
@@ -72,7 +56,21 @@ async fn sim_node(
     let cfg_text = format!("name = \"{name}\"\ncoordinator = \"{coord}\"\ndata_dir = \"{}\"\nmetrics = \"off\"\n[[service]]\nname = \"svc-{}\"\naddress = \"127.0.0.1:9\"\n", dir.join(&name).display(), i % 50);
     let cfg = NodeConfig::parse(&cfg_text, &name, &dir)?;
     let key = rcgen::KeyPair::generate()?;
-    let id = quicmesh_node::control::enroll(&endpoint, &cfg, &key, &token).await?;
+    // Retried on transport errors with backoff, as a real node does (counted: under a join
+    // storm on two shared cores a handshake can miss its 15 s deadline).
+    let mut backoff = Duration::from_millis(500);
+    let id = loop {
+        match quicmesh_node::control::enroll(&endpoint, &cfg, &key, &token).await {
+            Err(quicmesh_node::control::EnrollError::Transport { .. })
+                if backoff < Duration::from_secs(8) =>
+            {
+                ENROLL_RETRIES.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            other => break other?,
+        }
+    };
     let trust = Arc::new(arc_swap::ArcSwap::from_pointee(Trust::new(
         id.trust_domain.clone(),
         &id.ca_bundle,
@@ -95,20 +93,52 @@ async fn sim_node(
     };
     write_frame(&mut send, &ControlUp::Hello(hello)).await?;
     up.fetch_add(1, Ordering::Relaxed);
+    // Like a real node: check each delta against the version held and ack it (or nack
+    // it). The peer set is kept as names only, updated by what changed: 1,000 simulated
+    // nodes share this process's two cores, a real node has its own host.
+    let mut held: Option<(u64, std::collections::BTreeSet<NodeName>)> = None;
     loop {
-        match read_frame::<ControlDown, _>(&mut recv).await? {
-            Some(ControlDown::Snapshot(s)) => {
-                let bytes = wire::encode(&ControlDown::Snapshot(s.clone())).len();
-                let _ = tx.send(Arrival {
-                    policy_version: s.policy_version,
-                    at: Instant::now(),
-                    bytes,
-                });
-                write_frame(&mut send, &ControlUp::Ack { version: s.version }).await?;
+        let Some(msg) = read_frame::<ControlDown, _>(&mut recv).await? else {
+            return Ok(());
+        };
+        let bytes = wire::encode(&msg).len();
+        let (version, policy_version, whole) = match msg {
+            ControlDown::Snapshot(s) => {
+                held = Some((s.version, s.peers.iter().map(|p| p.node.clone()).collect()));
+                (s.version, s.policy_version, true)
             }
-            Some(_) => {}
-            None => return Ok(()),
-        }
+            ControlDown::Delta(d) => match held.as_mut() {
+                Some((v, peers)) if *v == d.base_version && d.version > d.base_version => {
+                    for r in &d.remove {
+                        peers.remove(r);
+                    }
+                    peers.extend(d.upsert.iter().map(|p| p.node.clone()));
+                    *v = d.version;
+                    (d.version, d.policy_version, false)
+                }
+                _ => {
+                    let reason = format!("delta from {} does not apply", d.base_version);
+                    write_frame(
+                        &mut send,
+                        &ControlUp::Nack {
+                            version: d.version,
+                            reason,
+                        },
+                    )
+                    .await?;
+                    continue;
+                }
+            },
+            _ => continue,
+        };
+        let _ = tx.send(Arrival {
+            policy_version,
+            at: Instant::now(),
+            bytes,
+            whole,
+            peers: held.as_ref().map(|h| h.1.len()).unwrap_or(0),
+        });
+        write_frame(&mut send, &ControlUp::Ack { version }).await?;
     }
 }
 
@@ -119,21 +149,22 @@ pub fn run(sizes: &[usize]) -> anyhow::Result<Value> {
         .build()?;
     let mut rows = Vec::new();
     println!(
-        "{:>7} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>14}",
+        "{:>7} {:>8} {:>10} {:>10} {:>10} {:>9} {:>9} {:>12} {:>12}",
         "nodes",
         "setup s",
         "ack p50 ms",
         "ack p99 ms",
         "ack max ms",
-        "coord RSS MB",
-        "coord CPU s",
-        "snapshot bytes"
+        "coord MB",
+        "coord s",
+        "whole bytes",
+        "push bytes"
     );
     for &n in sizes {
         match rt.block_on(one(n)) {
             Ok(row) => {
                 println!(
-                    "{:>7} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12.1} {:>12.2} {:>14}",
+                    "{:>7} {:>8.1} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>9.2} {:>12} {:>12}",
                     n,
                     row["setup_s"].as_f64().unwrap_or(0.0),
                     row["ack_p50_ms"].as_f64().unwrap_or(0.0),
@@ -141,7 +172,8 @@ pub fn run(sizes: &[usize]) -> anyhow::Result<Value> {
                     row["ack_max_ms"].as_f64().unwrap_or(0.0),
                     row["coordinator_rss_mb"].as_f64().unwrap_or(0.0),
                     row["coordinator_cpu_s_for_apply"].as_f64().unwrap_or(0.0),
-                    row["snapshot_bytes_per_node"]
+                    row["whole_snapshot_bytes"],
+                    row["push_bytes_per_node"]
                 );
                 rows.push(row);
             }
@@ -211,14 +243,24 @@ async fn one(n: usize) -> anyhow::Result<Value> {
                 Ok(Err(e)) => format!("{e}"),
                 other => format!("{other:?}"),
             };
-            bail!("a simulated node stopped during setup after {} sessions: {err}; coordinator log: {tail:?}", up.load(Ordering::Relaxed));
+            let _ = std::fs::copy(
+                &coord.log,
+                std::env::temp_dir().join("quicmesh-bench-control-coordinator.log"),
+            );
+            bail!("a simulated node stopped during setup after {} sessions and {:.1} s: {err}; coordinator log: {tail:?}", up.load(Ordering::Relaxed), start.elapsed().as_secs_f64());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let setup = start.elapsed().as_secs_f64();
     // Let the join storm settle: wait until no snapshot arrived for a second.
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {}
-    let (_, cpu0) = proc_stat(pid);
+    // The largest whole snapshot seen: the last nodes to join get every other node.
+    let mut whole_bytes = 0;
+    while let Ok(Some(a)) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+        if a.whole {
+            whole_bytes = whole_bytes.max(a.bytes);
+        }
+    }
+    let (_, cpu0) = stat::proc_usage(pid);
     let policy = "[[rule]]\nfrom = \"svc-1\"\nto = \"svc-2\"\naction = \"allow\"\n";
     let t0 = Instant::now();
     let v = api.post("/policy", json!({"source": policy})).await?;
@@ -226,6 +268,7 @@ async fn one(n: usize) -> anyhow::Result<Value> {
     let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
     let mut got = 0;
     let mut bytes = 0;
+    let (mut wholes, mut peers) = (0, 0);
     let deadline = Instant::now() + Duration::from_secs(600);
     while got < n {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -233,6 +276,8 @@ async fn one(n: usize) -> anyhow::Result<Value> {
             Ok(Some(a)) if a.policy_version == version => {
                 h.record(a.at.duration_since(t0).as_millis().max(1) as u64)?;
                 bytes = bytes.max(a.bytes);
+                wholes += usize::from(a.whole);
+                peers = peers.max(a.peers);
                 got += 1;
             }
             Ok(Some(_)) => {}
@@ -257,7 +302,7 @@ async fn one(n: usize) -> anyhow::Result<Value> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let all_acked_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let (rss, cpu1) = proc_stat(pid);
+    let (rss, cpu1) = stat::proc_usage(pid);
     for t in &tasks {
         t.abort();
     }
@@ -272,6 +317,10 @@ async fn one(n: usize) -> anyhow::Result<Value> {
         "catalog_acked_nodes": acked,
         "coordinator_rss_mb": rss as f64 / 1024.0,
         "coordinator_cpu_s_for_apply": (cpu1 - cpu0) as f64 / 100.0,
-        "snapshot_bytes_per_node": bytes,
+        "push_bytes_per_node": bytes,
+        "enroll_retries": ENROLL_RETRIES.swap(0, Ordering::Relaxed),
+        "pushes_sent_whole": wholes,
+        "peers_per_node": peers,
+        "whole_snapshot_bytes": whole_bytes,
     }))
 }

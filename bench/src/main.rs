@@ -16,7 +16,9 @@
 //! Still to come: l3 (overlay vs WireGuard, Nebula, quincy), footprint.
 
 mod control;
+mod l3;
 mod l4;
+mod load;
 mod stat;
 
 use std::path::PathBuf;
@@ -52,6 +54,19 @@ enum Scenario {
         /// Node counts, run in order until one does not complete.
         #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
         nodes: Vec<usize>,
+    },
+    /// IP tunnels: raw veth, quicmesh overlay, wireguard-go, boringtun, Nebula, quincy
+    /// (needs root: network namespaces and TUN devices).
+    L3 {
+        /// Seconds per iperf3 test.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Rounds (the order of systems rotates each round).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Systems to run.
+        #[arg(long, value_delimiter = ',', default_values_t = l3::SYSTEMS.iter().map(|s| s.to_string()))]
+        systems: Vec<String>,
     },
     /// L4 path vs direct TCP vs stunnel (needs root: network namespaces).
     L4 {
@@ -174,6 +189,20 @@ fn main() -> anyhow::Result<()> {
         Scenario::Control { nodes } => {
             let v = control::run(&nodes)?;
             let path = cli.results.join("control.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
+            println!("wrote {}", path.display());
+        }
+        Scenario::L3 {
+            secs,
+            rounds,
+            systems,
+        } => {
+            let v = l3::run(&l3::L3Opts {
+                secs,
+                rounds,
+                systems,
+            })?;
+            let path = cli.results.join("l3.json");
             std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
             println!("wrote {}", path.display());
         }

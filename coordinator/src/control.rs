@@ -12,7 +12,7 @@ use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::wire::{ControlDown, ControlUp, Hello, ALPN_CONTROL};
 use tokio::sync::mpsc;
 
-use crate::mesh::{now, Mesh};
+use crate::mesh::{now, Mesh, Sent};
 
 /// Lifetime of the coordinator's own server certificate (re-issued at every start).
 const SERVER_CERT_TTL: i64 = 30 * 86400;
@@ -39,7 +39,8 @@ pub fn bind(mesh: &Arc<Mesh>, addr: SocketAddr) -> anyhow::Result<quinn::Endpoin
         Arc::new(|r| tracing::info!(reason = r.as_str(), "control client certificate refused")),
         EXPIRED_RENEWAL_GRACE_SECS,
     );
-    let cfg = tls::server_config(slot, verifier, ALPN_CONTROL)?;
+    let mut cfg = tls::server_config(slot, verifier, ALPN_CONTROL)?;
+    cfg.transport_config(tls::control_transport());
     let ep = quinn::Endpoint::server(cfg, addr)
         .map_err(|e| anyhow::anyhow!("bind control listener {addr}: {e}"))?;
     Ok(ep)
@@ -164,7 +165,11 @@ async fn run_session(
 ) -> anyhow::Result<()> {
     let name = id.node.to_string();
     let mut versions = mesh.subscribe();
-    let mut sent = 0u64;
+    // What the node was last sent; `None` sends a whole snapshot (session start, or the
+    // node refused a delta), otherwise a delta from it.
+    let mut last: Option<Sent> = None;
+    // The version last sent whole: a node refusing that is not sent it again and again.
+    let mut whole_version = 0u64;
     // Frames are read in their own task: reading is not cancel-safe inside select!.
     let (tx, mut rx) = mpsc::channel(8);
     let reader = tokio::spawn(async move {
@@ -179,10 +184,13 @@ async fn run_session(
     let _abort = Abort(reader);
     loop {
         let current = *versions.borrow_and_update();
-        if current > sent || sent == 0 {
-            let snap = mesh.snapshot_for(&id.node)?;
-            sent = snap.version.max(1);
-            write_frame(send, &ControlDown::Snapshot(Box::new(snap))).await?;
+        if last.as_ref().is_none_or(|l| current > l.version()) {
+            let (msg, sent) = mesh.update_for(&id.node, last.as_ref())?;
+            if matches!(msg, ControlDown::Snapshot(_)) {
+                whole_version = sent.version();
+            }
+            write_frame(send, &msg).await?;
+            last = Some(sent);
         }
         tokio::select! {
             r = versions.changed() => {
@@ -215,11 +223,15 @@ async fn run_session(
                 };
                 match msg {
                     ControlUp::Ack { version } => {
-                        mesh.store.node_acked(&name, version)?;
+                        mesh.record_ack(&name, version);
                         tracing::debug!(node = %name, version, "snapshot acked");
                     }
                     ControlUp::Nack { version, reason } => {
                         tracing::warn!(node = %name, version, %reason, "snapshot nacked");
+                        if version != whole_version {
+                            // A refused delta: the node holds another base; send it whole.
+                            last = None;
+                        }
                     }
                     ControlUp::Status(s) => {
                         mesh.store.node_seen(&name, now())?;

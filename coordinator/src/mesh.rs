@@ -10,13 +10,14 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use quicmesh_node::tls::{Trust, TrustHandle};
 use quicmesh_protocol::cert::Serial;
+use quicmesh_protocol::delta;
 use quicmesh_protocol::ident::{LabelKey, Labels, NodeName, ServiceName, TrustDomain};
 use quicmesh_protocol::policy::{
     Destination, Explanation, Policy, PolicyError, Source, TestFailure,
 };
 use quicmesh_protocol::token::JoinToken;
 use quicmesh_protocol::wire::{
-    ControlDown, EnrollErrorCode, EnrollRequest, EnrollResponse, PeerInfo, Snapshot,
+    ControlDown, EnrollErrorCode, EnrollRequest, EnrollResponse, PeerInfo, Snapshot, SnapshotDelta,
 };
 use rand::RngCore;
 use serde::Serialize;
@@ -66,13 +67,40 @@ fn random_hex32() -> [u8; 32] {
     b
 }
 
-/// The catalog as of one mesh version.
+/// The catalog as of one mesh version, as every snapshot sees it: each live node as a
+/// peer entry (sorted by name; a node's own entry gives its labels), and the revoked
+/// serials. Built once per version and shared by every session.
 #[derive(Debug)]
-struct Catalog {
+pub struct Catalog {
     version: u64,
-    nodes: Vec<NodeRecord>,
+    peers: Vec<PeerInfo>,
     revoked: Vec<Serial>,
 }
+
+/// What a session last sent a node: the catalog and policy version it was built from.
+/// The next push is a delta from it.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    catalog: Arc<Catalog>,
+    policy_version: u64,
+}
+
+impl Sent {
+    pub fn version(&self) -> u64 {
+        self.catalog.version
+    }
+}
+
+/// Peer changes from one catalog to another, shared by every session making that step.
+/// Keyed by the catalogs themselves (held, so their identity is unique), not by version
+/// numbers.
+type PeerDiff = (
+    Arc<Catalog>,
+    Arc<Catalog>,
+    Arc<(Vec<PeerInfo>, Vec<NodeName>)>,
+);
+/// How many catalog steps are remembered (sessions mostly make the same step).
+const DIFF_CACHE: usize = 16;
 
 /// Live control sessions, by node.
 #[derive(Debug, Clone)]
@@ -94,6 +122,10 @@ pub struct Mesh {
     version_tx: watch::Sender<u64>,
     sessions: Mutex<HashMap<String, SessionHandle>>,
     catalog: Mutex<Option<Arc<Catalog>>>,
+    diffs: Mutex<std::collections::VecDeque<PeerDiff>>,
+    /// Acks not yet written to the store (written in batches: a policy change to N nodes
+    /// is N acks within milliseconds).
+    acks: Mutex<HashMap<String, u64>>,
     next_session: std::sync::atomic::AtomicU64,
 }
 
@@ -232,6 +264,8 @@ impl Mesh {
             version_tx,
             sessions: Mutex::new(HashMap::new()),
             catalog: Mutex::new(None),
+            diffs: Mutex::new(Default::default()),
+            acks: Mutex::new(HashMap::new()),
             next_session: 1.into(),
         }))
     }
@@ -522,19 +556,145 @@ impl Mesh {
         Ok(serials)
     }
 
-    /// The whole desired state for `node`.
+    /// The whole snapshot for `node` at the current version.
     pub fn snapshot_for(&self, node: &NodeName) -> Result<Snapshot, MeshError> {
-        let catalog = self.catalog()?;
-        let (version, nodes, revoked) = (catalog.version, &catalog.nodes, &catalog.revoked);
-        let mut labels = Labels::default();
-        let mut peers = Vec::new();
-        for n in nodes {
-            if n.revoked_at.is_some() {
-                continue;
+        Ok(self.whole_for(node)?.0)
+    }
+
+    /// What to send `node` next: a whole snapshot when nothing was sent yet, else the
+    /// delta from what was last sent; and the new "last sent".
+    pub fn update_for(
+        &self,
+        node: &NodeName,
+        last: Option<&Sent>,
+    ) -> Result<(ControlDown, Sent), MeshError> {
+        match last {
+            None => {
+                let (snap, sent) = self.whole_for(node)?;
+                Ok((ControlDown::Snapshot(Box::new(snap)), sent))
             }
-            let l = labels_from(&n.labels)?;
-            if n.name == node.as_str() {
-                labels = l;
+            Some(last) => {
+                let (d, sent) = self.delta_for(node, last)?;
+                Ok((ControlDown::Delta(Box::new(d)), sent))
+            }
+        }
+    }
+
+    fn whole_for(&self, node: &NodeName) -> Result<(Snapshot, Sent), MeshError> {
+        let catalog = self.catalog()?;
+        let mut labels = Labels::default();
+        let mut peers = Vec::with_capacity(catalog.peers.len());
+        for p in &catalog.peers {
+            if &p.node == node {
+                labels = p.labels.clone();
+            } else {
+                peers.push(p.clone());
+            }
+        }
+        let policy = self.policy();
+        let snap = Snapshot {
+            version: catalog.version,
+            node: node.clone(),
+            trust_domain: self.ca.trust_domain.clone(),
+            labels,
+            peers,
+            policy_version: policy.0,
+            policy: policy.1.clone(),
+            revoked: catalog.revoked.clone(),
+            ca_bundle: vec![self.ca.cert_der.clone()],
+        };
+        Ok((
+            snap,
+            Sent {
+                catalog,
+                policy_version: policy.0,
+            },
+        ))
+    }
+
+    fn delta_for(&self, node: &NodeName, last: &Sent) -> Result<(SnapshotDelta, Sent), MeshError> {
+        let catalog = self.catalog()?;
+        let step = self.peer_diff(&last.catalog, &catalog);
+        let labels = step
+            .0
+            .iter()
+            .find(|p| &p.node == node)
+            .map(|p| p.labels.clone());
+        let policy = self.policy();
+        let d = SnapshotDelta {
+            base_version: last.catalog.version,
+            version: catalog.version,
+            node: node.clone(),
+            upsert: step.0.iter().filter(|p| &p.node != node).cloned().collect(),
+            remove: step.1.iter().filter(|n| *n != node).cloned().collect(),
+            labels,
+            policy_version: policy.0,
+            policy: (policy.0 != last.policy_version).then(|| policy.1.clone()),
+            revoked: (catalog.revoked != last.catalog.revoked).then(|| catalog.revoked.clone()),
+            ca_bundle: None,
+        };
+        Ok((
+            d,
+            Sent {
+                catalog,
+                policy_version: policy.0,
+            },
+        ))
+    }
+
+    /// The peer changes from catalog `a` to `b`, computed once per step.
+    fn peer_diff(&self, a: &Arc<Catalog>, b: &Arc<Catalog>) -> Arc<(Vec<PeerInfo>, Vec<NodeName>)> {
+        let mut cache = self.diffs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, d)) = cache
+            .iter()
+            .find(|(x, y, _)| Arc::ptr_eq(x, a) && Arc::ptr_eq(y, b))
+        {
+            return d.clone();
+        }
+        let d = Arc::new(delta::diff_peers(&a.peers, &b.peers));
+        if cache.len() >= DIFF_CACHE {
+            cache.pop_front();
+        }
+        cache.push_back((a.clone(), b.clone(), d.clone()));
+        d
+    }
+
+    fn pending_ack(&self, node: &str) -> u64 {
+        let acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        acks.get(node).copied().unwrap_or(0)
+    }
+
+    /// Notes that `node` acked snapshot `version` (written by [`Mesh::flush_acks`]).
+    pub fn record_ack(&self, node: &str, version: u64) {
+        let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        let v = acks.entry(node.to_string()).or_default();
+        *v = (*v).max(version);
+    }
+
+    /// Writes the acks noted since the last flush, in one transaction.
+    pub fn flush_acks(&self) -> Result<(), MeshError> {
+        let batch: Vec<(String, u64)> = {
+            let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+            acks.drain().collect()
+        };
+        if !batch.is_empty() {
+            self.store.nodes_acked(&batch)?;
+        }
+        Ok(())
+    }
+
+    /// The catalog at the current mesh version, read from the store once per version and
+    /// shared by every session building its snapshot (a change wakes every session).
+    fn catalog(&self) -> Result<Arc<Catalog>, MeshError> {
+        let version = *self.version_tx.borrow();
+        let mut cache = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        // A newer catalog than asked for is as good (a change raced this call).
+        if let Some(c) = cache.as_ref().filter(|c| c.version >= version) {
+            return Ok(c.clone());
+        }
+        let mut peers = Vec::new();
+        for n in self.store.nodes()? {
+            if n.revoked_at.is_some() {
                 continue;
             }
             let Ok(name) = NodeName::new(n.name.as_str()) else {
@@ -551,34 +711,13 @@ impl Mesh {
                     .iter()
                     .filter_map(|s| ServiceName::new(s.as_str()).ok())
                     .collect(),
-                labels: l,
+                labels: labels_from(&n.labels)?,
             });
         }
-        let policy = self.policy();
-        Ok(Snapshot {
-            version,
-            node: node.clone(),
-            trust_domain: self.ca.trust_domain.clone(),
-            labels,
-            peers,
-            policy_version: policy.0,
-            policy: policy.1.clone(),
-            revoked: revoked.clone(),
-            ca_bundle: vec![self.ca.cert_der.clone()],
-        })
-    }
-
-    /// The catalog at the current mesh version, read from the store once per version and
-    /// shared by every session building its snapshot (a change wakes every session).
-    fn catalog(&self) -> Result<Arc<Catalog>, MeshError> {
-        let version = self.store.version()?;
-        let mut cache = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.as_ref().filter(|c| c.version == version) {
-            return Ok(c.clone());
-        }
+        delta::sort_peers(&mut peers);
         let c = Arc::new(Catalog {
             version,
-            nodes: self.store.nodes()?,
+            peers,
             revoked: Self::revoked_list(&*self.store)?,
         });
         *cache = Some(c.clone());
@@ -627,6 +766,10 @@ impl Mesh {
             .store
             .nodes()?
             .into_iter()
+            .map(|mut r| {
+                r.acked_version = r.acked_version.max(self.pending_ack(&r.name));
+                r
+            })
             .map(|r| NodeView {
                 online: self.online(&r.name),
                 record: r,

@@ -31,6 +31,16 @@ pub async fn start(
     let http_addr = http_l.local_addr()?;
     let control_addr = endpoint.local_addr()?;
     tokio::spawn(control::serve(mesh.clone(), endpoint.clone()));
+    let m = mesh.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            if let Err(e) = m.flush_acks() {
+                tracing::warn!(error = %e, "could not record snapshot acks");
+            }
+        }
+    });
     let app = api::router(mesh.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(http_l, app).await {

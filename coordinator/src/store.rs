@@ -94,7 +94,8 @@ pub trait Store: Send + Sync {
         now: i64,
     ) -> Result<bool, StoreError>;
     fn node_seen(&self, name: &str, now: i64) -> Result<(), StoreError>;
-    fn node_acked(&self, name: &str, version: u64) -> Result<(), StoreError>;
+    /// Records the snapshot versions nodes acked, all in one transaction.
+    fn nodes_acked(&self, acks: &[(String, u64)]) -> Result<(), StoreError>;
     /// Revokes a node and every certificate issued to it; returns the serials.
     fn revoke_node(&self, name: &str, now: i64) -> Result<Option<Vec<String>>, StoreError>;
     /// Serials revoked and not yet expired at `now`.
@@ -403,12 +404,18 @@ impl Store for SqliteStore {
         })
     }
 
-    fn node_acked(&self, name: &str, version: u64) -> Result<(), StoreError> {
+    fn nodes_acked(&self, acks: &[(String, u64)]) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
-                "UPDATE nodes SET acked_version = ?1 WHERE name = ?2",
-                params![version as i64, name],
-            )?;
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "UPDATE nodes SET acked_version = ?1 WHERE name = ?2 AND acked_version < ?1",
+                )?;
+                for (name, version) in acks {
+                    st.execute(params![*version as i64, name])?;
+                }
+            }
+            tx.commit()?;
             Ok(())
         })
     }

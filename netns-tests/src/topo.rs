@@ -228,6 +228,33 @@ impl Net {
         Ok(())
     }
 
+    /// Two hosts joined by one veth pair (no bridge): `a` at `prefix.1/24`, `b` at
+    /// `prefix.2/24`, each on its `eth0`. The shortest path two namespaces can have.
+    pub fn pair(&mut self, a: &str, b: &str, prefix: &str) -> anyhow::Result<(String, String)> {
+        if !prefix.starts_with("198.18.") && !prefix.starts_with("198.19.") {
+            bail!("test underlays use 198.18.0.0/15 only, not {prefix}");
+        }
+        let na = self.add_ns(a)?;
+        let nb = self.add_ns(b)?;
+        ip(&[
+            "link", "add", "eth0", "netns", &na, "type", "veth", "peer", "name", "eth0", "netns",
+            &nb,
+        ])?;
+        for (ns, host) in [(&na, 1), (&nb, 2)] {
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{prefix}.{host}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        }
+        Ok((na, nb))
+    }
+
     /// A host on `lan` at `.host`, default route via `.gw` when given.
     pub fn host(
         &mut self,

@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quicmesh_protocol::cert::PeerIdentity;
+use quicmesh_protocol::delta;
 use quicmesh_protocol::token::{renew_at, JoinToken};
 use quicmesh_protocol::wire::{
-    ControlDown, ControlUp, EnrollErrorCode, EnrollRequest, Hello, StatusReport, ALPN_CONTROL,
+    ControlDown, ControlUp, EnrollErrorCode, EnrollRequest, Hello, Snapshot, StatusReport,
+    ALPN_CONTROL,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -241,6 +243,8 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
     let mut renew_tick = tokio::time::interval(Duration::from_millis(500));
     let jitter: f64 = rand::thread_rng().gen_range(0.0..1.0);
     let mut renewing = false;
+    // The snapshot this session last applied: the base of the next delta.
+    let mut base: Option<Snapshot> = None;
     loop {
         tokio::select! {
             msg = rx.recv() => {
@@ -251,13 +255,17 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
                 };
                 match msg {
                     ControlDown::Snapshot(snap) => {
-                        let version = snap.version;
-                        let reply = match node.apply_snapshot(&snap, true) {
-                            Ok(_) => ControlUp::Ack { version },
-                            Err(e) => {
-                                tracing::warn!(version, error = %e, "snapshot refused");
-                                ControlUp::Nack { version, reason: e.to_string() }
+                        let reply = apply(node, *snap, &mut base);
+                        write_frame(&mut send, &reply).await.map_err(|e| e.to_string())?;
+                    }
+                    ControlDown::Delta(d) => {
+                        let reply = match base.as_ref().map(|b| delta::apply(b, &d)) {
+                            Some(Ok(snap)) => apply(node, snap, &mut base),
+                            Some(Err(e)) => {
+                                tracing::info!(version = d.version, error = %e, "delta refused; asking for the whole snapshot");
+                                ControlUp::Nack { version: d.version, reason: e.to_string() }
                             }
+                            None => ControlUp::Nack { version: d.version, reason: "no snapshot to apply a delta to".into() },
                         };
                         write_frame(&mut send, &reply).await.map_err(|e| e.to_string())?;
                     }
@@ -288,6 +296,24 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
                     write_frame(&mut send, &ControlUp::Renew { csr_der }).await.map_err(|e| e.to_string())?;
                     renewing = true;
                 }
+            }
+        }
+    }
+}
+
+/// Applies a whole snapshot (sent whole or rebuilt from a delta) and answers for it.
+fn apply(node: &Node, snap: Snapshot, base: &mut Option<Snapshot>) -> ControlUp {
+    let version = snap.version;
+    match node.apply_snapshot(&snap, true) {
+        Ok(_) => {
+            *base = Some(snap);
+            ControlUp::Ack { version }
+        }
+        Err(e) => {
+            tracing::warn!(version, error = %e, "snapshot refused");
+            ControlUp::Nack {
+                version,
+                reason: e.to_string(),
             }
         }
     }

@@ -447,6 +447,17 @@ impl rustls::client::ResolvesClientCert for CertSlot {
 
 /// QUIC transport settings shared by tunnels and the control session.
 pub fn transport() -> Arc<quinn::TransportConfig> {
+    Arc::new(base_transport(4096))
+}
+
+/// Transport for control connections: one stream each way is all a session uses, and
+/// stream state is allocated per allowed stream, so a coordinator with thousands of
+/// sessions allows few.
+pub fn control_transport() -> Arc<quinn::TransportConfig> {
+    Arc::new(base_transport(4))
+}
+
+fn base_transport(streams: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
     t.max_idle_timeout(Some(
@@ -454,9 +465,9 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
             .try_into()
             .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(20_000))),
     ));
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(streams));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    Arc::new(t)
+    t
 }
 
 /// A QUIC server config: our certificate, client certificates verified by `verifier`.

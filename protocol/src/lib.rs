@@ -3,6 +3,7 @@
 //! callers pass `now` in where time matters.
 
 pub mod cert;
+pub mod delta;
 pub mod ident;
 pub mod policy;
 pub mod token;

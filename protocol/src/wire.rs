@@ -252,6 +252,22 @@ pub struct Snapshot {
     pub ca_bundle: Vec<Vec<u8>>,
 }
 
+/// What changed between two snapshots of one node. Peers are whole entries: an upserted
+/// peer replaces the old entry of that name. Fields that did not change are `None`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDelta {
+    pub base_version: u64,
+    pub version: u64,
+    pub node: NodeName,
+    pub upsert: Vec<PeerInfo>,
+    pub remove: Vec<NodeName>,
+    pub labels: Option<Labels>,
+    pub policy_version: u64,
+    pub policy: Option<Policy>,
+    pub revoked: Option<Vec<Serial>>,
+    pub ca_bundle: Option<Vec<Vec<u8>>>,
+}
+
 /// Coordinator -> node messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlDown {
@@ -261,6 +277,9 @@ pub enum ControlDown {
         detail: String,
     },
     Snapshot(Box<Snapshot>),
+    /// The changes from the snapshot the node holds (`base_version`) to a newer one; a
+    /// node holding another version nacks it and is sent a whole snapshot.
+    Delta(Box<SnapshotDelta>),
     Renewed {
         cert_der: Vec<u8>,
     },

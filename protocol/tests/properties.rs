@@ -3,17 +3,20 @@
 //! - every decoder either refuses bytes with a typed error or returns a message that
 //!   re-encodes to bytes decoding to the same message;
 //! - encoding any well-formed message and decoding it gives it back;
+//! - a snapshot delta applied to its base gives exactly the newer snapshot;
 //! - a parsed policy's evaluation is total and deterministic, and `explain` agrees with it.
 
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
+use quicmesh_protocol::cert::Serial;
+use quicmesh_protocol::delta::{self, DeltaError};
 use quicmesh_protocol::ident::{LabelKey, Labels, NodeName, ServiceName, TrustDomain};
 use quicmesh_protocol::policy::{Destination, Policy, Source};
 use quicmesh_protocol::token::JoinToken;
 use quicmesh_protocol::wire::{
-    self, ControlDown, ControlUp, Hello, Message, RejectCode, StatusReport, StreamHeader,
-    StreamReply,
+    self, ControlDown, ControlUp, Hello, Message, PeerInfo, RejectCode, Snapshot, StatusReport,
+    StreamHeader, StreamReply,
 };
 
 fn name() -> impl Strategy<Value = String> {
@@ -92,6 +95,56 @@ fn up() -> impl Strategy<Value = ControlUp> {
     ]
 }
 
+fn peers() -> impl Strategy<Value = Vec<PeerInfo>> {
+    proptest::collection::btree_map(
+        name(),
+        (
+            proptest::option::of(any::<u16>()),
+            proptest::collection::vec(service(), 0..3),
+            labels(),
+        ),
+        0..12,
+    )
+    .prop_map(|m| {
+        m.into_iter()
+            .filter(|(n, _)| n != "self")
+            .map(|(n, (port, services, labels))| PeerInfo {
+                node: NodeName::new(n).unwrap(),
+                endpoint: port.map(|p| ([198, 18, 0, 1], p).into()),
+                services,
+                labels,
+            })
+            .collect()
+    })
+}
+
+fn snapshot() -> impl Strategy<Value = Snapshot> {
+    (
+        1u64..1000,
+        labels(),
+        peers(),
+        0u64..3,
+        proptest::collection::vec(1u8..=255, 0..3),
+    )
+        .prop_map(|(version, labels, peers, pv, revoked)| Snapshot {
+            version,
+            node: NodeName::new("self").unwrap(),
+            trust_domain: TrustDomain::new("mesh.test").unwrap(),
+            labels,
+            peers,
+            policy_version: pv,
+            policy: Policy::parse(&format!(
+                "[[rule]]\nfrom = \"svc-{pv}\"\nto = \"db\"\naction = \"allow\"\n"
+            ))
+            .unwrap(),
+            revoked: revoked
+                .into_iter()
+                .map(|b| Serial::new(vec![b]).unwrap())
+                .collect(),
+            ca_bundle: vec![vec![1, 2, 3]],
+        })
+}
+
 fn round_trip<M: Message + PartialEq + std::fmt::Debug>(m: &M) {
     let bytes = wire::encode(m);
     assert_eq!(&wire::decode::<M>(&bytes).unwrap(), m);
@@ -114,6 +167,20 @@ proptest! {
 
     #[test]
     fn control_up_round_trips(m in up()) { round_trip(&m) }
+
+    #[test]
+    fn delta_applied_to_its_base_gives_the_newer_snapshot(old in snapshot(), new in snapshot(), step in 1u64..5) {
+        let new = Snapshot { version: old.version + step, ..new };
+        let d = delta::diff(&old, &new);
+        prop_assert_eq!(&delta::apply(&old, &d).unwrap(), &new);
+        // Only what changed travels.
+        let unchanged = old.peers.iter().filter(|p| new.peers.contains(p)).count();
+        prop_assert_eq!(d.upsert.len() + unchanged, new.peers.len());
+        round_trip(&ControlDown::Delta(Box::new(d.clone())));
+        // Applied to any other version, it is refused and nothing changes.
+        let other = Snapshot { version: old.version + 1, ..old.clone() };
+        prop_assert_eq!(delta::apply(&other, &d).unwrap_err(), DeltaError::BaseMismatch { base: old.version, have: old.version + 1 });
+    }
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
