@@ -143,7 +143,7 @@ async fn sim_node(
 }
 
 /// Runs the scenario for each N; returns its JSON.
-pub fn run(sizes: &[usize]) -> anyhow::Result<Value> {
+pub fn run(sizes: &[usize], deadline: Duration) -> anyhow::Result<Value> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -161,7 +161,7 @@ pub fn run(sizes: &[usize]) -> anyhow::Result<Value> {
         "push bytes"
     );
     for &n in sizes {
-        match rt.block_on(one(n)) {
+        match rt.block_on(one(n, deadline)) {
             Ok(row) => {
                 println!(
                     "{:>7} {:>8.1} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>9.2} {:>12} {:>12}",
@@ -175,6 +175,12 @@ pub fn run(sizes: &[usize]) -> anyhow::Result<Value> {
                     row["whole_snapshot_bytes"],
                     row["push_bytes_per_node"]
                 );
+                if row["enroll_retries"].as_u64().unwrap_or(0) > 0 {
+                    println!(
+                        "        ({} enrollments retried after a transport timeout)",
+                        row["enroll_retries"]
+                    );
+                }
                 rows.push(row);
             }
             Err(e) => {
@@ -187,7 +193,7 @@ pub fn run(sizes: &[usize]) -> anyhow::Result<Value> {
     Ok(json!({"scenario": "control", "rows": rows}))
 }
 
-async fn one(n: usize) -> anyhow::Result<Value> {
+pub async fn one(n: usize, limit: Duration) -> anyhow::Result<Value> {
     let mesh = Mesh::new(&format!("bench-control-{n}"));
     let coord = tokio::task::block_in_place(|| CoordinatorProc::start(&mesh, "1h"))?;
     let pid = coord.pid().context("coordinator pid")?;
@@ -222,12 +228,13 @@ async fn one(n: usize) -> anyhow::Result<Value> {
             r.await
         }));
     }
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + limit;
     while up.load(Ordering::Relaxed) < n {
         if Instant::now() > deadline {
             bail!(
-                "only {} of {n} sessions up after 600 s",
-                up.load(Ordering::Relaxed)
+                "only {} of {n} sessions up after {} s",
+                up.load(Ordering::Relaxed),
+                limit.as_secs()
             );
         }
         if let Some(pos) = tasks.iter().position(|t| t.is_finished()) {

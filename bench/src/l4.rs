@@ -40,7 +40,7 @@ pub struct L4Opts {
 }
 
 /// Pushes `mib` MiB and waits for the sink's answer; returns Mbit/s.
-fn bulk(addr: SocketAddr, mib: usize) -> anyhow::Result<f64> {
+pub fn bulk(addr: SocketAddr, mib: usize) -> anyhow::Result<f64> {
     let start = Instant::now();
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;

@@ -15,10 +15,14 @@
 //!
 //! Still to come: l3 (overlay vs WireGuard, Nebula, quincy), footprint.
 
+mod all;
 mod control;
+mod footprint;
+mod install;
 mod l3;
 mod l4;
 mod load;
+mod plot;
 mod stat;
 
 use std::path::PathBuf;
@@ -54,6 +58,23 @@ enum Scenario {
         /// Node counts, run in order until one does not complete.
         #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
         nodes: Vec<usize>,
+        /// Longest wait for all sessions to come up at one size.
+        #[arg(long, default_value_t = 600)]
+        deadline_secs: u64,
+    },
+    /// Installs the peers (apt-get and cargo install, pinned versions; needs root).
+    Install,
+    /// Installs the peers, runs every scenario, writes summary.md and the plots.
+    All {
+        /// Replace the <!-- bench:begin/end --> section of this README with the summary.
+        #[arg(long)]
+        readme: Option<PathBuf>,
+        /// Seconds per iperf3 test in l3.
+        #[arg(long, default_value_t = 10)]
+        l3_secs: u64,
+        /// Rounds for l3 and l4.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// IP tunnels: raw veth, quicmesh overlay, wireguard-go, boringtun, Nebula, quincy
     /// (needs root: network namespaces and TUN devices).
@@ -68,6 +89,8 @@ enum Scenario {
         #[arg(long, value_delimiter = ',', default_values_t = l3::SYSTEMS.iter().map(|s| s.to_string()))]
         systems: Vec<String>,
     },
+    /// Memory: a node idle with 10 peers and under L4 load, the coordinator with 100 nodes.
+    Footprint,
     /// L4 path vs direct TCP vs stunnel (needs root: network namespaces).
     L4 {
         /// Open-loop request rates (requests per second, all connections together).
@@ -171,6 +194,19 @@ fn micro(ops: u64) -> anyhow::Result<Vec<serde_json::Value>> {
     Ok(rows)
 }
 
+fn write(dir: &std::path::Path, name: &str, v: &serde_json::Value) -> anyhow::Result<()> {
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(v)?)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn plot_or_warn(r: anyhow::Result<()>) {
+    if let Err(e) = r {
+        eprintln!("plot: {e:#}");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     std::fs::create_dir_all(&cli.results)?;
@@ -186,11 +222,49 @@ fn main() -> anyhow::Result<()> {
             )?;
             println!("wrote {}", path.display());
         }
-        Scenario::Control { nodes } => {
-            let v = control::run(&nodes)?;
-            let path = cli.results.join("control.json");
-            std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
-            println!("wrote {}", path.display());
+        Scenario::Control {
+            nodes,
+            deadline_secs,
+        } => {
+            let v = control::run(&nodes, std::time::Duration::from_secs(deadline_secs))?;
+            write(&cli.results, "control", &v)?;
+            let rows: Vec<&serde_json::Value> = v["rows"]
+                .as_array()
+                .map(|a| a.iter().filter(|r| r["ack_p50_ms"].is_number()).collect())
+                .unwrap_or_default();
+            let groups: Vec<String> = rows
+                .iter()
+                .map(|r| format!("{} nodes", r["nodes"]))
+                .collect();
+            let series: Vec<(String, Vec<Option<f64>>)> = [
+                ("ack p50", "ack_p50_ms"),
+                ("ack p99", "ack_p99_ms"),
+                ("ack max", "ack_max_ms"),
+            ]
+            .iter()
+            .map(|(l, k)| (l.to_string(), rows.iter().map(|r| r[*k].as_f64()).collect()))
+            .collect();
+            plot_or_warn(plot::bars(
+                &cli.results.join("control.svg"),
+                "policy apply until every node has it",
+                "ms",
+                &groups,
+                &series,
+            ));
+        }
+        Scenario::Install => {
+            install::run()?;
+        }
+        Scenario::All {
+            readme,
+            l3_secs,
+            rounds,
+        } => {
+            all::run(&cli.results, readme.as_deref(), l3_secs, rounds)?;
+        }
+        Scenario::Footprint => {
+            let v = footprint::run()?;
+            write(&cli.results, "footprint", &v)?;
         }
         Scenario::L3 {
             secs,
@@ -200,11 +274,43 @@ fn main() -> anyhow::Result<()> {
             let v = l3::run(&l3::L3Opts {
                 secs,
                 rounds,
-                systems,
+                systems: systems.clone(),
             })?;
-            let path = cli.results.join("l3.json");
-            std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
-            println!("wrote {}", path.display());
+            write(&cli.results, "l3", &v)?;
+            let tunnels: Vec<String> = systems.iter().filter(|s| *s != "veth").cloned().collect();
+            plot_or_warn(plot::table(
+                &cli.results.join("l3-throughput.svg"),
+                "TCP through each tunnel (iperf3; raw veth left out of scale)",
+                "Mbit/s",
+                &v["table"],
+                &[
+                    ("tcp 1 stream Mbit/s", "1 stream"),
+                    ("tcp 4 streams Mbit/s", "4 streams"),
+                    ("tcp reverse Mbit/s", "reverse"),
+                ],
+                &tunnels,
+            ));
+            plot_or_warn(plot::table(
+                &cli.results.join("l3-latency.svg"),
+                "round trips through each tunnel",
+                "us",
+                &v["table"],
+                &[
+                    ("ping p50 us", "ping p50"),
+                    ("ping p99 us", "ping p99"),
+                    ("echo 1k/s p50 us", "1-byte echo p50"),
+                    ("echo 1k/s p99 us", "1-byte echo p99"),
+                ],
+                &systems,
+            ));
+            plot_or_warn(plot::table(
+                &cli.results.join("l3-cpu.svg"),
+                "tunnel daemons' CPU per GB moved (lower is better)",
+                "CPU s/GB",
+                &v["table"],
+                &[("daemon CPU s/GB", "CPU s/GB")],
+                &tunnels,
+            ));
         }
         Scenario::L4 {
             rates,
@@ -214,15 +320,36 @@ fn main() -> anyhow::Result<()> {
             rounds,
         } => {
             let v = l4::run(&l4::L4Opts {
-                rates,
+                rates: rates.clone(),
                 secs,
                 conns,
                 bulk_mib,
                 rounds,
             })?;
-            let path = cli.results.join("l4.json");
-            std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
-            println!("wrote {}", path.display());
+            write(&cli.results, "l4", &v)?;
+            let metrics: Vec<(String, String)> = rates
+                .iter()
+                .flat_map(|r| {
+                    ["p50", "p99", "p999"]
+                        .map(|q| (format!("rr {r}/s {q} us"), format!("{r}/s {q}")))
+                })
+                .collect();
+            let m: Vec<(&str, &str)> = metrics
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            plot_or_warn(plot::table(
+                &cli.results.join("l4-latency.svg"),
+                "1-byte request/response, open loop",
+                "us",
+                &v["table"],
+                &m,
+                &[
+                    "direct".to_string(),
+                    "quicmesh".to_string(),
+                    "stunnel".to_string(),
+                ],
+            ));
         }
     }
     Ok(())
