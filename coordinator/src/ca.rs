@@ -183,6 +183,7 @@ impl Ca {
         csr_der: &[u8],
         node: &NodeName,
         services: &[ServiceName],
+        ips: &[std::net::IpAddr],
         now: i64,
         ttl_secs: i64,
     ) -> Result<Leaf, CaError> {
@@ -191,6 +192,8 @@ impl Ca {
         let mut p = CertificateParams::default();
         p.distinguished_name.push(DnType::CommonName, node.as_str());
         p.subject_alt_names = Self::uri_sans(leaf_uris(&self.trust_domain, node, services))?;
+        p.subject_alt_names
+            .extend(ips.iter().map(|ip| rcgen::SanType::IpAddress(*ip)));
         self.sign(p, &csr.public_key, now, ttl_secs)
     }
 
@@ -229,7 +232,14 @@ mod tests {
         let csr = quicmesh_node::control::csr("web-1", &key).unwrap();
         let node = NodeName::new("web-1").unwrap();
         let leaf = ca
-            .sign_node(&csr, &node, &[ServiceName::new("web").unwrap()], now, 600)
+            .sign_node(
+                &csr,
+                &node,
+                &[ServiceName::new("web").unwrap()],
+                &["100.64.0.7".parse().unwrap()],
+                now,
+                600,
+            )
             .unwrap();
         let id = PeerIdentity::from_der(&leaf.der, &td).unwrap();
         assert_eq!(id.node, node);
@@ -237,6 +247,9 @@ mod tests {
         assert!(!id.may_speak_for(&ServiceName::new("db").unwrap()));
         assert_eq!(id.serial, leaf.serial);
         assert_eq!(id.not_after, now + 600);
+        // The overlay address is in the certificate: packets from it are this node's.
+        assert!(id.owns_address("100.64.0.7".parse().unwrap()));
+        assert!(!id.owns_address("100.64.0.8".parse().unwrap()));
 
         let trust = Trust::new(td.clone(), std::slice::from_ref(&ca.cert_der), []).unwrap();
         let der = CertificateDer::from(leaf.der.clone());
@@ -286,6 +299,7 @@ mod tests {
                 b"not a csr",
                 &NodeName::new("a").unwrap(),
                 &[],
+                &[],
                 1_800_000_000,
                 60,
             )
@@ -301,7 +315,7 @@ mod tests {
         let key = KeyPair::generate().unwrap();
         let csr = quicmesh_node::control::csr("a", &key).unwrap();
         let leaf = ca
-            .sign_node(&csr, &NodeName::new("a").unwrap(), &[], now, 8)
+            .sign_node(&csr, &NodeName::new("a").unwrap(), &[], &[], now, 8)
             .unwrap();
         let id = PeerIdentity::from_der(&leaf.der, &td).unwrap();
         assert_eq!(id.not_before, now - 2);

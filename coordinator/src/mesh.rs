@@ -3,7 +3,7 @@
 //! the store; the control listener and the HTTP API call into it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -12,6 +12,7 @@ use quicmesh_node::tls::{Trust, TrustHandle};
 use quicmesh_protocol::cert::Serial;
 use quicmesh_protocol::delta;
 use quicmesh_protocol::ident::{LabelKey, Labels, NodeName, ServiceName, TrustDomain};
+use quicmesh_protocol::overlay::Pools;
 use quicmesh_protocol::policy::{
     Destination, Explanation, Policy, PolicyError, Source, TestFailure,
 };
@@ -114,6 +115,8 @@ pub struct SessionHandle {
 pub struct Mesh {
     pub store: Arc<dyn Store>,
     pub ca: Ca,
+    /// Overlay address pools.
+    pub pools: Pools,
     pub data_dir: PathBuf,
     pub cert_ttl_secs: i64,
     pub trust: TrustHandle,
@@ -152,8 +155,19 @@ pub struct InitOutput {
     pub admin_token: String,
 }
 
-/// Creates a data dir: CA, database, admin token. Refuses an initialized dir.
+/// Creates a data dir: CA, database, admin token, default overlay pools. Refuses an
+/// initialized dir.
 pub fn init(dir: &Path, trust_domain: TrustDomain) -> Result<InitOutput, MeshError> {
+    init_with(dir, trust_domain, None)
+}
+
+/// [`init`] with chosen overlay pools (default: 100.64.0.0/10 and a ULA /48 derived from
+/// the CA).
+pub fn init_with(
+    dir: &Path,
+    trust_domain: TrustDomain,
+    pools: Option<Pools>,
+) -> Result<InitOutput, MeshError> {
     let dd = |reason: String| MeshError::DataDir {
         path: dir.display().to_string(),
         reason,
@@ -172,6 +186,9 @@ pub fn init(dir: &Path, trust_domain: TrustDomain) -> Result<InitOutput, MeshErr
     write_private(&dir.join("ca.crt"), ca.cert_pem().as_bytes())?;
     let store = SqliteStore::open(&dir.join("quicmesh.db"))?;
     store.set_meta("trust_domain", trust_domain.as_str())?;
+    let pools = pools.unwrap_or_else(|| Pools::default_for(&ca.fingerprint()));
+    store.set_meta("overlay_v4", &pools.v4.to_string())?;
+    store.set_meta("overlay_v6", &pools.v6.to_string())?;
     let admin_token = format!("qma_{}", hex::encode(random_hex32()));
     store.set_meta("admin_token_sha256", &hash_secret(&admin_token))?;
     write_private(&dir.join("admin.token"), admin_token.as_bytes())?;
@@ -239,6 +256,22 @@ impl Mesh {
             reason: e.to_string(),
         })?;
         let ca = Ca::load(dir, td.clone())?;
+        let pools = match (store.meta("overlay_v4")?, store.meta("overlay_v6")?) {
+            (Some(a), Some(b)) => {
+                let bad = |e: quicmesh_protocol::overlay::PrefixError| MeshError::Invalid {
+                    field: "overlay pools",
+                    reason: e.to_string(),
+                };
+                Pools::new(a.parse().map_err(bad)?, b.parse().map_err(bad)?).map_err(bad)?
+            }
+            _ => {
+                // A data dir from before overlay mode: give it the default pools.
+                let p = Pools::default_for(&ca.fingerprint());
+                store.set_meta("overlay_v4", &p.v4.to_string())?;
+                store.set_meta("overlay_v6", &p.v6.to_string())?;
+                p
+            }
+        };
         let admin_hash = store.meta("admin_token_sha256")?.unwrap_or_default();
         let policy = match store.latest_policy()? {
             Some(p) => (p.version, Policy::parse(&p.source)?),
@@ -256,6 +289,7 @@ impl Mesh {
         Ok(Arc::new(Self {
             store,
             ca,
+            pools,
             data_dir: dir.to_path_buf(),
             cert_ttl_secs,
             trust: Arc::new(ArcSwap::from_pointee(trust)),
@@ -403,12 +437,16 @@ impl Mesh {
                 format!("label {k}={v} (create the token with --label {k}={v})"),
             ));
         }
+        let ips = self
+            .overlay_addresses(req.node.as_str())
+            .map_err(|e| internal(&e))?;
         let leaf = self
             .ca
             .sign_node(
                 &req.csr_der,
                 &req.node,
                 &req.services,
+                &ips,
                 t,
                 self.cert_ttl_secs,
             )
@@ -429,6 +467,7 @@ impl Mesh {
             acked_version: 0,
             agent_version: None,
             revoked_at: None,
+            overlay_index: None,
         };
         match self
             .store
@@ -452,6 +491,18 @@ impl Mesh {
         })
     }
 
+    /// The node's overlay addresses (allocated on first use; stable for the node's life).
+    pub fn overlay_addresses(&self, node: &str) -> Result<Vec<IpAddr>, MeshError> {
+        let idx = self.store.overlay_index(node)?;
+        self.pools.addresses(idx).ok_or_else(|| MeshError::Invalid {
+            field: "overlay pools",
+            reason: format!(
+                "exhausted: no address {idx} in {} / {}",
+                self.pools.v4, self.pools.v6
+            ),
+        })
+    }
+
     /// Signs a renewal CSR for an enrolled, unrevoked node.
     pub fn renew(&self, node: &NodeName, csr_der: &[u8]) -> Result<Vec<u8>, MeshError> {
         let rec = self
@@ -470,9 +521,14 @@ impl Mesh {
             .filter_map(|s| ServiceName::new(s.as_str()).ok())
             .collect::<Vec<_>>();
         let t = now();
-        let leaf = self
-            .ca
-            .sign_node(csr_der, node, &services, t, self.cert_ttl_secs)?;
+        let leaf = self.ca.sign_node(
+            csr_der,
+            node,
+            &services,
+            &self.overlay_addresses(node.as_str())?,
+            t,
+            self.cert_ttl_secs,
+        )?;
         self.store
             .record_cert(&leaf.serial.to_string(), node.as_str(), leaf.not_after, t)?;
         tracing::info!(%node, serial = %leaf.serial, "certificate renewed");
@@ -602,6 +658,7 @@ impl Mesh {
             policy: policy.1.clone(),
             revoked: catalog.revoked.clone(),
             ca_bundle: vec![self.ca.cert_der.clone()],
+            pools: self.pools,
         };
         Ok((
             snap,
@@ -632,6 +689,7 @@ impl Mesh {
             policy: (policy.0 != last.policy_version).then(|| policy.1.clone()),
             revoked: (catalog.revoked != last.catalog.revoked).then(|| catalog.revoked.clone()),
             ca_bundle: None,
+            pools: None,
         };
         Ok((
             d,
@@ -712,6 +770,10 @@ impl Mesh {
                     .filter_map(|s| ServiceName::new(s.as_str()).ok())
                     .collect(),
                 labels: labels_from(&n.labels)?,
+                overlay: n
+                    .overlay_index
+                    .and_then(|i| self.pools.addresses(i))
+                    .unwrap_or_default(),
             });
         }
         delta::sort_peers(&mut peers);

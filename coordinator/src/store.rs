@@ -43,6 +43,8 @@ pub struct NodeRecord {
     pub acked_version: u64,
     pub agent_version: Option<String>,
     pub revoked_at: Option<i64>,
+    /// Overlay address allocation (addresses = pools + index); never reused.
+    pub overlay_index: Option<u64>,
 }
 
 /// A stored policy version.
@@ -94,6 +96,8 @@ pub trait Store: Send + Sync {
         now: i64,
     ) -> Result<bool, StoreError>;
     fn node_seen(&self, name: &str, now: i64) -> Result<(), StoreError>;
+    /// The node's overlay allocation index, allocated on first use and never reused.
+    fn overlay_index(&self, name: &str) -> Result<u64, StoreError>;
     /// Records the snapshot versions nodes acked, all in one transaction.
     fn nodes_acked(&self, acks: &[(String, u64)]) -> Result<(), StoreError>;
     /// Revokes a node and every certificate issued to it; returns the serials.
@@ -120,7 +124,8 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` says how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE tokens (
     hash TEXT PRIMARY KEY, node TEXT NOT NULL, services TEXT NOT NULL, labels TEXT NOT NULL,
@@ -135,7 +140,11 @@ CREATE TABLE revocations (
     serial TEXT PRIMARY KEY, node TEXT NOT NULL, not_after INTEGER NOT NULL, revoked_at INTEGER NOT NULL);
 CREATE TABLE policies (
     version INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, applied_at INTEGER NOT NULL);
-"#];
+"#,
+    r#"
+CREATE TABLE overlay (idx INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE);
+"#,
+];
 
 fn json_vec(s: String) -> Result<Vec<String>, StoreError> {
     serde_json::from_str(&s).map_err(|e| StoreError::Corrupt {
@@ -155,7 +164,7 @@ fn to_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
-const NODE_COLS: &str = "name, services, labels, endpoint, serial, cert_not_after, enrolled_at, last_seen, acked_version, agent_version, revoked_at";
+const NODE_COLS: &str = "name, services, labels, endpoint, serial, cert_not_after, enrolled_at, last_seen, acked_version, agent_version, revoked_at, (SELECT idx FROM overlay WHERE overlay.name = nodes.name)";
 
 type RawNode = (
     String,
@@ -168,6 +177,7 @@ type RawNode = (
     Option<i64>,
     i64,
     Option<String>,
+    Option<i64>,
     Option<i64>,
 );
 
@@ -184,6 +194,7 @@ fn raw_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
         r.get(8)?,
         r.get(9)?,
         r.get(10)?,
+        r.get(11)?,
     ))
 }
 
@@ -208,6 +219,7 @@ fn node_from(raw: RawNode) -> Result<NodeRecord, StoreError> {
         acked_version: raw.8.max(0) as u64,
         agent_version: raw.9,
         revoked_at: raw.10,
+        overlay_index: raw.11.map(|i| i.max(0) as u64),
     })
 }
 
@@ -404,6 +416,23 @@ impl Store for SqliteStore {
         })
     }
 
+    fn overlay_index(&self, name: &str) -> Result<u64, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT OR IGNORE INTO overlay (name) VALUES (?1)",
+                params![name],
+            )?;
+            let idx: i64 = tx.query_row(
+                "SELECT idx FROM overlay WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )?;
+            tx.commit()?;
+            Ok(idx.max(0) as u64)
+        })
+    }
+
     fn nodes_acked(&self, acks: &[(String, u64)]) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -523,6 +552,7 @@ mod tests {
             acked_version: 0,
             agent_version: None,
             revoked_at: None,
+            overlay_index: None,
         }
     }
 

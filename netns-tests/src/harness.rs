@@ -407,6 +407,10 @@ pub struct NodeSpec {
     pub check_egress: bool,
     /// The namespace (test host) the node runs in; None: this host, on loopback.
     pub netns: Option<String>,
+    /// Overlay-only services: (service, port specs like "tcp/5201").
+    pub overlay_services: Vec<(String, Vec<String>)>,
+    /// `[overlay] enabled = true` with this TUN device name.
+    pub overlay: Option<String>,
 }
 
 impl NodeSpec {
@@ -432,6 +436,25 @@ impl NodeSpec {
     pub fn on(mut self, ns: &str) -> Self {
         self.netns = Some(ns.to_string());
         self
+    }
+    /// Runs overlay mode with TUN device `device`.
+    pub fn overlay(mut self, device: &str) -> Self {
+        self.overlay = Some(device.into());
+        self
+    }
+    /// Adds a service reached through the overlay on `ports` ("tcp/5201", "icmp", ...).
+    pub fn overlay_service(mut self, name: &str, ports: &[&str]) -> Self {
+        self.overlay_services
+            .push((name.into(), ports.iter().map(|p| p.to_string()).collect()));
+        self
+    }
+    /// Every service the node hosts (for its join token).
+    pub fn all_services(&self) -> Vec<&str> {
+        self.services
+            .iter()
+            .map(|(s, _)| s.as_str())
+            .chain(self.overlay_services.iter().map(|(s, _)| s.as_str()))
+            .collect()
     }
     /// Turns the sender-side policy check off (ingress stays authoritative).
     pub fn no_egress_check(mut self) -> Self {
@@ -503,9 +526,21 @@ impl NodeProc {
                 "\n[[service]]\nname = \"{s}\"\naddress = \"{a}\"\n"
             ));
         }
+        for (s, ports) in &self.spec.overlay_services {
+            let ports: Vec<String> = ports.iter().map(|p| format!("\"{p}\"")).collect();
+            t.push_str(&format!(
+                "\n[[service]]\nname = \"{s}\"\nports = [{}]\n",
+                ports.join(", ")
+            ));
+        }
         for (s, p) in &self.upstreams {
             t.push_str(&format!(
                 "\n[[upstream]]\nservice = \"{s}\"\nbind = \"127.0.0.1:{p}\"\n"
+            ));
+        }
+        if let Some(dev) = &self.spec.overlay {
+            t.push_str(&format!(
+                "\n[overlay]\nenabled = true\ndevice = \"{dev}\"\n"
             ));
         }
         fs::write(&self.config, t)?;
@@ -537,8 +572,7 @@ impl NodeProc {
 
     /// Configures and starts a node, waiting until it serves.
     pub fn start(mesh: &Mesh, coord: &CoordinatorProc, spec: &NodeSpec) -> anyhow::Result<Self> {
-        let services: Vec<&str> = spec.services.iter().map(|(s, _)| s.as_str()).collect();
-        let token = coord.token(&spec.name, &services, "10m")?;
+        let token = coord.token(&spec.name, &spec.all_services(), "10m")?;
         let mut n = Self::configure(mesh, coord, spec, &token)?;
         n.restart()?;
         Ok(n)

@@ -28,6 +28,7 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             json!({
                 "node": p.node,
                 "endpoint": p.endpoint.map(|e| e.to_string()),
+                "overlay": p.overlay,
                 "services": p.services,
                 "connected": conns.contains(&p.node),
             })
@@ -49,12 +50,22 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "expires_in_secs": id.not_after - unix_now(),
         },
         "control": control,
-        "services": node.cfg.services.iter().map(|s| json!({"name": s.name, "address": s.address.to_string()})).collect::<Vec<_>>(),
+        "services": node.cfg.services.iter().map(|s| json!({"name": s.name, "address": s.address.map(|a| a.to_string()), "ports": s.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>()})).collect::<Vec<_>>(),
         "upstreams": node.cfg.upstreams.iter().zip(bound.upstreams.iter()).map(|(u, (_, addr))| json!({"service": u.service, "bind": addr.to_string(), "source": u.source})).collect::<Vec<_>>(),
         "metrics": bound.metrics.map(|a| a.to_string()),
         "peers": peers,
         "flows": node.flows.list(),
         "counters": node.metrics.reasons(),
+        "overlay": node.overlay.get().map(|ov| json!({
+            "device": ov.device,
+            "addresses": ov.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "prefixes": [ov.pools.v4.to_string(), ov.pools.v6.to_string()],
+            "mtu": ov.mtu,
+            "offload": ov.offload,
+            "tracked_flows": ov.tracker.len(),
+            "dropped": ov.drop_totals(),
+            "peers": ov.peer_status(),
+        })),
     })
 }
 

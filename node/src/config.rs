@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use quicmesh_protocol::ident::{LabelKey, Labels, NodeName, ServiceName};
+use quicmesh_protocol::packet::PortSpec;
 use serde::Deserialize;
 
 /// A config error: which key, and why.
@@ -23,9 +24,27 @@ pub struct ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
     pub name: ServiceName,
-    /// Where the node connects when a flow for this service is accepted.
-    pub address: SocketAddr,
+    /// Where the node connects when an L4 flow for this service is accepted; `None` for a
+    /// service reached only through the overlay.
+    pub address: Option<SocketAddr>,
+    /// What the service accepts through the overlay (`tcp/5432`, `udp/53`, `icmp`).
+    pub ports: Vec<PortSpec>,
 }
+
+/// `[overlay]`: a TUN device carrying IP packets to peers' overlay addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayConfig {
+    /// The TUN device's name.
+    pub device: String,
+    /// The TUN device's MTU: the largest inner packet. Packets that do not fit the path
+    /// to a peer are answered with ICMP "too big".
+    pub mtu: u16,
+}
+
+/// Default TUN device name.
+pub const DEFAULT_OVERLAY_DEVICE: &str = "quicmesh0";
+/// Default overlay MTU: fits a QUIC datagram on a 1500-byte underlay, IPv4 or IPv6.
+pub const DEFAULT_OVERLAY_MTU: u16 = 1400;
 
 /// A mesh service consumed by local apps through a local listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +67,8 @@ pub struct NodeConfig {
     pub labels: Labels,
     pub services: Vec<ServiceConfig>,
     pub upstreams: Vec<UpstreamConfig>,
+    /// Overlay mode, when `[overlay] enabled = true`.
+    pub overlay: Option<OverlayConfig>,
     /// Prometheus metrics listener (loopback only); `None` turns metrics off.
     pub metrics: Option<SocketAddr>,
     /// Also check policy at the sending side, to fail fast (ingress always checks).
@@ -93,6 +114,7 @@ struct Raw {
 struct RawService {
     name: Option<String>,
     address: Option<String>,
+    ports: Option<Vec<String>>,
     check: Option<toml::Value>,
 }
 
@@ -108,6 +130,8 @@ struct RawUpstream {
 #[serde(deny_unknown_fields)]
 struct RawOverlay {
     enabled: Option<bool>,
+    device: Option<String>,
+    mtu: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -207,14 +231,31 @@ impl NodeConfig {
             if services.iter().any(|o| o.name == name) {
                 return Err(err(&k("name"), format!("service {name} is listed twice")));
             }
-            let address = addr(&k("address"), &req(&k("address"), s.address)?)?;
+            let address = s.address.map(|a| addr(&k("address"), &a)).transpose()?;
+            let mut ports = Vec::new();
+            for (j, p) in s.ports.unwrap_or_default().iter().enumerate() {
+                ports.push(
+                    p.parse::<PortSpec>()
+                        .map_err(|e| err(&format!("service[{i}].ports[{j}]"), e.to_string()))?,
+                );
+            }
+            if address.is_none() && ports.is_empty() {
+                return Err(err(
+                    &k("address"),
+                    "missing: a service needs an address (L4) or ports (overlay)".into(),
+                ));
+            }
             if let Some(check) = s.check {
                 if !check.is_table() {
                     return Err(err(&k("check"), "must be a table".into()));
                 }
                 unused_checks.push(k("check"));
             }
-            services.push(ServiceConfig { name, address });
+            services.push(ServiceConfig {
+                name,
+                address,
+                ports,
+            });
         }
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();
         for (i, u) in raw.upstream.into_iter().enumerate() {
@@ -253,11 +294,42 @@ impl NodeConfig {
                 source,
             });
         }
-        if raw.overlay.and_then(|o| o.enabled).unwrap_or(false) {
-            return Err(err(
-                "overlay.enabled",
-                "overlay mode is not available in this build yet".into(),
-            ));
+        let overlay = match raw.overlay {
+            Some(o) if o.enabled.unwrap_or(false) => {
+                let device = o.device.unwrap_or_else(|| DEFAULT_OVERLAY_DEVICE.into());
+                if device.is_empty()
+                    || device.len() > 15
+                    || !device
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(err(
+                        "overlay.device",
+                        format!("{device:?} is not an interface name (1-15 of a-z, 0-9, - and _)"),
+                    ));
+                }
+                let mtu = match o.mtu {
+                    None => DEFAULT_OVERLAY_MTU,
+                    Some(m) if (1280..=9000).contains(&m) => m as u16,
+                    Some(m) => {
+                        return Err(err(
+                            "overlay.mtu",
+                            format!("{m} is not between 1280 and 9000"),
+                        ))
+                    }
+                };
+                Some(OverlayConfig { device, mtu })
+            }
+            _ => None,
+        };
+        if overlay.is_none() {
+            if let Some(i) = services.iter().position(|s| s.address.is_none()) {
+                return Err(err(
+                    &format!("service[{i}].address"),
+                    "missing: this service has only overlay ports but [overlay] is not enabled"
+                        .into(),
+                ));
+            }
         }
         let metrics = match raw.metrics.as_deref() {
             None => Some(addr("metrics", "127.0.0.1:9790")?),
@@ -280,6 +352,7 @@ impl NodeConfig {
             labels,
             services,
             upstreams,
+            overlay,
             metrics,
             check_egress: raw.policy.and_then(|p| p.check_egress).unwrap_or(true),
             flow_idle_timeout: dur(
@@ -371,8 +444,35 @@ bind = "127.0.0.1:15432"
                 .worker_threads,
             Some(1)
         );
-        let e = parse(&format!("{GOOD}\n[overlay]\nenabled = true\n")).unwrap_err();
-        assert_eq!(e.key, "overlay.enabled");
+        let o = parse(&format!("{GOOD}\n[overlay]\nenabled = true\n")).unwrap();
+        assert_eq!(
+            o.overlay,
+            Some(OverlayConfig {
+                device: DEFAULT_OVERLAY_DEVICE.into(),
+                mtu: DEFAULT_OVERLAY_MTU
+            })
+        );
+        let e = parse(&format!("{GOOD}\n[overlay]\nenabled = true\nmtu = 500\n")).unwrap_err();
+        assert_eq!(e.key, "overlay.mtu");
+        let e = parse(&format!(
+            "{GOOD}\n[overlay]\nenabled = true\ndevice = \"a/b\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "overlay.device");
+        // Overlay ports: parsed, named on error, and only allowed without an address when
+        // the overlay is on.
+        let db = "[[service]]\nname = \"db\"\nports = [\"tcp/5432\", \"icmp\"]\n";
+        let o = parse(&format!("{GOOD}\n{db}[overlay]\nenabled = true\n")).unwrap();
+        assert_eq!(o.services[1].address, None);
+        assert_eq!(o.services[1].ports.len(), 2);
+        let e = parse(&format!("{GOOD}\n{db}")).unwrap_err();
+        assert_eq!(e.key, "service[1].address");
+        let e = parse(&format!(
+            "{GOOD}\n{}[overlay]\nenabled = true\n",
+            db.replace("tcp/5432", "tcp/99999")
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "service[1].ports[0]");
         let e = parse(&GOOD.replace("data_dir = \"/var/lib/quicmesh\"", "")).unwrap_err();
         assert_eq!(e.to_string(), "config node.toml: data_dir: missing");
     }

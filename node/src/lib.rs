@@ -7,6 +7,7 @@ pub mod control;
 pub mod flow;
 pub mod frame;
 pub mod metrics;
+pub mod overlay;
 pub mod proxy;
 pub mod run;
 pub mod state;

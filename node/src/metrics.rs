@@ -34,6 +34,17 @@ struct DirLabels {
     direction: String,
 }
 
+/// The overlay's Prometheus counters.
+#[derive(Debug, Clone)]
+pub struct OverlayMetrics {
+    pub tx_packets: Counter,
+    pub rx_packets: Counter,
+    pub tx_bytes: Counter,
+    pub rx_bytes: Counter,
+    /// Indexed by [`crate::overlay::firewall::DropReason::index`].
+    pub dropped: [Counter; 10],
+}
+
 /// The node's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -52,6 +63,9 @@ pub struct Metrics {
     snapshot_version: Gauge,
     cert_not_after: Gauge,
     peers_connected: Gauge,
+    overlay_packets: Family<DirLabels, Counter>,
+    overlay_bytes: Family<DirLabels, Counter>,
+    overlay_dropped: Family<ReasonLabels, Counter>,
     accepted_total: AtomicU64,
     rejected_total: AtomicU64,
     /// `kind/reason` -> count, for `status`.
@@ -89,6 +103,9 @@ impl Metrics {
             snapshot_version: Gauge::default(),
             cert_not_after: Gauge::default(),
             peers_connected: Gauge::default(),
+            overlay_packets: Family::default(),
+            overlay_bytes: Family::default(),
+            overlay_dropped: Family::default(),
             accepted_total: AtomicU64::new(0),
             rejected_total: AtomicU64::new(0),
             reasons: Mutex::new(BTreeMap::new()),
@@ -148,6 +165,21 @@ impl Metrics {
             "Peer tunnels open now",
             m.peers_connected.clone(),
         );
+        registry.register(
+            "overlay_packets",
+            "IP packets carried by the overlay, by direction",
+            m.overlay_packets.clone(),
+        );
+        registry.register(
+            "overlay_bytes",
+            "Bytes of IP packets carried by the overlay, by direction",
+            m.overlay_bytes.clone(),
+        );
+        registry.register(
+            "overlay_dropped",
+            "Overlay packets dropped, by reason",
+            m.overlay_dropped.clone(),
+        );
         let dir = |d: &str| DirLabels {
             direction: d.into(),
         };
@@ -158,6 +190,35 @@ impl Metrics {
             bytes_to_tunnel,
             bytes_from_tunnel,
             ..m
+        }
+    }
+
+    /// The overlay's counters, resolved once (the data path adds to them per packet).
+    pub fn overlay(&self) -> OverlayMetrics {
+        let dir = |d: &str| DirLabels {
+            direction: d.into(),
+        };
+        OverlayMetrics {
+            tx_packets: self
+                .overlay_packets
+                .get_or_create(&dir("to_tunnel"))
+                .clone(),
+            rx_packets: self
+                .overlay_packets
+                .get_or_create(&dir("from_tunnel"))
+                .clone(),
+            tx_bytes: self.overlay_bytes.get_or_create(&dir("to_tunnel")).clone(),
+            rx_bytes: self
+                .overlay_bytes
+                .get_or_create(&dir("from_tunnel"))
+                .clone(),
+            dropped: crate::overlay::firewall::DropReason::ALL.map(|r| {
+                self.overlay_dropped
+                    .get_or_create(&ReasonLabels {
+                        reason: r.as_str().into(),
+                    })
+                    .clone()
+            }),
         }
     }
 

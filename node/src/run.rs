@@ -209,6 +209,18 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
         tokio::spawn(admin::serve_metrics(node.clone(), l));
     }
     tokio::spawn(control::session_loop(node.clone()));
+    if let Some(ov) = node.cfg.overlay.clone() {
+        // The overlay needs the mesh's prefixes from a snapshot (on disk after the first
+        // run); a node told to run it that cannot is useless, so it stops.
+        let n = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::overlay::start(n, ov).await {
+                tracing::error!(error = %e, "overlay mode could not start");
+                eprintln!("quicmesh-node: overlay: {e}");
+                std::process::exit(1);
+            }
+        });
+    }
     tracing::info!(
         node = %node.cfg.name,
         tunnel = %node.endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),

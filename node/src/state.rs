@@ -5,12 +5,13 @@
 //! the data plane only reads `view()`. Applying the same snapshot twice changes nothing.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use quicmesh_protocol::cert::{PeerIdentity, Serial};
 use quicmesh_protocol::ident::{Labels, NodeName, ServiceName};
+use quicmesh_protocol::overlay::Pools;
 use quicmesh_protocol::policy::{Decision, Destination, Policy, Source};
 use quicmesh_protocol::wire::{PeerInfo, Snapshot};
 use tokio::sync::watch;
@@ -32,6 +33,10 @@ pub struct View {
     /// Nodes hosting each service, in name order.
     pub by_service: HashMap<ServiceName, Vec<NodeName>>,
     pub revoked: HashSet<Serial>,
+    /// Overlay address -> the peer owning it.
+    pub routes: HashMap<IpAddr, NodeName>,
+    /// The mesh's overlay prefixes (`None` before the first snapshot).
+    pub pools: Option<Pools>,
 }
 
 impl View {
@@ -48,6 +53,11 @@ impl View {
         for v in by_service.values_mut() {
             v.sort();
         }
+        let routes = s
+            .peers
+            .iter()
+            .flat_map(|p| p.overlay.iter().map(move |ip| (*ip, p.node.clone())))
+            .collect();
         Self {
             version: s.version,
             policy_version: s.policy_version,
@@ -60,6 +70,8 @@ impl View {
                 .collect(),
             by_service,
             revoked: s.revoked.iter().cloned().collect(),
+            routes,
+            pools: Some(s.pools),
         }
     }
 
@@ -126,6 +138,8 @@ pub struct Node {
     pub control: Mutex<ControlState>,
     /// Where the listeners actually bound (a config port of 0 picks a free one).
     pub bound: Mutex<Bound>,
+    /// Overlay mode, once its device is up.
+    pub overlay: std::sync::OnceLock<Arc<crate::overlay::Overlay>>,
     view_tx: watch::Sender<Arc<View>>,
 }
 
@@ -180,6 +194,7 @@ impl Node {
             conns: Mutex::new(HashMap::new()),
             control: Mutex::new(ControlState::default()),
             bound: Mutex::new(Bound::default()),
+            overlay: std::sync::OnceLock::new(),
             view_tx,
         })
     }
@@ -187,6 +202,16 @@ impl Node {
     /// The applied state.
     pub fn view(&self) -> Arc<View> {
         self.view_tx.borrow().clone()
+    }
+
+    /// Follows the applied state.
+    pub fn watch_view(&self) -> watch::Receiver<Arc<View>> {
+        self.view_tx.subscribe()
+    }
+
+    /// Records the running overlay (once).
+    pub fn set_overlay(&self, ov: Arc<crate::overlay::Overlay>) {
+        let _ = self.overlay.set(ov);
     }
 
     /// Applies a snapshot: trust, view, disk, then re-checks live flows and tunnels.

@@ -465,6 +465,10 @@ fn base_transport(streams: u32) -> quinn::TransportConfig {
             .try_into()
             .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(20_000))),
     ));
+    // Start at the size a 1500-byte path carries, so overlay datagrams fit from the
+    // first packet on; quinn falls back to 1200 (and probes upward) where a path is
+    // smaller.
+    t.initial_mtu(1452);
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(streams));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t

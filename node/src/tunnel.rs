@@ -132,8 +132,11 @@ pub async fn accept_loop(node: Arc<Node>) {
     }
 }
 
-/// Serves the streams a peer opens on `conn`.
+/// Serves the streams a peer opens on `conn` (and its datagrams, in overlay mode).
 async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeName) {
+    if let Some(ov) = node.overlay.get() {
+        crate::overlay::read_datagrams(&node, ov, conn.clone());
+    }
     let td = node.trust.load().trust_domain.clone();
     let id = match tls::peer_leaf(&conn).and_then(|d| PeerIdentity::from_der(&d, &td).ok()) {
         Some(id) => Arc::new(id),
@@ -227,12 +230,17 @@ async fn ingress_stream(
                 return;
             }
         };
-        let Some(svc) = node.cfg.service(&dst) else { return };
-        let tcp = match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(svc.address)).await {
+        let Some(address) = node.cfg.service(&dst).and_then(|s| s.address) else {
+            // An overlay-only service: reached by its overlay ports, not by L4 streams.
+            let _ = refuse(RejectCode::ServiceUnavailable, None);
+            reject(&mut send, RejectCode::ServiceUnavailable, None).await;
+            return;
+        };
+        let tcp = match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(address)).await {
             Ok(Ok(t)) => t,
             other => {
                 let _ = refuse(RejectCode::ServiceUnavailable, None);
-                tracing::warn!(address = %svc.address, error = ?other.map(|r| r.err()), "local service unavailable");
+                tracing::warn!(%address, error = ?other.map(|r| r.err()), "local service unavailable");
                 reject(&mut send, RejectCode::ServiceUnavailable, None).await;
                 return;
             }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use x509_parser::extensions::GeneralName;
@@ -79,6 +80,8 @@ pub struct PeerIdentity {
     pub trust_domain: TrustDomain,
     pub node: NodeName,
     pub services: BTreeSet<ServiceName>,
+    /// Overlay addresses (IP SANs).
+    pub ips: Vec<IpAddr>,
     pub serial: Serial,
     /// Validity window in Unix seconds.
     pub not_before: i64,
@@ -143,14 +146,33 @@ impl PeerIdentity {
                 SpiffeId::Coordinator(_) => {}
             }
         }
+        let mut ips = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                if let GeneralName::IPAddress(b) = name {
+                    match b.len() {
+                        4 => ips.push(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())),
+                        16 => ips.push(IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())),
+                        _ => {}
+                    }
+                }
+            }
+        }
         Ok(Self {
             trust_domain: expected.clone(),
             node: node.ok_or(IdentityError::NoNode)?,
             services,
+            ips,
             serial: Serial::new(cert.raw_serial().to_vec())?,
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
         })
+    }
+
+    /// True when the certificate holds overlay address `ip` (packets from it are this
+    /// node's, anything else from this peer is spoofed).
+    pub fn owns_address(&self, ip: IpAddr) -> bool {
+        self.ips.contains(&ip)
     }
 
     /// True when the certificate may speak for `service`.

@@ -85,6 +85,7 @@ pub fn apply(base: &Snapshot, d: &SnapshotDelta) -> Result<Snapshot, DeltaError>
             .ca_bundle
             .clone()
             .unwrap_or_else(|| base.ca_bundle.clone()),
+        pools: d.pools.unwrap_or(base.pools),
     })
 }
 
@@ -141,6 +142,7 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDelta {
             .then(|| new.policy.clone()),
         revoked: (old.revoked != new.revoked).then(|| new.revoked.clone()),
         ca_bundle: (old.ca_bundle != new.ca_bundle).then(|| new.ca_bundle.clone()),
+        pools: (old.pools != new.pools).then_some(new.pools),
     }
 }
 
@@ -156,6 +158,7 @@ mod tests {
             endpoint: None,
             services: vec![ServiceName::new("db").unwrap()],
             labels: Labels::default(),
+            overlay: vec![],
         }
     }
 
@@ -170,6 +173,7 @@ mod tests {
             policy: Policy::parse("").unwrap(),
             revoked: vec![],
             ca_bundle: vec![],
+            pools: crate::overlay::Pools::default_for(&[0; 32]),
         }
     }
 

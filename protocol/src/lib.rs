@@ -5,6 +5,8 @@
 pub mod cert;
 pub mod delta;
 pub mod ident;
+pub mod overlay;
+pub mod packet;
 pub mod policy;
 pub mod token;
 pub mod wire;

@@ -6,13 +6,14 @@
 //! trailing bytes. Encoding cannot fail. Names inside messages are checked types, so a
 //! decoded message needs no further validation.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::cert::Serial;
 use crate::ident::{Labels, NodeName, ServiceName, TrustDomain};
+use crate::overlay::Pools;
 use crate::policy::Policy;
 
 /// The wire format version this build speaks.
@@ -233,6 +234,8 @@ pub struct PeerInfo {
     pub endpoint: Option<SocketAddr>,
     pub services: Vec<ServiceName>,
     pub labels: Labels,
+    /// The peer's overlay addresses (also in its certificate).
+    pub overlay: Vec<IpAddr>,
 }
 
 /// The whole desired state for one node. Applying the same snapshot twice changes nothing.
@@ -250,6 +253,8 @@ pub struct Snapshot {
     /// Revoked certificate serials.
     pub revoked: Vec<Serial>,
     pub ca_bundle: Vec<Vec<u8>>,
+    /// The overlay address pools (routed to the TUN device in overlay mode).
+    pub pools: Pools,
 }
 
 /// What changed between two snapshots of one node. Peers are whole entries: an upserted
@@ -266,6 +271,7 @@ pub struct SnapshotDelta {
     pub policy: Option<Policy>,
     pub revoked: Option<Vec<Serial>>,
     pub ca_bundle: Option<Vec<Vec<u8>>>,
+    pub pools: Option<Pools>,
 }
 
 /// Coordinator -> node messages.

@@ -113,6 +113,9 @@ fn peers() -> impl Strategy<Value = Vec<PeerInfo>> {
                 endpoint: port.map(|p| ([198, 18, 0, 1], p).into()),
                 services,
                 labels,
+                overlay: port
+                    .map(|p| vec![std::net::IpAddr::from([100, 64, (p >> 8) as u8, p as u8])])
+                    .unwrap_or_default(),
             })
             .collect()
     })
@@ -142,6 +145,7 @@ fn snapshot() -> impl Strategy<Value = Snapshot> {
                 .map(|b| Serial::new(vec![b]).unwrap())
                 .collect(),
             ca_bundle: vec![vec![1, 2, 3]],
+            pools: quicmesh_protocol::overlay::Pools::default_for(&[pv as u8; 32]),
         })
 }
 

@@ -1,0 +1,386 @@
+//! The overlay's ingress firewall and connection tracker.
+//!
+//! Every packet a peer sends is checked in this order: (1) its inner source address must
+//! be one of the sending peer's certificate addresses, else it is spoofed; (2) a packet of
+//! a tracked flow passes; (3) a packet opening a new flow passes only if policy lets one
+//! of the sender's services reach the local service that owns the destination port and
+//! protocol. Everything else is dropped, by reason. Packets this node sends are tracked
+//! too, so the replies they draw pass. Policy and revocation changes re-check tracked
+//! flows ([`Tracker::recheck`]).
+//!
+//! The tracker is sharded; each shard is a short critical section per packet.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quicmesh_protocol::cert::PeerIdentity;
+use quicmesh_protocol::ident::{NodeName, ServiceName};
+use quicmesh_protocol::packet::{self, PacketInfo, PortSpec, Transport};
+
+use crate::state::View;
+
+/// Why a packet was dropped (a metrics label each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not an IP packet we can read.
+    Malformed,
+    /// Inner source address not in the sending peer's certificate.
+    Spoofed,
+    /// Not addressed to one of this node's overlay addresses.
+    NotForUs,
+    /// No local service owns the destination port and protocol.
+    NoService,
+    /// Policy allows none of the sender's services to reach the owning service.
+    PolicyDenied,
+    /// A packet of no tracked flow that cannot open one (a TCP segment without SYN).
+    NotTracked,
+    /// Outbound: no peer owns the destination address.
+    NoRoute,
+    /// Outbound: the tunnel to the peer is not up (yet).
+    NoTunnel,
+    /// Outbound: larger than the path carries (answered with ICMP "too big").
+    TooBig,
+    /// The node's snapshot is not loaded yet.
+    NotReady,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Malformed,
+        DropReason::Spoofed,
+        DropReason::NotForUs,
+        DropReason::NoService,
+        DropReason::PolicyDenied,
+        DropReason::NotTracked,
+        DropReason::NoRoute,
+        DropReason::NoTunnel,
+        DropReason::TooBig,
+        DropReason::NotReady,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::Spoofed => "spoofed",
+            DropReason::NotForUs => "not_for_us",
+            DropReason::NoService => "no_service",
+            DropReason::PolicyDenied => "policy_denied",
+            DropReason::NotTracked => "not_tracked",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoTunnel => "no_tunnel",
+            DropReason::TooBig => "too_big",
+            DropReason::NotReady => "not_ready",
+        }
+    }
+
+    pub fn index(&self) -> usize {
+        Self::ALL.iter().position(|r| r == self).unwrap_or(0)
+    }
+}
+
+/// A flow as this node sees it: local end first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub proto: u8,
+    pub local: (IpAddr, u16),
+    pub remote: (IpAddr, u16),
+}
+
+impl FlowKey {
+    /// The key of a packet arriving from a peer (`src` is remote).
+    pub fn inbound(p: &PacketInfo) -> Self {
+        let (proto, sp, dp) = ports(&p.transport);
+        FlowKey {
+            proto,
+            local: (p.dst, dp),
+            remote: (p.src, sp),
+        }
+    }
+
+    /// The key of a packet this node sends (`src` is local).
+    pub fn outbound(p: &PacketInfo) -> Self {
+        let (proto, sp, dp) = ports(&p.transport);
+        FlowKey {
+            proto,
+            local: (p.src, sp),
+            remote: (p.dst, dp),
+        }
+    }
+}
+
+fn ports(t: &Transport) -> (u8, u16, u16) {
+    match *t {
+        Transport::Ports {
+            proto, src, dst, ..
+        } => (proto, src, dst),
+        // An echo and its reply share the identifier; both ends key on it.
+        Transport::Icmp { echo: Some(e), .. } => (packet::ICMP, e.id, e.id),
+        Transport::Icmp { kind, .. } => (packet::ICMP, u16::from(kind), 0),
+        Transport::Other { proto } => (proto, 0, 0),
+    }
+}
+
+/// Who opened a tracked flow.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    /// This node sent the first packet.
+    Local,
+    /// A peer opened it to a local service, allowed by `rule`.
+    Peer {
+        node: NodeName,
+        services: Arc<BTreeSet<ServiceName>>,
+        service: ServiceName,
+        rule: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    origin: Origin,
+    /// Seconds on the tracker's clock when a packet last passed.
+    last: u64,
+}
+
+/// A local service's overlay ports.
+#[derive(Debug, Clone)]
+pub struct LocalService {
+    pub name: ServiceName,
+    pub ports: Vec<PortSpec>,
+}
+
+/// Idle time after which a tracked flow is forgotten.
+pub fn idle_limit(proto: u8) -> Duration {
+    match proto {
+        packet::TCP => Duration::from_secs(3600),
+        packet::UDP => Duration::from_secs(120),
+        _ => Duration::from_secs(30),
+    }
+}
+
+const SHARDS: usize = 16;
+
+/// The connection tracker and the ingress decision.
+pub struct Tracker {
+    shards: Vec<Mutex<HashMap<FlowKey, Entry>>>,
+    services: Vec<LocalService>,
+    start: std::time::Instant,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("flows", &self.len())
+            .finish()
+    }
+}
+
+/// What the firewall decided about an inbound packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Part of a tracked flow.
+    Established,
+    /// Opens a new flow, allowed by this rule.
+    New { service: ServiceName, rule: String },
+    Drop {
+        reason: DropReason,
+        rule: Option<String>,
+    },
+}
+
+impl Tracker {
+    pub fn new(services: Vec<LocalService>) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            services,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_secs()
+    }
+
+    fn shard(&self, k: &FlowKey) -> &Mutex<HashMap<FlowKey, Entry>> {
+        use std::hash::{Hash, Hasher};
+        // DefaultHasher::new() is deterministic: a key always lands in the same shard.
+        let mut d = std::hash::DefaultHasher::new();
+        k.hash(&mut d);
+        &self.shards[(d.finish() as usize) % SHARDS]
+    }
+
+    /// Number of tracked flows.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Records a packet this node sends (so its replies pass).
+    pub fn outbound(&self, p: &PacketInfo) {
+        let k = FlowKey::outbound(p);
+        let now = self.now();
+        let mut m = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(k).and_modify(|e| e.last = now).or_insert(Entry {
+            origin: Origin::Local,
+            last: now,
+        });
+    }
+
+    /// Decides about a packet from `peer`, tracking the flow it opens when allowed.
+    /// `local` are this node's overlay addresses.
+    pub fn inbound(
+        &self,
+        p: &PacketInfo,
+        peer: &PeerIdentity,
+        peer_services: &Arc<BTreeSet<ServiceName>>,
+        local: &[IpAddr],
+        view: &View,
+    ) -> Verdict {
+        let drop = |reason| Verdict::Drop { reason, rule: None };
+        if view.version == 0 {
+            return drop(DropReason::NotReady);
+        }
+        if !peer.owns_address(p.src) {
+            return drop(DropReason::Spoofed);
+        }
+        if !local.contains(&p.dst) {
+            return drop(DropReason::NotForUs);
+        }
+        let k = FlowKey::inbound(p);
+        let now = self.now();
+        {
+            let mut m = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = m.get_mut(&k) {
+                e.last = now;
+                return Verdict::Established;
+            }
+        }
+        // ICMP other than echo (errors, redirects) cannot open a flow. Both tunnel ends
+        // are hosts, not routers: path MTU problems are answered locally.
+        if let Transport::Icmp { echo: None, .. } = p.transport {
+            return drop(DropReason::NotTracked);
+        }
+        if let Transport::Ports {
+            proto: packet::TCP,
+            syn: false,
+            ..
+        } = p.transport
+        {
+            return drop(DropReason::NotTracked);
+        }
+        let Some(svc) = self
+            .services
+            .iter()
+            .find(|s| s.ports.iter().any(|ps| ps.matches(&p.transport)))
+        else {
+            return drop(DropReason::NoService);
+        };
+        match allowed(view, peer_services, &peer.node, &svc.name) {
+            Ok(rule) => {
+                let mut m = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
+                m.insert(
+                    k,
+                    Entry {
+                        origin: Origin::Peer {
+                            node: peer.node.clone(),
+                            services: peer_services.clone(),
+                            service: svc.name.clone(),
+                            rule: rule.clone(),
+                        },
+                        last: now,
+                    },
+                );
+                Verdict::New {
+                    service: svc.name.clone(),
+                    rule,
+                }
+            }
+            Err(rule) => Verdict::Drop {
+                reason: DropReason::PolicyDenied,
+                rule: Some(rule),
+            },
+        }
+    }
+
+    /// Re-checks tracked flows against a new view: flows from peers no longer in the
+    /// mesh, or no longer allowed by policy, are forgotten (their next packet is judged
+    /// afresh, and a TCP segment without SYN is then dropped). Also forgets idle flows.
+    /// Returns how many were removed.
+    pub fn recheck(&self, view: &View) -> usize {
+        let now = self.now();
+        let mut removed = 0;
+        for s in &self.shards {
+            let mut m = s.lock().unwrap_or_else(|e| e.into_inner());
+            let before = m.len();
+            m.retain(|k, e| {
+                if now.saturating_sub(e.last) > idle_limit(k.proto).as_secs() {
+                    return false;
+                }
+                match &e.origin {
+                    Origin::Local => true,
+                    Origin::Peer {
+                        node,
+                        services,
+                        service,
+                        ..
+                    } => {
+                        view.peers.contains_key(node)
+                            && allowed(view, services, node, service).is_ok()
+                    }
+                }
+            });
+            removed += before - m.len();
+        }
+        removed
+    }
+
+    /// Tracked flows opened by peers: (peer, local service, rule, key).
+    pub fn peer_flows(&self) -> Vec<(NodeName, ServiceName, String, FlowKey)> {
+        let mut out = Vec::new();
+        for s in &self.shards {
+            let m = s.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, e) in m.iter() {
+                if let Origin::Peer {
+                    node,
+                    service,
+                    rule,
+                    ..
+                } = &e.origin
+                {
+                    out.push((node.clone(), service.clone(), rule.clone(), *k));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether any of `services` (on `node`) may reach local `service`: the allowing rule, or
+/// the denying one.
+fn allowed(
+    view: &View,
+    services: &BTreeSet<ServiceName>,
+    node: &NodeName,
+    service: &ServiceName,
+) -> Result<String, String> {
+    if view.version == 0 {
+        return Err("no snapshot".into());
+    }
+    let labels = view.peer_labels(node);
+    let mut denied = String::from("default");
+    for src in services {
+        let d = view.decide(src, &labels, service, &view.labels);
+        if d.is_allow() {
+            return Ok(d.rule_label());
+        }
+        denied = d.rule_label();
+    }
+    Err(denied)
+}

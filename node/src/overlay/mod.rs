@@ -1,0 +1,503 @@
+//! Overlay mode: a TUN device carrying IP packets between nodes' overlay addresses as
+//! QUIC datagrams (RFC 9221) on the peer tunnels the L4 path already uses.
+//!
+//! Send path: one task reads the TUN (with virtio-net offload, one read returns up to
+//! 64 KB of TCP segments, split here into packets that fit), finds the peer owning each
+//! destination address, records the flow (so its replies pass), and queues the packet as
+//! a datagram; quinn batches datagrams into UDP GSO sends. A packet larger than the path
+//! carries is answered with ICMP "too big" on the TUN, never fragmented.
+//!
+//! Receive path: one task per peer connection drains the datagrams that are ready, runs
+//! each through the ingress firewall ([`firewall`]), and writes the survivors to the TUN
+//! in one batch, coalesced (GRO) where they belong to one TCP flow.
+
+pub mod firewall;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use quicmesh_protocol::cert::PeerIdentity;
+use quicmesh_protocol::ident::NodeName;
+use quicmesh_protocol::overlay::Pools;
+use quicmesh_protocol::packet;
+use serde::Serialize;
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+use crate::config::OverlayConfig;
+use crate::metrics::OverlayMetrics;
+use crate::state::{Node, View};
+use firewall::{DropReason, LocalService, Tracker, Verdict};
+
+/// Errors starting overlay mode.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("the node certificate has no overlay addresses (enrolled before overlay mode existed: re-enroll)")]
+    NoAddresses,
+    #[error("creating TUN device {device}: {reason}")]
+    Device { device: String, reason: String },
+}
+
+/// Datagram counters of one peer.
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub dropped: [AtomicU64; 10],
+}
+
+/// A peer's counters as `status` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub dropped: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// The running overlay.
+pub struct Overlay {
+    pub dev: Arc<AsyncDevice>,
+    pub device: String,
+    pub addrs: Vec<IpAddr>,
+    pub pools: Pools,
+    pub mtu: u16,
+    pub offload: bool,
+    pub tracker: Tracker,
+    metrics: OverlayMetrics,
+    peers: Mutex<HashMap<NodeName, Arc<PeerCounters>>>,
+    /// Connections whose datagrams are being read (by stable id).
+    reading: Mutex<HashSet<usize>>,
+    /// Peers being dialled for the send path.
+    dialling: Mutex<HashSet<NodeName>>,
+}
+
+impl std::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlay")
+            .field("device", &self.device)
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Polls a future once: its output if it is ready now.
+fn now_or_never<F: Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    }
+}
+
+impl Overlay {
+    /// Opens the TUN device with the node's overlay addresses and the mesh's prefixes.
+    pub fn open(
+        cfg: &OverlayConfig,
+        addrs: Vec<IpAddr>,
+        pools: Pools,
+        services: Vec<LocalService>,
+        metrics: OverlayMetrics,
+    ) -> Result<Self, OverlayError> {
+        let v4 = addrs.iter().find(|a| a.is_ipv4()).copied();
+        let v6 = addrs.iter().find(|a| a.is_ipv6()).copied();
+        if v4.is_none() && v6.is_none() {
+            return Err(OverlayError::NoAddresses);
+        }
+        let build = |offload: bool| {
+            let mut b = DeviceBuilder::new().name(cfg.device.clone()).mtu(cfg.mtu);
+            if let Some(IpAddr::V4(a)) = v4 {
+                b = b.ipv4(a, pools.v4.len, None);
+            }
+            if let Some(IpAddr::V6(a)) = v6 {
+                b = b.ipv6(a, pools.v6.len);
+            }
+            b.offload(offload).build_async()
+        };
+        // Offload (virtio-net header, TSO/GRO) where the kernel has it; plain otherwise.
+        let (dev, offload) = match build(true) {
+            Ok(d) => (d, true),
+            Err(e) => {
+                tracing::warn!(error = %e, "TUN offload unavailable; using plain reads");
+                let d = build(false).map_err(|e| OverlayError::Device {
+                    device: cfg.device.clone(),
+                    reason: e.to_string(),
+                })?;
+                (d, false)
+            }
+        };
+        tracing::info!(device = %cfg.device, ?addrs, mtu = cfg.mtu, offload, "overlay device up");
+        Ok(Self {
+            dev: Arc::new(dev),
+            device: cfg.device.clone(),
+            addrs,
+            pools,
+            mtu: cfg.mtu,
+            offload,
+            tracker: Tracker::new(services),
+            metrics,
+            peers: Mutex::new(HashMap::new()),
+            reading: Mutex::new(HashSet::new()),
+            dialling: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn counters(&self, peer: &NodeName) -> Arc<PeerCounters> {
+        let mut m = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(peer.clone()).or_default().clone()
+    }
+
+    fn dropped(&self, reason: DropReason, peer: Option<&PeerCounters>) {
+        self.metrics.dropped[reason.index()].inc();
+        if let Some(p) = peer {
+            p.dropped[reason.index()].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Per-peer counters for `status`.
+    pub fn peer_status(&self) -> std::collections::BTreeMap<String, PeerStatus> {
+        let m = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter()
+            .map(|(n, c)| {
+                let dropped = DropReason::ALL
+                    .iter()
+                    .map(|r| (r.as_str(), c.dropped[r.index()].load(Ordering::Relaxed)))
+                    .filter(|(_, v)| *v > 0)
+                    .collect();
+                (
+                    n.to_string(),
+                    PeerStatus {
+                        tx_packets: c.tx_packets.load(Ordering::Relaxed),
+                        tx_bytes: c.tx_bytes.load(Ordering::Relaxed),
+                        rx_packets: c.rx_packets.load(Ordering::Relaxed),
+                        rx_bytes: c.rx_bytes.load(Ordering::Relaxed),
+                        dropped,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Drops by reason over all peers (and packets with no peer).
+    pub fn drop_totals(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), self.metrics.dropped[r.index()].get()))
+            .filter(|(_, v)| *v > 0)
+            .collect()
+    }
+
+    /// Writes packets to the TUN (buffers hold `VIRTIO_NET_HDR_LEN` bytes of headroom).
+    async fn write(&self, gro: &mut GROTable, bufs: &mut [BytesMut]) {
+        if bufs.is_empty() {
+            return;
+        }
+        if let Err(e) = self.dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN).await {
+            tracing::debug!(error = %e, "TUN write failed");
+        }
+    }
+}
+
+/// Starts overlay mode once the node has a snapshot (the prefixes come with it); returns
+/// when the device is up and both paths run.
+pub async fn start(node: Arc<Node>, cfg: OverlayConfig) -> Result<Arc<Overlay>, OverlayError> {
+    let mut views = node.watch_view();
+    let pools = loop {
+        if let Some(p) = views.borrow_and_update().pools {
+            break p;
+        }
+        if views.changed().await.is_err() {
+            return Err(OverlayError::Device {
+                device: cfg.device.clone(),
+                reason: "node stopped before its first snapshot".into(),
+            });
+        }
+    };
+    let addrs = node.identity.load().ips.clone();
+    let services = node
+        .cfg
+        .services
+        .iter()
+        .filter(|s| !s.ports.is_empty())
+        .map(|s| LocalService {
+            name: s.name.clone(),
+            ports: s.ports.clone(),
+        })
+        .collect();
+    let ov = Arc::new(Overlay::open(
+        &cfg,
+        addrs,
+        pools,
+        services,
+        node.metrics.overlay(),
+    )?);
+    node.set_overlay(ov.clone());
+    // Connections that came up before the overlay did.
+    let conns: Vec<quinn::Connection> = node
+        .conns
+        .lock()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    for c in conns {
+        read_datagrams(&node, &ov, c);
+    }
+    let (n, o) = (node.clone(), ov.clone());
+    tokio::spawn(async move { send_path(n, o).await });
+    // Tracked flows are re-checked on every snapshot, and idle ones forgotten.
+    let (n, o) = (node.clone(), ov.clone());
+    tokio::spawn(async move {
+        let mut views = n.watch_view();
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                r = views.changed() => if r.is_err() { return },
+                _ = tick.tick() => {}
+            }
+            let view = n.view();
+            let removed = o.tracker.recheck(&view);
+            if removed > 0 {
+                tracing::info!(
+                    removed,
+                    version = view.version,
+                    "overlay flows no longer allowed or idle were forgotten"
+                );
+            }
+        }
+    });
+    Ok(ov)
+}
+
+/// Reads `conn`'s datagrams into the TUN (once per connection).
+pub fn read_datagrams(node: &Arc<Node>, ov: &Arc<Overlay>, conn: quinn::Connection) {
+    {
+        let mut r = ov.reading.lock().unwrap_or_else(|e| e.into_inner());
+        if !r.insert(conn.stable_id()) {
+            return;
+        }
+    }
+    let td = node.trust.load().trust_domain.clone();
+    let Some(id) = crate::tls::peer_leaf(&conn).and_then(|d| PeerIdentity::from_der(&d, &td).ok())
+    else {
+        return;
+    };
+    let (node, ov) = (node.clone(), ov.clone());
+    tokio::spawn(async move {
+        let stable = conn.stable_id();
+        receive_path(&node, &ov, &conn, Arc::new(id)).await;
+        ov.reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&stable);
+    });
+}
+
+/// Most datagrams handled per TUN write.
+const RX_BATCH: usize = 64;
+
+async fn receive_path(
+    node: &Arc<Node>,
+    ov: &Arc<Overlay>,
+    conn: &quinn::Connection,
+    id: Arc<PeerIdentity>,
+) {
+    let services: Arc<BTreeSet<_>> = Arc::new(id.services.clone());
+    let counters = ov.counters(&id.node);
+    let mut gro = GROTable::default();
+    let mut out: Vec<BytesMut> = Vec::with_capacity(RX_BATCH);
+    let mut batch: Vec<Bytes> = Vec::with_capacity(RX_BATCH);
+    loop {
+        match conn.read_datagram().await {
+            Ok(d) => batch.push(d),
+            Err(_) => return,
+        }
+        while batch.len() < RX_BATCH {
+            match now_or_never(conn.read_datagram()) {
+                Some(Ok(d)) => batch.push(d),
+                _ => break,
+            }
+        }
+        let view = node.view();
+        out.clear();
+        let (mut packets, mut bytes) = (0u64, 0u64);
+        for d in batch.drain(..) {
+            let info = match packet::parse(&d) {
+                Ok(i) => i,
+                Err(_) => {
+                    ov.dropped(DropReason::Malformed, Some(&counters));
+                    continue;
+                }
+            };
+            match ov.tracker.inbound(&info, &id, &services, &ov.addrs, &view) {
+                Verdict::Established => {}
+                Verdict::New { service, rule } => {
+                    tracing::debug!(peer = %id.node, %service, %rule, src = %info.src, dst = %info.dst, "overlay flow accepted");
+                }
+                Verdict::Drop { reason, rule } => {
+                    tracing::debug!(peer = %id.node, reason = reason.as_str(), rule = rule.as_deref().unwrap_or("-"), src = %info.src, dst = %info.dst, "overlay packet dropped");
+                    ov.dropped(reason, Some(&counters));
+                    continue;
+                }
+            }
+            packets += 1;
+            bytes += d.len() as u64;
+            let mut b = BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + d.len());
+            b.resize(VIRTIO_NET_HDR_LEN, 0);
+            b.extend_from_slice(&d);
+            out.push(b);
+        }
+        counters.rx_packets.fetch_add(packets, Ordering::Relaxed);
+        counters.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        ov.metrics.rx_packets.inc_by(packets);
+        ov.metrics.rx_bytes.inc_by(bytes);
+        ov.write(&mut gro, &mut out).await;
+    }
+}
+
+/// A peer's tunnel as the send path caches it.
+struct Route {
+    conn: quinn::Connection,
+    counters: Arc<PeerCounters>,
+}
+
+async fn send_path(node: Arc<Node>, ov: Arc<Overlay>) {
+    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
+    let mut bufs = vec![vec![0u8; usize::from(ov.mtu) + 64]; IDEAL_BATCH_SIZE];
+    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+    let mut arena = BytesMut::with_capacity(256 * 1024);
+    let mut routes: HashMap<NodeName, Route> = HashMap::new();
+    let mut gro = GROTable::default();
+    loop {
+        let n = match ov
+            .dev
+            .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "TUN read");
+                continue;
+            }
+        };
+        let view = node.view();
+        for i in 0..n {
+            let pkt = &bufs[i][..sizes[i]];
+            send_one(&node, &ov, &view, pkt, &mut routes, &mut arena, &mut gro).await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_one(
+    node: &Arc<Node>,
+    ov: &Arc<Overlay>,
+    view: &View,
+    pkt: &[u8],
+    routes: &mut HashMap<NodeName, Route>,
+    arena: &mut BytesMut,
+    gro: &mut GROTable,
+) {
+    let Ok(info) = packet::parse(pkt) else {
+        ov.dropped(DropReason::Malformed, None);
+        return;
+    };
+    let Some(peer) = view.routes.get(&info.dst) else {
+        ov.dropped(DropReason::NoRoute, None);
+        return;
+    };
+    if !routes
+        .get(peer)
+        .is_some_and(|r| r.conn.close_reason().is_none())
+    {
+        routes.remove(peer);
+        let live = node
+            .conns
+            .lock()
+            .ok()
+            .and_then(|m| m.get(peer).cloned())
+            .filter(|c| c.close_reason().is_none());
+        let Some(conn) = live else {
+            dial(node, ov, view, peer);
+            ov.dropped(DropReason::NoTunnel, Some(&ov.counters(peer)));
+            return;
+        };
+        read_datagrams(node, ov, conn.clone());
+        routes.insert(
+            peer.clone(),
+            Route {
+                conn,
+                counters: ov.counters(peer),
+            },
+        );
+    }
+    let Some(route) = routes.get(peer) else {
+        return;
+    };
+    ov.tracker.outbound(&info);
+    arena.reserve(pkt.len().max(64 * 1024));
+    arena.extend_from_slice(pkt);
+    let data = arena.split().freeze();
+    match route.conn.send_datagram_wait(data).await {
+        Ok(()) => {
+            route.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+            route
+                .counters
+                .tx_bytes
+                .fetch_add(pkt.len() as u64, Ordering::Relaxed);
+            ov.metrics.tx_packets.inc();
+            ov.metrics.tx_bytes.inc_by(pkt.len() as u64);
+        }
+        Err(quinn::SendDatagramError::TooLarge) => {
+            let fits = route.conn.max_datagram_size().unwrap_or(1200);
+            let mtu = u16::try_from(fits).unwrap_or(u16::MAX);
+            ov.dropped(DropReason::TooBig, Some(&route.counters));
+            if let Some(icmp) = packet::too_big(pkt, mtu) {
+                let mut b = BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + icmp.len());
+                b.resize(VIRTIO_NET_HDR_LEN, 0);
+                b.extend_from_slice(&icmp);
+                ov.write(gro, &mut [b]).await;
+            }
+        }
+        Err(e) => {
+            tracing::debug!(peer = %peer, error = %e, "datagram not sent");
+            ov.dropped(DropReason::NoTunnel, Some(&route.counters));
+            let peer = peer.clone();
+            routes.remove(&peer);
+        }
+    }
+}
+
+/// Dials `peer` in the background (once at a time); packets meanwhile are dropped and
+/// retransmitted by their senders.
+fn dial(node: &Arc<Node>, ov: &Arc<Overlay>, view: &View, peer: &NodeName) {
+    let Some(info) = view.peers.get(peer).cloned() else {
+        return;
+    };
+    if !ov
+        .dialling
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(peer.clone())
+    {
+        return;
+    }
+    let (node, ov) = (node.clone(), ov.clone());
+    tokio::spawn(async move {
+        match crate::tunnel::connection(&node, &info).await {
+            Ok((conn, _)) => read_datagrams(&node, &ov, conn),
+            Err(e) => {
+                tracing::info!(peer = %info.node, error = %e, "overlay: tunnel to peer failed")
+            }
+        }
+        ov.dialling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&info.node);
+    });
+}
