@@ -195,30 +195,35 @@ impl Metrics {
 
     /// The overlay's counters, resolved once (the data path adds to them per packet).
     pub fn overlay(&self) -> OverlayMetrics {
-        let dir = |d: &str| DirLabels {
-            direction: d.into(),
+        // One statement per counter: a family's read guard lives to the end of its
+        // statement, and creating the next label needs the write lock.
+        let get = |f: &Family<DirLabels, Counter>, d: &str| -> Counter {
+            let c = f
+                .get_or_create(&DirLabels {
+                    direction: d.into(),
+                })
+                .clone();
+            c
         };
+        let tx_packets = get(&self.overlay_packets, "to_tunnel");
+        let rx_packets = get(&self.overlay_packets, "from_tunnel");
+        let tx_bytes = get(&self.overlay_bytes, "to_tunnel");
+        let rx_bytes = get(&self.overlay_bytes, "from_tunnel");
+        let dropped = crate::overlay::firewall::DropReason::ALL.map(|r| {
+            let c = self
+                .overlay_dropped
+                .get_or_create(&ReasonLabels {
+                    reason: r.as_str().into(),
+                })
+                .clone();
+            c
+        });
         OverlayMetrics {
-            tx_packets: self
-                .overlay_packets
-                .get_or_create(&dir("to_tunnel"))
-                .clone(),
-            rx_packets: self
-                .overlay_packets
-                .get_or_create(&dir("from_tunnel"))
-                .clone(),
-            tx_bytes: self.overlay_bytes.get_or_create(&dir("to_tunnel")).clone(),
-            rx_bytes: self
-                .overlay_bytes
-                .get_or_create(&dir("from_tunnel"))
-                .clone(),
-            dropped: crate::overlay::firewall::DropReason::ALL.map(|r| {
-                self.overlay_dropped
-                    .get_or_create(&ReasonLabels {
-                        reason: r.as_str().into(),
-                    })
-                    .clone()
-            }),
+            tx_packets,
+            rx_packets,
+            tx_bytes,
+            rx_bytes,
+            dropped,
         }
     }
 

@@ -112,6 +112,7 @@ impl Overlay {
             return Err(OverlayError::NoAddresses);
         }
         let build = |offload: bool| {
+            tracing::debug!(offload, "creating TUN device");
             let mut b = DeviceBuilder::new().name(cfg.device.clone()).mtu(cfg.mtu);
             if let Some(IpAddr::V4(a)) = v4 {
                 b = b.ipv4(a, pools.v4.len, None);
@@ -221,6 +222,7 @@ pub async fn start(node: Arc<Node>, cfg: OverlayConfig) -> Result<Arc<Overlay>, 
         }
     };
     let addrs = node.identity.load().ips.clone();
+    tracing::info!(?addrs, v4 = %pools.v4, v6 = %pools.v6, device = %cfg.device, "starting overlay");
     let services = node
         .cfg
         .services
