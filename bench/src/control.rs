@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use crate::stat;
 use tokio::sync::mpsc;
 
-/// Enrollments retried after a transport error, over the whole run.
+/// Enrollments and session connects retried after a transport error, over the run.
 static ENROLL_RETRIES: AtomicUsize = AtomicUsize::new(0);
 
 /// One simulated node's view of a policy push: when its snapshot arrived.
@@ -80,8 +80,26 @@ async fn sim_node(
         MeshServerVerifier::new(Some(trust), ServerExpect::Coordinator, Arc::new(|_| {}));
     let slot = CertSlot::with(vec![id.cert_der.clone()], &key.serialize_der())?;
     let client = tls::client_config(Some(slot), verifier, ALPN_CONTROL)?;
-    let conn = endpoint.connect_with(client, coord, "coordinator")?.await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
+    // The session is retried with backoff too, as a real node's session loop does.
+    let mut backoff = Duration::from_millis(500);
+    let (_conn, (mut send, mut recv)) = loop {
+        let attempt = async {
+            let conn = endpoint
+                .connect_with(client.clone(), coord, "coordinator")?
+                .await?;
+            let streams = conn.open_bi().await?;
+            anyhow::Ok((conn, streams))
+        };
+        match attempt.await {
+            Ok(s) => break s,
+            Err(_) if backoff < Duration::from_secs(8) => {
+                ENROLL_RETRIES.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            Err(e) => return Err(e.context("control session")),
+        }
+    };
     let hello = Hello {
         node: cfg.name.clone(),
         tunnel_port: 7800,
@@ -177,7 +195,7 @@ pub fn run(sizes: &[usize], deadline: Duration) -> anyhow::Result<Value> {
                 );
                 if row["enroll_retries"].as_u64().unwrap_or(0) > 0 {
                     println!(
-                        "        ({} enrollments retried after a transport timeout)",
+                        "        ({} enrollments or session connects retried after a transport timeout)",
                         row["enroll_retries"]
                     );
                 }
