@@ -49,11 +49,19 @@ struct Tunnel {
     daemons: Vec<Child>,
     /// Left behind by daemons that are killed (control sockets); removed on drop.
     files: Vec<std::path::PathBuf>,
+    /// Data-path daemons not owned as `Child` here (quicmesh nodes), and what keeps
+    /// them running (dropped with the tunnel).
+    other_pids: Vec<u32>,
+    keep: Option<Box<dyn std::any::Any>>,
 }
 
 impl Tunnel {
     fn pids(&self) -> Vec<u32> {
-        self.daemons.iter().map(|c| c.id()).collect()
+        self.daemons
+            .iter()
+            .map(|c| c.id())
+            .chain(self.other_pids.iter().copied())
+            .collect()
     }
 
     /// (CPU ticks, peak RSS kB) summed over both ends.
@@ -74,6 +82,7 @@ impl Drop for Tunnel {
         for f in &self.files {
             let _ = std::fs::remove_file(f);
         }
+        drop(self.keep.take());
     }
 }
 
@@ -177,6 +186,8 @@ fn wireguard(
         target: Ipv4Addr::new(100, 64, net, 2),
         daemons,
         files: vec![sock(names.0), sock(names.1)],
+        other_pids: vec![],
+        keep: None,
     };
     let t = Instant::now();
     while !(sock(names.0).exists() && sock(names.1).exists()) {
@@ -274,6 +285,8 @@ fn nebula(ns: (&str, &str), dir: &Path) -> anyhow::Result<Tunnel> {
         target: Ipv4Addr::new(100, 64, 3, 2),
         daemons,
         files: vec![],
+        other_pids: vec![],
+        keep: None,
     })
 }
 
@@ -348,21 +361,82 @@ fn quincy(ns: (&str, &str), dir: &Path) -> anyhow::Result<Tunnel> {
         target: Ipv4Addr::new(100, 64, 4, 1),
         daemons: vec![client, server],
         files: vec![],
+        other_pids: vec![],
+        keep: None,
+    })
+}
+
+/// quicmesh's overlay: a coordinator on host a, a node on each host with overlay mode
+/// (default MTU 1400), a service on each taking any TCP/UDP port and ping, and a policy
+/// letting each reach the other.
+fn quicmesh(ns: (&str, &str)) -> anyhow::Result<Tunnel> {
+    use quicmesh_netns_tests::{CoordinatorProc, NodeProc, NodeSpec};
+    let mesh = Mesh::new("bench-l3-quicmesh");
+    let coord = CoordinatorProc::start_in(&mesh, "24h", ns.0, [198, 18, 0, 1].into())?;
+    let policy = "[[rule]]\nfrom = \"side-a\"\nto = \"side-b\"\naction = \"allow\"\n[[rule]]\nfrom = \"side-b\"\nto = \"side-a\"\naction = \"allow\"\n";
+    let out = coord.apply_policy(&mesh, policy)?;
+    if !out.status.success() {
+        bail!("policy apply: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let ports = ["icmp", "tcp/1-65535", "udp/1-65535"];
+    let a = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("node-a")
+            .on(ns.0)
+            .overlay("qm0")
+            .overlay_service("side-a", &ports),
+    )?;
+    let b = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("node-b")
+            .on(ns.1)
+            .overlay("qm0")
+            .overlay_service("side-b", &ports),
+    )?;
+    let t = Instant::now();
+    let target = loop {
+        let st = b.status().unwrap_or_default();
+        let v4 = st["overlay"]["addresses"].as_array().and_then(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str()?.parse::<Ipv4Addr>().ok())
+                .next()
+        });
+        if let Some(v4) = v4 {
+            break v4;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "node-b's overlay did not come up (logs in {})",
+                mesh.path().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let other_pids = [a.pid(), b.pid()].into_iter().flatten().collect();
+    Ok(Tunnel {
+        target,
+        daemons: vec![],
+        files: vec![],
+        other_pids,
+        keep: Some(Box::new((b, a, coord, mesh))),
     })
 }
 
 fn start(sys: &str, ns: (&str, &str), dir: &Path) -> anyhow::Result<Option<Tunnel>> {
     let t = match sys {
         "veth" => return Ok(None),
-        "quicmesh" => bail!(
-            "not built yet: overlay mode ([overlay] enabled = true, a TUN device per node) is the next issue"
-        ),
+        "quicmesh" => quicmesh(ns)?,
         "wireguard-go" => {
             need("wireguard-go", "apt-get install wireguard-go")?;
             wireguard(ns, dir, &["wireguard-go", "-f"], ("wga", "wgb"), 1)?
         }
         "boringtun" => {
-            need("boringtun-cli", "cargo install --locked boringtun-cli@0.7.1")?;
+            need(
+                "boringtun-cli",
+                "cargo install --locked boringtun-cli@0.7.1",
+            )?;
             wireguard(
                 ns,
                 dir,

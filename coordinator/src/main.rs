@@ -49,6 +49,12 @@ enum Cmd {
     Init {
         #[arg(long, default_value = "quicmesh.local")]
         trust_domain: String,
+        /// IPv4 pool for nodes' overlay addresses (default 100.64.0.0/10).
+        #[arg(long)]
+        overlay_v4: Option<String>,
+        /// IPv6 pool for nodes' overlay addresses (default: a ULA /48 derived from the CA).
+        #[arg(long)]
+        overlay_v6: Option<String>,
     },
     /// Run the coordinator.
     Serve {
@@ -189,7 +195,11 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     let opts = &cli.admin;
     match cli.cmd {
-        Cmd::Init { trust_domain } => {
+        Cmd::Init {
+            trust_domain,
+            overlay_v4,
+            overlay_v6,
+        } => {
             let Some(dir) = &opts.data_dir else {
                 return fail(64, "init needs --data-dir");
             };
@@ -197,7 +207,19 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return fail(64, format!("--trust-domain: {e}")),
             };
-            match quicmesh_coordinator::mesh::init(dir, td) {
+            let prefix = |flag: &str, v: Option<String>| {
+                v.map(|v| v.parse::<quicmesh_protocol::overlay::Prefix>())
+                    .transpose()
+                    .map_err(|e| format!("{flag}: {e}"))
+            };
+            let (v4, v6) = match (
+                prefix("--overlay-v4", overlay_v4),
+                prefix("--overlay-v6", overlay_v6),
+            ) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(e), _) | (_, Err(e)) => return fail(64, e),
+            };
+            match quicmesh_coordinator::mesh::init_with(dir, td, v4, v6) {
                 Ok(out) => {
                     println!("initialized {}", dir.display());
                     println!("trust domain    {}", out.trust_domain);

@@ -12,7 +12,7 @@ use quicmesh_node::tls::{Trust, TrustHandle};
 use quicmesh_protocol::cert::Serial;
 use quicmesh_protocol::delta;
 use quicmesh_protocol::ident::{LabelKey, Labels, NodeName, ServiceName, TrustDomain};
-use quicmesh_protocol::overlay::Pools;
+use quicmesh_protocol::overlay::{Pools, Prefix};
 use quicmesh_protocol::policy::{
     Destination, Explanation, Policy, PolicyError, Source, TestFailure,
 };
@@ -158,16 +158,23 @@ pub struct InitOutput {
 /// Creates a data dir: CA, database, admin token, default overlay pools. Refuses an
 /// initialized dir.
 pub fn init(dir: &Path, trust_domain: TrustDomain) -> Result<InitOutput, MeshError> {
-    init_with(dir, trust_domain, None)
+    init_with(dir, trust_domain, None, None)
 }
 
-/// [`init`] with chosen overlay pools (default: 100.64.0.0/10 and a ULA /48 derived from
-/// the CA).
+/// [`init`] with chosen overlay pools (default: 100.64.0.0/10, and a ULA /48 derived
+/// from the CA). Bad pools are refused before anything is written.
 pub fn init_with(
     dir: &Path,
     trust_domain: TrustDomain,
-    pools: Option<Pools>,
+    v4: Option<Prefix>,
+    v6: Option<Prefix>,
 ) -> Result<InitOutput, MeshError> {
+    let placeholder = Pools::default_for(&[0; 32]);
+    let bad = |e: quicmesh_protocol::overlay::PrefixError| MeshError::Invalid {
+        field: "overlay pools",
+        reason: e.to_string(),
+    };
+    Pools::new(v4.unwrap_or(placeholder.v4), v6.unwrap_or(placeholder.v6)).map_err(bad)?;
     let dd = |reason: String| MeshError::DataDir {
         path: dir.display().to_string(),
         reason,
@@ -186,7 +193,8 @@ pub fn init_with(
     write_private(&dir.join("ca.crt"), ca.cert_pem().as_bytes())?;
     let store = SqliteStore::open(&dir.join("quicmesh.db"))?;
     store.set_meta("trust_domain", trust_domain.as_str())?;
-    let pools = pools.unwrap_or_else(|| Pools::default_for(&ca.fingerprint()));
+    let defaults = Pools::default_for(&ca.fingerprint());
+    let pools = Pools::new(v4.unwrap_or(defaults.v4), v6.unwrap_or(defaults.v6)).map_err(bad)?;
     store.set_meta("overlay_v4", &pools.v4.to_string())?;
     store.set_meta("overlay_v6", &pools.v6.to_string())?;
     let admin_token = format!("qma_{}", hex::encode(random_hex32()));

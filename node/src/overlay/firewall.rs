@@ -384,3 +384,207 @@ fn allowed(
     }
     Err(denied)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quicmesh_protocol::cert::Serial;
+    use quicmesh_protocol::ident::{Labels, TrustDomain};
+    use quicmesh_protocol::packet::{Echo, PacketInfo};
+    use quicmesh_protocol::policy::Policy;
+    use quicmesh_protocol::wire::PeerInfo;
+
+    const ME: [u8; 4] = [100, 64, 0, 2];
+    const PEER: [u8; 4] = [100, 64, 0, 1];
+
+    fn svc(s: &str) -> ServiceName {
+        ServiceName::new(s).unwrap()
+    }
+
+    fn peer(services: &[&str]) -> PeerIdentity {
+        PeerIdentity {
+            trust_domain: TrustDomain::new("t.test").unwrap(),
+            node: NodeName::new("peer").unwrap(),
+            services: services.iter().map(|s| svc(s)).collect(),
+            ips: vec![IpAddr::from(PEER)],
+            serial: Serial::new(vec![1]).unwrap(),
+            not_before: 0,
+            not_after: i64::MAX,
+        }
+    }
+
+    fn view(policy: &str) -> View {
+        let mut v = View {
+            version: 1,
+            policy: Policy::parse(policy).unwrap(),
+            ..Default::default()
+        };
+        v.peers.insert(
+            NodeName::new("peer").unwrap(),
+            PeerInfo {
+                node: NodeName::new("peer").unwrap(),
+                endpoint: None,
+                services: vec![],
+                labels: Labels::default(),
+                overlay: vec![IpAddr::from(PEER)],
+            },
+        );
+        v
+    }
+
+    fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> PacketInfo {
+        PacketInfo {
+            src: src.into(),
+            dst: dst.into(),
+            transport: Transport::Ports {
+                proto: packet::TCP,
+                src: sport,
+                dst: dport,
+                syn,
+            },
+            dont_fragment: true,
+        }
+    }
+
+    fn tracker() -> Tracker {
+        Tracker::new(vec![
+            LocalService {
+                name: svc("db"),
+                ports: vec!["tcp/5432".parse().unwrap(), "icmp".parse().unwrap()],
+            },
+            LocalService {
+                name: svc("admin"),
+                ports: vec!["tcp/22".parse().unwrap()],
+            },
+        ])
+    }
+
+    const WEB_TO_DB: &str = "[[rule]]\nfrom = \"web\"\nto = \"db\"\naction = \"allow\"\n";
+
+    fn check(t: &Tracker, p: &PacketInfo, id: &PeerIdentity, v: &View) -> Verdict {
+        t.inbound(
+            p,
+            id,
+            &Arc::new(id.services.clone()),
+            &[IpAddr::from(ME)],
+            v,
+        )
+    }
+
+    #[test]
+    fn a_new_flow_needs_a_rule_for_the_service_owning_the_port() {
+        let (t, v) = (tracker(), view(WEB_TO_DB));
+        let syn = tcp(PEER, ME, 40000, 5432, true);
+        assert_eq!(
+            check(&t, &syn, &peer(&["web"]), &v),
+            Verdict::New {
+                service: svc("db"),
+                rule: "rule[0]".into()
+            }
+        );
+        // Its denied twins: a sender whose services have no rule, and a port owned by a
+        // service the rule does not name.
+        let t = tracker();
+        assert!(matches!(
+            check(&t, &syn, &peer(&["batch"]), &v),
+            Verdict::Drop {
+                reason: DropReason::PolicyDenied,
+                rule: Some(_)
+            }
+        ));
+        assert!(matches!(
+            check(&t, &tcp(PEER, ME, 40000, 22, true), &peer(&["web"]), &v),
+            Verdict::Drop {
+                reason: DropReason::PolicyDenied,
+                ..
+            }
+        ));
+        assert_eq!(
+            check(&t, &tcp(PEER, ME, 40000, 8080, true), &peer(&["web"]), &v),
+            Verdict::Drop {
+                reason: DropReason::NoService,
+                rule: None
+            }
+        );
+    }
+
+    #[test]
+    fn sources_outside_the_sender_certificate_are_spoofed() {
+        let (t, v) = (tracker(), view(WEB_TO_DB));
+        let forged = tcp([100, 64, 0, 9], ME, 40000, 5432, true);
+        assert_eq!(
+            check(&t, &forged, &peer(&["web"]), &v),
+            Verdict::Drop {
+                reason: DropReason::Spoofed,
+                rule: None
+            }
+        );
+        let not_for_us = tcp(PEER, [100, 64, 0, 3], 40000, 5432, true);
+        assert_eq!(
+            check(&t, &not_for_us, &peer(&["web"]), &v),
+            Verdict::Drop {
+                reason: DropReason::NotForUs,
+                rule: None
+            }
+        );
+    }
+
+    #[test]
+    fn replies_to_what_this_node_sent_pass_and_other_segments_do_not() {
+        let (t, v) = (tracker(), view("default = \"deny\"\n"));
+        let reply = tcp(PEER, ME, 443, 50000, false);
+        assert_eq!(
+            check(&t, &reply, &peer(&["web"]), &v),
+            Verdict::Drop {
+                reason: DropReason::NotTracked,
+                rule: None
+            }
+        );
+        t.outbound(&tcp(ME, PEER, 50000, 443, true));
+        assert_eq!(check(&t, &reply, &peer(&["web"]), &v), Verdict::Established);
+        // Echo replies match the request's identifier.
+        let echo = |src, dst, request| PacketInfo {
+            src: IpAddr::from(src),
+            dst: IpAddr::from(dst),
+            transport: Transport::Icmp {
+                echo: Some(Echo { request, id: 7 }),
+                kind: if request { 8 } else { 0 },
+            },
+            dont_fragment: false,
+        };
+        t.outbound(&echo(ME, PEER, true));
+        assert_eq!(
+            check(&t, &echo(PEER, ME, false), &peer(&["web"]), &v),
+            Verdict::Established
+        );
+    }
+
+    #[test]
+    fn a_policy_change_forgets_flows_it_no_longer_allows() {
+        let t = tracker();
+        let v = view(WEB_TO_DB);
+        let id = peer(&["web"]);
+        assert!(matches!(
+            check(&t, &tcp(PEER, ME, 40000, 5432, true), &id, &v),
+            Verdict::New { .. }
+        ));
+        t.outbound(&tcp(ME, PEER, 50000, 443, true));
+        let mid = tcp(PEER, ME, 40000, 5432, false);
+        assert_eq!(check(&t, &mid, &id, &v), Verdict::Established);
+        assert_eq!(t.recheck(&v), 0, "nothing changed, nothing forgotten");
+        let denied = view("default = \"deny\"\n");
+        assert_eq!(
+            t.recheck(&denied),
+            1,
+            "the peer's flow goes, this node's own stays"
+        );
+        assert_eq!(
+            check(&t, &mid, &id, &denied),
+            Verdict::Drop {
+                reason: DropReason::NotTracked,
+                rule: None
+            }
+        );
+        assert_eq!(t.len(), 1);
+    }
+}

@@ -413,9 +413,9 @@ async fn send_one(
         ov.dropped(DropReason::NoRoute, None);
         return;
     };
-    if !routes
+    if routes
         .get(peer)
-        .is_some_and(|r| r.conn.close_reason().is_none())
+        .is_none_or(|r| r.conn.close_reason().is_some())
     {
         routes.remove(peer);
         let live = node
