@@ -66,6 +66,26 @@ async fn enroll_retrying(
     }
 }
 
+/// UDP socket buffer the node asks for: bursts of overlay datagrams (GSO batches from a
+/// 64 KB TUN read) must not overflow the kernel's default ~200 KB receive buffer.
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// The node's one QUIC endpoint (dials peers and the coordinator; serves peers once the
+/// server config is set), on a socket with large buffers.
+fn tunnel_endpoint(listen: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let sock = std::net::UdpSocket::bind(listen)?;
+    let s = socket2::SockRef::from(&sock);
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        sock,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
 /// Starts a node and returns once it is serving.
 pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
     for key in &cfg.unused_checks {
@@ -73,7 +93,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
     }
     let data = DataDir::open(&cfg.data_dir)?;
     let key = data.key()?;
-    let endpoint = quinn::Endpoint::client(cfg.listen).map_err(|source| StartError::Bind {
+    let endpoint = tunnel_endpoint(cfg.listen).map_err(|source| StartError::Bind {
         what: "tunnel listener (udp)",
         addr: cfg.listen.to_string(),
         source,
