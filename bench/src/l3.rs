@@ -379,13 +379,18 @@ fn quicmesh(ns: (&str, &str)) -> anyhow::Result<Tunnel> {
         bail!("policy apply: {}", String::from_utf8_lossy(&out.stderr));
     }
     let ports = ["icmp", "tcp/1-65535", "udp/1-65535"];
+    let threads = format!(
+        "worker_threads = {}",
+        std::env::var("QUICMESH_BENCH_THREADS").unwrap_or_else(|_| "0".into())
+    );
     let a = NodeProc::start(
         &mesh,
         &coord,
         &NodeSpec::new("node-a")
             .on(ns.0)
             .overlay("qm0")
-            .overlay_service("side-a", &ports),
+            .overlay_service("side-a", &ports)
+            .config_line(&threads),
     )?;
     let b = NodeProc::start(
         &mesh,
@@ -393,7 +398,8 @@ fn quicmesh(ns: (&str, &str)) -> anyhow::Result<Tunnel> {
         &NodeSpec::new("node-b")
             .on(ns.1)
             .overlay("qm0")
-            .overlay_service("side-b", &ports),
+            .overlay_service("side-b", &ports)
+            .config_line(&threads),
     )?;
     let t = Instant::now();
     let target = loop {

@@ -411,6 +411,8 @@ pub struct NodeSpec {
     pub overlay_services: Vec<(String, Vec<String>)>,
     /// `[overlay] enabled = true` with this TUN device name.
     pub overlay: Option<String>,
+    /// Extra top-level config lines (e.g. `worker_threads = 1`).
+    pub extra: Vec<String>,
 }
 
 impl NodeSpec {
@@ -435,6 +437,11 @@ impl NodeSpec {
     /// Runs the node inside namespace `ns`, its tunnel on all of that host's addresses.
     pub fn on(mut self, ns: &str) -> Self {
         self.netns = Some(ns.to_string());
+        self
+    }
+    /// Adds a top-level config line.
+    pub fn config_line(mut self, line: &str) -> Self {
+        self.extra.push(line.into());
         self
     }
     /// Runs overlay mode with TUN device `device`.
@@ -521,6 +528,10 @@ impl NodeProc {
             self.metrics_port,
             self.spec.check_egress
         );
+        // Top-level keys must come before the first table.
+        for line in &self.spec.extra {
+            t = format!("{line}\n{t}");
+        }
         for (s, a) in &self.spec.services {
             t.push_str(&format!(
                 "\n[[service]]\nname = \"{s}\"\naddress = \"{a}\"\n"

@@ -77,8 +77,9 @@ pub struct NodeConfig {
     pub flow_idle_timeout: Duration,
     /// How often the node reports status to the coordinator.
     pub status_interval: Duration,
-    /// Runtime threads: `None` = one per core; `Some(1)` runs everything on one thread
-    /// (fewer cross-thread wake-ups: lower latency on small hosts).
+    /// Runtime threads: `None` = automatic (half the cores, at least one); `Some(1)` runs
+    /// everything on one thread (fewer cross-thread wake-ups: lower latency on small
+    /// hosts).
     pub worker_threads: Option<usize>,
     /// `[[service]] check` keys present in the file: accepted for forward compatibility,
     /// not run yet (health checks are a later feature); startup warns about each.
@@ -372,7 +373,7 @@ impl NodeConfig {
                 Some(n) => {
                     return Err(err(
                         "worker_threads",
-                        format!("{n} is not between 0 (one per core) and 256"),
+                        format!("{n} is not between 0 (automatic) and 256"),
                     ))
                 }
             },

@@ -161,9 +161,46 @@ pub fn idle_limit(proto: u8) -> Duration {
 
 const SHARDS: usize = 16;
 
+/// A fast, non-keyed hasher for flow keys (FxHash's multiply-rotate): flows are chosen by
+/// hosts the node already authenticated, and the table is per node and bounded by idle
+/// expiry, so hash flooding buys an attacker little; SipHash cost ~2x on this hot path.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_u16(&mut self, v: u16) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxBuild = std::hash::BuildHasherDefault<FxHasher>;
+type FlowTable = HashMap<FlowKey, Entry, FxBuild>;
+
 /// The connection tracker and the ingress decision.
 pub struct Tracker {
-    shards: Vec<Mutex<HashMap<FlowKey, Entry>>>,
+    shards: Vec<Mutex<FlowTable>>,
     services: Vec<LocalService>,
     start: std::time::Instant,
 }
@@ -192,7 +229,9 @@ pub enum Verdict {
 impl Tracker {
     pub fn new(services: Vec<LocalService>) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(FlowTable::default()))
+                .collect(),
             services,
             start: std::time::Instant::now(),
         }
@@ -202,12 +241,12 @@ impl Tracker {
         self.start.elapsed().as_secs()
     }
 
-    fn shard(&self, k: &FlowKey) -> &Mutex<HashMap<FlowKey, Entry>> {
+    fn shard(&self, k: &FlowKey) -> &Mutex<FlowTable> {
         use std::hash::{Hash, Hasher};
-        // DefaultHasher::new() is deterministic: a key always lands in the same shard.
-        let mut d = std::hash::DefaultHasher::new();
+        let mut d = FxHasher::default();
         k.hash(&mut d);
-        &self.shards[(d.finish() as usize) % SHARDS]
+        // The high bits: the table inside the shard uses the low ones.
+        &self.shards[(d.finish() >> 58) as usize % SHARDS]
     }
 
     /// Number of tracked flows.

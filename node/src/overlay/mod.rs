@@ -416,11 +416,9 @@ async fn send_one(
         ov.dropped(DropReason::NoRoute, None);
         return;
     };
-    if routes
-        .get(peer)
-        .is_none_or(|r| r.conn.close_reason().is_some())
-    {
-        routes.remove(peer);
+    // A cached route is used until a send on it fails (checking the connection's state
+    // per packet would take its lock twice).
+    if !routes.contains_key(peer) {
         let live = node
             .conns
             .lock()
