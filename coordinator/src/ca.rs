@@ -197,6 +197,17 @@ impl Ca {
         self.sign(p, &csr.public_key, now, ttl_secs)
     }
 
+    /// SHA-256 (hex) of a CSR's public key: what a join token remembers it enrolled.
+    pub fn csr_key_id(csr_der: &[u8]) -> Result<String, CaError> {
+        use rcgen::PublicKeyData;
+        use sha2::Digest;
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+            .map_err(|e| CaError::BadCsr(e.to_string()))?;
+        Ok(hex::encode(sha2::Sha256::digest(
+            csr.public_key.der_bytes(),
+        )))
+    }
+
     /// Issues the coordinator's own server certificate and key.
     pub fn coordinator_leaf(&self, now: i64, ttl_secs: i64) -> Result<(Leaf, KeyPair), CaError> {
         let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;

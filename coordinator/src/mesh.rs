@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use quicmesh_node::tls::{Trust, TrustHandle};
+#[cfg(test)]
+use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::cert::Serial;
 use quicmesh_protocol::delta;
 use quicmesh_protocol::ident::{LabelKey, Labels, NodeName, ServiceName, TrustDomain};
@@ -30,6 +32,9 @@ use crate::store::{NodeRecord, SqliteStore, Store, StoreError, TokenProblem, Tok
 
 /// Default leaf certificate lifetime.
 pub const DEFAULT_CERT_TTL_SECS: i64 = 24 * 3600;
+/// How long after a token was used the same node with the same key may enroll again
+/// (its first answer was lost).
+pub const ENROLL_RETRY_WINDOW_SECS: i64 = 600;
 /// Longest join token lifetime accepted.
 pub const MAX_TOKEN_TTL_SECS: i64 = 30 * 86400;
 
@@ -385,6 +390,7 @@ impl Mesh {
             created_at: t,
             expires_at: t + ttl_secs,
             used_at: None,
+            used_key: None,
         })?;
         Ok((token.to_string(), t + ttl_secs))
     }
@@ -412,8 +418,27 @@ impl Mesh {
             .token(&hash)
             .map_err(|e| internal(&e))?
             .ok_or((EnrollErrorCode::TokenUnknown, String::new()))?;
-        if tok.used_at.is_some() {
-            return Err((EnrollErrorCode::TokenUsed, String::new()));
+        let key_id =
+            Ca::csr_key_id(&req.csr_der).map_err(|e| (EnrollErrorCode::BadCsr, e.to_string()))?;
+        if let Some(used_at) = tok.used_at {
+            // The same node proving the same key again soon after: its answer was lost on
+            // the way (a busy or lossy path). It gets a certificate again; anyone else, or
+            // later, does not.
+            let same = tok.used_key.as_deref() == Some(key_id.as_str())
+                && tok.node == req.node.as_str()
+                && t - used_at <= ENROLL_RETRY_WINDOW_SECS;
+            if !same {
+                return Err((EnrollErrorCode::TokenUsed, String::new()));
+            }
+            let cert_der = self
+                .renew(&req.node, &req.csr_der)
+                .map_err(|e| (EnrollErrorCode::NodeRevoked, e.to_string()))?;
+            tracing::info!(node = %req.node, "enrollment retried with the same key: certificate issued again");
+            return Ok(EnrollResponse {
+                trust_domain: self.ca.trust_domain.clone(),
+                cert_der,
+                ca_bundle: vec![self.ca.cert_der.clone()],
+            });
         }
         if tok.expires_at <= t {
             return Err((
@@ -479,7 +504,7 @@ impl Mesh {
         };
         match self
             .store
-            .enroll(&hash, &record, leaf.not_after, t)
+            .enroll(&hash, &record, leaf.not_after, t, &key_id)
             .map_err(|e| internal(&e))?
         {
             Ok(()) => {}
@@ -864,5 +889,54 @@ impl Mesh {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(mesh: &Mesh, token: &str, key: &rcgen::KeyPair) -> EnrollRequest {
+        let _ = mesh;
+        let t: JoinToken = token.parse().unwrap();
+        EnrollRequest {
+            secret: t.secret_hex(),
+            node: NodeName::new("web-1").unwrap(),
+            csr_der: quicmesh_node::control::csr("web-1", key).unwrap(),
+            services: vec![ServiceName::new("web").unwrap()],
+            labels: Labels::default(),
+        }
+    }
+
+    #[test]
+    fn a_lost_enrollment_answer_is_issued_again_only_to_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), TrustDomain::new("t.test").unwrap()).unwrap();
+        let mesh = Mesh::open(dir.path(), 3600).unwrap();
+        let (token, _) = mesh
+            .create_token("web-1", &["web".to_string()], &BTreeMap::new(), 600)
+            .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let serial = |m: ControlDown| match m {
+            ControlDown::Enrolled(r) => {
+                PeerIdentity::from_der(&r.cert_der, &mesh.ca.trust_domain)
+                    .unwrap()
+                    .serial
+            }
+            other => panic!("not enrolled: {other:?}"),
+        };
+        let first = serial(mesh.enroll(&request(&mesh, &token, &key)));
+        // The answer was lost; the node asks again with the same token and key.
+        let again = serial(mesh.enroll(&request(&mesh, &token, &key)));
+        assert_ne!(first, again, "a fresh certificate, not a replay");
+        // Its denied twin: the same token with another key is a reused token.
+        let other = rcgen::KeyPair::generate().unwrap();
+        assert!(matches!(
+            mesh.enroll(&request(&mesh, &token, &other)),
+            ControlDown::EnrollRefused {
+                code: EnrollErrorCode::TokenUsed,
+                ..
+            }
+        ));
     }
 }

@@ -27,6 +27,8 @@ pub struct TokenRecord {
     pub created_at: i64,
     pub expires_at: i64,
     pub used_at: Option<i64>,
+    /// SHA-256 (hex) of the public key the token enrolled, once used.
+    pub used_key: Option<String>,
 }
 
 /// A node in the catalog.
@@ -77,6 +79,7 @@ pub trait Store: Send + Sync {
         node: &NodeRecord,
         not_after: i64,
         now: i64,
+        key_id: &str,
     ) -> Result<Result<(), TokenProblem>, StoreError>;
     fn record_cert(
         &self,
@@ -143,6 +146,9 @@ CREATE TABLE policies (
 "#,
     r#"
 CREATE TABLE overlay (idx INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE);
+"#,
+    r#"
+ALTER TABLE tokens ADD COLUMN used_key TEXT;
 "#,
 ];
 
@@ -296,14 +302,14 @@ impl Store for SqliteStore {
     fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         let raw = self.with(|c| {
             Ok(c.query_row(
-                "SELECT hash, node, services, labels, created_at, expires_at, used_at FROM tokens WHERE hash = ?1",
+                "SELECT hash, node, services, labels, created_at, expires_at, used_at, used_key FROM tokens WHERE hash = ?1",
                 [hash],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)),
             )
             .optional()?)
         })?;
         raw.map(
-            |(hash, node, services, labels, created_at, expires_at, used_at)| {
+            |(hash, node, services, labels, created_at, expires_at, used_at, used_key)| {
                 Ok(TokenRecord {
                     hash,
                     node,
@@ -312,6 +318,7 @@ impl Store for SqliteStore {
                     created_at,
                     expires_at,
                     used_at,
+                    used_key,
                 })
             },
         )
@@ -324,6 +331,7 @@ impl Store for SqliteStore {
         node: &NodeRecord,
         not_after: i64,
         now: i64,
+        key_id: &str,
     ) -> Result<Result<(), TokenProblem>, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -336,7 +344,10 @@ impl Store for SqliteStore {
                 Some((exp, None)) if exp <= now => return Ok(Err(TokenProblem::Expired)),
                 Some(_) => {}
             }
-            tx.execute("UPDATE tokens SET used_at = ?1 WHERE hash = ?2", params![now, hash])?;
+            tx.execute(
+                "UPDATE tokens SET used_at = ?1, used_key = ?3 WHERE hash = ?2",
+                params![now, hash, key_id],
+            )?;
             tx.execute(
                 "INSERT INTO nodes (name, services, labels, endpoint, serial, cert_not_after, enrolled_at, last_seen, acked_version, agent_version, revoked_at)
                  VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, NULL, 0, NULL, NULL)
@@ -568,6 +579,7 @@ mod tests {
             created_at: 0,
             expires_at: 100,
             used_at: None,
+            used_key: None,
         };
         s.insert_token(&t).unwrap();
         s.insert_token(&TokenRecord {
@@ -577,16 +589,16 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            s.enroll("nope", &node("a"), 500, 50).unwrap(),
+            s.enroll("nope", &node("a"), 500, 50, "k").unwrap(),
             Err(TokenProblem::Unknown)
         );
         assert_eq!(
-            s.enroll("old", &node("a"), 500, 50).unwrap(),
+            s.enroll("old", &node("a"), 500, 50, "k").unwrap(),
             Err(TokenProblem::Expired)
         );
-        assert_eq!(s.enroll("h", &node("a"), 500, 50).unwrap(), Ok(()));
+        assert_eq!(s.enroll("h", &node("a"), 500, 50, "k").unwrap(), Ok(()));
         assert_eq!(
-            s.enroll("h", &node("a"), 500, 51).unwrap(),
+            s.enroll("h", &node("a"), 500, 51, "k").unwrap(),
             Err(TokenProblem::Used)
         );
         assert_eq!(s.nodes().unwrap().len(), 1);
@@ -606,9 +618,10 @@ mod tests {
                 created_at: 0,
                 expires_at: 100,
                 used_at: None,
+                used_key: None,
             })
             .unwrap();
-            s.enroll("h", &node("a"), 500, 1).unwrap().unwrap();
+            s.enroll("h", &node("a"), 500, 1, "k").unwrap().unwrap();
             s.insert_policy("default = \"deny\"", 1).unwrap();
             assert_eq!(s.bump_version().unwrap(), 1);
             assert_eq!(s.revoke_node("a", 2).unwrap(), Some(vec!["01".to_string()]));
