@@ -469,10 +469,10 @@ fn base_transport(streams: u32) -> quinn::TransportConfig {
     // first packet on; quinn falls back to 1200 (and probes upward) where a path is
     // smaller.
     t.initial_mtu(1452);
-    // Overlay datagrams queue here between the TUN and the congestion window: deep enough
-    // for a few 64 KB TUN reads each way.
-    t.datagram_receive_buffer_size(Some(8 * 1024 * 1024));
-    t.datagram_send_buffer_size(4 * 1024 * 1024);
+    // Overlay datagrams queue here between the TUN and the congestion window: a few 64 KB
+    // TUN reads each way (8/4 MiB measured no faster on 2 vCPUs, and 30 MB more RSS).
+    t.datagram_receive_buffer_size(Some(2 * 1024 * 1024));
+    t.datagram_send_buffer_size(1024 * 1024);
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(streams));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t
