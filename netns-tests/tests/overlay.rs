@@ -58,6 +58,13 @@ fn world(test: &str, b_mtu: Option<u32>) -> World {
     }
 }
 
+impl World {
+    /// Starts a node (configured by `spec`) against this world's coordinator.
+    fn node(&self, spec: NodeSpec) -> NodeProc {
+        NodeProc::start(&self.mesh, &self.coord, &spec).unwrap()
+    }
+}
+
 /// The node's overlay addresses from `status` (IPv4, IPv6), waiting for the device.
 fn overlay_addrs(n: &NodeProc) -> (IpAddr, IpAddr) {
     let t = Instant::now();
@@ -165,24 +172,18 @@ fn overlay_ping_tcp_and_udp_across_a_router_ipv4_and_ipv6() {
     let w = world("ov1", None);
     w.coord.apply_policy(&w.mesh, BOTH_WAYS).unwrap();
     let ports = ["icmp", "tcp/5201", "udp/5353"];
-    let a = NodeProc::start(
-        &w.mesh,
-        &w.coord,
-        &NodeSpec::new("node-a")
+    let a = w.node(
+        NodeSpec::new("node-a")
             .on(&w.ns_a)
             .overlay("qm0")
             .overlay_service("a-svc", &ports),
-    )
-    .unwrap();
-    let b = NodeProc::start(
-        &w.mesh,
-        &w.coord,
-        &NodeSpec::new("node-b")
+    );
+    let b = w.node(
+        NodeSpec::new("node-b")
             .on(&w.ns_b)
             .overlay("qm0")
             .overlay_service("b-svc", &ports),
-    )
-    .unwrap();
+    );
     w.coord.wait_all_acked(2, Duration::from_secs(20));
     let (a4, a6) = overlay_addrs(&a);
     let (b4, b6) = overlay_addrs(&b);
@@ -247,34 +248,25 @@ fn overlay_ingress_drops_spoofed_unowned_and_denied_packets_and_policy_removal_s
     let policy =
         "default = \"deny\"\n[[rule]]\nfrom = \"a-svc\"\nto = \"b-svc\"\naction = \"allow\"\n";
     w.coord.apply_policy(&w.mesh, policy).unwrap();
-    let a = NodeProc::start(
-        &w.mesh,
-        &w.coord,
-        &NodeSpec::new("node-a")
+    let a = w.node(
+        NodeSpec::new("node-a")
             .on(&w.ns_a)
             .overlay("qm0")
             .overlay_service("a-svc", &["tcp/9"]),
-    )
-    .unwrap();
-    let b = NodeProc::start(
-        &w.mesh,
-        &w.coord,
-        &NodeSpec::new("node-b")
+    );
+    let b = w.node(
+        NodeSpec::new("node-b")
             .on(&w.ns_b)
             .overlay("qm0")
             .overlay_service("b-svc", &["tcp/5201", "udp/5353"])
             .overlay_service("b-admin", &["tcp/6000"]),
-    )
-    .unwrap();
-    let c = NodeProc::start(
-        &w.mesh,
-        &w.coord,
-        &NodeSpec::new("node-c")
+    );
+    let c = w.node(
+        NodeSpec::new("node-c")
             .on(&w.ns_c)
             .overlay("qm0")
             .overlay_service("c-svc", &["tcp/9"]),
-    )
-    .unwrap();
+    );
     w.coord.wait_all_acked(3, Duration::from_secs(20));
     let (_, _) = overlay_addrs(&a);
     let (b4, _) = overlay_addrs(&b);
@@ -391,24 +383,18 @@ fn overlay_tcp_completes_over_a_1280_byte_underlay_path() {
     let _s = serial();
     let w = world("ov3", Some(1280));
     w.coord.apply_policy(&w.mesh, BOTH_WAYS).unwrap();
-    let a = NodeProc::start(
-        &w.mesh,
-        &w.coord,
-        &NodeSpec::new("node-a")
+    let a = w.node(
+        NodeSpec::new("node-a")
             .on(&w.ns_a)
             .overlay("qm0")
             .overlay_service("a-svc", &["icmp"]),
-    )
-    .unwrap();
-    let b = NodeProc::start(
-        &w.mesh,
-        &w.coord,
-        &NodeSpec::new("node-b")
+    );
+    let b = w.node(
+        NodeSpec::new("node-b")
             .on(&w.ns_b)
             .overlay("qm0")
             .overlay_service("b-svc", &["tcp/5201", "icmp"]),
-    )
-    .unwrap();
+    );
     w.coord.wait_all_acked(2, Duration::from_secs(20));
     let (_, _) = overlay_addrs(&a);
     let (b4, _) = overlay_addrs(&b);
