@@ -645,11 +645,6 @@ impl Mesh {
         Ok(serials)
     }
 
-    /// The whole snapshot for `node` at the current version.
-    pub fn snapshot_for(&self, node: &NodeName) -> Result<Snapshot, MeshError> {
-        Ok(self.whole_for(node)?.0)
-    }
-
     /// What to send `node` next: a whole snapshot when nothing was sent yet, else the
     /// delta from what was last sent; and the new "last sent".
     pub fn update_for(

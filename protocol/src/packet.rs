@@ -147,19 +147,6 @@ pub fn parse(p: &[u8]) -> Result<PacketInfo, PacketError> {
     }
 }
 
-/// Only the destination address: the per-packet routing lookup on the send path.
-pub fn destination(p: &[u8]) -> Option<IpAddr> {
-    match p.first()? >> 4 {
-        4 if p.len() >= 20 => Some(IpAddr::V4(Ipv4Addr::new(p[16], p[17], p[18], p[19]))),
-        6 if p.len() >= 40 => {
-            let mut a = [0u8; 16];
-            a.copy_from_slice(&p[24..40]);
-            Some(IpAddr::V6(Ipv6Addr::from(a)))
-        }
-        _ => None,
-    }
-}
-
 /// What a service accepts in overlay mode: `tcp/5432`, `udp/53`, `tcp/8000-8099`, `icmp`
 /// (echo requests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -387,7 +374,7 @@ mod tests {
             parse(&p).unwrap().transport,
             Transport::Other { proto: TCP }
         );
-        assert_eq!(destination(&p), Some(IpAddr::from([100, 64, 0, 2])));
+        assert_eq!(parse(&p).unwrap().dst, IpAddr::from([100, 64, 0, 2]));
     }
 
     #[test]
@@ -397,7 +384,7 @@ mod tests {
         assert_eq!(parse(&[0x41; 30]), Err(PacketError::HeaderLength(4)));
         assert_eq!(parse(&[0x45, 0, 0]), Err(PacketError::Truncated));
         assert_eq!(parse(&[0x60; 39]), Err(PacketError::Truncated));
-        assert_eq!(destination(&[0x45; 10]), None);
+        assert_eq!(parse(&[0x45; 10]), Err(PacketError::Truncated));
     }
 
     #[test]

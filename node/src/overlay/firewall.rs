@@ -379,26 +379,6 @@ impl Tracker {
         }
         removed
     }
-
-    /// Tracked flows opened by peers: (peer, local service, rule, key).
-    pub fn peer_flows(&self) -> Vec<(NodeName, ServiceName, String, FlowKey)> {
-        let mut out = Vec::new();
-        for s in &self.shards {
-            let m = s.lock().unwrap_or_else(|e| e.into_inner());
-            for (k, e) in m.iter() {
-                if let Origin::Peer {
-                    node,
-                    service,
-                    rule,
-                    ..
-                } = &e.origin
-                {
-                    out.push((node.clone(), service.clone(), rule.clone(), *k));
-                }
-            }
-        }
-        out
-    }
 }
 
 /// Whether any of `services` (on `node`) may reach local `service`: the allowing rule, or
