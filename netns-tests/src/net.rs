@@ -24,7 +24,12 @@ pub fn free_udp_port() -> u16 {
 
 /// A TCP echo service on loopback (threads; runs until the process exits).
 pub fn echo_server() -> std::io::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
+    echo_server_on("127.0.0.1:0")
+}
+
+/// A TCP echo service on `bind` (call inside a namespace to serve that host).
+pub fn echo_server_on(bind: &str) -> std::io::Result<SocketAddr> {
+    let l = TcpListener::bind(bind)?;
     let addr = l.local_addr()?;
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {

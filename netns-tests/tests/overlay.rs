@@ -10,11 +10,11 @@
 //! scenario at a time (they share the two cores).
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use quicmesh_netns_tests::net::{metric, sink_server, sink_transfer};
+use quicmesh_netns_tests::net::{echo_server_on, metric, sink_server, sink_transfer};
 use quicmesh_netns_tests::topo::{exec, in_ns, Net};
 use quicmesh_netns_tests::{CoordinatorProc, Mesh, NodeProc, NodeSpec};
 
@@ -104,19 +104,7 @@ fn ping(ns: &str, to: IpAddr, within: Duration) -> bool {
 
 /// A TCP echo service on `bind` in namespace `ns`.
 fn tcp_echo(ns: &str, bind: SocketAddr) {
-    in_ns(ns, move || {
-        let l = TcpListener::bind(bind).unwrap();
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                std::thread::spawn(move || {
-                    let mut r = s;
-                    let Ok(mut w) = r.try_clone() else { return };
-                    let _ = std::io::copy(&mut r, &mut w);
-                });
-            }
-        });
-    })
-    .unwrap();
+    in_ns(ns, move || echo_server_on(&bind.to_string()).unwrap()).unwrap();
 }
 
 /// A UDP echo service on `bind` in namespace `ns`.
