@@ -11,6 +11,7 @@
 //! each through the ingress firewall ([`firewall`]), and writes the survivors to the TUN
 //! in one batch, coalesced (GRO) where they belong to one TCP flow.
 
+mod arena;
 pub mod firewall;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -31,6 +32,7 @@ use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_
 use crate::config::OverlayConfig;
 use crate::metrics::OverlayMetrics;
 use crate::state::{Node, View};
+use arena::Arena;
 use firewall::{DropReason, LocalService, Tracker, Verdict};
 
 /// Errors starting overlay mode.
@@ -375,7 +377,8 @@ async fn send_path(node: Arc<Node>, ov: Arc<Overlay>) {
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
     let mut bufs = vec![vec![0u8; usize::from(ov.mtu) + 64]; IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-    let mut arena = BytesMut::with_capacity(256 * 1024);
+    // 16 x 256 KiB: more than the datagram send queue (1 MiB) holds in flight.
+    let mut arena = Arena::new(256 * 1024, 16);
     let mut routes: HashMap<NodeName, Route> = HashMap::new();
     let mut gro = GROTable::default();
     loop {
@@ -405,7 +408,7 @@ async fn send_one(
     view: &View,
     pkt: &[u8],
     routes: &mut HashMap<NodeName, Route>,
-    arena: &mut BytesMut,
+    arena: &mut Arena,
     gro: &mut GROTable,
 ) {
     let Ok(info) = packet::parse(pkt) else {
@@ -443,9 +446,7 @@ async fn send_one(
         return;
     };
     ov.tracker.outbound(&info);
-    arena.reserve(pkt.len().max(64 * 1024));
-    arena.extend_from_slice(pkt);
-    let data = arena.split().freeze();
+    let data = arena.carve(pkt);
     match route.conn.send_datagram_wait(data).await {
         Ok(()) => {
             route.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
