@@ -11,7 +11,7 @@
 //! each through the ingress firewall ([`firewall`]), and writes the survivors to the TUN
 //! in one batch, coalesced (GRO) where they belong to one TCP flow.
 
-mod arena;
+mod buffers;
 pub mod firewall;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -32,7 +32,7 @@ use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_
 use crate::config::OverlayConfig;
 use crate::metrics::OverlayMetrics;
 use crate::state::{Node, View};
-use arena::Arena;
+use buffers::{Arena, WritePool};
 use firewall::{DropReason, LocalService, Tracker, Verdict};
 
 /// Errors starting overlay mode.
@@ -79,6 +79,8 @@ pub struct Overlay {
     reading: Mutex<HashSet<usize>>,
     /// Peers being dialled for the send path.
     dialling: Mutex<HashSet<NodeName>>,
+    /// Buffers for the receive paths' TUN writes.
+    write_pool: WritePool,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -149,6 +151,7 @@ impl Overlay {
             peers: Mutex::new(HashMap::new()),
             reading: Mutex::new(HashSet::new()),
             dialling: Mutex::new(HashSet::new()),
+            write_pool: WritePool::new(4),
         })
     }
 
@@ -314,9 +317,7 @@ async fn receive_path(
     let services: Arc<BTreeSet<_>> = Arc::new(id.services.clone());
     let counters = ov.counters(&id.node);
     let mut gro = GROTable::default();
-    let mut out: Vec<BytesMut> = Vec::with_capacity(RX_BATCH);
     let mut batch: Vec<Bytes> = Vec::with_capacity(RX_BATCH);
-    let mut arena = BytesMut::new();
     loop {
         match conn.read_datagram().await {
             Ok(d) => batch.push(d),
@@ -329,8 +330,8 @@ async fn receive_path(
             }
         }
         let view = node.view();
-        out.clear();
-        arena.reserve(RX_BATCH * (VIRTIO_NET_HDR_LEN + 1500));
+        let mut out = ov.write_pool.take();
+        let mut used = 0;
         let (mut packets, mut bytes) = (0u64, 0u64);
         for d in batch.drain(..) {
             let info = match packet::parse(&d) {
@@ -353,17 +354,15 @@ async fn receive_path(
             }
             packets += 1;
             bytes += d.len() as u64;
-            // Headroom for the virtio-net header, then the packet: carved from one arena
-            // per batch, not an allocation per packet.
-            arena.extend_from_slice(&[0u8; VIRTIO_NET_HDR_LEN]);
-            arena.extend_from_slice(&d);
-            out.push(arena.split());
+            buffers::fill(&mut out, used, &d);
+            used += 1;
         }
         counters.rx_packets.fetch_add(packets, Ordering::Relaxed);
         counters.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
         ov.metrics.rx_packets.inc_by(packets);
         ov.metrics.rx_bytes.inc_by(bytes);
-        ov.write(&mut gro, &mut out).await;
+        ov.write(&mut gro, &mut out[..used]).await;
+        ov.write_pool.give(out);
     }
 }
 

@@ -1,6 +1,6 @@
-//! Packet buffers for the send path, carved from a ring of fixed-size chunks.
+//! Packet buffers of the two paths.
 //!
-//! A datagram handed to quinn lives until quinn has written it into a QUIC packet, so
+//! Send path: a datagram handed to quinn lives until quinn has written it into a QUIC packet, so
 //! buffers cannot simply be reused after `send_datagram`. Each packet is instead copied
 //! into the current chunk and split off as a [`Bytes`] sharing the chunk; when the chunk is
 //! full the oldest chunk of the ring is reclaimed in place once every packet carved from it
@@ -10,6 +10,8 @@
 
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
+use std::sync::Mutex;
+use tun_rs::VIRTIO_NET_HDR_LEN;
 
 pub struct Arena {
     current: BytesMut,
@@ -57,6 +59,61 @@ impl Arena {
     }
 }
 
+/// Receive path: buffers for one TUN write. GRO appends the following segments of a TCP
+/// flow into the first segment's buffer, and tun-rs coalesces only into a buffer that has
+/// the capacity for the result: each buffer can hold a whole 64 KiB segment plus headroom.
+/// Written with tight buffers, every packet reached the kernel alone (one write and one
+/// pass through the TCP stack per 1400 bytes).
+pub const WRITE_BUF: usize = 2 * VIRTIO_NET_HDR_LEN + 65535;
+
+/// Sets of write buffers shared by every peer's receive path: one set is in use per
+/// receive path writing at that moment, not one per peer.
+pub struct WritePool {
+    sets: Mutex<Vec<Vec<BytesMut>>>,
+    keep: usize,
+}
+
+impl WritePool {
+    /// Keeps at most `keep` idle sets.
+    pub fn new(keep: usize) -> WritePool {
+        WritePool {
+            sets: Mutex::new(Vec::new()),
+            keep,
+        }
+    }
+
+    /// An empty set (its buffers keep their capacity).
+    pub fn take(&self) -> Vec<BytesMut> {
+        self.sets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    pub fn give(&self, set: Vec<BytesMut>) {
+        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        if sets.len() < self.keep {
+            sets.push(set);
+        }
+    }
+}
+
+/// Puts `packet` after the virtio-net headroom into buffer `i` of `set`, creating the
+/// buffer on first use.
+pub fn fill(set: &mut Vec<BytesMut>, i: usize, packet: &[u8]) {
+    if set.len() <= i {
+        set.push(BytesMut::with_capacity(WRITE_BUF));
+    }
+    let b = &mut set[i];
+    b.clear();
+    if b.capacity() < WRITE_BUF {
+        b.reserve(WRITE_BUF);
+    }
+    b.extend_from_slice(&[0u8; VIRTIO_NET_HDR_LEN]);
+    b.extend_from_slice(packet);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +133,30 @@ mod tests {
         assert_eq!(third.as_ptr(), base, "the freed chunk is reused");
         assert_eq!(&second[..], &[2u8; 3000][..]);
         assert_eq!(&third[..], &[3u8; 3000][..]);
+    }
+
+    #[test]
+    fn write_buffers_have_room_for_a_coalesced_segment_and_are_reused() {
+        let pool = WritePool::new(1);
+        let mut set = pool.take();
+        fill(&mut set, 0, &[1u8; 1400]);
+        fill(&mut set, 1, &[2u8; 1400]);
+        assert_eq!(
+            &set[1][..VIRTIO_NET_HDR_LEN],
+            &[0u8; VIRTIO_NET_HDR_LEN][..]
+        );
+        assert_eq!(&set[1][VIRTIO_NET_HDR_LEN..], &[2u8; 1400][..]);
+        assert!(set.iter().all(|b| b.capacity() >= WRITE_BUF));
+        let base = set[0].as_ptr();
+        pool.give(set);
+        let mut again = pool.take();
+        fill(&mut again, 0, &[3u8; 100]);
+        assert_eq!(
+            again[0].as_ptr(),
+            base,
+            "the set is reused, not reallocated"
+        );
+        assert_eq!(again[0].len(), VIRTIO_NET_HDR_LEN + 100);
     }
 
     #[test]
