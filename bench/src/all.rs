@@ -84,6 +84,7 @@ pub fn run(
             ],
         ),
         ("footprint", vec!["footprint"]),
+        ("dns", vec!["dns"]),
     ];
     let mut md = String::new();
     md.push_str(&format!(

@@ -13,10 +13,16 @@
 //!   `policy apply` until every node has the new snapshot, coordinator RSS and CPU,
 //!   snapshot size per node.
 //!
-//! Still to come: l3 (overlay vs WireGuard, Nebula, quincy), footprint.
+//! - `l3`: the overlay against raw veth, wireguard-go, boringtun, Nebula and quincy between
+//!   two namespaces: iperf3 throughput, RTT, CPU seconds per GB, RSS.
+//!
+//! - `footprint`: node and coordinator memory, idle and under load.
+//!
+//! - `dns`: a node's DNS server's query latency, against a bare UDP round trip.
 
 mod all;
 mod control;
+mod dns;
 mod footprint;
 mod install;
 mod l3;
@@ -91,6 +97,12 @@ enum Scenario {
     },
     /// Memory: a node idle with 10 peers and under L4 load, the coordinator with 100 nodes.
     Footprint,
+    /// A node's DNS server: query latency by name kind, against a bare UDP round trip.
+    Dns {
+        /// Queries per name.
+        #[arg(long, default_value_t = 20_000)]
+        queries: u64,
+    },
     /// L4 path vs direct TCP vs stunnel (needs root: network namespaces).
     L4 {
         /// Open-loop request rates (requests per second, all connections together).
@@ -265,6 +277,10 @@ fn main() -> anyhow::Result<()> {
         Scenario::Footprint => {
             let v = footprint::run()?;
             write(&cli.results, "footprint", &v)?;
+        }
+        Scenario::Dns { queries } => {
+            let v = dns::run(queries)?;
+            write(&cli.results, "dns", &v)?;
         }
         Scenario::L3 {
             secs,

@@ -237,6 +237,9 @@ async fn run_session(
                         mesh.store.node_seen(&name, now())?;
                         tracing::debug!(node = %name, ?s, "status");
                     }
+                    ControlUp::Health(checks) => {
+                        mesh.report_health(&name, &checks)?;
+                    }
                     ControlUp::Renew { csr_der } => {
                         let reply = match mesh.renew(&id.node, &csr_der) {
                             Ok(cert_der) => ControlDown::Renewed { cert_der },

@@ -6,6 +6,7 @@ pub mod ca;
 pub mod client;
 pub mod control;
 pub mod dev;
+pub mod health;
 pub mod mesh;
 pub mod serve;
 pub mod store;

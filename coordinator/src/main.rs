@@ -70,6 +70,10 @@ enum Cmd {
         /// Storage backend URL (default: the embedded SQLite store in the data dir).
         #[arg(long)]
         store: Option<String>,
+        /// How long a node may be without a control session before its instances are
+        /// no longer routed to (e.g. 15s, 1m).
+        #[arg(long, default_value = "15s")]
+        offline_after: String,
     },
     /// A whole mesh in one process, for trying quicmesh: no root, temporary data.
     Dev {
@@ -238,6 +242,7 @@ async fn run(cli: Cli) -> ExitCode {
             http,
             cert_ttl,
             store,
+            offline_after,
         } => {
             let Some(dir) = &opts.data_dir else {
                 return fail(64, "serve needs --data-dir");
@@ -252,10 +257,16 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(_) => return fail(64, "--cert-ttl must be at least 1s"),
                 Err(e) => return fail(64, e),
             };
+            let grace = match duration_secs(&offline_after, "offline-after") {
+                Ok(t) if t >= 1 => std::time::Duration::from_secs(t as u64),
+                Ok(_) => return fail(64, "--offline-after must be at least 1s"),
+                Err(e) => return fail(64, e),
+            };
             let running = match quicmesh_coordinator::serve::start(dir, listen, http, ttl).await {
                 Ok(r) => r,
                 Err(e) => return fail(1, e),
             };
+            running.mesh.set_offline_after(grace);
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                     Ok(s) => s,
@@ -482,15 +493,29 @@ async fn admin(client: &ApiClient, cmd: Cmd, raw: bool) -> Result<(), AdminError
                 for (name, inst) in v["services"].as_object().into_iter().flatten() {
                     println!("{name}");
                     for i in inst.as_array().into_iter().flatten() {
+                        let health = if i["online"] != true && i["routable"] != true {
+                            "offline".to_string()
+                        } else {
+                            i["check"]["health"]
+                                .as_str()
+                                .map_or("passing (no check)".to_string(), |h| h.to_lowercase())
+                        };
+                        let locality = [
+                            i["labels"]["datacenter"].as_str(),
+                            i["labels"]["cloud"].as_str(),
+                        ]
+                        .iter()
+                        .flatten()
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join("/");
                         println!(
-                            "  {:<20} {:<22} {}",
+                            "  {:<20} {:<22} {:<18} {:<12} {}",
                             s(&i["node"]),
                             i["endpoint"].as_str().unwrap_or("-"),
-                            if i["online"] == true {
-                                "online"
-                            } else {
-                                "offline"
-                            }
+                            health,
+                            if locality.is_empty() { "-" } else { &locality },
+                            i["check"]["output"].as_str().unwrap_or(""),
                         );
                     }
                 }

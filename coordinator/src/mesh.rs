@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::ca::{Ca, CaError};
+use crate::health::{CheckView, HealthBook, DEFAULT_OFFLINE_AFTER};
 use crate::store::{NodeRecord, SqliteStore, Store, StoreError, TokenProblem, TokenRecord};
 
 /// Default leaf certificate lifetime.
@@ -135,6 +136,8 @@ pub struct Mesh {
     /// is N acks within milliseconds).
     acks: Mutex<HashMap<String, u64>>,
     next_session: std::sync::atomic::AtomicU64,
+    /// Instance health and node liveness.
+    health: Mutex<HealthBook>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -236,6 +239,8 @@ pub struct NodeView {
     #[serde(flatten)]
     pub record: NodeRecord,
     pub online: bool,
+    /// Overlay addresses allocated to the node.
+    pub overlay: Vec<IpAddr>,
 }
 
 /// A service instance as the API shows it.
@@ -243,7 +248,12 @@ pub struct NodeView {
 pub struct InstanceView {
     pub node: String,
     pub endpoint: Option<String>,
+    /// A live control session right now.
     pub online: bool,
+    /// Routed to: not offline (session gone past the grace period) and check not failing.
+    pub routable: bool,
+    /// The last check result; `None` for a service without a check.
+    pub check: Option<CheckView>,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -314,6 +324,7 @@ impl Mesh {
             diffs: Mutex::new(Default::default()),
             acks: Mutex::new(HashMap::new()),
             next_session: 1.into(),
+            health: Mutex::new(HealthBook::new(DEFAULT_OFFLINE_AFTER)),
         }))
     }
 
@@ -634,6 +645,7 @@ impl Mesh {
             reason: e.to_string(),
         })?;
         self.trust.store(Arc::new(trust));
+        self.book().forget(name);
         self.changed()?;
         if let Some(s) = self.sessions.lock().ok().and_then(|mut m| m.remove(name)) {
             let _ = s.kick.try_send(ControlDown::Goodbye {
@@ -779,6 +791,7 @@ impl Mesh {
             return Ok(c.clone());
         }
         let mut peers = Vec::new();
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         for n in self.store.nodes()? {
             if n.revoked_at.is_some() {
                 continue;
@@ -787,6 +800,12 @@ impl Mesh {
                 continue;
             };
             peers.push(PeerInfo {
+                online: !health.is_offline(&n.name),
+                critical: health
+                    .critical(&n.name)
+                    .into_iter()
+                    .filter_map(|s| ServiceName::new(s).ok())
+                    .collect(),
                 node: name,
                 endpoint: n
                     .endpoint
@@ -804,6 +823,7 @@ impl Mesh {
                     .unwrap_or_default(),
             });
         }
+        drop(health);
         delta::sort_peers(&mut peers);
         let c = Arc::new(Catalog {
             version,
@@ -830,6 +850,13 @@ impl Mesh {
                     .close(quinn::VarInt::from_u32(0), b"replaced by a newer session");
             }
         }
+        let back = self.book().session_started(node);
+        if back {
+            tracing::info!(node, "node online again");
+            if let Err(e) = self.changed() {
+                tracing::warn!(error = %e, "could not record a node coming back");
+            }
+        }
         id
     }
 
@@ -838,8 +865,51 @@ impl Mesh {
         if let Ok(mut m) = self.sessions.lock() {
             if m.get(node).is_some_and(|s| s.id == id) {
                 m.remove(node);
+                self.book().session_ended(node, std::time::Instant::now());
             }
         }
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, HealthBook> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long a node may be without a session before its instances are not routed to.
+    pub fn set_offline_after(&self, grace: std::time::Duration) {
+        self.book().set_grace(grace);
+    }
+
+    /// Marks nodes offline whose session has been gone past the grace period (called
+    /// every second); pushes the change.
+    pub fn sweep_offline(&self) -> Result<(), MeshError> {
+        let nodes = self.store.nodes()?;
+        let names = nodes
+            .iter()
+            .filter(|n| n.revoked_at.is_none())
+            .map(|n| n.name.as_str());
+        let changed = self.book().sweep(names, std::time::Instant::now());
+        if changed {
+            self.changed()?;
+        }
+        Ok(())
+    }
+
+    /// A node's health report: pushed to every node when a service changed state.
+    pub fn report_health(
+        &self,
+        node: &str,
+        checks: &[quicmesh_protocol::health::ServiceCheck],
+    ) -> Result<(), MeshError> {
+        let services = self
+            .store
+            .node(node)?
+            .map(|n| n.services)
+            .unwrap_or_default();
+        let changed = self.book().report(node, &services, checks, now());
+        if changed {
+            self.changed()?;
+        }
+        Ok(())
     }
 
     /// True when `node` has a live control session.
@@ -862,6 +932,10 @@ impl Mesh {
             })
             .map(|r| NodeView {
                 online: self.online(&r.name),
+                overlay: r
+                    .overlay_index
+                    .and_then(|i| self.pools.addresses(i))
+                    .unwrap_or_default(),
                 record: r,
             })
             .collect())
@@ -875,10 +949,19 @@ impl Mesh {
                 continue;
             }
             for s in &n.services {
+                let book = self.book();
+                let check = book.check(&n.name, s);
+                let routable = !book.is_offline(&n.name)
+                    && check
+                        .as_ref()
+                        .is_none_or(|c| c.health == quicmesh_protocol::health::Health::Passing);
+                drop(book);
                 out.entry(s.clone()).or_default().push(InstanceView {
                     node: n.name.clone(),
                     endpoint: n.endpoint.clone(),
                     online: self.online(&n.name),
+                    routable,
+                    check,
                     labels: n.labels.clone(),
                 });
             }

@@ -41,6 +41,16 @@ pub async fn start(
             }
         }
     });
+    let m = mesh.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Err(e) = m.sweep_offline() {
+                tracing::warn!(error = %e, "could not check node liveness");
+            }
+        }
+    });
     let app = api::router(mesh.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(http_l, app).await {

@@ -366,9 +366,23 @@ impl CoordinatorProc {
 
     /// `token create` for a node and its services; returns the token line.
     pub fn token(&self, node: &str, services: &[&str], ttl: &str) -> anyhow::Result<String> {
+        self.token_with(node, services, &[], ttl)
+    }
+
+    /// `token create` allowing `labels` (`key=value`) too.
+    pub fn token_with(
+        &self,
+        node: &str,
+        services: &[&str],
+        labels: &[String],
+        ttl: &str,
+    ) -> anyhow::Result<String> {
         let mut a = vec!["token", "create", "--node", node, "--ttl", ttl];
         for s in services {
             a.extend_from_slice(&["--service", s]);
+        }
+        for l in labels {
+            a.extend_from_slice(&["--label", l]);
         }
         let out = self.cli(&a)?;
         if !out.status.success() {
@@ -413,6 +427,12 @@ pub struct NodeSpec {
     pub overlay: Option<String>,
     /// Extra top-level config lines (e.g. `worker_threads = 1`).
     pub extra: Vec<String>,
+    /// Node labels (claimed with the join token too).
+    pub labels: Vec<(String, String)>,
+    /// (service, inline check table) e.g. `{ tcp = "127.0.0.1:80", interval = "1s" }`.
+    pub checks: Vec<(String, String)>,
+    /// Runs the DNS server on a free loopback port (address in `status`).
+    pub dns: bool,
 }
 
 impl NodeSpec {
@@ -463,6 +483,21 @@ impl NodeSpec {
             .chain(self.overlay_services.iter().map(|(s, _)| s.as_str()))
             .collect()
     }
+    /// Adds a label (the join token allows it).
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
+    }
+    /// Health-checks `service` with `check`, an inline TOML table.
+    pub fn check(mut self, service: &str, check: &str) -> Self {
+        self.checks.push((service.into(), check.into()));
+        self
+    }
+    /// Runs the node's DNS server.
+    pub fn dns(mut self) -> Self {
+        self.dns = true;
+        self
+    }
     /// Turns the sender-side policy check off (ingress stays authoritative).
     pub fn no_egress_check(mut self) -> Self {
         self.check_egress = false;
@@ -482,6 +517,8 @@ pub struct NodeProc {
     pub listen_port: u16,
     /// service -> local upstream port
     pub upstreams: Vec<(String, u16)>,
+    /// Port of the DNS server (0 until started).
+    pub dns_port: u16,
     spec: NodeSpec,
     coordinator: SocketAddr,
     token: String,
@@ -507,6 +544,7 @@ impl NodeProc {
             metrics_port: 0,
             listen_port: 0,
             upstreams: spec.upstreams.iter().map(|s| (s.clone(), 0)).collect(),
+            dns_port: 0,
             spec: spec.clone(),
             coordinator: coord.control_addr(),
             token: token.to_string(),
@@ -532,9 +570,27 @@ impl NodeProc {
         for line in &self.spec.extra {
             t = format!("{line}\n{t}");
         }
+        if !self.spec.labels.is_empty() {
+            let l: Vec<String> = self
+                .spec
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k} = \"{v}\""))
+                .collect();
+            t = format!("labels = {{ {} }}\n{t}", l.join(", "));
+        }
         for (s, a) in &self.spec.services {
             t.push_str(&format!(
                 "\n[[service]]\nname = \"{s}\"\naddress = \"{a}\"\n"
+            ));
+            if let Some((_, c)) = self.spec.checks.iter().find(|(cs, _)| cs == s) {
+                t.push_str(&format!("check = {c}\n"));
+            }
+        }
+        if self.spec.dns {
+            t.push_str(&format!(
+                "\n[dns]\nlisten = \"127.0.0.1:{}\"\n",
+                self.dns_port
             ));
         }
         for (s, ports) in &self.spec.overlay_services {
@@ -567,6 +623,9 @@ impl NodeProc {
         };
         self.listen_port = port(&st["tunnel_listen"])?;
         self.metrics_port = port(&st["metrics"])?;
+        if self.spec.dns {
+            self.dns_port = port(&st["dns"])?;
+        }
         for (i, u) in st["upstreams"]
             .as_array()
             .cloned()
@@ -583,7 +642,12 @@ impl NodeProc {
 
     /// Configures and starts a node, waiting until it serves.
     pub fn start(mesh: &Mesh, coord: &CoordinatorProc, spec: &NodeSpec) -> anyhow::Result<Self> {
-        let token = coord.token(&spec.name, &spec.all_services(), "10m")?;
+        let labels: Vec<String> = spec
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let token = coord.token_with(&spec.name, &spec.all_services(), &labels, "10m")?;
         let mut n = Self::configure(mesh, coord, spec, &token)?;
         n.restart()?;
         Ok(n)
@@ -666,6 +730,11 @@ impl NodeProc {
             Some(ns) => crate::topo::in_ns(ns, f),
             None => Ok(f()),
         }
+    }
+
+    /// The namespace the node runs in (None: this host).
+    pub fn netns(&self) -> Option<&str> {
+        self.spec.netns.as_deref()
     }
 
     /// The node process's PID, while it runs.

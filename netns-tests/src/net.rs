@@ -212,3 +212,97 @@ pub fn sink_transfer(addr: SocketAddr, len: usize) -> std::io::Result<(String, S
         start.elapsed().as_secs_f64(),
     ))
 }
+
+/// A TCP service that answers each connection with its name and a newline, then closes;
+/// stopped (its port refuses connections) by `stop` or drop.
+#[derive(Debug)]
+pub struct NamedServer {
+    pub addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NamedServer {
+    /// Serves `name` on `bind` (call inside a namespace to serve that host; binding the
+    /// address of a stopped server again restarts it).
+    pub fn start(bind: &str, name: &str) -> std::io::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let l = TcpListener::bind(bind)?;
+        l.set_nonblocking(true)?;
+        let addr = l.local_addr()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, answer) = (stop.clone(), format!("{name}\n"));
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.write_all(answer.as_bytes());
+                        let _ = s.shutdown(std::net::Shutdown::Write);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Closes the listener: new connections are refused.
+    pub fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for NamedServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One request to a [`NamedServer`] (through whatever path `addr` leads): its answer.
+pub fn ask_name(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let name = out.trim().to_string();
+    if name.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed without an answer",
+        ));
+    }
+    Ok(name)
+}
+
+/// One DNS query over UDP: (response code, answer data as text), and how long it took.
+pub fn dns_query(
+    server: SocketAddr,
+    name: &str,
+    qtype: hickory_proto::rr::RecordType,
+) -> std::io::Result<(hickory_proto::op::ResponseCode, Vec<String>, Duration)> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::Name;
+    let bad = |e: hickory_proto::ProtoError| std::io::Error::other(e.to_string());
+    let mut q = Message::new();
+    q.set_id(rand::random())
+        .set_recursion_desired(true)
+        .add_query(Query::query(Name::from_ascii(name).map_err(bad)?, qtype));
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let start = std::time::Instant::now();
+    sock.send_to(&q.to_vec().map_err(bad)?, server)?;
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf)?;
+    let took = start.elapsed();
+    let m = Message::from_vec(&buf[..n]).map_err(bad)?;
+    let data = m.answers().iter().map(|r| r.data().to_string()).collect();
+    Ok((m.response_code(), data, took))
+}

@@ -327,6 +327,11 @@ impl Net {
         ])
     }
 
+    /// The impairment `impaired_link` returned index `i` for.
+    pub fn impairment(&self, i: usize) -> &Impairment {
+        &self.impairments[i]
+    }
+
     /// Joins routers `a` and `b` with a point-to-point /30 `prefix.1`/`prefix.2` through an
     /// impairment namespace running `impair_bin`. The routers' interface is `wan`.
     pub fn impaired_link(

@@ -30,6 +30,8 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "endpoint": p.endpoint.map(|e| e.to_string()),
                 "overlay": p.overlay,
                 "services": p.services,
+                "online": p.online,
+                "critical": p.critical,
                 "connected": conns.contains(&p.node),
             })
         })
@@ -37,6 +39,7 @@ pub fn status_json(node: &Node) -> serde_json::Value {
     peers.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
     let control = node.control.lock().map(|c| c.clone()).unwrap_or_default();
     let bound = node.bound.lock().map(|b| b.clone()).unwrap_or_default();
+    let health = node.health.borrow().clone();
     json!({
         "node": node.cfg.name,
         "trust_domain": id.trust_domain,
@@ -50,8 +53,18 @@ pub fn status_json(node: &Node) -> serde_json::Value {
             "expires_in_secs": id.not_after - unix_now(),
         },
         "control": control,
-        "services": node.cfg.services.iter().map(|s| json!({"name": s.name, "address": s.address.map(|a| a.to_string()), "ports": s.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>()})).collect::<Vec<_>>(),
-        "upstreams": node.cfg.upstreams.iter().zip(bound.upstreams.iter()).map(|(u, (_, addr))| json!({"service": u.service, "bind": addr.to_string(), "source": u.source})).collect::<Vec<_>>(),
+        "services": node.cfg.services.iter().map(|s| {
+            let check = health.iter().find(|c| c.service == s.name);
+            json!({
+                "name": s.name,
+                "address": s.address.map(|a| a.to_string()),
+                "ports": s.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                "health": check.map_or("passing (no check)", |c| c.health.as_str()),
+                "check_output": check.map(|c| c.output.clone()),
+            })
+        }).collect::<Vec<_>>(),
+        "upstreams": node.cfg.upstreams.iter().zip(bound.upstreams.iter()).map(|(u, (_, addr))| json!({"service": u.service, "bind": addr.to_string(), "source": u.source, "locality": u.locality})).collect::<Vec<_>>(),
+        "dns": bound.dns.map(|a| a.to_string()),
         "metrics": bound.metrics.map(|a| a.to_string()),
         "peers": peers,
         "flows": node.flows.list(),

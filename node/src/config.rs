@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use quicmesh_protocol::ident::{LabelKey, Labels, NodeName, ServiceName};
 use quicmesh_protocol::packet::PortSpec;
+use quicmesh_protocol::routing::Locality;
 use serde::Deserialize;
 
 /// A config error: which key, and why.
@@ -29,7 +30,50 @@ pub struct ServiceConfig {
     pub address: Option<SocketAddr>,
     /// What the service accepts through the overlay (`tcp/5432`, `udp/53`, `icmp`).
     pub ports: Vec<PortSpec>,
+    /// The health check; a service without one is routable while its node is online.
+    pub check: Option<CheckConfig>,
 }
+
+/// What a health check probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// Passes when a TCP connection opens.
+    Tcp(SocketAddr),
+    /// Passes when `GET path` answers `status` (any 2xx when `None`).
+    Http {
+        addr: SocketAddr,
+        path: String,
+        status: Option<u16>,
+    },
+    /// Passes when the command exits 0 (run directly, no shell).
+    Command(Vec<String>),
+}
+
+/// `[[service]] check = { ... }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckConfig {
+    pub kind: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Passes in a row that bring a critical service back.
+    pub rise: u32,
+    /// Failures in a row that make a passing service critical.
+    pub fall: u32,
+}
+
+/// `[dns]`: the node's DNS server for mesh names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Loopback address the server listens on (UDP and TCP).
+    pub listen: SocketAddr,
+    /// Resolver that names outside the mesh are forwarded to; refused when `None`.
+    pub forward: Option<SocketAddr>,
+    /// TTL of mesh answers.
+    pub ttl: Duration,
+}
+
+/// Default DNS listen address (Consul's port, on loopback).
+pub const DEFAULT_DNS_LISTEN: &str = "127.0.0.1:8600";
 
 /// `[overlay]`: a TUN device carrying IP packets to peers' overlay addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +97,8 @@ pub struct UpstreamConfig {
     pub bind: SocketAddr,
     /// The local service this traffic speaks for (must be one of this node's services).
     pub source: ServiceName,
+    /// How instances are chosen by locality.
+    pub locality: Locality,
 }
 
 /// The checked node config.
@@ -69,6 +115,8 @@ pub struct NodeConfig {
     pub upstreams: Vec<UpstreamConfig>,
     /// Overlay mode, when `[overlay] enabled = true`.
     pub overlay: Option<OverlayConfig>,
+    /// DNS server, when `[dns] enabled = true`.
+    pub dns: Option<DnsConfig>,
     /// Prometheus metrics listener (loopback only); `None` turns metrics off.
     pub metrics: Option<SocketAddr>,
     /// Also check policy at the sending side, to fail fast (ingress always checks).
@@ -81,9 +129,6 @@ pub struct NodeConfig {
     /// everything on one thread (fewer cross-thread wake-ups: lower latency on small
     /// hosts).
     pub worker_threads: Option<usize>,
-    /// `[[service]] check` keys present in the file: accepted for forward compatibility,
-    /// not run yet (health checks are a later feature); startup warns about each.
-    pub unused_checks: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -104,6 +149,7 @@ struct Raw {
     #[serde(default)]
     upstream: Vec<RawUpstream>,
     overlay: Option<RawOverlay>,
+    dns: Option<RawDns>,
     policy: Option<RawPolicy>,
     flow_idle_timeout: Option<String>,
     status_interval: Option<String>,
@@ -116,7 +162,29 @@ struct RawService {
     name: Option<String>,
     address: Option<String>,
     ports: Option<Vec<String>>,
-    check: Option<toml::Value>,
+    check: Option<RawCheck>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    tcp: Option<String>,
+    http: Option<String>,
+    command: Option<Vec<String>>,
+    status: Option<i64>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<i64>,
+    fall: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    enabled: Option<bool>,
+    listen: Option<String>,
+    forward: Option<String>,
+    ttl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -125,6 +193,7 @@ struct RawUpstream {
     service: Option<String>,
     bind: Option<String>,
     source: Option<String>,
+    locality: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -143,6 +212,90 @@ struct RawPolicy {
 
 /// Default UDP port of the tunnel endpoint.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7800";
+
+/// Checks `[[service]] check = { ... }`: exactly one of tcp, http, command.
+fn parse_check(
+    c: RawCheck,
+    key: &str,
+    err: &dyn Fn(&str, String) -> ConfigError,
+    dur: &dyn Fn(&str, Option<String>, Duration) -> Result<Duration, ConfigError>,
+) -> Result<CheckConfig, ConfigError> {
+    let k = |f: &str| format!("{key}.{f}");
+    let kind = match (c.tcp, c.http, c.command) {
+        (Some(t), None, None) => CheckKind::Tcp(
+            t.parse()
+                .map_err(|_| err(&k("tcp"), format!("{t:?} is not an ip:port address")))?,
+        ),
+        (None, Some(h), None) => {
+            let bad = || {
+                err(
+                    &k("http"),
+                    format!("{h:?} is not an http://ip:port/path URL"),
+                )
+            };
+            let rest = h.strip_prefix("http://").ok_or_else(bad)?;
+            let (hostport, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            let addr: SocketAddr = hostport.parse().map_err(|_| bad())?;
+            if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(bad());
+            }
+            let status = match c.status {
+                None => None,
+                Some(s) if (100..=599).contains(&s) => Some(s as u16),
+                Some(s) => {
+                    return Err(err(&k("status"), format!("{s} is not an HTTP status")));
+                }
+            };
+            CheckKind::Http {
+                addr,
+                path: path.to_string(),
+                status,
+            }
+        }
+        (None, None, Some(cmd)) => {
+            if cmd.is_empty() || cmd[0].is_empty() {
+                return Err(err(&k("command"), "needs at least the program".into()));
+            }
+            CheckKind::Command(cmd)
+        }
+        (None, None, None) => {
+            return Err(err(key, "needs one of tcp, http or command".into()));
+        }
+        _ => {
+            return Err(err(key, "set only one of tcp, http or command".into()));
+        }
+    };
+    let interval = dur(&k("interval"), c.interval, Duration::from_secs(5))?;
+    if interval < Duration::from_millis(100) {
+        return Err(err(&k("interval"), "must be at least 100ms".into()));
+    }
+    let timeout = dur(
+        &k("timeout"),
+        c.timeout,
+        interval.min(Duration::from_secs(2)),
+    )?;
+    if timeout.is_zero() || timeout > interval {
+        return Err(err(
+            &k("timeout"),
+            "must be more than 0 and at most the interval".into(),
+        ));
+    }
+    let count = |f: &str, v: Option<i64>, default: u32| match v {
+        None => Ok(default),
+        Some(n) if (1..=100).contains(&n) => Ok(n as u32),
+        Some(n) => Err(err(&k(f), format!("{n} is not between 1 and 100"))),
+    };
+    Ok(CheckConfig {
+        kind,
+        interval,
+        timeout,
+        rise: count("rise", c.rise, 2)?,
+        fall: count("fall", c.fall, 3)?,
+    })
+}
 
 impl NodeConfig {
     /// Reads and checks a config file.
@@ -224,7 +377,6 @@ impl NodeConfig {
         }
         let labels = Labels::new(labels).map_err(|e| err("labels", e.to_string()))?;
         let mut services: Vec<ServiceConfig> = Vec::new();
-        let mut unused_checks = Vec::new();
         for (i, s) in raw.service.into_iter().enumerate() {
             let k = |f: &str| format!("service[{i}].{f}");
             let name = ServiceName::new(req(&k("name"), s.name)?)
@@ -246,16 +398,15 @@ impl NodeConfig {
                     "missing: a service needs an address (L4) or ports (overlay)".into(),
                 ));
             }
-            if let Some(check) = s.check {
-                if !check.is_table() {
-                    return Err(err(&k("check"), "must be a table".into()));
-                }
-                unused_checks.push(k("check"));
-            }
+            let check = s
+                .check
+                .map(|c| parse_check(c, &k("check"), &err, &dur))
+                .transpose()?;
             services.push(ServiceConfig {
                 name,
                 address,
                 ports,
+                check,
             });
         }
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();
@@ -289,10 +440,15 @@ impl NodeConfig {
                     )
                 })?,
             };
+            let locality = match u.locality {
+                None => Locality::default(),
+                Some(l) => l.parse().map_err(|e| err(&k("locality"), e))?,
+            };
             upstreams.push(UpstreamConfig {
                 service,
                 bind,
                 source,
+                locality,
             });
         }
         let overlay = match raw.overlay {
@@ -332,6 +488,31 @@ impl NodeConfig {
                 ));
             }
         }
+        let dns = match raw.dns {
+            Some(d) if d.enabled.unwrap_or(true) => {
+                let listen = addr(
+                    "dns.listen",
+                    d.listen.as_deref().unwrap_or(DEFAULT_DNS_LISTEN),
+                )?;
+                if !listen.ip().is_loopback() {
+                    return Err(err(
+                        "dns.listen",
+                        "must be a loopback address (the mesh's answers are for local apps)".into(),
+                    ));
+                }
+                let forward = d.forward.map(|f| addr("dns.forward", &f)).transpose()?;
+                let ttl = dur("dns.ttl", d.ttl, Duration::from_secs(5))?;
+                if ttl > Duration::from_secs(3600) {
+                    return Err(err("dns.ttl", "must be at most 1h".into()));
+                }
+                Some(DnsConfig {
+                    listen,
+                    forward,
+                    ttl,
+                })
+            }
+            _ => None,
+        };
         let metrics = match raw.metrics.as_deref() {
             None => Some(addr("metrics", "127.0.0.1:9790")?),
             Some("off") | Some("") => None,
@@ -354,6 +535,7 @@ impl NodeConfig {
             services,
             upstreams,
             overlay,
+            dns,
             metrics,
             check_egress: raw.policy.and_then(|p| p.check_egress).unwrap_or(true),
             flow_idle_timeout: dur(
@@ -366,7 +548,6 @@ impl NodeConfig {
                 raw.status_interval,
                 Duration::from_secs(10),
             )?,
-            unused_checks,
             worker_threads: match raw.worker_threads {
                 None | Some(0) => None,
                 Some(n) if (1..=256).contains(&n) => Some(n as usize),
@@ -422,7 +603,18 @@ bind = "127.0.0.1:15432"
         assert_eq!(c.upstreams[0].source.as_str(), "web");
         assert!(c.check_egress);
         assert_eq!(c.labels.get("datacenter"), Some("dc1"));
-        assert_eq!(c.unused_checks, vec!["service[0].check".to_string()]);
+        let check = c.services[0].check.as_ref().unwrap();
+        assert_eq!(
+            check.kind,
+            CheckKind::Tcp("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            (check.interval, check.timeout),
+            (Duration::from_secs(2), Duration::from_secs(2))
+        );
+        assert_eq!((check.rise, check.fall), (2, 3));
+        assert_eq!(c.upstreams[0].locality, Locality::Prefer);
+        assert_eq!(c.dns, None);
     }
 
     #[test]
@@ -474,6 +666,60 @@ bind = "127.0.0.1:15432"
         ))
         .unwrap_err();
         assert_eq!(e.key, "service[1].ports[0]");
+        // Checks and DNS: each bad key named.
+        let svc = |check: &str| {
+            GOOD.replace(
+                "check = { tcp = \"127.0.0.1:8080\", interval = \"2s\" }",
+                check,
+            )
+        };
+        let c = parse(&svc("check = { http = \"http://127.0.0.1:8080/healthz\", status = 204, interval = \"1s\", fall = 2 }")).unwrap();
+        assert_eq!(
+            c.services[0].check.as_ref().unwrap().kind,
+            CheckKind::Http {
+                addr: "127.0.0.1:8080".parse().unwrap(),
+                path: "/healthz".into(),
+                status: Some(204)
+            }
+        );
+        for (check, key) in [
+            ("check = { tcp = \"x\" }", "service[0].check.tcp"),
+            (
+                "check = { http = \"https://127.0.0.1:1/\" }",
+                "service[0].check.http",
+            ),
+            (
+                "check = { tcp = \"127.0.0.1:1\", command = [\"true\"] }",
+                "service[0].check",
+            ),
+            ("check = { interval = \"1s\" }", "service[0].check"),
+            ("check = { command = [] }", "service[0].check.command"),
+            (
+                "check = { tcp = \"127.0.0.1:1\", interval = \"1s\", timeout = \"2s\" }",
+                "service[0].check.timeout",
+            ),
+            (
+                "check = { tcp = \"127.0.0.1:1\", fall = 0 }",
+                "service[0].check.fall",
+            ),
+            ("check = { tcp = \"127.0.0.1:1\", bogus = 1 }", "bogus"),
+        ] {
+            let e = parse(&svc(check)).unwrap_err();
+            assert_eq!(e.key, key, "{check}: {e}");
+        }
+        let e = parse(&GOOD.replace(
+            "bind = \"127.0.0.1:15432\"",
+            "bind = \"127.0.0.1:15432\"\nlocality = \"near\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "upstream[0].locality");
+        let d = parse(&format!("{GOOD}\n[dns]\nforward = \"127.0.0.1:53\"\n")).unwrap();
+        assert_eq!(
+            d.dns.as_ref().unwrap().listen.to_string(),
+            DEFAULT_DNS_LISTEN
+        );
+        let e = parse(&format!("{GOOD}\n[dns]\nlisten = \"0.0.0.0:53\"\n")).unwrap_err();
+        assert_eq!(e.key, "dns.listen");
         let e = parse(&GOOD.replace("data_dir = \"/var/lib/quicmesh\"", "")).unwrap_err();
         assert_eq!(e.to_string(), "config node.toml: data_dir: missing");
     }

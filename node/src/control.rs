@@ -221,6 +221,14 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
     write_frame(&mut send, &ControlUp::Hello(hello))
         .await
         .map_err(|e| e.to_string())?;
+    // Health of every checked service now, then on each transition.
+    let mut health = node.health.clone();
+    let checks = health.borrow_and_update().clone();
+    if !checks.is_empty() {
+        write_frame(&mut send, &ControlUp::Health(checks))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     if let Ok(mut c) = node.control.lock() {
         c.connected = true;
         c.last_error = None;
@@ -283,6 +291,10 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
                     ControlDown::Goodbye { revoked: false, detail } => return Err(format!("coordinator said goodbye: {detail}")),
                     other => return Err(format!("unexpected control message {other:?}")),
                 }
+            }
+            Ok(()) = health.changed() => {
+                let checks = health.borrow_and_update().clone();
+                write_frame(&mut send, &ControlUp::Health(checks)).await.map_err(|e| e.to_string())?;
             }
             _ = status_tick.tick() => {
                 write_frame(&mut send, &ControlUp::Status(status(node))).await.map_err(|e| e.to_string())?;

@@ -4,8 +4,10 @@
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod flow;
 pub mod frame;
+pub mod health;
 pub mod metrics;
 pub mod overlay;
 pub mod proxy;

@@ -30,6 +30,17 @@ struct RejectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HealthLabels {
+    service: String,
+    health: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirLabels {
     direction: String,
 }
@@ -66,6 +77,8 @@ pub struct Metrics {
     overlay_packets: Family<DirLabels, Counter>,
     overlay_bytes: Family<DirLabels, Counter>,
     overlay_dropped: Family<ReasonLabels, Counter>,
+    health_transitions: Family<HealthLabels, Counter>,
+    service_passing: Family<ServiceLabels, Gauge>,
     accepted_total: AtomicU64,
     rejected_total: AtomicU64,
     /// `kind/reason` -> count, for `status`.
@@ -106,6 +119,8 @@ impl Metrics {
             overlay_packets: Family::default(),
             overlay_bytes: Family::default(),
             overlay_dropped: Family::default(),
+            health_transitions: Family::default(),
+            service_passing: Family::default(),
             accepted_total: AtomicU64::new(0),
             rejected_total: AtomicU64::new(0),
             reasons: Mutex::new(BTreeMap::new()),
@@ -149,6 +164,16 @@ impl Metrics {
             "flows_active",
             "Proxied flows open now",
             m.flows_active.clone(),
+        );
+        registry.register(
+            "health_transitions",
+            "Health changes of this node's checked services, by service and new state",
+            m.health_transitions.clone(),
+        );
+        registry.register(
+            "service_passing",
+            "1 while a checked service's health is passing",
+            m.service_passing.clone(),
         );
         registry.register(
             "snapshot_version",
@@ -290,6 +315,23 @@ impl Metrics {
     }
 
     /// A live flow closed by the node.
+    /// A checked service's health now; `transition` when it changed.
+    pub fn service_health(&self, service: &str, passing: bool, transition: bool) {
+        self.service_passing
+            .get_or_create(&ServiceLabels {
+                service: service.into(),
+            })
+            .set(i64::from(passing));
+        if transition {
+            self.health_transitions
+                .get_or_create(&HealthLabels {
+                    service: service.into(),
+                    health: if passing { "passing" } else { "critical" }.into(),
+                })
+                .inc();
+        }
+    }
+
     pub fn flow_closed(&self, reason: &str) {
         self.reason("flow_closed", reason);
         self.flows_closed

@@ -1,11 +1,17 @@
 //! L4 upstreams: a local TCP listener per `[[upstream]]`. Each accepted connection picks an
-//! instance of the destination service (round-robin over the nodes hosting it, trying the
-//! next one when a tunnel cannot be opened), opens a stream with the header, waits for the
-//! ingress's answer, then pumps bytes.
+//! instance of the destination service (healthy ones only, nearest locality first, power
+//! of two choices on flows in progress: `protocol::routing`), opens a stream with the
+//! header, waits for the ingress's answer, then pumps bytes. An instance that cannot be
+//! reached or whose service refuses the connection is skipped for the next one before the
+//! client's first byte is read, so the client sees no error while any instance works.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use quicmesh_protocol::ident::NodeName;
+use quicmesh_protocol::routing::{self, Candidate};
+use rand::Rng;
 
 use quicmesh_protocol::wire::{RejectCode, StreamHeader, StreamReply};
 use tokio::net::{TcpListener, TcpStream};
@@ -37,7 +43,7 @@ pub async fn bind_all(node: &Arc<Node>) -> std::io::Result<Vec<(UpstreamConfig, 
 
 /// Serves one upstream listener forever.
 pub async fn serve(node: Arc<Node>, up: UpstreamConfig, listener: TcpListener) {
-    let rr = Arc::new(AtomicUsize::new(0));
+    let load = Arc::new(Load::default());
     loop {
         let (tcp, client) = match listener.accept().await {
             Ok(x) => x,
@@ -49,36 +55,94 @@ pub async fn serve(node: Arc<Node>, up: UpstreamConfig, listener: TcpListener) {
         };
         let node = node.clone();
         let up = up.clone();
-        let rr = rr.clone();
+        let load = load.clone();
         let id = node.flows.next_id();
         let span =
             tracing::info_span!("flow", flow = id, %client, src = %up.source, dst = %up.service);
-        tokio::spawn(async move { egress(node, up, tcp, id, rr).await }.instrument(span));
+        tokio::spawn(async move { egress(node, up, tcp, id, load).await }.instrument(span));
     }
 }
 
-async fn egress(
-    node: Arc<Node>,
-    up: UpstreamConfig,
-    tcp: TcpStream,
-    id: u64,
-    rr: Arc<AtomicUsize>,
-) {
-    let (src, dst) = (up.source.as_str(), up.service.as_str());
-    let view = node.view();
-    let instances = view
+/// Flows in progress per instance, for one upstream.
+#[derive(Debug, Default)]
+struct Load(Mutex<HashMap<NodeName, usize>>);
+
+impl Load {
+    fn get(&self, node: &NodeName) -> usize {
+        self.0
+            .lock()
+            .map(|m| m.get(node).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Counts a flow to `node` until the guard drops.
+    fn start(self: &Arc<Self>, node: &NodeName) -> LoadGuard {
+        if let Ok(mut m) = self.0.lock() {
+            *m.entry(node.clone()).or_insert(0) += 1;
+        }
+        LoadGuard(self.clone(), node.clone())
+    }
+}
+
+struct LoadGuard(Arc<Load>, NodeName);
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.0 .0.lock() {
+            if let Some(n) = m.get_mut(&self.1) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.1);
+                }
+            }
+        }
+    }
+}
+
+/// The instances of `up`'s service to try, in order.
+fn instances(view: &crate::state::View, up: &UpstreamConfig, load: &Load) -> Vec<NodeName> {
+    let hosting = view
         .by_service
         .get(&up.service)
         .cloned()
         .unwrap_or_default();
-    if instances.is_empty() {
+    let candidates: Vec<Candidate> = hosting
+        .iter()
+        .filter_map(|n| view.peers.get(n))
+        .filter(|p| p.serves(&up.service))
+        .map(|p| Candidate {
+            node: &p.node,
+            labels: &p.labels,
+            outstanding: load.get(&p.node),
+        })
+        .collect();
+    let mut rng = rand::thread_rng();
+    routing::order(
+        &view.labels,
+        &candidates,
+        up.locality,
+        (rng.gen(), rng.gen()),
+    )
+    .into_iter()
+    .cloned()
+    .collect()
+}
+
+async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, load: Arc<Load>) {
+    let (src, dst) = (up.source.as_str(), up.service.as_str());
+    let view = node.view();
+    let order = instances(&view, &up, &load);
+    if order.is_empty() {
         node.metrics.egress_rejected("no_instance", src, dst);
-        tracing::info!("no instance of the service in the catalog");
+        let hosting = view.by_service.get(&up.service).map_or(0, |v| v.len());
+        tracing::info!(
+            hosting,
+            locality = ?up.locality,
+            "no healthy instance of the service (in the allowed localities)"
+        );
         return;
     }
-    let start = rr.fetch_add(1, Ordering::Relaxed);
-    for i in 0..instances.len() {
-        let name = &instances[(start + i) % instances.len()];
+    for name in &order {
         let Some(peer) = view.peers.get(name) else {
             continue;
         };
@@ -112,6 +176,8 @@ async fn egress(
             }
         };
         node.metrics.egress_accepted(src, dst);
+        let _load = load.start(&peer.node);
+        tracing::debug!(peer = %peer.node, "instance chosen");
         let _ = tcp.set_nodelay(true);
         let (_guard, kill) = node.flows.register(
             FlowInfo {

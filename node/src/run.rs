@@ -88,9 +88,6 @@ fn tunnel_endpoint(listen: std::net::SocketAddr) -> std::io::Result<quinn::Endpo
 
 /// Starts a node and returns once it is serving.
 pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
-    for key in &cfg.unused_checks {
-        tracing::warn!(%key, "health checks are not built yet: this check is not run");
-    }
     let data = DataDir::open(&cfg.data_dir)?;
     let key = data.key()?;
     let endpoint = tunnel_endpoint(cfg.listen).map_err(|source| StartError::Bind {
@@ -157,6 +154,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
     let trust = Trust::new(stored.trust_domain.clone(), &stored.ca_bundle, revoked)?;
     let cert = CertSlot::with(vec![stored.cert_der.clone()], &key.serialize_der())?;
     let metrics = Arc::new(Metrics::new());
+    let health = crate::health::start(&cfg.services, metrics.clone());
     let node = Node::new(
         cfg,
         data,
@@ -167,6 +165,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
         identity,
         stored.cert_der,
         endpoint,
+        health,
     );
     if let Some(snap) = snapshot {
         match node.apply_snapshot(&snap, false) {
@@ -213,6 +212,19 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
         None => None,
     };
 
+    let dns_l = match node.cfg.dns.as_ref() {
+        Some(d) => Some(
+            crate::dns::bind(d)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "dns",
+                    addr: d.listen.to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+
     tokio::spawn(tunnel::accept_loop(node.clone()));
     if let Ok(mut b) = node.bound.lock() {
         b.upstreams = upstreams
@@ -220,6 +232,10 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
             .filter_map(|(u, l)| l.local_addr().ok().map(|a| (u.service.clone(), a)))
             .collect();
         b.metrics = metrics_l.as_ref().and_then(|l| l.local_addr().ok());
+        b.dns = dns_l.as_ref().and_then(|(u, _)| u.local_addr().ok());
+    }
+    if let Some((udp, tcp)) = dns_l {
+        tokio::spawn(crate::dns::serve(node.clone(), udp, tcp));
     }
     for (up, l) in upstreams {
         tokio::spawn(proxy::serve(node.clone(), up, l));

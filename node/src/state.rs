@@ -118,6 +118,8 @@ pub struct Bound {
     /// (service, address) per upstream listener.
     pub upstreams: Vec<(ServiceName, SocketAddr)>,
     pub metrics: Option<SocketAddr>,
+    /// The DNS server's address, when it runs.
+    pub dns: Option<SocketAddr>,
 }
 
 /// Everything the node's tasks share.
@@ -140,6 +142,8 @@ pub struct Node {
     pub bound: Mutex<Bound>,
     /// Overlay mode, once its device is up.
     pub overlay: std::sync::OnceLock<Arc<crate::overlay::Overlay>>,
+    /// The checked services' health.
+    pub health: crate::health::Reports,
     view_tx: watch::Sender<Arc<View>>,
 }
 
@@ -177,6 +181,7 @@ impl Node {
         identity: PeerIdentity,
         leaf_der: Vec<u8>,
         endpoint: quinn::Endpoint,
+        health: crate::health::Reports,
     ) -> Arc<Self> {
         metrics.set_cert_not_after(identity.not_after);
         let (view_tx, _) = watch::channel(Arc::new(View::default()));
@@ -195,6 +200,7 @@ impl Node {
             control: Mutex::new(ControlState::default()),
             bound: Mutex::new(Bound::default()),
             overlay: std::sync::OnceLock::new(),
+            health,
             view_tx,
         })
     }

@@ -159,6 +159,8 @@ mod tests {
             services: vec![ServiceName::new("db").unwrap()],
             labels: Labels::default(),
             overlay: vec![],
+            online: true,
+            critical: Vec::new(),
         }
     }
 

@@ -4,10 +4,12 @@
 
 pub mod cert;
 pub mod delta;
+pub mod health;
 pub mod ident;
 pub mod overlay;
 pub mod packet;
 pub mod policy;
+pub mod routing;
 pub mod token;
 pub mod wire;
 

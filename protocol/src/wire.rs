@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::cert::Serial;
+use crate::health::ServiceCheck;
 use crate::ident::{Labels, NodeName, ServiceName, TrustDomain};
 use crate::overlay::Pools;
 use crate::policy::Policy;
@@ -175,6 +176,9 @@ pub enum ControlUp {
     Renew {
         csr_der: Vec<u8>,
     },
+    /// Health of the node's checked services: all of them at session start, then on each
+    /// transition.
+    Health(Vec<ServiceCheck>),
 }
 
 impl Message for ControlUp {
@@ -236,6 +240,18 @@ pub struct PeerInfo {
     pub labels: Labels,
     /// The peer's overlay addresses (also in its certificate).
     pub overlay: Vec<IpAddr>,
+    /// False once the peer's control session has been gone longer than the grace period:
+    /// none of its instances are routed to.
+    pub online: bool,
+    /// The peer's services whose health check is failing (not routed to).
+    pub critical: Vec<ServiceName>,
+}
+
+impl PeerInfo {
+    /// True when the peer hosts `service` and may be routed to for it.
+    pub fn serves(&self, service: &ServiceName) -> bool {
+        self.online && self.services.contains(service) && !self.critical.contains(service)
+    }
 }
 
 /// The whole desired state for one node. Applying the same snapshot twice changes nothing.

@@ -111,11 +111,18 @@ fn peers() -> impl Strategy<Value = Vec<PeerInfo>> {
             .map(|(n, (port, services, labels))| PeerInfo {
                 node: NodeName::new(n).unwrap(),
                 endpoint: port.map(|p| ([198, 18, 0, 1], p).into()),
-                services,
+                services: services.clone(),
                 labels,
                 overlay: port
                     .map(|p| vec![std::net::IpAddr::from([100, 64, (p >> 8) as u8, p as u8])])
                     .unwrap_or_default(),
+                // Offline and failing services vary with the port, so deltas carry them.
+                online: port.is_none_or(|p| p % 3 != 0),
+                critical: services
+                    .iter()
+                    .filter(|_| port.is_some_and(|p| p % 2 == 0))
+                    .cloned()
+                    .collect(),
             })
             .collect()
     })

@@ -446,6 +446,8 @@ mod tests {
                 services: vec![],
                 labels: Labels::default(),
                 overlay: vec![IpAddr::from(PEER)],
+                online: true,
+                critical: Vec::new(),
             },
         );
         v
