@@ -165,10 +165,13 @@ impl World {
     }
 }
 
-/// A steady request stream from the client's host through its upstream: (when, answer).
+/// Each request's completion time and answer (the serving node's name, or the error).
+type Log = Arc<Mutex<Vec<(Instant, Result<String, String>)>>>;
+
+/// A steady request stream from the client's host through its upstream.
 struct Stream {
     stop: Arc<AtomicBool>,
-    log: Arc<Mutex<Vec<(Instant, Result<String, String>)>>>,
+    log: Log,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -287,8 +290,14 @@ fn h1_requests_stay_in_dc1_fail_over_to_dc2_when_dc1_is_down_and_come_back() {
         after.len(),
         failed.len()
     );
-    assert!(failover <= bound, "failover took {failover:?} (bound {bound:?})");
-    assert!(failed.is_empty(), "requests failed after failover: {failed:?}");
+    assert!(
+        failover <= bound,
+        "failover took {failover:?} (bound {bound:?})"
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed after failover: {failed:?}"
+    );
     assert_eq!(count(&after, "api-3"), after.len(), "{after:?}");
     // The catalog says why: the others are critical with the check's output.
     let v = w.coord.json(&["services", "list"]).unwrap();
@@ -465,4 +474,32 @@ fn h3_dns_answers_follow_the_catalog_and_health_and_refuse_foreign_names() {
         .on_host(move || ask_name(addr, Duration::from_secs(3)))
         .unwrap();
     assert_eq!(r.unwrap(), "api-3");
+
+    // A node that stops reporting (killed: no goodbye) is offline once its control session
+    // times out (20 s without packets) plus the coordinator's grace period (15 s default);
+    // its instance goes with it and the name answers nothing.
+    let i = w.apis.iter().position(|a| a.name == "api-3").unwrap();
+    let gone = Instant::now();
+    w.apis[i].kill();
+    let took = w.wait_routable(&[], Duration::from_secs(60));
+    println!(
+        "api-3 killed: unroutable after {:.1} s (session timeout + grace)",
+        gone.elapsed().as_secs_f64()
+    );
+    assert!(
+        took >= Duration::from_secs(15),
+        "offline before the grace period: {took:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, a, _) = q(format!("api.svc.{td}"), RecordType::A);
+    assert!(a.is_empty(), "offline instance not answered: {a:?}");
+    let v = w.coord.json(&["nodes", "list"]).unwrap();
+    let n = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "api-3")
+        .unwrap()
+        .clone();
+    assert_eq!(n["online"], false, "{n}");
 }

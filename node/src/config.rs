@@ -213,12 +213,15 @@ struct RawPolicy {
 /// Default UDP port of the tunnel endpoint.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7800";
 
+/// Parses an optional duration key, with its default.
+type DurationKey<'a> = &'a dyn Fn(&str, Option<String>, Duration) -> Result<Duration, ConfigError>;
+
 /// Checks `[[service]] check = { ... }`: exactly one of tcp, http, command.
 fn parse_check(
     c: RawCheck,
     key: &str,
     err: &dyn Fn(&str, String) -> ConfigError,
-    dur: &dyn Fn(&str, Option<String>, Duration) -> Result<Duration, ConfigError>,
+    dur: DurationKey,
 ) -> Result<CheckConfig, ConfigError> {
     let k = |f: &str| format!("{key}.{f}");
     let kind = match (c.tcp, c.http, c.command) {
