@@ -104,6 +104,7 @@ async fn sim_node(
         node: cfg.name.clone(),
         tunnel_port: 7800,
         advertise: Some(format!("127.0.0.{}:7800", 1 + i % 200).parse()?),
+        local: Vec::new(),
         services: cfg.service_names(),
         labels: Labels::default(),
         have_version: 0,

@@ -140,12 +140,29 @@ async fn session(
     let endpoint = hello
         .advertise
         .unwrap_or_else(|| SocketAddr::new(conn.remote_address().ip(), hello.tunnel_port));
+    // Candidates, best first: advertised, then the address this connection comes from
+    // (the node's control session shares its tunnel socket, so through an
+    // endpoint-independent NAT this is where peers reach it), then its own addresses.
+    let mut candidates: Vec<SocketAddr> = Vec::new();
+    for c in hello
+        .advertise
+        .into_iter()
+        .chain([conn.remote_address(), endpoint])
+        .chain(hello.local.iter().copied().take(8))
+    {
+        let c = SocketAddr::new(c.ip().to_canonical(), c.port());
+        if c.port() != 0 && !c.ip().is_unspecified() && !candidates.contains(&c) {
+            candidates.push(c);
+        }
+    }
+    let moved = mesh.set_candidates(&name, candidates);
     let (kick_tx, mut kick_rx) = mpsc::channel::<ControlDown>(4);
     let sid = mesh.register_session(&name, conn.clone(), kick_tx);
     tracing::info!(node = %name, %endpoint, agent = %hello.agent_version, have = hello.have_version, "node session up");
     if mesh
         .store
         .node_hello(&name, &endpoint.to_string(), &hello.agent_version, now())?
+        || moved
     {
         mesh.changed()?;
     }
@@ -210,6 +227,9 @@ async fn run_session(
             kick = kick_rx.recv() => {
                 if let Some(msg) = kick {
                     write_frame(send, &msg).await?;
+                    if !matches!(msg, ControlDown::Goodbye { .. }) {
+                        continue;
+                    }
                     let _ = send.finish();
                     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
                     anyhow::bail!("session ended by coordinator");
@@ -239,6 +259,10 @@ async fn run_session(
                     }
                     ControlUp::Health(checks) => {
                         mesh.report_health(&name, &checks)?;
+                    }
+                    ControlUp::Punch { peer } => {
+                        let told = mesh.punch(&id.node, peer.as_str());
+                        tracing::debug!(node = %name, %peer, told, "punch request");
                     }
                     ControlUp::Renew { csr_der } => {
                         let reply = match mesh.renew(&id.node, &csr_der) {

@@ -138,6 +138,8 @@ pub struct Mesh {
     next_session: std::sync::atomic::AtomicU64,
     /// Instance health and node liveness.
     health: Mutex<HealthBook>,
+    /// Where each node was last seen reachable (its session's candidates).
+    candidates: Mutex<HashMap<String, Vec<SocketAddr>>>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -325,6 +327,7 @@ impl Mesh {
             acks: Mutex::new(HashMap::new()),
             next_session: 1.into(),
             health: Mutex::new(HealthBook::new(DEFAULT_OFFLINE_AFTER)),
+            candidates: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -791,6 +794,7 @@ impl Mesh {
             return Ok(c.clone());
         }
         let mut peers = Vec::new();
+        let candidates = self.candidates.lock().unwrap_or_else(|p| p.into_inner());
         let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         for n in self.store.nodes()? {
             if n.revoked_at.is_some() {
@@ -800,6 +804,7 @@ impl Mesh {
                 continue;
             };
             peers.push(PeerInfo {
+                candidates: candidates.get(&n.name).cloned().unwrap_or_default(),
                 online: !health.is_offline(&n.name),
                 critical: health
                     .critical(&n.name)
@@ -824,6 +829,7 @@ impl Mesh {
             });
         }
         drop(health);
+        drop(candidates);
         delta::sort_peers(&mut peers);
         let c = Arc::new(Catalog {
             version,
@@ -867,6 +873,41 @@ impl Mesh {
                 m.remove(node);
                 self.book().session_ended(node, std::time::Instant::now());
             }
+        }
+    }
+
+    /// Records where a node's new session says it can be reached; true when that changed
+    /// (the caller records the change).
+    pub fn set_candidates(&self, node: &str, candidates: Vec<SocketAddr>) -> bool {
+        let mut m = self.candidates.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(node) == Some(&candidates) {
+            return false;
+        }
+        m.insert(node.to_string(), candidates);
+        true
+    }
+
+    /// `from` is dialling `to`: tells `to` (if in session) to dial `from` back now.
+    pub fn punch(&self, from: &NodeName, to: &str) -> bool {
+        let candidates = self
+            .candidates
+            .lock()
+            .ok()
+            .and_then(|m| m.get(from.as_str()).cloned())
+            .unwrap_or_default();
+        let kick = self
+            .sessions
+            .lock()
+            .ok()
+            .and_then(|m| m.get(to).map(|s| s.kick.clone()));
+        match kick {
+            Some(k) if !candidates.is_empty() => k
+                .try_send(ControlDown::Punch {
+                    peer: from.clone(),
+                    candidates,
+                })
+                .is_ok(),
+            _ => false,
         }
     }
 

@@ -172,7 +172,11 @@ fn spawn_logged(
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
-        .env("QUICMESH_LOG", "info,quinn=warn");
+        // QUICMESH_TEST_LOG overrides the processes' log filter (e.g. to debug a test).
+        .env(
+            "QUICMESH_LOG",
+            std::env::var("QUICMESH_TEST_LOG").unwrap_or_else(|_| "info,quinn=warn".into()),
+        );
     for (k, v) in envs {
         cmd.env(k, v);
     }

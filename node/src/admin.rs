@@ -16,11 +16,8 @@ use crate::state::Node;
 pub fn status_json(node: &Node) -> serde_json::Value {
     let view = node.view();
     let id = node.identity.load();
-    let conns = node
-        .conns
-        .lock()
-        .map(|m| m.keys().cloned().collect::<Vec<_>>())
-        .unwrap_or_default();
+    let conns = node.conns.lock().map(|m| m.clone()).unwrap_or_default();
+    let tried = node.tried.lock().map(|t| t.clone()).unwrap_or_default();
     let mut peers: Vec<_> = view
         .peers
         .values()
@@ -32,7 +29,14 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "services": p.services,
                 "online": p.online,
                 "critical": p.critical,
-                "connected": conns.contains(&p.node),
+                "connected": conns.contains_key(&p.node),
+                "candidates": p.candidates.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                "path": conns.get(&p.node).filter(|c| c.close_reason().is_none()).map(|c| json!({
+                    "via": "direct",
+                    "remote": c.remote_address().to_string(),
+                    "rtt_ms": c.rtt().as_secs_f64() * 1e3,
+                })),
+                "tried": tried.get(&p.node).map(|t| t.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
             })
         })
         .collect();

@@ -213,6 +213,7 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
         node: node.cfg.name.clone(),
         tunnel_port: node.endpoint.local_addr().map(|a| a.port()).unwrap_or(0),
         advertise: node.advertise(),
+        local: local_candidates(node),
         services: node.cfg.service_names(),
         labels: node.cfg.labels.clone(),
         have_version: node.view().version,
@@ -287,9 +288,18 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
                         renewing = false;
                         tracing::warn!(%detail, "renewal refused");
                     }
+                    ControlDown::Punch { peer, candidates } => {
+                        tracing::debug!(%peer, ?candidates, "peer is dialling: dialling back");
+                        tokio::spawn(crate::tunnel::dial_back(node.clone(), peer, candidates));
+                    }
                     ControlDown::Goodbye { revoked: true, detail } => return Ok(SessionEnd::Revoked(detail)),
                     ControlDown::Goodbye { revoked: false, detail } => return Err(format!("coordinator said goodbye: {detail}")),
                     other => return Err(format!("unexpected control message {other:?}")),
+                }
+            }
+            peers = node.take_punches() => {
+                for peer in peers {
+                    write_frame(&mut send, &ControlUp::Punch { peer }).await.map_err(|e| e.to_string())?;
                 }
             }
             Ok(()) = health.changed() => {
@@ -311,6 +321,30 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
             }
         }
     }
+}
+
+/// The node's own addresses with its tunnel port: the listen address when it names one,
+/// else the interface address the kernel picks toward the coordinator (no packet is sent).
+fn local_candidates(node: &Node) -> Vec<std::net::SocketAddr> {
+    let Ok(local) = node.endpoint.local_addr() else {
+        return Vec::new();
+    };
+    if !local.ip().is_unspecified() {
+        return vec![local];
+    }
+    let coordinator = node.cfg.coordinator;
+    let any: std::net::SocketAddr = if coordinator.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    std::net::UdpSocket::bind(any)
+        .and_then(|s| {
+            s.connect(coordinator)?;
+            s.local_addr()
+        })
+        .map(|a| vec![std::net::SocketAddr::new(a.ip(), local.port())])
+        .unwrap_or_default()
 }
 
 /// Applies a whole snapshot (sent whole or rebuilt from a delta) and answers for it.

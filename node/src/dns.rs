@@ -358,6 +358,7 @@ mod tests {
             overlay: vec![IpAddr::from(ip)],
             online: true,
             critical: if critical { vec![api] } else { vec![] },
+            candidates: vec![],
         }
     }
 

@@ -144,6 +144,11 @@ pub struct Node {
     pub overlay: std::sync::OnceLock<Arc<crate::overlay::Overlay>>,
     /// The checked services' health.
     pub health: crate::health::Reports,
+    /// Per peer, the addresses the last successful dial tried (for `status`).
+    pub tried: Mutex<HashMap<NodeName, Vec<SocketAddr>>>,
+    /// Peers being dialled that should dial back (sent by the control session).
+    punches: Mutex<Vec<NodeName>>,
+    punch_ready: tokio::sync::Notify,
     view_tx: watch::Sender<Arc<View>>,
 }
 
@@ -201,6 +206,9 @@ impl Node {
             bound: Mutex::new(Bound::default()),
             overlay: std::sync::OnceLock::new(),
             health,
+            tried: Mutex::new(HashMap::new()),
+            punches: Mutex::new(Vec::new()),
+            punch_ready: tokio::sync::Notify::new(),
             view_tx,
         })
     }
@@ -318,6 +326,31 @@ impl Node {
         }
         if view.revoked.contains(&self.identity.load().serial) {
             tracing::error!("this node's certificate is revoked");
+        }
+    }
+
+    /// Asks the control session to have `peer` dial back (hole punching).
+    pub fn request_punch(&self, peer: &NodeName) {
+        if let Ok(mut p) = self.punches.lock() {
+            if !p.contains(peer) && p.len() < 1024 {
+                p.push(peer.clone());
+            }
+        }
+        self.punch_ready.notify_one();
+    }
+
+    /// Waits for punch requests and takes them.
+    pub async fn take_punches(&self) -> Vec<NodeName> {
+        loop {
+            let taken = self
+                .punches
+                .lock()
+                .map(|mut p| std::mem::take(&mut *p))
+                .unwrap_or_default();
+            if !taken.is_empty() {
+                return taken;
+            }
+            self.punch_ready.notified().await;
         }
     }
 

@@ -60,20 +60,26 @@ pub async fn connection(
             return Ok((c, false));
         }
     }
-    let addr = peer
-        .endpoint
-        .ok_or_else(|| DialError::NoEndpoint(peer.node.clone()))?;
-    let err = |reason: String| DialError::Connect {
-        peer: peer.node.clone(),
-        reason,
+    let targets = targets(peer);
+    if targets.is_empty() {
+        return Err(DialError::NoEndpoint(peer.node.clone()));
+    }
+    // When the handshake is not done quickly, ask the peer (through the coordinator) to
+    // dial back: behind NATs, each side's outgoing packets open the mapping the other
+    // side's packets come in by. Reachable peers answer first and are not asked.
+    let dial = dial_any(node, &peer.node, &targets);
+    tokio::pin!(dial);
+    let (conn, dialled) = tokio::select! {
+        r = &mut dial => r?,
+        _ = tokio::time::sleep(PUNCH_AFTER) => {
+            node.request_punch(&peer.node);
+            dial.await?
+        }
     };
-    let cfg = peer_client_config(node).map_err(|e| err(e.to_string()))?;
-    let conn = node
-        .endpoint
-        .connect_with(cfg, addr, peer.node.as_str())
-        .map_err(|e| err(e.to_string()))?
-        .await
-        .map_err(|e| err(e.to_string()))?;
+    if !dialled {
+        return Ok((conn, true));
+    }
+    let addr = conn.remote_address();
     tracing::info!(peer = %peer.node, %addr, "tunnel up (dialled)");
     if let Ok(mut m) = node.conns.lock() {
         m.insert(peer.node.clone(), conn.clone());
@@ -85,6 +91,128 @@ pub async fn connection(
     let name = peer.node.clone();
     tokio::spawn(async move { serve_connection(n, c, name).await });
     Ok((conn, true))
+}
+
+/// Where to dial a peer: its candidates, else its endpoint.
+fn targets(peer: &PeerInfo) -> Vec<std::net::SocketAddr> {
+    let mut t = peer.candidates.clone();
+    if let Some(e) = peer.endpoint {
+        if !t.contains(&e) {
+            t.push(e);
+        }
+    }
+    t
+}
+
+/// A dial still without a handshake after this asks the peer to dial back.
+const PUNCH_AFTER: Duration = Duration::from_millis(250);
+/// Gap between starting handshakes to successive candidates.
+const CANDIDATE_STAGGER: Duration = Duration::from_millis(150);
+/// How long a dial to all candidates may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Dials every address (the first at once, the next ones staggered) and returns the first
+/// connection whose handshake completes, the others abandoned; `false` with it when the
+/// peer's own dial to us came through first (that connection is already served).
+async fn dial_any(
+    node: &Arc<Node>,
+    peer: &NodeName,
+    addrs: &[std::net::SocketAddr],
+) -> Result<(quinn::Connection, bool), DialError> {
+    let err = |reason: String| DialError::Connect {
+        peer: peer.clone(),
+        reason,
+    };
+    let cfg = peer_client_config(node).map_err(|e| err(e.to_string()))?;
+    let mut attempts = tokio::task::JoinSet::new();
+    for (i, addr) in addrs.iter().copied().enumerate() {
+        let connecting = node
+            .endpoint
+            .connect_with(cfg.clone(), addr, peer.as_str())
+            .map_err(|e| err(format!("{addr}: {e}")));
+        attempts.spawn(async move {
+            tokio::time::sleep(CANDIDATE_STAGGER * i as u32).await;
+            let r = match connecting {
+                Ok(c) => c.await.map_err(|e| format!("{addr}: {e}")),
+                Err(e) => Err(e.to_string()),
+            };
+            (addr, r)
+        });
+    }
+    let mut errors = Vec::new();
+    let deadline = tokio::time::Instant::now() + DIAL_TIMEOUT;
+    let mut look = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        // The peer dialling us back (hole punching) may come through before our own
+        // handshake does: that tunnel is as good.
+        let next = tokio::select! {
+            n = tokio::time::timeout_at(deadline, attempts.join_next()) => n,
+            _ = look.tick() => {
+                let back = node
+                    .conns
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(peer).cloned())
+                    .filter(|c| c.close_reason().is_none());
+                if let Some(c) = back {
+                    tracing::debug!(%peer, addr = %c.remote_address(), "peer's dial came through first");
+                    return Ok((c, false));
+                }
+                continue;
+            }
+        };
+        match next {
+            Ok(Some(Ok((addr, Ok(conn))))) => {
+                tracing::debug!(%peer, %addr, tried = addrs.len(), "candidate won");
+                if let Ok(mut t) = node.tried.lock() {
+                    t.insert(peer.clone(), addrs.to_vec());
+                }
+                return Ok((conn, true));
+            }
+            Ok(Some(Ok((_, Err(e))))) => errors.push(e),
+            Ok(Some(Err(e))) => errors.push(e.to_string()),
+            Ok(None) => return Err(err(errors.join("; "))),
+            Err(_) => {
+                errors.push(format!("no handshake within {DIAL_TIMEOUT:?}"));
+                return Err(err(errors.join("; ")));
+            }
+        }
+    }
+}
+
+/// Dials `peer` back at `candidates` (it asked through the coordinator, hole punching);
+/// a tunnel that comes up is kept like any other.
+pub async fn dial_back(node: Arc<Node>, peer: NodeName, candidates: Vec<std::net::SocketAddr>) {
+    let live = node
+        .conns
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&peer).cloned())
+        .is_some_and(|c| c.close_reason().is_none());
+    if live || candidates.is_empty() {
+        return;
+    }
+    match dial_any(&node, &peer, &candidates).await {
+        Ok((_, false)) => {}
+        Ok((conn, true)) => {
+            tracing::info!(%peer, addr = %conn.remote_address(), "tunnel up (dialled back)");
+            // When the peer's own dial came through meanwhile, one tunnel is enough.
+            let fresh = node.conns.lock().ok().is_some_and(|mut m| {
+                let fresh = m.get(&peer).is_none_or(|c| c.close_reason().is_some());
+                if fresh {
+                    m.insert(peer.clone(), conn.clone());
+                    node.metrics.set_peers_connected(m.len());
+                }
+                fresh
+            });
+            if !fresh {
+                conn.close(quinn::VarInt::from_u32(0), b"duplicate");
+                return;
+            }
+            serve_connection(node, conn, peer).await;
+        }
+        Err(e) => tracing::debug!(%peer, error = %e, "dial back failed"),
+    }
 }
 
 /// Drops a cached tunnel that turned out dead (e.g. the peer restarted), so the next

@@ -161,6 +161,7 @@ mod tests {
             overlay: vec![],
             online: true,
             critical: Vec::new(),
+            candidates: Vec::new(),
         }
     }
 

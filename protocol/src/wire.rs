@@ -139,6 +139,9 @@ pub struct Hello {
     pub tunnel_port: u16,
     /// Address peers should dial, when the node knows better than the coordinator.
     pub advertise: Option<SocketAddr>,
+    /// The node's own addresses with its tunnel port (its interface address toward the
+    /// coordinator): candidates for peers on the same network or behind the same NAT.
+    pub local: Vec<SocketAddr>,
     pub services: Vec<ServiceName>,
     pub labels: Labels,
     /// Snapshot version the node holds (0 = none).
@@ -179,6 +182,11 @@ pub enum ControlUp {
     /// Health of the node's checked services: all of them at session start, then on each
     /// transition.
     Health(Vec<ServiceCheck>),
+    /// The node is dialling `peer`: ask it to dial back at the same time, so packets leave
+    /// both NATs and each side's mapping lets the other's in (hole punching).
+    Punch {
+        peer: NodeName,
+    },
 }
 
 impl Message for ControlUp {
@@ -245,6 +253,10 @@ pub struct PeerInfo {
     pub online: bool,
     /// The peer's services whose health check is failing (not routed to).
     pub critical: Vec<ServiceName>,
+    /// Every address the peer may be reached at, best first: the address it advertises,
+    /// the one the coordinator sees its packets come from (through any NAT), its own
+    /// interface addresses. Dialled together; the first handshake wins.
+    pub candidates: Vec<SocketAddr>,
 }
 
 impl PeerInfo {
@@ -307,6 +319,11 @@ pub enum ControlDown {
     },
     RenewRefused {
         detail: String,
+    },
+    /// `peer` is dialling this node: dial it back at `candidates` now (hole punching).
+    Punch {
+        peer: NodeName,
+        candidates: Vec<SocketAddr>,
     },
     /// The coordinator ends the session (revoked, shutting down); the node should not
     /// reconnect with the same certificate when `revoked` is true.

@@ -79,6 +79,7 @@ fn up() -> impl Strategy<Value = ControlUp> {
                     node: NodeName::new(n).unwrap(),
                     tunnel_port: p,
                     advertise: None,
+                    local: vec![([198, 18, 0, 9], p).into()],
                     services: s,
                     labels: l,
                     have_version: v,
@@ -92,6 +93,9 @@ fn up() -> impl Strategy<Value = ControlUp> {
         })),
         proptest::collection::vec(any::<u8>(), 0..64)
             .prop_map(|csr_der| ControlUp::Renew { csr_der }),
+        name().prop_map(|n| ControlUp::Punch {
+            peer: NodeName::new(n).unwrap()
+        }),
     ]
 }
 
@@ -123,6 +127,9 @@ fn peers() -> impl Strategy<Value = Vec<PeerInfo>> {
                     .filter(|_| port.is_some_and(|p| p % 2 == 0))
                     .cloned()
                     .collect(),
+                candidates: port
+                    .map(|p| vec![([198, 18, 0, 1], p).into(), ([198, 19, 0, 1], p).into()])
+                    .unwrap_or_default(),
             })
             .collect()
     })

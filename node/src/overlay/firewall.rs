@@ -448,6 +448,7 @@ mod tests {
                 overlay: vec![IpAddr::from(PEER)],
                 online: true,
                 critical: Vec::new(),
+                candidates: Vec::new(),
             },
         );
         v
