@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use quicmesh_netns_tests::net::{echo_server, LiveFlow};
-use quicmesh_netns_tests::topo::{in_ns, Net};
+use quicmesh_netns_tests::topo::{exec, in_ns, Lan, Net};
 use quicmesh_netns_tests::{CoordinatorProc, Mesh, NodeProc, NodeSpec};
 
 const POLICY: &str = r#"
@@ -21,6 +21,31 @@ from = "*"
 to = "*"
 action = "allow"
 "#;
+
+/// Makes router `nat` (legs: eth0 inside, eth1 WAN) a NAT gateway: MASQUERADE out of eth1,
+/// and unsolicited packets from the WAN side dropped, as home and cloud NAT gateways do.
+/// (Without that, a peer's first packet, arriving before this side's own packet left, is
+/// delivered to the router itself, and its conntrack entry takes the tuple this side's
+/// mapping needs: Linux then maps to another port and punching fails.)
+fn nat_gateway(net: &Net, nat: &str) {
+    net.masquerade(nat, "eth1", false).unwrap();
+    net.iptables(
+        nat,
+        &[
+            "-A",
+            "INPUT",
+            "-i",
+            "eth1",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-j",
+            "DROP",
+        ],
+    )
+    .unwrap();
+}
 
 /// Opens a flow from `from` to `service` and pings it once: time to first answer.
 fn first_byte(from: &NodeProc, service: &str) -> Duration {
@@ -187,4 +212,79 @@ fn n1_nodes_behind_nats_reach_each_other_directly_by_punching() {
         "direct between the NATs: {grid:?}"
     );
     drop((a, a2, b, open, coord, net));
+}
+
+/// How many tunnels a node's log says came up.
+fn tunnels_up(n: &NodeProc) -> usize {
+    std::fs::read_to_string(&n.log)
+        .unwrap_or_default()
+        .matches("tunnel up")
+        .count()
+}
+
+#[test]
+fn n2_keepalives_hold_a_30s_nat_mapping_through_90s_of_idle() {
+    let mesh = Mesh::new("n2");
+    let mut net = Net::new("n2", mesh.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    let wan: Lan = net.lan("wan", "198.18.52").unwrap();
+    let home = net.lan("home", "198.18.62").unwrap();
+    let nat = net.router("nat", &[(&home, 1), (&wan, 1)]).unwrap();
+    nat_gateway(&net, &nat);
+    // UDP mappings expire after 30 s without traffic, like many NATs and cloud firewalls.
+    exec(
+        &nat,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.netfilter.nf_conntrack_udp_timeout=30",
+            "net.netfilter.nf_conntrack_udp_timeout_stream=30",
+        ],
+    )
+    .unwrap();
+    let ns_coord = net.host("coord", &wan, 10, None).unwrap();
+    let ns_open = net.host("open", &wan, 20, None).unwrap();
+    let ns_a = net.host("a", &home, 11, Some(1)).unwrap();
+    let coord =
+        CoordinatorProc::start_in(&mesh, "1h", &ns_coord, IpAddr::from([198, 18, 52, 10])).unwrap();
+    assert!(coord.apply_policy(&mesh, POLICY).unwrap().status.success());
+    let echo_a = in_ns(&ns_a, || echo_server().unwrap()).unwrap();
+    let echo_open = in_ns(&ns_open, || echo_server().unwrap()).unwrap();
+    let a = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("a")
+            .on(&ns_a)
+            .service("svc-a", echo_a)
+            .upstream("svc-open"),
+    )
+    .unwrap();
+    let open = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("open")
+            .on(&ns_open)
+            .service("svc-open", echo_open)
+            .upstream("svc-a"),
+    )
+    .unwrap();
+    coord.wait_all_acked(2, Duration::from_secs(20));
+    first_byte(&a, "svc-open");
+    let before = (tunnels_up(&a), tunnels_up(&open), path(&open, "a"));
+    std::thread::sleep(Duration::from_secs(90));
+    // The public node's request travels the tunnel a opened 90 s ago: the NAT still maps it.
+    let t = first_byte(&open, "svc-a");
+    let after = (tunnels_up(&a), tunnels_up(&open), path(&open, "a"));
+    println!(
+        "after 90 s idle behind a 30 s NAT timeout: request in {:.1} ms, tunnels up a {} -> {}, open {} -> {}, path {}",
+        t.as_secs_f64() * 1e3,
+        before.0,
+        after.0,
+        before.1,
+        after.1,
+        after.2
+    );
+    assert_eq!((before.0, before.1), (after.0, after.1), "no new handshake");
+    assert_eq!(before.2["remote"], after.2["remote"], "same path");
+    drop((a, open, coord, net));
 }

@@ -125,6 +125,8 @@ pub struct NodeConfig {
     pub flow_idle_timeout: Duration,
     /// How often the node reports status to the coordinator.
     pub status_interval: Duration,
+    /// QUIC keepalive interval on tunnels and the control session (holds NAT mappings).
+    pub keepalive: Duration,
     /// Runtime threads: `None` = automatic (half the cores, at least one); `Some(1)` runs
     /// everything on one thread (fewer cross-thread wake-ups: lower latency on small
     /// hosts).
@@ -153,6 +155,7 @@ struct Raw {
     policy: Option<RawPolicy>,
     flow_idle_timeout: Option<String>,
     status_interval: Option<String>,
+    keepalive: Option<String>,
     worker_threads: Option<i64>,
 }
 
@@ -551,6 +554,16 @@ impl NodeConfig {
                 raw.status_interval,
                 Duration::from_secs(10),
             )?,
+            keepalive: {
+                let k = dur("keepalive", raw.keepalive, crate::tls::DEFAULT_KEEPALIVE)?;
+                if !(Duration::from_secs(1)..=Duration::from_secs(15)).contains(&k) {
+                    return Err(err(
+                        "keepalive",
+                        "must be between 1s and 15s (tunnels idle out after 20s)".into(),
+                    ));
+                }
+                k
+            },
             worker_threads: match raw.worker_threads {
                 None | Some(0) => None,
                 Some(n) if (1..=256).contains(&n) => Some(n as usize),
@@ -632,6 +645,8 @@ bind = "127.0.0.1:15432"
         assert_eq!(e.key, "upstream[0].bind");
         let e = parse(&format!("{GOOD}\nmetrics = \"0.0.0.0:9000\"\n")).unwrap_err();
         assert_eq!(e.key, "metrics");
+        let e = parse(&format!("keepalive = \"30s\"\n{GOOD}")).unwrap_err();
+        assert_eq!(e.key, "keepalive");
         let e = parse(&format!("worker_threads = 999\n{GOOD}")).unwrap_err();
         assert_eq!(e.key, "worker_threads");
         assert_eq!(

@@ -88,6 +88,7 @@ fn tunnel_endpoint(listen: std::net::SocketAddr) -> std::io::Result<quinn::Endpo
 
 /// Starts a node and returns once it is serving.
 pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
+    tls::set_keepalive(cfg.keepalive);
     let data = DataDir::open(&cfg.data_dir)?;
     let key = data.key()?;
     let endpoint = tunnel_endpoint(cfg.listen).map_err(|source| StartError::Bind {

@@ -457,9 +457,22 @@ pub fn control_transport() -> Arc<quinn::TransportConfig> {
     Arc::new(base_transport(4))
 }
 
+/// Default interval of QUIC keepalives on tunnels and the control session: well below the
+/// 30 s UDP timeout common NATs and cloud firewalls apply, so idle tunnels keep their
+/// mappings.
+pub const DEFAULT_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
+
+static KEEPALIVE: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+
+/// Sets the keepalive interval of every connection this process makes or accepts (once,
+/// at startup, from the node config).
+pub fn set_keepalive(d: std::time::Duration) {
+    let _ = KEEPALIVE.set(d);
+}
+
 fn base_transport(streams: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+    t.keep_alive_interval(Some(*KEEPALIVE.get().unwrap_or(&DEFAULT_KEEPALIVE)));
     t.max_idle_timeout(Some(
         std::time::Duration::from_secs(20)
             .try_into()
