@@ -81,28 +81,8 @@ fn n1_nodes_behind_nats_reach_each_other_directly_by_punching() {
     let home_b = net.lan("home-b", "198.18.61").unwrap();
     let nat_a = net.router("nat-a", &[(&home_a, 1), (&wan, 1)]).unwrap();
     let nat_b = net.router("nat-b", &[(&home_b, 1), (&wan, 2)]).unwrap();
-    // Each NAT router also drops unsolicited packets from its WAN side, as home and cloud
-    // NAT gateways do. (Without that, a peer's first packet, arriving before this side's
-    // own packet left, is delivered to the router itself and its conntrack entry takes the
-    // tuple this side's mapping needs: Linux then maps to another port and punching fails.)
     for nat in [&nat_a, &nat_b] {
-        net.masquerade(nat, "eth1", false).unwrap();
-        net.iptables(
-            nat,
-            &[
-                "-A",
-                "INPUT",
-                "-i",
-                "eth1",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "NEW",
-                "-j",
-                "DROP",
-            ],
-        )
-        .unwrap();
+        nat_gateway(&net, nat);
     }
     let ns_coord = net.host("coord", &wan, 10, None).unwrap();
     let ns_open = net.host("open", &wan, 20, None).unwrap();

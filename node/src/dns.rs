@@ -153,14 +153,7 @@ fn service_records(
     }
     if let Some((_, addr)) = bound {
         // The local listener answers only while an instance can serve it.
-        let healthy = view
-            .by_service
-            .get(&service)
-            .into_iter()
-            .flatten()
-            .filter_map(|n| view.peers.get(n))
-            .any(|p| p.serves(&service));
-        if !healthy {
+        if view.healthy(&service).next().is_none() {
             return Some(Vec::new());
         }
         if qtype == RecordType::SRV {
@@ -176,11 +169,8 @@ fn service_records(
         return Some(Vec::new());
     }
     // Overlay: the healthy instances' addresses, nearest first, shuffled within a locality.
-    let hosting = view.by_service.get(&service).cloned().unwrap_or_default();
-    let candidates: Vec<Candidate> = hosting
-        .iter()
-        .filter_map(|n| view.peers.get(n))
-        .filter(|p| p.serves(&service))
+    let candidates: Vec<Candidate> = view
+        .healthy(&service)
         .map(|p| Candidate {
             node: &p.node,
             labels: &p.labels,

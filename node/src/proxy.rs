@@ -101,15 +101,8 @@ impl Drop for LoadGuard {
 
 /// The instances of `up`'s service to try, in order.
 fn instances(view: &crate::state::View, up: &UpstreamConfig, load: &Load) -> Vec<NodeName> {
-    let hosting = view
-        .by_service
-        .get(&up.service)
-        .cloned()
-        .unwrap_or_default();
-    let candidates: Vec<Candidate> = hosting
-        .iter()
-        .filter_map(|n| view.peers.get(n))
-        .filter(|p| p.serves(&up.service))
+    let candidates: Vec<Candidate> = view
+        .healthy(&up.service)
         .map(|p| Candidate {
             node: &p.node,
             labels: &p.labels,

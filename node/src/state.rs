@@ -75,6 +75,20 @@ impl View {
         }
     }
 
+    /// The peers that may be routed to for `service`: hosting it, online, not failing its
+    /// check (in name order).
+    pub fn healthy<'a>(
+        &'a self,
+        service: &'a ServiceName,
+    ) -> impl Iterator<Item = &'a PeerInfo> + 'a {
+        self.by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| self.peers.get(n))
+            .filter(move |p| p.serves(service))
+    }
+
     /// Labels of a peer node (empty when unknown).
     pub fn peer_labels(&self, node: &NodeName) -> Labels {
         self.peers
