@@ -196,18 +196,14 @@ pub async fn dial_back(node: Arc<Node>, peer: NodeName, candidates: Vec<std::net
         Ok((_, false)) => {}
         Ok((conn, true)) => {
             tracing::info!(%peer, addr = %conn.remote_address(), "tunnel up (dialled back)");
-            // When the peer's own dial came through meanwhile, one tunnel is enough.
-            let fresh = node.conns.lock().ok().is_some_and(|mut m| {
-                let fresh = m.get(&peer).is_none_or(|c| c.close_reason().is_some());
-                if fresh {
+            // When the peer's own dial came through meanwhile, that tunnel stays the one
+            // this node uses; this one is still served, because the peer may have picked it
+            // (closing it could break a flow the peer just opened on it).
+            if let Ok(mut m) = node.conns.lock() {
+                if m.get(&peer).is_none_or(|c| c.close_reason().is_some()) {
                     m.insert(peer.clone(), conn.clone());
                     node.metrics.set_peers_connected(m.len());
                 }
-                fresh
-            });
-            if !fresh {
-                conn.close(quinn::VarInt::from_u32(0), b"duplicate");
-                return;
             }
             serve_connection(node, conn, peer).await;
         }
