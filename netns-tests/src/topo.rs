@@ -17,7 +17,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use anyhow::{bail, Context};
 
@@ -28,7 +28,13 @@ pub const PRIVILEGE_HELP: &str = "the netns tests need to create network namespa
 
 /// Fails (never skips) when this process cannot make namespaces, saying how to run.
 pub fn require_privileges() -> anyhow::Result<()> {
-    let probe = format!("qmtprobe{}", std::process::id());
+    // Unique per call: tests of one binary run in parallel threads of one process.
+    static PROBES: AtomicUsize = AtomicUsize::new(0);
+    let probe = format!(
+        "qmtprobe{}-{}",
+        std::process::id(),
+        PROBES.fetch_add(1, Ordering::Relaxed)
+    );
     let out = Command::new("ip").args(["netns", "add", &probe]).output();
     match out {
         Ok(o) if o.status.success() => {
