@@ -437,6 +437,8 @@ pub struct NodeSpec {
     pub checks: Vec<(String, String)>,
     /// Runs the DNS server on a free loopback port (address in `status`).
     pub dns: bool,
+    /// `[dns] forward`: the resolver for names outside the mesh.
+    pub dns_forward: Option<SocketAddr>,
 }
 
 impl NodeSpec {
@@ -500,6 +502,12 @@ impl NodeSpec {
     /// Runs the node's DNS server.
     pub fn dns(mut self) -> Self {
         self.dns = true;
+        self
+    }
+    /// Runs the node's DNS server, forwarding names outside the mesh to `resolver`.
+    pub fn dns_forwarding_to(mut self, resolver: SocketAddr) -> Self {
+        self.dns = true;
+        self.dns_forward = Some(resolver);
         self
     }
     /// Turns the sender-side policy check off (ingress stays authoritative).
@@ -596,6 +604,9 @@ impl NodeProc {
                 "\n[dns]\nlisten = \"127.0.0.1:{}\"\n",
                 self.dns_port
             ));
+            if let Some(f) = self.spec.dns_forward {
+                t.push_str(&format!("forward = \"{f}\"\n"));
+            }
         }
         for (s, ports) in &self.spec.overlay_services {
             let ports: Vec<String> = ports.iter().map(|p| format!("\"{p}\"")).collect();

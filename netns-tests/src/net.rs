@@ -306,3 +306,55 @@ pub fn dns_query(
     let data = m.answers().iter().map(|r| r.data().to_string()).collect();
     Ok((m.response_code(), data, took))
 }
+
+/// A stand-in upstream resolver: answers every A query with `answer`, until dropped.
+#[derive(Debug)]
+pub struct FakeResolver {
+    pub addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeResolver {
+    /// Serves on a free loopback port (call inside a namespace to serve that host).
+    pub fn start(answer: std::net::Ipv4Addr) -> std::io::Result<Self> {
+        use hickory_proto::op::{Message, MessageType};
+        use hickory_proto::rr::rdata::A;
+        use hickory_proto::rr::{RData, Record};
+        let sock = UdpSocket::bind("127.0.0.1:0")?;
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let addr = sock.local_addr()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut r = Message::new();
+                r.set_id(q.id()).set_message_type(MessageType::Response);
+                for question in q.queries() {
+                    r.add_query(question.clone());
+                    r.add_answer(Record::from_rdata(
+                        question.name().clone(),
+                        60,
+                        RData::A(A(answer)),
+                    ));
+                }
+                if let Ok(b) = r.to_vec() {
+                    let _ = sock.send_to(&b, from);
+                }
+            }
+        });
+        Ok(Self { addr, stop })
+    }
+}
+
+impl Drop for FakeResolver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
-use quicmesh_netns_tests::net::{ask_name, dns_query, metric, NamedServer};
+use quicmesh_netns_tests::net::{ask_name, dns_query, metric, FakeResolver, NamedServer};
 use quicmesh_netns_tests::topo::{in_ns, Net};
 use quicmesh_netns_tests::{assert_eventually, CoordinatorProc, Mesh, NodeProc, NodeSpec};
 
@@ -43,6 +43,8 @@ struct World {
     client: NodeProc,
     apis: Vec<NodeProc>,
     backends: Vec<(String, NamedServer)>,
+    /// The client's upstream resolver for names outside the mesh.
+    _resolver: FakeResolver,
     coord: CoordinatorProc,
     wan: usize,
     net: Net,
@@ -103,6 +105,10 @@ fn world(test: &str) -> World {
         apis.push(NodeProc::start(&mesh, &coord, &spec).unwrap());
         backends.push((ns, backend));
     }
+    let resolver = in_ns(&ns_client, || {
+        FakeResolver::start(std::net::Ipv4Addr::new(198, 18, 99, 99)).unwrap()
+    })
+    .unwrap();
     let client = NodeProc::start(
         &mesh,
         &coord,
@@ -112,13 +118,14 @@ fn world(test: &str) -> World {
             .label("cloud", "aws")
             .service("client", "127.0.0.1:9".parse().unwrap())
             .upstream("api")
-            .dns(),
+            .dns_forwarding_to(resolver.addr),
     )
     .unwrap();
     let w = World {
         client,
         apis,
         backends,
+        _resolver: resolver,
         coord,
         wan,
         net,
@@ -398,7 +405,7 @@ fn transitions(n: &NodeProc) -> f64 {
 }
 
 #[test]
-fn h3_dns_answers_follow_the_catalog_and_health_and_refuse_foreign_names() {
+fn h3_dns_answers_follow_the_catalog_and_health_and_foreign_names_go_to_the_resolver() {
     let mut w = world("h3");
     let dns = SocketAddr::from(([127, 0, 0, 1], w.client.dns_port));
     let ns = w.client.netns().unwrap().to_string();
@@ -436,11 +443,22 @@ fn h3_dns_answers_follow_the_catalog_and_health_and_refuse_foreign_names() {
         assert_eq!(a, want, "{n}.node answers the catalog's overlay address");
         assert!(!a.is_empty(), "{n} has an overlay address");
     }
-    // Denied twins: unknown mesh names are NXDOMAIN, foreign names REFUSED (no forwarder).
+    // Denied twin: unknown mesh names are NXDOMAIN (never forwarded).
     let (rc, a, _) = q(format!("nope.svc.{td}"), RecordType::A);
     assert_eq!((rc, a.len()), (ResponseCode::NXDomain, 0));
+    // Names outside the mesh are never answered from it: they go to the configured
+    // resolver (a stand-in answering 198.18.99.99), whatever the mesh holds.
     let (rc, a, _) = q("example.org".into(), RecordType::A);
-    assert_eq!((rc, a.len()), (ResponseCode::Refused, 0));
+    assert_eq!(
+        (rc, a),
+        (ResponseCode::NoError, vec!["198.18.99.99".to_string()])
+    );
+    let (_, a, _) = q(format!("api.svc.{td}.example.org"), RecordType::A);
+    assert_eq!(
+        a,
+        vec!["198.18.99.99".to_string()],
+        "a mesh-looking prefix is not the mesh"
+    );
     // Health: with every api instance down the name still exists but answers nothing, and
     // the upstream's requests fail; when one comes back the name answers again.
     for n in ["api-1", "api-2", "api-3"] {
