@@ -135,6 +135,18 @@ impl HealthBook {
             .unwrap_or_default()
     }
 
+    /// Whether `service` on `node` is routed to: the node is not offline and the service's
+    /// check (if it has one) passes. The catalog says the same per peer (`online`,
+    /// `critical`).
+    pub fn routable(&self, node: &str, service: &str) -> bool {
+        !self.is_offline(node)
+            && self
+                .checks
+                .get(node)
+                .and_then(|b| b.get(service))
+                .is_none_or(|c| c.health == Health::Passing)
+    }
+
     pub fn check(&self, node: &str, service: &str) -> Option<CheckView> {
         self.checks.get(node).and_then(|b| b.get(service)).cloned()
     }
@@ -195,8 +207,11 @@ mod tests {
         // A service the node does not host is ignored (denied twin).
         assert!(!b.report("a", &hosted, &[check("db", Health::Critical)], 3));
         assert!(b.critical("a").is_empty());
+        assert!(b.routable("a", "api"));
         assert!(b.report("a", &hosted, &[check("api", Health::Critical)], 4));
         assert_eq!(b.critical("a"), vec!["api".to_string()]);
+        assert!(!b.routable("a", "api"), "critical is not routed to");
+        assert!(b.routable("a", "web"), "an unchecked service is");
         assert_eq!(b.check("a", "api").unwrap().since, 4);
     }
 }

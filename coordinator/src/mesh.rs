@@ -921,13 +921,10 @@ impl Mesh {
     }
 
     /// Marks nodes offline whose session has been gone past the grace period (called
-    /// every second); pushes the change.
+    /// every second, so it reads the cached catalog, not the store); pushes the change.
     pub fn sweep_offline(&self) -> Result<(), MeshError> {
-        let nodes = self.store.nodes()?;
-        let names = nodes
-            .iter()
-            .filter(|n| n.revoked_at.is_none())
-            .map(|n| n.name.as_str());
+        let catalog = self.catalog()?;
+        let names = catalog.peers.iter().map(|p| p.node.as_str());
         let changed = self.book().sweep(names, std::time::Instant::now());
         if changed {
             self.changed()?;
@@ -941,10 +938,12 @@ impl Mesh {
         node: &str,
         checks: &[quicmesh_protocol::health::ServiceCheck],
     ) -> Result<(), MeshError> {
-        let services = self
-            .store
-            .node(node)?
-            .map(|n| n.services)
+        let services: Vec<String> = self
+            .catalog()?
+            .peers
+            .iter()
+            .find(|p| p.node.as_str() == node)
+            .map(|p| p.services.iter().map(|s| s.to_string()).collect())
             .unwrap_or_default();
         let changed = self.book().report(node, &services, checks, now());
         if changed {
@@ -990,13 +989,10 @@ impl Mesh {
                 continue;
             }
             for s in &n.services {
-                let book = self.book();
-                let check = book.check(&n.name, s);
-                let routable = !book.is_offline(&n.name)
-                    && check
-                        .as_ref()
-                        .is_none_or(|c| c.health == quicmesh_protocol::health::Health::Passing);
-                drop(book);
+                let (check, routable) = {
+                    let book = self.book();
+                    (book.check(&n.name, s), book.routable(&n.name, s))
+                };
                 out.entry(s.clone()).or_default().push(InstanceView {
                     node: n.name.clone(),
                     endpoint: n.endpoint.clone(),

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::mesh::Mesh;
 use crate::{api, control};
@@ -14,6 +15,25 @@ pub struct Running {
     pub control_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub endpoint: quinn::Endpoint,
+}
+
+/// Runs `job` every `period` for as long as the process lives, logging its failures.
+fn every(
+    mesh: &Arc<Mesh>,
+    period: Duration,
+    what: &'static str,
+    job: fn(&Mesh) -> Result<(), crate::mesh::MeshError>,
+) {
+    let m = mesh.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            if let Err(e) = job(&m) {
+                tracing::warn!(error = %e, "could not {what}");
+            }
+        }
+    });
 }
 
 /// Opens the data dir, binds both listeners (before serving either) and serves.
@@ -31,26 +51,18 @@ pub async fn start(
     let http_addr = http_l.local_addr()?;
     let control_addr = endpoint.local_addr()?;
     tokio::spawn(control::serve(mesh.clone(), endpoint.clone()));
-    let m = mesh.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
-        loop {
-            tick.tick().await;
-            if let Err(e) = m.flush_acks() {
-                tracing::warn!(error = %e, "could not record snapshot acks");
-            }
-        }
-    });
-    let m = mesh.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            if let Err(e) = m.sweep_offline() {
-                tracing::warn!(error = %e, "could not check node liveness");
-            }
-        }
-    });
+    every(
+        &mesh,
+        Duration::from_millis(250),
+        "record snapshot acks",
+        Mesh::flush_acks,
+    );
+    every(
+        &mesh,
+        Duration::from_secs(1),
+        "check node liveness",
+        Mesh::sweep_offline,
+    );
     let app = api::router(mesh.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(http_l, app).await {

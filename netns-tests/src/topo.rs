@@ -100,6 +100,24 @@ impl Lan {
     }
 }
 
+/// The two-datacenter underlay most scenarios share (198.18.0.0/15 only):
+///
+/// ```text
+///   dc1 198.18.1.0/24 --- r1 ===== impair (wan) ===== r2 --- dc2 198.18.2.0/24
+///                         |
+///   ctl 198.18.3.0/24 ----+          (routers at .1 on each LAN; WAN 198.18.100.0/30)
+/// ```
+#[derive(Debug)]
+pub struct TwoDatacenters {
+    pub dc1: Lan,
+    pub dc2: Lan,
+    pub ctl: Lan,
+    pub r1: String,
+    pub r2: String,
+    /// The WAN impairment (see [`Net::impairment`]).
+    pub wan: usize,
+}
+
 /// A running `quicmesh-impair` between two routers.
 #[derive(Debug)]
 pub struct Impairment {
@@ -331,6 +349,27 @@ impl Net {
             "mtu",
             &mtu.to_string(),
         ])
+    }
+
+    /// Builds [`TwoDatacenters`], the WAN impaired by `impair_bin` (no impairment yet).
+    pub fn two_datacenters(&mut self, impair_bin: &Path) -> anyhow::Result<TwoDatacenters> {
+        let dc1 = self.lan("dc1", "198.18.1")?;
+        let dc2 = self.lan("dc2", "198.18.2")?;
+        let ctl = self.lan("ctl", "198.18.3")?;
+        let r1 = self.router("r1", &[(&dc1, 1), (&ctl, 1)])?;
+        let r2 = self.router("r2", &[(&dc2, 1)])?;
+        let wan = self.impaired_link("wan", &r1, &r2, "198.18.100", impair_bin)?;
+        self.route(&r1, "198.18.2.0/24", "198.18.100.2")?;
+        self.route(&r2, "198.18.1.0/24", "198.18.100.1")?;
+        self.route(&r2, "198.18.3.0/24", "198.18.100.1")?;
+        Ok(TwoDatacenters {
+            dc1,
+            dc2,
+            ctl,
+            r1,
+            r2,
+            wan,
+        })
     }
 
     /// The impairment `impaired_link` returned index `i` for.

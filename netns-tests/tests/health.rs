@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use quicmesh_netns_tests::net::{ask_name, dns_query, metric, FakeResolver, NamedServer};
-use quicmesh_netns_tests::topo::{in_ns, Net};
+use quicmesh_netns_tests::topo::{in_ns, Net, TwoDatacenters};
 use quicmesh_netns_tests::{assert_eventually, CoordinatorProc, Mesh, NodeProc, NodeSpec};
 
 const IMPAIR: &str = env!("CARGO_BIN_EXE_quicmesh-impair");
@@ -63,17 +63,9 @@ fn world(test: &str) -> World {
     let lock = serial();
     let mesh = Mesh::new(test);
     let mut net = Net::new(test, mesh.path()).unwrap_or_else(|e| panic!("{e:#}"));
-    let dc1 = net.lan("dc1", "198.18.1").unwrap();
-    let dc2 = net.lan("dc2", "198.18.2").unwrap();
-    let ctl = net.lan("ctl", "198.18.3").unwrap();
-    let r1 = net.router("r1", &[(&dc1, 1), (&ctl, 1)]).unwrap();
-    let r2 = net.router("r2", &[(&dc2, 1)]).unwrap();
-    let wan = net
-        .impaired_link("wan", &r1, &r2, "198.18.100", IMPAIR.as_ref())
-        .unwrap();
-    net.route(&r1, "198.18.2.0/24", "198.18.100.2").unwrap();
-    net.route(&r2, "198.18.1.0/24", "198.18.100.1").unwrap();
-    net.route(&r2, "198.18.3.0/24", "198.18.100.1").unwrap();
+    let TwoDatacenters {
+        dc1, dc2, ctl, wan, ..
+    } = net.two_datacenters(IMPAIR.as_ref()).unwrap();
     let ns_coord = net.host("coord", &ctl, 10, Some(1)).unwrap();
     let ns_client = net.host("client", &dc1, 11, Some(1)).unwrap();
     let hosts = [

@@ -22,7 +22,7 @@ use quicmesh_netns_tests::net::{
     echo_server, echo_transfer, metric, sink_server, sink_transfer, LiveFlow,
 };
 use quicmesh_netns_tests::rogue::{foreign_ca, leaf, mesh_ca, now, present, CertAndKey, Outcome};
-use quicmesh_netns_tests::topo::{in_ns, Lan, Net};
+use quicmesh_netns_tests::topo::{in_ns, Lan, Net, TwoDatacenters};
 use quicmesh_netns_tests::{assert_eventually, CoordinatorProc, Mesh, NodeProc, NodeSpec};
 use quicmesh_protocol::wire::{RejectCode, StreamReply};
 
@@ -83,16 +83,9 @@ fn world(test: &str, cert_ttl: &str) -> World {
     let lock = serial();
     let mesh = Mesh::new(test);
     let mut net = Net::new(test, mesh.path()).unwrap_or_else(|e| panic!("{e:#}"));
-    let dc1 = net.lan("dc1", "198.18.1").unwrap();
-    let dc2 = net.lan("dc2", "198.18.2").unwrap();
-    let ctl = net.lan("ctl", "198.18.3").unwrap();
-    let r1 = net.router("r1", &[(&dc1, 1), (&ctl, 1)]).unwrap();
-    let r2 = net.router("r2", &[(&dc2, 1)]).unwrap();
-    net.impaired_link("wan", &r1, &r2, "198.18.100", IMPAIR.as_ref())
-        .unwrap();
-    net.route(&r1, "198.18.2.0/24", "198.18.100.2").unwrap();
-    net.route(&r2, "198.18.1.0/24", "198.18.100.1").unwrap();
-    net.route(&r2, "198.18.3.0/24", "198.18.100.1").unwrap();
+    let TwoDatacenters {
+        dc1, dc2, ctl, r2, ..
+    } = net.two_datacenters(IMPAIR.as_ref()).unwrap();
     net.route(&r2, "198.18.10.0/24", "198.18.100.1").ok();
     let ns_coord = net.host("coord", &ctl, 10, Some(1)).unwrap();
     let ns_web1 = net.host("web-1", &dc1, 11, Some(1)).unwrap();

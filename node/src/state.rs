@@ -343,6 +343,29 @@ impl Node {
         }
     }
 
+    /// The open tunnel to `peer`, if any.
+    pub fn live_tunnel(&self, peer: &NodeName) -> Option<quinn::Connection> {
+        self.conns
+            .lock()
+            .ok()
+            .and_then(|m| m.get(peer).cloned())
+            .filter(|c| c.close_reason().is_none())
+    }
+
+    /// Makes `conn` the tunnel used for `peer`: always when `replace`, else only when
+    /// there is no open one. Returns whether it was stored.
+    pub fn keep_tunnel(&self, peer: &NodeName, conn: &quinn::Connection, replace: bool) -> bool {
+        let Ok(mut m) = self.conns.lock() else {
+            return false;
+        };
+        let store = replace || m.get(peer).is_none_or(|c| c.close_reason().is_some());
+        if store {
+            m.insert(peer.clone(), conn.clone());
+            self.metrics.set_peers_connected(m.len());
+        }
+        store
+    }
+
     /// Asks the control session to have `peer` dial back (hole punching).
     pub fn request_punch(&self, peer: &NodeName) {
         if let Ok(mut p) = self.punches.lock() {

@@ -50,15 +50,8 @@ pub async fn connection(
     node: &Arc<Node>,
     peer: &PeerInfo,
 ) -> Result<(quinn::Connection, bool), DialError> {
-    if let Some(c) = node
-        .conns
-        .lock()
-        .ok()
-        .and_then(|m| m.get(&peer.node).cloned())
-    {
-        if c.close_reason().is_none() {
-            return Ok((c, false));
-        }
+    if let Some(c) = node.live_tunnel(&peer.node) {
+        return Ok((c, false));
     }
     let targets = targets(peer);
     if targets.is_empty() {
@@ -81,10 +74,7 @@ pub async fn connection(
     }
     let addr = conn.remote_address();
     tracing::info!(peer = %peer.node, %addr, "tunnel up (dialled)");
-    if let Ok(mut m) = node.conns.lock() {
-        m.insert(peer.node.clone(), conn.clone());
-        node.metrics.set_peers_connected(m.len());
-    }
+    node.keep_tunnel(&peer.node, &conn, true);
     // Streams the peer opens on a connection we dialled are served like any other.
     let n = node.clone();
     let c = conn.clone();
@@ -148,13 +138,7 @@ async fn dial_any(
         let next = tokio::select! {
             n = tokio::time::timeout_at(deadline, attempts.join_next()) => n,
             _ = look.tick() => {
-                let back = node
-                    .conns
-                    .lock()
-                    .ok()
-                    .and_then(|m| m.get(peer).cloned())
-                    .filter(|c| c.close_reason().is_none());
-                if let Some(c) = back {
+                if let Some(c) = node.live_tunnel(peer) {
                     tracing::debug!(%peer, addr = %c.remote_address(), "peer's dial came through first");
                     return Ok((c, false));
                 }
@@ -183,13 +167,7 @@ async fn dial_any(
 /// Dials `peer` back at `candidates` (it asked through the coordinator, hole punching);
 /// a tunnel that comes up is kept like any other.
 pub async fn dial_back(node: Arc<Node>, peer: NodeName, candidates: Vec<std::net::SocketAddr>) {
-    let live = node
-        .conns
-        .lock()
-        .ok()
-        .and_then(|m| m.get(&peer).cloned())
-        .is_some_and(|c| c.close_reason().is_none());
-    if live || candidates.is_empty() {
+    if node.live_tunnel(&peer).is_some() || candidates.is_empty() {
         return;
     }
     match dial_any(&node, &peer, &candidates).await {
@@ -199,12 +177,7 @@ pub async fn dial_back(node: Arc<Node>, peer: NodeName, candidates: Vec<std::net
             // When the peer's own dial came through meanwhile, that tunnel stays the one
             // this node uses; this one is still served, because the peer may have picked it
             // (closing it could break a flow the peer just opened on it).
-            if let Ok(mut m) = node.conns.lock() {
-                if m.get(&peer).is_none_or(|c| c.close_reason().is_some()) {
-                    m.insert(peer.clone(), conn.clone());
-                    node.metrics.set_peers_connected(m.len());
-                }
-            }
+            node.keep_tunnel(&peer, &conn, false);
             serve_connection(node, conn, peer).await;
         }
         Err(e) => tracing::debug!(%peer, error = %e, "dial back failed"),
@@ -247,10 +220,7 @@ pub async fn accept_loop(node: Arc<Node>) {
                 return;
             };
             tracing::info!(peer = %id.node, %remote, "tunnel up (accepted)");
-            if let Ok(mut m) = node.conns.lock() {
-                m.entry(id.node.clone()).or_insert_with(|| conn.clone());
-                node.metrics.set_peers_connected(m.len());
-            }
+            node.keep_tunnel(&id.node, &conn, false);
             serve_connection(node, conn, id.node).await;
         });
     }

@@ -421,13 +421,7 @@ async fn send_one(
     // A cached route is used until a send on it fails (checking the connection's state
     // per packet would take its lock twice).
     if !routes.contains_key(peer) {
-        let live = node
-            .conns
-            .lock()
-            .ok()
-            .and_then(|m| m.get(peer).cloned())
-            .filter(|c| c.close_reason().is_none());
-        let Some(conn) = live else {
+        let Some(conn) = node.live_tunnel(peer) else {
             dial(node, ov, view, peer);
             ov.dropped(DropReason::NoTunnel, Some(&ov.counters(peer)));
             return;
