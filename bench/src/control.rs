@@ -105,6 +105,7 @@ async fn sim_node(
         tunnel_port: 7800,
         advertise: Some(format!("127.0.0.{}:7800", 1 + i % 200).parse()?),
         local: Vec::new(),
+        relay: false,
         services: cfg.service_names(),
         labels: Labels::default(),
         have_version: 0,

@@ -155,7 +155,13 @@ async fn session(
             candidates.push(c);
         }
     }
-    let moved = mesh.set_candidates(&name, candidates);
+    let moved = mesh.set_candidates(
+        &name,
+        crate::mesh::Reach {
+            candidates,
+            relay: hello.relay,
+        },
+    );
     let (kick_tx, mut kick_rx) = mpsc::channel::<ControlDown>(4);
     let sid = mesh.register_session(&name, conn.clone(), kick_tx);
     tracing::info!(node = %name, %endpoint, agent = %hello.agent_version, have = hello.have_version, "node session up");

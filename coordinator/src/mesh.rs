@@ -117,6 +117,15 @@ pub struct SessionHandle {
     pub kick: tokio::sync::mpsc::Sender<ControlDown>,
 }
 
+/// Where a node's session says it can be reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reach {
+    /// Best first: advertised, observed, its own addresses.
+    pub candidates: Vec<SocketAddr>,
+    /// It relays for other nodes.
+    pub relay: bool,
+}
+
 /// The coordinator.
 pub struct Mesh {
     pub store: Arc<dyn Store>,
@@ -138,8 +147,9 @@ pub struct Mesh {
     next_session: std::sync::atomic::AtomicU64,
     /// Instance health and node liveness.
     health: Mutex<HealthBook>,
-    /// Where each node was last seen reachable (its session's candidates).
-    candidates: Mutex<HashMap<String, Vec<SocketAddr>>>,
+    /// Where each node was last seen reachable (its session's candidates), and whether
+    /// it relays.
+    candidates: Mutex<HashMap<String, Reach>>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -804,7 +814,11 @@ impl Mesh {
                 continue;
             };
             peers.push(PeerInfo {
-                candidates: candidates.get(&n.name).cloned().unwrap_or_default(),
+                candidates: candidates
+                    .get(&n.name)
+                    .map(|r| r.candidates.clone())
+                    .unwrap_or_default(),
+                relay: candidates.get(&n.name).is_some_and(|r| r.relay),
                 online: !health.is_offline(&n.name),
                 critical: health
                     .critical(&n.name)
@@ -878,12 +892,12 @@ impl Mesh {
 
     /// Records where a node's new session says it can be reached; true when that changed
     /// (the caller records the change).
-    pub fn set_candidates(&self, node: &str, candidates: Vec<SocketAddr>) -> bool {
+    pub fn set_candidates(&self, node: &str, reach: Reach) -> bool {
         let mut m = self.candidates.lock().unwrap_or_else(|p| p.into_inner());
-        if m.get(node) == Some(&candidates) {
+        if m.get(node) == Some(&reach) {
             return false;
         }
-        m.insert(node.to_string(), candidates);
+        m.insert(node.to_string(), reach);
         true
     }
 
@@ -893,7 +907,7 @@ impl Mesh {
             .candidates
             .lock()
             .ok()
-            .and_then(|m| m.get(from.as_str()).cloned())
+            .and_then(|m| m.get(from.as_str()).map(|r| r.candidates.clone()))
             .unwrap_or_default();
         let kick = self
             .sessions

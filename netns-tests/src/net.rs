@@ -83,6 +83,80 @@ pub fn echo_transfer(addr: SocketAddr, len: usize) -> std::io::Result<(String, S
     Ok((sent, hex(&h.finalize()), got))
 }
 
+/// What a paced echo transfer saw.
+#[derive(Debug, Clone)]
+pub struct Paced {
+    /// sha256 of what was sent and of what came back.
+    pub sent: String,
+    pub received: String,
+    pub bytes: usize,
+    /// Longest gap between two reads of the echo after the first byte.
+    pub max_stall: Duration,
+    pub secs: f64,
+}
+
+/// Sends `len` pseudo-random bytes through an echo path at `addr` in chunks of `chunk`
+/// bytes every `every` (a flow that lasts, so the path can change under it), reading the
+/// echo back; reports the longest stall.
+pub fn paced_echo(
+    addr: SocketAddr,
+    len: usize,
+    chunk: usize,
+    every: Duration,
+) -> std::io::Result<Paced> {
+    let start = std::time::Instant::now();
+    let s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut w = s.try_clone()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<String> {
+        let mut h = Sha256::new();
+        let mut state: u64 = 0x1234_5678_9abc_def1;
+        let mut buf = vec![0u8; chunk];
+        let mut left = len;
+        let mut next = std::time::Instant::now();
+        while left > 0 {
+            let n = left.min(chunk);
+            fill(&mut state, &mut buf[..n]);
+            w.write_all(&buf[..n])?;
+            h.update(&buf[..n]);
+            left -= n;
+            next += every;
+            std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+        }
+        w.shutdown(std::net::Shutdown::Write)?;
+        Ok(hex(&h.finalize()))
+    });
+    let mut r = s;
+    let mut h = Sha256::new();
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut last: Option<std::time::Instant> = None;
+    let mut max_stall = Duration::ZERO;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let now = std::time::Instant::now();
+        if let Some(l) = last {
+            max_stall = max_stall.max(now - l);
+        }
+        last = Some(now);
+        h.update(&buf[..n]);
+        got += n;
+    }
+    let sent = writer
+        .join()
+        .map_err(|_| std::io::Error::other("writer panicked"))??;
+    Ok(Paced {
+        sent,
+        received: hex(&h.finalize()),
+        bytes: got,
+        max_stall,
+        secs: start.elapsed().as_secs_f64(),
+    })
+}
+
 /// Fills `buf` from a xorshift generator: cheap, incompressible-looking test bytes.
 fn fill(state: &mut u64, buf: &mut [u8]) {
     for b in buf.iter_mut() {

@@ -330,6 +330,31 @@ impl Net {
         exec(ns, &a)
     }
 
+    /// Makes router `nat` (legs: eth0 inside, eth1 outside) a NAT gateway: MASQUERADE out of
+    /// eth1 (`random_fully`: a new random port per destination, a port-dependent mapping),
+    /// and unsolicited packets from outside dropped, as home and cloud NAT gateways do.
+    /// (Without that, a peer's first packet, arriving before this side's own packet left, is
+    /// delivered to the router itself, and its conntrack entry takes the tuple this side's
+    /// mapping needs: Linux then maps to another port and punching fails.)
+    pub fn nat_gateway(&self, nat: &str, random_fully: bool) -> anyhow::Result<()> {
+        self.masquerade(nat, "eth1", random_fully)?;
+        self.iptables(
+            nat,
+            &[
+                "-A",
+                "INPUT",
+                "-i",
+                "eth1",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW",
+                "-j",
+                "DROP",
+            ],
+        )
+    }
+
     /// Runs `iptables ARGS` in `ns` (e.g. a firewall rule).
     pub fn iptables(&self, ns: &str, args: &[&str]) -> anyhow::Result<()> {
         let mut a = vec!["iptables"];

@@ -22,29 +22,8 @@ to = "*"
 action = "allow"
 "#;
 
-/// Makes router `nat` (legs: eth0 inside, eth1 WAN) a NAT gateway: MASQUERADE out of eth1,
-/// and unsolicited packets from the WAN side dropped, as home and cloud NAT gateways do.
-/// (Without that, a peer's first packet, arriving before this side's own packet left, is
-/// delivered to the router itself, and its conntrack entry takes the tuple this side's
-/// mapping needs: Linux then maps to another port and punching fails.)
 fn nat_gateway(net: &Net, nat: &str) {
-    net.masquerade(nat, "eth1", false).unwrap();
-    net.iptables(
-        nat,
-        &[
-            "-A",
-            "INPUT",
-            "-i",
-            "eth1",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-j",
-            "DROP",
-        ],
-    )
-    .unwrap();
+    net.nat_gateway(nat, false).unwrap();
 }
 
 /// Opens a flow from `from` to `service` and pings it once: time to first answer.

@@ -31,11 +31,25 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "critical": p.critical,
                 "connected": conns.contains_key(&p.node),
                 "candidates": p.candidates.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-                "path": conns.get(&p.node).filter(|c| c.close_reason().is_none()).map(|c| json!({
-                    "via": "direct",
-                    "remote": c.remote_address().to_string(),
-                    "rtt_ms": c.rtt().as_secs_f64() * 1e3,
-                })),
+                "path": conns.get(&p.node).filter(|c| c.close_reason().is_none()).map(|c| {
+                    match node.path_status(&p.node) {
+                        Some(s) => json!({
+                            "via": s.kind,
+                            "remote": s.address.to_string(),
+                            "relay": s.relay,
+                            "rtt_ms": s.rtt_ms.unwrap_or(c.rtt().as_secs_f64() * 1e3),
+                            "switches": s.switches,
+                        }),
+                        // The path manager has not looked at a brand-new tunnel yet.
+                        None => json!({
+                            "via": if crate::path::Paths::is_synth(&c.remote_address()) { "relay" } else { "direct" },
+                            "remote": c.remote_address().to_string(),
+                            "relay": null,
+                            "rtt_ms": c.rtt().as_secs_f64() * 1e3,
+                            "switches": 0,
+                        }),
+                    }
+                }),
                 "tried": tried.get(&p.node).map(|t| t.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
             })
         })

@@ -127,6 +127,9 @@ pub struct NodeConfig {
     pub status_interval: Duration,
     /// QUIC keepalive interval on tunnels and the control session (holds NAT mappings).
     pub keepalive: Duration,
+    /// Relay for other nodes: forward opaque tunnel datagrams between nodes that cannot
+    /// reach each other directly (the node needs an address every node can reach).
+    pub relay: bool,
     /// Runtime threads: `None` = automatic (half the cores, at least one); `Some(1)` runs
     /// everything on one thread (fewer cross-thread wake-ups: lower latency on small
     /// hosts).
@@ -156,6 +159,8 @@ struct Raw {
     flow_idle_timeout: Option<String>,
     status_interval: Option<String>,
     keepalive: Option<String>,
+    #[serde(default)]
+    relay: bool,
     worker_threads: Option<i64>,
 }
 
@@ -564,6 +569,7 @@ impl NodeConfig {
                 }
                 k
             },
+            relay: raw.relay,
             worker_threads: match raw.worker_threads {
                 None | Some(0) => None,
                 Some(n) if (1..=256).contains(&n) => Some(n as usize),

@@ -214,6 +214,7 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
         tunnel_port: node.endpoint.local_addr().map(|a| a.port()).unwrap_or(0),
         advertise: node.advertise(),
         local: local_candidates(node),
+        relay: node.cfg.relay,
         services: node.cfg.service_names(),
         labels: node.cfg.labels.clone(),
         have_version: node.view().version,

@@ -349,6 +349,7 @@ mod tests {
             online: true,
             critical: if critical { vec![api] } else { vec![] },
             candidates: vec![],
+            relay: false,
         }
     }
 

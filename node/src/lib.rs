@@ -10,6 +10,7 @@ pub mod frame;
 pub mod health;
 pub mod metrics;
 pub mod overlay;
+pub mod path;
 pub mod proxy;
 pub mod run;
 pub mod state;

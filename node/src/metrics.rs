@@ -56,8 +56,52 @@ pub struct OverlayMetrics {
     pub dropped: [Counter; 10],
 }
 
+/// The path layer's counters (relaying, probes, route changes).
+#[derive(Debug, Clone, Default)]
+pub struct PathMetrics {
+    /// QUIC datagrams this node sent / received through a relay.
+    pub relayed_tx: Counter,
+    pub relayed_rx: Counter,
+    /// Datagrams this node forwarded as a relay, and their bytes.
+    pub relay_forwarded: Counter,
+    pub relay_forwarded_bytes: Counter,
+    relay_dropped: Family<ReasonLabels, Counter>,
+    probes_refused: Family<ReasonLabels, Counter>,
+    switches: Family<ReasonLabels, Counter>,
+}
+
+impl PathMetrics {
+    /// A datagram the relay path dropped, by reason.
+    pub fn relay_dropped(&self, reason: &str) {
+        self.relay_dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A path probe refused, by reason.
+    pub fn probe_refused(&self, reason: &str) {
+        self.probes_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A tunnel moved to a route of this kind (`direct` or `relay`).
+    pub fn path_switch(&self, kind: &str) {
+        self.switches
+            .get_or_create(&ReasonLabels {
+                reason: kind.into(),
+            })
+            .inc();
+    }
+}
+
 /// The node's metrics.
 pub struct Metrics {
+    paths: PathMetrics,
     registry: Registry,
     ingress_accepted: Family<FlowLabels, Counter>,
     ingress_rejected: Family<RejectLabels, Counter>,
@@ -103,6 +147,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("quicmesh");
         let m = Self {
             registry: Registry::default(),
+            paths: PathMetrics::default(),
             ingress_accepted: Family::default(),
             ingress_rejected: Family::default(),
             egress_accepted: Family::default(),
@@ -205,6 +250,42 @@ impl Metrics {
             "Overlay packets dropped, by reason",
             m.overlay_dropped.clone(),
         );
+        let p = &m.paths;
+        registry.register(
+            "relayed_datagrams_sent",
+            "Tunnel datagrams this node sent through a relay",
+            p.relayed_tx.clone(),
+        );
+        registry.register(
+            "relayed_datagrams_received",
+            "Tunnel datagrams this node received through a relay",
+            p.relayed_rx.clone(),
+        );
+        registry.register(
+            "relay_forwarded_datagrams",
+            "Datagrams this node forwarded between two other nodes as a relay",
+            p.relay_forwarded.clone(),
+        );
+        registry.register(
+            "relay_forwarded_bytes",
+            "Bytes this node forwarded between two other nodes as a relay",
+            p.relay_forwarded_bytes.clone(),
+        );
+        registry.register(
+            "relay_dropped",
+            "Relay datagrams dropped, by reason",
+            p.relay_dropped.clone(),
+        );
+        registry.register(
+            "path_probes_refused",
+            "Path probes refused, by reason",
+            p.probes_refused.clone(),
+        );
+        registry.register(
+            "path_switches",
+            "Tunnels moved to another route, by the new route's kind",
+            p.switches.clone(),
+        );
         let dir = |d: &str| DirLabels {
             direction: d.into(),
         };
@@ -216,6 +297,11 @@ impl Metrics {
             bytes_from_tunnel,
             ..m
         }
+    }
+
+    /// The path layer's counters.
+    pub fn paths(&self) -> PathMetrics {
+        self.paths.clone()
     }
 
     /// The overlay's counters, resolved once (the data path adds to them per packet).

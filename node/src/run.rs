@@ -72,17 +72,28 @@ const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
 /// The node's one QUIC endpoint (dials peers and the coordinator; serves peers once the
 /// server config is set), on a socket with large buffers.
-fn tunnel_endpoint(listen: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
+/// QUIC runs on [`crate::path::socket::MeshSocket`], so tunnels can change route (relay,
+/// direct, a peer's new address) under it.
+fn tunnel_endpoint(
+    listen: std::net::SocketAddr,
+    paths: Arc<crate::path::Paths>,
+) -> std::io::Result<quinn::Endpoint> {
+    use quinn::Runtime;
     let sock = std::net::UdpSocket::bind(listen)?;
     let s = socket2::SockRef::from(&sock);
     // Best effort: the kernel caps these at net.core.{r,w}mem_max.
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let inner = runtime.wrap_udp_socket(sock)?;
+    let mut ep = quinn::EndpointConfig::default();
+    // Path packets are told apart from QUIC by its fixed bit: peers must never clear it.
+    ep.grease_quic_bit(false);
+    quinn::Endpoint::new_with_abstract_socket(
+        ep,
         None,
-        sock,
-        Arc::new(quinn::TokioRuntime),
+        crate::path::socket::MeshSocket::new(inner, paths),
+        runtime,
     )
 }
 
@@ -91,11 +102,14 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
     tls::set_keepalive(cfg.keepalive);
     let data = DataDir::open(&cfg.data_dir)?;
     let key = data.key()?;
-    let endpoint = tunnel_endpoint(cfg.listen).map_err(|source| StartError::Bind {
-        what: "tunnel listener (udp)",
-        addr: cfg.listen.to_string(),
-        source,
-    })?;
+    let metrics = Arc::new(Metrics::new());
+    let (paths, probes) = crate::path::Paths::new(cfg.relay, metrics.paths());
+    let endpoint =
+        tunnel_endpoint(cfg.listen, paths.clone()).map_err(|source| StartError::Bind {
+            what: "tunnel listener (udp)",
+            addr: cfg.listen.to_string(),
+            source,
+        })?;
     let stored = match data.identity()? {
         Some(id) => {
             let peer = PeerIdentity::from_der(&id.cert_der, &id.trust_domain)
@@ -154,7 +168,6 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
         .unwrap_or_default();
     let trust = Trust::new(stored.trust_domain.clone(), &stored.ca_bundle, revoked)?;
     let cert = CertSlot::with(vec![stored.cert_der.clone()], &key.serialize_der())?;
-    let metrics = Arc::new(Metrics::new());
     let health = crate::health::start(&cfg.services, metrics.clone());
     let node = Node::new(
         cfg,
@@ -166,6 +179,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
         identity,
         stored.cert_der,
         endpoint,
+        paths,
         health,
     );
     if let Some(snap) = snapshot {
@@ -227,6 +241,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
     };
 
     tokio::spawn(tunnel::accept_loop(node.clone()));
+    tokio::spawn(crate::path::manager::run(node.clone(), probes));
     if let Ok(mut b) = node.bound.lock() {
         b.upstreams = upstreams
             .iter()

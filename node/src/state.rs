@@ -160,6 +160,12 @@ pub struct Node {
     pub health: crate::health::Reports,
     /// Per peer, the addresses the last successful dial tried (for `status`).
     pub tried: Mutex<HashMap<NodeName, Vec<SocketAddr>>>,
+    /// Route tables under the tunnels (read by the socket, edited by the path manager).
+    pub paths: Arc<crate::path::Paths>,
+    /// Every tunnel being served (the one in `conns` and any second one), by stable id.
+    served: Mutex<HashMap<usize, (NodeName, quinn::Connection)>>,
+    /// Per peer, the route of the tunnel flows use (published by the path manager).
+    path_status: Mutex<HashMap<NodeName, crate::path::manager::PathStatus>>,
     /// Peers being dialled that should dial back (sent by the control session).
     punches: Mutex<Vec<NodeName>>,
     punch_ready: tokio::sync::Notify,
@@ -200,6 +206,7 @@ impl Node {
         identity: PeerIdentity,
         leaf_der: Vec<u8>,
         endpoint: quinn::Endpoint,
+        paths: Arc<crate::path::Paths>,
         health: crate::health::Reports,
     ) -> Arc<Self> {
         metrics.set_cert_not_after(identity.not_after);
@@ -221,6 +228,9 @@ impl Node {
             overlay: std::sync::OnceLock::new(),
             health,
             tried: Mutex::new(HashMap::new()),
+            paths,
+            served: Mutex::new(HashMap::new()),
+            path_status: Mutex::new(HashMap::new()),
             punches: Mutex::new(Vec::new()),
             punch_ready: tokio::sync::Notify::new(),
             view_tx,
@@ -272,23 +282,9 @@ impl Node {
             }
         }
         self.trust.store(Arc::new(trust));
-        let old = self.view();
         let view = Arc::new(View::from_snapshot(snap));
-        // A peer that moved (restart on a new port, new address) leaves a tunnel to where it
-        // was: drop it now rather than wait for the idle timeout.
-        if let Ok(mut conns) = self.conns.lock() {
-            conns.retain(|name, conn| {
-                let before = old.peers.get(name).and_then(|p| p.endpoint);
-                let now = view.peers.get(name).and_then(|p| p.endpoint);
-                let moved = before.is_some() && now.is_some() && before != now;
-                if moved {
-                    tracing::info!(peer = %name, ?before, ?now, "peer moved; closing the old tunnel");
-                    conn.close(quinn::VarInt::from_u32(4), b"peer moved");
-                }
-                !moved
-            });
-            self.metrics.set_peers_connected(conns.len());
-        }
+        // A peer that moved keeps its tunnel: the path manager follows it to its new
+        // address, or closes the tunnel when nothing answers.
         self.view_tx.send_replace(view.clone());
         self.metrics.set_snapshot_version(snap.version);
         self.recheck(&view);
@@ -364,6 +360,43 @@ impl Node {
             self.metrics.set_peers_connected(m.len());
         }
         store
+    }
+
+    /// Records a tunnel being served (until [`Node::unserve`]).
+    pub fn serve_tunnel(&self, peer: &NodeName, conn: &quinn::Connection) {
+        if let Ok(mut m) = self.served.lock() {
+            m.insert(conn.stable_id(), (peer.clone(), conn.clone()));
+        }
+    }
+
+    /// A served tunnel ended.
+    pub fn unserve(&self, conn: &quinn::Connection) {
+        if let Ok(mut m) = self.served.lock() {
+            m.remove(&conn.stable_id());
+        }
+    }
+
+    /// Every tunnel being served.
+    pub fn served_tunnels(&self) -> Vec<(NodeName, quinn::Connection)> {
+        self.served
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Publishes the tunnels' routes (path manager).
+    pub fn set_path_status(&self, s: HashMap<NodeName, crate::path::manager::PathStatus>) {
+        if let Ok(mut m) = self.path_status.lock() {
+            *m = s;
+        }
+    }
+
+    /// The route of the tunnel to `peer`, when there is one.
+    pub fn path_status(&self, peer: &NodeName) -> Option<crate::path::manager::PathStatus> {
+        self.path_status
+            .lock()
+            .ok()
+            .and_then(|m| m.get(peer).cloned())
     }
 
     /// Asks the control session to have `peer` dial back (hole punching).

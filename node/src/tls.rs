@@ -470,6 +470,11 @@ pub fn set_keepalive(d: std::time::Duration) {
     let _ = KEEPALIVE.set(d);
 }
 
+/// The keepalive interval in force.
+pub fn keepalive() -> std::time::Duration {
+    *KEEPALIVE.get().unwrap_or(&DEFAULT_KEEPALIVE)
+}
+
 fn base_transport(streams: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(*KEEPALIVE.get().unwrap_or(&DEFAULT_KEEPALIVE)));
@@ -507,6 +512,9 @@ pub fn server_config(
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(transport());
+    // A tunnel keeps the address it came up on; the path layer (authenticated probes)
+    // decides where its datagrams really go, so QUIC must not move it on its own.
+    cfg.migration(false);
     Ok(cfg)
 }
 

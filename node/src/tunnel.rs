@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::ident::NodeName;
+use quicmesh_protocol::path::PeerId;
 use quicmesh_protocol::wire::{PeerInfo, RejectCode, StreamHeader, StreamReply};
 use tokio::net::TcpStream;
 use tracing::Instrument;
@@ -60,14 +61,33 @@ pub async fn connection(
     // When the handshake is not done quickly, ask the peer (through the coordinator) to
     // dial back: behind NATs, each side's outgoing packets open the mapping the other
     // side's packets come in by. Reachable peers answer first and are not asked.
-    let dial = dial_any(node, &peer.node, &targets);
-    tokio::pin!(dial);
-    let (conn, dialled) = tokio::select! {
-        r = &mut dial => r?,
-        _ = tokio::time::sleep(PUNCH_AFTER) => {
-            node.request_punch(&peer.node);
-            dial.await?
+    let dial = async {
+        let dial = dial_any(node, &peer.node, &targets);
+        tokio::pin!(dial);
+        tokio::select! {
+            r = &mut dial => r,
+            _ = tokio::time::sleep(PUNCH_AFTER) => {
+                node.request_punch(&peer.node);
+                dial.await
+            }
         }
+    };
+    // Traffic starts on whatever path works first: a relay joins the race after
+    // RELAY_AFTER; the path manager moves the tunnel to a direct path when one answers.
+    let relayed = dial_relay(node, peer);
+    tokio::pin!(dial, relayed);
+    let (conn, dialled) = tokio::select! {
+        r = &mut dial => match r {
+            Ok(c) => c,
+            Err(direct) => relayed.await.map_err(|e| DialError::Connect {
+                peer: peer.node.clone(),
+                reason: format!("{direct}; {e}"),
+            })?,
+        },
+        r = &mut relayed => match r {
+            Ok(c) => c,
+            Err(_) => dial.await?,
+        },
     };
     if !dialled {
         return Ok((conn, true));
@@ -92,6 +112,55 @@ fn targets(peer: &PeerInfo) -> Vec<std::net::SocketAddr> {
         }
     }
     t
+}
+
+/// A direct dial still without a handshake after this is raced by a relayed one.
+const RELAY_AFTER: Duration = Duration::from_secs(1);
+/// How long a relayed dial waits for a relay to answer pings.
+const RELAY_WAIT: Duration = Duration::from_secs(5);
+
+/// Dials `peer` through the nearest live relay (after [`RELAY_AFTER`]).
+async fn dial_relay(
+    node: &Arc<Node>,
+    peer: &PeerInfo,
+) -> Result<(quinn::Connection, bool), DialError> {
+    let err = |reason: String| DialError::Connect {
+        peer: peer.node.clone(),
+        reason,
+    };
+    if peer.relay {
+        // Relays are reached directly (they are reachable by definition).
+        return Err(err("a relay is not reached through a relay".into()));
+    }
+    tokio::time::sleep(RELAY_AFTER).await;
+    let deadline = tokio::time::Instant::now() + RELAY_WAIT;
+    let (name, relay) = loop {
+        let live = node.paths.live_relays();
+        if let Some(r) = live.iter().find(|(n, _)| n != &peer.node) {
+            break r.clone();
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(err("no relay answers".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let to = PeerId::of(&peer.node);
+    let visible = node.paths.synth_for(to);
+    node.paths
+        .set_route(visible, crate::path::Route::Relay { relay, to });
+    tracing::debug!(peer = %peer.node, relay = %name, "dialling through a relay");
+    let cfg = peer_client_config(node).map_err(|e| err(e.to_string()))?;
+    let conn = node
+        .endpoint
+        .connect_with(cfg, visible, peer.node.as_str())
+        .map_err(|e| err(format!("via relay {name}: {e}")))?;
+    match tokio::time::timeout(DIAL_TIMEOUT, conn).await {
+        Ok(Ok(c)) => Ok((c, true)),
+        Ok(Err(e)) => Err(err(format!("via relay {name}: {e}"))),
+        Err(_) => Err(err(format!(
+            "via relay {name}: no handshake within {DIAL_TIMEOUT:?}"
+        ))),
+    }
 }
 
 /// A dial still without a handshake after this asks the peer to dial back.
@@ -219,6 +288,14 @@ pub async fn accept_loop(node: Arc<Node>) {
                 conn.close(quinn::VarInt::from_u32(1), b"no identity");
                 return;
             };
+            // Through a relay, the relay named the sender: the certificate must agree.
+            if crate::path::Paths::is_synth(&remote)
+                && node.paths.synth_peer(&remote) != Some(PeerId::of(&id.node))
+            {
+                node.metrics.handshake_refused("relay_sender_mismatch");
+                conn.close(quinn::VarInt::from_u32(1), b"relay sender mismatch");
+                return;
+            }
             tracing::info!(peer = %id.node, %remote, "tunnel up (accepted)");
             node.keep_tunnel(&id.node, &conn, false);
             serve_connection(node, conn, id.node).await;
@@ -236,6 +313,7 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeNa
         Some(id) => Arc::new(id),
         None => return,
     };
+    node.serve_tunnel(&peer, &conn);
     let span = tracing::info_span!("tunnel", peer = %peer);
     async {
         loop {
@@ -254,6 +332,7 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeNa
     }
     .instrument(span)
     .await;
+    node.unserve(&conn);
     if let Ok(mut m) = node.conns.lock() {
         if m.get(&peer)
             .is_some_and(|c| c.stable_id() == conn.stable_id())

@@ -162,6 +162,7 @@ mod tests {
             online: true,
             critical: Vec::new(),
             candidates: Vec::new(),
+            relay: false,
         }
     }
 

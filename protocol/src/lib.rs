@@ -8,6 +8,7 @@ pub mod health;
 pub mod ident;
 pub mod overlay;
 pub mod packet;
+pub mod path;
 pub mod policy;
 pub mod routing;
 pub mod token;

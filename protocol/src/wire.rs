@@ -142,6 +142,8 @@ pub struct Hello {
     /// The node's own addresses with its tunnel port (its interface address toward the
     /// coordinator): candidates for peers on the same network or behind the same NAT.
     pub local: Vec<SocketAddr>,
+    /// The node relays for others (`relay = true` in its config).
+    pub relay: bool,
     pub services: Vec<ServiceName>,
     pub labels: Labels,
     /// Snapshot version the node holds (0 = none).
@@ -257,6 +259,8 @@ pub struct PeerInfo {
     /// the one the coordinator sees its packets come from (through any NAT), its own
     /// interface addresses. Dialled together; the first handshake wins.
     pub candidates: Vec<SocketAddr>,
+    /// The peer relays packets between nodes that cannot reach each other directly.
+    pub relay: bool,
 }
 
 impl PeerInfo {

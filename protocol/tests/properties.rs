@@ -80,6 +80,7 @@ fn up() -> impl Strategy<Value = ControlUp> {
                     tunnel_port: p,
                     advertise: None,
                     local: vec![([198, 18, 0, 9], p).into()],
+                    relay: p % 2 == 0,
                     services: s,
                     labels: l,
                     have_version: v,
@@ -122,6 +123,7 @@ fn peers() -> impl Strategy<Value = Vec<PeerInfo>> {
                     .unwrap_or_default(),
                 // Offline and failing services vary with the port, so deltas carry them.
                 online: port.is_none_or(|p| p % 3 != 0),
+                relay: port.is_some_and(|p| p % 5 == 0),
                 critical: services
                     .iter()
                     .filter(|_| port.is_some_and(|p| p % 2 == 0))

@@ -449,6 +449,7 @@ mod tests {
                 online: true,
                 critical: Vec::new(),
                 candidates: Vec::new(),
+                relay: false,
             },
         );
         v

@@ -1,0 +1,515 @@
+//! The path manager: one task that keeps every tunnel on the best route that works.
+//!
+//! Each tunnel (a *link*) gets a key and an id from its TLS exporter, known only to its
+//! two ends. Pings carry the link id, a random transaction id and a tag over both; a pong
+//! echoes the transaction id and says where the ping came from. So a route is only ever
+//! chosen on the word of the peer itself, and an address is only mapped to a tunnel after
+//! an authenticated ping came from it.
+//!
+//! Per link, every [`HEARTBEAT`] (while active; every keepalive interval when idle): a
+//! ping on the current route. A relayed link also pings the peer's direct candidates
+//! every [`UPGRADE_EVERY`] and moves to the first that answers (path upgrade). A route
+//! without a pong for [`DEAD_AFTER`] is dead: every candidate and every live relay is
+//! pinged and the link moves to the best one that answers (relay failover, and a peer
+//! whose address changed). A ping from an address the link does not use yet is answered
+//! with a ping back at once (both sides punching).
+//!
+//! Relays: every node keeps a tunnel to each relay of the mesh and heartbeats it; the
+//! relay takes the ping's source as where to forward that node's relayed packets.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quicmesh_protocol::ident::NodeName;
+use quicmesh_protocol::path::{self as pp, PathPacket, PeerId, TAG_LEN};
+use ring::hmac;
+use tokio::sync::mpsc;
+
+use super::{Incoming, Paths, Route, Source};
+use crate::state::{Node, View};
+
+/// Ping interval on an active link's current route.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A route without a pong this long is dead.
+pub const DEAD_AFTER: Duration = Duration::from_millis(3200);
+/// A relayed link pings the peer's direct candidates this often.
+pub const UPGRADE_EVERY: Duration = Duration::from_secs(2);
+/// A link searching for a route pings every option this often.
+const SEARCH_EVERY: Duration = Duration::from_millis(500);
+/// A link is active when it carried datagrams within this.
+const ACTIVE_FOR: Duration = Duration::from_secs(10);
+/// Pings not answered within this are forgotten.
+const PONG_WAIT: Duration = Duration::from_secs(5);
+/// How often the manager looks at its links.
+const TICK: Duration = Duration::from_millis(250);
+/// Gap between tunnel attempts to one relay.
+const RELAY_REDIAL: Duration = Duration::from_secs(3);
+
+/// A tunnel's path state, shown by `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PathStatus {
+    /// `direct` or `relay`.
+    pub kind: &'static str,
+    /// Where datagrams go: the peer's address, or the relay's.
+    pub address: SocketAddr,
+    /// The relay's node name, when relayed.
+    pub relay: Option<String>,
+    /// Round trip of the last answered ping on the current route.
+    pub rtt_ms: Option<f64>,
+    /// Route changes since the tunnel came up.
+    pub switches: u32,
+}
+
+struct Link {
+    peer: NodeName,
+    conn: quinn::Connection,
+    key: hmac::Key,
+    visible: SocketAddr,
+    route: Route,
+    /// Last pong per route.
+    alive: HashMap<Route, Instant>,
+    rtt: Option<Duration>,
+    created: Instant,
+    last_ping: Option<Instant>,
+    last_upgrade: Option<Instant>,
+    last_rx: (u64, Instant),
+    /// Direct addresses pinged in reaction to the peer's pings (rate limit).
+    reacted: HashMap<SocketAddr, Instant>,
+    switches: u32,
+    /// No pong on the current route this long: it is dead (longer for idle links, which
+    /// ping less often).
+    dead_after: Duration,
+}
+
+impl Link {
+    fn tag(&self, bytes: &[u8]) -> [u8; TAG_LEN] {
+        let t = hmac::sign(&self.key, bytes);
+        let mut out = [0u8; TAG_LEN];
+        out.copy_from_slice(&t.as_ref()[..TAG_LEN]);
+        out
+    }
+
+    fn verify(&self, datagram: &[u8], tag: &[u8; TAG_LEN]) -> bool {
+        let want = self.tag(pp::signed(datagram));
+        // Constant time: the tag is a MAC.
+        want.iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
+    fn current_alive(&self, now: Instant) -> bool {
+        let since = self.alive.get(&self.route).copied().unwrap_or(self.created);
+        now.duration_since(since) < self.dead_after
+    }
+
+    fn active(&mut self, now: Instant) -> bool {
+        let rx = self.conn.stats().udp_rx.datagrams;
+        if rx != self.last_rx.0 {
+            self.last_rx = (rx, now);
+        }
+        now.duration_since(self.last_rx.1) < ACTIVE_FOR
+    }
+}
+
+/// Key and id of a tunnel's probes, from its TLS exporter (both ends derive the same).
+fn link_keys(conn: &quinn::Connection) -> Option<(hmac::Key, u64)> {
+    let mut out = [0u8; 40];
+    conn.export_keying_material(&mut out, b"EXPORTER-quicmesh-path-probe", b"")
+        .ok()?;
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&out[32..]);
+    Some((
+        hmac::Key::new(hmac::HMAC_SHA256, &out[..32]),
+        u64::from_be_bytes(id),
+    ))
+}
+
+struct Sent {
+    link: u64,
+    route: Route,
+    at: Instant,
+}
+
+/// A relay as this node sees it.
+#[derive(Debug, Clone)]
+struct RelayState {
+    /// Where its tunnel's datagrams go (its address on our current route).
+    addr: Option<SocketAddr>,
+    last_dial: Option<Instant>,
+}
+
+struct Manager {
+    node: Arc<Node>,
+    paths: Arc<Paths>,
+    links: HashMap<u64, Link>,
+    sent: HashMap<[u8; 12], Sent>,
+    relays: HashMap<NodeName, RelayState>,
+}
+
+/// Runs the path manager until the node stops.
+pub async fn run(node: Arc<Node>, mut incoming: mpsc::Receiver<Incoming>) {
+    let mut m = Manager {
+        paths: node.paths.clone(),
+        node,
+        links: HashMap::new(),
+        sent: HashMap::new(),
+        relays: HashMap::new(),
+    };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => m.tick(Instant::now()),
+            p = incoming.recv() => match p {
+                Some(p) => m.incoming(p, Instant::now()),
+                None => return,
+            },
+        }
+    }
+}
+
+impl Manager {
+    fn tick(&mut self, now: Instant) {
+        let view = self.node.view();
+        self.sync_links(now);
+        self.sync_relays(&view, now);
+        self.sent
+            .retain(|_, s| now.duration_since(s.at) < PONG_WAIT);
+        let ids: Vec<u64> = self.links.keys().copied().collect();
+        for id in ids {
+            self.drive(id, &view, now);
+        }
+        self.publish(&view);
+    }
+
+    /// Links for every served tunnel; gone tunnels' routes forgotten.
+    fn sync_links(&mut self, now: Instant) {
+        let served = self.node.served_tunnels();
+        let live: HashSet<usize> = served.iter().map(|(_, c)| c.stable_id()).collect();
+        let paths = self.paths.clone();
+        self.links.retain(|_, l| {
+            let keep = live.contains(&l.conn.stable_id()) && l.conn.close_reason().is_none();
+            if !keep {
+                paths.forget(l.visible);
+            }
+            keep
+        });
+        let known: HashSet<usize> = self.links.values().map(|l| l.conn.stable_id()).collect();
+        for (peer, conn) in served {
+            if known.contains(&conn.stable_id()) || conn.close_reason().is_some() {
+                continue;
+            }
+            let Some((key, id)) = link_keys(&conn) else {
+                continue;
+            };
+            let visible = conn.remote_address();
+            let route = self.paths.route(visible);
+            tracing::debug!(%peer, %visible, ?route, link = id, "path link up");
+            self.links.insert(
+                id,
+                Link {
+                    peer,
+                    conn,
+                    key,
+                    visible,
+                    route,
+                    alive: HashMap::new(),
+                    rtt: None,
+                    created: now,
+                    last_ping: None,
+                    last_upgrade: Some(now),
+                    last_rx: (0, now),
+                    reacted: HashMap::new(),
+                    switches: 0,
+                    dead_after: DEAD_AFTER,
+                },
+            );
+        }
+        if self.paths.is_relay {
+            let ids: HashSet<PeerId> = self.links.values().map(|l| PeerId::of(&l.peer)).collect();
+            self.paths.retain_registered(|id| ids.contains(id));
+        }
+    }
+
+    /// Keeps a tunnel to every relay; tells the socket which relays it may take relayed
+    /// datagrams from.
+    fn sync_relays(&mut self, view: &View, now: Instant) {
+        let me = &self.node.cfg.name;
+        let mut relays: Vec<&quicmesh_protocol::wire::PeerInfo> = view
+            .peers
+            .values()
+            .filter(|p| p.relay && p.online && &p.node != me)
+            .collect();
+        relays.sort_by_key(|p| {
+            (
+                quicmesh_protocol::routing::tier(&view.labels, &p.labels),
+                p.node.clone(),
+            )
+        });
+        self.relays
+            .retain(|n, _| relays.iter().any(|p| &p.node == n));
+        let mut addrs = HashSet::new();
+        let mut order = Vec::new();
+        for p in relays {
+            let link = self
+                .links
+                .values()
+                .find(|l| l.peer == p.node && !Paths::is_synth(&l.visible));
+            let st = self.relays.entry(p.node.clone()).or_insert(RelayState {
+                addr: None,
+                last_dial: None,
+            });
+            match link {
+                Some(l) => {
+                    let addr = match l.route {
+                        Route::Direct(a) => a,
+                        Route::Relay { .. } => l.visible,
+                    };
+                    st.addr = Some(addr);
+                    addrs.insert(addr);
+                    if l.current_alive(now) && l.alive.contains_key(&l.route) {
+                        order.push((p.node.clone(), addr));
+                    }
+                }
+                None => {
+                    st.addr = None;
+                    if st
+                        .last_dial
+                        .is_none_or(|t| now.duration_since(t) >= RELAY_REDIAL)
+                    {
+                        st.last_dial = Some(now);
+                        let node = self.node.clone();
+                        let peer = p.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = crate::tunnel::connection(&node, &peer).await {
+                                tracing::debug!(relay = %peer.node, error = %e, "relay unreachable");
+                            }
+                        });
+                    }
+                }
+            }
+        }
+        self.paths.set_relays(addrs);
+        self.paths.set_live_relays(order);
+    }
+
+    fn ping(&mut self, id: u64, route: Route, now: Instant) {
+        let Some(l) = self.links.get(&id) else {
+            return;
+        };
+        let tx: [u8; 12] = rand::random();
+        let d = pp::ping(id, tx, |b| l.tag(b));
+        if self.paths.send_probe(route, &d).is_ok() {
+            self.sent.insert(
+                tx,
+                Sent {
+                    link: id,
+                    route,
+                    at: now,
+                },
+            );
+        }
+    }
+
+    /// Every direct address the peer may be reached at, plus every live relay.
+    fn options(&self, l: &Link, view: &View) -> Vec<Route> {
+        let mut out = Vec::new();
+        if !Paths::is_synth(&l.visible) {
+            out.push(Route::Direct(l.visible));
+        }
+        if let Some(p) = view.peers.get(&l.peer) {
+            for a in p.candidates.iter().chain(p.endpoint.iter()) {
+                let r = Route::Direct(*a);
+                if !out.contains(&r) {
+                    out.push(r);
+                }
+            }
+        }
+        if !view.peers.get(&l.peer).is_some_and(|p| p.relay) {
+            let to = PeerId::of(&l.peer);
+            for (name, relay) in self.paths.live_relays().iter() {
+                if name != &l.peer {
+                    out.push(Route::Relay { relay: *relay, to });
+                }
+            }
+        }
+        out
+    }
+
+    fn drive(&mut self, id: u64, view: &View, now: Instant) {
+        let Some(l) = self.links.get_mut(&id) else {
+            return;
+        };
+        // Links to relays stay active: nodes' registrations and relay liveness ride on them.
+        let to_relay = view.peers.get(&l.peer).is_some_and(|p| p.relay);
+        let every = if l.active(now) || to_relay {
+            HEARTBEAT
+        } else {
+            crate::tls::keepalive()
+        };
+        l.dead_after = DEAD_AFTER.max(every * 2 + Duration::from_millis(1200));
+        let alive = l.current_alive(now);
+        let relayed = l.route.is_relay();
+        let due = |t: Option<Instant>, d: Duration| t.is_none_or(|t| now.duration_since(t) >= d);
+        let heartbeat = due(l.last_ping, if alive { every } else { SEARCH_EVERY });
+        let upgrade = relayed && due(l.last_upgrade, UPGRADE_EVERY);
+        let route = l.route;
+        if !heartbeat && !upgrade {
+            return;
+        }
+        if heartbeat {
+            l.last_ping = Some(now);
+        }
+        if upgrade {
+            l.last_upgrade = Some(now);
+        }
+        let options = self.options(&self.links[&id], view);
+        if heartbeat {
+            self.ping(id, route, now);
+            if !alive {
+                // Dead route: ask every option; the best that answers wins.
+                for r in options.iter().filter(|r| **r != route) {
+                    self.ping(id, *r, now);
+                }
+            }
+        }
+        if upgrade && alive {
+            for r in options.iter().filter(|r| !r.is_relay()) {
+                self.ping(id, *r, now);
+            }
+        }
+    }
+
+    fn incoming(&mut self, p: Incoming, now: Instant) {
+        let pkt = match pp::decode(&p.datagram) {
+            Ok(Some(pkt)) => pkt,
+            _ => return,
+        };
+        match pkt {
+            PathPacket::Ping(probe) => self.on_ping(probe, &p, now),
+            PathPacket::Pong { probe, observed } => self.on_pong(probe, observed, &p, now),
+            _ => {}
+        }
+    }
+
+    fn on_ping(&mut self, probe: pp::Probe, p: &Incoming, now: Instant) {
+        if !self.links.contains_key(&probe.link) {
+            // A tunnel that just came up may not be a link yet.
+            self.sync_links(now);
+        }
+        let Some(l) = self.links.get_mut(&probe.link) else {
+            self.paths.metrics.probe_refused("unknown_link");
+            return;
+        };
+        if !l.verify(&p.datagram, &probe.tag) {
+            self.paths.metrics.probe_refused("bad_tag");
+            return;
+        }
+        let observed = match p.source {
+            Source::Direct(a) => a,
+            Source::Relay { relay, .. } => relay,
+        };
+        if let Source::Direct(from) = p.source {
+            // The peer proved it sends from here: its datagrams from here are this tunnel's.
+            self.paths.accept_from(from, l.visible);
+            if self.paths.is_relay {
+                self.paths.register(PeerId::of(&l.peer), from);
+            }
+        }
+        let d = pp::pong(probe.link, probe.tx, observed, |b| l.tag(b));
+        let _ = self.paths.send_probe(p.source.route(), &d);
+        // Punching: a ping from an address we do not send to is answered by one of ours.
+        if let Source::Direct(from) = p.source {
+            let fresh = l
+                .reacted
+                .get(&from)
+                .is_none_or(|t| now.duration_since(*t) >= SEARCH_EVERY);
+            if l.route != Route::Direct(from) && fresh {
+                l.reacted.insert(from, now);
+                l.reacted.retain(|_, t| now.duration_since(*t) < PONG_WAIT);
+                self.ping(probe.link, Route::Direct(from), now);
+            }
+        }
+    }
+
+    fn on_pong(&mut self, probe: pp::Probe, observed: SocketAddr, p: &Incoming, now: Instant) {
+        let Some(sent) = self.sent.get(&probe.tx) else {
+            return;
+        };
+        if sent.link != probe.link {
+            return;
+        }
+        let Some(l) = self.links.get_mut(&probe.link) else {
+            return;
+        };
+        if !l.verify(&p.datagram, &probe.tag) {
+            self.paths.metrics.probe_refused("bad_tag");
+            return;
+        }
+        let Some(sent) = self.sent.remove(&probe.tx) else {
+            return;
+        };
+        let route = sent.route;
+        let rtt = now.duration_since(sent.at);
+        l.alive.insert(route, now);
+        let _ = observed;
+        if route == l.route {
+            l.rtt = Some(rtt);
+            return;
+        }
+        let current_dead = !l.current_alive(now);
+        let better = match (route, l.route) {
+            (Route::Direct(_), Route::Relay { .. }) => true,
+            _ => current_dead,
+        };
+        if better {
+            tracing::info!(peer = %l.peer, from = ?l.route, to = ?route, rtt = ?rtt, "tunnel path changed");
+            self.paths
+                .metrics
+                .path_switch(if route.is_relay() { "relay" } else { "direct" });
+            self.paths.set_route(l.visible, route);
+            l.route = route;
+            l.rtt = Some(rtt);
+            l.switches += 1;
+        }
+    }
+
+    fn publish(&self, view: &View) {
+        let relay_names: HashMap<SocketAddr, NodeName> = self
+            .relays
+            .iter()
+            .filter_map(|(n, s)| s.addr.map(|a| (a, n.clone())))
+            .collect();
+        let mut out = HashMap::new();
+        for l in self.links.values() {
+            // The tunnel `status` shows is the one flows use.
+            if self
+                .node
+                .live_tunnel(&l.peer)
+                .is_some_and(|c| c.stable_id() != l.conn.stable_id())
+            {
+                continue;
+            }
+            let (kind, address, relay) = match l.route {
+                Route::Direct(a) => ("direct", a, None),
+                Route::Relay { relay, .. } => (
+                    "relay",
+                    relay,
+                    relay_names.get(&relay).map(|n| n.to_string()),
+                ),
+            };
+            out.insert(
+                l.peer.clone(),
+                PathStatus {
+                    kind,
+                    address,
+                    relay,
+                    rtt_ms: l.rtt.map(|r| r.as_secs_f64() * 1e3),
+                    switches: l.switches,
+                },
+            );
+        }
+        let _ = view;
+        self.node.set_path_status(out);
+    }
+}

@@ -1,0 +1,343 @@
+//! Paths under the tunnels: which underlay route each peer's packets take.
+//!
+//! QUIC sees one fixed address per tunnel for its whole life (its *visible* address: the
+//! address the handshake went to, or a synthetic `0.x.y.z` address for a tunnel opened
+//! through a relay — `0.0.0.0/8` is never a destination on the wire). Under it,
+//! [`socket::MeshSocket`] sends each datagram on the tunnel's current [`Route`] — straight
+//! to an address, or wrapped for a relay — and maps what arrives back to the visible
+//! address. [`manager`] probes routes, upgrades relayed tunnels to direct ones, moves
+//! tunnels off dead relays and follows peers whose address changed, by editing these
+//! tables; QUIC never notices (its server-side migration is off, so nothing else moves a
+//! tunnel).
+
+pub mod manager;
+pub mod socket;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arc_swap::ArcSwap;
+use quicmesh_protocol::path::{PeerId, RELAY_HEADER};
+use tokio::sync::mpsc;
+
+use crate::metrics::PathMetrics;
+
+/// Where a tunnel's packets go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// Straight to this address.
+    Direct(SocketAddr),
+    /// Wrapped for the relay at `relay`, which forwards to the node `to`.
+    Relay { relay: SocketAddr, to: PeerId },
+}
+
+impl Route {
+    pub fn is_relay(&self) -> bool {
+        matches!(self, Route::Relay { .. })
+    }
+}
+
+/// Where a path packet (ping or pong) came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Direct(SocketAddr),
+    Relay { relay: SocketAddr, from: PeerId },
+}
+
+impl Source {
+    /// The route that answers this source.
+    pub fn route(&self) -> Route {
+        match *self {
+            Source::Direct(a) => Route::Direct(a),
+            Source::Relay { relay, from } => Route::Relay { relay, to: from },
+        }
+    }
+}
+
+/// A probe that arrived, for the manager.
+#[derive(Debug)]
+pub struct Incoming {
+    pub source: Source,
+    pub datagram: Vec<u8>,
+}
+
+/// Most relayed datagrams waiting for QUIC to read them; more are dropped (QUIC
+/// retransmits).
+const PENDING_MAX: usize = 4096;
+/// Most probes waiting for the manager.
+const PROBES_MAX: usize = 1024;
+
+/// The route tables shared by the socket (every datagram) and the manager (edits).
+/// Reads are lock-free snapshots; edits copy the small maps.
+#[derive(Debug)]
+pub struct Paths {
+    /// Visible address -> route, for tunnels not (or no longer) on their visible address.
+    send: ArcSwap<HashMap<SocketAddr, Route>>,
+    /// Actual source address -> visible address (direct routes that replaced another).
+    recv: ArcSwap<HashMap<SocketAddr, SocketAddr>>,
+    /// Peer id -> the synthetic address of tunnels through relays, and back.
+    synth: ArcSwap<HashMap<PeerId, SocketAddr>>,
+    synth_rev: ArcSwap<HashMap<SocketAddr, PeerId>>,
+    /// Relays whose relayed packets this node takes.
+    relays: ArcSwap<HashSet<SocketAddr>>,
+    /// Relays answering this node's pings, nearest first: (name, address).
+    live_relays: ArcSwap<Vec<(quicmesh_protocol::ident::NodeName, SocketAddr)>>,
+    /// When this node is a relay: the nodes registered with it, by id and by address.
+    registry: ArcSwap<Registry>,
+    pub is_relay: bool,
+    edit: Mutex<()>,
+    /// Relayed QUIC datagrams for QUIC's next read: (visible source, datagram).
+    pending: Mutex<VecDeque<(SocketAddr, Vec<u8>)>>,
+    probes: mpsc::Sender<Incoming>,
+    /// The real socket (set once the endpoint is built).
+    inner: OnceLock<Arc<dyn quinn::AsyncUdpSocket>>,
+    pub metrics: PathMetrics,
+}
+
+/// Nodes registered with this relay.
+#[derive(Debug, Default, Clone)]
+pub struct Registry {
+    pub by_id: HashMap<PeerId, SocketAddr>,
+    pub by_addr: HashMap<SocketAddr, PeerId>,
+}
+
+impl Paths {
+    /// New tables; the receiver gets every probe the socket reads.
+    pub fn new(is_relay: bool, metrics: PathMetrics) -> (Arc<Self>, mpsc::Receiver<Incoming>) {
+        let (tx, rx) = mpsc::channel(PROBES_MAX);
+        (
+            Arc::new(Self {
+                send: ArcSwap::from_pointee(HashMap::new()),
+                recv: ArcSwap::from_pointee(HashMap::new()),
+                synth: ArcSwap::from_pointee(HashMap::new()),
+                synth_rev: ArcSwap::from_pointee(HashMap::new()),
+                relays: ArcSwap::from_pointee(HashSet::new()),
+                live_relays: ArcSwap::from_pointee(Vec::new()),
+                registry: ArcSwap::from_pointee(Registry::default()),
+                is_relay,
+                edit: Mutex::new(()),
+                pending: Mutex::new(VecDeque::new()),
+                probes: tx,
+                inner: OnceLock::new(),
+                metrics,
+            }),
+            rx,
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.edit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The synthetic visible address for tunnels to `peer` through relays.
+    pub fn synth_for(&self, peer: PeerId) -> SocketAddr {
+        if let Some(a) = self.synth.load().get(&peer) {
+            return *a;
+        }
+        let _g = self.lock();
+        if let Some(a) = self.synth.load().get(&peer) {
+            return *a;
+        }
+        let n = self.synth.load().len() as u32 + 1;
+        let [_, b, c, d] = n.to_be_bytes();
+        let addr = SocketAddr::new(Ipv4Addr::new(0, b, c, d).into(), 1);
+        let mut m = HashMap::clone(&self.synth.load());
+        m.insert(peer, addr);
+        self.synth.store(Arc::new(m));
+        let mut r = HashMap::clone(&self.synth_rev.load());
+        r.insert(addr, peer);
+        self.synth_rev.store(Arc::new(r));
+        addr
+    }
+
+    /// The peer a synthetic address stands for.
+    pub fn synth_peer(&self, addr: &SocketAddr) -> Option<PeerId> {
+        self.synth_rev.load().get(addr).copied()
+    }
+
+    /// True for a synthetic (relay-tunnel) visible address.
+    pub fn is_synth(addr: &SocketAddr) -> bool {
+        matches!(addr, SocketAddr::V4(v) if v.ip().octets()[0] == 0)
+    }
+
+    /// The route datagrams to `visible` take now.
+    pub fn route(&self, visible: SocketAddr) -> Route {
+        self.send
+            .load()
+            .get(&visible)
+            .copied()
+            .unwrap_or(Route::Direct(visible))
+    }
+
+    /// Sends datagrams to `visible` on `route` from now on; direct datagrams from the
+    /// route's address are taken as coming from `visible`.
+    pub fn set_route(&self, visible: SocketAddr, route: Route) {
+        let _g = self.lock();
+        let mut send = HashMap::clone(&self.send.load());
+        let mut recv = HashMap::clone(&self.recv.load());
+        if let Some(Route::Direct(old)) = send.get(&visible) {
+            if recv.get(old) == Some(&visible) {
+                recv.remove(old);
+            }
+        }
+        if route == Route::Direct(visible) {
+            send.remove(&visible);
+        } else {
+            send.insert(visible, route);
+        }
+        if let Route::Direct(a) = route {
+            if a != visible {
+                recv.insert(a, visible);
+            }
+        }
+        self.send.store(Arc::new(send));
+        self.recv.store(Arc::new(recv));
+    }
+
+    /// Takes direct datagrams from `actual` as coming from `visible` (the peer proved, with
+    /// an authenticated ping, that it sends from there) without changing where ours go.
+    pub fn accept_from(&self, actual: SocketAddr, visible: SocketAddr) {
+        if actual == visible || self.recv.load().get(&actual) == Some(&visible) {
+            return;
+        }
+        let _g = self.lock();
+        let mut recv = HashMap::clone(&self.recv.load());
+        recv.insert(actual, visible);
+        self.recv.store(Arc::new(recv));
+    }
+
+    /// Forgets every route of a tunnel that closed.
+    pub fn forget(&self, visible: SocketAddr) {
+        let _g = self.lock();
+        let mut send = HashMap::clone(&self.send.load());
+        send.remove(&visible);
+        let mut recv = HashMap::clone(&self.recv.load());
+        recv.retain(|_, v| *v != visible);
+        self.send.store(Arc::new(send));
+        self.recv.store(Arc::new(recv));
+    }
+
+    /// The relays relayed datagrams are taken from.
+    pub fn set_relays(&self, relays: HashSet<SocketAddr>) {
+        if **self.relays.load() != relays {
+            self.relays.store(Arc::new(relays));
+        }
+    }
+
+    /// Records the relays answering pings, nearest first.
+    pub fn set_live_relays(&self, relays: Vec<(quicmesh_protocol::ident::NodeName, SocketAddr)>) {
+        if **self.live_relays.load() != relays {
+            self.live_relays.store(Arc::new(relays));
+        }
+    }
+
+    /// The relays answering pings, nearest first.
+    pub fn live_relays(&self) -> Arc<Vec<(quicmesh_protocol::ident::NodeName, SocketAddr)>> {
+        self.live_relays.load_full()
+    }
+
+    /// (Relay role) `peer` sends from `addr`: forward to it there, and take its relay
+    /// requests from there.
+    pub fn register(&self, peer: PeerId, addr: SocketAddr) {
+        if self.registry.load().by_id.get(&peer) == Some(&addr) {
+            return;
+        }
+        let _g = self.lock();
+        let mut r = Registry::clone(&self.registry.load());
+        if let Some(old) = r.by_id.insert(peer, addr) {
+            r.by_addr.remove(&old);
+        }
+        r.by_addr.insert(addr, peer);
+        self.registry.store(Arc::new(r));
+    }
+
+    /// (Relay role) drops registrations not in `keep`.
+    pub fn retain_registered(&self, keep: impl Fn(&PeerId) -> bool) {
+        let _g = self.lock();
+        let mut r = Registry::clone(&self.registry.load());
+        r.by_id.retain(|id, _| keep(id));
+        let ids: HashSet<PeerId> = r.by_id.keys().copied().collect();
+        r.by_addr.retain(|_, id| ids.contains(id));
+        self.registry.store(Arc::new(r));
+    }
+
+    /// How many nodes are registered with this relay.
+    pub fn registered(&self) -> usize {
+        self.registry.load().by_id.len()
+    }
+
+    /// Sends one path packet (a probe) on `route`.
+    pub fn send_probe(&self, route: Route, datagram: &[u8]) -> std::io::Result<()> {
+        let Some(inner) = self.inner.get() else {
+            return Ok(());
+        };
+        let (destination, contents) = match route {
+            Route::Direct(a) => (a, std::borrow::Cow::Borrowed(datagram)),
+            Route::Relay { relay, to } => {
+                let mut v = Vec::with_capacity(RELAY_HEADER + datagram.len());
+                v.extend_from_slice(&quicmesh_protocol::path::relay_send_header(to));
+                v.extend_from_slice(datagram);
+                (relay, std::borrow::Cow::Owned(v))
+            }
+        };
+        inner.try_send(&quinn::udp::Transmit {
+            destination,
+            ecn: None,
+            contents: &contents,
+            segment_size: None,
+            src_ip: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths() -> Arc<Paths> {
+        Paths::new(false, crate::metrics::Metrics::new().paths()).0
+    }
+
+    #[test]
+    fn a_direct_route_maps_both_ways_and_moving_it_drops_the_old_reverse_entry() {
+        let p = paths();
+        let v: SocketAddr = "198.18.0.2:4433".parse().unwrap();
+        let a: SocketAddr = "198.18.0.3:4433".parse().unwrap();
+        let b: SocketAddr = "198.18.0.4:4433".parse().unwrap();
+        assert_eq!(p.route(v), Route::Direct(v));
+        p.set_route(v, Route::Direct(a));
+        assert_eq!(p.route(v), Route::Direct(a));
+        assert_eq!(p.recv.load().get(&a), Some(&v));
+        p.set_route(v, Route::Direct(b));
+        assert_eq!(p.recv.load().get(&a), None);
+        assert_eq!(p.recv.load().get(&b), Some(&v));
+        p.set_route(v, Route::Direct(v));
+        assert!(p.send.load().is_empty() && p.recv.load().is_empty());
+    }
+
+    #[test]
+    fn synthetic_addresses_are_stable_per_peer_and_never_routable() {
+        let p = paths();
+        let a = p.synth_for(PeerId(1));
+        let b = p.synth_for(PeerId(2));
+        assert_ne!(a, b);
+        assert_eq!(p.synth_for(PeerId(1)), a);
+        assert!(Paths::is_synth(&a) && Paths::is_synth(&b));
+        assert!(!Paths::is_synth(&"198.18.0.1:1".parse().unwrap()));
+        assert_eq!(p.synth_rev.load().get(&a), Some(&PeerId(1)));
+    }
+
+    #[test]
+    fn a_re_registration_moves_the_node() {
+        let p = paths();
+        let a: SocketAddr = "198.18.0.3:1".parse().unwrap();
+        let b: SocketAddr = "198.18.0.3:2".parse().unwrap();
+        p.register(PeerId(7), a);
+        p.register(PeerId(7), b);
+        let r = p.registry.load();
+        assert_eq!(r.by_id.get(&PeerId(7)), Some(&b));
+        assert_eq!(r.by_addr.get(&a), None);
+        assert_eq!(r.by_addr.get(&b), Some(&PeerId(7)));
+    }
+}
