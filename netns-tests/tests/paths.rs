@@ -50,13 +50,20 @@ fn path(from: &NodeProc, peer: &str) -> serde_json::Value {
         .unwrap_or_default()
 }
 
-/// Waits up to `within` for `from`'s path to `peer` to be `via`; returns the last path.
-fn wait_path(from: &NodeProc, peer: &str, via: &str, within: Duration) -> serde_json::Value {
-    let end = Instant::now() + within;
+/// Waits up to `within` for `from`'s path to `peer` to be `via` (a relayed one naming its
+/// relay); returns the last path and how long it took.
+fn wait_path(
+    from: &NodeProc,
+    peer: &str,
+    via: &str,
+    within: Duration,
+) -> (serde_json::Value, Duration) {
+    let start = Instant::now();
     loop {
         let p = path(from, peer);
-        if p["via"] == via || Instant::now() >= end {
-            return p;
+        let done = p["via"] == via && (via != "relay" || p["relay"].is_string());
+        if done || start.elapsed() >= within {
+            return (p, start.elapsed());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -167,6 +174,7 @@ fn p1_nat_matrix_every_pair_connects_direct_unless_both_sides_are_port_dependent
         first_byte: Duration,
         at_first: serde_json::Value,
         settled: serde_json::Value,
+        settled_after: Duration,
     }
     let mut grid = Vec::new();
     for i in 0..hosts.len() {
@@ -182,13 +190,15 @@ fn p1_nat_matrix_every_pair_connects_direct_unless_both_sides_are_port_dependent
             let at_first = path(from, &to.name);
             // Traffic starts on whatever works first; a direct path the punching finds
             // later takes over (within a few upgrade rounds).
-            let settled = wait_path(from, &to.name, expect, Duration::from_secs(8));
+            let (settled, settled_after) =
+                wait_path(from, &to.name, expect, Duration::from_secs(12));
             grid.push(Cell {
                 pair: format!("{} ({ki}) -> {} ({kj})", from.name, to.name),
                 expect,
                 first_byte: t,
                 at_first,
                 settled,
+                settled_after: t + settled_after,
             });
         }
     }
@@ -208,11 +218,12 @@ fn p1_nat_matrix_every_pair_connects_direct_unless_both_sides_are_port_dependent
             )
         };
         println!(
-            "{:<20} {:>9.1} ms  {:<28} {:<28} {}",
+            "{:<20} {:>9.1} ms  {:<28} {:<28} {:>6.1} s  {}",
             c.pair,
             c.first_byte.as_secs_f64() * 1e3,
             show(&c.at_first),
             show(&c.settled),
+            c.settled_after.as_secs_f64(),
             c.expect
         );
     }

@@ -42,8 +42,11 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                         }),
                         // The path manager has not looked at a brand-new tunnel yet.
                         None => json!({
-                            "via": if crate::path::Paths::is_synth(&c.remote_address()) { "relay" } else { "direct" },
-                            "remote": c.remote_address().to_string(),
+                            "via": if node.paths.route(c.remote_address()).is_relay() { "relay" } else { "direct" },
+                            "remote": match node.paths.route(c.remote_address()) {
+                                crate::path::Route::Relay { relay, .. } => relay,
+                                r => r.direct_addr().unwrap_or(c.remote_address()),
+                            }.to_string(),
                             "relay": null,
                             "rtt_ms": c.rtt().as_secs_f64() * 1e3,
                             "switches": 0,

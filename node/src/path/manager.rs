@@ -27,7 +27,7 @@ use quicmesh_protocol::path::{self as pp, PathPacket, PeerId, TAG_LEN};
 use ring::hmac;
 use tokio::sync::mpsc;
 
-use super::{Incoming, Paths, Route, Source};
+use super::{punch, Incoming, Paths, Route, Source};
 use crate::state::{Node, View};
 
 /// Ping interval on an active link's current route.
@@ -44,6 +44,13 @@ const ACTIVE_FOR: Duration = Duration::from_secs(10);
 const PONG_WAIT: Duration = Duration::from_secs(5);
 /// How often the manager looks at its links.
 const TICK: Duration = Duration::from_millis(250);
+/// A relayed link still without a direct path this long tries the port-dependent NAT
+/// technique ([`punch`]); again after the backoff, doubling up to [`BIRTHDAY_BACKOFF_MAX`].
+const BIRTHDAY_AFTER: Duration = Duration::from_secs(3);
+const BIRTHDAY_BACKOFF: Duration = Duration::from_secs(30);
+const BIRTHDAY_BACKOFF_MAX: Duration = Duration::from_secs(600);
+/// Spray probes sent per tick.
+const SPRAY_PER_TICK: usize = 256;
 /// Gap between tunnel attempts to one relay.
 const RELAY_REDIAL: Duration = Duration::from_secs(3);
 
@@ -81,20 +88,20 @@ struct Link {
     /// No pong on the current route this long: it is dead (longer for idle links, which
     /// ping less often).
     dead_after: Duration,
+    /// Next port-dependent NAT attempt, and the wait after it.
+    next_birthday: Instant,
+    birthday_backoff: Duration,
+    /// Spray left to send: (peer's public address, probes left, not before).
+    spray: Option<(std::net::IpAddr, usize, Instant)>,
 }
 
 impl Link {
     fn tag(&self, bytes: &[u8]) -> [u8; TAG_LEN] {
-        let t = hmac::sign(&self.key, bytes);
-        let mut out = [0u8; TAG_LEN];
-        out.copy_from_slice(&t.as_ref()[..TAG_LEN]);
-        out
+        punch::tag(&self.key, bytes)
     }
 
     fn verify(&self, datagram: &[u8], tag: &[u8; TAG_LEN]) -> bool {
-        let want = self.tag(pp::signed(datagram));
-        // Constant time: the tag is a MAC.
-        want.iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        punch::verify(&self.key, datagram, tag)
     }
 
     fn current_alive(&self, now: Instant) -> bool {
@@ -144,16 +151,56 @@ struct Manager {
     links: HashMap<u64, Link>,
     sent: HashMap<[u8; 12], Sent>,
     relays: HashMap<NodeName, RelayState>,
+    /// Our address as peers saw it, by the peer's IP (from pongs on the main socket).
+    observed: HashMap<std::net::IpAddr, SocketAddr>,
+    /// Spare sockets that got through, reported by their attempts.
+    won_tx: mpsc::Sender<punch::Won>,
+    /// Extra sockets adopted lately (kept a moment before a route uses them).
+    adopted: HashMap<u16, Instant>,
+}
+
+/// What this node's NAT does to its mappings, from the addresses peers saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mapping {
+    Unknown,
+    /// One public port for every destination (or no NAT).
+    EndpointIndependent,
+    /// A new public port per destination.
+    PortDependent,
+}
+
+/// Classifies observations (peer IP -> our address as that peer saw it).
+pub fn mapping(observed: &HashMap<std::net::IpAddr, SocketAddr>) -> Mapping {
+    let mut by_ip: HashMap<std::net::IpAddr, HashSet<u16>> = HashMap::new();
+    for a in observed.values() {
+        by_ip.entry(a.ip()).or_default().insert(a.port());
+    }
+    if by_ip.values().any(|ports| ports.len() > 1) {
+        Mapping::PortDependent
+    } else if observed.len() >= 2
+        && by_ip
+            .keys()
+            .any(|ip| observed.values().filter(|a| a.ip() == *ip).count() >= 2)
+    {
+        Mapping::EndpointIndependent
+    } else {
+        Mapping::Unknown
+    }
 }
 
 /// Runs the path manager until the node stops.
 pub async fn run(node: Arc<Node>, mut incoming: mpsc::Receiver<Incoming>) {
+    let (won_tx, mut won) = mpsc::channel(16);
     let mut m = Manager {
         paths: node.paths.clone(),
         node,
         links: HashMap::new(),
         sent: HashMap::new(),
         relays: HashMap::new(),
+        observed: HashMap::new(),
+        won_tx,
+        adopted: HashMap::new(),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,6 +211,7 @@ pub async fn run(node: Arc<Node>, mut incoming: mpsc::Receiver<Incoming>) {
                 Some(p) => m.incoming(p, Instant::now()),
                 None => return,
             },
+            Some(w) = won.recv() => m.adopt(w, Instant::now()),
         }
     }
 }
@@ -178,8 +226,91 @@ impl Manager {
         let ids: Vec<u64> = self.links.keys().copied().collect();
         for id in ids {
             self.drive(id, &view, now);
+            self.birthday(id, &view, now);
         }
+        // Extra sockets live while a route uses them (or just after they got through).
+        self.adopted
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(10));
+        let used: HashSet<u16> = self
+            .links
+            .values()
+            .filter_map(|l| match l.route {
+                Route::Punched { socket, .. } => Some(socket),
+                _ => None,
+            })
+            .chain(self.adopted.keys().copied())
+            .collect();
+        self.paths.retain_extras(|id| used.contains(&id));
         self.publish(&view);
+    }
+
+    /// The port-dependent NAT technique for relayed links ([`punch`]): the port-dependent
+    /// side opens spare sockets, the other side sprays; unknown does both.
+    fn birthday(&mut self, id: u64, view: &View, now: Instant) {
+        let mine = mapping(&self.observed);
+        let Some(l) = self.links.get_mut(&id) else {
+            return;
+        };
+        if let Some((ip, left, at)) = l.spray {
+            if now >= at {
+                let n = left.min(SPRAY_PER_TICK);
+                l.spray = (left > n).then_some((ip, left - n, at));
+                for _ in 0..n {
+                    let port = rand::Rng::gen_range(&mut rand::thread_rng(), 1024..=65535u16);
+                    self.ping(id, Route::Direct(SocketAddr::new(ip, port)), now);
+                }
+            }
+            return;
+        }
+        if !l.route.is_relay() || now < l.next_birthday {
+            return;
+        }
+        l.next_birthday = now + l.birthday_backoff;
+        l.birthday_backoff = (l.birthday_backoff * 2).min(BIRTHDAY_BACKOFF_MAX);
+        let Some(peer) = view.peers.get(&l.peer) else {
+            return;
+        };
+        let targets: Vec<SocketAddr> = peer.candidates.iter().take(4).copied().collect();
+        let Some(public) = targets.first().map(|a| a.ip()) else {
+            return;
+        };
+        tracing::debug!(peer = %l.peer, ?mine, "trying the port-dependent NAT technique");
+        if mine != Mapping::EndpointIndependent {
+            let (key, tx) = (l.key.clone(), self.won_tx.clone());
+            tokio::spawn(async move {
+                if let Some(w) = punch::spare_sockets(id, key, targets).await {
+                    let _ = tx.send(w).await;
+                }
+            });
+        }
+        if mine != Mapping::PortDependent {
+            // Give the peer's spare sockets a moment to open their mappings first.
+            l.spray = Some((public, punch::SPRAY, now + Duration::from_millis(500)));
+        }
+    }
+
+    /// A spare socket got through: it joins the tunnel socket, and its probe is handled.
+    fn adopt(&mut self, w: punch::Won, now: Instant) {
+        if !self.links.contains_key(&w.link) {
+            return;
+        }
+        match self.paths.add_extra(w.socket) {
+            Ok(socket) => {
+                tracing::info!(from = %w.from, socket, "a spare socket got through a port-dependent NAT");
+                self.adopted.insert(socket, now);
+                self.incoming(
+                    Incoming {
+                        source: Source::Punched {
+                            addr: w.from,
+                            socket,
+                        },
+                        datagram: w.datagram,
+                    },
+                    now,
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "could not adopt a spare socket"),
+        }
     }
 
     /// Links for every served tunnel; gone tunnels' routes forgotten.
@@ -222,6 +353,9 @@ impl Manager {
                     reacted: HashMap::new(),
                     switches: 0,
                     dead_after: DEAD_AFTER,
+                    next_birthday: now + BIRTHDAY_AFTER,
+                    birthday_backoff: BIRTHDAY_BACKOFF,
+                    spray: None,
                 },
             );
         }
@@ -261,10 +395,7 @@ impl Manager {
             });
             match link {
                 Some(l) => {
-                    let addr = match l.route {
-                        Route::Direct(a) => a,
-                        Route::Relay { .. } => l.visible,
-                    };
+                    let addr = l.route.direct_addr().unwrap_or(l.visible);
                     st.addr = Some(addr);
                     addrs.insert(addr);
                     if l.current_alive(now) && l.alive.contains_key(&l.route) {
@@ -406,10 +537,10 @@ impl Manager {
             return;
         }
         let observed = match p.source {
-            Source::Direct(a) => a,
+            Source::Direct(a) | Source::Punched { addr: a, .. } => a,
             Source::Relay { relay, .. } => relay,
         };
-        if let Source::Direct(from) = p.source {
+        if let Some(from) = p.source.direct_addr() {
             // The peer proved it sends from here: its datagrams from here are this tunnel's.
             self.paths.accept_from(from, l.visible);
             if self.paths.is_relay {
@@ -417,17 +548,19 @@ impl Manager {
             }
         }
         let d = pp::pong(probe.link, probe.tx, observed, |b| l.tag(b));
-        let _ = self.paths.send_probe(p.source.route(), &d);
+        let r = self.paths.send_probe(p.source.route(), &d);
+        tracing::trace!(peer = %l.peer, source = ?p.source, sent = ?r, "ping answered");
         // Punching: a ping from an address we do not send to is answered by one of ours.
-        if let Source::Direct(from) = p.source {
+        if let Some(from) = p.source.direct_addr() {
+            let back = p.source.route();
             let fresh = l
                 .reacted
                 .get(&from)
                 .is_none_or(|t| now.duration_since(*t) >= SEARCH_EVERY);
-            if l.route != Route::Direct(from) && fresh {
+            if l.route != back && fresh {
                 l.reacted.insert(from, now);
                 l.reacted.retain(|_, t| now.duration_since(*t) < PONG_WAIT);
-                self.ping(probe.link, Route::Direct(from), now);
+                self.ping(probe.link, back, now);
             }
         }
     }
@@ -451,17 +584,24 @@ impl Manager {
         };
         let route = sent.route;
         let rtt = now.duration_since(sent.at);
+        tracing::trace!(peer = %l.peer, ?route, ?rtt, "pong");
         l.alive.insert(route, now);
-        let _ = observed;
+        if let Route::Direct(a) = route {
+            // Our address as this peer saw it (main socket): tells our NAT's mapping.
+            if !Paths::is_synth(&observed) {
+                self.observed.insert(a.ip(), observed);
+                if self.observed.len() > 64 {
+                    let k = *self.observed.keys().next().unwrap_or(&a.ip());
+                    self.observed.remove(&k);
+                }
+            }
+        }
         if route == l.route {
             l.rtt = Some(rtt);
             return;
         }
         let current_dead = !l.current_alive(now);
-        let better = match (route, l.route) {
-            (Route::Direct(_), Route::Relay { .. }) => true,
-            _ => current_dead,
-        };
+        let better = (route.direct_addr().is_some() && l.route.is_relay()) || current_dead;
         if better {
             tracing::info!(peer = %l.peer, from = ?l.route, to = ?route, rtt = ?rtt, "tunnel path changed");
             self.paths
@@ -491,7 +631,7 @@ impl Manager {
                 continue;
             }
             let (kind, address, relay) = match l.route {
-                Route::Direct(a) => ("direct", a, None),
+                Route::Direct(a) | Route::Punched { addr: a, .. } => ("direct", a, None),
                 Route::Relay { relay, .. } => (
                     "relay",
                     relay,

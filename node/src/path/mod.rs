@@ -11,6 +11,7 @@
 //! tunnel).
 
 pub mod manager;
+pub mod punch;
 pub mod socket;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -28,6 +29,9 @@ use crate::metrics::PathMetrics;
 pub enum Route {
     /// Straight to this address.
     Direct(SocketAddr),
+    /// Straight to this address from one of the extra sockets opened to get through a
+    /// port-dependent NAT (see `manager`).
+    Punched { addr: SocketAddr, socket: u16 },
     /// Wrapped for the relay at `relay`, which forwards to the node `to`.
     Relay { relay: SocketAddr, to: PeerId },
 }
@@ -36,20 +40,35 @@ impl Route {
     pub fn is_relay(&self) -> bool {
         matches!(self, Route::Relay { .. })
     }
+
+    /// The peer's address on a direct route.
+    pub fn direct_addr(&self) -> Option<SocketAddr> {
+        match *self {
+            Route::Direct(a) | Route::Punched { addr: a, .. } => Some(a),
+            Route::Relay { .. } => None,
+        }
+    }
 }
 
 /// Where a path packet (ping or pong) came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Direct(SocketAddr),
+    Punched { addr: SocketAddr, socket: u16 },
     Relay { relay: SocketAddr, from: PeerId },
 }
 
 impl Source {
+    /// The peer's address, when it came straight from the peer.
+    pub fn direct_addr(&self) -> Option<SocketAddr> {
+        self.route().direct_addr()
+    }
+
     /// The route that answers this source.
     pub fn route(&self) -> Route {
         match *self {
             Source::Direct(a) => Route::Direct(a),
+            Source::Punched { addr, socket } => Route::Punched { addr, socket },
             Source::Relay { relay, from } => Route::Relay { relay, to: from },
         }
     }
@@ -92,7 +111,34 @@ pub struct Paths {
     probes: mpsc::Sender<Incoming>,
     /// The real socket (set once the endpoint is built).
     inner: OnceLock<Arc<dyn quinn::AsyncUdpSocket>>,
+    /// Extra sockets that got through a port-dependent NAT, by id.
+    extras: ArcSwap<HashMap<u16, Arc<Extra>>>,
+    next_extra: std::sync::atomic::AtomicU16,
     pub metrics: PathMetrics,
+}
+
+/// An extra socket: QUIC's handle, and a plain one for sends the reactor is not ready
+/// for yet (a new registration is not writable until the reactor's next turn).
+#[derive(Debug)]
+pub struct Extra {
+    pub quic: Arc<dyn quinn::AsyncUdpSocket>,
+    pub raw: std::net::UdpSocket,
+}
+
+impl Extra {
+    /// Sends `t`, segment by segment on the plain socket when QUIC's would block.
+    pub fn send(&self, t: &quinn::udp::Transmit) -> std::io::Result<()> {
+        match self.quic.try_send(t) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let seg = t.segment_size.unwrap_or(t.contents.len()).max(1);
+                for chunk in t.contents.chunks(seg) {
+                    self.raw.send_to(chunk, t.destination)?;
+                }
+                Ok(())
+            }
+            r => r,
+        }
+    }
 }
 
 /// Nodes registered with this relay.
@@ -120,6 +166,8 @@ impl Paths {
                 pending: Mutex::new(VecDeque::new()),
                 probes: tx,
                 inner: OnceLock::new(),
+                extras: ArcSwap::from_pointee(HashMap::new()),
+                next_extra: std::sync::atomic::AtomicU16::new(1),
                 metrics,
             }),
             rx,
@@ -176,9 +224,9 @@ impl Paths {
         let _g = self.lock();
         let mut send = HashMap::clone(&self.send.load());
         let mut recv = HashMap::clone(&self.recv.load());
-        if let Some(Route::Direct(old)) = send.get(&visible) {
-            if recv.get(old) == Some(&visible) {
-                recv.remove(old);
+        if let Some(old) = send.get(&visible).and_then(Route::direct_addr) {
+            if recv.get(&old) == Some(&visible) {
+                recv.remove(&old);
             }
         }
         if route == Route::Direct(visible) {
@@ -186,7 +234,7 @@ impl Paths {
         } else {
             send.insert(visible, route);
         }
-        if let Route::Direct(a) = route {
+        if let Some(a) = route.direct_addr() {
             if a != visible {
                 recv.insert(a, visible);
             }
@@ -267,6 +315,41 @@ impl Paths {
         self.registry.load().by_id.len()
     }
 
+    /// Adds an extra socket (QUIC reads it too); returns its id.
+    pub fn add_extra(&self, sock: std::net::UdpSocket) -> std::io::Result<u16> {
+        use quinn::Runtime;
+        sock.set_nonblocking(true)?;
+        let raw = sock.try_clone()?;
+        let s = Arc::new(Extra {
+            quic: quinn::TokioRuntime.wrap_udp_socket(sock)?,
+            raw,
+        });
+        let id = self
+            .next_extra
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _g = self.lock();
+        let mut m = HashMap::clone(&self.extras.load());
+        m.insert(id, s);
+        self.extras.store(Arc::new(m));
+        Ok(id)
+    }
+
+    /// Closes extra sockets no route uses any more.
+    pub fn retain_extras(&self, keep: impl Fn(u16) -> bool) {
+        if self.extras.load().keys().all(|k| keep(*k)) {
+            return;
+        }
+        let _g = self.lock();
+        let mut m = HashMap::clone(&self.extras.load());
+        m.retain(|k, _| keep(*k));
+        self.extras.store(Arc::new(m));
+    }
+
+    /// The extra sockets, by id.
+    pub fn extras(&self) -> Arc<HashMap<u16, Arc<Extra>>> {
+        self.extras.load_full()
+    }
+
     /// Sends one path packet (a probe) on `route`.
     pub fn send_probe(&self, route: Route, datagram: &[u8]) -> std::io::Result<()> {
         let Some(inner) = self.inner.get() else {
@@ -274,6 +357,12 @@ impl Paths {
         };
         let (destination, contents) = match route {
             Route::Direct(a) => (a, std::borrow::Cow::Borrowed(datagram)),
+            Route::Punched { addr, socket } => {
+                return match self.extras.load().get(&socket) {
+                    Some(s) => s.raw.send_to(datagram, addr).map(|_| ()),
+                    None => Ok(()),
+                };
+            }
             Route::Relay { relay, to } => {
                 let mut v = Vec::with_capacity(RELAY_HEADER + datagram.len());
                 v.extend_from_slice(&quicmesh_protocol::path::relay_send_header(to));

@@ -48,7 +48,7 @@ impl MeshSocket {
 
     /// Handles one path packet found in a received datagram; QUIC datagrams unwrapped
     /// from a relay go to the pending queue.
-    fn take_path_packet(&self, from: SocketAddr, seg: &mut [u8]) {
+    fn take_path_packet(&self, from: SocketAddr, socket: u16, seg: &mut [u8]) {
         let m = &self.paths.metrics;
         match pp::decode(seg) {
             Ok(Some(PathPacket::RelaySend { to, .. })) => {
@@ -118,7 +118,14 @@ impl MeshSocket {
                 }
             }
             Ok(Some(PathPacket::Ping(_) | PathPacket::Pong { .. })) => {
-                self.to_manager(Source::Direct(from), seg);
+                let source = match socket {
+                    0 => Source::Direct(from),
+                    s => Source::Punched {
+                        addr: from,
+                        socket: s,
+                    },
+                };
+                self.to_manager(source, seg);
             }
             Ok(None) => {}
             Err(_) => m.relay_dropped("malformed"),
@@ -134,7 +141,7 @@ impl MeshSocket {
 
     /// Rewrites one received entry: path packets out, the rest mapped to its tunnel's
     /// visible address.
-    fn filter(&self, buf: &mut [u8], meta: &mut RecvMeta) {
+    fn filter(&self, socket: u16, buf: &mut [u8], meta: &mut RecvMeta) {
         let stride = meta.stride.max(1);
         let len = meta.len.min(buf.len());
         let any_path = buf[..len].chunks(stride).any(|s| s.first() == Some(&0));
@@ -146,7 +153,7 @@ impl MeshSocket {
                 let end = (at + stride).min(len);
                 if buf[at] == 0 {
                     let mut seg = buf[at..end].to_vec();
-                    self.take_path_packet(meta.addr, &mut seg);
+                    self.take_path_packet(meta.addr, socket, &mut seg);
                 } else {
                     buf.copy_within(at..end, kept);
                     kept += end - at;
@@ -181,6 +188,16 @@ impl AsyncUdpSocket for MeshSocket {
                 src_ip: None,
                 ..*t
             }),
+            Some(Route::Punched { addr, socket }) => match self.paths.extras.load().get(socket) {
+                Some(s) => {
+                    return s.send(&Transmit {
+                        destination: *addr,
+                        src_ip: None,
+                        ..*t
+                    })
+                }
+                None => return Ok(()),
+            },
             Some(Route::Relay { relay, to }) => return self.send_relayed(t, *relay, *to),
         };
         match r {
@@ -227,10 +244,23 @@ impl AsyncUdpSocket for MeshSocket {
         }
         let n = match self.inner.poll_recv(cx, bufs, meta) {
             Poll::Ready(Ok(n)) => n,
-            other => return other,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // The extra sockets (punched through port-dependent NATs), when the main
+                // one has nothing.
+                for (id, s) in self.paths.extras.load().iter() {
+                    if let Poll::Ready(Ok(n)) = s.quic.poll_recv(cx, bufs, meta) {
+                        for i in 0..n {
+                            self.filter(*id, &mut bufs[i], &mut meta[i]);
+                        }
+                        return Poll::Ready(Ok(n));
+                    }
+                }
+                return Poll::Pending;
+            }
         };
         for i in 0..n {
-            self.filter(&mut bufs[i], &mut meta[i]);
+            self.filter(0, &mut bufs[i], &mut meta[i]);
         }
         Poll::Ready(Ok(n))
     }

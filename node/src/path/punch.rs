@@ -1,0 +1,111 @@
+//! Getting through a port-dependent NAT (a new public port for every destination), where
+//! the peer's NAT only lets in packets from addresses its side sent to first.
+//!
+//! The side behind the port-dependent NAT opens [`SPARE_SOCKETS`] sockets and pings the
+//! peer from each: its NAT opens that many mappings toward the peer, on ports nobody can
+//! predict. The other side sprays pings at [`SPRAY`] random ports of this side's public
+//! address. With 256 open ports among ~64,000, 2,048 probes find one with probability
+//! 1 - (1 - 256/64512)^2048 ≈ 99.97 % (the birthday paradox). A spray ping arriving on a
+//! spare socket is answered from it; that socket joins the tunnel socket
+//! ([`super::Paths::add_extra`]) and carries the tunnel from then on; the rest close.
+//!
+//! Every probe is authenticated with the tunnel's key: a stranger's packets arriving on a
+//! spare socket are ignored.
+
+use std::net::SocketAddr;
+use std::task::Poll;
+use std::time::Duration;
+
+use quicmesh_protocol::path::{self as pp, PathPacket, TAG_LEN};
+use ring::hmac;
+
+/// Sockets the port-dependent side opens per attempt.
+pub const SPARE_SOCKETS: usize = 256;
+/// Probes the other side sprays per attempt.
+pub const SPRAY: usize = 2048;
+/// How long the spare sockets wait for a probe.
+pub const ATTEMPT_FOR: Duration = Duration::from_secs(8);
+/// Spare sockets ping the peer this often (keeps their mappings open).
+const RESEND: Duration = Duration::from_millis(500);
+
+/// A spare socket an authenticated probe came in on.
+#[derive(Debug)]
+pub struct Won {
+    pub link: u64,
+    pub socket: std::net::UdpSocket,
+    pub from: SocketAddr,
+    pub datagram: Vec<u8>,
+}
+
+/// A probe's tag under `key`.
+pub fn tag(key: &hmac::Key, bytes: &[u8]) -> [u8; TAG_LEN] {
+    let t = hmac::sign(key, bytes);
+    let mut out = [0u8; TAG_LEN];
+    out.copy_from_slice(&t.as_ref()[..TAG_LEN]);
+    out
+}
+
+/// True when `datagram`'s tag is right under `key` (constant time).
+pub fn verify(key: &hmac::Key, datagram: &[u8], got: &[u8; TAG_LEN]) -> bool {
+    let want = tag(key, pp::signed(datagram));
+    want.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// Opens the spare sockets, pings `targets` from each until [`ATTEMPT_FOR`] passes, and
+/// returns the first socket an authenticated probe of `link` arrives on.
+pub async fn spare_sockets(link: u64, key: hmac::Key, targets: Vec<SocketAddr>) -> Option<Won> {
+    let mut socks = Vec::with_capacity(SPARE_SOCKETS);
+    for _ in 0..SPARE_SOCKETS {
+        match tokio::net::UdpSocket::bind(("0.0.0.0", 0)).await {
+            Ok(s) => socks.push(s),
+            Err(e) => {
+                tracing::debug!(error = %e, "spare socket");
+                break;
+            }
+        }
+    }
+    if socks.is_empty() {
+        return None;
+    }
+    let deadline = tokio::time::Instant::now() + ATTEMPT_FOR;
+    let mut resend = tokio::time::interval(RESEND);
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let got = tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return None,
+            _ = resend.tick() => {
+                for s in &socks {
+                    for t in &targets {
+                        let d = pp::ping(link, rand::random(), |b| tag(&key, b));
+                        let _ = s.try_send_to(&d, *t);
+                    }
+                }
+                continue;
+            }
+            got = std::future::poll_fn(|cx| {
+                for (i, s) in socks.iter().enumerate() {
+                    let mut rb = tokio::io::ReadBuf::new(&mut buf);
+                    if let Poll::Ready(Ok(from)) = s.poll_recv_from(cx, &mut rb) {
+                        return Poll::Ready((i, from, rb.filled().to_vec()));
+                    }
+                }
+                Poll::Pending
+            }) => got,
+        };
+        let (i, from, datagram) = got;
+        let probe = match pp::decode(&datagram) {
+            Ok(Some(PathPacket::Ping(p))) | Ok(Some(PathPacket::Pong { probe: p, .. })) => p,
+            _ => continue,
+        };
+        if probe.link != link || !verify(&key, &datagram, &probe.tag) {
+            continue;
+        }
+        let socket = socks.swap_remove(i).into_std().ok()?;
+        return Some(Won {
+            link,
+            socket,
+            from,
+            datagram,
+        });
+    }
+}
