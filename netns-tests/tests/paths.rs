@@ -245,3 +245,191 @@ fn p1_nat_matrix_every_pair_connects_direct_unless_both_sides_are_port_dependent
     );
     drop((nodes, w));
 }
+
+/// A paced echo transfer from `from` to `svc` on its own thread: ~12 MiB over ~9 s.
+fn start_transfer(
+    from: &NodeProc,
+    svc: &str,
+) -> std::thread::JoinHandle<std::io::Result<quicmesh_netns_tests::net::Paced>> {
+    let addr = from.upstream(svc);
+    let ns = from.netns().map(str::to_string);
+    std::thread::spawn(move || {
+        let go = move || paced_echo(addr, 12 << 20, 32 << 10, Duration::from_millis(25));
+        match ns {
+            Some(ns) => {
+                in_ns(&ns, go).unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+            }
+            None => go(),
+        }
+    })
+}
+
+fn drop_between(net: &Net, nat: &str, other_public: &str, add: bool) {
+    net.iptables(
+        nat,
+        &[
+            if add { "-I" } else { "-D" },
+            "FORWARD",
+            "-d",
+            other_public,
+            "-j",
+            "DROP",
+        ],
+    )
+    .unwrap();
+}
+
+#[test]
+fn p2_a_flow_on_a_relay_moves_to_the_direct_path_once_punching_works_losing_nothing() {
+    let mut w = World::new("p2", &["r1"]);
+    let home_x = w.net.lan("home-x", "198.18.71").unwrap();
+    let home_y = w.net.lan("home-y", "198.18.72").unwrap();
+    let nat_x = w.nat("nat-x", &home_x, 2, false);
+    let nat_y = w.nat("nat-y", &home_y, 3, false);
+    // The NATs cannot reach each other yet: only the relay path works.
+    drop_between(&w.net, &nat_x, "198.18.70.3", true);
+    drop_between(&w.net, &nat_y, "198.18.70.2", true);
+    let ns_x = w.net.host("x", &home_x, 11, Some(1)).unwrap();
+    let ns_y = w.net.host("y", &home_y, 11, Some(1)).unwrap();
+    let x = w.node("x", &ns_x, &["y"]);
+    let y = w.node("y", &ns_y, &[]);
+    w.coord.wait_all_acked(3, Duration::from_secs(30));
+
+    let transfer = start_transfer(&x, "svc-y");
+    let (p, _) = wait_path(&x, "y", "relay", Duration::from_secs(5));
+    assert_eq!(p["via"], "relay", "only the relay works: {p}");
+    assert_eq!(p["relay"], "r1", "{p}");
+    std::thread::sleep(Duration::from_secs(3));
+    drop_between(&w.net, &nat_x, "198.18.70.3", false);
+    drop_between(&w.net, &nat_y, "198.18.70.2", false);
+    let opened = Instant::now();
+    let (p, took) = wait_path(&x, "y", "direct", Duration::from_secs(10));
+    let r = transfer.join().unwrap().unwrap();
+    println!(
+        "relay -> direct {:.1} s after the NATs could reach each other; path {p}; transfer {} bytes in {:.1} s, longest stall {:.0} ms",
+        took.as_secs_f64(),
+        r.bytes,
+        r.secs,
+        r.max_stall.as_secs_f64() * 1e3
+    );
+    let _ = opened;
+    assert_eq!(p["via"], "direct", "{p}");
+    assert!(
+        p["remote"].as_str().unwrap().starts_with("198.18.70.3:"),
+        "{p}"
+    );
+    assert!(p["switches"].as_u64().unwrap() >= 1, "{p}");
+    assert_eq!(r.bytes, 12 << 20);
+    assert_eq!(r.sent, r.received, "the flow moved without losing a byte");
+    drop((x, y, w));
+}
+
+#[test]
+fn p3_when_the_relay_in_use_dies_flows_move_to_another_relay_within_5s() {
+    let mut w = World::new("p3", &["r1", "r2"]);
+    let home_x = w.net.lan("home-x", "198.18.71").unwrap();
+    let home_y = w.net.lan("home-y", "198.18.72").unwrap();
+    // Both port-dependent: relays are the only way.
+    w.nat("nat-x", &home_x, 2, true);
+    w.nat("nat-y", &home_y, 3, true);
+    let ns_x = w.net.host("x", &home_x, 11, Some(1)).unwrap();
+    let ns_y = w.net.host("y", &home_y, 11, Some(1)).unwrap();
+    let x = w.node("x", &ns_x, &["y"]);
+    let y = w.node("y", &ns_y, &[]);
+    w.coord.wait_all_acked(4, Duration::from_secs(30));
+
+    let transfer = start_transfer(&x, "svc-y");
+    let (p, _) = wait_path(&x, "y", "relay", Duration::from_secs(5));
+    let used = p["relay"]
+        .as_str()
+        .unwrap_or_else(|| panic!("relayed: {p}"))
+        .to_string();
+    std::thread::sleep(Duration::from_secs(3));
+    let i = w.relays.iter().position(|r| r.name == used).unwrap();
+    w.relays[i].kill();
+    let killed = Instant::now();
+    let other = if used == "r1" { "r2" } else { "r1" };
+    let moved = loop {
+        let p = path(&x, "y");
+        if p["relay"] == other || p["via"] == "direct" || killed.elapsed() > Duration::from_secs(15)
+        {
+            break (p, killed.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let r = transfer.join().unwrap().unwrap();
+    println!(
+        "relay {used} killed: x's tunnel to y on {} after {:.2} s; transfer {} bytes in {:.1} s, longest stall {:.2} s",
+        moved.0,
+        moved.1.as_secs_f64(),
+        r.bytes,
+        r.secs,
+        r.max_stall.as_secs_f64()
+    );
+    assert!(
+        moved.0["relay"] == other || moved.0["via"] == "direct",
+        "{}",
+        moved.0
+    );
+    assert!(moved.1 < Duration::from_secs(5), "moved within 5 s");
+    assert_eq!(r.sent, r.received, "the flow survived the relay");
+    assert!(
+        r.max_stall < Duration::from_secs(5),
+        "stall {:?}",
+        r.max_stall
+    );
+    drop((x, y, w));
+}
+
+#[test]
+fn p4_a_node_whose_address_changes_mid_transfer_keeps_its_flows() {
+    let mut w = World::new("p4", &["r1"]);
+    let home_x = w.net.lan("home-x", "198.18.71").unwrap();
+    w.nat("nat-x", &home_x, 2, false);
+    let ns_x = w.net.host("x", &home_x, 11, Some(1)).unwrap();
+    let wan = w.wan.clone();
+    let ns_y = w.net.host("y", &wan, 20, None).unwrap();
+    let x = w.node("x", &ns_x, &["y"]);
+    let y = w.node("y", &ns_y, &[]);
+    w.coord.wait_all_acked(3, Duration::from_secs(30));
+
+    let transfer = start_transfer(&x, "svc-y");
+    let (before, _) = wait_path(&y, "x", "direct", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(3));
+    // x gets a new address (DHCP): its NAT maps it to a new public port.
+    for args in [
+        &["-n", &ns_x, "addr", "del", "198.18.71.11/24", "dev", "eth0"][..],
+        &["-n", &ns_x, "addr", "add", "198.18.71.13/24", "dev", "eth0"],
+        &["-n", &ns_x, "route", "add", "default", "via", "198.18.71.1"],
+    ] {
+        quicmesh_netns_tests::topo::ip(args).unwrap();
+    }
+    let changed = Instant::now();
+    let after = loop {
+        let p = path(&y, "x");
+        if (p["remote"] != before["remote"] && p["via"] == "direct")
+            || changed.elapsed() > Duration::from_secs(15)
+        {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let moved = changed.elapsed();
+    let r = transfer.join().unwrap().unwrap();
+    println!(
+        "x's address changed: y's path to x {} -> {} after {:.2} s; transfer {} bytes in {:.1} s, stall {:.2} s",
+        before["remote"],
+        after["remote"],
+        moved.as_secs_f64(),
+        r.bytes,
+        r.secs,
+        r.max_stall.as_secs_f64()
+    );
+    assert_ne!(
+        before["remote"], after["remote"],
+        "y follows x to its new mapping"
+    );
+    assert_eq!(r.bytes, 12 << 20);
+    assert_eq!(r.sent, r.received, "the transfer completed intact");
+    drop((x, y, w));
+}

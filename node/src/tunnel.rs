@@ -307,6 +307,10 @@ pub async fn accept_loop(node: Arc<Node>) {
 async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeName) {
     if let Some(ov) = node.overlay.get() {
         crate::overlay::read_datagrams(&node, ov, conn.clone());
+    } else {
+        // Without an overlay, datagrams are only the path layer's nudges: read and drop.
+        let c = conn.clone();
+        tokio::spawn(async move { while c.read_datagram().await.is_ok() {} });
     }
     let td = node.trust.load().trust_domain.clone();
     let id = match tls::peer_leaf(&conn).and_then(|d| PeerIdentity::from_der(&d, &td).ok()) {

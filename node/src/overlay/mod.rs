@@ -320,11 +320,14 @@ async fn receive_path(
     let mut batch: Vec<Bytes> = Vec::with_capacity(RX_BATCH);
     loop {
         match conn.read_datagram().await {
+            // Empty: the path layer's nudge after a route change.
+            Ok(d) if d.is_empty() => continue,
             Ok(d) => batch.push(d),
             Err(_) => return,
         }
         while batch.len() < RX_BATCH {
             match now_or_never(conn.read_datagram()) {
+                Some(Ok(d)) if d.is_empty() => {}
                 Some(Ok(d)) => batch.push(d),
                 _ => break,
             }

@@ -601,13 +601,26 @@ impl Manager {
             return;
         }
         let current_dead = !l.current_alive(now);
-        let better = (route.direct_addr().is_some() && l.route.is_relay()) || current_dead;
+        // The current route missed heartbeats while this one answers: move now rather
+        // than wait for it to be declared dead (a NAT rebinding, a new address).
+        let current_stale = l
+            .alive
+            .get(&l.route)
+            .is_some_and(|t| now.duration_since(*t) > HEARTBEAT * 3 / 2)
+            && l.dead_after == DEAD_AFTER;
+        let better = (route.direct_addr().is_some() && l.route.is_relay())
+            || current_dead
+            || (current_stale && route.direct_addr().is_some() == l.route.direct_addr().is_some());
         if better {
             tracing::info!(peer = %l.peer, from = ?l.route, to = ?route, rtt = ?rtt, "tunnel path changed");
             self.paths
                 .metrics
                 .path_switch(if route.is_relay() { "relay" } else { "direct" });
             self.paths.set_route(l.visible, route);
+            // Datagrams lost on the old route wait for QUIC's backed-off retransmission
+            // timer; an ack-eliciting datagram on the new route gets them declared lost
+            // and resent at once (an empty datagram is ignored by the receiver).
+            let _ = l.conn.send_datagram(bytes::Bytes::new());
             l.route = route;
             l.rtt = Some(rtt);
             l.switches += 1;
