@@ -41,6 +41,10 @@ pub fn bind(mesh: &Arc<Mesh>, addr: SocketAddr) -> anyhow::Result<quinn::Endpoin
     );
     let mut cfg = tls::server_config(slot, verifier, ALPN_CONTROL)?;
     cfg.transport_config(tls::control_transport());
+    // Unlike tunnels (whose routes the nodes' path layer manages), a control connection
+    // follows its node to a new address or NAT mapping: that is how the coordinator
+    // learns where the node went (`Mesh::sweep_offline`).
+    cfg.migration(true);
     let ep = quinn::Endpoint::server(cfg, addr)
         .map_err(|e| anyhow::anyhow!("bind control listener {addr}: {e}"))?;
     Ok(ep)
@@ -160,6 +164,10 @@ async fn session(
         crate::mesh::Reach {
             candidates,
             relay: hello.relay,
+            observed: Some(SocketAddr::new(
+                conn.remote_address().ip().to_canonical(),
+                conn.remote_address().port(),
+            )),
         },
     );
     let (kick_tx, mut kick_rx) = mpsc::channel::<ControlDown>(4);

@@ -124,6 +124,8 @@ pub struct Reach {
     pub candidates: Vec<SocketAddr>,
     /// It relays for other nodes.
     pub relay: bool,
+    /// The address its control connection comes from (one of the candidates).
+    pub observed: Option<SocketAddr>,
 }
 
 /// The coordinator.
@@ -939,11 +941,50 @@ impl Mesh {
     pub fn sweep_offline(&self) -> Result<(), MeshError> {
         let catalog = self.catalog()?;
         let names = catalog.peers.iter().map(|p| p.node.as_str());
-        let changed = self.book().sweep(names, std::time::Instant::now());
+        let mut changed = self.book().sweep(names, std::time::Instant::now());
+        changed |= self.follow_moves();
         if changed {
             self.changed()?;
         }
         Ok(())
+    }
+
+    /// A control connection that migrated (the node's address or its NAT mapping
+    /// changed) moves that node's observed candidate with it; true when any did.
+    fn follow_moves(&self) -> bool {
+        let now: Vec<(String, SocketAddr)> = self
+            .sessions
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(n, s)| {
+                        let a = s.conn.remote_address();
+                        (n.clone(), SocketAddr::new(a.ip().to_canonical(), a.port()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut reach = self.candidates.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changed = false;
+        for (node, addr) in now {
+            let Some(r) = reach.get_mut(&node) else {
+                continue;
+            };
+            match r.observed {
+                Some(old) if old != addr => {
+                    tracing::info!(%node, %old, new = %addr, "node's control connection moved");
+                    r.candidates.retain(|c| *c != addr);
+                    match r.candidates.iter().position(|c| *c == old) {
+                        Some(i) => r.candidates[i] = addr,
+                        None => r.candidates.insert(0, addr),
+                    }
+                    r.observed = Some(addr);
+                    changed = true;
+                }
+                _ => {}
+            }
+        }
+        changed
     }
 
     /// A node's health report: pushed to every node when a service changed state.

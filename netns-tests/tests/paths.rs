@@ -246,15 +246,16 @@ fn p1_nat_matrix_every_pair_connects_direct_unless_both_sides_are_port_dependent
     drop((nodes, w));
 }
 
-/// A paced echo transfer from `from` to `svc` on its own thread: ~12 MiB over ~9 s.
+/// A paced echo transfer of `mib` MiB from `from` to `svc` on its own thread (1.25 MiB/s).
 fn start_transfer(
     from: &NodeProc,
     svc: &str,
+    mib: usize,
 ) -> std::thread::JoinHandle<std::io::Result<quicmesh_netns_tests::net::Paced>> {
     let addr = from.upstream(svc);
     let ns = from.netns().map(str::to_string);
     std::thread::spawn(move || {
-        let go = move || paced_echo(addr, 12 << 20, 32 << 10, Duration::from_millis(25));
+        let go = move || paced_echo(addr, mib << 20, 32 << 10, Duration::from_millis(25));
         match ns {
             Some(ns) => {
                 in_ns(&ns, go).unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
@@ -295,7 +296,7 @@ fn p2_a_flow_on_a_relay_moves_to_the_direct_path_once_punching_works_losing_noth
     let y = w.node("y", &ns_y, &[]);
     w.coord.wait_all_acked(3, Duration::from_secs(30));
 
-    let transfer = start_transfer(&x, "svc-y");
+    let transfer = start_transfer(&x, "svc-y", 12);
     let (p, _) = wait_path(&x, "y", "relay", Duration::from_secs(5));
     assert_eq!(p["via"], "relay", "only the relay works: {p}");
     assert_eq!(p["relay"], "r1", "{p}");
@@ -338,7 +339,7 @@ fn p3_when_the_relay_in_use_dies_flows_move_to_another_relay_within_5s() {
     let y = w.node("y", &ns_y, &[]);
     w.coord.wait_all_acked(4, Duration::from_secs(30));
 
-    let transfer = start_transfer(&x, "svc-y");
+    let transfer = start_transfer(&x, "svc-y", 12);
     let (p, _) = wait_path(&x, "y", "relay", Duration::from_secs(5));
     let used = p["relay"]
         .as_str()
@@ -381,8 +382,26 @@ fn p3_when_the_relay_in_use_dies_flows_move_to_another_relay_within_5s() {
     drop((x, y, w));
 }
 
+/// Waits until `from`'s direct path to `peer` is no longer at `old`; returns it and when.
+fn wait_moved(
+    from: &NodeProc,
+    peer: &str,
+    old: &serde_json::Value,
+) -> (serde_json::Value, Duration) {
+    let start = Instant::now();
+    loop {
+        let p = path(from, peer);
+        if (p["remote"] != old["remote"] && p["via"] == "direct")
+            || start.elapsed() > Duration::from_secs(15)
+        {
+            return (p, start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
-fn p4_a_node_whose_address_changes_mid_transfer_keeps_its_flows() {
+fn p4_nodes_whose_address_changes_mid_transfer_keep_their_flows() {
     let mut w = World::new("p4", &["r1"]);
     let home_x = w.net.lan("home-x", "198.18.71").unwrap();
     w.nat("nat-x", &home_x, 2, false);
@@ -393,43 +412,67 @@ fn p4_a_node_whose_address_changes_mid_transfer_keeps_its_flows() {
     let y = w.node("y", &ns_y, &[]);
     w.coord.wait_all_acked(3, Duration::from_secs(30));
 
-    let transfer = start_transfer(&x, "svc-y");
-    let (before, _) = wait_path(&y, "x", "direct", Duration::from_secs(5));
+    // x (behind a NAT) sends to y (public) for ~13 s; at 3 s x gets a new address, at 7 s y.
+    let transfer = start_transfer(&x, "svc-y", 16);
+    let (y_to_x, _) = wait_path(&y, "x", "direct", Duration::from_secs(5));
+    let (x_to_y, _) = wait_path(&x, "y", "direct", Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(3));
-    // x gets a new address (DHCP): its NAT maps it to a new public port.
-    for args in [
-        &["-n", &ns_x, "addr", "del", "198.18.71.11/24", "dev", "eth0"][..],
-        &["-n", &ns_x, "addr", "add", "198.18.71.13/24", "dev", "eth0"],
-        &["-n", &ns_x, "route", "add", "default", "via", "198.18.71.1"],
-    ] {
-        quicmesh_netns_tests::topo::ip(args).unwrap();
-    }
-    let changed = Instant::now();
-    let after = loop {
-        let p = path(&y, "x");
-        if (p["remote"] != before["remote"] && p["via"] == "direct")
-            || changed.elapsed() > Duration::from_secs(15)
-        {
-            break p;
+    let renumber = |ns: &str, old: &str, new: &str, gw: Option<&str>| {
+        let mut cmds = vec![
+            vec!["-n", ns, "addr", "del", old, "dev", "eth0"],
+            vec!["-n", ns, "addr", "add", new, "dev", "eth0"],
+        ];
+        if let Some(gw) = gw {
+            cmds.push(vec!["-n", ns, "route", "add", "default", "via", gw]);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        for c in cmds {
+            quicmesh_netns_tests::topo::ip(&c).unwrap();
+        }
     };
-    let moved = changed.elapsed();
+    // x renumbered (DHCP): its NAT maps the new address to a new public port.
+    renumber(
+        &ns_x,
+        "198.18.71.11/24",
+        "198.18.71.13/24",
+        Some("198.18.71.1"),
+    );
+    let (y_to_x2, x_moved) = wait_moved(&y, "x", &y_to_x);
+    std::thread::sleep(Duration::from_secs(3));
+    // y renumbered: peers learn its new address from the coordinator (its control
+    // connection moved) and from its probes.
+    renumber(&ns_y, "198.18.70.20/24", "198.18.70.21/24", None);
+    let (x_to_y2, y_moved) = wait_moved(&x, "y", &x_to_y);
     let r = transfer.join().unwrap().unwrap();
     println!(
-        "x's address changed: y's path to x {} -> {} after {:.2} s; transfer {} bytes in {:.1} s, stall {:.2} s",
-        before["remote"],
-        after["remote"],
-        moved.as_secs_f64(),
+        "x renumbered: y's path to x {} -> {} after {:.2} s",
+        y_to_x["remote"],
+        y_to_x2["remote"],
+        x_moved.as_secs_f64()
+    );
+    println!(
+        "y renumbered: x's path to y {} -> {} after {:.2} s",
+        x_to_y["remote"],
+        x_to_y2["remote"],
+        y_moved.as_secs_f64()
+    );
+    println!(
+        "transfer {} bytes in {:.1} s, longest stall {:.2} s",
         r.bytes,
         r.secs,
         r.max_stall.as_secs_f64()
     );
     assert_ne!(
-        before["remote"], after["remote"],
+        y_to_x["remote"], y_to_x2["remote"],
         "y follows x to its new mapping"
     );
-    assert_eq!(r.bytes, 12 << 20);
+    assert!(
+        x_to_y2["remote"]
+            .as_str()
+            .unwrap()
+            .starts_with("198.18.70.21:"),
+        "x follows y to its new address: {x_to_y2}"
+    );
+    assert_eq!(r.bytes, 16 << 20);
     assert_eq!(r.sent, r.received, "the transfer completed intact");
     drop((x, y, w));
 }

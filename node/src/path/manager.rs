@@ -51,6 +51,9 @@ const BIRTHDAY_BACKOFF: Duration = Duration::from_secs(30);
 const BIRTHDAY_BACKOFF_MAX: Duration = Duration::from_secs(600);
 /// Spray probes sent per tick.
 const SPRAY_PER_TICK: usize = 256;
+/// A peer that moved (restarted on a new address, say) and whose tunnel answers no probe
+/// within this has lost it: the tunnel is closed so the next flow dials afresh.
+const MOVED_GRACE: Duration = Duration::from_millis(1500);
 /// Gap between tunnel attempts to one relay.
 const RELAY_REDIAL: Duration = Duration::from_secs(3);
 
@@ -93,6 +96,12 @@ struct Link {
     birthday_backoff: Duration,
     /// Spray left to send: (peer's public address, probes left, not before).
     spray: Option<(std::net::IpAddr, usize, Instant)>,
+    /// The peer's endpoint and candidates as last seen in the view.
+    reach: Option<(Option<SocketAddr>, Vec<SocketAddr>)>,
+    /// When the peer's addresses changed and nothing has answered since.
+    moved: Option<Instant>,
+    /// Last pong on any route.
+    last_pong: Option<Instant>,
 }
 
 impl Link {
@@ -356,9 +365,24 @@ impl Manager {
                     next_birthday: now + BIRTHDAY_AFTER,
                     birthday_backoff: BIRTHDAY_BACKOFF,
                     spray: None,
+                    reach: None,
+                    moved: None,
+                    last_pong: None,
                 },
             );
         }
+        // Relayed datagrams from a peer belong to the tunnel flows use (its visible address).
+        let relay_from: HashMap<PeerId, SocketAddr> = self
+            .links
+            .values()
+            .filter(|l| {
+                self.node
+                    .live_tunnel(&l.peer)
+                    .is_none_or(|c| c.stable_id() == l.conn.stable_id())
+            })
+            .map(|l| (PeerId::of(&l.peer), l.visible))
+            .collect();
+        self.paths.set_relay_from(relay_from);
         if self.paths.is_relay {
             let ids: HashSet<PeerId> = self.links.values().map(|l| PeerId::of(&l.peer)).collect();
             self.paths.retain_registered(|id| ids.contains(id));
@@ -479,7 +503,29 @@ impl Manager {
             crate::tls::keepalive()
         };
         l.dead_after = DEAD_AFTER.max(every * 2 + Duration::from_millis(1200));
-        let alive = l.current_alive(now);
+        let reach = view
+            .peers
+            .get(&l.peer)
+            .map(|p| (p.endpoint, p.candidates.clone()));
+        if l.reach.is_some() && reach.is_some() && l.reach != reach {
+            // The peer moved: probe everything now; no answer soon means the tunnel is gone.
+            tracing::debug!(peer = %l.peer, ?reach, "peer's addresses changed");
+            l.moved = Some(now);
+            l.last_ping = None;
+        }
+        if reach.is_some() {
+            l.reach = reach;
+        }
+        if let Some(at) = l.moved {
+            if l.last_pong.is_some_and(|p| p > at) {
+                l.moved = None;
+            } else if now.duration_since(at) >= MOVED_GRACE {
+                tracing::info!(peer = %l.peer, "peer moved and its tunnel answers nowhere; closing it");
+                l.conn.close(quinn::VarInt::from_u32(4), b"peer moved");
+                return;
+            }
+        }
+        let alive = l.current_alive(now) && l.moved.is_none();
         let relayed = l.route.is_relay();
         let due = |t: Option<Instant>, d: Duration| t.is_none_or(|t| now.duration_since(t) >= d);
         let heartbeat = due(l.last_ping, if alive { every } else { SEARCH_EVERY });
@@ -584,6 +630,7 @@ impl Manager {
         };
         let route = sent.route;
         let rtt = now.duration_since(sent.at);
+        l.last_pong = Some(now);
         tracing::trace!(peer = %l.peer, ?route, ?rtt, "pong");
         l.alive.insert(route, now);
         if let Route::Direct(a) = route {
@@ -664,5 +711,63 @@ impl Manager {
         }
         let _ = view;
         self.node.set_path_status(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(pairs: &[(&str, &str)]) -> HashMap<std::net::IpAddr, SocketAddr> {
+        pairs
+            .iter()
+            .map(|(peer, seen)| (peer.parse().unwrap(), seen.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn mapping_is_port_dependent_when_two_peers_saw_two_ports() {
+        let m = obs(&[
+            ("198.18.70.30", "198.18.70.3:40001"),
+            ("198.18.70.20", "198.18.70.3:51234"),
+        ]);
+        assert_eq!(mapping(&m), Mapping::PortDependent);
+        // Its twin: the same port for both peers is endpoint-independent.
+        let m = obs(&[
+            ("198.18.70.30", "198.18.70.3:40001"),
+            ("198.18.70.20", "198.18.70.3:40001"),
+        ]);
+        assert_eq!(mapping(&m), Mapping::EndpointIndependent);
+    }
+
+    #[test]
+    fn one_observation_tells_nothing() {
+        assert_eq!(mapping(&obs(&[])), Mapping::Unknown);
+        let m = obs(&[("198.18.70.30", "198.18.70.3:40001")]);
+        assert_eq!(mapping(&m), Mapping::Unknown);
+        // Seen at two different addresses (a peer on our LAN sees our own): still unknown.
+        let m = obs(&[
+            ("198.18.70.30", "198.18.70.3:40001"),
+            ("198.18.71.12", "198.18.71.11:7800"),
+        ]);
+        assert_eq!(mapping(&m), Mapping::Unknown);
+    }
+
+    #[test]
+    fn spare_socket_probes_verify_only_under_their_link_key() {
+        let k1 = hmac::Key::new(hmac::HMAC_SHA256, &[1; 32]);
+        let k2 = hmac::Key::new(hmac::HMAC_SHA256, &[2; 32]);
+        let d = pp::ping(5, [9; 12], |b| punch::tag(&k1, b));
+        let Ok(Some(PathPacket::Ping(p))) = pp::decode(&d) else {
+            panic!("ping")
+        };
+        assert!(punch::verify(&k1, &d, &p.tag));
+        assert!(!punch::verify(&k2, &d, &p.tag), "another tunnel's key");
+        let mut forged = d.clone();
+        forged[12] ^= 1;
+        assert!(
+            !punch::verify(&k1, &forged, &p.tag),
+            "altered transaction id"
+        );
     }
 }

@@ -84,6 +84,8 @@ pub struct Incoming {
 /// Most relayed datagrams waiting for QUIC to read them; more are dropped (QUIC
 /// retransmits).
 const PENDING_MAX: usize = 4096;
+/// Most synthetic addresses (peers reached through relays).
+const SYNTH_MAX: u32 = 1 << 20;
 /// Most probes waiting for the manager.
 const PROBES_MAX: usize = 1024;
 
@@ -98,6 +100,9 @@ pub struct Paths {
     /// Peer id -> the synthetic address of tunnels through relays, and back.
     synth: ArcSwap<HashMap<PeerId, SocketAddr>>,
     synth_rev: ArcSwap<HashMap<SocketAddr, PeerId>>,
+    /// Peer id -> the visible address of its tunnel, for relayed datagrams of a tunnel that
+    /// came up direct (a route change moved it to a relay, on either side).
+    relay_from: ArcSwap<HashMap<PeerId, SocketAddr>>,
     /// Relays whose relayed packets this node takes.
     relays: ArcSwap<HashSet<SocketAddr>>,
     /// Relays answering this node's pings, nearest first: (name, address).
@@ -158,6 +163,7 @@ impl Paths {
                 recv: ArcSwap::from_pointee(HashMap::new()),
                 synth: ArcSwap::from_pointee(HashMap::new()),
                 synth_rev: ArcSwap::from_pointee(HashMap::new()),
+                relay_from: ArcSwap::from_pointee(HashMap::new()),
                 relays: ArcSwap::from_pointee(HashSet::new()),
                 live_relays: ArcSwap::from_pointee(Vec::new()),
                 registry: ArcSwap::from_pointee(Registry::default()),
@@ -187,7 +193,11 @@ impl Paths {
         if let Some(a) = self.synth.load().get(&peer) {
             return *a;
         }
+        // Bounded: a relay could name any number of ids (their datagrams then go nowhere).
         let n = self.synth.load().len() as u32 + 1;
+        if n > SYNTH_MAX {
+            return SocketAddr::new(Ipv4Addr::new(0, 0, 0, 0).into(), 1);
+        }
         let [_, b, c, d] = n.to_be_bytes();
         let addr = SocketAddr::new(Ipv4Addr::new(0, b, c, d).into(), 1);
         let mut m = HashMap::clone(&self.synth.load());
@@ -197,6 +207,22 @@ impl Paths {
         r.insert(addr, peer);
         self.synth_rev.store(Arc::new(r));
         addr
+    }
+
+    /// Sets, for each peer with a tunnel, the visible address its relayed datagrams are
+    /// delivered from.
+    pub fn set_relay_from(&self, m: HashMap<PeerId, SocketAddr>) {
+        if **self.relay_from.load() != m {
+            self.relay_from.store(Arc::new(m));
+        }
+    }
+
+    /// The visible address relayed datagrams from `peer` are delivered from.
+    pub fn relayed_visible(&self, peer: PeerId) -> SocketAddr {
+        match self.relay_from.load().get(&peer) {
+            Some(v) => *v,
+            None => self.synth_for(peer),
+        }
     }
 
     /// The peer a synthetic address stands for.

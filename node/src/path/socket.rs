@@ -99,10 +99,10 @@ impl MeshSocket {
                     );
                     return;
                 }
-                let visible = self.paths.synth_for(peer);
+                let visible = self.paths.relayed_visible(peer);
                 // A tunnel the peer opens through a relay is answered through that relay
                 // until the manager knows better.
-                if !self.paths.send.load().contains_key(&visible) {
+                if Paths::is_synth(&visible) && !self.paths.send.load().contains_key(&visible) {
                     self.paths.set_route(
                         visible,
                         Route::Relay {
