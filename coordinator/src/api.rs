@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::mesh::{Mesh, MeshError};
+use crate::web::{self, Web};
 
 impl IntoResponse for MeshError {
     fn into_response(self) -> Response {
@@ -38,26 +39,11 @@ impl IntoResponse for MeshError {
     }
 }
 
-async fn auth(State(mesh): State<Arc<Mesh>>, req: Request, next: Next) -> Response {
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match token {
-        Some(t) if mesh.check_admin(t) => next.run(req).await,
-        _ => (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            Json(json!({"error": "missing or invalid admin token"})),
-        )
-            .into_response(),
-    }
-}
-
-/// The API router.
+/// The HTTP server's router: the API under `/api/v1` (every route behind
+/// [`web::auth`] but sign-in), and the dashboard's pages.
 pub fn router(mesh: Arc<Mesh>) -> Router {
-    let api = Router::new()
+    let web = Web::new(mesh.clone());
+    let mesh_routes = Router::new()
         .route("/status", get(status))
         .route("/nodes", get(nodes))
         .route("/nodes/{name}/revoke", post(revoke))
@@ -66,14 +52,35 @@ pub fn router(mesh: Arc<Mesh>) -> Router {
         .route("/policy", get(policy_show).post(policy_apply))
         .route("/policy/history", get(policy_history))
         .route("/policy/explain", get(policy_explain))
-        .layer(middleware::from_fn_with_state(mesh.clone(), auth))
         .with_state(mesh);
-    Router::new().nest("/api/v1", api).fallback(|| async {
-        (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": "no such route"})),
+    let web_routes = Router::new()
+        .route(
+            "/session",
+            get(web::whoami).post(web::sign_in).delete(web::sign_out),
         )
-    })
+        .route("/events", get(web::events))
+        .route("/traffic", get(web::traffic))
+        .route("/topology", get(web::topology))
+        .route("/openapi.json", get(web::openapi))
+        .with_state(web.clone());
+    let api = mesh_routes
+        .merge(web_routes)
+        .layer(middleware::from_fn_with_state(web.clone(), web::auth));
+    let pages = Router::new()
+        .route("/", get(web::root))
+        .route("/ui/login", get(web::login_page))
+        .route("/ui/assets/{file}", get(web::asset))
+        .route("/ui/{page}", get(web::page))
+        .with_state(web);
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(pages)
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": "no such route"})),
+            )
+        })
 }
 
 async fn status(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {

@@ -269,6 +269,7 @@ async fn run_session(
                     }
                     ControlUp::Status(s) => {
                         mesh.store.node_seen(&name, now())?;
+                        mesh.report_traffic(&name, s.traffic.clone());
                         tracing::debug!(node = %name, ?s, "status");
                     }
                     ControlUp::Health(checks) => {

@@ -161,6 +161,10 @@ pub async fn run(http: SocketAddr) -> anyhow::Result<()> {
         "  coordinator api      http://{}/api/v1   (admin token: {})",
         running.http_addr, out.admin_token
     );
+    println!(
+        "  dashboard            http://{}/ui/overview   (sign in with the admin token)",
+        running.http_addr
+    );
 
     let web = demo_service("web").await?;
     let db = demo_service("db-1").await?;

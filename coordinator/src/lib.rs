@@ -10,3 +10,4 @@ pub mod health;
 pub mod mesh;
 pub mod serve;
 pub mod store;
+pub mod web;

@@ -138,6 +138,11 @@ pub struct Mesh {
     pub cert_ttl_secs: i64,
     pub trust: TrustHandle,
     admin_hash: String,
+    reader_hash: String,
+    /// The last traffic report of each node.
+    traffic: Mutex<HashMap<String, Vec<quicmesh_protocol::wire::PairTraffic>>>,
+    /// Bumped when a traffic report changed something.
+    traffic_tx: watch::Sender<u64>,
     policy: ArcSwap<(u64, Policy)>,
     version_tx: watch::Sender<u64>,
     sessions: Mutex<HashMap<String, SessionHandle>>,
@@ -222,11 +227,60 @@ pub fn init_with(
     let admin_token = format!("qma_{}", hex::encode(random_hex32()));
     store.set_meta("admin_token_sha256", &hash_secret(&admin_token))?;
     write_private(&dir.join("admin.token"), admin_token.as_bytes())?;
+    ensure_reader_token(&store, dir)?;
     Ok(InitOutput {
         trust_domain,
         ca_fingerprint: hex::encode(ca.fingerprint()),
         admin_token,
     })
+}
+
+/// The read-only API token (`reader.token`, 0600): sees everything, changes nothing.
+/// Created on first need (data dirs from before it get one when opened).
+fn ensure_reader_token(store: &dyn Store, dir: &Path) -> Result<String, MeshError> {
+    if let Some(h) = store.meta("reader_token_sha256")? {
+        return Ok(h);
+    }
+    let token = format!("qmr_{}", hex::encode(random_hex32()));
+    write_private(&dir.join("reader.token"), token.as_bytes())?;
+    let h = hash_secret(&token);
+    store.set_meta("reader_token_sha256", &h)?;
+    Ok(h)
+}
+
+/// Who an API credential is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Reads everything, changes nothing.
+    Reader,
+}
+
+/// Constant-time comparison of two hex hashes.
+fn same_hash(a: &str, b: &str) -> bool {
+    !a.is_empty()
+        && a.len() == b.len()
+        && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// One service pair's traffic across the mesh (what the traffic page shows).
+#[derive(Debug, Clone, Serialize)]
+pub struct PairView {
+    pub src: String,
+    pub dst: String,
+    pub flows: u64,
+    pub bytes: u64,
+    pub denials: BTreeMap<String, u64>,
+    pub denied: u64,
+    pub ingress_denials: BTreeMap<String, u64>,
+    /// Flow setup latency percentiles (ms) over every reporting node's histogram.
+    pub setup_p50_ms: Option<f64>,
+    pub setup_p99_ms: Option<f64>,
+    pub setup_samples: u64,
+    /// Nodes whose reports went in.
+    pub reporters: Vec<String>,
 }
 
 /// Checks a label map from API input.
@@ -310,6 +364,7 @@ impl Mesh {
             }
         };
         let admin_hash = store.meta("admin_token_sha256")?.unwrap_or_default();
+        let reader_hash = ensure_reader_token(&*store, dir)?;
         let policy = match store.latest_policy()? {
             Some(p) => (p.version, Policy::parse(&p.source)?),
             None => (0, Policy::default()),
@@ -331,6 +386,9 @@ impl Mesh {
             cert_ttl_secs,
             trust: Arc::new(ArcSwap::from_pointee(trust)),
             admin_hash,
+            reader_hash,
+            traffic: Mutex::new(HashMap::new()),
+            traffic_tx: watch::channel(0).0,
             policy: ArcSwap::from_pointee(policy),
             version_tx,
             sessions: Mutex::new(HashMap::new()),
@@ -353,14 +411,97 @@ impl Mesh {
 
     /// True when `token` is the admin token (compared by hash, in constant time).
     pub fn check_admin(&self, token: &str) -> bool {
+        same_hash(&hash_secret(token), &self.admin_hash)
+    }
+
+    /// The role of an API token, if it is one.
+    pub fn role_of(&self, token: &str) -> Option<Role> {
         let got = hash_secret(token);
-        !self.admin_hash.is_empty()
-            && got.len() == self.admin_hash.len()
-            && got
-                .bytes()
-                .zip(self.admin_hash.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        if same_hash(&got, &self.admin_hash) {
+            Some(Role::Admin)
+        } else if same_hash(&got, &self.reader_hash) {
+            Some(Role::Reader)
+        } else {
+            None
+        }
+    }
+
+    /// Records a node's status report's traffic; wakes traffic watchers when it changed.
+    pub fn report_traffic(&self, node: &str, traffic: Vec<quicmesh_protocol::wire::PairTraffic>) {
+        let mut m = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(node) == Some(&traffic) {
+            return;
+        }
+        m.insert(node.to_string(), traffic);
+        drop(m);
+        self.traffic_tx.send_modify(|v| *v += 1);
+    }
+
+    /// Follows traffic report changes.
+    pub fn subscribe_traffic(&self) -> watch::Receiver<u64> {
+        self.traffic_tx.subscribe()
+    }
+
+    /// Traffic per service pair, summed over the nodes' reports (revoked nodes' too:
+    /// what happened, happened).
+    pub fn traffic(&self) -> Vec<PairView> {
+        let m = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pairs: BTreeMap<(String, String), (PairView, Option<hdrhistogram::Histogram<u64>>)> =
+            BTreeMap::new();
+        for (node, report) in m.iter() {
+            for t in report {
+                let (v, h) = pairs
+                    .entry((t.src.to_string(), t.dst.to_string()))
+                    .or_insert_with(|| {
+                        (
+                            PairView {
+                                src: t.src.to_string(),
+                                dst: t.dst.to_string(),
+                                flows: 0,
+                                bytes: 0,
+                                denials: BTreeMap::new(),
+                                denied: 0,
+                                ingress_denials: BTreeMap::new(),
+                                setup_p50_ms: None,
+                                setup_p99_ms: None,
+                                setup_samples: 0,
+                                reporters: Vec::new(),
+                            },
+                            None,
+                        )
+                    });
+                v.flows += t.flows;
+                v.bytes += t.bytes;
+                for (r, n) in &t.denials {
+                    *v.denials.entry(r.clone()).or_default() += n;
+                    v.denied += n;
+                }
+                for (r, n) in &t.ingress_denials {
+                    *v.ingress_denials.entry(r.clone()).or_default() += n;
+                }
+                if !t.setup_us.is_empty() {
+                    let h = h.get_or_insert_with(|| {
+                        hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2)
+                            .expect("valid bounds")
+                    });
+                    for (value, count) in &t.setup_us {
+                        let _ = h.record_n((*value).clamp(1, 60_000_000), *count);
+                    }
+                }
+                v.reporters.push(node.clone());
+            }
+        }
+        pairs
+            .into_values()
+            .map(|(mut v, h)| {
+                if let Some(h) = h {
+                    v.setup_p50_ms = Some(h.value_at_quantile(0.5) as f64 / 1e3);
+                    v.setup_p99_ms = Some(h.value_at_quantile(0.99) as f64 / 1e3);
+                    v.setup_samples = h.len();
+                }
+                v
+            })
+            .collect()
     }
 
     /// Subscribes to mesh version changes.

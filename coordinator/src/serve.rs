@@ -65,6 +65,7 @@ pub async fn start(
     );
     let app = api::router(mesh.clone());
     tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(http_l, app).await {
             tracing::error!(error = %e, "http api stopped");
         }

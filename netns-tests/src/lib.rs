@@ -6,6 +6,7 @@
 //! Logs of a failed test are kept: the harness's temp dir is persisted when the test
 //! thread panics, and the failure message says where.
 
+pub mod browser;
 pub mod harness;
 pub mod net;
 pub mod rogue;

@@ -189,6 +189,7 @@ fn status(node: &Node) -> StatusReport {
         flows_accepted: accepted,
         flows_rejected: rejected,
         peers_connected: node.conns.lock().map(|m| m.len() as u32).unwrap_or(0),
+        traffic: node.metrics.traffic.report(),
     }
 }
 

@@ -157,7 +157,13 @@ pub async fn pump(
     mut kill: oneshot::Receiver<&'static str>,
     idle: Duration,
     metrics: &Metrics,
+    pair_bytes: Option<std::sync::Arc<AtomicU64>>,
 ) -> FlowEnd {
+    let count = |n: usize| {
+        if let Some(b) = &pair_bytes {
+            b.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    };
     let start = Instant::now();
     let last = AtomicU64::new(0);
     let touch = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -174,6 +180,7 @@ pub async fn pump(
                 touch();
                 send.write_all(&buf[..n]).await.map_err(|_| ())?;
                 metrics.bytes_to_tunnel(n as u64);
+                count(n);
             }
         };
         let from_tunnel = async {
@@ -184,6 +191,7 @@ pub async fn pump(
                         touch();
                         tw.write_all(&buf[..n]).await.map_err(|_| ())?;
                         metrics.bytes_from_tunnel(n as u64);
+                        count(n);
                     }
                     Ok(None) => {
                         let _ = tw.shutdown().await;

@@ -16,4 +16,5 @@ pub mod run;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod traffic;
 pub mod tunnel;

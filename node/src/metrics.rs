@@ -102,6 +102,8 @@ impl PathMetrics {
 /// The node's metrics.
 pub struct Metrics {
     paths: PathMetrics,
+    /// Per service pair traffic for the coordinator (see [`crate::traffic`]).
+    pub traffic: crate::traffic::Traffic,
     registry: Registry,
     ingress_accepted: Family<FlowLabels, Counter>,
     ingress_rejected: Family<RejectLabels, Counter>,
@@ -148,6 +150,7 @@ impl Metrics {
         let m = Self {
             registry: Registry::default(),
             paths: PathMetrics::default(),
+            traffic: Default::default(),
             ingress_accepted: Family::default(),
             ingress_rejected: Family::default(),
             egress_accepted: Family::default(),
@@ -359,6 +362,9 @@ impl Metrics {
     pub fn ingress_rejected(&self, reason: &str, src: &str, dst: &str) {
         self.rejected_total.fetch_add(1, Ordering::Relaxed);
         self.reason("ingress_rejected", reason);
+        if !src.is_empty() {
+            self.traffic.denied(src, dst, reason, true);
+        }
         self.ingress_rejected
             .get_or_create(&RejectLabels {
                 reason: reason.into(),
@@ -381,6 +387,7 @@ impl Metrics {
     /// A local client's flow refused (locally or by the peer).
     pub fn egress_rejected(&self, reason: &str, src: &str, dst: &str) {
         self.reason("egress_rejected", reason);
+        self.traffic.denied(src, dst, reason, false);
         self.egress_rejected
             .get_or_create(&RejectLabels {
                 reason: reason.into(),

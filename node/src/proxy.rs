@@ -153,6 +153,7 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
             dst_service: up.service.clone(),
             flow_id: id,
         };
+        let opening = std::time::Instant::now();
         let (conn, send, recv) = match open_stream(&node, peer, &header).await {
             Ok(x) => x,
             Err(Attempt::Rejected(code, rule)) => {
@@ -169,6 +170,7 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
             }
         };
         node.metrics.egress_accepted(src, dst);
+        node.metrics.traffic.flow(src, dst, opening.elapsed());
         let _load = load.start(&peer.node);
         tracing::debug!(peer = %peer.node, "instance chosen");
         let _ = tcp.set_nodelay(true);
@@ -191,6 +193,7 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
             kill,
             node.cfg.flow_idle_timeout,
             &node.metrics,
+            node.metrics.traffic.bytes(src, dst),
         )
         .await;
         if let FlowEnd::Killed(reason) = end {

@@ -440,7 +440,7 @@ async fn ingress_stream(
             },
             &node.metrics,
         );
-        let end = pump(tcp, send, recv, kill, node.cfg.flow_idle_timeout, &node.metrics).await;
+        let end = pump(tcp, send, recv, kill, node.cfg.flow_idle_timeout, &node.metrics, None).await;
         match end {
             FlowEnd::Killed(reason) => {
                 node.metrics.flow_closed(reason);

@@ -151,6 +151,23 @@ pub struct Hello {
     pub agent_version: String,
 }
 
+/// One service pair's traffic as a node saw it (cumulative since the node started).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairTraffic {
+    pub src: ServiceName,
+    pub dst: ServiceName,
+    /// Flows this node started that were accepted.
+    pub flows: u64,
+    /// Bytes those flows carried, both directions.
+    pub bytes: u64,
+    /// Flows this node started that were refused, by reason (whichever side refused).
+    pub denials: Vec<(String, u64)>,
+    /// Flows refused at this node's ingress, by reason.
+    pub ingress_denials: Vec<(String, u64)>,
+    /// Flow setup latency histogram: (microseconds, count) per recorded bucket.
+    pub setup_us: Vec<(u64, u64)>,
+}
+
 /// Periodic report of a node's state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -160,6 +177,8 @@ pub struct StatusReport {
     pub flows_accepted: u64,
     pub flows_rejected: u64,
     pub peers_connected: u32,
+    /// Per service pair traffic (flows this node started, refusals at its ingress).
+    pub traffic: Vec<PairTraffic>,
 }
 
 /// Node -> coordinator messages.

@@ -1,0 +1,149 @@
+//! Per service pair traffic, as this node saw it, for the coordinator's traffic page:
+//! flows, bytes and denials counted where the flow starts (the client's node: every
+//! attempt is seen there exactly once, whichever side refused it), flow setup latency in
+//! an hdrhistogram, and refusals at this node's ingress beside them. Reported, cumulative,
+//! with every status report.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use quicmesh_protocol::ident::ServiceName;
+use quicmesh_protocol::wire::PairTraffic;
+
+/// Most service pairs tracked (a peer may name any source service at ingress).
+const MAX_PAIRS: usize = 1024;
+
+#[derive(Default)]
+struct Pair {
+    flows: u64,
+    /// Added to by the flows' pumps as they go.
+    bytes: Arc<AtomicU64>,
+    denials: BTreeMap<String, u64>,
+    ingress_denials: BTreeMap<String, u64>,
+    /// Flow setup (stream open to the ingress's answer), microseconds.
+    setup: Option<Histogram<u64>>,
+}
+
+/// The node's per pair counters.
+#[derive(Default)]
+pub struct Traffic {
+    pairs: Mutex<BTreeMap<(String, String), Pair>>,
+}
+
+impl std::fmt::Debug for Traffic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Traffic").finish_non_exhaustive()
+    }
+}
+
+impl Traffic {
+    fn with(&self, src: &str, dst: &str, f: impl FnOnce(&mut Pair)) {
+        let Ok(mut m) = self.pairs.lock() else {
+            return;
+        };
+        let key = (src.to_string(), dst.to_string());
+        if !m.contains_key(&key) && m.len() >= MAX_PAIRS {
+            return;
+        }
+        f(m.entry(key).or_default());
+    }
+
+    /// A flow this node started was accepted after `setup`.
+    pub fn flow(&self, src: &str, dst: &str, setup: Duration) {
+        self.with(src, dst, |p| {
+            p.flows += 1;
+            let h = p
+                .setup
+                .get_or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"));
+            let _ = h.record((setup.as_micros() as u64).clamp(1, 60_000_000));
+        });
+    }
+
+    /// The byte counter of a pair (both directions), for a flow's pump.
+    pub fn bytes(&self, src: &str, dst: &str) -> Option<Arc<AtomicU64>> {
+        let mut out = None;
+        self.with(src, dst, |p| out = Some(p.bytes.clone()));
+        out
+    }
+
+    /// A flow refused: at this node's egress (`ingress = false`: every refusal of a flow
+    /// this node started, whichever side refused) or at its ingress.
+    pub fn denied(&self, src: &str, dst: &str, reason: &str, ingress: bool) {
+        self.with(src, dst, |p| {
+            let m = if ingress {
+                &mut p.ingress_denials
+            } else {
+                &mut p.denials
+            };
+            *m.entry(reason.to_string()).or_default() += 1;
+        });
+    }
+
+    /// Everything so far, for the status report.
+    pub fn report(&self) -> Vec<PairTraffic> {
+        let Ok(m) = self.pairs.lock() else {
+            return Vec::new();
+        };
+        m.iter()
+            .filter_map(|((src, dst), p)| {
+                Some(PairTraffic {
+                    src: ServiceName::new(src.as_str()).ok()?,
+                    dst: ServiceName::new(dst.as_str()).ok()?,
+                    flows: p.flows,
+                    bytes: p.bytes.load(Ordering::Relaxed),
+                    denials: p.denials.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                    ingress_denials: p
+                        .ingress_denials
+                        .iter()
+                        .map(|(k, v)| (k.clone(), *v))
+                        .collect(),
+                    setup_us: p
+                        .setup
+                        .as_ref()
+                        .map(|h| {
+                            h.iter_recorded()
+                                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_count_flows_bytes_and_denials_by_side() {
+        let t = Traffic::default();
+        t.flow("web", "db", Duration::from_micros(800));
+        t.flow("web", "db", Duration::from_micros(1200));
+        t.bytes("web", "db").unwrap().fetch_add(4096, Ordering::Relaxed);
+        t.denied("web", "db", "policy_denied", false);
+        t.denied("batch", "db", "policy_denied", true);
+        let r = t.report();
+        let web = r.iter().find(|p| p.src.as_str() == "web").unwrap();
+        assert_eq!((web.flows, web.bytes), (2, 4096));
+        assert_eq!(web.denials, vec![("policy_denied".to_string(), 1)]);
+        assert!(web.ingress_denials.is_empty());
+        assert_eq!(web.setup_us.iter().map(|(_, c)| c).sum::<u64>(), 2);
+        let batch = r.iter().find(|p| p.src.as_str() == "batch").unwrap();
+        assert_eq!(batch.ingress_denials, vec![("policy_denied".to_string(), 1)]);
+        assert_eq!(batch.flows, 0);
+    }
+
+    #[test]
+    fn the_pair_table_is_bounded() {
+        let t = Traffic::default();
+        for i in 0..MAX_PAIRS + 10 {
+            t.denied(&format!("s{i}"), "db", "policy_denied", true);
+        }
+        assert_eq!(t.report().len(), MAX_PAIRS);
+    }
+}
