@@ -262,7 +262,10 @@ pub enum Role {
 fn same_hash(a: &str, b: &str) -> bool {
     !a.is_empty()
         && a.len() == b.len()
-        && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// One service pair's traffic across the mesh (what the traffic page shows).
@@ -446,8 +449,8 @@ impl Mesh {
     /// what happened, happened).
     pub fn traffic(&self) -> Vec<PairView> {
         let m = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
-        let mut pairs: BTreeMap<(String, String), (PairView, Option<hdrhistogram::Histogram<u64>>)> =
-            BTreeMap::new();
+        type Merged = (PairView, Option<hdrhistogram::Histogram<u64>>);
+        let mut pairs: BTreeMap<(String, String), Merged> = BTreeMap::new();
         for (node, report) in m.iter() {
             for t in report {
                 let (v, h) = pairs
@@ -1217,6 +1220,59 @@ mod tests {
             services: vec![ServiceName::new("web").unwrap()],
             labels: Labels::default(),
         }
+    }
+
+    #[test]
+    fn traffic_sums_nodes_reports_and_merges_their_latency_histograms() {
+        use quicmesh_protocol::wire::PairTraffic;
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), TrustDomain::new("t.test").unwrap()).unwrap();
+        let mesh = Mesh::open(dir.path(), 3600).unwrap();
+        let pair = |flows, denied: u64, setup: Vec<(u64, u64)>| PairTraffic {
+            src: ServiceName::new("web").unwrap(),
+            dst: ServiceName::new("api").unwrap(),
+            flows,
+            bytes: flows * 100,
+            denials: vec![("policy_denied".into(), denied)],
+            ingress_denials: vec![],
+            setup_us: setup,
+        };
+        let mut rx = mesh.subscribe_traffic();
+        // web-1's flows all set up in ~1 ms, web-2's in ~10 ms.
+        mesh.report_traffic("web-1", vec![pair(90, 1, vec![(1000, 90)])]);
+        mesh.report_traffic("web-2", vec![pair(10, 2, vec![(10_000, 10)])]);
+        assert!(rx.has_changed().unwrap(), "watchers are woken");
+        let t = mesh.traffic();
+        assert_eq!(t.len(), 1);
+        let p = &t[0];
+        assert_eq!((p.flows, p.bytes, p.denied), (100, 10_000, 3));
+        assert_eq!(p.denials.get("policy_denied"), Some(&3));
+        assert_eq!(p.setup_samples, 100);
+        // The merged median is web-1's, the 99th percentile web-2's: a mean would be neither.
+        assert!((p.setup_p50_ms.unwrap() - 1.0).abs() < 0.05, "{p:?}");
+        assert!((p.setup_p99_ms.unwrap() - 10.0).abs() < 0.2, "{p:?}");
+        // The same report again changes nothing and wakes nobody.
+        rx.borrow_and_update();
+        mesh.report_traffic("web-2", vec![pair(10, 2, vec![(10_000, 10)])]);
+        assert!(!rx.has_changed().unwrap());
+    }
+
+    #[test]
+    fn tokens_have_roles_and_a_wrong_one_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = init(dir.path(), TrustDomain::new("t.test").unwrap()).unwrap();
+        let mesh = Mesh::open(dir.path(), 3600).unwrap();
+        let reader = std::fs::read_to_string(dir.path().join("reader.token")).unwrap();
+        assert_eq!(mesh.role_of(&out.admin_token), Some(Role::Admin));
+        assert_eq!(mesh.role_of(reader.trim()), Some(Role::Reader));
+        assert_eq!(mesh.role_of("qma_0000"), None);
+        assert_eq!(mesh.role_of(""), None);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("reader.token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the read-only token is a secret too");
     }
 
     #[test]

@@ -92,7 +92,11 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 impl Web {
@@ -150,7 +154,11 @@ impl Web {
         let now = Instant::now();
         m.retain(|_, s| s.expires > now);
         if m.len() >= MAX_SESSIONS {
-            if let Some(oldest) = m.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| k.clone()) {
+            if let Some(oldest) = m
+                .iter()
+                .min_by_key(|(_, s)| s.expires)
+                .map(|(k, _)| k.clone())
+            {
                 m.remove(&oldest);
             }
         }
@@ -293,7 +301,9 @@ pub async fn events(State(web): State<Arc<Web>>) -> Response {
         |(mut m, mut t, first)| async move {
             if first {
                 return Some((
-                    Ok::<_, std::convert::Infallible>(": quicmesh events\nretry: 2000\n\n".to_string()),
+                    Ok::<_, std::convert::Infallible>(
+                        ": quicmesh events\nretry: 2000\n\n".to_string(),
+                    ),
                     (m, t, false),
                 ));
             }
@@ -361,8 +371,14 @@ fn page_headers(resp: &mut Response) {
             "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
         ),
     );
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
 
@@ -379,7 +395,11 @@ pub async fn login_page() -> Response {
 }
 
 /// `GET /ui/{page}`: a page, for a signed-in browser; others go to the sign-in page.
-pub async fn page(State(web): State<Arc<Web>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+pub async fn page(
+    State(web): State<Arc<Web>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     if !PAGES.contains(&name.as_str()) {
         return error(StatusCode::NOT_FOUND, "no such page");
     }
@@ -402,7 +422,10 @@ pub async fn root() -> Response {
 /// `GET /ui/assets/{file}`: the script and style sheet (no data in them).
 pub async fn asset(Path(file): Path<String>) -> Response {
     let (body, ty) = match file.as_str() {
-        "app.js" => (include_str!("../ui/app.js"), "text/javascript; charset=utf-8"),
+        "app.js" => (
+            include_str!("../ui/app.js"),
+            "text/javascript; charset=utf-8",
+        ),
         "app.css" => (include_str!("../ui/app.css"), "text/css; charset=utf-8"),
         _ => return error(StatusCode::NOT_FOUND, "no such asset"),
     };
@@ -418,7 +441,10 @@ mod tests {
     #[test]
     fn cookies_are_found_among_others() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; qm_session=abc; b=2"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; qm_session=abc; b=2"),
+        );
         assert_eq!(cookie(&h, COOKIE), Some("abc"));
         assert_eq!(cookie(&h, "c"), None);
     }

@@ -95,7 +95,11 @@ pub fn http(
     let chunked = headers
         .iter()
         .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
     Ok(HttpAnswer {
         status,
         headers,
@@ -249,7 +253,9 @@ impl Browser {
     /// Starts Chromium and attaches to its page.
     pub fn launch() -> anyhow::Result<Self> {
         let bin = chromium().ok_or_else(|| {
-            anyhow!("no Chromium: apt-get install chromium-headless-shell (or set QUICMESH_CHROMIUM)")
+            anyhow!(
+                "no Chromium: apt-get install chromium-headless-shell (or set QUICMESH_CHROMIUM)"
+            )
         })?;
         let profile = tempfile::tempdir()?;
         let mut child = Command::new(&bin)
@@ -370,8 +376,13 @@ impl Browser {
     pub fn screenshot(&mut self, path: &Path) -> anyhow::Result<()> {
         use base64::Engine;
         let r = self.call("Page.captureScreenshot", json!({"format": "png"}))?;
-        let data = r["data"].as_str().ok_or_else(|| anyhow!("no screenshot data"))?;
-        std::fs::write(path, base64::engine::general_purpose::STANDARD.decode(data)?)?;
+        let data = r["data"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no screenshot data"))?;
+        std::fs::write(
+            path,
+            base64::engine::general_purpose::STANDARD.decode(data)?,
+        )?;
         Ok(())
     }
 }

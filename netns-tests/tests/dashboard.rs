@@ -78,7 +78,9 @@ fn d1_dashboard_end_to_end_in_headless_chromium() {
     let web1 = NodeProc::start(
         &mesh,
         &coord,
-        &NodeSpec::new("web-1").service("web", web_echo).upstream("api"),
+        &NodeSpec::new("web-1")
+            .service("web", web_echo)
+            .upstream("api"),
     )
     .unwrap();
     let batch1 = NodeProc::start(
@@ -153,9 +155,15 @@ fn d1_dashboard_end_to_end_in_headless_chromium() {
     // 3. A policy whose test fails: the failure is shown, nothing changes.
     let admin = format!("Bearer {}", coord.admin_token);
     let version = |c: &CoordinatorProc| {
-        http(api_addr(c), "GET", "/api/v1/policy", &[("Authorization", &admin)], None)
-            .unwrap()
-            .json()["version"]
+        http(
+            api_addr(c),
+            "GET",
+            "/api/v1/policy",
+            &[("Authorization", &admin)],
+            None,
+        )
+        .unwrap()
+        .json()["version"]
             .as_u64()
             .unwrap()
     };
@@ -178,7 +186,11 @@ fn d1_dashboard_end_to_end_in_headless_chromium() {
     println!("bad policy: {shown}");
     assert!(shown.as_str().unwrap().contains("batch"), "{shown}");
     b.screenshot(&shots.join("policy-failed.png")).unwrap();
-    assert_eq!(version(&coord), v1, "a policy with a failing test changes nothing");
+    assert_eq!(
+        version(&coord),
+        v1,
+        "a policy with a failing test changes nothing"
+    );
 
     // 4. A good policy applies.
     b.eval(&format!(
@@ -195,7 +207,10 @@ fn d1_dashboard_end_to_end_in_headless_chromium() {
     assert_eq!(version(&coord), v1 + 1);
     b.wait(
         "the page follows the new version live",
-        &format!("document.getElementById('policy-current').textContent === 'version {}'", v1 + 1),
+        &format!(
+            "document.getElementById('policy-current').textContent === 'version {}'",
+            v1 + 1
+        ),
         Duration::from_secs(5),
     )
     .unwrap();
@@ -225,7 +240,10 @@ fn d1_dashboard_end_to_end_in_headless_chromium() {
         let mut buf = [0u8; 16];
         s.read(&mut buf)
     });
-    assert!(matches!(refused, Ok(0) | Err(_)), "batch -> api is denied: {refused:?}");
+    assert!(
+        matches!(refused, Ok(0) | Err(_)),
+        "batch -> api is denied: {refused:?}"
+    );
     let took = b
         .wait(
             "the denial counter rises live",
@@ -267,9 +285,15 @@ fn d1_dashboard_end_to_end_in_headless_chromium() {
         Duration::from_secs(10),
     )
     .unwrap();
-    let nodes = http(api_addr(&coord), "GET", "/api/v1/nodes", &[("Authorization", &admin)], None)
-        .unwrap()
-        .json();
+    let nodes = http(
+        api_addr(&coord),
+        "GET",
+        "/api/v1/nodes",
+        &[("Authorization", &admin)],
+        None,
+    )
+    .unwrap()
+    .json();
     let batch = nodes["nodes"]
         .as_array()
         .unwrap()
@@ -277,7 +301,10 @@ fn d1_dashboard_end_to_end_in_headless_chromium() {
         .find(|n| n["name"] == "batch-1")
         .unwrap()
         .clone();
-    assert!(!batch["revoked_at"].is_null(), "revoked in the store: {batch}");
+    assert!(
+        !batch["revoked_at"].is_null(),
+        "revoked in the store: {batch}"
+    );
     quicmesh_netns_tests::assert_eventually(
         "web-1 no longer has batch-1 as a peer",
         Duration::from_secs(10),
@@ -303,7 +330,11 @@ const ROUTES: [(&str, &str, Option<&str>); 14] = [
     ("GET", "/api/v1/services", None),
     ("POST", "/api/v1/tokens", Some(r#"{"node":"x"}"#)),
     ("GET", "/api/v1/policy", None),
-    ("POST", "/api/v1/policy", Some(r#"{"source":"default = \"deny\"\n","dry_run":true}"#)),
+    (
+        "POST",
+        "/api/v1/policy",
+        Some(r#"{"source":"default = \"deny\"\n","dry_run":true}"#),
+    ),
     ("GET", "/api/v1/policy/history", None),
     ("GET", "/api/v1/policy/explain?from=web&to=api", None),
     ("GET", "/api/v1/traffic", None),
@@ -327,19 +358,33 @@ fn d2_every_route_and_page_refuses_strangers_csrf_and_read_only_changes() {
         let r = http(addr, m, p, &[("Authorization", "Bearer qma_wrong")], body).unwrap();
         assert_eq!(r.status, 401, "{m} {p} with a wrong token");
     }
-    for page in ["overview", "nodes", "services", "policy", "traffic", "topology"] {
+    for page in [
+        "overview", "nodes", "services", "policy", "traffic", "topology",
+    ] {
         let r = http(addr, "GET", &format!("/ui/{page}"), &[], None).unwrap();
         assert_eq!(r.status, 303, "/ui/{page} without a session");
         assert_eq!(r.header("location"), Some("/ui/login"));
-        assert!(!r.body.contains("data-nav"), "no page content without a session");
-        let r = http(addr, "GET", &format!("/ui/{page}"), &[("Cookie", "qm_session=forged")], None)
-            .unwrap();
+        assert!(
+            !r.body.contains("data-nav"),
+            "no page content without a session"
+        );
+        let r = http(
+            addr,
+            "GET",
+            &format!("/ui/{page}"),
+            &[("Cookie", "qm_session=forged")],
+            None,
+        )
+        .unwrap();
         assert_eq!(r.status, 303, "/ui/{page} with a forged session");
     }
     // Its twin: the sign-in page and assets are public, and carry a strict CSP.
     let login = http(addr, "GET", "/ui/login", &[], None).unwrap();
     assert_eq!(login.status, 200);
-    assert!(login.header("content-security-policy").unwrap().contains("default-src 'none'"));
+    assert!(login
+        .header("content-security-policy")
+        .unwrap()
+        .contains("default-src 'none'"));
 
     // A session: the cookie is HttpOnly and SameSite; a change without the CSRF token is
     // refused, with it accepted.
@@ -353,11 +398,21 @@ fn d2_every_route_and_page_refuses_strangers_csrf_and_read_only_changes() {
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     let set = r.header("set-cookie").unwrap().to_string();
-    assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
     let cookie = set.split(';').next().unwrap().to_string();
     let csrf = r.json()["csrf"].as_str().unwrap().to_string();
     let dry = r#"{"source":"default = \"deny\"\n","dry_run":true}"#;
-    let r = http(addr, "POST", "/api/v1/policy", &[("Cookie", &cookie)], Some(dry)).unwrap();
+    let r = http(
+        addr,
+        "POST",
+        "/api/v1/policy",
+        &[("Cookie", &cookie)],
+        Some(dry),
+    )
+    .unwrap();
     assert_eq!(r.status, 403, "no CSRF token: {}", r.body);
     assert!(r.body.contains("CSRF"));
     let r = http(
@@ -380,7 +435,14 @@ fn d2_every_route_and_page_refuses_strangers_csrf_and_read_only_changes() {
     assert_eq!(r.status, 200, "with the CSRF token: {}", r.body);
     let page = http(addr, "GET", "/ui/overview", &[("Cookie", &cookie)], None).unwrap();
     assert_eq!(page.status, 200, "a signed-in page");
-    let r = http(addr, "DELETE", "/api/v1/session", &[("Cookie", &cookie)], None).unwrap();
+    let r = http(
+        addr,
+        "DELETE",
+        "/api/v1/session",
+        &[("Cookie", &cookie)],
+        None,
+    )
+    .unwrap();
     assert_eq!(r.status, 403, "sign-out needs the CSRF token too");
     let r = http(
         addr,
@@ -418,7 +480,13 @@ fn d2_every_route_and_page_refuses_strangers_csrf_and_read_only_changes() {
     )
     .unwrap();
     assert_eq!(r.json()["role"], "reader");
-    let rc = r.header("set-cookie").unwrap().split(';').next().unwrap().to_string();
+    let rc = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
     let rcsrf = r.json()["csrf"].as_str().unwrap().to_string();
     let r = http(
         addr,
@@ -433,12 +501,21 @@ fn d2_every_route_and_page_refuses_strangers_csrf_and_read_only_changes() {
     // Sign-in attempts are limited per address.
     let mut codes = Vec::new();
     for _ in 0..7 {
-        let r = http(addr, "POST", "/api/v1/session", &[], Some(r#"{"token":"qma_guess"}"#))
-            .unwrap();
+        let r = http(
+            addr,
+            "POST",
+            "/api/v1/session",
+            &[],
+            Some(r#"{"token":"qma_guess"}"#),
+        )
+        .unwrap();
         codes.push(r.status);
     }
     assert_eq!(&codes[..5], &[401; 5], "{codes:?}");
-    assert_eq!(codes[5], 429, "the sixth failure in a minute is refused: {codes:?}");
+    assert_eq!(
+        codes[5], 429,
+        "the sixth failure in a minute is refused: {codes:?}"
+    );
     let r = http(
         addr,
         "POST",

@@ -55,9 +55,9 @@ impl Traffic {
     pub fn flow(&self, src: &str, dst: &str, setup: Duration) {
         self.with(src, dst, |p| {
             p.flows += 1;
-            let h = p
-                .setup
-                .get_or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"));
+            let h = p.setup.get_or_insert_with(|| {
+                Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds")
+            });
             let _ = h.record((setup.as_micros() as u64).clamp(1, 60_000_000));
         });
     }
@@ -124,7 +124,9 @@ mod tests {
         let t = Traffic::default();
         t.flow("web", "db", Duration::from_micros(800));
         t.flow("web", "db", Duration::from_micros(1200));
-        t.bytes("web", "db").unwrap().fetch_add(4096, Ordering::Relaxed);
+        t.bytes("web", "db")
+            .unwrap()
+            .fetch_add(4096, Ordering::Relaxed);
         t.denied("web", "db", "policy_denied", false);
         t.denied("batch", "db", "policy_denied", true);
         let r = t.report();
@@ -134,7 +136,10 @@ mod tests {
         assert!(web.ingress_denials.is_empty());
         assert_eq!(web.setup_us.iter().map(|(_, c)| c).sum::<u64>(), 2);
         let batch = r.iter().find(|p| p.src.as_str() == "batch").unwrap();
-        assert_eq!(batch.ingress_denials, vec![("policy_denied".to_string(), 1)]);
+        assert_eq!(
+            batch.ingress_denials,
+            vec![("policy_denied".to_string(), 1)]
+        );
         assert_eq!(batch.flows, 0);
     }
 
