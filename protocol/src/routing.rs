@@ -109,9 +109,46 @@ pub fn order<'a>(
     out
 }
 
+/// Relays in the order a node uses them: same datacenter, then same cloud, then the
+/// rest, by name within a tier (so both ends of a tunnel tend to pick the same one).
+pub fn relay_order<'a>(local: &Labels, relays: &[(&'a NodeName, &'a Labels)]) -> Vec<&'a NodeName> {
+    let mut v: Vec<(u8, &NodeName)> = relays.iter().map(|(n, l)| (tier(local, l), *n)).collect();
+    v.sort();
+    v.into_iter().map(|(_, n)| n).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relays_nearest_first_then_by_name() {
+        let me = labels("dc1", "aws");
+        let (a, b, c, d) = (
+            NodeName::new("relay-a").unwrap(),
+            NodeName::new("relay-b").unwrap(),
+            NodeName::new("relay-c").unwrap(),
+            NodeName::new("relay-d").unwrap(),
+        );
+        let (elsewhere, same_cloud, same_dc) = (
+            labels("dc9", "gcp"),
+            labels("dc2", "aws"),
+            labels("dc1", "aws"),
+        );
+        let order = relay_order(
+            &me,
+            &[
+                (&a, &elsewhere),
+                (&b, &same_cloud),
+                (&d, &same_dc),
+                (&c, &same_dc),
+            ],
+        );
+        assert_eq!(order, vec![&c, &d, &b, &a]);
+        // Without labels every relay is as near: by name.
+        let order = relay_order(&Labels::default(), &[(&b, &same_dc), (&a, &elsewhere)]);
+        assert_eq!(order, vec![&a, &b]);
+    }
 
     fn labels(dc: &str, cloud: &str) -> Labels {
         Labels::from_pairs([(DATACENTER, dc), (CLOUD, cloud)]).unwrap()

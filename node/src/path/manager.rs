@@ -31,9 +31,14 @@ use super::{punch, Incoming, Paths, Route, Source};
 use crate::state::{Node, View};
 
 /// Ping interval on an active link's current route.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
-/// A route without a pong this long is dead.
-pub const DEAD_AFTER: Duration = Duration::from_millis(3200);
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+/// An active route without a pong this long (three heartbeats) is dead. Short on
+/// purpose: QUIC backs its retransmission timer off exponentially while a route is dead,
+/// so a switch within ~2 s lets its next probe (at ~1.9 s or ~3.8 s into the outage) find
+/// the new route.
+pub const DEAD_AFTER: Duration = Duration::from_millis(1700);
+/// The current route missed heartbeats this long while another answers: leave it.
+const STALE_AFTER: Duration = Duration::from_millis(1200);
 /// A relayed link pings the peer's direct candidates this often.
 pub const UPGRADE_EVERY: Duration = Duration::from_secs(2);
 /// A link searching for a route pings every option this often.
@@ -393,17 +398,17 @@ impl Manager {
     /// datagrams from.
     fn sync_relays(&mut self, view: &View, now: Instant) {
         let me = &self.node.cfg.name;
-        let mut relays: Vec<&quicmesh_protocol::wire::PeerInfo> = view
+        let known: Vec<(&NodeName, &quicmesh_protocol::ident::Labels)> = view
             .peers
             .values()
             .filter(|p| p.relay && p.online && &p.node != me)
+            .map(|p| (&p.node, &p.labels))
             .collect();
-        relays.sort_by_key(|p| {
-            (
-                quicmesh_protocol::routing::tier(&view.labels, &p.labels),
-                p.node.clone(),
-            )
-        });
+        let relays: Vec<&quicmesh_protocol::wire::PeerInfo> =
+            quicmesh_protocol::routing::relay_order(&view.labels, &known)
+                .into_iter()
+                .filter_map(|n| view.peers.get(n))
+                .collect();
         self.relays
             .retain(|n, _| relays.iter().any(|p| &p.node == n));
         let mut addrs = HashSet::new();
@@ -502,7 +507,11 @@ impl Manager {
         } else {
             crate::tls::keepalive()
         };
-        l.dead_after = DEAD_AFTER.max(every * 2 + Duration::from_millis(1200));
+        l.dead_after = if every == HEARTBEAT {
+            DEAD_AFTER
+        } else {
+            every * 2 + Duration::from_millis(1200)
+        };
         let reach = view
             .peers
             .get(&l.peer)
@@ -526,6 +535,13 @@ impl Manager {
             }
         }
         let alive = l.current_alive(now) && l.moved.is_none();
+        // A route silent past a missed heartbeat or two: keep what QUIC sends on it, to
+        // replay on whatever replaces it.
+        let silent = l
+            .alive
+            .get(&l.route)
+            .is_some_and(|t| now.duration_since(*t) > STALE_AFTER);
+        self.paths.set_suspect(l.visible, silent);
         let relayed = l.route.is_relay();
         let due = |t: Option<Instant>, d: Duration| t.is_none_or(|t| now.duration_since(t) >= d);
         let heartbeat = due(l.last_ping, if alive { every } else { SEARCH_EVERY });
@@ -653,7 +669,7 @@ impl Manager {
         let current_stale = l
             .alive
             .get(&l.route)
-            .is_some_and(|t| now.duration_since(*t) > HEARTBEAT * 3 / 2)
+            .is_some_and(|t| now.duration_since(*t) > STALE_AFTER)
             && l.dead_after == DEAD_AFTER;
         let better = (route.direct_addr().is_some() && l.route.is_relay())
             || current_dead
@@ -665,8 +681,12 @@ impl Manager {
                 .path_switch(if route.is_relay() { "relay" } else { "direct" });
             self.paths.set_route(l.visible, route);
             // Datagrams lost on the old route wait for QUIC's backed-off retransmission
-            // timer; an ack-eliciting datagram on the new route gets them declared lost
-            // and resent at once (an empty datagram is ignored by the receiver).
+            // timer: QUIC's last datagrams (its probes) are sent again on the new route,
+            // and an ack-eliciting datagram follows (empty: receivers ignore it); the
+            // peer's acknowledgements get the losses declared and resent at once.
+            for d in self.paths.take_replay(l.visible) {
+                let _ = self.paths.send_probe(route, &d);
+            }
             let _ = l.conn.send_datagram(bytes::Bytes::new());
             l.route = route;
             l.rtt = Some(rtt);

@@ -84,6 +84,8 @@ pub struct Incoming {
 /// Most relayed datagrams waiting for QUIC to read them; more are dropped (QUIC
 /// retransmits).
 const PENDING_MAX: usize = 4096;
+/// Datagrams kept per suspect tunnel for replay.
+const REPLAY_KEEP: usize = 8;
 /// Most synthetic addresses (peers reached through relays).
 const SYNTH_MAX: u32 = 1 << 20;
 /// Most probes waiting for the manager.
@@ -116,6 +118,10 @@ pub struct Paths {
     probes: mpsc::Sender<Incoming>,
     /// The real socket (set once the endpoint is built).
     inner: OnceLock<Arc<dyn quinn::AsyncUdpSocket>>,
+    /// Tunnels whose route stopped answering: their last datagrams are kept, to be sent
+    /// again on the route that replaces it (see [`Paths::take_replay`]).
+    suspect: ArcSwap<HashSet<SocketAddr>>,
+    replay: Mutex<HashMap<SocketAddr, VecDeque<Vec<u8>>>>,
     /// Extra sockets that got through a port-dependent NAT, by id.
     extras: ArcSwap<HashMap<u16, Arc<Extra>>>,
     next_extra: std::sync::atomic::AtomicU16,
@@ -172,6 +178,8 @@ impl Paths {
                 pending: Mutex::new(VecDeque::new()),
                 probes: tx,
                 inner: OnceLock::new(),
+                suspect: ArcSwap::from_pointee(HashSet::new()),
+                replay: Mutex::new(HashMap::new()),
                 extras: ArcSwap::from_pointee(HashMap::new()),
                 next_extra: std::sync::atomic::AtomicU16::new(1),
                 metrics,
@@ -339,6 +347,57 @@ impl Paths {
     /// How many nodes are registered with this relay.
     pub fn registered(&self) -> usize {
         self.registry.load().by_id.len()
+    }
+
+    /// Starts (or stops) keeping the datagrams QUIC sends to `visible`: while its route
+    /// is silent, they are its retransmission probes.
+    pub fn set_suspect(&self, visible: SocketAddr, suspect: bool) {
+        if self.suspect.load().contains(&visible) == suspect {
+            return;
+        }
+        let _g = self.lock();
+        let mut m = HashSet::clone(&self.suspect.load());
+        if suspect {
+            m.insert(visible);
+        } else {
+            m.remove(&visible);
+            self.replay
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&visible);
+        }
+        self.suspect.store(Arc::new(m));
+    }
+
+    /// Keeps a copy of datagrams sent to a suspect tunnel (the last [`REPLAY_KEEP`]).
+    fn keep_for_replay(&self, visible: SocketAddr, t: &quinn::udp::Transmit) {
+        if self.suspect.load().is_empty() || !self.suspect.load().contains(&visible) {
+            return;
+        }
+        let seg = t.segment_size.unwrap_or(t.contents.len()).max(1);
+        let mut m = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        let q = m.entry(visible).or_default();
+        for chunk in t.contents.chunks(seg) {
+            if q.len() >= REPLAY_KEEP {
+                q.pop_front();
+            }
+            q.push_back(chunk.to_vec());
+        }
+    }
+
+    /// The datagrams kept for `visible` (and it is no longer suspect). Sent again on the
+    /// new route, they reach the peer's QUIC, whose acknowledgement makes ours declare
+    /// what was lost on the dead route lost now, not after its backed-off timer.
+    pub fn take_replay(&self, visible: SocketAddr) -> Vec<Vec<u8>> {
+        let out = self
+            .replay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&visible)
+            .map(Vec::from)
+            .unwrap_or_default();
+        self.set_suspect(visible, false);
+        out
     }
 
     /// Adds an extra socket (QUIC reads it too); returns its id.

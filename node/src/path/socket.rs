@@ -1,9 +1,11 @@
 //! The tunnel socket QUIC runs on: sends each datagram on its tunnel's route, relays for
 //! other nodes when this node is a relay, and hands probes to the path manager.
 
+use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -11,19 +13,25 @@ use quicmesh_protocol::path::{self as pp, PathPacket, RELAY_HEADER};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
-use super::{Incoming, Paths, Route, Source, PENDING_MAX};
+use super::{Extra, Incoming, Paths, Route, Source, PENDING_MAX};
 
 /// QUIC's socket: the real UDP socket under the route tables.
 #[derive(Debug)]
 pub struct MeshSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     paths: Arc<Paths>,
+    /// Which of main and extra sockets is read first (alternates).
+    turn: AtomicBool,
 }
 
 impl MeshSocket {
     pub fn new(inner: Arc<dyn AsyncUdpSocket>, paths: Arc<Paths>) -> Arc<Self> {
         let _ = paths.inner.set(inner.clone());
-        Arc::new(Self { inner, paths })
+        Arc::new(Self {
+            inner,
+            paths,
+            turn: AtomicBool::new(false),
+        })
     }
 
     /// Sends `t` wrapped for a relay, segment by segment.
@@ -170,12 +178,33 @@ impl MeshSocket {
     }
 }
 
+impl MeshSocket {
+    fn poll_extras(
+        &self,
+        extras: &HashMap<u16, Arc<Extra>>,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Option<Poll<io::Result<usize>>> {
+        for (id, s) in extras.iter() {
+            if let Poll::Ready(Ok(n)) = s.quic.poll_recv(cx, bufs, meta) {
+                for i in 0..n {
+                    self.filter(*id, &mut bufs[i], &mut meta[i]);
+                }
+                return Some(Poll::Ready(Ok(n)));
+            }
+        }
+        None
+    }
+}
+
 impl AsyncUdpSocket for MeshSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
         self.inner.clone().create_io_poller()
     }
 
     fn try_send(&self, t: &Transmit) -> io::Result<()> {
+        self.paths.keep_for_replay(t.destination, t);
         let send = self.paths.send.load();
         let r = match send.get(&t.destination) {
             None if Paths::is_synth(&t.destination) => {
@@ -242,27 +271,31 @@ impl AsyncUdpSocket for MeshSocket {
                 }
             }
         }
-        let n = match self.inner.poll_recv(cx, bufs, meta) {
-            Poll::Ready(Ok(n)) => n,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => {
-                // The extra sockets (punched through port-dependent NATs), when the main
-                // one has nothing.
-                for (id, s) in self.paths.extras.load().iter() {
-                    if let Poll::Ready(Ok(n)) = s.quic.poll_recv(cx, bufs, meta) {
-                        for i in 0..n {
-                            self.filter(*id, &mut bufs[i], &mut meta[i]);
-                        }
-                        return Poll::Ready(Ok(n));
-                    }
-                }
-                return Poll::Pending;
+        // The extra sockets (punched through port-dependent NATs) are read first every
+        // other call, so a busy main socket cannot starve them.
+        let extras = self.paths.extras.load();
+        let extras_first = !extras.is_empty() && self.turn.fetch_xor(true, Ordering::Relaxed);
+        if extras_first {
+            if let Some(r) = self.poll_extras(&extras, cx, bufs, meta) {
+                return r;
             }
-        };
-        for i in 0..n {
-            self.filter(0, &mut bufs[i], &mut meta[i]);
         }
-        Poll::Ready(Ok(n))
+        match self.inner.poll_recv(cx, bufs, meta) {
+            Poll::Ready(Ok(n)) => {
+                for i in 0..n {
+                    self.filter(0, &mut bufs[i], &mut meta[i]);
+                }
+                return Poll::Ready(Ok(n));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+        if !extras_first {
+            if let Some(r) = self.poll_extras(&extras, cx, bufs, meta) {
+                return r;
+            }
+        }
+        Poll::Pending
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
