@@ -6,6 +6,12 @@
 //! Systems: raw veth (the limit), quicmesh's overlay, wireguard-go, boringtun, Nebula and
 //! quincy, each configured with its defaults and a sane MTU, each on its own overlay
 //! /24 in 100.64.0.0/10. A system that cannot run says exactly why.
+//!
+//! `quicmesh-relayed` is quicmesh's overlay between the same two hosts when they cannot
+//! reach each other and go through a relay node: a third namespace `r` joined to `a`
+//! (198.18.1.0/24) and `b` (198.18.2.0/24) that does not forward IP, with one address
+//! (198.18.3.1) both reach it at, running the coordinator and a node with `relay = true`.
+//! Its CPU figure counts the relay too.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -25,6 +31,7 @@ use crate::stat;
 pub const SYSTEMS: &[&str] = &[
     "veth",
     "quicmesh",
+    "quicmesh-relayed",
     "wireguard-go",
     "boringtun",
     "nebula",
@@ -368,16 +375,32 @@ fn quincy(ns: (&str, &str), dir: &Path) -> anyhow::Result<Tunnel> {
 
 /// quicmesh's overlay: a coordinator on host a, a node on each host with overlay mode
 /// (default MTU 1400), a service on each taking any TCP/UDP port and ping, and a policy
-/// letting each reach the other.
-fn quicmesh(ns: (&str, &str)) -> anyhow::Result<Tunnel> {
+/// letting each reach the other. With `relay` (the relay host's namespace, see the module
+/// doc), the coordinator and a relay node run there and the tunnel must be relayed.
+fn quicmesh(ns: (&str, &str), relay: Option<&str>) -> anyhow::Result<Tunnel> {
     use quicmesh_netns_tests::{CoordinatorProc, NodeProc, NodeSpec};
-    let mesh = Mesh::new("bench-l3-quicmesh");
-    let coord = CoordinatorProc::start_in(&mesh, "24h", ns.0, [198, 18, 0, 1].into())?;
+    let mut mesh = Mesh::new(if relay.is_some() {
+        "bench-l3-quicmesh-relayed"
+    } else {
+        "bench-l3-quicmesh"
+    });
+    let coord = match relay {
+        Some(r) => CoordinatorProc::start_in(&mesh, "24h", r, [198, 18, 3, 1].into())?,
+        None => CoordinatorProc::start_in(&mesh, "24h", ns.0, [198, 18, 0, 1].into())?,
+    };
     let policy = "[[rule]]\nfrom = \"side-a\"\nto = \"side-b\"\naction = \"allow\"\n[[rule]]\nfrom = \"side-b\"\nto = \"side-a\"\naction = \"allow\"\n";
     let out = coord.apply_policy(&mesh, policy)?;
     if !out.status.success() {
         bail!("policy apply: {}", String::from_utf8_lossy(&out.stderr));
     }
+    let relay_node = match relay {
+        Some(r) => Some(NodeProc::start(
+            &mesh,
+            &coord,
+            &NodeSpec::new("relay-r").on(r).config_line("relay = true"),
+        )?),
+        None => None,
+    };
     let ports = ["icmp", "tcp/1-65535", "udp/1-65535"];
     let threads = format!(
         "worker_threads = {}",
@@ -420,20 +443,89 @@ fn quicmesh(ns: (&str, &str)) -> anyhow::Result<Tunnel> {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let other_pids = [a.pid(), b.pid()].into_iter().flatten().collect();
+    if relay.is_some() {
+        let up = wait_reachable(ns.0, target, Duration::from_secs(20));
+        let st = a.status()?;
+        let path = st["peers"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["node"] == "node-b"))
+            .map(|p| p["path"].clone())
+            .unwrap_or_default();
+        let wrong = match up {
+            Err(e) => Some(format!("{e:#}; node-a's path to node-b: {path}")),
+            Ok(()) if path["via"] != "relay" || path["relay"] != "relay-r" => Some(format!(
+                "node-a's tunnel to node-b is not relayed by relay-r: path {path}"
+            )),
+            Ok(()) => None,
+        };
+        if let Some(why) = wrong {
+            drop((b, a, relay_node, coord));
+            bail!("{why} (logs kept in {})", mesh.keep().display());
+        }
+    }
+    let other_pids = [a.pid(), b.pid()]
+        .into_iter()
+        .chain(relay_node.as_ref().map(|r| r.pid()))
+        .flatten()
+        .collect();
     Ok(Tunnel {
         target,
         daemons: vec![],
         files: vec![],
         other_pids,
-        keep: Some(Box::new((b, a, coord, mesh))),
+        keep: Some(Box::new((b, a, relay_node, coord, mesh))),
     })
 }
 
-fn start(sys: &str, ns: (&str, &str), dir: &Path) -> anyhow::Result<Option<Tunnel>> {
+/// The relay host of `quicmesh-relayed` (module doc): `r` wired to `a` and `b`, not
+/// forwarding, and routes from `a` and `b` to the other side's subnet through it (which
+/// `r` drops, so only the relay joins them).
+fn relay_host(net: &mut Net, ns: (&str, &str)) -> anyhow::Result<String> {
+    let r = net.bare("r")?;
+    net.link((ns.0, "eth1"), (&r, "eth0"), "198.18.1")?;
+    net.link((ns.1, "eth1"), (&r, "eth1"), "198.18.2")?;
+    run_in(&r, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"])?;
+    // One public address, as a relay has: 198.18.3.1, the source of all it sends.
+    run_in(&r, &["ip", "addr", "add", "198.18.3.1/32", "dev", "lo"])?;
+    for (dev, subnet) in [("eth0", "198.18.1.0/24"), ("eth1", "198.18.2.0/24")] {
+        run_in(
+            &r,
+            &[
+                "ip",
+                "route",
+                "replace",
+                subnet,
+                "dev",
+                dev,
+                "src",
+                "198.18.3.1",
+            ],
+        )?;
+    }
+    for (side, via, other_side) in [
+        (ns.0, "198.18.1.2", "198.18.2.0/24"),
+        (ns.1, "198.18.2.2", "198.18.1.0/24"),
+    ] {
+        for dst in ["198.18.3.1/32", other_side] {
+            run_in(side, &["ip", "route", "add", dst, "via", via])?;
+        }
+    }
+    Ok(r)
+}
+
+fn start(
+    sys: &str,
+    ns: (&str, &str),
+    relay: Option<&str>,
+    dir: &Path,
+) -> anyhow::Result<Option<Tunnel>> {
     let t = match sys {
         "veth" => return Ok(None),
-        "quicmesh" => quicmesh(ns)?,
+        "quicmesh" => quicmesh(ns, None)?,
+        "quicmesh-relayed" => quicmesh(
+            ns,
+            Some(relay.context("the relay host was not set up (internal error)")?),
+        )?,
         "wireguard-go" => {
             need("wireguard-go", "apt-get install wireguard-go")?;
             wireguard(ns, dir, &["wireguard-go", "-f"], ("wga", "wgb"), 1)?
@@ -632,6 +724,11 @@ pub fn run(opts: &L3Opts) -> anyhow::Result<Value> {
     std::thread::sleep(Duration::from_millis(300));
 
     let systems: Vec<String> = opts.systems.clone();
+    let relay = if systems.iter().any(|s| s == "quicmesh-relayed") {
+        Some(relay_host(&mut net, (&na, &nb))?)
+    } else {
+        None
+    };
     let mut samples = Samples::new();
     let mut runs = Vec::new();
     let mut reasons: std::collections::BTreeMap<String, String> = Default::default();
@@ -641,7 +738,7 @@ pub fn run(opts: &L3Opts) -> anyhow::Result<Value> {
             if reasons.contains_key(sys) {
                 continue;
             }
-            let r = start(sys, (&na, &nb), &dir).and_then(|t| {
+            let r = start(sys, (&na, &nb), relay.as_deref(), &dir).and_then(|t| {
                 measure(
                     sys,
                     t.as_ref(),
@@ -756,7 +853,10 @@ pub fn run(opts: &L3Opts) -> anyhow::Result<Value> {
                 .cloned()
                 .unwrap_or_default();
             let mut line = format!("  {m:<24}");
-            for s in systems.iter().filter(|s| *s != "quicmesh" && *s != "veth") {
+            for s in systems
+                .iter()
+                .filter(|s| !s.starts_with("quicmesh") && *s != "veth")
+            {
                 let p = samples
                     .get(&(s.clone(), m.into()))
                     .cloned()
@@ -770,6 +870,30 @@ pub fn run(opts: &L3Opts) -> anyhow::Result<Value> {
             }
             println!("{line}");
         }
+    }
+    // What the relay costs: quicmesh relayed against quicmesh direct, round by round.
+    let has = |s: &str| samples.keys().any(|(k, _)| k == s);
+    if has("quicmesh") && has("quicmesh-relayed") {
+        let mut line = String::from("quicmesh relayed / direct (median of per-round ratios):");
+        for m in ["tcp 1 stream Mbit/s", "tcp 4 streams Mbit/s", "ping p50 us"] {
+            let get = |s: &str| {
+                samples
+                    .get(&(s.to_string(), m.to_string()))
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let r: Vec<f64> = get("quicmesh-relayed")
+                .iter()
+                .zip(&get("quicmesh"))
+                .map(|(a, b)| a.0 / b.0)
+                .collect();
+            if !r.is_empty() {
+                let (md, _, _) = stat::median_spread(&r);
+                line.push_str(&format!("\n  {m:<24} {md:.2}x"));
+                ratios.push(json!({"metric": m, "relayed_over_direct": md}));
+            }
+        }
+        println!("{line}");
     }
     for (s, why) in &reasons {
         println!("{s}: not run: {why}");

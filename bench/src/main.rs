@@ -14,7 +14,8 @@
 //!   snapshot size per node.
 //!
 //! - `l3`: the overlay against raw veth, wireguard-go, boringtun, Nebula and quincy between
-//!   two namespaces: iperf3 throughput, RTT, CPU seconds per GB, RSS.
+//!   two namespaces, and the overlay through a relay: iperf3 throughput, RTT, CPU seconds
+//!   per GB, RSS.
 //!
 //! - `footprint`: node and coordinator memory, idle and under load.
 //!
@@ -82,8 +83,8 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
-    /// IP tunnels: raw veth, quicmesh overlay, wireguard-go, boringtun, Nebula, quincy
-    /// (needs root: network namespaces and TUN devices).
+    /// IP tunnels: raw veth, quicmesh overlay (direct and relayed), wireguard-go, boringtun,
+    /// Nebula, quincy (needs root: network namespaces and TUN devices).
     L3 {
         /// Seconds per iperf3 test.
         #[arg(long, default_value_t = 10)]

@@ -129,6 +129,15 @@ impl Mesh {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Keeps the working dir after this value is dropped (a benchmark that failed says
+    /// where its logs are).
+    pub fn keep(&mut self) -> &Path {
+        if let Some(d) = self.dir.take() {
+            let _ = d.keep();
+        }
+        &self.path
+    }
 }
 
 impl Drop for Mesh {

@@ -188,6 +188,14 @@ fn kill_in_ns(ns: &str) {
     }
 }
 
+/// Test underlays use 198.18.0.0/15 and nothing else.
+fn check_underlay(prefix: &str) -> anyhow::Result<()> {
+    if !prefix.starts_with("198.18.") && !prefix.starts_with("198.19.") {
+        bail!("test underlays use 198.18.0.0/15 only, not {prefix}");
+    }
+    Ok(())
+}
+
 impl Net {
     /// A new network for `test` (short, unique per test in the process); `dir` keeps
     /// impairment configs.
@@ -217,9 +225,7 @@ impl Net {
 
     /// A LAN `prefix.0/24` (prefix like "198.18.1").
     pub fn lan(&mut self, name: &str, prefix: &str) -> anyhow::Result<Lan> {
-        if !prefix.starts_with("198.18.") && !prefix.starts_with("198.19.") {
-            bail!("test underlays use 198.18.0.0/15 only, not {prefix}");
-        }
+        check_underlay(prefix)?;
         let ns = self.add_ns(&format!("lan-{name}"))?;
         ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &ns, "link", "set", "br0", "up"])?;
@@ -255,16 +261,26 @@ impl Net {
     /// Two hosts joined by one veth pair (no bridge): `a` at `prefix.1/24`, `b` at
     /// `prefix.2/24`, each on its `eth0`. The shortest path two namespaces can have.
     pub fn pair(&mut self, a: &str, b: &str, prefix: &str) -> anyhow::Result<(String, String)> {
-        if !prefix.starts_with("198.18.") && !prefix.starts_with("198.19.") {
-            bail!("test underlays use 198.18.0.0/15 only, not {prefix}");
-        }
+        check_underlay(prefix)?;
         let na = self.add_ns(a)?;
         let nb = self.add_ns(b)?;
+        self.link((&na, "eth0"), (&nb, "eth0"), prefix)?;
+        Ok((na, nb))
+    }
+
+    /// A namespace with nothing but `lo`, for [`Net::link`] to wire.
+    pub fn bare(&mut self, name: &str) -> anyhow::Result<String> {
+        self.add_ns(name)
+    }
+
+    /// Joins two existing namespaces by a veth pair: `(ns, interface)` of `a` at
+    /// `prefix.1/24`, of `b` at `prefix.2/24`.
+    pub fn link(&self, a: (&str, &str), b: (&str, &str), prefix: &str) -> anyhow::Result<()> {
+        check_underlay(prefix)?;
         ip(&[
-            "link", "add", "eth0", "netns", &na, "type", "veth", "peer", "name", "eth0", "netns",
-            &nb,
+            "link", "add", a.1, "netns", a.0, "type", "veth", "peer", "name", b.1, "netns", b.0,
         ])?;
-        for (ns, host) in [(&na, 1), (&nb, 2)] {
+        for ((ns, ifname), host) in [(a, 1), (b, 2)] {
             ip(&[
                 "-n",
                 ns,
@@ -272,11 +288,11 @@ impl Net {
                 "add",
                 &format!("{prefix}.{host}/24"),
                 "dev",
-                "eth0",
+                ifname,
             ])?;
-            ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", ns, "link", "set", ifname, "up"])?;
         }
-        Ok((na, nb))
+        Ok(())
     }
 
     /// A host on `lan` at `.host`, default route via `.gw` when given.
