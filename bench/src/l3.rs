@@ -445,12 +445,7 @@ fn quicmesh(ns: (&str, &str), relay: Option<&str>) -> anyhow::Result<Tunnel> {
     };
     if relay.is_some() {
         let up = wait_reachable(ns.0, target, Duration::from_secs(20));
-        let st = a.status()?;
-        let path = st["peers"]
-            .as_array()
-            .and_then(|p| p.iter().find(|p| p["node"] == "node-b"))
-            .map(|p| p["path"].clone())
-            .unwrap_or_default();
+        let path = a.path_to("node-b")?;
         let wrong = match up {
             Err(e) => Some(format!("{e:#}; node-a's path to node-b: {path}")),
             Ok(()) if path["via"] != "relay" || path["relay"] != "relay-r" => Some(format!(

@@ -776,6 +776,17 @@ impl NodeProc {
         status_of(&self.config)
     }
 
+    /// The path this node's status reports to `peer` (`{via, remote, relay, rtt_ms,
+    /// switches}`), null while it has no tunnel to it.
+    pub fn path_to(&self, peer: &str) -> anyhow::Result<serde_json::Value> {
+        let st = self.status()?;
+        Ok(st["peers"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["node"] == peer))
+            .map(|p| p["path"].clone())
+            .unwrap_or_default())
+    }
+
     /// The node's Prometheus metrics.
     pub fn metrics(&self) -> anyhow::Result<String> {
         let port = self.metrics_port;

@@ -41,14 +41,8 @@ fn first_byte(from: &NodeProc, service: &str) -> Duration {
 
 /// The path `from` uses to `peer`, as its status says.
 fn path(from: &NodeProc, peer: &str) -> serde_json::Value {
-    let st = from.status().unwrap();
-    st["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["node"] == peer)
-        .map(|p| p["path"].clone())
-        .unwrap_or_default()
+    from.path_to(peer)
+        .unwrap_or_else(|e| panic!("{}'s status: {e:#}", from.name))
 }
 
 #[test]
