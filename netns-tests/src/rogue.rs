@@ -151,3 +151,91 @@ pub async fn present(
 fn arc_swap_shim(t: Trust) -> arc_swap::ArcSwap<Trust> {
     arc_swap::ArcSwap::from_pointee(t)
 }
+
+/// A node's own certificate and key (DER), read from its data dir: a rogue that stole
+/// them, or the node itself misbehaving.
+pub fn stolen(data_dir: &std::path::Path) -> CertAndKey {
+    let cert = pem::parse(std::fs::read_to_string(data_dir.join("node.crt")).unwrap())
+        .unwrap()
+        .into_contents();
+    let key = pem::parse(std::fs::read_to_string(data_dir.join("node.key")).unwrap())
+        .unwrap()
+        .into_contents();
+    (cert, key)
+}
+
+/// A peer that keeps its tunnels: holds several QUIC connections to one node with the
+/// same certificate and opens streams on each whenever the test asks.
+#[allow(missing_debug_implementations)]
+pub struct RoguePeer {
+    ep: quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    target: SocketAddr,
+    server_name: String,
+}
+
+impl RoguePeer {
+    /// A client endpoint presenting `cert` to node `server_name` at `target` (call inside
+    /// a tokio runtime: the endpoint lives on it).
+    pub fn new(target: SocketAddr, server_name: &str, ca_der: &[u8], cert: CertAndKey) -> Self {
+        let trust = Arc::new(arc_swap_shim(
+            Trust::new(
+                TrustDomain::new("quicmesh.local").unwrap(),
+                &[ca_der.to_vec()],
+                [],
+            )
+            .unwrap(),
+        ));
+        let verifier = MeshServerVerifier::new(Some(trust), ServerExpect::Node, Arc::new(|_| {}));
+        let slot = CertSlot::with(vec![cert.0], &cert.1).unwrap();
+        // Unlike a node, the rogue resumes TLS sessions when the server lets it: a resumed
+        // handshake would skip the server's client-certificate (and deny list) check.
+        let tls = tls::rustls_client_config(Some(slot), verifier, ALPN_TUNNEL).unwrap();
+        let cfg = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+        ));
+        let ep = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap();
+        Self {
+            ep,
+            cfg,
+            target,
+            server_name: server_name.into(),
+        }
+    }
+
+    /// Opens one more tunnel (a full handshake).
+    pub async fn connect(&self) -> anyhow::Result<quinn::Connection> {
+        let c = self
+            .ep
+            .connect_with(self.cfg.clone(), self.target, &self.server_name)?;
+        Ok(tokio::time::timeout(Duration::from_secs(10), c).await??)
+    }
+
+    /// Asks for `claim -> dst` on `conn`: the node's answer, or `Refused` when the tunnel
+    /// is closed or nothing answers.
+    pub async fn ask(&self, conn: &quinn::Connection, claim: &str, dst: &str) -> Outcome {
+        let attempt = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|_| ())?;
+            let h = StreamHeader {
+                src_service: ServiceName::new(claim).unwrap(),
+                dst_service: ServiceName::new(dst).unwrap(),
+                flow_id: 1,
+            };
+            write_frame(&mut send, &h).await.map_err(|_| ())?;
+            match read_frame::<StreamReply, _>(&mut recv).await {
+                Ok(Some(r)) => Ok(r),
+                _ => Err(()),
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(r)) => Outcome::Reply(r),
+            _ => Outcome::Refused,
+        }
+    }
+}
+
+impl Drop for RoguePeer {
+    fn drop(&mut self) {
+        self.ep.close(0u32.into(), b"done");
+    }
+}

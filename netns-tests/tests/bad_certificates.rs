@@ -105,14 +105,9 @@ fn hostile_certificates_are_refused_with_counted_reasons() {
         );
     }
 
-    // A valid mesh certificate for a node that may speak only for payments claims web.
-    let rogue = leaf(
-        Some(&mesh_issuer),
-        "rogue-1",
-        &["payments"],
-        t - 60,
-        t + 3600,
-    );
+    // A valid mesh certificate for a node of the mesh (web-1) that may speak only for
+    // payments claims web.
+    let rogue = leaf(Some(&mesh_issuer), "web-1", &["payments"], t - 60, t + 3600);
     let out = rt.block_on(present(target, &ca_der, rogue.clone(), "web"));
     assert_eq!(
         out,
@@ -140,6 +135,17 @@ fn hostile_certificates_are_refused_with_counted_reasons() {
         Outcome::Reply(StreamReply::Reject {
             code: RejectCode::PolicyDenied,
             rule: Some("default".into())
+        })
+    );
+    // A valid mesh certificate for a node the mesh does not hold (minted with the CA key,
+    // never enrolled) is refused whatever it claims: the peer must be in the view.
+    let ghost = leaf(Some(&mesh_issuer), "ghost-1", &["web"], t - 60, t + 3600);
+    let out = rt.block_on(present(target, &ca_der, ghost, "web"));
+    assert_eq!(
+        out,
+        Outcome::Reply(StreamReply::Reject {
+            code: RejectCode::PeerUnknown,
+            rule: None
         })
     );
 

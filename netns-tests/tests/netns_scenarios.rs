@@ -325,15 +325,10 @@ fn s2_rogue_host_certificates_are_refused_with_reasons_and_legit_flows_continue(
         );
         ping(&mut flow).unwrap();
     }
-    // Valid mesh certificate, but it may speak only for payments: claiming web is refused;
-    // its honest twin claiming payments passes the identity check and meets the policy.
-    let rogue = leaf(
-        Some(&mesh_issuer),
-        "rogue-1",
-        &["payments"],
-        t - 60,
-        t + 3600,
-    );
+    // Valid mesh certificate for a node of the mesh (web-1), but it may speak only for
+    // payments: claiming web is refused; its honest twin claiming payments passes the
+    // identity check and meets the policy.
+    let rogue = leaf(Some(&mesh_issuer), "web-1", &["payments"], t - 60, t + 3600);
     for (claim, expected) in [
         (
             "web",

@@ -16,8 +16,8 @@ use crate::state::Node;
 pub fn status_json(node: &Node) -> serde_json::Value {
     let view = node.view();
     let id = node.identity.load();
-    let conns = node.conns.lock().map(|m| m.clone()).unwrap_or_default();
-    let tried = node.tried.lock().map(|t| t.clone()).unwrap_or_default();
+    let conns = node.tunnels.selected();
+    let tried = node.tunnels.tried();
     let mut peers: Vec<_> = view
         .peers
         .values()
@@ -29,7 +29,7 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "services": p.services,
                 "online": p.online,
                 "critical": p.critical,
-                "connected": conns.contains_key(&p.node),
+                "connected": conns.get(&p.node).is_some_and(|c| c.close_reason().is_none()),
                 "candidates": p.candidates.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
                 "path": conns.get(&p.node).filter(|c| c.close_reason().is_none()).map(|c| {
                     match node.path_status(&p.node) {
@@ -90,16 +90,7 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         "peers": peers,
         "flows": node.flows.list(),
         "counters": node.metrics.reasons(),
-        "overlay": node.overlay.get().map(|ov| json!({
-            "device": ov.device,
-            "addresses": ov.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "prefixes": [ov.pools.v4.to_string(), ov.pools.v6.to_string()],
-            "mtu": ov.mtu,
-            "offload": ov.offload,
-            "tracked_flows": ov.tracker.len(),
-            "dropped": ov.drop_totals(),
-            "peers": ov.peer_status(),
-        })),
+        "overlay": node.overlay.get().map(|ov| ov.status()),
     })
 }
 

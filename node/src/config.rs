@@ -75,6 +75,11 @@ pub struct DnsConfig {
 /// Default DNS listen address (Consul's port, on loopback).
 pub const DEFAULT_DNS_LISTEN: &str = "127.0.0.1:8600";
 
+/// Default interval of QUIC keepalives on tunnels and the control session: well below the
+/// 30 s UDP timeout common NATs and cloud firewalls apply, so idle tunnels keep their
+/// mappings.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
+
 /// `[overlay]`: a TUN device carrying IP packets to peers' overlay addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverlayConfig {
@@ -560,7 +565,7 @@ impl NodeConfig {
                 Duration::from_secs(10),
             )?,
             keepalive: {
-                let k = dur("keepalive", raw.keepalive, crate::tls::DEFAULT_KEEPALIVE)?;
+                let k = dur("keepalive", raw.keepalive, DEFAULT_KEEPALIVE)?;
                 if !(Duration::from_secs(1)..=Duration::from_secs(15)).contains(&k) {
                     return Err(err(
                         "keepalive",

@@ -4,7 +4,7 @@
 //! serving from its last snapshot while the coordinator is away.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::delta;
@@ -39,12 +39,7 @@ pub enum EnrollError {
 }
 
 /// Current Unix time in seconds.
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::unix_now;
 
 /// Makes a CSR for `key`. The coordinator decides the SANs; the CSR only proves the key.
 pub fn csr(node: &str, key: &rcgen::KeyPair) -> Result<Vec<u8>, rcgen::Error> {
@@ -188,7 +183,7 @@ fn status(node: &Node) -> StatusReport {
         flows_active: active.max(0) as u64,
         flows_accepted: accepted,
         flows_rejected: rejected,
-        peers_connected: node.conns.lock().map(|m| m.len() as u32).unwrap_or(0),
+        peers_connected: node.tunnels.connected() as u32,
         traffic: node.metrics.traffic.report(),
     }
 }
@@ -299,7 +294,7 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
                     other => return Err(format!("unexpected control message {other:?}")),
                 }
             }
-            peers = node.take_punches() => {
+            peers = node.tunnels.next_punches() => {
                 for peer in peers {
                     write_frame(&mut send, &ControlUp::Punch { peer }).await.map_err(|e| e.to_string())?;
                 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use quicmesh_protocol::cert::Serial;
+use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::ident::{NodeName, ServiceName};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,16 +16,9 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
+use crate::reason::CloseReason;
 
-/// Which side of the tunnel a flow was opened from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// A local client's flow to a peer.
-    Egress,
-    /// A peer's flow to a local service.
-    Ingress,
-}
+pub use crate::authz::Direction;
 
 /// What the table knows about a live flow.
 #[derive(Debug, Clone, Serialize)]
@@ -33,8 +26,9 @@ pub struct FlowInfo {
     pub id: u64,
     pub direction: Direction,
     pub peer: NodeName,
+    /// The peer's certificate identity, for the re-check of the flow.
     #[serde(skip)]
-    pub peer_serial: Option<Serial>,
+    pub peer_id: Arc<PeerIdentity>,
     pub src: ServiceName,
     pub dst: ServiceName,
     pub rule: String,
@@ -42,7 +36,7 @@ pub struct FlowInfo {
 
 struct Entry {
     info: FlowInfo,
-    kill: Option<oneshot::Sender<&'static str>>,
+    kill: Option<oneshot::Sender<CloseReason>>,
 }
 
 /// Live flows.
@@ -86,7 +80,7 @@ impl Flows {
         self: &Arc<Self>,
         info: FlowInfo,
         metrics: &Arc<Metrics>,
-    ) -> (FlowGuard, oneshot::Receiver<&'static str>) {
+    ) -> (FlowGuard, oneshot::Receiver<CloseReason>) {
         let (tx, rx) = oneshot::channel();
         let id = info.id;
         if let Ok(mut m) = self.map.lock() {
@@ -110,7 +104,7 @@ impl Flows {
     }
 
     /// Closes every flow for which `verdict` returns a reason. Returns how many closed.
-    pub fn recheck(&self, verdict: impl Fn(&FlowInfo) -> Option<&'static str>) -> usize {
+    pub fn recheck(&self, verdict: impl Fn(&FlowInfo) -> Option<CloseReason>) -> usize {
         let Ok(mut m) = self.map.lock() else { return 0 };
         let mut n = 0;
         for e in m.values_mut() {
@@ -145,7 +139,7 @@ pub enum FlowEnd {
     /// No bytes either way for the idle timeout.
     Idle,
     /// Closed by the node, with the reason.
-    Killed(&'static str),
+    Killed(CloseReason),
 }
 
 /// Carries bytes both ways between a TCP connection and a tunnel stream, with half-close,
@@ -154,7 +148,7 @@ pub async fn pump(
     tcp: TcpStream,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    mut kill: oneshot::Receiver<&'static str>,
+    mut kill: oneshot::Receiver<CloseReason>,
     idle: Duration,
     metrics: &Metrics,
     pair_bytes: Option<std::sync::Arc<AtomicU64>>,
@@ -215,7 +209,7 @@ pub async fn pump(
                     down_done = true;
                 }
                 reason = &mut kill => {
-                    break FlowEnd::Killed(reason.unwrap_or("node_shutdown"));
+                    break FlowEnd::Killed(reason.unwrap_or(CloseReason::NodeShutdown));
                 }
                 _ = tick.tick() => {
                     let idle_for = start.elapsed().as_millis() as u64 - last.load(Ordering::Relaxed);

@@ -10,6 +10,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use quicmesh_protocol::wire::RejectCode;
+
+use crate::reason::{CloseReason, DropReason, HandshakeRefusal, Label};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
@@ -52,8 +55,8 @@ pub struct OverlayMetrics {
     pub rx_packets: Counter,
     pub tx_bytes: Counter,
     pub rx_bytes: Counter,
-    /// Indexed by [`crate::overlay::firewall::DropReason::index`].
-    pub dropped: [Counter; 10],
+    /// Indexed by [`Label::index`] of [`DropReason`].
+    pub dropped: [Counter; DropReason::COUNT],
 }
 
 /// The path layer's counters (relaying, probes, route changes).
@@ -111,6 +114,7 @@ pub struct Metrics {
     egress_rejected: Family<RejectLabels, Counter>,
     handshake_refused: Family<ReasonLabels, Counter>,
     flows_closed: Family<ReasonLabels, Counter>,
+    tunnels_closed: Family<ReasonLabels, Counter>,
     bytes: Family<DirLabels, Counter>,
     /// The two byte counters, resolved once: the pump adds to them on every read, so no
     /// label allocation or family lock on the data path.
@@ -157,6 +161,7 @@ impl Metrics {
             egress_rejected: Family::default(),
             handshake_refused: Family::default(),
             flows_closed: Family::default(),
+            tunnels_closed: Family::default(),
             bytes: Family::default(),
             bytes_to_tunnel: Counter::default(),
             bytes_from_tunnel: Counter::default(),
@@ -202,6 +207,11 @@ impl Metrics {
             "flows_closed",
             "Live flows closed by the node, by reason",
             m.flows_closed.clone(),
+        );
+        registry.register(
+            "tunnels_closed",
+            "Peer tunnels closed by the node, by reason",
+            m.tunnels_closed.clone(),
         );
         registry.register(
             "tunnel_bytes",
@@ -323,11 +333,11 @@ impl Metrics {
         let rx_packets = get(&self.overlay_packets, "from_tunnel");
         let tx_bytes = get(&self.overlay_bytes, "to_tunnel");
         let rx_bytes = get(&self.overlay_bytes, "from_tunnel");
-        let dropped = crate::overlay::firewall::DropReason::ALL.map(|r| {
+        let dropped: [Counter; DropReason::COUNT] = std::array::from_fn(|i| {
             let c = self
                 .overlay_dropped
                 .get_or_create(&ReasonLabels {
-                    reason: r.as_str().into(),
+                    reason: DropReason::ALL[i].as_str().into(),
                 })
                 .clone();
             c
@@ -359,7 +369,8 @@ impl Metrics {
     }
 
     /// A flow rejected at ingress.
-    pub fn ingress_rejected(&self, reason: &str, src: &str, dst: &str) {
+    pub fn ingress_rejected(&self, reason: RejectCode, src: &str, dst: &str) {
+        let reason = reason.as_str();
         self.rejected_total.fetch_add(1, Ordering::Relaxed);
         self.reason("ingress_rejected", reason);
         if !src.is_empty() {
@@ -384,8 +395,10 @@ impl Metrics {
             .inc();
     }
 
-    /// A local client's flow refused (locally or by the peer).
-    pub fn egress_rejected(&self, reason: &str, src: &str, dst: &str) {
+    /// A local client's flow refused (locally: an [`EgressRefusal`], or by the peer: its
+    /// [`RejectCode`]).
+    pub fn egress_rejected(&self, reason: impl Label, src: &str, dst: &str) {
+        let reason = reason.as_str();
         self.reason("egress_rejected", reason);
         self.traffic.denied(src, dst, reason, false);
         self.egress_rejected
@@ -398,7 +411,8 @@ impl Metrics {
     }
 
     /// A peer certificate refused at the handshake.
-    pub fn handshake_refused(&self, reason: &str) {
+    pub fn handshake_refused(&self, reason: HandshakeRefusal) {
+        let reason = reason.as_str();
         self.reason("handshake_refused", reason);
         self.handshake_refused
             .get_or_create(&ReasonLabels {
@@ -407,7 +421,6 @@ impl Metrics {
             .inc();
     }
 
-    /// A live flow closed by the node.
     /// A checked service's health now; `transition` when it changed.
     pub fn service_health(&self, service: &str, passing: bool, transition: bool) {
         self.service_passing
@@ -425,11 +438,22 @@ impl Metrics {
         }
     }
 
-    pub fn flow_closed(&self, reason: &str) {
-        self.reason("flow_closed", reason);
+    /// A live flow closed by the node.
+    pub fn flow_closed(&self, reason: CloseReason) {
+        self.reason("flow_closed", reason.as_str());
         self.flows_closed
             .get_or_create(&ReasonLabels {
-                reason: reason.into(),
+                reason: reason.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// A tunnel closed by the node (its peer no longer stands).
+    pub fn tunnel_closed(&self, reason: CloseReason) {
+        self.reason("tunnel_closed", reason.as_str());
+        self.tunnels_closed
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str().into(),
             })
             .inc();
     }

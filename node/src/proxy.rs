@@ -17,9 +17,11 @@ use quicmesh_protocol::wire::{RejectCode, StreamHeader, StreamReply};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
+use crate::authz;
 use crate::config::UpstreamConfig;
 use crate::flow::{pump, Direction, FlowEnd, FlowInfo};
 use crate::frame::{read_frame, write_frame};
+use crate::reason::EgressRefusal;
 use crate::state::Node;
 use crate::tunnel;
 
@@ -126,7 +128,8 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
     let view = node.view();
     let order = instances(&view, &up, &load);
     if order.is_empty() {
-        node.metrics.egress_rejected("no_instance", src, dst);
+        node.metrics
+            .egress_rejected(EgressRefusal::NoInstance, src, dst);
         let hosting = view.by_service.get(&up.service).map_or(0, |v| v.len());
         tracing::info!(
             hosting,
@@ -140,11 +143,10 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
             continue;
         };
         if node.cfg.check_egress {
-            let d = view.decide(&up.source, &view.labels, &up.service, &peer.labels);
-            if !d.is_allow() {
+            if let Err(rule) = authz::egress(&view, &up.source, &up.service, &peer.node) {
                 node.metrics
-                    .egress_rejected(RejectCode::PolicyDenied.as_str(), src, dst);
-                tracing::info!(rule = %d.rule_label(), peer = %peer.node, "egress denied by local policy");
+                    .egress_rejected(EgressRefusal::PolicyDenied, src, dst);
+                tracing::info!(%rule, peer = %peer.node, "egress denied by local policy");
                 return;
             }
         }
@@ -157,7 +159,7 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
         let (conn, send, recv) = match open_stream(&node, peer, &header).await {
             Ok(x) => x,
             Err(Attempt::Rejected(code, rule)) => {
-                node.metrics.egress_rejected(code.as_str(), src, dst);
+                node.metrics.egress_rejected(code, src, dst);
                 tracing::info!(peer = %peer.node, reason = code.as_str(), rule = rule.as_deref().unwrap_or("-"), "rejected by peer ingress");
                 if code == RejectCode::ServiceUnavailable {
                     continue;
@@ -169,6 +171,11 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
                 continue;
             }
         };
+        let Some(peer_id) = node.tunnels.identity(&conn) else {
+            // The tunnel closed between the answer and here (revoked, expired).
+            tracing::info!(peer = %peer.node, "tunnel gone before the flow started");
+            continue;
+        };
         node.metrics.egress_accepted(src, dst);
         node.metrics.traffic.flow(src, dst, opening.elapsed());
         let _load = load.start(&peer.node);
@@ -179,7 +186,7 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
                 id,
                 direction: Direction::Egress,
                 peer: peer.node.clone(),
-                peer_serial: tunnel_serial(&node, &conn),
+                peer_id,
                 src: up.source.clone(),
                 dst: up.service.clone(),
                 rule: String::new(),
@@ -202,7 +209,8 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
         tracing::debug!(?end, "flow ended");
         return;
     }
-    node.metrics.egress_rejected("unreachable", src, dst);
+    node.metrics
+        .egress_rejected(EgressRefusal::Unreachable, src, dst);
     tracing::warn!("no instance reachable");
 }
 
@@ -254,11 +262,4 @@ async fn open_stream(
         }
     }
     Err(Attempt::Failed("tunnel failed twice".into()))
-}
-
-fn tunnel_serial(node: &Node, conn: &quinn::Connection) -> Option<quicmesh_protocol::cert::Serial> {
-    let td = node.trust.load().trust_domain.clone();
-    crate::tls::peer_leaf(conn)
-        .and_then(|d| quicmesh_protocol::cert::PeerIdentity::from_der(&d, &td).ok())
-        .map(|id| id.serial)
 }

@@ -192,7 +192,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
     let verifier = MeshClientVerifier::new(
         node.trust.clone(),
         true,
-        Arc::new(move |r| m.handshake_refused(r.as_str())),
+        Arc::new(move |r| m.handshake_refused(r)),
     );
     node.endpoint.set_server_config(Some(tls::server_config(
         node.cert.clone(),
@@ -242,6 +242,16 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
 
     tokio::spawn(tunnel::accept_loop(node.clone()));
     tokio::spawn(crate::path::manager::run(node.clone(), probes));
+    // Certificates expire between snapshots: tunnels and flows are re-checked every
+    // second as well as on every snapshot.
+    let n = node.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            n.expire();
+        }
+    });
     if let Ok(mut b) = node.bound.lock() {
         b.upstreams = upstreams
             .iter()

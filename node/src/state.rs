@@ -4,118 +4,36 @@
 //! One writer (the control session, or startup from disk) calls [`Node::apply_snapshot`];
 //! the data plane only reads `view()`. Applying the same snapshot twice changes nothing.
 
-use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use quicmesh_protocol::cert::{PeerIdentity, Serial};
-use quicmesh_protocol::ident::{Labels, NodeName, ServiceName};
-use quicmesh_protocol::overlay::Pools;
-use quicmesh_protocol::policy::{Decision, Destination, Policy, Source};
-use quicmesh_protocol::wire::{PeerInfo, Snapshot};
+use quicmesh_protocol::cert::PeerIdentity;
+use quicmesh_protocol::health::ServiceCheck;
+use quicmesh_protocol::ident::{NodeName, ServiceName};
+use quicmesh_protocol::wire::Snapshot;
 use tokio::sync::watch;
 
+use crate::authz;
+use crate::clock::unix_now;
 use crate::config::NodeConfig;
-use crate::flow::{Direction, Flows};
+use crate::flow::Flows;
 use crate::metrics::Metrics;
+use crate::reason::CloseReason;
+use crate::registry::Tunnels;
 use crate::store::DataDir;
 use crate::tls::{CertSlot, Trust, TrustHandle};
+pub use crate::view::View;
 
-/// What the data plane reads: the applied snapshot, indexed.
-#[derive(Debug, Default)]
-pub struct View {
-    pub version: u64,
-    pub policy_version: u64,
-    pub policy: Policy,
-    pub labels: Labels,
-    pub peers: HashMap<NodeName, PeerInfo>,
-    /// Nodes hosting each service, in name order.
-    pub by_service: HashMap<ServiceName, Vec<NodeName>>,
-    pub revoked: HashSet<Serial>,
-    /// Overlay address -> the peer owning it.
-    pub routes: HashMap<IpAddr, NodeName>,
-    /// The mesh's overlay prefixes (`None` before the first snapshot).
-    pub pools: Option<Pools>,
-}
+/// How long a tunnel whose peer is not in the applied view may stay up (its snapshot may
+/// be on its way: the peer enrolled a moment ago).
+const UNKNOWN_PEER_GRACE: Duration = Duration::from_secs(10);
 
-impl View {
-    fn from_snapshot(s: &Snapshot) -> Self {
-        let mut by_service: HashMap<ServiceName, Vec<NodeName>> = HashMap::new();
-        for p in &s.peers {
-            for svc in &p.services {
-                by_service
-                    .entry(svc.clone())
-                    .or_default()
-                    .push(p.node.clone());
-            }
-        }
-        for v in by_service.values_mut() {
-            v.sort();
-        }
-        let routes = s
-            .peers
-            .iter()
-            .flat_map(|p| p.overlay.iter().map(move |ip| (*ip, p.node.clone())))
-            .collect();
-        Self {
-            version: s.version,
-            policy_version: s.policy_version,
-            policy: s.policy.clone(),
-            labels: s.labels.clone(),
-            peers: s
-                .peers
-                .iter()
-                .map(|p| (p.node.clone(), p.clone()))
-                .collect(),
-            by_service,
-            revoked: s.revoked.iter().cloned().collect(),
-            routes,
-            pools: Some(s.pools),
-        }
-    }
-
-    /// The peers that may be routed to for `service`: hosting it, online, not failing its
-    /// check (in name order).
-    pub fn healthy<'a>(
-        &'a self,
-        service: &'a ServiceName,
-    ) -> impl Iterator<Item = &'a PeerInfo> + 'a {
-        self.by_service
-            .get(service)
-            .into_iter()
-            .flatten()
-            .filter_map(|n| self.peers.get(n))
-            .filter(move |p| p.serves(service))
-    }
-
-    /// Labels of a peer node (empty when unknown).
-    pub fn peer_labels(&self, node: &NodeName) -> Labels {
-        self.peers
-            .get(node)
-            .map(|p| p.labels.clone())
-            .unwrap_or_default()
-    }
-
-    /// Evaluates `src (on node src_node) -> dst (on node dst_node)`.
-    pub fn decide(
-        &self,
-        src: &ServiceName,
-        src_labels: &Labels,
-        dst: &ServiceName,
-        dst_labels: &Labels,
-    ) -> Decision {
-        self.policy.evaluate(
-            Source {
-                service: src,
-                labels: src_labels,
-            },
-            Destination {
-                service: dst,
-                labels: dst_labels,
-            },
-        )
-    }
+/// A running subsystem that reports its part of `status` (the overlay).
+pub trait Status: Send + Sync {
+    fn status(&self) -> serde_json::Value;
 }
 
 /// Control-session state shown by `status`.
@@ -150,25 +68,19 @@ pub struct Node {
     pub leaf_der: ArcSwap<Vec<u8>>,
     pub endpoint: quinn::Endpoint,
     pub flows: Arc<Flows>,
-    pub conns: Mutex<HashMap<NodeName, quinn::Connection>>,
+    /// Every tunnel, and the one selected per peer (the only writer of those tables).
+    pub tunnels: Arc<Tunnels>,
     pub control: Mutex<ControlState>,
     /// Where the listeners actually bound (a config port of 0 picks a free one).
     pub bound: Mutex<Bound>,
-    /// Overlay mode, once its device is up.
-    pub overlay: std::sync::OnceLock<Arc<crate::overlay::Overlay>>,
-    /// The checked services' health.
-    pub health: crate::health::Reports,
-    /// Per peer, the addresses the last successful dial tried (for `status`).
-    pub tried: Mutex<HashMap<NodeName, Vec<SocketAddr>>>,
+    /// Overlay mode's part of `status`, once its device is up.
+    pub overlay: std::sync::OnceLock<Arc<dyn Status>>,
+    /// The checked services' health (the health checker publishes it).
+    pub health: watch::Receiver<Vec<ServiceCheck>>,
     /// Route tables under the tunnels (read by the socket, edited by the path manager).
     pub paths: Arc<crate::path::Paths>,
-    /// Every tunnel being served (the one in `conns` and any second one), by stable id.
-    served: Mutex<HashMap<usize, (NodeName, quinn::Connection)>>,
     /// Per peer, the route of the tunnel flows use (published by the path manager).
     path_status: Mutex<HashMap<NodeName, crate::path::manager::PathStatus>>,
-    /// Peers being dialled that should dial back (sent by the control session).
-    punches: Mutex<Vec<NodeName>>,
-    punch_ready: tokio::sync::Notify,
     view_tx: watch::Sender<Arc<View>>,
 }
 
@@ -207,7 +119,7 @@ impl Node {
         leaf_der: Vec<u8>,
         endpoint: quinn::Endpoint,
         paths: Arc<crate::path::Paths>,
-        health: crate::health::Reports,
+        health: watch::Receiver<Vec<ServiceCheck>>,
     ) -> Arc<Self> {
         metrics.set_cert_not_after(identity.not_after);
         let (view_tx, _) = watch::channel(Arc::new(View::default()));
@@ -222,17 +134,13 @@ impl Node {
             leaf_der: ArcSwap::from_pointee(leaf_der),
             endpoint,
             flows: Arc::new(Flows::default()),
-            conns: Mutex::new(HashMap::new()),
+            tunnels: Arc::new(Tunnels::new()),
             control: Mutex::new(ControlState::default()),
             bound: Mutex::new(Bound::default()),
             overlay: std::sync::OnceLock::new(),
             health,
-            tried: Mutex::new(HashMap::new()),
             paths,
-            served: Mutex::new(HashMap::new()),
             path_status: Mutex::new(HashMap::new()),
-            punches: Mutex::new(Vec::new()),
-            punch_ready: tokio::sync::Notify::new(),
             view_tx,
         })
     }
@@ -248,7 +156,7 @@ impl Node {
     }
 
     /// Records the running overlay (once).
-    pub fn set_overlay(&self, ov: Arc<crate::overlay::Overlay>) {
+    pub fn set_overlay(&self, ov: Arc<dyn Status>) {
         let _ = self.overlay.set(ov);
     }
 
@@ -297,91 +205,84 @@ impl Node {
         Ok(true)
     }
 
-    /// Closes flows and tunnels the new view no longer allows.
-    fn recheck(&self, view: &View) {
-        let my_labels = &view.labels;
+    /// Closes flows and tunnels the new view no longer allows, by the same [`authz`]
+    /// functions that let them in. Also run every second, so expiry closes them too.
+    pub fn recheck(&self, view: &View) {
+        let now = unix_now();
+        let check_egress = self.cfg.check_egress;
         let closed = self.flows.recheck(|f| {
-            if f.peer_serial
-                .as_ref()
-                .is_some_and(|s| view.revoked.contains(s))
-            {
-                return Some("peer_revoked");
-            }
-            let peer_labels = view.peer_labels(&f.peer);
-            let decision = match f.direction {
-                Direction::Ingress => view.decide(&f.src, &peer_labels, &f.dst, my_labels),
-                Direction::Egress if self.cfg.check_egress => {
-                    view.decide(&f.src, my_labels, &f.dst, &peer_labels)
-                }
-                Direction::Egress => return None,
-            };
-            (!decision.is_allow()).then_some("policy_changed")
+            authz::recheck_stream(
+                view,
+                f.direction,
+                &f.peer_id,
+                &f.src,
+                &f.dst,
+                check_egress,
+                now,
+            )
         });
         if closed > 0 {
             tracing::info!(closed, "closed flows no longer allowed");
         }
-        let td = self.trust.load().trust_domain.clone();
-        if let Ok(mut conns) = self.conns.lock() {
-            conns.retain(|name, conn| {
-                let revoked = crate::tls::peer_leaf(conn)
-                    .and_then(|der| PeerIdentity::from_der(&der, &td).ok())
-                    .is_some_and(|id| view.revoked.contains(&id.serial));
-                if revoked {
-                    tracing::info!(peer = %name, "closing tunnel to revoked peer");
-                    self.metrics.flow_closed("peer_revoked_tunnel");
-                    conn.close(quinn::VarInt::from_u32(2), b"revoked");
-                }
-                !revoked
-            });
-        }
+        self.close_tunnels(view, now);
         if view.revoked.contains(&self.identity.load().serial) {
             tracing::error!("this node's certificate is revoked");
         }
     }
 
-    /// The open tunnel to `peer`, if any.
+    /// The time-driven half of [`Node::recheck`]: closes the tunnels and flows of peers
+    /// whose certificates expired, and tunnels of peers still unknown after the grace.
+    /// Touches no policy: cheap enough to run every second.
+    pub fn expire(&self) {
+        let now = unix_now();
+        let view = self.view();
+        let closed = self
+            .flows
+            .recheck(|f| (now >= f.peer_id.not_after).then_some(CloseReason::PeerExpired));
+        if closed > 0 {
+            tracing::info!(closed, "closed flows of expired peer certificates");
+        }
+        self.close_tunnels(&view, now);
+    }
+
+    fn close_tunnels(&self, view: &View, now: i64) {
+        let tunnels = self.tunnels.close_where(|t| {
+            match authz::recheck_tunnel(view, &t.peer, now) {
+                // A peer this node's view does not hold yet (it enrolled a moment ago) is
+                // given time for the snapshot to arrive; one that stays unknown is closed.
+                Some(CloseReason::PeerUnknown) if t.since.elapsed() < UNKNOWN_PEER_GRACE => None,
+                r => r,
+            }
+        });
+        for (t, reason) in &tunnels {
+            tracing::info!(peer = %t.peer.node, %reason, "tunnel closed");
+            self.metrics.tunnel_closed(*reason);
+        }
+        if !tunnels.is_empty() {
+            self.metrics.set_peers_connected(self.tunnels.connected());
+        }
+    }
+
+    /// The open tunnel to `peer` new flows may use, if any.
     pub fn live_tunnel(&self, peer: &NodeName) -> Option<quinn::Connection> {
-        self.conns
-            .lock()
-            .ok()
-            .and_then(|m| m.get(peer).cloned())
-            .filter(|c| c.close_reason().is_none())
+        self.tunnels.live(peer, unix_now())
     }
 
     /// Makes `conn` the tunnel used for `peer`: always when `replace`, else only when
-    /// there is no open one. Returns whether it was stored.
+    /// there is no open one. Returns whether it was selected.
     pub fn keep_tunnel(&self, peer: &NodeName, conn: &quinn::Connection, replace: bool) -> bool {
-        let Ok(mut m) = self.conns.lock() else {
-            return false;
-        };
-        let store = replace || m.get(peer).is_none_or(|c| c.close_reason().is_some());
-        if store {
-            m.insert(peer.clone(), conn.clone());
-            self.metrics.set_peers_connected(m.len());
-        }
-        store
+        let kept = self.tunnels.select(peer, conn, replace);
+        self.metrics.set_peers_connected(self.tunnels.connected());
+        kept
     }
 
-    /// Records a tunnel being served (until [`Node::unserve`]).
-    pub fn serve_tunnel(&self, peer: &NodeName, conn: &quinn::Connection) {
-        if let Ok(mut m) = self.served.lock() {
-            m.insert(conn.stable_id(), (peer.clone(), conn.clone()));
-        }
-    }
-
-    /// A served tunnel ended.
-    pub fn unserve(&self, conn: &quinn::Connection) {
-        if let Ok(mut m) = self.served.lock() {
-            m.remove(&conn.stable_id());
-        }
-    }
-
-    /// Every tunnel being served.
+    /// Every open tunnel and its peer.
     pub fn served_tunnels(&self) -> Vec<(NodeName, quinn::Connection)> {
-        self.served
-            .lock()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
+        self.tunnels
+            .all()
+            .into_iter()
+            .map(|t| (t.peer.node.clone(), t.conn))
+            .collect()
     }
 
     /// Publishes the tunnels' routes (path manager).
@@ -401,26 +302,8 @@ impl Node {
 
     /// Asks the control session to have `peer` dial back (hole punching).
     pub fn request_punch(&self, peer: &NodeName) {
-        if let Ok(mut p) = self.punches.lock() {
-            if !p.contains(peer) && p.len() < 1024 {
-                p.push(peer.clone());
-            }
-        }
-        self.punch_ready.notify_one();
-    }
-
-    /// Waits for punch requests and takes them.
-    pub async fn take_punches(&self) -> Vec<NodeName> {
-        loop {
-            let taken = self
-                .punches
-                .lock()
-                .map(|mut p| std::mem::take(&mut *p))
-                .unwrap_or_default();
-            if !taken.is_empty() {
-                return taken;
-            }
-            self.punch_ready.notified().await;
+        if !self.tunnels.request_punch(peer) {
+            tracing::debug!(%peer, "punch queue full; request dropped");
         }
     }
 

@@ -21,31 +21,14 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use sha2::{Digest, Sha256};
 
 /// Why a presented certificate was refused. Counted with these labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Refusal {
-    BadCertificate,
-    UnknownCa,
-    Expired,
-    NotYetValid,
-    Revoked,
-    NoIdentity,
-    WrongPeer,
+pub use crate::reason::HandshakeRefusal as Refusal;
+
+/// The rustls error a refusal is reported to the peer as.
+trait ToRustls {
+    fn to_rustls(self) -> rustls::Error;
 }
 
-impl Refusal {
-    /// Stable metric label.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Refusal::BadCertificate => "bad_certificate",
-            Refusal::UnknownCa => "unknown_ca",
-            Refusal::Expired => "expired",
-            Refusal::NotYetValid => "not_yet_valid",
-            Refusal::Revoked => "revoked",
-            Refusal::NoIdentity => "no_identity",
-            Refusal::WrongPeer => "wrong_peer",
-        }
-    }
-
+impl ToRustls for Refusal {
     fn to_rustls(self) -> rustls::Error {
         rustls::Error::InvalidCertificate(match self {
             Refusal::UnknownCa => CertificateError::UnknownIssuer,
@@ -53,16 +36,11 @@ impl Refusal {
             Refusal::NotYetValid => CertificateError::NotValidYet,
             Refusal::Revoked => CertificateError::Revoked,
             Refusal::BadCertificate => CertificateError::BadEncoding,
-            Refusal::NoIdentity | Refusal::WrongPeer => {
-                CertificateError::ApplicationVerificationFailure
-            }
+            Refusal::NoIdentity
+            | Refusal::WrongPeer
+            | Refusal::RelaySenderMismatch
+            | Refusal::PeerUnknown => CertificateError::ApplicationVerificationFailure,
         })
-    }
-}
-
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -457,10 +435,7 @@ pub fn control_transport() -> Arc<quinn::TransportConfig> {
     Arc::new(base_transport(4))
 }
 
-/// Default interval of QUIC keepalives on tunnels and the control session: well below the
-/// 30 s UDP timeout common NATs and cloud firewalls apply, so idle tunnels keep their
-/// mappings.
-pub const DEFAULT_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
+pub use crate::config::DEFAULT_KEEPALIVE;
 
 static KEEPALIVE: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
 
@@ -508,6 +483,11 @@ pub fn server_config(
         .with_cert_resolver(cert);
     tls.alpn_protocols = vec![alpn.to_vec()];
     tls.max_early_data_size = 0;
+    // No session resumption: a resumed handshake skips the client certificate check, so a
+    // revoked peer could come back on an old ticket. Every handshake verifies the chain,
+    // expiry and the deny list.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -518,12 +498,12 @@ pub fn server_config(
     Ok(cfg)
 }
 
-/// A QUIC client config: `verifier` checks the server, `cert` (if any) is presented.
-pub fn client_config(
+/// The rustls half of [`client_config`], as rustls builds it (session resumption on).
+pub fn rustls_client_config(
     cert: Option<Arc<CertSlot>>,
     verifier: Arc<MeshServerVerifier>,
     alpn: &[u8],
-) -> Result<quinn::ClientConfig, TlsError> {
+) -> Result<rustls::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -533,6 +513,19 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+/// A QUIC client config: `verifier` checks the server, `cert` (if any) is presented.
+pub fn client_config(
+    cert: Option<Arc<CertSlot>>,
+    verifier: Arc<MeshServerVerifier>,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TlsError> {
+    let mut tls = rustls_client_config(cert, verifier, alpn)?;
+    // No resumption: a resumed handshake skips the server certificate check (see
+    // `server_config`).
+    tls.resumption = rustls::client::Resumption::disabled();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));

@@ -14,8 +14,10 @@ use tracing::Instrument;
 
 use crate::flow::{pump, Direction, FlowEnd, FlowInfo};
 use crate::frame::{read_frame, write_frame};
-use crate::state::Node;
+use crate::reason::{CloseReason, HandshakeRefusal};
+use crate::state::{Node, View};
 use crate::tls::{self, MeshServerVerifier, ServerExpect};
+use crate::{authz, control};
 
 /// How long a peer has to send a stream header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,7 +39,7 @@ pub fn peer_client_config(node: &Arc<Node>) -> Result<quinn::ClientConfig, tls::
     let verifier = MeshServerVerifier::new(
         Some(node.trust.clone()),
         ServerExpect::Node,
-        Arc::new(move |r| metrics.handshake_refused(r.as_str())),
+        Arc::new(move |r| metrics.handshake_refused(r)),
     );
     tls::client_config(
         Some(node.cert.clone()),
@@ -94,12 +96,17 @@ pub async fn connection(
     }
     let addr = conn.remote_address();
     tracing::info!(peer = %peer.node, %addr, "tunnel up (dialled)");
+    let Some(id) = admit(node, &conn) else {
+        return Err(DialError::Connect {
+            peer: peer.node.clone(),
+            reason: "the peer's certificate does not stand".into(),
+        });
+    };
     node.keep_tunnel(&peer.node, &conn, true);
     // Streams the peer opens on a connection we dialled are served like any other.
     let n = node.clone();
     let c = conn.clone();
-    let name = peer.node.clone();
-    tokio::spawn(async move { serve_connection(n, c, name).await });
+    tokio::spawn(async move { serve_connection(n, c, id).await });
     Ok((conn, true))
 }
 
@@ -217,9 +224,7 @@ async fn dial_any(
         match next {
             Ok(Some(Ok((addr, Ok(conn))))) => {
                 tracing::debug!(%peer, %addr, tried = addrs.len(), "candidate won");
-                if let Ok(mut t) = node.tried.lock() {
-                    t.insert(peer.clone(), addrs.to_vec());
-                }
+                node.tunnels.set_tried(peer, addrs.to_vec());
                 return Ok((conn, true));
             }
             Ok(Some(Ok((_, Err(e))))) => errors.push(e),
@@ -246,8 +251,11 @@ pub async fn dial_back(node: Arc<Node>, peer: NodeName, candidates: Vec<std::net
             // When the peer's own dial came through meanwhile, that tunnel stays the one
             // this node uses; this one is still served, because the peer may have picked it
             // (closing it could break a flow the peer just opened on it).
+            let Some(id) = admit(&node, &conn) else {
+                return;
+            };
             node.keep_tunnel(&peer, &conn, false);
-            serve_connection(node, conn, peer).await;
+            serve_connection(node, conn, id).await;
         }
         Err(e) => tracing::debug!(%peer, error = %e, "dial back failed"),
     }
@@ -256,14 +264,38 @@ pub async fn dial_back(node: Arc<Node>, peer: NodeName, candidates: Vec<std::net
 /// Drops a cached tunnel that turned out dead (e.g. the peer restarted), so the next
 /// flow dials afresh instead of waiting for the idle timeout.
 pub fn forget(node: &Node, peer: &NodeName, conn: &quinn::Connection) {
-    conn.close(quinn::VarInt::from_u32(3), b"stale");
-    if let Ok(mut m) = node.conns.lock() {
-        if m.get(peer)
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
-        {
-            m.remove(peer);
+    node.tunnels.forget(peer, conn);
+    node.metrics.set_peers_connected(node.tunnels.connected());
+}
+
+/// The identity of a tunnel whose handshake completed, registered with the tunnel
+/// registry and checked against the current view; `None` (the tunnel closed, the reason
+/// counted) when it carries no identity or its peer does not stand. Registering first and
+/// checking after closes the race with a revocation applied meanwhile: either this check
+/// sees the new view, or the re-check that follows it sees this tunnel.
+fn admit(node: &Arc<Node>, conn: &quinn::Connection) -> Option<Arc<PeerIdentity>> {
+    let td = node.trust.load().trust_domain.clone();
+    let Some(id) = tls::peer_leaf(conn).and_then(|d| PeerIdentity::from_der(&d, &td).ok()) else {
+        node.metrics.handshake_refused(HandshakeRefusal::NoIdentity);
+        conn.close(quinn::VarInt::from_u32(1), b"no identity");
+        return None;
+    };
+    let id = Arc::new(id);
+    if let Some(old) = node.tunnels.register(id.clone(), conn) {
+        tracing::info!(peer = %old.peer.node, "too many tunnels from one peer: closed the oldest");
+        node.metrics.tunnel_closed(CloseReason::TooManyTunnels);
+    }
+    match authz::recheck_tunnel(&node.view(), &id, control::unix_now()) {
+        // Not in the view yet: the peer may have enrolled a moment ago (the registry's
+        // re-check closes it if it stays unknown).
+        None | Some(CloseReason::PeerUnknown) => Some(id),
+        Some(reason) => {
+            node.tunnels
+                .close_where(|t| (t.conn.stable_id() == conn.stable_id()).then_some(reason));
+            node.metrics.tunnel_closed(reason);
+            tracing::info!(peer = %id.node, %reason, "tunnel refused");
+            None
         }
-        node.metrics.set_peers_connected(m.len());
     }
 }
 
@@ -281,44 +313,38 @@ pub async fn accept_loop(node: Arc<Node>) {
                     return;
                 }
             };
-            let td = node.trust.load().trust_domain.clone();
-            let Some(id) = tls::peer_leaf(&conn).and_then(|d| PeerIdentity::from_der(&d, &td).ok())
-            else {
-                node.metrics.handshake_refused("no_identity");
-                conn.close(quinn::VarInt::from_u32(1), b"no identity");
+            // Through a relay, the relay named the sender: the certificate must agree.
+            if crate::path::Paths::is_synth(&remote) {
+                let td = node.trust.load().trust_domain.clone();
+                let named = tls::peer_leaf(&conn)
+                    .and_then(|d| PeerIdentity::from_der(&d, &td).ok())
+                    .map(|id| PeerId::of(&id.node));
+                if named.is_none() || node.paths.synth_peer(&remote) != named {
+                    node.metrics
+                        .handshake_refused(HandshakeRefusal::RelaySenderMismatch);
+                    conn.close(quinn::VarInt::from_u32(1), b"relay sender mismatch");
+                    return;
+                }
+            }
+            let Some(id) = admit(&node, &conn) else {
                 return;
             };
-            // Through a relay, the relay named the sender: the certificate must agree.
-            if crate::path::Paths::is_synth(&remote)
-                && node.paths.synth_peer(&remote) != Some(PeerId::of(&id.node))
-            {
-                node.metrics.handshake_refused("relay_sender_mismatch");
-                conn.close(quinn::VarInt::from_u32(1), b"relay sender mismatch");
-                return;
-            }
             tracing::info!(peer = %id.node, %remote, "tunnel up (accepted)");
             node.keep_tunnel(&id.node, &conn, false);
-            serve_connection(node, conn, id.node).await;
+            serve_connection(node, conn, id).await;
         });
     }
 }
 
-/// Serves the streams a peer opens on `conn` (and its datagrams, in overlay mode).
-async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeName) {
-    if let Some(ov) = node.overlay.get() {
-        crate::overlay::read_datagrams(&node, ov, conn.clone());
-    } else {
-        // Without an overlay, datagrams are only the path layer's nudges: read and drop.
+/// Serves the streams a peer opens on `conn` (registered by [`admit`]) until it closes.
+/// Its datagrams are the overlay's (which follows the registry's tunnel-up events), or,
+/// without an overlay, only the path layer's nudges, read and dropped here.
+async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, id: Arc<PeerIdentity>) {
+    if node.cfg.overlay.is_none() {
         let c = conn.clone();
         tokio::spawn(async move { while c.read_datagram().await.is_ok() {} });
     }
-    let td = node.trust.load().trust_domain.clone();
-    let id = match tls::peer_leaf(&conn).and_then(|d| PeerIdentity::from_der(&d, &td).ok()) {
-        Some(id) => Arc::new(id),
-        None => return,
-    };
-    node.serve_tunnel(&peer, &conn);
-    let span = tracing::info_span!("tunnel", peer = %peer);
+    let span = tracing::info_span!("tunnel", peer = %id.node);
     async {
         loop {
             match conn.accept_bi().await {
@@ -336,15 +362,8 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeNa
     }
     .instrument(span)
     .await;
-    node.unserve(&conn);
-    if let Ok(mut m) = node.conns.lock() {
-        if m.get(&peer)
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
-        {
-            m.remove(&peer);
-        }
-        node.metrics.set_peers_connected(m.len());
-    }
+    node.tunnels.unregister(&conn);
+    node.metrics.set_peers_connected(node.tunnels.connected());
 }
 
 async fn reject(send: &mut quinn::SendStream, code: RejectCode, rule: Option<String>) {
@@ -371,8 +390,7 @@ async fn ingress_stream(
         Ok(Ok(Some(h))) => h,
         other => {
             tracing::info!(peer = %peer.node, result = ?other.map(|r| r.map(|_| ())), "stream header refused");
-            node.metrics
-                .ingress_rejected(RejectCode::Malformed.as_str(), "", "");
+            node.metrics.ingress_rejected(RejectCode::Malformed, "", "");
             reject(&mut send, RejectCode::Malformed, None).await;
             return;
         }
@@ -382,27 +400,25 @@ async fn ingress_stream(
     async move {
         let view = node.view();
         let refuse = |code: RejectCode, rule: Option<String>| {
-            node.metrics.ingress_rejected(code.as_str(), src.as_str(), dst.as_str());
+            node.metrics.ingress_rejected(code, src.as_str(), dst.as_str());
             tracing::info!(reason = code.as_str(), rule = rule.as_deref().unwrap_or("-"), "ingress rejected");
             (code, rule)
         };
-        let verdict = if view.version == 0 {
-            Err(refuse(RejectCode::NotReady, None))
-        } else if node.cfg.service(&dst).is_none() {
-            Err(refuse(RejectCode::UnknownService, None))
-        } else if !peer.may_speak_for(&src) {
-            Err(refuse(RejectCode::SourceNotInCertificate, None))
-        } else {
-            let d = view.decide(&src, &view.peer_labels(&peer.node), &dst, &view.labels);
-            if d.is_allow() {
-                Ok(d.rule_label())
-            } else {
-                Err(refuse(RejectCode::PolicyDenied, Some(d.rule_label())))
-            }
+        let hosted = node.cfg.service(&dst).is_some();
+        let decide = |view: &View| {
+            let req = authz::StreamRequest { peer: &peer, src: &src, dst: &dst, hosted };
+            authz::stream_ingress(view, req, control::unix_now())
         };
+        let mut verdict = decide(&view);
+        if matches!(&verdict, Err(d) if d.reason == RejectCode::PeerUnknown) {
+            // A peer that enrolled a moment ago may be ahead of this node's snapshot:
+            // wait a little for the one that names it.
+            verdict = wait_for_peer(&node, &peer.node).await.map_or(verdict, |v| decide(&v));
+        }
         let rule = match verdict {
             Ok(rule) => rule,
-            Err((code, rule)) => {
+            Err(authz::Denied { reason, rule }) => {
+                let (code, rule) = refuse(reason, rule);
                 reject(&mut send, code, rule).await;
                 return;
             }
@@ -433,7 +449,7 @@ async fn ingress_stream(
                 id: node.flows.next_id(),
                 direction: Direction::Ingress,
                 peer: peer.node.clone(),
-                peer_serial: Some(peer.serial.clone()),
+                peer_id: peer.clone(),
                 src: src.clone(),
                 dst: dst.clone(),
                 rule,
@@ -444,12 +460,32 @@ async fn ingress_stream(
         match end {
             FlowEnd::Killed(reason) => {
                 node.metrics.flow_closed(reason);
-                tracing::info!(reason, "flow closed by node");
+                tracing::info!(%reason, "flow closed by node");
             }
-            FlowEnd::Idle => node.metrics.flow_closed("idle"),
+            FlowEnd::Idle => node.metrics.flow_closed(CloseReason::Idle),
             FlowEnd::Done | FlowEnd::Error => tracing::debug!(?end, "flow ended"),
         }
     }
     .instrument(span)
     .await;
+}
+
+/// How long a stream from a peer missing from the view waits for a snapshot naming it.
+const UNKNOWN_PEER_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits up to [`UNKNOWN_PEER_WAIT`] for a view that holds `peer`; that view, or `None`.
+async fn wait_for_peer(node: &Node, peer: &NodeName) -> Option<Arc<View>> {
+    let mut views = node.watch_view();
+    tokio::time::timeout(UNKNOWN_PEER_WAIT, async {
+        loop {
+            let v = views.borrow_and_update().clone();
+            if v.peers.contains_key(peer) {
+                return Some(v);
+            }
+            views.changed().await.ok()?;
+        }
+    })
+    .await
+    .ok()
+    .flatten()
 }

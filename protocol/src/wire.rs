@@ -393,6 +393,12 @@ pub enum RejectCode {
     Malformed,
     /// The node has no snapshot yet and cannot decide.
     NotReady,
+    /// The sending node is not in the ingress node's applied view.
+    PeerUnknown,
+    /// The sending node's certificate is revoked.
+    PeerRevoked,
+    /// The sending node's certificate has expired.
+    PeerExpired,
 }
 
 impl RejectCode {
@@ -405,6 +411,9 @@ impl RejectCode {
             RejectCode::ServiceUnavailable => "service_unavailable",
             RejectCode::Malformed => "malformed",
             RejectCode::NotReady => "not_ready",
+            RejectCode::PeerUnknown => "peer_unknown",
+            RejectCode::PeerRevoked => "peer_revoked",
+            RejectCode::PeerExpired => "peer_expired",
         }
     }
 }

@@ -19,66 +19,9 @@ use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::ident::{NodeName, ServiceName};
 use quicmesh_protocol::packet::{self, PacketInfo, PortSpec, Transport};
 
-use crate::state::View;
+use crate::view::View;
 
-/// Why a packet was dropped (a metrics label each).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DropReason {
-    /// Not an IP packet we can read.
-    Malformed,
-    /// Inner source address not in the sending peer's certificate.
-    Spoofed,
-    /// Not addressed to one of this node's overlay addresses.
-    NotForUs,
-    /// No local service owns the destination port and protocol.
-    NoService,
-    /// Policy allows none of the sender's services to reach the owning service.
-    PolicyDenied,
-    /// A packet of no tracked flow that cannot open one (a TCP segment without SYN).
-    NotTracked,
-    /// Outbound: no peer owns the destination address.
-    NoRoute,
-    /// Outbound: the tunnel to the peer is not up (yet).
-    NoTunnel,
-    /// Outbound: larger than the path carries (answered with ICMP "too big").
-    TooBig,
-    /// The node's snapshot is not loaded yet.
-    NotReady,
-}
-
-impl DropReason {
-    pub const ALL: [DropReason; 10] = [
-        DropReason::Malformed,
-        DropReason::Spoofed,
-        DropReason::NotForUs,
-        DropReason::NoService,
-        DropReason::PolicyDenied,
-        DropReason::NotTracked,
-        DropReason::NoRoute,
-        DropReason::NoTunnel,
-        DropReason::TooBig,
-        DropReason::NotReady,
-    ];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            DropReason::Malformed => "malformed",
-            DropReason::Spoofed => "spoofed",
-            DropReason::NotForUs => "not_for_us",
-            DropReason::NoService => "no_service",
-            DropReason::PolicyDenied => "policy_denied",
-            DropReason::NotTracked => "not_tracked",
-            DropReason::NoRoute => "no_route",
-            DropReason::NoTunnel => "no_tunnel",
-            DropReason::TooBig => "too_big",
-            DropReason::NotReady => "not_ready",
-        }
-    }
-
-    pub fn index(&self) -> usize {
-        Self::ALL.iter().position(|r| r == self).unwrap_or(0)
-    }
-}
+pub use crate::reason::DropReason;
 
 /// A flow as this node sees it: local end first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -389,19 +332,7 @@ fn allowed(
     node: &NodeName,
     service: &ServiceName,
 ) -> Result<String, String> {
-    if view.version == 0 {
-        return Err("no snapshot".into());
-    }
-    let labels = view.peer_labels(node);
-    let mut denied = String::from("default");
-    for src in services {
-        let d = view.decide(src, &labels, service, &view.labels);
-        if d.is_allow() {
-            return Ok(d.rule_label());
-        }
-        denied = d.rule_label();
-    }
-    Err(denied)
+    crate::authz::packet_policy(view, node, services, service)
 }
 
 #[cfg(test)]

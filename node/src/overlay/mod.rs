@@ -31,6 +31,8 @@ use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_
 
 use crate::config::OverlayConfig;
 use crate::metrics::OverlayMetrics;
+use crate::reason::Label;
+use crate::registry::TunnelEvent;
 use crate::state::{Node, View};
 use buffers::{Arena, WritePool};
 use firewall::{DropReason, LocalService, Tracker, Verdict};
@@ -51,7 +53,7 @@ pub struct PeerCounters {
     pub tx_bytes: AtomicU64,
     pub rx_packets: AtomicU64,
     pub rx_bytes: AtomicU64,
-    pub dropped: [AtomicU64; 10],
+    pub dropped: [AtomicU64; DropReason::COUNT],
 }
 
 /// A peer's counters as `status` shows them.
@@ -246,15 +248,28 @@ pub async fn start(node: Arc<Node>, cfg: OverlayConfig) -> Result<Arc<Overlay>, 
         node.metrics.overlay(),
     )?);
     node.set_overlay(ov.clone());
-    // Connections that came up before the overlay did.
-    let conns: Vec<quinn::Connection> = node
-        .conns
-        .lock()
-        .map(|m| m.values().cloned().collect())
-        .unwrap_or_default();
-    for c in conns {
-        read_datagrams(&node, &ov, c);
+    // Every tunnel's datagrams: those that come up from now on (subscribed first), and
+    // those that came up before the overlay did (`read_datagrams` reads each once).
+    let mut events = node.tunnels.subscribe();
+    for t in node.tunnels.all() {
+        read_datagrams(&node, &ov, t.conn, t.peer);
     }
+    let (n, o) = (node.clone(), ov.clone());
+    tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match events.recv().await {
+                Ok(TunnelEvent::Up(t)) => read_datagrams(&n, &o, t.conn, t.peer),
+                Ok(TunnelEvent::Down { .. }) => {}
+                Err(RecvError::Lagged(_)) => {
+                    for t in n.tunnels.all() {
+                        read_datagrams(&n, &o, t.conn, t.peer);
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
     let (n, o) = (node.clone(), ov.clone());
     tokio::spawn(async move { send_path(n, o).await });
     // Tracked flows are re-checked on every snapshot, and idle ones forgotten.
@@ -281,23 +296,38 @@ pub async fn start(node: Arc<Node>, cfg: OverlayConfig) -> Result<Arc<Overlay>, 
     Ok(ov)
 }
 
+impl crate::state::Status for Overlay {
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "device": self.device,
+            "addresses": self.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "prefixes": [self.pools.v4.to_string(), self.pools.v6.to_string()],
+            "mtu": self.mtu,
+            "offload": self.offload,
+            "tracked_flows": self.tracker.len(),
+            "dropped": self.drop_totals(),
+            "peers": self.peer_status(),
+        })
+    }
+}
+
 /// Reads `conn`'s datagrams into the TUN (once per connection).
-pub fn read_datagrams(node: &Arc<Node>, ov: &Arc<Overlay>, conn: quinn::Connection) {
+pub fn read_datagrams(
+    node: &Arc<Node>,
+    ov: &Arc<Overlay>,
+    conn: quinn::Connection,
+    id: Arc<PeerIdentity>,
+) {
     {
         let mut r = ov.reading.lock().unwrap_or_else(|e| e.into_inner());
         if !r.insert(conn.stable_id()) {
             return;
         }
     }
-    let td = node.trust.load().trust_domain.clone();
-    let Some(id) = crate::tls::peer_leaf(&conn).and_then(|d| PeerIdentity::from_der(&d, &td).ok())
-    else {
-        return;
-    };
     let (node, ov) = (node.clone(), ov.clone());
     tokio::spawn(async move {
         let stable = conn.stable_id();
-        receive_path(&node, &ov, &conn, Arc::new(id)).await;
+        receive_path(&node, &ov, &conn, id).await;
         ov.reading
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -429,7 +459,6 @@ async fn send_one(
             ov.dropped(DropReason::NoTunnel, Some(&ov.counters(peer)));
             return;
         };
-        read_datagrams(node, ov, conn.clone());
         routes.insert(
             peer.clone(),
             Route {
@@ -490,7 +519,8 @@ fn dial(node: &Arc<Node>, ov: &Arc<Overlay>, view: &View, peer: &NodeName) {
     let (node, ov) = (node.clone(), ov.clone());
     tokio::spawn(async move {
         match crate::tunnel::connection(&node, &info).await {
-            Ok((conn, _)) => read_datagrams(&node, &ov, conn),
+            // Its datagrams are read from the registry's tunnel-up event.
+            Ok(_) => {}
             Err(e) => {
                 tracing::info!(peer = %info.node, error = %e, "overlay: tunnel to peer failed")
             }

@@ -1,0 +1,465 @@
+//! The node's one authorization core: every allow or deny the data plane makes is a call
+//! into this module, with the same inputs, and the re-check of a live flow or tunnel is
+//! built from the same functions as its first decision, so the two cannot drift.
+//!
+//! A leaf module: pure functions of the applied [`View`], the peer's certificate identity
+//! and `now` (Unix seconds, passed in). No IO, no clock reads, no metrics: callers count
+//! the typed reasons these functions return.
+//!
+//! Order of checks, the same everywhere:
+//! 1. the node has a view (`NotReady` otherwise);
+//! 2. the peer's *standing*: its serial is not revoked, its node is in the view, its
+//!    certificate has not expired ([`standing`]);
+//! 3. what the request claims is in the peer's certificate (source service, inner source
+//!    address: checked by the callers that own those inputs, before any rule runs);
+//! 4. the policy, evaluated for `(source service, source labels) -> (destination
+//!    service, destination labels)` in exactly one place ([`decide`]).
+
+use std::collections::BTreeSet;
+
+use quicmesh_protocol::cert::PeerIdentity;
+use quicmesh_protocol::ident::{NodeName, ServiceName};
+use quicmesh_protocol::policy::{Destination, Source};
+use quicmesh_protocol::wire::RejectCode;
+use serde::Serialize;
+
+use crate::reason::{CloseReason, Standing};
+use crate::view::View;
+
+/// Which side of the tunnel a flow was opened from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// A local client's flow to a peer.
+    Egress,
+    /// A peer's flow to a local service.
+    Ingress,
+}
+
+/// A refusal with the policy rule that decided it, when a rule did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied<R> {
+    pub reason: R,
+    /// The deciding rule label (`rule[3]`, `default`) when the policy denied.
+    pub rule: Option<String>,
+}
+
+impl<R> Denied<R> {
+    fn bare(reason: R) -> Self {
+        Self { reason, rule: None }
+    }
+}
+
+/// Whether `peer` still stands in `view` at `now`: not revoked, in the mesh, unexpired.
+/// A certificate's start is checked at the handshake; time only moves forward after it.
+pub fn standing(view: &View, peer: &PeerIdentity, now: i64) -> Result<(), Standing> {
+    if view.version == 0 {
+        return Err(Standing::NotReady);
+    }
+    if view.revoked.contains(&peer.serial) {
+        return Err(Standing::PeerRevoked);
+    }
+    if !view.peers.contains_key(&peer.node) {
+        return Err(Standing::PeerUnknown);
+    }
+    if now >= peer.not_after {
+        return Err(Standing::PeerExpired);
+    }
+    Ok(())
+}
+
+/// The one evaluation of the policy: `src` on node `src_node` reaching `dst` on
+/// `dst_node` (`None` is this node). The allowing rule's label, or the denying one's.
+fn decide(
+    view: &View,
+    src: &ServiceName,
+    src_node: Option<&NodeName>,
+    dst: &ServiceName,
+    dst_node: Option<&NodeName>,
+) -> Result<String, String> {
+    let labels = |n: Option<&NodeName>| match n {
+        None => view.labels.clone(),
+        Some(n) => view.peer_labels(n),
+    };
+    let (src_labels, dst_labels) = (labels(src_node), labels(dst_node));
+    let d = view.policy.evaluate(
+        Source {
+            service: src,
+            labels: &src_labels,
+        },
+        Destination {
+            service: dst,
+            labels: &dst_labels,
+        },
+    );
+    if d.is_allow() {
+        Ok(d.rule_label())
+    } else {
+        Err(d.rule_label())
+    }
+}
+
+/// A stream a peer opened, as tunnel ingress sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamRequest<'a> {
+    pub peer: &'a PeerIdentity,
+    /// The source service the stream header claims.
+    pub src: &'a ServiceName,
+    /// The destination service the stream header names.
+    pub dst: &'a ServiceName,
+    /// Whether this node hosts `dst`.
+    pub hosted: bool,
+}
+
+/// Tunnel ingress for a stream: the allowing rule, or the reject code to answer with.
+pub fn stream_ingress(
+    view: &View,
+    req: StreamRequest<'_>,
+    now: i64,
+) -> Result<String, Denied<RejectCode>> {
+    standing(view, req.peer, now).map_err(|s| Denied::bare(s.reject_code()))?;
+    if !req.hosted {
+        return Err(Denied::bare(RejectCode::UnknownService));
+    }
+    if !req.peer.may_speak_for(req.src) {
+        return Err(Denied::bare(RejectCode::SourceNotInCertificate));
+    }
+    decide(view, req.src, Some(&req.peer.node), req.dst, None).map_err(|rule| Denied {
+        reason: RejectCode::PolicyDenied,
+        rule: Some(rule),
+    })
+}
+
+/// Egress: may local `src` reach `dst` on `peer` (the sending side's fast refusal; the
+/// peer's ingress is authoritative). The allowing rule, or the denying one.
+pub fn egress(
+    view: &View,
+    src: &ServiceName,
+    dst: &ServiceName,
+    peer: &NodeName,
+) -> Result<String, String> {
+    decide(view, src, None, dst, Some(peer))
+}
+
+/// Why a packet may not open a new overlay flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlowDenied {
+    /// The peer does not stand (revoked, unknown, expired, no view).
+    Standing(Standing),
+    /// No service of the sender may reach the local service; the last denying rule.
+    Policy(String),
+}
+
+/// A new overlay flow from `peer` (whose certificate carries `peer_services`) to local
+/// `service`: allowed when the peer stands and any of its services may reach `service`.
+pub fn packet_flow(
+    view: &View,
+    peer: &PeerIdentity,
+    peer_services: &BTreeSet<ServiceName>,
+    service: &ServiceName,
+    now: i64,
+) -> Result<String, FlowDenied> {
+    standing(view, peer, now).map_err(FlowDenied::Standing)?;
+    packet_policy(view, &peer.node, peer_services, service).map_err(FlowDenied::Policy)
+}
+
+/// The policy half of [`packet_flow`]: may any of `services` on `node` reach local
+/// `service`? The allowing rule, or the last denying one.
+pub fn packet_policy(
+    view: &View,
+    node: &NodeName,
+    services: &BTreeSet<ServiceName>,
+    service: &ServiceName,
+) -> Result<String, String> {
+    if view.version == 0 {
+        return Err("no snapshot".into());
+    }
+    let mut denied = String::from("default");
+    for src in services {
+        match decide(view, src, Some(node), service, None) {
+            Ok(rule) => return Ok(rule),
+            Err(rule) => denied = rule,
+        }
+    }
+    Err(denied)
+}
+
+/// A live L4 flow, re-checked against a new view or a later `now`: why it must close.
+/// The same checks as when it opened (ingress: [`stream_ingress`]; egress: standing and,
+/// when the node checks egress, [`egress`]).
+#[allow(clippy::too_many_arguments)]
+pub fn recheck_stream(
+    view: &View,
+    direction: Direction,
+    peer: &PeerIdentity,
+    src: &ServiceName,
+    dst: &ServiceName,
+    check_egress: bool,
+    now: i64,
+) -> Option<CloseReason> {
+    let from_standing = |s: Standing| (s != Standing::NotReady).then(|| s.close_reason());
+    match direction {
+        Direction::Ingress => {
+            let req = StreamRequest {
+                peer,
+                src,
+                dst,
+                hosted: true,
+            };
+            match stream_ingress(view, req, now) {
+                Ok(_) => None,
+                Err(d) => match d.reason {
+                    RejectCode::PeerRevoked => Some(CloseReason::PeerRevoked),
+                    RejectCode::PeerUnknown => Some(CloseReason::PeerUnknown),
+                    RejectCode::PeerExpired => Some(CloseReason::PeerExpired),
+                    RejectCode::NotReady => None,
+                    _ => Some(CloseReason::PolicyChanged),
+                },
+            }
+        }
+        Direction::Egress => {
+            if let Err(s) = standing(view, peer, now) {
+                return from_standing(s);
+            }
+            if check_egress && egress(view, src, dst, &peer.node).is_err() {
+                return Some(CloseReason::PolicyChanged);
+            }
+            None
+        }
+    }
+}
+
+/// A live overlay flow, re-checked: why it must be forgotten.
+pub fn recheck_packet_flow(
+    view: &View,
+    peer: &PeerIdentity,
+    peer_services: &BTreeSet<ServiceName>,
+    service: &ServiceName,
+    now: i64,
+) -> Option<CloseReason> {
+    match packet_flow(view, peer, peer_services, service, now) {
+        Ok(_) => None,
+        Err(FlowDenied::Standing(Standing::NotReady)) => None,
+        Err(FlowDenied::Standing(s)) => Some(s.close_reason()),
+        Err(FlowDenied::Policy(_)) => Some(CloseReason::PolicyChanged),
+    }
+}
+
+/// A tunnel, re-checked: why it must close (the peer no longer stands).
+pub fn recheck_tunnel(view: &View, peer: &PeerIdentity, now: i64) -> Option<CloseReason> {
+    match standing(view, peer, now) {
+        Ok(()) | Err(Standing::NotReady) => None,
+        Err(s) => Some(s.close_reason()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quicmesh_protocol::cert::Serial;
+    use quicmesh_protocol::ident::{Labels, TrustDomain};
+    use quicmesh_protocol::policy::Policy;
+    use quicmesh_protocol::wire::PeerInfo;
+
+    const NOW: i64 = 1_000_000;
+
+    fn svc(s: &str) -> ServiceName {
+        ServiceName::new(s).unwrap()
+    }
+
+    fn node(s: &str) -> NodeName {
+        NodeName::new(s).unwrap()
+    }
+
+    fn id(name: &str, services: &[&str], serial: &str) -> PeerIdentity {
+        PeerIdentity {
+            trust_domain: TrustDomain::new("quicmesh.local").unwrap(),
+            node: node(name),
+            services: services.iter().map(|s| svc(s)).collect(),
+            ips: vec![],
+            serial: Serial::new(serial.as_bytes().to_vec()).unwrap(),
+            not_before: NOW - 100,
+            not_after: NOW + 100,
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        Labels::from_pairs(pairs.iter().copied()).unwrap()
+    }
+
+    /// A view with peers `web-1` (labelled `env=prod`) and `db-1`, this node `env=prod`.
+    fn view(policy: &str) -> View {
+        let peer = |n: &str, s: &str| PeerInfo {
+            node: node(n),
+            endpoint: None,
+            services: vec![svc(s)],
+            labels: labels(&[("env", "prod")]),
+            overlay: vec![],
+            online: true,
+            critical: vec![],
+            candidates: vec![],
+            relay: false,
+        };
+        let mut v = View {
+            version: 3,
+            policy: Policy::parse(policy).unwrap(),
+            labels: labels(&[("env", "prod")]),
+            ..View::default()
+        };
+        for p in [peer("web-1", "web"), peer("db-1", "db")] {
+            v.peers.insert(p.node.clone(), p);
+        }
+        v
+    }
+
+    const WEB_TO_DB: &str = r#"
+default = "deny"
+[[rule]]
+from = "web"
+to = "db"
+action = "allow"
+"#;
+
+    fn req<'a>(
+        peer: &'a PeerIdentity,
+        src: &'a ServiceName,
+        dst: &'a ServiceName,
+    ) -> StreamRequest<'a> {
+        StreamRequest {
+            peer,
+            src,
+            dst,
+            hosted: true,
+        }
+    }
+
+    #[test]
+    fn a_stream_is_allowed_by_its_rule_and_denied_without_one() {
+        let v = view(WEB_TO_DB);
+        let web = id("web-1", &["web"], "01");
+        let (w, d, p) = (svc("web"), svc("db"), svc("payments"));
+        assert_eq!(
+            stream_ingress(&v, req(&web, &w, &d), NOW),
+            Ok("rule[0]".into())
+        );
+        let denied = stream_ingress(&v, req(&web, &w, &p), NOW).unwrap_err();
+        assert_eq!(denied.reason, RejectCode::PolicyDenied);
+        assert_eq!(denied.rule.as_deref(), Some("default"));
+    }
+
+    #[test]
+    fn a_stream_claiming_a_service_outside_the_certificate_is_refused_before_policy() {
+        let v = view(WEB_TO_DB);
+        let other = id("web-1", &["batch"], "01");
+        let (w, d) = (svc("web"), svc("db"));
+        let denied = stream_ingress(&v, req(&other, &w, &d), NOW).unwrap_err();
+        assert_eq!(denied.reason, RejectCode::SourceNotInCertificate);
+        let mut r = req(&other, &w, &d);
+        r.hosted = false;
+        assert_eq!(
+            stream_ingress(&v, r, NOW).unwrap_err().reason,
+            RejectCode::UnknownService
+        );
+    }
+
+    #[test]
+    fn revoked_unknown_and_expired_peers_are_refused_whatever_the_policy() {
+        let mut v = view("default = \"allow\"");
+        let web = id("web-1", &["web"], "01");
+        let (w, d) = (svc("web"), svc("db"));
+        assert!(stream_ingress(&v, req(&web, &w, &d), NOW).is_ok());
+        // Expired: the same certificate one second after its end.
+        let late = stream_ingress(&v, req(&web, &w, &d), web.not_after).unwrap_err();
+        assert_eq!(late.reason, RejectCode::PeerExpired);
+        // Unknown: a valid certificate for a node the view does not hold.
+        let ghost = id("ghost-1", &["web"], "02");
+        let e = stream_ingress(&v, req(&ghost, &w, &d), NOW).unwrap_err();
+        assert_eq!(e.reason, RejectCode::PeerUnknown);
+        // Revoked: the serial on the deny list (the node may even still be listed).
+        v.revoked.insert(Serial::new(b"01".to_vec()).unwrap());
+        let e = stream_ingress(&v, req(&web, &w, &d), NOW).unwrap_err();
+        assert_eq!(e.reason, RejectCode::PeerRevoked);
+        // No view yet: nothing is decided.
+        let empty = View::default();
+        let e = stream_ingress(&empty, req(&web, &w, &d), NOW).unwrap_err();
+        assert_eq!(e.reason, RejectCode::NotReady);
+    }
+
+    #[test]
+    fn tag_rules_see_the_right_side_labels() {
+        // Deny from prod-labelled peers, allow the rest: web-1 is prod, so denied.
+        let v = view(
+            r#"
+default = "allow"
+[[rule]]
+from = "tag:env=prod"
+to = "db"
+action = "deny"
+"#,
+        );
+        let web = id("web-1", &["web"], "01");
+        let (w, d) = (svc("web"), svc("db"));
+        let e = stream_ingress(&v, req(&web, &w, &d), NOW).unwrap_err();
+        assert_eq!(e.rule.as_deref(), Some("rule[0]"));
+        // Egress from this node (also prod) to db-1 is denied by the same rule.
+        assert_eq!(egress(&v, &w, &d, &node("db-1")), Err("rule[0]".into()));
+        // Its twin: to a service the rule does not name.
+        assert!(egress(&v, &w, &svc("cache"), &node("db-1")).is_ok());
+    }
+
+    #[test]
+    fn packet_flows_need_one_allowed_service_and_a_standing_peer() {
+        let mut v = view(WEB_TO_DB);
+        let web = id("web-1", &["batch", "web"], "01");
+        let d = svc("db");
+        assert_eq!(
+            packet_flow(&v, &web, &web.services, &d, NOW),
+            Ok("rule[0]".into())
+        );
+        let batch_only: BTreeSet<_> = [svc("batch")].into();
+        assert_eq!(
+            packet_flow(&v, &web, &batch_only, &d, NOW),
+            Err(FlowDenied::Policy("default".into()))
+        );
+        v.revoked.insert(Serial::new(b"01".to_vec()).unwrap());
+        assert_eq!(
+            packet_flow(&v, &web, &web.services, &d, NOW),
+            Err(FlowDenied::Standing(Standing::PeerRevoked))
+        );
+    }
+
+    #[test]
+    fn a_recheck_is_the_first_decision_made_again() {
+        let v = view(WEB_TO_DB);
+        let web = id("web-1", &["web"], "01");
+        let (w, d) = (svc("web"), svc("db"));
+        let again = |v: &View, now| recheck_stream(v, Direction::Ingress, &web, &w, &d, false, now);
+        assert_eq!(again(&v, NOW), None);
+        // Policy changed: the same flow is no longer allowed.
+        let closed = view("default = \"deny\"");
+        assert_eq!(again(&closed, NOW), Some(CloseReason::PolicyChanged));
+        // The certificate ran out.
+        assert_eq!(again(&v, web.not_after + 1), Some(CloseReason::PeerExpired));
+        // Revoked.
+        let mut r = view(WEB_TO_DB);
+        r.revoked.insert(Serial::new(b"01".to_vec()).unwrap());
+        assert_eq!(again(&r, NOW), Some(CloseReason::PeerRevoked));
+        // The peer left the mesh.
+        let mut gone = view(WEB_TO_DB);
+        gone.peers.remove(&node("web-1"));
+        assert_eq!(again(&gone, NOW), Some(CloseReason::PeerUnknown));
+        assert_eq!(
+            recheck_tunnel(&gone, &web, NOW),
+            Some(CloseReason::PeerUnknown)
+        );
+        assert_eq!(recheck_tunnel(&v, &web, NOW), None);
+        // Egress: standing always, policy only when the node checks egress.
+        let db = id("db-1", &["db"], "03");
+        let eg = |v: &View, check| recheck_stream(v, Direction::Egress, &db, &w, &d, check, NOW);
+        assert_eq!(eg(&closed, false), None);
+        assert_eq!(eg(&closed, true), Some(CloseReason::PolicyChanged));
+        assert_eq!(eg(&v, true), None);
+        // No view is never a reason to close.
+        assert_eq!(again(&View::default(), NOW), None);
+    }
+}

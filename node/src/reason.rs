@@ -1,0 +1,220 @@
+//! Why the node refused, dropped or closed something: one enum per kind of decision, all
+//! sharing the [`Label`] trait, so a metric label can only be a known reason and a metric
+//! sized by reason takes its array length from the enum.
+//!
+//! A leaf module: it depends only on `protocol`.
+
+use quicmesh_protocol::wire::RejectCode;
+
+/// A reason that is a metrics label: a fixed, known set of stable snake_case strings.
+pub trait Label: Copy + Eq + std::fmt::Debug + 'static {
+    /// Every value, in a fixed order ([`Label::index`] is the position here).
+    const ALL: &'static [Self];
+    /// The stable label.
+    fn as_str(self) -> &'static str;
+    /// Position in [`Label::ALL`], for arrays of counters indexed by reason.
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Declares a reason enum with its labels, its `Label` impl and `COUNT`.
+macro_rules! reasons {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $v:ident => $s:literal,)+ }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vm])* $v,)+ }
+
+        impl $name {
+            /// How many reasons there are (for arrays of counters).
+            pub const COUNT: usize = [$($s),+].len();
+
+            /// The stable label.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$v => $s,)+ }
+            }
+        }
+
+        impl Label for $name {
+            const ALL: &'static [Self] = &[$($name::$v),+];
+            fn as_str(self) -> &'static str {
+                $name::as_str(self)
+            }
+            fn index(self) -> usize {
+                self as usize
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+/// The ingress's refusals of a stream are the wire's reject codes.
+impl Label for RejectCode {
+    const ALL: &'static [Self] = &[
+        RejectCode::PolicyDenied,
+        RejectCode::SourceNotInCertificate,
+        RejectCode::UnknownService,
+        RejectCode::ServiceUnavailable,
+        RejectCode::Malformed,
+        RejectCode::NotReady,
+        RejectCode::PeerUnknown,
+        RejectCode::PeerRevoked,
+        RejectCode::PeerExpired,
+    ];
+    fn as_str(self) -> &'static str {
+        RejectCode::as_str(&self)
+    }
+}
+
+reasons! {
+    /// Why a peer's identity no longer (or not yet) stands, whatever it asks for.
+    pub enum Standing {
+        /// The node has no snapshot yet and cannot decide.
+        NotReady => "not_ready",
+        /// The peer is not in the applied view (removed, revoked, or not yet known).
+        PeerUnknown => "peer_unknown",
+        /// The peer's certificate serial is on the deny list.
+        PeerRevoked => "peer_revoked",
+        /// The peer's certificate has expired (or is not valid yet).
+        PeerExpired => "peer_expired",
+    }
+}
+
+impl Standing {
+    /// The wire code that tells the peer why its stream was refused.
+    pub fn reject_code(self) -> RejectCode {
+        match self {
+            Standing::NotReady => RejectCode::NotReady,
+            Standing::PeerUnknown => RejectCode::PeerUnknown,
+            Standing::PeerRevoked => RejectCode::PeerRevoked,
+            Standing::PeerExpired => RejectCode::PeerExpired,
+        }
+    }
+
+    /// Why a live flow or tunnel of a peer that lost its standing is closed.
+    pub fn close_reason(self) -> CloseReason {
+        match self {
+            Standing::NotReady => CloseReason::NodeShutdown,
+            Standing::PeerUnknown => CloseReason::PeerUnknown,
+            Standing::PeerRevoked => CloseReason::PeerRevoked,
+            Standing::PeerExpired => CloseReason::PeerExpired,
+        }
+    }
+}
+
+reasons! {
+    /// Why the overlay dropped a packet.
+    pub enum DropReason {
+        /// Not an IP packet we can read.
+        Malformed => "malformed",
+        /// Inner source address not in the sending peer's certificate.
+        Spoofed => "spoofed",
+        /// Not addressed to one of this node's overlay addresses.
+        NotForUs => "not_for_us",
+        /// No local service owns the destination port and protocol.
+        NoService => "no_service",
+        /// Policy allows none of the sender's services to reach the owning service.
+        PolicyDenied => "policy_denied",
+        /// A packet of no tracked flow that cannot open one (a TCP segment without SYN).
+        NotTracked => "not_tracked",
+        /// Outbound: no peer owns the destination address.
+        NoRoute => "no_route",
+        /// Outbound: the tunnel to the peer is not up (yet).
+        NoTunnel => "no_tunnel",
+        /// Outbound: larger than the path carries (answered with ICMP "too big").
+        TooBig => "too_big",
+        /// The node's snapshot is not loaded yet.
+        NotReady => "not_ready",
+    }
+}
+
+reasons! {
+    /// Why a local client's flow was refused before it reached a peer.
+    pub enum EgressRefusal {
+        /// No healthy instance of the service in the allowed localities.
+        NoInstance => "no_instance",
+        /// Local policy denies the flow (`check_egress`).
+        PolicyDenied => "policy_denied",
+        /// No instance could be reached.
+        Unreachable => "unreachable",
+    }
+}
+
+reasons! {
+    /// Why the node closed a live flow or a tunnel.
+    pub enum CloseReason {
+        /// Policy no longer allows the flow.
+        PolicyChanged => "policy_changed",
+        /// The peer's certificate was revoked.
+        PeerRevoked => "peer_revoked",
+        /// The peer left the mesh (no longer in the applied view).
+        PeerUnknown => "peer_unknown",
+        /// The peer's certificate expired.
+        PeerExpired => "peer_expired",
+        /// No bytes either way for the idle timeout.
+        Idle => "idle",
+        /// The node is shutting down.
+        NodeShutdown => "node_shutdown",
+        /// A cached tunnel that failed and was replaced.
+        Stale => "stale",
+        /// A peer opened more tunnels than the registry keeps; its oldest was closed.
+        TooManyTunnels => "too_many_tunnels",
+    }
+}
+
+reasons! {
+    /// Why a presented certificate, or the tunnel it came with, was refused at the handshake.
+    pub enum HandshakeRefusal {
+        BadCertificate => "bad_certificate",
+        UnknownCa => "unknown_ca",
+        Expired => "expired",
+        NotYetValid => "not_yet_valid",
+        Revoked => "revoked",
+        NoIdentity => "no_identity",
+        WrongPeer => "wrong_peer",
+        /// Through a relay, the certificate is not the node the relay named.
+        RelaySenderMismatch => "relay_sender_mismatch",
+        /// The certificate is valid but its node is not in the applied view.
+        PeerUnknown => "peer_unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn distinct<L: Label>() {
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in L::ALL.iter().enumerate() {
+            assert!(seen.insert(r.as_str()), "duplicate label {}", r.as_str());
+            assert_eq!(r.index(), i);
+            assert!(r
+                .as_str()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_'));
+        }
+    }
+
+    #[test]
+    fn labels_are_distinct_snake_case_and_indexed_in_order() {
+        distinct::<RejectCode>();
+        distinct::<Standing>();
+        distinct::<EgressRefusal>();
+        distinct::<CloseReason>();
+        distinct::<HandshakeRefusal>();
+        distinct::<DropReason>();
+        assert_eq!(CloseReason::COUNT, CloseReason::ALL.len());
+    }
+
+    #[test]
+    fn every_standing_maps_to_its_own_wire_code() {
+        let codes: std::collections::HashSet<_> =
+            Standing::ALL.iter().map(|s| s.reject_code()).collect();
+        assert_eq!(codes.len(), Standing::COUNT);
+    }
+}
