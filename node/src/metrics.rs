@@ -124,6 +124,8 @@ pub struct Metrics {
     overlay_bytes: Family<DirLabels, Counter>,
     overlay_dropped: Family<ReasonLabels, Counter>,
     health_transitions: Family<HealthLabels, Counter>,
+    http_refused: Family<ReasonLabels, Counter>,
+    dns_dropped: Family<ReasonLabels, Counter>,
     service_passing: Family<ServiceLabels, Gauge>,
     accepted_total: AtomicU64,
     rejected_total: AtomicU64,
@@ -168,6 +170,8 @@ impl Metrics {
             overlay_bytes: Family::default(),
             overlay_dropped: Family::default(),
             health_transitions: Family::default(),
+            http_refused: Family::default(),
+            dns_dropped: Family::default(),
             service_passing: Family::default(),
             accepted_total: AtomicU64::new(0),
             rejected_total: AtomicU64::new(0),
@@ -252,6 +256,16 @@ impl Metrics {
             "overlay_dropped",
             "Overlay packets dropped, by reason",
             m.overlay_dropped.clone(),
+        );
+        registry.register(
+            "http_refused",
+            "Connections and requests the metrics listener refused, by reason",
+            m.http_refused.clone(),
+        );
+        registry.register(
+            "dns_dropped",
+            "DNS queries not served as asked, by reason",
+            m.dns_dropped.clone(),
         );
         let p = &m.paths;
         registry.register(
@@ -407,7 +421,27 @@ impl Metrics {
             .inc();
     }
 
-    /// A live flow closed by the node.
+    /// A connection or request refused by the metrics listener (an
+    /// [`crate::admin::http::HttpRefusal`] label).
+    pub fn http_refused(&self, reason: &str) {
+        self.reason("http_refused", reason);
+        self.http_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A DNS query not served as asked (a [`crate::dns::DnsDrop`] label).
+    pub fn dns_dropped(&self, reason: &str) {
+        self.reason("dns_dropped", reason);
+        self.dns_dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
     /// A checked service's health now; `transition` when it changed.
     pub fn service_health(&self, service: &str, passing: bool, transition: bool) {
         self.service_passing
@@ -425,6 +459,7 @@ impl Metrics {
         }
     }
 
+    /// A live flow closed by the node.
     pub fn flow_closed(&self, reason: &str) {
         self.reason("flow_closed", reason);
         self.flows_closed
