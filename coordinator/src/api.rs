@@ -15,6 +15,8 @@ use serde_json::json;
 
 use crate::mesh::{Mesh, MeshError};
 use crate::web::{self, Web};
+use quicmesh_node::admin::http::HttpRefusals;
+use quicmesh_protocol::overlay::Prefix;
 
 impl IntoResponse for MeshError {
     fn into_response(self) -> Response {
@@ -40,11 +42,16 @@ impl IntoResponse for MeshError {
 }
 
 /// The HTTP server's router: the API under `/api/v1` (every route behind
-/// [`web::auth`] but sign-in), and the dashboard's pages.
-pub fn router(mesh: Arc<Mesh>) -> Router {
-    let web = Web::new(mesh.clone());
+/// [`web::auth`] but sign-in), and the dashboard's pages. `trusted_proxies` are believed
+/// about the client's address (`X-Forwarded-For`); `http_refused` is what the server
+/// refused, shown in `status`.
+pub fn router(
+    mesh: Arc<Mesh>,
+    trusted_proxies: Vec<Prefix>,
+    http_refused: Arc<HttpRefusals>,
+) -> Router {
+    let web = Web::new(mesh.clone(), trusted_proxies, http_refused);
     let mesh_routes = Router::new()
-        .route("/status", get(status))
         .route("/nodes", get(nodes))
         .route("/nodes/{name}/revoke", post(revoke))
         .route("/services", get(services))
@@ -54,6 +61,7 @@ pub fn router(mesh: Arc<Mesh>) -> Router {
         .route("/policy/explain", get(policy_explain))
         .with_state(mesh);
     let web_routes = Router::new()
+        .route("/status", get(status))
         .route(
             "/session",
             get(web::whoami).post(web::sign_in).delete(web::sign_out),
@@ -83,9 +91,12 @@ pub fn router(mesh: Arc<Mesh>) -> Router {
         })
 }
 
-async fn status(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {
+async fn status(State(web): State<Arc<Web>>) -> Result<Json<serde_json::Value>, MeshError> {
+    let mesh = &web.mesh;
     let nodes = mesh.nodes()?;
     Ok(Json(json!({
+        "http_refused": web.http_refused.snapshot(),
+        "sign_ins_limited": web.sign_ins_limited(),
         "trust_domain": mesh.ca.trust_domain,
         "ca_fingerprint": hex::encode(mesh.ca.fingerprint()),
         "mesh_version": mesh.store.version()?,

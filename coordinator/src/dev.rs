@@ -147,8 +147,14 @@ pub async fn run(http: SocketAddr) -> anyhow::Result<()> {
         &dir.join("coordinator"),
         TrustDomain::new("quicmesh.local")?,
     )?;
-    let running =
-        serve::start(&dir.join("coordinator"), "127.0.0.1:0".parse()?, http, 3600).await?;
+    let running = serve::start(
+        &dir.join("coordinator"),
+        "127.0.0.1:0".parse()?,
+        http,
+        3600,
+        serve::HttpOptions::default(),
+    )
+    .await?;
     let mesh = running.mesh.clone();
     mesh.apply_policy(DEMO_POLICY)?;
     println!(

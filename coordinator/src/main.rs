@@ -74,6 +74,24 @@ enum Cmd {
         /// no longer routed to (e.g. 15s, 1m).
         #[arg(long, default_value = "15s")]
         offline_after: String,
+        /// A reverse proxy (CIDR or address) whose X-Forwarded-For is believed for the
+        /// client's address (sign-in limits); repeat for several.
+        #[arg(long = "trusted-proxy", value_name = "CIDR")]
+        trusted_proxies: Vec<String>,
+        /// A name the HTTP API may be reached by (its Host header), besides IP addresses
+        /// and localhost; repeat for several. Other names are refused (DNS rebinding).
+        #[arg(long = "http-host", value_name = "NAME")]
+        http_hosts: Vec<String>,
+        /// An HTTP connection must send a whole request head within this.
+        #[arg(long, default_value = "10s")]
+        http_header_timeout: String,
+        /// Open HTTP connections at most (beyond: 503 and closed).
+        #[arg(long, default_value_t = quicmesh_node::admin::http::DEFAULT_MAX_CONNECTIONS)]
+        http_max_connections: usize,
+        /// Open HTTP connections at most from one client address (trusted proxies are
+        /// held only to --http-max-connections).
+        #[arg(long, default_value_t = quicmesh_node::admin::http::DEFAULT_MAX_PER_SOURCE)]
+        http_max_connections_per_source: usize,
     },
     /// A whole mesh in one process, for trying quicmesh: no root, temporary data.
     Dev {
@@ -156,6 +174,62 @@ fn duration_secs(s: &str, what: &str) -> Result<i64, String> {
     humantime::parse_duration(s)
         .map(|d| d.as_secs() as i64)
         .map_err(|e| format!("--{what} {s:?}: {e}"))
+}
+
+/// Checks the HTTP server's flags.
+fn http_options(
+    trusted_proxies: &[String],
+    hosts: Vec<String>,
+    header_timeout: &str,
+    max_connections: usize,
+    max_per_source: usize,
+) -> Result<quicmesh_coordinator::serve::HttpOptions, String> {
+    use quicmesh_protocol::overlay::Prefix;
+    let mut trusted = Vec::new();
+    for t in trusted_proxies {
+        // A bare address is a one-address prefix.
+        let p = match t.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(Prefix {
+                addr: ip,
+                len: if ip.is_ipv4() { 32 } else { 128 },
+            }),
+            Err(_) => t.parse::<Prefix>(),
+        };
+        trusted.push(p.map_err(|e| format!("--trusted-proxy: {e}"))?);
+    }
+    for h in &hosts {
+        let ok = !h.is_empty()
+            && h.len() <= 253
+            && h.trim_end_matches('.').split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+        if !ok {
+            return Err(format!("--http-host {h:?}: not a DNS name"));
+        }
+    }
+    let header_read_timeout = humantime::parse_duration(header_timeout)
+        .map_err(|e| format!("--http-header-timeout {header_timeout:?}: {e}"))?;
+    if header_read_timeout < std::time::Duration::from_millis(100) {
+        return Err("--http-header-timeout must be at least 100ms".into());
+    }
+    if max_connections == 0 || max_per_source == 0 {
+        return Err(
+            "--http-max-connections and --http-max-connections-per-source must be at least 1"
+                .into(),
+        );
+    }
+    Ok(quicmesh_coordinator::serve::HttpOptions {
+        limits: quicmesh_node::admin::http::HttpLimits {
+            header_read_timeout,
+            max_connections,
+            max_per_source,
+            unlimited_sources: Vec::new(),
+        },
+        hosts,
+        trusted_proxies: trusted,
+    })
 }
 
 fn admin_token(opts: &AdminOpts) -> Result<String, String> {
@@ -243,9 +317,24 @@ async fn run(cli: Cli) -> ExitCode {
             cert_ttl,
             store,
             offline_after,
+            trusted_proxies,
+            http_hosts,
+            http_header_timeout,
+            http_max_connections,
+            http_max_connections_per_source,
         } => {
             let Some(dir) = &opts.data_dir else {
                 return fail(64, "serve needs --data-dir");
+            };
+            let http_opts = match http_options(
+                &trusted_proxies,
+                http_hosts,
+                &http_header_timeout,
+                http_max_connections,
+                http_max_connections_per_source,
+            ) {
+                Ok(o) => o,
+                Err(e) => return fail(64, e),
             };
             if let Some(s) = store {
                 if !s.starts_with("sqlite:") {
@@ -262,10 +351,11 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(_) => return fail(64, "--offline-after must be at least 1s"),
                 Err(e) => return fail(64, e),
             };
-            let running = match quicmesh_coordinator::serve::start(dir, listen, http, ttl).await {
-                Ok(r) => r,
-                Err(e) => return fail(1, e),
-            };
+            let running =
+                match quicmesh_coordinator::serve::start(dir, listen, http, ttl, http_opts).await {
+                    Ok(r) => r,
+                    Err(e) => return fail(1, e),
+                };
             running.mesh.set_offline_after(grace);
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -5,8 +5,23 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use quicmesh_node::admin::http::{self, AllowedHosts, HttpLimits, HttpRefusals};
+use quicmesh_protocol::overlay::Prefix;
+
 use crate::mesh::Mesh;
 use crate::{api, control};
+
+/// How the HTTP server (API and dashboard) guards itself.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOptions {
+    /// Header deadline and connection caps (trusted proxies are exempt from the per-source
+    /// cap: they carry every user).
+    pub limits: HttpLimits,
+    /// Names a request's `Host` may carry besides IP literals and `localhost`.
+    pub hosts: Vec<String>,
+    /// Reverse proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<Prefix>,
+}
 
 /// A running coordinator.
 #[derive(Debug)]
@@ -42,6 +57,7 @@ pub async fn start(
     listen: SocketAddr,
     http: SocketAddr,
     cert_ttl_secs: i64,
+    opts: HttpOptions,
 ) -> anyhow::Result<Running> {
     let mesh = Mesh::open(data_dir, cert_ttl_secs)?;
     let endpoint = control::bind(&mesh, listen)?;
@@ -63,13 +79,18 @@ pub async fn start(
         "check node liveness",
         Mesh::sweep_offline,
     );
-    let app = api::router(mesh.clone());
-    tokio::spawn(async move {
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(http_l, app).await {
-            tracing::error!(error = %e, "http api stopped");
-        }
-    });
+    let refused = Arc::new(HttpRefusals::default());
+    let r = refused.clone();
+    let on_refusal: http::OnRefusal = Arc::new(move |why| r.count(why));
+    let app = api::router(mesh.clone(), opts.trusted_proxies.clone(), refused);
+    let app = http::guard_hosts(
+        app,
+        AllowedHosts::with_names(&opts.hosts),
+        on_refusal.clone(),
+    );
+    let mut limits = opts.limits;
+    limits.unlimited_sources = opts.trusted_proxies;
+    tokio::spawn(http::serve(http_l, app, limits, on_refusal));
     tracing::info!(%control_addr, %http_addr, trust_domain = %mesh.ca.trust_domain, "coordinator serving");
     Ok(Running {
         mesh,

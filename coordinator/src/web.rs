@@ -6,10 +6,15 @@
 //! Credentials: the admin token (everything) or the read-only token `reader.token`
 //! (reads everything, changes nothing), as `Authorization: Bearer` (the CLI) or traded for
 //! a session cookie at `POST /api/v1/session` (the browser). Sign-in attempts are limited
-//! per client address.
+//! per client source (an IPv4 address or an IPv6 /64), never globally: the table is
+//! bounded and a full table forgets its oldest source, so a flood from one source (or
+//! many) never locks out another. Behind a reverse proxy given as `--trusted-proxy`, the
+//! client is the rightmost address in `X-Forwarded-For` that is not a trusted proxy; the
+//! header is ignored from any other peer.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +27,9 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
+use quicmesh_node::admin::http::HttpRefusals;
+use quicmesh_protocol::overlay::Prefix;
+
 use crate::mesh::{Mesh, MeshError, Role};
 
 /// The session cookie's name.
@@ -30,9 +38,11 @@ pub const COOKIE: &str = "qm_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// How long a session lasts.
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
-/// Failed sign-ins allowed per client address per window.
+/// Failed sign-ins allowed per client source per window.
 const MAX_FAILURES: u32 = 5;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Sources whose failures are remembered at most (the oldest forgotten beyond).
+const MAX_SOURCES: usize = 4096;
 /// Most sessions at once (oldest dropped beyond).
 const MAX_SESSIONS: usize = 10_000;
 
@@ -60,6 +70,54 @@ pub struct Web {
     pub mesh: Arc<Mesh>,
     sessions: Mutex<HashMap<String, Session>>,
     attempts: Mutex<HashMap<IpAddr, Attempts>>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    trusted_proxies: Vec<Prefix>,
+    /// The HTTP server's refusals (connection caps, header deadline, Host), for `status`.
+    pub http_refused: Arc<HttpRefusals>,
+    /// Sign-ins refused because their source failed too often.
+    sign_in_limited: AtomicU64,
+}
+
+/// The source sign-in failures are counted against: an IPv4 address, or an IPv6 /64 (one
+/// host usually holds a whole /64).
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) & !(u64::MAX as u128))),
+        v4 => v4,
+    }
+}
+
+/// The client's address: `peer`, or when `peer` is a trusted proxy the rightmost address
+/// in `X-Forwarded-For` that is not a trusted proxy (each proxy appends the address it
+/// saw, so everything left of that is the client's to forge). When every hop is trusted,
+/// or a hop is not an address, the last trusted one is the client.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Prefix]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|p| p.contains(ip));
+    let mut client = peer.to_canonical();
+    if !is_trusted(client) {
+        return client;
+    }
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    for hop in hops.iter().rev() {
+        let Some(ip) = hop
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        else {
+            break;
+        };
+        client = ip.to_canonical();
+        if !is_trusted(client) {
+            break;
+        }
+    }
+    client
 }
 
 /// Who is calling: set by [`auth`] for the handlers behind it.
@@ -100,12 +158,24 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 impl Web {
-    pub fn new(mesh: Arc<Mesh>) -> Arc<Self> {
+    pub fn new(
+        mesh: Arc<Mesh>,
+        trusted_proxies: Vec<Prefix>,
+        http_refused: Arc<HttpRefusals>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             mesh,
             sessions: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
+            trusted_proxies,
+            http_refused,
+            sign_in_limited: AtomicU64::new(0),
         })
+    }
+
+    /// Sign-ins refused for too many failures, so far.
+    pub fn sign_ins_limited(&self) -> u64 {
+        self.sign_in_limited.load(Ordering::Relaxed)
     }
 
     fn session(&self, headers: &HeaderMap) -> Option<Session> {
@@ -131,18 +201,25 @@ impl Web {
         self.session(headers).map(|s| (s.role, Some(s.csrf)))
     }
 
-    /// True while `ip` may try to sign in.
-    fn may_try(&self, ip: IpAddr) -> bool {
+    /// True while the client at `ip` may try to sign in.
+    fn may_try(&self, ip: IpAddr, now: Instant) -> bool {
         let mut m = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
         m.retain(|_, a| now.duration_since(a.since) < FAILURE_WINDOW);
-        m.get(&ip).is_none_or(|a| a.failures < MAX_FAILURES)
+        m.get(&source_of(ip))
+            .is_none_or(|a| a.failures < MAX_FAILURES)
     }
 
-    fn failed(&self, ip: IpAddr) {
+    fn failed(&self, ip: IpAddr, now: Instant) {
         let mut m = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
-        let a = m.entry(ip).or_insert(Attempts {
-            since: Instant::now(),
+        let key = source_of(ip);
+        if !m.contains_key(&key) && m.len() >= MAX_SOURCES {
+            // Full: forget the oldest source (it gets fresh tries; nobody is locked out).
+            if let Some(oldest) = m.iter().min_by_key(|(_, a)| a.since).map(|(k, _)| *k) {
+                m.remove(&oldest);
+            }
+        }
+        let a = m.entry(key).or_insert(Attempts {
+            since: now,
             failures: 0,
         });
         a.failures += 1;
@@ -223,12 +300,15 @@ struct SignIn {
 
 /// `POST /api/v1/session {"token": "..."}`: a session cookie for a valid token.
 pub async fn sign_in(State(web): State<Arc<Web>>, req: Request) -> Response {
-    let ip = req
+    let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
         .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-    if !web.may_try(ip) {
+    let ip = client_ip(peer, req.headers(), &web.trusted_proxies);
+    if !web.may_try(ip, Instant::now()) {
+        web.sign_in_limited.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%ip, %peer, "dashboard sign-in refused: too many failures from this source");
         return (
             StatusCode::TOO_MANY_REQUESTS,
             [(header::RETRY_AFTER, FAILURE_WINDOW.as_secs().to_string())],
@@ -247,8 +327,8 @@ pub async fn sign_in(State(web): State<Arc<Web>>, req: Request) -> Response {
         );
     };
     let Some(role) = web.mesh.role_of(s.token.trim()) else {
-        web.failed(ip);
-        tracing::info!(%ip, "dashboard sign-in refused");
+        web.failed(ip, Instant::now());
+        tracing::info!(%ip, %peer, "dashboard sign-in refused");
         return error(StatusCode::UNAUTHORIZED, "that token is not valid here");
     };
     let (id, csrf) = web.open_session(role);
@@ -437,6 +517,95 @@ pub async fn asset(Path(file): Path<String>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn xff(v: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for x in v {
+            h.append("x-forwarded-for", HeaderValue::from_str(x).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_untrusted_hop_behind_trusted_proxies_only() {
+        let trusted: Vec<Prefix> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let proxy = ip("10.0.0.2");
+        // Behind the proxy: the address it appended, not what the client wrote before it.
+        let h = xff(&["1.1.1.1, 203.0.113.7"]);
+        assert_eq!(client_ip(proxy, &h, &trusted), ip("203.0.113.7"));
+        // Two trusted proxies in a row, one header line each.
+        let h = xff(&["6.6.6.6, 203.0.113.7", "10.0.0.9"]);
+        assert_eq!(client_ip(proxy, &h, &trusted), ip("203.0.113.7"));
+        let h = xff(&["[2001:db8::1]:443"]);
+        assert_eq!(client_ip(proxy, &h, &trusted), ip("2001:db8::1"));
+        // No header, or garbage: the proxy itself (the last trusted hop).
+        assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted), proxy);
+        assert_eq!(client_ip(proxy, &xff(&["junk"]), &trusted), proxy);
+        assert_eq!(
+            client_ip(proxy, &xff(&["junk, 10.0.0.3"]), &trusted),
+            ip("10.0.0.3")
+        );
+        // Denied twin: from an untrusted peer the header is ignored.
+        let h = xff(&["203.0.113.7"]);
+        assert_eq!(client_ip(ip("192.0.2.1"), &h, &trusted), ip("192.0.2.1"));
+        assert_eq!(
+            client_ip(proxy, &h, &[]),
+            proxy,
+            "no trusted proxy configured"
+        );
+        // IPv4-mapped peers are the IPv4 address.
+        assert_eq!(
+            client_ip(ip("::ffff:10.0.0.2"), &h, &trusted),
+            ip("203.0.113.7")
+        );
+    }
+
+    fn web() -> (tempfile::TempDir, Arc<Web>) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::mesh::init_with(
+            dir.path(),
+            quicmesh_protocol::ident::TrustDomain::new("mesh.test".to_string()).unwrap(),
+            None,
+            None,
+        )
+        .unwrap();
+        let mesh = Mesh::open(dir.path(), 3600).unwrap();
+        (dir, Web::new(mesh, vec![], Arc::default()))
+    }
+
+    #[test]
+    fn sign_in_failures_lock_out_only_their_source_and_the_table_is_bounded() {
+        let (_dir, w) = web();
+        let now = Instant::now();
+        let attacker: IpAddr = "192.0.2.1".parse().unwrap();
+        let admin: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..MAX_FAILURES {
+            assert!(w.may_try(attacker, now));
+            w.failed(attacker, now);
+        }
+        assert!(!w.may_try(attacker, now), "the attacker is limited");
+        assert!(w.may_try(admin, now), "another source is not");
+        // An IPv6 host's /64 is one source.
+        let v6a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        for _ in 0..MAX_FAILURES {
+            w.failed(v6a, now);
+        }
+        assert!(!w.may_try(v6b, now));
+        assert!(w.may_try("2001:db8:1:3::1".parse().unwrap(), now));
+        // A flood from many sources fills the table, never beyond its bound, and locks
+        // out no one else.
+        for i in 0..(MAX_SOURCES as u32 * 2) {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            w.failed(ip, now);
+        }
+        let n = w.attempts.lock().unwrap().len();
+        assert!(n <= MAX_SOURCES, "{n}");
+        assert!(w.may_try(admin, now));
+        // The window passes: the attacker may try again.
+        assert!(w.may_try(attacker, now + FAILURE_WINDOW));
+    }
 
     #[test]
     fn cookies_are_found_among_others() {

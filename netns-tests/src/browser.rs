@@ -41,9 +41,43 @@ pub fn http(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> anyhow::Result<HttpAnswer> {
-    let mut s = TcpStream::connect(addr)?;
+    http_from(None, addr, method, path, headers, body)
+}
+
+/// A TCP connection to `addr` from source address `from` (any loopback address reaches
+/// a loopback listener, each a different client to it), or the default source.
+pub fn connect_from(from: Option<std::net::IpAddr>, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let Some(from) = from else {
+        return Ok(TcpStream::connect(addr)?);
+    };
+    let domain = if from.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    s.bind(&SocketAddr::new(from, 0).into())?;
+    s.connect(&addr.into())?;
+    Ok(s.into())
+}
+
+/// [`http`] from source address `from`. A `Host` in `headers` replaces the default one
+/// (the address).
+pub fn http_from(
+    from: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> anyhow::Result<HttpAnswer> {
+    let mut s = connect_from(from, addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    req.push_str("Connection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }

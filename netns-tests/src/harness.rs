@@ -213,10 +213,25 @@ pub struct CoordinatorProc {
     /// The namespace it runs in (None: this host) and its control IP there.
     pub netns: Option<String>,
     pub ip: std::net::IpAddr,
+    /// More `serve` flags.
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
 impl CoordinatorProc {
+    /// [`CoordinatorProc::start`] with more `serve` flags.
+    pub fn start_with(mesh: &Mesh, cert_ttl: &str, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_full(
+            mesh,
+            cert_ttl,
+            None,
+            [127, 0, 0, 1].into(),
+            free_udp_port(),
+            free_tcp_port(),
+            args,
+        )
+    }
+
     /// Runs `init` in `<mesh>/coordinator` and starts `serve`.
     pub fn start(mesh: &Mesh, cert_ttl: &str) -> anyhow::Result<Self> {
         Self::start_at(
@@ -248,6 +263,18 @@ impl CoordinatorProc {
         control_port: u16,
         http_port: u16,
     ) -> anyhow::Result<Self> {
+        Self::start_full(mesh, cert_ttl, netns, ip, control_port, http_port, &[])
+    }
+
+    fn start_full(
+        mesh: &Mesh,
+        cert_ttl: &str,
+        netns: Option<String>,
+        ip: std::net::IpAddr,
+        control_port: u16,
+        http_port: u16,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let data_dir = mesh.path().join("coordinator");
         let log = mesh.path().join("coordinator.log");
         let bins = Bins::get();
@@ -270,6 +297,7 @@ impl CoordinatorProc {
             cert_ttl: cert_ttl.to_string(),
             netns,
             ip,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         c.restart()?;
@@ -287,20 +315,22 @@ impl CoordinatorProc {
         let listen = self.control_addr().to_string();
         let http = format!("127.0.0.1:{}", self.http_port);
         let dd = self.data_dir.display().to_string();
+        let mut args = vec![
+            "serve",
+            "--data-dir",
+            &dd,
+            "--listen",
+            &listen,
+            "--http",
+            &http,
+            "--cert-ttl",
+            &self.cert_ttl,
+        ];
+        args.extend(self.extra_args.iter().map(String::as_str));
         self.child = Some(spawn_logged(
             self.netns.as_deref(),
             &Bins::get().coordinator,
-            &[
-                "serve",
-                "--data-dir",
-                &dd,
-                "--listen",
-                &listen,
-                "--http",
-                &http,
-                "--cert-ttl",
-                &self.cert_ttl,
-            ],
+            &args,
             &self.log,
             &[],
         )?);

@@ -1,10 +1,10 @@
 //! The coordinator's dashboard: driven end to end in headless Chromium against a
 //! coordinator with three nodes, and its API's refusals checked with raw requests.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use quicmesh_netns_tests::browser::{http, Browser};
+use quicmesh_netns_tests::browser::{connect_from, http, http_from, Browser};
 use quicmesh_netns_tests::net::echo_server;
 use quicmesh_netns_tests::{CoordinatorProc, Mesh, NodeProc, NodeSpec};
 
@@ -526,4 +526,264 @@ fn d2_every_route_and_page_refuses_strangers_csrf_and_read_only_changes() {
     .unwrap();
     assert_eq!(r.status, 429, "even a right token waits out the limit");
     drop((coord, mesh));
+}
+
+/// An `/api/v1/events` stream held open from `from` (a long-lived request, as a dashboard
+/// page holds), or the server's refusal.
+fn hold_events(
+    from: IpAddr,
+    addr: SocketAddr,
+    bearer: &str,
+) -> Result<std::net::TcpStream, String> {
+    use std::io::{Read, Write};
+    let mut s = connect_from(Some(from), addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /api/v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {bearer}\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut b = [0u8; 512];
+    let n = s.read(&mut b).map_err(|e| e.to_string())?;
+    let head = String::from_utf8_lossy(&b[..n]).to_string();
+    if head.starts_with("HTTP/1.1 200") {
+        Ok(s)
+    } else {
+        Err(head)
+    }
+}
+
+fn status(addr: SocketAddr, bearer: &str) -> serde_json::Value {
+    http(
+        addr,
+        "GET",
+        "/api/v1/status",
+        &[("Authorization", bearer)],
+        None,
+    )
+    .unwrap()
+    .json()
+}
+
+/// Hole 9 of issue 15: sign-in limits behind a trusted proxy, the HTTP server's header
+/// deadline and connection caps, and the Host guard, against the real coordinator. Every
+/// loopback address is a different client to it (127.0.0.5 plays the TLS proxy).
+#[test]
+fn d3_sign_in_limits_per_client_behind_a_proxy_deadlines_caps_and_host_guard() {
+    let mesh = Mesh::new("d3");
+    let coord = CoordinatorProc::start_with(
+        &mesh,
+        "1h",
+        &[
+            "--trusted-proxy",
+            "127.0.0.5/32",
+            "--http-host",
+            "coord.example.internal",
+            "--http-header-timeout",
+            "1s",
+            "--http-max-connections",
+            "8",
+            "--http-max-connections-per-source",
+            "3",
+        ],
+    )
+    .unwrap();
+    let addr = api_addr(&coord);
+    let admin = format!("Bearer {}", coord.admin_token);
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let (proxy, stranger) = (ip("127.0.0.5"), ip("127.0.0.6"));
+    let sign_in = |from: IpAddr, xff: &str, token: &str| {
+        let mut h = vec![];
+        if !xff.is_empty() {
+            h.push(("X-Forwarded-For", xff));
+        }
+        http_from(
+            Some(from),
+            addr,
+            "POST",
+            "/api/v1/session",
+            &h,
+            Some(&format!("{{\"token\":\"{token}\"}}")),
+        )
+        .unwrap()
+        .status
+    };
+
+    // (a) Behind the proxy: the attacker's five bad attempts lock out the attacker
+    // (the header's left part is the attacker's to forge, so it changes nothing)...
+    let mut codes = Vec::new();
+    for i in 0..6 {
+        codes.push(sign_in(
+            proxy,
+            &format!("10.{i}.0.1, 203.0.113.7"),
+            "qma_guess",
+        ));
+    }
+    assert_eq!(
+        codes,
+        [401, 401, 401, 401, 401, 429],
+        "the attacker via the proxy"
+    );
+    // ... and not the admin, who comes through the same proxy.
+    assert_eq!(
+        sign_in(proxy, "198.51.100.2", &coord.admin_token),
+        200,
+        "the admin behind the same proxy signs in"
+    );
+    // Denied twin: a peer that is not a trusted proxy forges X-Forwarded-For, a new
+    // address each time: ignored, its own address is limited.
+    let mut codes = Vec::new();
+    for i in 0..6 {
+        codes.push(sign_in(stranger, &format!("192.0.2.{i}"), "qma_guess"));
+    }
+    assert_eq!(
+        codes,
+        [401, 401, 401, 401, 401, 429],
+        "forged header ignored"
+    );
+    assert_eq!(sign_in(stranger, "192.0.2.99", &coord.admin_token), 429);
+    // And the stranger's flood locks out no one else.
+    assert_eq!(sign_in(ip("127.0.0.1"), "", &coord.admin_token), 200);
+    let st = status(addr, &admin);
+    assert_eq!(st["sign_ins_limited"], 3, "{st}");
+
+    // (b) Slowloris: half a request line, then silence; and a connection that never
+    // speaks. Both closed after the 1 s header deadline.
+    use std::io::{Read, Write};
+    let mut half = connect_from(Some(ip("127.0.0.7")), addr).unwrap();
+    half.write_all(b"GET /api/v1/sta").unwrap();
+    let silent = connect_from(Some(ip("127.0.0.7")), addr).unwrap();
+    let t = std::time::Instant::now();
+    for (what, mut s) in [("half a request line", half), ("silent", silent)] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 256];
+        let closed =
+            matches!(s.read(&mut b), Ok(0) | Err(_)) && t.elapsed() < Duration::from_secs(4);
+        assert!(
+            closed,
+            "{what}: closed after the deadline ({:?})",
+            t.elapsed()
+        );
+    }
+    println!("slowloris connections closed after {:?}", t.elapsed());
+    let st = status(addr, &admin);
+    assert!(
+        st["http_refused"]["header_timeout"].as_u64() >= Some(2),
+        "{st}"
+    );
+
+    // Connection caps: a source holding 3 streams gets no fourth (503), while the admin
+    // from another address gets in.
+    let attacker = ip("127.0.0.8");
+    let mut held: Vec<_> = (0..3)
+        .map(|_| hold_events(attacker, addr, &admin).unwrap())
+        .collect();
+    let refused = hold_events(attacker, addr, &admin).unwrap_err();
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert_eq!(status(addr, &admin)["nodes"], 0, "the admin still gets in");
+    // The trusted proxy carries everyone: only the total holds it (4 > 3 per source).
+    for _ in 0..4 {
+        held.push(hold_events(proxy, addr, &admin).unwrap());
+    }
+    held.push(hold_events(ip("127.0.0.9"), addr, &admin).unwrap());
+    // Eight open: the ninth connection, the admin's, is refused...
+    let r = http(
+        addr,
+        "GET",
+        "/api/v1/status",
+        &[("Authorization", &admin)],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    // ... and gets in once slots free.
+    held.clear();
+    quicmesh_netns_tests::assert_eventually(
+        "the admin gets in once slots free",
+        Duration::from_secs(5),
+        || {
+            let r = http(
+                addr,
+                "GET",
+                "/api/v1/status",
+                &[("Authorization", &admin)],
+                None,
+            )?;
+            anyhow::ensure!(r.status == 200, "{}", r.status);
+            Ok(())
+        },
+    );
+    let st = status(addr, &admin);
+    assert_eq!(st["http_refused"]["source_limit"], 1, "{st}");
+    // (At least: a retry may come before the server has seen the streams close.)
+    assert!(
+        st["http_refused"]["connection_limit"].as_u64() >= Some(1),
+        "{st}"
+    );
+
+    // (d) DNS rebinding: another site's name as Host is refused (421), with or without
+    // a credential; the configured name, localhost and IP literals are served.
+    for host in [
+        "rebind.evil.example",
+        "rebind.evil.example:7780",
+        "coord.example.internal.evil",
+    ] {
+        let r = http(addr, "GET", "/ui/login", &[("Host", host)], None).unwrap();
+        assert_eq!(r.status, 421, "{host}: {}", r.body);
+        assert!(r.body.contains("DNS rebinding"), "{}", r.body);
+        let r = http(
+            addr,
+            "GET",
+            "/api/v1/status",
+            &[("Host", host), ("Authorization", &admin)],
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.status, 421, "{host} with the admin token");
+    }
+    for host in [
+        "coord.example.internal",
+        "COORD.example.internal:443",
+        "localhost:7780",
+        "127.0.0.1",
+    ] {
+        let r = http(addr, "GET", "/ui/login", &[("Host", host)], None).unwrap();
+        assert_eq!(r.status, 200, "{host}: {}", r.body);
+    }
+    let st = status(addr, &admin);
+    assert_eq!(st["http_refused"]["host_not_allowed"], 6, "{st}");
+    drop((coord, mesh));
+}
+
+/// The node's metrics listener: a foreign Host (DNS rebinding) is refused and counted,
+/// its twin on an IP literal is served.
+#[test]
+fn d4_node_metrics_refuse_a_foreign_host() {
+    let mesh = Mesh::new("d4");
+    let coord = CoordinatorProc::start(&mesh, "1h").unwrap();
+    let node = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("web-1").service("web", echo_server().unwrap()),
+    )
+    .unwrap();
+    let maddr = SocketAddr::from(([127, 0, 0, 1], node.metrics_port));
+    let r = http(
+        maddr,
+        "GET",
+        "/metrics",
+        &[("Host", "rebind.evil.example:9790")],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 421, "{}", r.body);
+    let r = http(maddr, "GET", "/metrics", &[], None).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body
+            .contains("quicmesh_http_refused_total{reason=\"host_not_allowed\"} 1"),
+        "{}",
+        r.body
+    );
+    drop((node, coord, mesh));
 }

@@ -539,6 +539,8 @@ fn bad_node_config_exits_64_naming_the_key_before_binding() {
         ("name = \"web-1\"\ncoordinator = \"nowhere\"\ndata_dir = \"d\"\n", "coordinator"),
         ("name = \"web-1\"\ncoordinator = \"198.18.0.1:7700\"\ndata_dir = \"d\"\nmetrics = \"0.0.0.0:9\"\n", "metrics"),
         ("name = \"web-1\"\ncoordinator = \"198.18.0.1:7700\"\ndata_dir = \"d\"\nbogus = 1\n", "bogus"),
+        // An upstream open to other hosts without `expose = true`.
+        ("name = \"web-1\"\ncoordinator = \"198.18.0.1:7700\"\ndata_dir = \"d\"\n[[service]]\nname = \"web\"\naddress = \"127.0.0.1:8080\"\n[[upstream]]\nservice = \"db\"\nbind = \"0.0.0.0:15432\"\n", "upstream[0].bind"),
     ] {
         std::fs::write(&cfg, text).unwrap();
         for cmd in ["check", "run"] {
@@ -563,6 +565,22 @@ fn bad_node_config_exits_64_naming_the_key_before_binding() {
     assert!(
         out.status.success(),
         "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And the exposed upstream's twin: the same bind with `expose = true` passes.
+    std::fs::write(
+        &cfg,
+        "name = \"web-1\"\ncoordinator = \"198.18.0.1:7700\"\ndata_dir = \"d\"\n[[service]]\nname = \"web\"\naddress = \"127.0.0.1:8080\"\n[[upstream]]\nservice = \"db\"\nbind = \"0.0.0.0:15432\"\nexpose = true\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(node)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "expose = true: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

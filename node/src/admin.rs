@@ -1,5 +1,8 @@
 //! Local admin: `status` over a unix socket in the data dir (mode 0600), and Prometheus
-//! metrics on a loopback TCP port. Both are apart from the data plane.
+//! metrics on a loopback TCP port. Both are apart from the data plane. [`http`] is the
+//! guarded accept loop of the metrics listener (and of the coordinator's API).
+
+pub mod http;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -159,8 +162,11 @@ pub async fn query(path: &Path, command: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
-/// Serves `/metrics` on a loopback listener.
+/// Serves `/metrics` on a loopback listener: header deadline, connection caps and the
+/// `Host` guard of [`http`], refusals counted as `http_refused{reason}`.
 pub async fn serve_metrics(node: Arc<Node>, listener: tokio::net::TcpListener) {
+    let m = node.metrics.clone();
+    let on_refusal: http::OnRefusal = Arc::new(move |r| m.http_refused(r));
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -176,9 +182,8 @@ pub async fn serve_metrics(node: Arc<Node>, listener: tokio::net::TcpListener) {
             }
         }),
     );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "metrics listener failed");
-    }
+    let app = http::guard_hosts(app, http::AllowedHosts::local(), on_refusal.clone());
+    http::serve(listener, app, http::HttpLimits::default(), on_refusal).await;
 }
 
 /// Human-readable status.

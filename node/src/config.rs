@@ -104,6 +104,9 @@ pub struct UpstreamConfig {
     pub source: ServiceName,
     /// How instances are chosen by locality.
     pub locality: Locality,
+    /// `expose = true`: the user chose a non-loopback `bind`, so other hosts reach the
+    /// mesh service through this node (with this node's identity).
+    pub expose: bool,
 }
 
 /// The checked node config.
@@ -207,6 +210,7 @@ struct RawUpstream {
     bind: Option<String>,
     source: Option<String>,
     locality: Option<String>,
+    expose: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -431,6 +435,15 @@ impl NodeConfig {
             let service = ServiceName::new(req(&k("service"), u.service)?)
                 .map_err(|e| err(&k("service"), e.to_string()))?;
             let bind = addr(&k("bind"), &req(&k("bind"), u.bind)?)?;
+            let expose = u.expose.unwrap_or(false);
+            if !bind.ip().is_loopback() && !expose {
+                return Err(err(
+                    &k("bind"),
+                    format!(
+                        "{bind} is not a loopback address: anyone who reaches it would use the mesh as this node; set expose = true on this [[upstream]] if that is meant"
+                    ),
+                ));
+            }
             if bind.port() != 0 && upstreams.iter().any(|o| o.bind == bind) {
                 return Err(err(
                     &k("bind"),
@@ -465,6 +478,7 @@ impl NodeConfig {
                 bind,
                 source,
                 locality,
+                expose,
             });
         }
         let overlay = match raw.overlay {
@@ -654,6 +668,21 @@ bind = "127.0.0.1:15432"
         assert_eq!(e.key, "bogus", "{e}");
         let e = parse(&GOOD.replace("bind = \"127.0.0.1:15432\"", "")).unwrap_err();
         assert_eq!(e.key, "upstream[0].bind");
+        // A non-loopback upstream bind needs the user to say so.
+        for bind in ["0.0.0.0:15432", "198.18.0.10:15432", "[::]:15432"] {
+            let open = GOOD.replace("127.0.0.1:15432", bind);
+            let e = parse(&open).unwrap_err();
+            assert_eq!(e.key, "upstream[0].bind", "{bind}");
+            assert!(e.reason.contains("expose = true"), "{e}");
+            let c = parse(&open.replace(
+                &format!("\"{bind}\""),
+                &format!("\"{bind}\"\nexpose = true"),
+            ))
+            .unwrap();
+            assert!(c.upstreams[0].expose, "{bind}");
+        }
+        let c = parse(&GOOD.replace("127.0.0.1:15432", "[::1]:15432")).unwrap();
+        assert!(!c.upstreams[0].expose, "loopback needs no expose");
         let e = parse(&format!("{GOOD}\nmetrics = \"0.0.0.0:9000\"\n")).unwrap_err();
         assert_eq!(e.key, "metrics");
         let e = parse(&format!("keepalive = \"30s\"\n{GOOD}")).unwrap_err();

@@ -10,6 +10,10 @@
 //!
 //! Answers are built from the applied view on every query, so they follow health within
 //! one snapshot push; the TTL is short (`[dns] ttl`, default 5 s).
+//!
+//! Forwarding is bounded: at most [`MAX_FORWARDS`] forwarded queries in flight (a query
+//! beyond is answered SERVFAIL at once) and [`MAX_TCP_CONNECTIONS`] TCP clients; every
+//! query not served as asked is counted with a [`DnsDrop`] reason.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -22,12 +26,56 @@ use quicmesh_protocol::ident::{NodeName, ServiceName};
 use quicmesh_protocol::routing::{self, Candidate, Locality};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::DnsConfig;
 use crate::state::{Node, View};
 
 /// How long a forwarded query may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+/// Forwarded queries in flight at most (UDP and TCP together).
+pub const MAX_FORWARDS: usize = 256;
+/// TCP clients at most.
+pub const MAX_TCP_CONNECTIONS: usize = 64;
+/// How long a TCP client may take to send one whole query (or stay idle between two).
+const TCP_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub use crate::reason::DnsDrop;
+
+/// Forwards queries for names outside the mesh to one resolver, at most `limit` at once.
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    to: SocketAddr,
+    slots: Arc<Semaphore>,
+}
+
+impl Forwarder {
+    pub fn new(to: SocketAddr, limit: usize) -> Self {
+        Self {
+            to,
+            slots: Arc::new(Semaphore::new(limit)),
+        }
+    }
+
+    /// A slot for one forwarded query, or `None` while all are taken.
+    fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+}
+
+/// The SERVFAIL answer to `query` (same id and question), or `None` when it is not a query.
+pub fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    let q = Message::from_vec(query).ok()?;
+    let mut r = Message::new();
+    r.set_id(q.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(q.op_code())
+        .set_recursion_desired(q.recursion_desired())
+        .set_recursion_available(true)
+        .set_response_code(ResponseCode::ServFail);
+    r.add_queries(q.queries().iter().cloned());
+    r.to_vec().ok()
+}
 
 /// What the server knows besides the view.
 #[derive(Debug, Clone, Copy)]
@@ -259,18 +307,38 @@ async fn forward(to: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
 
 /// Serves DNS over UDP and TCP until the node stops.
 pub async fn serve(node: Arc<Node>, udp: UdpSocket, tcp: TcpListener) {
-    let udp = Arc::new(udp);
-    let forward_to = node.cfg.dns.as_ref().and_then(|d| d.forward);
+    let forwarder = node
+        .cfg
+        .dns
+        .as_ref()
+        .and_then(|d| d.forward)
+        .map(|to| Forwarder::new(to, MAX_FORWARDS));
+    let m = node.metrics.clone();
+    let dropped = Arc::new(move |d: DnsDrop| m.dns_dropped(d));
     let n = node.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = tcp.accept().await else {
-                continue;
-            };
-            let n = n.clone();
-            tokio::spawn(async move { serve_tcp(n, s, forward_to).await });
-        }
-    });
+    tokio::spawn(serve_tcp_listener(
+        tcp,
+        forwarder.clone(),
+        Arc::new(move |q: &[u8]| reply_for(&n, q)),
+        dropped.clone(),
+        MAX_TCP_CONNECTIONS,
+    ));
+    serve_udp(
+        Arc::new(udp),
+        forwarder,
+        move |q: &[u8]| reply_for(&node, q),
+        dropped,
+    )
+    .await
+}
+
+/// Answers what the mesh knows, forwards the rest within the forwarder's bound.
+async fn serve_udp(
+    udp: Arc<UdpSocket>,
+    forwarder: Option<Forwarder>,
+    reply: impl Fn(&[u8]) -> Reply,
+    dropped: Arc<dyn Fn(DnsDrop) + Send + Sync>,
+) {
     let mut buf = vec![0u8; 4096];
     loop {
         let (len, from) = match udp.recv_from(&mut buf).await {
@@ -280,45 +348,111 @@ pub async fn serve(node: Arc<Node>, udp: UdpSocket, tcp: TcpListener) {
                 continue;
             }
         };
-        match reply_for(&node, &buf[..len]) {
+        let query = &buf[..len];
+        match reply(query) {
             Reply::Answer(b) => {
                 let _ = udp.send_to(&b, from).await;
             }
             Reply::Forward => {
-                let (udp, query) = (udp.clone(), buf[..len].to_vec());
-                if let Some(to) = forward_to {
-                    tokio::spawn(async move {
-                        if let Some(b) = forward(to, &query).await {
+                let Some(f) = forwarder.as_ref() else {
+                    continue;
+                };
+                let Some(slot) = f.slot() else {
+                    dropped(DnsDrop::ForwardBusy);
+                    if let Some(b) = servfail(query) {
+                        let _ = udp.send_to(&b, from).await;
+                    }
+                    continue;
+                };
+                let (udp, query, to, dropped) =
+                    (udp.clone(), query.to_vec(), f.to, dropped.clone());
+                tokio::spawn(async move {
+                    match forward(to, &query).await {
+                        Some(b) => {
                             let _ = udp.send_to(&b, from).await;
                         }
-                    });
-                }
+                        None => dropped(DnsDrop::ForwardFailed),
+                    }
+                    drop(slot);
+                });
             }
             Reply::Drop => {}
         }
     }
 }
 
-async fn serve_tcp(node: Arc<Node>, mut s: tokio::net::TcpStream, forward_to: Option<SocketAddr>) {
+type ReplyFn = Arc<dyn Fn(&[u8]) -> Reply + Send + Sync>;
+
+/// Accepts TCP clients, at most `max` at once (a client beyond is closed and counted).
+async fn serve_tcp_listener(
+    tcp: TcpListener,
+    forwarder: Option<Forwarder>,
+    reply: ReplyFn,
+    dropped: Arc<dyn Fn(DnsDrop) + Send + Sync>,
+    max: usize,
+) {
+    let clients = Arc::new(Semaphore::new(max));
     loop {
-        let mut len = [0u8; 2];
-        let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len)).await
-        else {
+        let Ok((s, _)) = tcp.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = clients.clone().try_acquire_owned() else {
+            dropped(DnsDrop::TcpLimit);
+            continue;
+        };
+        let (f, r, d) = (forwarder.clone(), reply.clone(), dropped.clone());
+        tokio::spawn(async move {
+            serve_tcp(s, f, r, d).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_tcp(
+    mut s: tokio::net::TcpStream,
+    forwarder: Option<Forwarder>,
+    reply: ReplyFn,
+    dropped: Arc<dyn Fn(DnsDrop) + Send + Sync>,
+) {
+    loop {
+        let read = async {
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).await?;
+            let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            s.read_exact(&mut q).await?;
+            Ok::<_, std::io::Error>(q)
+        };
+        let Ok(Ok(q)) = tokio::time::timeout(TCP_READ_TIMEOUT, read).await else {
             return;
         };
-        let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        if s.read_exact(&mut q).await.is_err() {
-            return;
-        }
-        let b = match reply_for(&node, &q) {
+        let b = match reply(&q) {
             Reply::Answer(b) => b,
-            Reply::Forward => match forward_to {
-                Some(to) => match forward(to, &q).await {
-                    Some(b) => b,
-                    None => return,
-                },
-                None => return,
-            },
+            Reply::Forward => {
+                let Some(f) = forwarder.as_ref() else {
+                    return;
+                };
+                match f.slot() {
+                    Some(slot) => {
+                        let a = forward(f.to, &q).await;
+                        drop(slot);
+                        match a {
+                            Some(b) => b,
+                            None => {
+                                dropped(DnsDrop::ForwardFailed);
+                                return;
+                            }
+                        }
+                    }
+                    None => {
+                        dropped(DnsDrop::ForwardBusy);
+                        match servfail(&q) {
+                            Some(b) => b,
+                            None => return,
+                        }
+                    }
+                }
+            }
             Reply::Drop => return,
         };
         let Ok(l) = u16::try_from(b.len()) else {
@@ -462,5 +596,104 @@ mod tests {
         }
         let m = ask(&v, &cx, "api.svc.mesh.test", RecordType::AAAA).unwrap();
         assert!(m.answers().is_empty() && m.response_code() == ResponseCode::NoError);
+    }
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut q = Message::new();
+        q.set_id(id)
+            .add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        q.to_vec().unwrap()
+    }
+
+    /// Forwarded queries in flight are bounded: beyond the bound a query is answered
+    /// SERVFAIL at once and counted; once the resolver answers, slots free and queries
+    /// are forwarded again.
+    #[tokio::test]
+    async fn forwarded_queries_in_flight_are_bounded() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        // A resolver that holds every query until told to answer.
+        let resolver = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let server_addr = server.local_addr().unwrap();
+        let busy = Arc::new(AtomicU64::new(0));
+        let b = busy.clone();
+        let dropped: Arc<dyn Fn(DnsDrop) + Send + Sync> = Arc::new(move |d| {
+            if d == DnsDrop::ForwardBusy {
+                b.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let f = Forwarder::new(resolver.local_addr().unwrap(), 3);
+        tokio::spawn(serve_udp(
+            server,
+            Some(f),
+            |_: &[u8]| Reply::Forward,
+            dropped,
+        ));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        async fn recv(s: &UdpSocket) -> (Message, SocketAddr) {
+            let mut buf = vec![0u8; 4096];
+            let (n, from) = tokio::time::timeout(Duration::from_secs(5), s.recv_from(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            (Message::from_vec(&buf[..n]).unwrap(), from)
+        }
+        let mut held = Vec::new();
+        for id in 1..=3 {
+            client
+                .send_to(&query(id, "example.org."), server_addr)
+                .await
+                .unwrap();
+            held.push(recv(&resolver).await);
+        }
+        // Three in flight: the next two are answered SERVFAIL without reaching the resolver.
+        for id in 4..=5 {
+            client
+                .send_to(&query(id, "example.org."), server_addr)
+                .await
+                .unwrap();
+            let (m, _) = recv(&client).await;
+            assert_eq!((m.id(), m.response_code()), (id, ResponseCode::ServFail));
+            assert_eq!(m.queries().len(), 1);
+        }
+        assert_eq!(busy.load(Ordering::Relaxed), 2);
+        // The resolver answers the three: the client gets them, the slots free.
+        for (q, from) in held {
+            let mut r = q.clone();
+            r.set_message_type(MessageType::Response);
+            resolver.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+            let (m, _) = recv(&client).await;
+            assert_eq!((m.id(), m.response_code()), (q.id(), ResponseCode::NoError));
+        }
+        // Its twin: with slots free a query is forwarded again.
+        let mut forwarded = false;
+        for id in 6..20 {
+            client
+                .send_to(&query(id, "example.org."), server_addr)
+                .await
+                .unwrap();
+            let (mut buf, mut other) = ([0u8; 512], [0u8; 512]);
+            tokio::select! {
+                r = resolver.recv_from(&mut buf) => {
+                    assert_eq!(Message::from_vec(&buf[..r.unwrap().0]).unwrap().id(), id);
+                    forwarded = true;
+                    break;
+                }
+                // A slot is released just after its answer is sent: retry.
+                _ = client.recv_from(&mut other) => {}
+            }
+        }
+        assert!(forwarded, "a query is forwarded once slots free");
+        assert!(busy.load(Ordering::Relaxed) < 20);
+    }
+
+    #[test]
+    fn servfail_keeps_the_id_and_question() {
+        let m = Message::from_vec(&servfail(&query(42, "example.org.")).unwrap()).unwrap();
+        assert_eq!(m.id(), 42);
+        assert_eq!(m.response_code(), ResponseCode::ServFail);
+        assert_eq!(m.message_type(), MessageType::Response);
+        assert_eq!(m.queries()[0].name().to_ascii(), "example.org.");
+        assert_eq!(servfail(b"junk"), None);
     }
 }

@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use quicmesh_protocol::wire::RejectCode;
 
-use crate::reason::{CloseReason, DropReason, HandshakeRefusal, Label};
+use crate::reason::{CloseReason, DnsDrop, DropReason, HandshakeRefusal, HttpRefusal, Label};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
@@ -128,6 +128,8 @@ pub struct Metrics {
     overlay_bytes: Family<DirLabels, Counter>,
     overlay_dropped: Family<ReasonLabels, Counter>,
     health_transitions: Family<HealthLabels, Counter>,
+    http_refused: Family<ReasonLabels, Counter>,
+    dns_dropped: Family<ReasonLabels, Counter>,
     service_passing: Family<ServiceLabels, Gauge>,
     accepted_total: AtomicU64,
     rejected_total: AtomicU64,
@@ -173,6 +175,8 @@ impl Metrics {
             overlay_bytes: Family::default(),
             overlay_dropped: Family::default(),
             health_transitions: Family::default(),
+            http_refused: Family::default(),
+            dns_dropped: Family::default(),
             service_passing: Family::default(),
             accepted_total: AtomicU64::new(0),
             rejected_total: AtomicU64::new(0),
@@ -262,6 +266,16 @@ impl Metrics {
             "overlay_dropped",
             "Overlay packets dropped, by reason",
             m.overlay_dropped.clone(),
+        );
+        registry.register(
+            "http_refused",
+            "Connections and requests the metrics listener refused, by reason",
+            m.http_refused.clone(),
+        );
+        registry.register(
+            "dns_dropped",
+            "DNS queries not served as asked, by reason",
+            m.dns_dropped.clone(),
         );
         let p = &m.paths;
         registry.register(
@@ -415,6 +429,28 @@ impl Metrics {
         let reason = reason.as_str();
         self.reason("handshake_refused", reason);
         self.handshake_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A connection or request refused by the metrics listener.
+    pub fn http_refused(&self, reason: HttpRefusal) {
+        let reason = reason.as_str();
+        self.reason("http_refused", reason);
+        self.http_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A DNS query not served as asked.
+    pub fn dns_dropped(&self, reason: DnsDrop) {
+        let reason = reason.as_str();
+        self.reason("dns_dropped", reason);
+        self.dns_dropped
             .get_or_create(&ReasonLabels {
                 reason: reason.into(),
             })

@@ -184,6 +184,32 @@ reasons! {
     }
 }
 
+reasons! {
+    /// Why a local HTTP listener refused a connection or a request.
+    pub enum HttpRefusal {
+        /// The server already holds its most connections.
+        ConnectionLimit => "connection_limit",
+        /// This source address already holds its most connections.
+        SourceLimit => "source_limit",
+        /// No whole request head within the deadline: closed.
+        HeaderTimeout => "header_timeout",
+        /// The `Host` is not an IP literal, `localhost` or a configured name.
+        Host => "host_not_allowed",
+    }
+}
+
+reasons! {
+    /// Why a DNS query was not served as asked.
+    pub enum DnsDrop {
+        /// Too many forwarded queries were in flight: answered SERVFAIL.
+        ForwardBusy => "forward_busy",
+        /// The forward resolver did not answer in time (or could not be reached).
+        ForwardFailed => "forward_failed",
+        /// Too many TCP clients were connected: the new one was closed.
+        TcpLimit => "tcp_limit",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +234,8 @@ mod tests {
         distinct::<CloseReason>();
         distinct::<HandshakeRefusal>();
         distinct::<DropReason>();
+        distinct::<HttpRefusal>();
+        distinct::<DnsDrop>();
         assert_eq!(CloseReason::COUNT, CloseReason::ALL.len());
     }
 
