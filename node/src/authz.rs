@@ -18,7 +18,7 @@
 use std::collections::BTreeSet;
 
 use quicmesh_protocol::cert::PeerIdentity;
-use quicmesh_protocol::ident::{NodeName, ServiceName};
+use quicmesh_protocol::ident::{Labels, NodeName, ServiceName};
 use quicmesh_protocol::policy::{Destination, Source};
 use quicmesh_protocol::wire::RejectCode;
 use serde::Serialize;
@@ -77,19 +77,19 @@ fn decide(
     dst: &ServiceName,
     dst_node: Option<&NodeName>,
 ) -> Result<String, String> {
+    static NONE: std::sync::LazyLock<Labels> = std::sync::LazyLock::new(Labels::default);
     let labels = |n: Option<&NodeName>| match n {
-        None => view.labels.clone(),
-        Some(n) => view.peer_labels(n),
+        None => &view.labels,
+        Some(n) => view.peers.get(n).map_or(&*NONE, |p| &p.labels),
     };
-    let (src_labels, dst_labels) = (labels(src_node), labels(dst_node));
     let d = view.policy.evaluate(
         Source {
             service: src,
-            labels: &src_labels,
+            labels: labels(src_node),
         },
         Destination {
             service: dst,
-            labels: &dst_labels,
+            labels: labels(dst_node),
         },
     );
     if d.is_allow() {
@@ -257,7 +257,7 @@ pub fn recheck_tunnel(view: &View, peer: &PeerIdentity, now: i64) -> Option<Clos
 mod tests {
     use super::*;
     use quicmesh_protocol::cert::Serial;
-    use quicmesh_protocol::ident::{Labels, TrustDomain};
+    use quicmesh_protocol::ident::TrustDomain;
     use quicmesh_protocol::policy::Policy;
     use quicmesh_protocol::wire::PeerInfo;
 
