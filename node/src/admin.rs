@@ -66,6 +66,10 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         "trust_domain": id.trust_domain,
         "tunnel_listen": node.endpoint.local_addr().ok().map(|a| a.to_string()),
         "snapshot_version": view.version,
+        // The labels policy sees: the coordinator's (exactly the join token's), not the
+        // config's.
+        "labels": view.labels,
+        "relay_requested": node.cfg.relay,
         "policy_version": view.policy_version,
         "certificate": {
             "serial": id.serial.to_string(),
