@@ -28,6 +28,8 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "overlay": p.overlay,
                 "services": p.services,
                 "online": p.online,
+                // Advertised by the coordinator as a relay (its token granted the role).
+                "relay": p.relay,
                 "critical": p.critical,
                 "connected": conns.contains_key(&p.node),
                 "candidates": p.candidates.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
