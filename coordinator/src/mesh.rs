@@ -1537,4 +1537,62 @@ mod tests {
         assert_eq!(mesh.drops.punch.get(PunchDrop::TargetOffline), 1);
         assert_eq!(mesh.drops.punch.get(PunchDrop::Duplicate), 0);
     }
+
+    #[tokio::test]
+    async fn a_punch_flood_from_one_node_is_passed_on_once_per_window_and_counted() {
+        use quicmesh_node::tls::{self, MeshServerVerifier, ServerExpect};
+        let (_dir, mesh) = mesh();
+        // A live session for the target, over a real loopback connection.
+        let ep = crate::control::bind(&mesh, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let verifier = MeshServerVerifier::new(
+            None,
+            ServerExpect::PinnedCoordinator(mesh.ca.fingerprint()),
+            Arc::new(|_| {}),
+        );
+        let cfg =
+            tls::client_config(None, verifier, quicmesh_protocol::wire::ALPN_CONTROL).unwrap();
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connecting = client
+            .connect_with(cfg, ep.local_addr().unwrap(), "coordinator")
+            .unwrap();
+        let (_c, server) = tokio::join!(connecting, async {
+            ep.accept().await.unwrap().await.unwrap()
+        });
+        let (kick, mut pushed) = tokio::sync::mpsc::channel(4);
+        mesh.register_session("db-1", server, kick);
+        // The flooder points its candidates at a victim and asks again and again.
+        mesh.set_candidates(
+            "evil",
+            Reach {
+                candidates: vec!["198.18.7.7:443".parse().unwrap()],
+                relay: false,
+                observed: None,
+            },
+        );
+        let evil = NodeName::new("evil").unwrap();
+        let mut pushes = 0;
+        for _ in 0..1000 {
+            let _ = mesh.punch(&evil, "db-1");
+            // The session writes what is queued as fast as it comes.
+            while pushed.try_recv().is_ok() {
+                pushes += 1;
+            }
+        }
+        assert_eq!(
+            pushes, 1,
+            "a flood at one target is passed on once per window"
+        );
+        assert_eq!(mesh.drops.punch.get(PunchDrop::Duplicate), 999);
+        // Its allowed twin: another node's request for the same target is passed on.
+        mesh.set_candidates(
+            "web-1",
+            Reach {
+                candidates: vec!["198.18.0.5:7800".parse().unwrap()],
+                relay: false,
+                observed: None,
+            },
+        );
+        assert_eq!(mesh.punch(&NodeName::new("web-1").unwrap(), "db-1"), Ok(()));
+        ep.close(0u32.into(), b"done");
+    }
 }
