@@ -242,9 +242,14 @@ async fn enrollment(
     .await
     .map_err(|_| anyhow::anyhow!("enrollment answer not written in time"))??;
     drop(slot);
-    // The node closes the connection once it has the answer; closing first could discard
-    // an answer still in flight, so wait until it is acknowledged (or the linger ends).
-    let _ = tokio::time::timeout(ENROLL_LINGER, send.stopped()).await;
+    // The node closes the connection once it has read the answer; closing first could
+    // discard an answer still in flight or not yet read, so give it until the linger ends
+    // (without a slot) to acknowledge the answer and close.
+    let _ = tokio::time::timeout(ENROLL_LINGER, async {
+        let _ = send.stopped().await;
+        conn.closed().await
+    })
+    .await;
     conn.close(quinn::VarInt::from_u32(0), b"answered");
     Ok(())
 }
