@@ -231,3 +231,55 @@ fn a_node_calling_itself_a_relay_without_the_grant_is_not_used_as_one() {
     });
     assert!(err.contains("--relay"), "{err}");
 }
+
+#[test]
+fn a_stolen_token_and_key_get_nothing_once_the_name_was_revoked_and_enrolled_again() {
+    use quicmesh_node::config::NodeConfig;
+    use quicmesh_node::control::{enroll, EnrollError};
+    use quicmesh_protocol::wire::EnrollErrorCode;
+    let mesh = Mesh::new("revoke-retry");
+    let coord = CoordinatorProc::start(&mesh, "1h").unwrap();
+    let spec = NodeSpec::new("web-1").service("web", echo_server().unwrap());
+    let mut old = NodeProc::start(&mesh, &coord, &spec).unwrap();
+    // The thief copies the compromised host's config (with its join token) and key.
+    let cfg = NodeConfig::load(&old.config).unwrap();
+    let token = cfg.join_token.clone().unwrap();
+    let key_pem = std::fs::read_to_string(old.data_dir.join("node.key")).unwrap();
+    let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+    old.kill();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ep = rt
+        .block_on(async { quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()) })
+        .unwrap();
+    // Its allowed twin first: within the retry window, the same token and key get a
+    // certificate again (a lost answer).
+    assert!(
+        rt.block_on(enroll(&ep, &cfg, &key, &token)).is_ok(),
+        "the retry window works before any revocation"
+    );
+
+    // The admin revokes web-1 and enrolls a clean host under the same name.
+    let out = coord.cli(&["nodes", "revoke", "web-1"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&old.data_dir).unwrap();
+    let new = NodeProc::start(&mesh, &coord, &spec).unwrap();
+    coord.wait_all_acked(1, Duration::from_secs(15));
+
+    // The thief retries, still inside the 10-minute window.
+    match rt.block_on(enroll(&ep, &cfg, &key, &token)) {
+        Err(EnrollError::Refused {
+            code: EnrollErrorCode::NodeRevoked,
+            detail,
+        }) => assert!(detail.contains("voided"), "{detail}"),
+        Ok(_) => panic!("the stolen token and key got a fresh certificate after the revocation"),
+        Err(other) => panic!("refused for another reason: {other}"),
+    }
+    // The clean host is unaffected.
+    let st = new.status().unwrap();
+    assert_eq!(st["control"]["connected"], true, "{}", st["control"]);
+    ep.close(0u32.into(), b"done");
+}
