@@ -1,6 +1,7 @@
 //! The QUIC control listener. A connection without a client certificate may only enroll:
-//! it holds one of a few slots (bounded per source address and in total) from its
-//! handshake to its answer, with short deadlines for each step, so idle or slow
+//! it holds one of a few slots (bounded per source address and in total; a short wait for
+//! one, then refused) from its handshake to its answer, with short deadlines for each step,
+//! so idle or slow
 //! unauthenticated clients cannot starve enrollment. A connection with a verified node
 //! certificate runs a session: snapshots down (each acked or nacked), status and renewals
 //! up.
@@ -28,11 +29,15 @@ const EXPIRED_RENEWAL_GRACE_SECS: u64 = 7 * 86400;
 const SNAPSHOT_COALESCE: Duration = Duration::from_millis(50);
 /// The longest a session holds a snapshot back while changes keep coming.
 const SNAPSHOT_MAX_WAIT: Duration = Duration::from_secs(2);
-/// Certificate-less (enrollment) connections served at once from one source address;
-/// more are refused at once, not queued.
-pub const MAX_ENROLLING_PER_SOURCE: usize = 4;
+/// Certificate-less (enrollment) connections served at once from one source address
+/// (many honest nodes may share a NAT's address: they wait their turn briefly).
+pub const MAX_ENROLLING_PER_SOURCE: usize = 8;
 /// Certificate-less connections served at once in total.
-pub const MAX_ENROLLING: usize = 64;
+pub const MAX_ENROLLING: usize = 128;
+/// How long a certificate-less connection may wait for a slot before it is refused.
+const SLOT_WAIT: Duration = Duration::from_secs(5);
+/// Connections waiting for a slot at once; more are refused without waiting.
+const MAX_WAITING: usize = 1024;
 /// Time from a connection's first packet to a completed handshake.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
 /// Time a certificate-less connection has to open its stream and send a whole request.
@@ -72,6 +77,9 @@ pub fn bind(mesh: &Arc<Mesh>, addr: SocketAddr) -> anyhow::Result<quinn::Endpoin
 #[derive(Debug, Default)]
 pub struct EnrollSlots {
     held: Mutex<(HashMap<IpAddr, usize>, usize)>,
+    /// Woken when a slot is freed.
+    freed: tokio::sync::Notify,
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// A held slot; dropping it frees it.
@@ -101,6 +109,38 @@ impl EnrollSlots {
         })
     }
 
+    /// Takes a slot for a connection from `ip`, waiting up to `wait` for one to be freed
+    /// (while fewer than [`MAX_WAITING`] connections wait); says why there is none.
+    pub async fn take(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        wait: Duration,
+    ) -> Result<EnrollSlot, ControlDrop> {
+        use std::sync::atomic::Ordering;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut waiting = None;
+        loop {
+            // Registered before trying, so a slot freed in between is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let reason = match self.try_take(ip) {
+                Ok(slot) => return Ok(slot),
+                Err(r) => r,
+            };
+            if waiting.is_none() {
+                if self.waiting.fetch_add(1, Ordering::Relaxed) >= MAX_WAITING {
+                    self.waiting.fetch_sub(1, Ordering::Relaxed);
+                    return Err(reason);
+                }
+                waiting = Some(Waiting(self));
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(reason);
+            }
+        }
+    }
+
     /// Slots held now (in total).
     pub fn held(&self) -> usize {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).1
@@ -109,15 +149,29 @@ impl EnrollSlots {
 
 impl Drop for EnrollSlot {
     fn drop(&mut self) {
-        let mut g = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
-        let (per, total) = &mut *g;
-        if let Some(n) = per.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.ip);
+        {
+            let mut g = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
+            let (per, total) = &mut *g;
+            if let Some(n) = per.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per.remove(&self.ip);
+                }
             }
+            *total = total.saturating_sub(1);
         }
-        *total = total.saturating_sub(1);
+        self.slots.freed.notify_waiters();
+    }
+}
+
+/// Counts a connection waiting for a slot while it lives.
+struct Waiting<'a>(&'a EnrollSlots);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -201,7 +255,7 @@ async fn enrollment(
     conn: quinn::Connection,
     slots: &Arc<EnrollSlots>,
 ) -> anyhow::Result<()> {
-    let slot = match slots.try_take(conn.remote_address().ip()) {
+    let slot = match slots.take(conn.remote_address().ip(), SLOT_WAIT).await {
         Ok(s) => s,
         Err(reason) => {
             mesh.drops.control.count(reason);
@@ -477,5 +531,80 @@ mod tests {
         assert!(slots.try_take(a).is_ok());
         drop(others);
         assert_eq!(slots.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_waits_briefly_for_its_sources_slot_then_is_refused() {
+        let slots = Arc::new(EnrollSlots::default());
+        let a: IpAddr = [198, 18, 0, 1].into();
+        let mut held: Vec<_> = (0..MAX_ENROLLING_PER_SOURCE)
+            .map(|_| slots.try_take(a).unwrap())
+            .collect();
+        // Nothing is freed: refused when the wait ends.
+        let wait = Duration::from_millis(200);
+        let t = tokio::time::Instant::now();
+        assert_eq!(
+            slots.take(a, wait).await.unwrap_err(),
+            ControlDrop::SourceBusy
+        );
+        assert!(t.elapsed() >= wait);
+        // A slot freed during the wait goes to the waiter.
+        let waiter = {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.take(a, SLOT_WAIT).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held.pop();
+        assert_eq!(waiter.await.unwrap(), Ok(()));
+        assert_eq!(slots.waiting.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_honest_enrollments_from_one_address_all_succeed() {
+        // Its denied twin is the slot bound above: one address never holds more than its
+        // share, but honest nodes behind one NAT wait their turn instead of failing.
+        let dir = tempfile::tempdir().unwrap();
+        crate::mesh::init(
+            dir.path(),
+            quicmesh_protocol::ident::TrustDomain::new("t.test").unwrap(),
+        )
+        .unwrap();
+        let mesh = Mesh::open(dir.path(), 3600).unwrap();
+        let ep = bind(&mesh, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = ep.local_addr().unwrap();
+        tokio::spawn(serve(mesh.clone(), ep.clone()));
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let n = 16 * MAX_ENROLLING_PER_SOURCE;
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let name = format!("n-{i}");
+            let (token, _) = mesh
+                .create_token(&name, &[], &Default::default(), false, 600)
+                .unwrap();
+            let cfg = quicmesh_node::config::NodeConfig::parse(
+                &format!(
+                    "name = \"{name}\"\ncoordinator = \"{addr}\"\ndata_dir = \"{}\"\nmetrics = \"off\"\n",
+                    dir.path().join(&name).display()
+                ),
+                &name,
+                dir.path(),
+            )
+            .unwrap();
+            let client = client.clone();
+            tasks.spawn(async move {
+                let key = rcgen::KeyPair::generate().unwrap();
+                quicmesh_node::control::enroll(&client, &cfg, &key, &token).await
+            });
+        }
+        let mut ok = 0;
+        while let Some(r) = tasks.join_next().await {
+            match r.unwrap() {
+                Ok(_) => ok += 1,
+                Err(e) => panic!("an honest enrollment failed: {e}"),
+            }
+        }
+        assert_eq!(ok, n);
+        assert_eq!(mesh.drops.control.get(ControlDrop::SourceBusy), 0);
+        ep.close(0u32.into(), b"done");
     }
 }

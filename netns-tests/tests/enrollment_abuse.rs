@@ -102,7 +102,7 @@ fn nodes_enroll_promptly_while_200_hostile_clients_hold_control_connections() {
         });
     assert_eq!(
         drops["listener_busy"], 0,
-        "8 sources x 4 slots fit the listener: {drops}"
+        "8 sources x 8 slots fit the listener: {drops}"
     );
     stop_tx.send(true).unwrap();
     let _ = rt.block_on(flood);
