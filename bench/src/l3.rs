@@ -397,7 +397,7 @@ fn quicmesh(ns: (&str, &str), relay: Option<&str>) -> anyhow::Result<Tunnel> {
         Some(r) => Some(NodeProc::start(
             &mesh,
             &coord,
-            &NodeSpec::new("relay-r").on(r).config_line("relay = true"),
+            &NodeSpec::new("relay-r").on(r).relay(),
         )?),
         None => None,
     };

@@ -52,6 +52,7 @@ pub fn router(
 ) -> Router {
     let web = Web::new(mesh.clone(), trusted_proxies, http_refused);
     let mesh_routes = Router::new()
+        .route("/metrics", get(metrics))
         .route("/nodes", get(nodes))
         .route("/nodes/{name}/revoke", post(revoke))
         .route("/services", get(services))
@@ -103,7 +104,23 @@ async fn status(State(web): State<Arc<Web>>) -> Result<Json<serde_json::Value>, 
         "policy_version": mesh.policy().0,
         "nodes": nodes.len(),
         "nodes_online": nodes.iter().filter(|n| n.online).count(),
+        "drops": {
+            "control": mesh.drops.control.all(),
+            "punch": mesh.drops.punch.all(),
+        },
     })))
+}
+
+/// The coordinator's drop counters in Prometheus text format.
+async fn metrics(State(mesh): State<Arc<Mesh>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        mesh.drops.prometheus(),
+    )
+        .into_response()
 }
 
 async fn nodes(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {
@@ -132,6 +149,9 @@ struct TokenRequest {
     services: Vec<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    /// Grants the relay role.
+    #[serde(default)]
+    relay: bool,
     /// Seconds; default one hour.
     ttl_secs: Option<i64>,
 }
@@ -144,10 +164,11 @@ async fn create_token(
         &req.node,
         &req.services,
         &req.labels,
+        req.relay,
         req.ttl_secs.unwrap_or(3600),
     )?;
     Ok(Json(
-        json!({ "token": token, "node": req.node, "expires_at": expires_at }),
+        json!({ "token": token, "node": req.node, "relay": req.relay, "expires_at": expires_at }),
     ))
 }
 

@@ -1,9 +1,14 @@
-//! The QUIC control listener. A connection without a client certificate may only enroll;
-//! a connection with a verified node certificate runs a session: snapshots down (each
-//! acked or nacked), status and renewals up.
+//! The QUIC control listener. A connection without a client certificate may only enroll:
+//! it holds one of a few slots (bounded per source address and in total; a short wait for
+//! one, then refused) from its handshake to its answer, with short deadlines for each step,
+//! so idle or slow
+//! unauthenticated clients cannot starve enrollment. A connection with a verified node
+//! certificate runs a session: snapshots down (each acked or nacked), status and renewals
+//! up.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quicmesh_node::frame::{read_frame, write_frame};
@@ -12,6 +17,7 @@ use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::wire::{ControlDown, ControlUp, Hello, ALPN_CONTROL};
 use tokio::sync::mpsc;
 
+use crate::drops::{ControlDrop, Reason};
 use crate::mesh::{now, Mesh, Sent};
 
 /// Lifetime of the coordinator's own server certificate (re-issued at every start).
@@ -23,8 +29,24 @@ const EXPIRED_RENEWAL_GRACE_SECS: u64 = 7 * 86400;
 const SNAPSHOT_COALESCE: Duration = Duration::from_millis(50);
 /// The longest a session holds a snapshot back while changes keep coming.
 const SNAPSHOT_MAX_WAIT: Duration = Duration::from_secs(2);
-/// Most enrollments handled at once; more wait.
-const MAX_CONCURRENT_ENROLLMENTS: usize = 16;
+/// Certificate-less (enrollment) connections served at once from one source address
+/// (many honest nodes may share a NAT's address: they wait their turn briefly).
+pub const MAX_ENROLLING_PER_SOURCE: usize = 8;
+/// Certificate-less connections served at once in total.
+pub const MAX_ENROLLING: usize = 128;
+/// How long a certificate-less connection may wait for a slot before it is refused.
+const SLOT_WAIT: Duration = Duration::from_secs(5);
+/// Connections waiting for a slot at once; more are refused without waiting.
+const MAX_WAITING: usize = 1024;
+/// Time from a connection's first packet to a completed handshake.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+/// Time a certificate-less connection has to open its stream and send a whole request.
+const ENROLL_REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Time a node's session has to send its hello.
+const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// How long an enrollment answer is given to be acknowledged before the connection is
+/// closed (its slot is free already).
+const ENROLL_LINGER: Duration = Duration::from_secs(5);
 
 /// Binds the control listener.
 pub fn bind(mesh: &Arc<Mesh>, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
@@ -50,72 +72,240 @@ pub fn bind(mesh: &Arc<Mesh>, addr: SocketAddr) -> anyhow::Result<quinn::Endpoin
     Ok(ep)
 }
 
+/// Slots of certificate-less connections: bounded per source address and in total. A
+/// slot is held from the handshake to the enrollment answer, no longer.
+#[derive(Debug, Default)]
+pub struct EnrollSlots {
+    held: Mutex<(HashMap<IpAddr, usize>, usize)>,
+    /// Woken when a slot is freed.
+    freed: tokio::sync::Notify,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// A held slot; dropping it frees it.
+#[derive(Debug)]
+pub struct EnrollSlot {
+    slots: Arc<EnrollSlots>,
+    ip: IpAddr,
+}
+
+impl EnrollSlots {
+    /// Takes a slot for a connection from `ip`, or says why there is none.
+    pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Result<EnrollSlot, ControlDrop> {
+        let ip = ip.to_canonical();
+        let mut g = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let (per, total) = &mut *g;
+        if per.get(&ip).copied().unwrap_or(0) >= MAX_ENROLLING_PER_SOURCE {
+            return Err(ControlDrop::SourceBusy);
+        }
+        if *total >= MAX_ENROLLING {
+            return Err(ControlDrop::ListenerBusy);
+        }
+        *per.entry(ip).or_default() += 1;
+        *total += 1;
+        Ok(EnrollSlot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+
+    /// Takes a slot for a connection from `ip`, waiting up to `wait` for one to be freed
+    /// (while fewer than [`MAX_WAITING`] connections wait); says why there is none.
+    pub async fn take(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        wait: Duration,
+    ) -> Result<EnrollSlot, ControlDrop> {
+        use std::sync::atomic::Ordering;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut waiting = None;
+        loop {
+            // Registered before trying, so a slot freed in between is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let reason = match self.try_take(ip) {
+                Ok(slot) => return Ok(slot),
+                Err(r) => r,
+            };
+            if waiting.is_none() {
+                if self.waiting.fetch_add(1, Ordering::Relaxed) >= MAX_WAITING {
+                    self.waiting.fetch_sub(1, Ordering::Relaxed);
+                    return Err(reason);
+                }
+                waiting = Some(Waiting(self));
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(reason);
+            }
+        }
+    }
+
+    /// Slots held now (in total).
+    pub fn held(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+}
+
+impl Drop for EnrollSlot {
+    fn drop(&mut self) {
+        {
+            let mut g = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
+            let (per, total) = &mut *g;
+            if let Some(n) = per.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per.remove(&self.ip);
+                }
+            }
+            *total = total.saturating_sub(1);
+        }
+        self.slots.freed.notify_waiters();
+    }
+}
+
+/// Counts a connection waiting for a slot while it lives.
+struct Waiting<'a>(&'a EnrollSlots);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Serves control connections until the endpoint closes.
 pub async fn serve(mesh: Arc<Mesh>, endpoint: quinn::Endpoint) {
-    let enroll_slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_ENROLLMENTS));
+    let slots = Arc::new(EnrollSlots::default());
     while let Some(incoming) = endpoint.accept().await {
         let mesh = mesh.clone();
-        let slots = enroll_slots.clone();
+        let slots = slots.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => {
-                    if let Err(e) = handle(mesh, conn, slots).await {
-                        tracing::info!(%remote, error = %e, "control connection ended");
-                    }
+            let conn = match tokio::time::timeout(HANDSHAKE_DEADLINE, incoming).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    mesh.drops.control.count(ControlDrop::HandshakeFailed);
+                    tracing::info!(%remote, error = %e, "control handshake failed");
+                    return;
                 }
-                Err(e) => tracing::info!(%remote, error = %e, "control handshake failed"),
+                Err(_) => {
+                    // Dropping the handshake in progress abandons the connection.
+                    mesh.drops.control.count(ControlDrop::HandshakeTimeout);
+                    tracing::info!(%remote, "control handshake timed out");
+                    return;
+                }
+            };
+            if let Err(e) = handle(&mesh, conn, &slots).await {
+                tracing::info!(%remote, error = %e, "control connection ended");
             }
         });
     }
 }
 
 async fn handle(
-    mesh: Arc<Mesh>,
+    mesh: &Arc<Mesh>,
     conn: quinn::Connection,
-    slots: Arc<tokio::sync::Semaphore>,
+    slots: &Arc<EnrollSlots>,
 ) -> anyhow::Result<()> {
     let id = tls::peer_leaf(&conn)
         .map(|d| PeerIdentity::from_der(&d, &mesh.ca.trust_domain))
         .transpose()?;
-    let (mut send, mut recv) =
-        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await??;
-    let first = tokio::time::timeout(
-        Duration::from_secs(10),
-        read_frame::<ControlUp, _>(&mut recv),
-    )
-    .await??
-    .ok_or_else(|| anyhow::anyhow!("closed before the first message"))?;
-    match (id, first) {
-        (None, ControlUp::Enroll(req)) => {
-            let _permit = slots.acquire().await?;
-            let reply = mesh.enroll(&req);
-            write_frame(&mut send, &reply).await?;
-            send.finish()?;
-            // The node closes the connection once it has the answer; dropping it here
-            // first could discard an answer still in flight on a busy coordinator.
-            let _ = tokio::time::timeout(Duration::from_secs(30), conn.closed()).await;
-            Ok(())
-        }
-        (Some(id), ControlUp::Hello(hello)) => {
-            if hello.node != id.node {
-                anyhow::bail!(
-                    "hello names {} but the certificate is {}",
-                    hello.node,
-                    id.node
-                );
+    match id {
+        None => enrollment(mesh, conn, slots).await,
+        Some(id) => {
+            let first = async {
+                let (send, mut recv) = conn.accept_bi().await?;
+                let first = read_frame::<ControlUp, _>(&mut recv).await?;
+                anyhow::Ok((send, recv, first))
+            };
+            let (send, recv, first) =
+                tokio::time::timeout(HELLO_DEADLINE, first)
+                    .await
+                    .map_err(|_| {
+                        mesh.drops.control.count(ControlDrop::RequestTimeout);
+                        anyhow::anyhow!("no hello in time")
+                    })??;
+            match first {
+                Some(ControlUp::Hello(hello)) => {
+                    if hello.node != id.node {
+                        anyhow::bail!(
+                            "hello names {} but the certificate is {}",
+                            hello.node,
+                            id.node
+                        );
+                    }
+                    session(mesh.clone(), conn, id, hello, send, recv).await
+                }
+                Some(_) => {
+                    conn.close(quinn::VarInt::from_u32(1), b"expected hello");
+                    anyhow::bail!("session did not start with hello")
+                }
+                None => anyhow::bail!("closed before the first message"),
             }
-            session(mesh, conn, id, hello, send, recv).await
         }
-        (None, _) => {
+    }
+}
+
+/// A certificate-less connection: one enrollment request, one answer, within deadlines
+/// and holding a bounded slot, then closed.
+async fn enrollment(
+    mesh: &Arc<Mesh>,
+    conn: quinn::Connection,
+    slots: &Arc<EnrollSlots>,
+) -> anyhow::Result<()> {
+    let slot = match slots.take(conn.remote_address().ip(), SLOT_WAIT).await {
+        Ok(s) => s,
+        Err(reason) => {
+            mesh.drops.control.count(reason);
+            conn.close(quinn::VarInt::from_u32(2), b"busy: retry later");
+            anyhow::bail!("enrollment refused: {}", reason.as_str());
+        }
+    };
+    let request = async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let first = read_frame::<ControlUp, _>(&mut recv).await?;
+        anyhow::Ok((send, first))
+    };
+    let (mut send, first) = match tokio::time::timeout(ENROLL_REQUEST_DEADLINE, request).await {
+        Ok(r) => r?,
+        Err(_) => {
+            mesh.drops.control.count(ControlDrop::RequestTimeout);
+            conn.close(quinn::VarInt::from_u32(1), b"too slow");
+            anyhow::bail!("no enrollment request in time");
+        }
+    };
+    let req = match first {
+        Some(ControlUp::Enroll(req)) => req,
+        Some(_) => {
+            mesh.drops.control.count(ControlDrop::NotEnroll);
             conn.close(quinn::VarInt::from_u32(1), b"enroll first");
             anyhow::bail!("unauthenticated connection did not enroll")
         }
-        (Some(_), _) => {
-            conn.close(quinn::VarInt::from_u32(1), b"expected hello");
-            anyhow::bail!("session did not start with hello")
-        }
-    }
+        None => anyhow::bail!("closed before the first message"),
+    };
+    let reply = mesh.enroll(&req);
+    // The answer fits the stream's initial window: writing it does not wait on the peer,
+    // but a deadline keeps a peer that never grants credit from holding the slot.
+    tokio::time::timeout(ENROLL_REQUEST_DEADLINE, async {
+        write_frame(&mut send, &reply).await?;
+        send.finish()?;
+        anyhow::Ok(())
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("enrollment answer not written in time"))??;
+    drop(slot);
+    // The node closes the connection once it has read the answer; closing first could
+    // discard an answer still in flight or not yet read, so give it until the linger ends
+    // (without a slot) to acknowledge the answer and close.
+    let _ = tokio::time::timeout(ENROLL_LINGER, async {
+        let _ = send.stopped().await;
+        conn.closed().await
+    })
+    .await;
+    conn.close(quinn::VarInt::from_u32(0), b"answered");
+    Ok(())
 }
 
 async fn session(
@@ -159,11 +349,23 @@ async fn session(
             candidates.push(c);
         }
     }
+    let record = record.as_ref();
+    let relay = hello.relay && record.is_some_and(|r| r.relay);
+    if hello.relay && !relay {
+        tracing::warn!(node = %name, "node asks to relay but its join token did not grant the relay role; not advertised as a relay");
+        write_frame(
+            &mut send,
+            &ControlDown::RelayRefused {
+                detail: "relay = true needs a join token created with --relay; this node is not advertised as a relay".into(),
+            },
+        )
+        .await?;
+    }
     let moved = mesh.set_candidates(
         &name,
         crate::mesh::Reach {
             candidates,
-            relay: hello.relay,
+            relay,
             observed: Some(SocketAddr::new(
                 conn.remote_address().ip().to_canonical(),
                 conn.remote_address().port(),
@@ -275,10 +477,10 @@ async fn run_session(
                     ControlUp::Health(checks) => {
                         mesh.report_health(&name, &checks)?;
                     }
-                    ControlUp::Punch { peer } => {
-                        let told = mesh.punch(&id.node, peer.as_str());
-                        tracing::debug!(node = %name, %peer, told, "punch request");
-                    }
+                    ControlUp::Punch { peer } => match mesh.punch(&id.node, peer.as_str()) {
+                        Ok(()) => tracing::debug!(node = %name, %peer, "punch request passed on"),
+                        Err(r) => tracing::debug!(node = %name, %peer, reason = r.as_str(), "punch request dropped"),
+                    },
                     ControlUp::Renew { csr_der } => {
                         let reply = match mesh.renew(&id.node, &csr_der) {
                             Ok(cert_der) => ControlDown::Renewed { cert_der },
@@ -297,5 +499,112 @@ struct Abort(tokio::task::JoinHandle<()>);
 impl Drop for Abort {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enrollment_slots_are_bounded_per_source_and_in_total_and_freed_on_drop() {
+        let slots = Arc::new(EnrollSlots::default());
+        let a: IpAddr = [198, 18, 0, 1].into();
+        let held: Vec<_> = (0..MAX_ENROLLING_PER_SOURCE)
+            .map(|_| slots.try_take(a).unwrap())
+            .collect();
+        assert_eq!(slots.try_take(a).unwrap_err(), ControlDrop::SourceBusy);
+        // The same address as IPv4-mapped IPv6 is the same source.
+        let mapped: IpAddr = "::ffff:198.18.0.1".parse().unwrap();
+        assert_eq!(slots.try_take(mapped).unwrap_err(), ControlDrop::SourceBusy);
+        // Another source still gets one, until the listener is full.
+        let mut others = Vec::new();
+        for i in 0..(MAX_ENROLLING - MAX_ENROLLING_PER_SOURCE) {
+            let ip: IpAddr = [198, 18, 1 + (i / 200) as u8, (i % 200) as u8].into();
+            others.push(slots.try_take(ip).unwrap());
+        }
+        assert_eq!(slots.held(), MAX_ENROLLING);
+        let b: IpAddr = [198, 18, 9, 9].into();
+        assert_eq!(slots.try_take(b).unwrap_err(), ControlDrop::ListenerBusy);
+        drop(held);
+        assert_eq!(slots.held(), MAX_ENROLLING - MAX_ENROLLING_PER_SOURCE);
+        assert!(slots.try_take(a).is_ok());
+        drop(others);
+        assert_eq!(slots.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_waits_briefly_for_its_sources_slot_then_is_refused() {
+        let slots = Arc::new(EnrollSlots::default());
+        let a: IpAddr = [198, 18, 0, 1].into();
+        let mut held: Vec<_> = (0..MAX_ENROLLING_PER_SOURCE)
+            .map(|_| slots.try_take(a).unwrap())
+            .collect();
+        // Nothing is freed: refused when the wait ends.
+        let wait = Duration::from_millis(200);
+        let t = tokio::time::Instant::now();
+        assert_eq!(
+            slots.take(a, wait).await.unwrap_err(),
+            ControlDrop::SourceBusy
+        );
+        assert!(t.elapsed() >= wait);
+        // A slot freed during the wait goes to the waiter.
+        let waiter = {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.take(a, SLOT_WAIT).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held.pop();
+        assert_eq!(waiter.await.unwrap(), Ok(()));
+        assert_eq!(slots.waiting.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_honest_enrollments_from_one_address_all_succeed() {
+        // Its denied twin is the slot bound above: one address never holds more than its
+        // share, but honest nodes behind one NAT wait their turn instead of failing.
+        let dir = tempfile::tempdir().unwrap();
+        crate::mesh::init(
+            dir.path(),
+            quicmesh_protocol::ident::TrustDomain::new("t.test").unwrap(),
+        )
+        .unwrap();
+        let mesh = Mesh::open(dir.path(), 3600).unwrap();
+        let ep = bind(&mesh, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = ep.local_addr().unwrap();
+        tokio::spawn(serve(mesh.clone(), ep.clone()));
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let n = 16 * MAX_ENROLLING_PER_SOURCE;
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let name = format!("n-{i}");
+            let (token, _) = mesh
+                .create_token(&name, &[], &Default::default(), false, 600)
+                .unwrap();
+            let cfg = quicmesh_node::config::NodeConfig::parse(
+                &format!(
+                    "name = \"{name}\"\ncoordinator = \"{addr}\"\ndata_dir = \"{}\"\nmetrics = \"off\"\n",
+                    dir.path().join(&name).display()
+                ),
+                &name,
+                dir.path(),
+            )
+            .unwrap();
+            let client = client.clone();
+            tasks.spawn(async move {
+                let key = rcgen::KeyPair::generate().unwrap();
+                quicmesh_node::control::enroll(&client, &cfg, &key, &token).await
+            });
+        }
+        let mut ok = 0;
+        while let Some(r) = tasks.join_next().await {
+            match r.unwrap() {
+                Ok(_) => ok += 1,
+                Err(e) => panic!("an honest enrollment failed: {e}"),
+            }
+        }
+        assert_eq!(ok, n);
+        assert_eq!(mesh.drops.control.get(ControlDrop::SourceBusy), 0);
+        ep.close(0u32.into(), b"done");
     }
 }

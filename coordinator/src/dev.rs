@@ -192,7 +192,7 @@ pub async fn run(http: SocketAddr) -> anyhow::Result<()> {
             false,
         ),
     ] {
-        let (token, _) = mesh.create_token(name, &[svc.to_string()], &labels, 600)?;
+        let (token, _) = mesh.create_token(name, &[svc.to_string()], &labels, false, 600)?;
         let cfg = node_config(
             &dir,
             name,

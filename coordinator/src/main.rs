@@ -121,9 +121,13 @@ enum TokenCmd {
         /// A service the node may host (repeat).
         #[arg(long = "service")]
         services: Vec<String>,
-        /// A label the node may claim, key=value (repeat).
+        /// A label the node carries, key=value (repeat). The node gets every one of them;
+        /// it may not claim others.
         #[arg(long = "label")]
         labels: Vec<String>,
+        /// Grants the relay role: `relay = true` in the node's config works only with it.
+        #[arg(long)]
+        relay: bool,
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
@@ -435,6 +439,7 @@ async fn admin(client: &ApiClient, cmd: Cmd, raw: bool) -> Result<(), AdminError
             node,
             services,
             labels,
+            relay,
             ttl,
         }) => {
             let ttl = duration_secs(&ttl, "ttl").map_err(AdminError::Usage)?;
@@ -448,7 +453,7 @@ async fn admin(client: &ApiClient, cmd: Cmd, raw: bool) -> Result<(), AdminError
             let v = client
                 .post(
                     "/tokens",
-                    json!({"node": node, "services": services, "labels": lm, "ttl_secs": ttl}),
+                    json!({"node": node, "services": services, "labels": lm, "relay": relay, "ttl_secs": ttl}),
                 )
                 .await?;
             if raw {

@@ -28,7 +28,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::ca::{Ca, CaError};
+use crate::drops::{Drops, PunchDrop};
 use crate::health::{CheckView, HealthBook, DEFAULT_OFFLINE_AFTER};
+use crate::punch::PunchLimiter;
 use crate::store::{NodeRecord, SqliteStore, Store, StoreError, TokenProblem, TokenRecord};
 
 /// Default leaf certificate lifetime.
@@ -157,6 +159,10 @@ pub struct Mesh {
     /// Where each node was last seen reachable (its session's candidates), and whether
     /// it relays.
     candidates: Mutex<HashMap<String, Reach>>,
+    /// Which punch requests are passed on.
+    punches: Mutex<PunchLimiter>,
+    /// What the control listener refused or dropped, by reason.
+    pub drops: Drops,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -401,6 +407,8 @@ impl Mesh {
             next_session: 1.into(),
             health: Mutex::new(HealthBook::new(DEFAULT_OFFLINE_AFTER)),
             candidates: Mutex::new(HashMap::new()),
+            punches: Mutex::new(PunchLimiter::default()),
+            drops: Drops::default(),
         }))
     }
 
@@ -519,12 +527,14 @@ impl Mesh {
         Ok(v)
     }
 
-    /// Creates a join token for `node`, allowed to claim `services` and `labels`.
+    /// Creates a join token for `node`, allowed to claim `services`, carrying exactly
+    /// `labels`, and granting the relay role when `relay`.
     pub fn create_token(
         &self,
         node: &str,
         services: &[String],
         labels: &BTreeMap<String, String>,
+        relay: bool,
         ttl_secs: i64,
     ) -> Result<(String, i64), MeshError> {
         let node = NodeName::new(node).map_err(|e| MeshError::Invalid {
@@ -561,6 +571,8 @@ impl Mesh {
             expires_at: t + ttl_secs,
             used_at: None,
             used_key: None,
+            relay,
+            voided_at: None,
         })?;
         Ok((token.to_string(), t + ttl_secs))
     }
@@ -590,6 +602,17 @@ impl Mesh {
             .ok_or((EnrollErrorCode::TokenUnknown, String::new()))?;
         let key_id =
             Ca::csr_key_id(&req.csr_der).map_err(|e| (EnrollErrorCode::BadCsr, e.to_string()))?;
+        if tok.voided_at.is_some() {
+            // A revocation of the name since: no earlier grant survives it, the retry
+            // window below included.
+            return Err((
+                EnrollErrorCode::NodeRevoked,
+                format!(
+                    "token voided: node {} was revoked after it was issued; create a new token",
+                    tok.node
+                ),
+            ));
+        }
         if let Some(used_at) = tok.used_at {
             // The same node proving the same key again soon after: its answer was lost on
             // the way (a busy or lossy path). It gets a certificate again; anyone else, or
@@ -640,6 +663,16 @@ impl Mesh {
                 format!("label {k}={v} (create the token with --label {k}={v})"),
             ));
         }
+        // The node carries exactly its token's labels: one it did not claim is assigned all
+        // the same, or leaving a label out of the config would escape a `tag:` deny rule.
+        let omitted: Vec<String> = allowed
+            .iter()
+            .filter(|(k, _)| req.labels.get(k.as_str()).is_none())
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !omitted.is_empty() {
+            tracing::info!(node = %req.node, labels = %omitted.join(","), "node did not claim every label of its token; it carries them all the same");
+        }
         let ips = self
             .overlay_addresses(req.node.as_str())
             .map_err(|e| internal(&e))?;
@@ -657,11 +690,7 @@ impl Mesh {
         let record = NodeRecord {
             name: req.node.to_string(),
             services: req.services.iter().map(ToString::to_string).collect(),
-            labels: req
-                .labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
+            labels: tok.labels.clone(),
             endpoint: None,
             serial: Some(leaf.serial.to_string()),
             cert_not_after: Some(leaf.not_after),
@@ -671,6 +700,7 @@ impl Mesh {
             agent_version: None,
             revoked_at: None,
             overlay_index: None,
+            relay: tok.relay,
         };
         match self
             .store
@@ -684,6 +714,12 @@ impl Mesh {
             }
             Err(TokenProblem::Unknown) => {
                 return Err((EnrollErrorCode::TokenUnknown, String::new()))
+            }
+            Err(TokenProblem::Voided) => {
+                return Err((
+                    EnrollErrorCode::NodeRevoked,
+                    "token voided by a revocation of the node".into(),
+                ))
             }
         }
         self.changed().map_err(|e| internal(&e))?;
@@ -964,7 +1000,9 @@ impl Mesh {
                     .get(&n.name)
                     .map(|r| r.candidates.clone())
                     .unwrap_or_default(),
-                relay: candidates.get(&n.name).is_some_and(|r| r.relay),
+                // Only a node its token made a relay is advertised as one, whatever its
+                // config says.
+                relay: n.relay && candidates.get(&n.name).is_some_and(|r| r.relay),
                 online: !health.is_offline(&n.name),
                 critical: health
                     .critical(&n.name)
@@ -1047,28 +1085,47 @@ impl Mesh {
         true
     }
 
-    /// `from` is dialling `to`: tells `to` (if in session) to dial `from` back now.
-    pub fn punch(&self, from: &NodeName, to: &str) -> bool {
+    /// `from` is dialling `to`: tells `to` (if in session) to dial `from` back now,
+    /// unless the request is a duplicate or over a rate ([`PunchLimiter`]); a request not
+    /// passed on is counted with its reason.
+    pub fn punch(&self, from: &NodeName, to: &str) -> Result<(), PunchDrop> {
+        let r = self.try_punch(from, to, std::time::Instant::now());
+        if let Err(reason) = r {
+            self.drops.punch.count(reason);
+        }
+        r
+    }
+
+    fn try_punch(
+        &self,
+        from: &NodeName,
+        to: &str,
+        now: std::time::Instant,
+    ) -> Result<(), PunchDrop> {
+        let kick = self
+            .sessions
+            .lock()
+            .ok()
+            .and_then(|m| m.get(to).map(|s| s.kick.clone()))
+            .ok_or(PunchDrop::TargetOffline)?;
         let candidates = self
             .candidates
             .lock()
             .ok()
             .and_then(|m| m.get(from.as_str()).map(|r| r.candidates.clone()))
             .unwrap_or_default();
-        let kick = self
-            .sessions
-            .lock()
-            .ok()
-            .and_then(|m| m.get(to).map(|s| s.kick.clone()));
-        match kick {
-            Some(k) if !candidates.is_empty() => k
-                .try_send(ControlDown::Punch {
-                    peer: from.clone(),
-                    candidates,
-                })
-                .is_ok(),
-            _ => false,
+        if candidates.is_empty() {
+            return Err(PunchDrop::NoCandidates);
         }
+        self.punches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(now, from.as_str(), to)?;
+        kick.try_send(ControlDown::Punch {
+            peer: from.clone(),
+            candidates,
+        })
+        .map_err(|_| PunchDrop::QueueFull)
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, HealthBook> {
@@ -1281,7 +1338,7 @@ mod tests {
         init(dir.path(), TrustDomain::new("t.test").unwrap()).unwrap();
         let mesh = Mesh::open(dir.path(), 3600).unwrap();
         let (token, _) = mesh
-            .create_token("web-1", &["web".to_string()], &BTreeMap::new(), 600)
+            .create_token("web-1", &["web".to_string()], &BTreeMap::new(), false, 600)
             .unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let serial = |m: ControlDown| match m {
@@ -1305,5 +1362,237 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    fn mesh() -> (tempfile::TempDir, Arc<Mesh>) {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), TrustDomain::new("t.test").unwrap()).unwrap();
+        let mesh = Mesh::open(dir.path(), 3600).unwrap();
+        (dir, mesh)
+    }
+
+    fn enrolled(m: ControlDown) -> bool {
+        matches!(m, ControlDown::Enrolled(_))
+    }
+
+    #[test]
+    fn a_revocation_voids_the_retry_window_of_earlier_grants() {
+        let (_dir, mesh) = mesh();
+        let svc = ["web".to_string()];
+        let (stolen, _) = mesh
+            .create_token("web-1", &svc, &BTreeMap::new(), false, 600)
+            .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        assert!(enrolled(mesh.enroll(&request(&mesh, &stolen, &key))));
+        // The admin revokes web-1 and enrolls it again with a new token and key.
+        mesh.revoke("web-1").unwrap();
+        let (fresh, _) = mesh
+            .create_token("web-1", &svc, &BTreeMap::new(), false, 600)
+            .unwrap();
+        let new_key = rcgen::KeyPair::generate().unwrap();
+        assert!(enrolled(mesh.enroll(&request(&mesh, &fresh, &new_key))));
+        // The old token's holder retries within the window with the same key: refused.
+        match mesh.enroll(&request(&mesh, &stolen, &key)) {
+            ControlDown::EnrollRefused {
+                code: EnrollErrorCode::NodeRevoked,
+                detail,
+            } => assert!(detail.contains("voided"), "{detail}"),
+            ControlDown::Enrolled(_) => {
+                panic!("the revoked grant was honoured: a certificate was issued")
+            }
+            other => panic!("refused for another reason: {other:?}"),
+        }
+        // Its allowed twin: the new grant's own retry still works.
+        assert!(enrolled(mesh.enroll(&request(&mesh, &fresh, &new_key))));
+        // A token made before a revocation and never used is void too.
+        let (unused, _) = mesh
+            .create_token("web-1", &svc, &BTreeMap::new(), false, 600)
+            .unwrap();
+        mesh.revoke("web-1").unwrap();
+        let k3 = rcgen::KeyPair::generate().unwrap();
+        assert!(matches!(
+            mesh.enroll(&request(&mesh, &unused, &k3)),
+            ControlDown::EnrollRefused {
+                code: EnrollErrorCode::NodeRevoked,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_node_carries_exactly_its_tokens_labels_and_omitting_one_escapes_no_deny() {
+        let (_dir, mesh) = mesh();
+        mesh.apply_policy(
+            "[[rule]]\nfrom = \"*\"\nto = \"db\"\naction = \"allow\"\n\n[[rule]]\nfrom = \"tag:env=dev\"\nto = \"db\"\naction = \"deny\"\n",
+        )
+        .unwrap();
+        let labels = BTreeMap::from([
+            ("env".to_string(), "dev".to_string()),
+            ("team".to_string(), "a".to_string()),
+        ]);
+        let (token, _) = mesh
+            .create_token("web-1", &["web".to_string()], &labels, false, 600)
+            .unwrap();
+        // The attack: the node claims no label at all (its config leaves them out).
+        let key = rcgen::KeyPair::generate().unwrap();
+        assert!(enrolled(mesh.enroll(&request(&mesh, &token, &key))));
+        let (snap, _) = mesh.whole_for(&NodeName::new("web-1").unwrap()).unwrap();
+        assert_eq!(
+            snap.labels,
+            labels_from(&labels).unwrap(),
+            "the node's own snapshot carries the token's labels"
+        );
+        // What a db node sees of web-1, and what its ingress decides.
+        let db = NodeName::new("db-1").unwrap();
+        let (db_snap, _) = mesh.whole_for(&db).unwrap();
+        let web = db_snap
+            .peers
+            .iter()
+            .find(|p| p.node.as_str() == "web-1")
+            .unwrap();
+        assert_eq!(web.labels.get("env"), Some("dev"));
+        let decide = |src_labels: &Labels| {
+            db_snap.policy.evaluate(
+                Source {
+                    service: &ServiceName::new("web").unwrap(),
+                    labels: src_labels,
+                },
+                Destination {
+                    service: &ServiceName::new("db").unwrap(),
+                    labels: &Labels::default(),
+                },
+            )
+        };
+        assert!(
+            !decide(&web.labels).is_allow(),
+            "the tag: deny rule applies"
+        );
+        // Its allowed twin: a node whose token carries no env label is allowed.
+        assert!(decide(&Labels::default()).is_allow());
+        // A label the token does not carry is still refused.
+        let (t2, _) = mesh
+            .create_token("web-1", &["web".to_string()], &labels, false, 600)
+            .unwrap();
+        let mut req = request(&mesh, &t2, &rcgen::KeyPair::generate().unwrap());
+        req.labels =
+            labels_from(&BTreeMap::from([("env".to_string(), "prod".to_string())])).unwrap();
+        match mesh.enroll(&req) {
+            ControlDown::EnrollRefused {
+                code: EnrollErrorCode::LabelNotAllowed,
+                detail,
+            } => assert!(detail.contains("env=prod"), "{detail}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_a_node_whose_token_grants_it_is_advertised_as_relay() {
+        let (_dir, mesh) = mesh();
+        for (name, grant) in [("r-granted", true), ("r-claims", false)] {
+            let (token, _) = mesh
+                .create_token(name, &[], &BTreeMap::new(), grant, 600)
+                .unwrap();
+            let t: JoinToken = token.parse().unwrap();
+            let key = rcgen::KeyPair::generate().unwrap();
+            let req = EnrollRequest {
+                secret: t.secret_hex(),
+                node: NodeName::new(name).unwrap(),
+                csr_der: quicmesh_node::control::csr(name, &key).unwrap(),
+                services: vec![],
+                labels: Labels::default(),
+            };
+            assert!(enrolled(mesh.enroll(&req)));
+            assert_eq!(mesh.store.node(name).unwrap().unwrap().relay, grant);
+            // Both nodes' hellos ask to relay.
+            mesh.set_candidates(
+                name,
+                Reach {
+                    candidates: vec!["198.18.0.9:7800".parse().unwrap()],
+                    relay: true,
+                    observed: None,
+                },
+            );
+        }
+        mesh.changed().unwrap();
+        let (snap, _) = mesh.whole_for(&NodeName::new("x").unwrap()).unwrap();
+        let relay = |n: &str| {
+            snap.peers
+                .iter()
+                .find(|p| p.node.as_str() == n)
+                .unwrap()
+                .relay
+        };
+        assert!(relay("r-granted"));
+        assert!(
+            !relay("r-claims"),
+            "relay = true without the grant is not advertised"
+        );
+    }
+
+    #[test]
+    fn a_punch_request_not_passed_on_is_counted_with_its_reason() {
+        let (_dir, mesh) = mesh();
+        let from = NodeName::new("web-1").unwrap();
+        assert_eq!(mesh.punch(&from, "db-1"), Err(PunchDrop::TargetOffline));
+        assert_eq!(mesh.drops.punch.get(PunchDrop::TargetOffline), 1);
+        assert_eq!(mesh.drops.punch.get(PunchDrop::Duplicate), 0);
+    }
+
+    #[tokio::test]
+    async fn a_punch_flood_from_one_node_is_passed_on_once_per_window_and_counted() {
+        use quicmesh_node::tls::{self, MeshServerVerifier, ServerExpect};
+        let (_dir, mesh) = mesh();
+        // A live session for the target, over a real loopback connection.
+        let ep = crate::control::bind(&mesh, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let verifier = MeshServerVerifier::new(
+            None,
+            ServerExpect::PinnedCoordinator(mesh.ca.fingerprint()),
+            Arc::new(|_| {}),
+        );
+        let cfg =
+            tls::client_config(None, verifier, quicmesh_protocol::wire::ALPN_CONTROL).unwrap();
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connecting = client
+            .connect_with(cfg, ep.local_addr().unwrap(), "coordinator")
+            .unwrap();
+        let (_c, server) = tokio::join!(connecting, async {
+            ep.accept().await.unwrap().await.unwrap()
+        });
+        let (kick, mut pushed) = tokio::sync::mpsc::channel(4);
+        mesh.register_session("db-1", server, kick);
+        // The flooder points its candidates at a victim and asks again and again.
+        mesh.set_candidates(
+            "evil",
+            Reach {
+                candidates: vec!["198.18.7.7:443".parse().unwrap()],
+                relay: false,
+                observed: None,
+            },
+        );
+        let evil = NodeName::new("evil").unwrap();
+        let mut pushes = 0;
+        for _ in 0..1000 {
+            let _ = mesh.punch(&evil, "db-1");
+            // The session writes what is queued as fast as it comes.
+            while pushed.try_recv().is_ok() {
+                pushes += 1;
+            }
+        }
+        assert_eq!(
+            pushes, 1,
+            "a flood at one target is passed on once per window"
+        );
+        assert_eq!(mesh.drops.punch.get(PunchDrop::Duplicate), 999);
+        // Its allowed twin: another node's request for the same target is passed on.
+        mesh.set_candidates(
+            "web-1",
+            Reach {
+                candidates: vec!["198.18.0.5:7800".parse().unwrap()],
+                relay: false,
+                observed: None,
+            },
+        );
+        assert_eq!(mesh.punch(&NodeName::new("web-1").unwrap(), "db-1"), Ok(()));
+        ep.close(0u32.into(), b"done");
     }
 }

@@ -29,6 +29,11 @@ pub struct TokenRecord {
     pub used_at: Option<i64>,
     /// SHA-256 (hex) of the public key the token enrolled, once used.
     pub used_key: Option<String>,
+    /// The token grants the relay role (`token create --relay`).
+    pub relay: bool,
+    /// When a revocation of the token's node voided it: no enrollment, first or retried,
+    /// is granted with it after that.
+    pub voided_at: Option<i64>,
 }
 
 /// A node in the catalog.
@@ -47,6 +52,8 @@ pub struct NodeRecord {
     pub revoked_at: Option<i64>,
     /// Overlay address allocation (addresses = pools + index); never reused.
     pub overlay_index: Option<u64>,
+    /// The join token granted the relay role: only then is the node advertised as a relay.
+    pub relay: bool,
 }
 
 /// A stored policy version.
@@ -63,6 +70,8 @@ pub enum TokenProblem {
     Unknown,
     Used,
     Expired,
+    /// A revocation of the node voided it.
+    Voided,
 }
 
 /// The coordinator's storage interface. A PostgreSQL backend implements the same.
@@ -103,7 +112,9 @@ pub trait Store: Send + Sync {
     fn overlay_index(&self, name: &str) -> Result<u64, StoreError>;
     /// Records the snapshot versions nodes acked, all in one transaction.
     fn nodes_acked(&self, acks: &[(String, u64)]) -> Result<(), StoreError>;
-    /// Revokes a node and every certificate issued to it; returns the serials.
+    /// Revokes a node and every certificate issued to it, and voids every join token
+    /// issued for its name so far (used or not): no earlier grant survives a revocation.
+    /// Returns the serials.
     fn revoke_node(&self, name: &str, now: i64) -> Result<Option<Vec<String>>, StoreError>;
     /// Serials revoked and not yet expired at `now`.
     fn revoked_serials(&self, now: i64) -> Result<Vec<String>, StoreError>;
@@ -150,6 +161,13 @@ CREATE TABLE overlay (idx INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL 
     r#"
 ALTER TABLE tokens ADD COLUMN used_key TEXT;
 "#,
+    // The relay role comes from the token (older rows: not granted); a revocation voids
+    // the tokens of the node's name.
+    r#"
+ALTER TABLE tokens ADD COLUMN relay INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tokens ADD COLUMN voided_at INTEGER;
+ALTER TABLE nodes ADD COLUMN relay INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 fn json_vec(s: String) -> Result<Vec<String>, StoreError> {
@@ -170,7 +188,7 @@ fn to_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
-const NODE_COLS: &str = "name, services, labels, endpoint, serial, cert_not_after, enrolled_at, last_seen, acked_version, agent_version, revoked_at, (SELECT idx FROM overlay WHERE overlay.name = nodes.name)";
+const NODE_COLS: &str = "name, services, labels, endpoint, serial, cert_not_after, enrolled_at, last_seen, acked_version, agent_version, revoked_at, (SELECT idx FROM overlay WHERE overlay.name = nodes.name), relay";
 
 type RawNode = (
     String,
@@ -185,6 +203,7 @@ type RawNode = (
     Option<String>,
     Option<i64>,
     Option<i64>,
+    bool,
 );
 
 fn raw_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
@@ -201,6 +220,7 @@ fn raw_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
         r.get(9)?,
         r.get(10)?,
         r.get(11)?,
+        r.get(12)?,
     ))
 }
 
@@ -226,6 +246,7 @@ fn node_from(raw: RawNode) -> Result<NodeRecord, StoreError> {
         agent_version: raw.9,
         revoked_at: raw.10,
         overlay_index: raw.11.map(|i| i.max(0) as u64),
+        relay: raw.12,
     })
 }
 
@@ -292,8 +313,8 @@ impl Store for SqliteStore {
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO tokens (hash, node, services, labels, created_at, expires_at, used_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
-                params![t.hash, t.node, to_json(&t.services), to_json(&t.labels), t.created_at, t.expires_at],
+                "INSERT INTO tokens (hash, node, services, labels, created_at, expires_at, used_at, relay) VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7)",
+                params![t.hash, t.node, to_json(&t.services), to_json(&t.labels), t.created_at, t.expires_at, t.relay],
             )?;
             Ok(())
         })
@@ -302,14 +323,25 @@ impl Store for SqliteStore {
     fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         let raw = self.with(|c| {
             Ok(c.query_row(
-                "SELECT hash, node, services, labels, created_at, expires_at, used_at, used_key FROM tokens WHERE hash = ?1",
+                "SELECT hash, node, services, labels, created_at, expires_at, used_at, used_key, relay, voided_at FROM tokens WHERE hash = ?1",
                 [hash],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)),
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?)),
             )
             .optional()?)
         })?;
         raw.map(
-            |(hash, node, services, labels, created_at, expires_at, used_at, used_key)| {
+            |(
+                hash,
+                node,
+                services,
+                labels,
+                created_at,
+                expires_at,
+                used_at,
+                used_key,
+                relay,
+                voided_at,
+            )| {
                 Ok(TokenRecord {
                     hash,
                     node,
@@ -319,6 +351,8 @@ impl Store for SqliteStore {
                     expires_at,
                     used_at,
                     used_key,
+                    relay,
+                    voided_at,
                 })
             },
         )
@@ -335,13 +369,14 @@ impl Store for SqliteStore {
     ) -> Result<Result<(), TokenProblem>, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let row: Option<(i64, Option<i64>)> = tx
-                .query_row("SELECT expires_at, used_at FROM tokens WHERE hash = ?1", [hash], |r| Ok((r.get(0)?, r.get(1)?)))
+            let row: Option<(i64, Option<i64>, Option<i64>)> = tx
+                .query_row("SELECT expires_at, used_at, voided_at FROM tokens WHERE hash = ?1", [hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
             match row {
                 None => return Ok(Err(TokenProblem::Unknown)),
-                Some((_, Some(_))) => return Ok(Err(TokenProblem::Used)),
-                Some((exp, None)) if exp <= now => return Ok(Err(TokenProblem::Expired)),
+                Some((_, _, Some(_))) => return Ok(Err(TokenProblem::Voided)),
+                Some((_, Some(_), _)) => return Ok(Err(TokenProblem::Used)),
+                Some((exp, None, _)) if exp <= now => return Ok(Err(TokenProblem::Expired)),
                 Some(_) => {}
             }
             tx.execute(
@@ -349,11 +384,12 @@ impl Store for SqliteStore {
                 params![now, hash, key_id],
             )?;
             tx.execute(
-                "INSERT INTO nodes (name, services, labels, endpoint, serial, cert_not_after, enrolled_at, last_seen, acked_version, agent_version, revoked_at)
-                 VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, NULL, 0, NULL, NULL)
+                "INSERT INTO nodes (name, services, labels, endpoint, serial, cert_not_after, enrolled_at, last_seen, acked_version, agent_version, revoked_at, relay)
+                 VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, NULL, 0, NULL, NULL, ?7)
                  ON CONFLICT(name) DO UPDATE SET services = excluded.services, labels = excluded.labels, serial = excluded.serial,
-                   cert_not_after = excluded.cert_not_after, enrolled_at = excluded.enrolled_at, revoked_at = NULL, acked_version = 0",
-                params![node.name, to_json(&node.services), to_json(&node.labels), node.serial, not_after, now],
+                   cert_not_after = excluded.cert_not_after, enrolled_at = excluded.enrolled_at, revoked_at = NULL, acked_version = 0,
+                   relay = excluded.relay",
+                params![node.name, to_json(&node.services), to_json(&node.labels), node.serial, not_after, now, node.relay],
             )?;
             if let Some(serial) = &node.serial {
                 tx.execute(
@@ -463,9 +499,15 @@ impl Store for SqliteStore {
     fn revoke_node(&self, name: &str, now: i64) -> Result<Option<Vec<String>>, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE tokens SET voided_at = ?1 WHERE node = ?2 AND voided_at IS NULL AND EXISTS (SELECT 1 FROM nodes WHERE name = ?2)",
+                params![now, name],
+            )?;
             let n = tx.execute("UPDATE nodes SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL", params![now, name])?;
             if n == 0 {
                 let exists: Option<String> = tx.query_row("SELECT name FROM nodes WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+                // Revoked before: tokens issued since are voided all the same.
+                tx.commit()?;
                 return Ok(exists.map(|_| Vec::new()));
             }
             let serials: Vec<(String, i64)> = {
@@ -564,6 +606,7 @@ mod tests {
             agent_version: None,
             revoked_at: None,
             overlay_index: None,
+            relay: false,
         }
     }
 
@@ -580,6 +623,8 @@ mod tests {
             expires_at: 100,
             used_at: None,
             used_key: None,
+            relay: false,
+            voided_at: None,
         };
         s.insert_token(&t).unwrap();
         s.insert_token(&TokenRecord {
@@ -619,6 +664,8 @@ mod tests {
                 expires_at: 100,
                 used_at: None,
                 used_key: None,
+                relay: false,
+                voided_at: None,
             })
             .unwrap();
             s.enroll("h", &node("a"), 500, 1, "k").unwrap().unwrap();
@@ -633,5 +680,45 @@ mod tests {
         assert_eq!(s.revoked_serials(3).unwrap(), vec!["01".to_string()]);
         assert!(s.revoked_serials(600).unwrap().is_empty());
         assert!(s.node("a").unwrap().unwrap().revoked_at.is_some());
+    }
+
+    #[test]
+    fn a_database_from_before_relay_grants_migrates_without_granting_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            // The schema as the previous release left it, with a token and a node.
+            let c = Connection::open(&path).unwrap();
+            for m in &MIGRATIONS[..3] {
+                c.execute_batch(m).unwrap();
+            }
+            c.pragma_update(None, "user_version", 3).unwrap();
+            c.execute_batch(
+                "INSERT INTO tokens (hash, node, services, labels, created_at, expires_at, used_at, used_key) VALUES ('h', 'a', '[]', '{}', 0, 100, 5, 'k');
+                 INSERT INTO nodes (name, services, labels, enrolled_at) VALUES ('a', '[]', '{}', 5);",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let t = s.token("h").unwrap().unwrap();
+        assert_eq!(
+            (t.relay, t.voided_at, t.used_key.as_deref()),
+            (false, None, Some("k"))
+        );
+        assert!(!s.node("a").unwrap().unwrap().relay);
+        // A revocation voids the name's tokens, and only that name's.
+        s.insert_token(&TokenRecord {
+            hash: "other".into(),
+            node: "b".into(),
+            ..t.clone()
+        })
+        .unwrap();
+        s.revoke_node("a", 7).unwrap();
+        assert_eq!(s.token("h").unwrap().unwrap().voided_at, Some(7));
+        assert_eq!(s.token("other").unwrap().unwrap().voided_at, None);
+        assert_eq!(
+            s.enroll("h", &node("a"), 500, 8, "k").unwrap(),
+            Err(TokenProblem::Voided)
+        );
     }
 }

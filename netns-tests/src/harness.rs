@@ -359,6 +359,35 @@ impl CoordinatorProc {
             .output()?)
     }
 
+    /// `GET /api/v1/<path>` with the admin token, parsed as JSON (from this host, or
+    /// from inside the coordinator's namespace).
+    pub fn api_get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let port = self.http_port;
+        let token = self.admin_token.clone();
+        let path = path.to_string();
+        let get = move || -> anyhow::Result<String> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(
+                s,
+                "GET /api/v1/{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        };
+        let out = match &self.netns {
+            Some(ns) => crate::topo::in_ns(ns, get)??,
+            None => get()?,
+        };
+        let (head, body) = out.split_once("\r\n\r\n").context("no http body")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("GET {}: {}", head.lines().next().unwrap_or(""), body);
+        }
+        Ok(serde_json::from_str(body)?)
+    }
+
     /// Runs an admin command with `--json` and parses its output.
     pub fn json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
         let mut a = vec!["--json"];
@@ -420,7 +449,22 @@ impl CoordinatorProc {
         labels: &[String],
         ttl: &str,
     ) -> anyhow::Result<String> {
+        self.token_granting(node, services, labels, false, ttl)
+    }
+
+    /// `token create` with `labels`, granting the relay role when `relay`.
+    pub fn token_granting(
+        &self,
+        node: &str,
+        services: &[&str],
+        labels: &[String],
+        relay: bool,
+        ttl: &str,
+    ) -> anyhow::Result<String> {
         let mut a = vec!["token", "create", "--node", node, "--ttl", ttl];
+        if relay {
+            a.push("--relay");
+        }
         for s in services {
             a.extend_from_slice(&["--service", s]);
         }
@@ -478,6 +522,8 @@ pub struct NodeSpec {
     pub dns: bool,
     /// `[dns] forward`: the resolver for names outside the mesh.
     pub dns_forward: Option<SocketAddr>,
+    /// `relay = true`, with the join token granting the role.
+    pub relay: bool,
 }
 
 impl NodeSpec {
@@ -547,6 +593,12 @@ impl NodeSpec {
     pub fn dns_forwarding_to(mut self, resolver: SocketAddr) -> Self {
         self.dns = true;
         self.dns_forward = Some(resolver);
+        self
+    }
+    /// Relays for other nodes: `relay = true`, and a join token granting the role.
+    pub fn relay(mut self) -> Self {
+        self.relay = true;
+        self.extra.push("relay = true".into());
         self
     }
     /// Turns the sender-side policy check off (ingress stays authoritative).
@@ -701,7 +753,8 @@ impl NodeProc {
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        let token = coord.token_with(&spec.name, &spec.all_services(), &labels, "10m")?;
+        let token =
+            coord.token_granting(&spec.name, &spec.all_services(), &labels, spec.relay, "10m")?;
         let mut n = Self::configure(mesh, coord, spec, &token)?;
         n.restart()?;
         Ok(n)

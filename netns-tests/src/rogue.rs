@@ -239,3 +239,111 @@ impl Drop for RoguePeer {
         self.ep.close(0u32.into(), b"done");
     }
 }
+
+/// What a hostile enrollment client does once its handshake (without a client
+/// certificate) is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hostile {
+    /// Nothing: an idle connection.
+    Idle,
+    /// Opens a stream and sends half a frame header, then nothing.
+    SilentStream,
+    /// Sends a whole enrollment request (an unknown token), never reads the answer and
+    /// never closes.
+    EnrollAndHold,
+}
+
+/// What the hostile clients achieved.
+#[derive(Debug, Default)]
+pub struct HostileStats {
+    /// Handshakes completed.
+    pub handshakes: std::sync::atomic::AtomicU64,
+    /// Connections that failed before or during the handshake.
+    pub failed: std::sync::atomic::AtomicU64,
+}
+
+/// Runs `per_source` hostile clients from each of `sources` (cycling through the
+/// [`Hostile`] modes) against the coordinator's control listener at `target`, whose CA
+/// has SHA-256 `ca_fingerprint`, until `stop` turns true. Each client holds its connection
+/// as long as the coordinator lets it and reconnects 2 s after it ends (a bounded load).
+pub async fn hostile_enrollers(
+    target: SocketAddr,
+    ca_fingerprint: [u8; 32],
+    sources: Vec<std::net::IpAddr>,
+    per_source: usize,
+    stats: Arc<HostileStats>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use quicmesh_node::tls::ServerExpect;
+    use quicmesh_protocol::ident::{Labels, NodeName};
+    use quicmesh_protocol::wire::{ControlUp, EnrollRequest, ALPN_CONTROL};
+    use std::sync::atomic::Ordering;
+    let modes = [Hostile::Idle, Hostile::SilentStream, Hostile::EnrollAndHold];
+    let mut tasks = tokio::task::JoinSet::new();
+    for (s, ip) in sources.iter().enumerate() {
+        let ep = quinn::Endpoint::client(SocketAddr::new(*ip, 0)).unwrap();
+        for i in 0..per_source {
+            let mode = modes[(s * per_source + i) % modes.len()];
+            let ep = ep.clone();
+            let stats = stats.clone();
+            let mut stop = stop.clone();
+            tasks.spawn(async move {
+                let verifier = MeshServerVerifier::new(
+                    None,
+                    ServerExpect::PinnedCoordinator(ca_fingerprint),
+                    Arc::new(|_| {}),
+                );
+                let cfg = tls::client_config(None, verifier, ALPN_CONTROL).unwrap();
+                while !*stop.borrow() {
+                    let attempt = async {
+                        let conn = ep
+                            .connect_with(cfg.clone(), target, "coordinator")
+                            .ok()?
+                            .await
+                            .ok()?;
+                        stats.handshakes.fetch_add(1, Ordering::Relaxed);
+                        // Held until the connection ends: dropping the stream would reset it.
+                        let mut _held = None;
+                        match mode {
+                            Hostile::Idle => {}
+                            Hostile::SilentStream => {
+                                if let Ok((mut send, recv)) = conn.open_bi().await {
+                                    let _ = send.write_all(&[0, 0]).await;
+                                    _held = Some((send, recv));
+                                }
+                            }
+                            Hostile::EnrollAndHold => {
+                                if let Ok((mut send, recv)) = conn.open_bi().await {
+                                    let req = ControlUp::Enroll(EnrollRequest {
+                                        secret: format!("{:064x}", rand::random::<u128>()),
+                                        node: NodeName::new("hostile").unwrap(),
+                                        csr_der: vec![0; 64],
+                                        services: vec![],
+                                        labels: Labels::default(),
+                                    });
+                                    let _ = write_frame(&mut send, &req).await;
+                                    _held = Some((send, recv));
+                                }
+                            }
+                        }
+                        conn.closed().await;
+                        Some(())
+                    };
+                    tokio::select! {
+                        r = attempt => {
+                            if r.is_none() {
+                                stats.failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        _ = stop.changed() => return,
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            });
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}

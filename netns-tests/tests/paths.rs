@@ -96,7 +96,7 @@ impl World {
         };
         for (i, r) in relays.iter().enumerate() {
             let ns = w.net.host(r, &w.wan, 30 + i as u8, None).unwrap();
-            let spec = NodeSpec::new(r).on(&ns).config_line("relay = true");
+            let spec = NodeSpec::new(r).on(&ns).relay();
             w.relays
                 .push(NodeProc::start(&w.mesh, &w.coord, &spec).unwrap());
         }

@@ -31,6 +31,8 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "overlay": p.overlay,
                 "services": p.services,
                 "online": p.online,
+                // Advertised by the coordinator as a relay (its token granted the role).
+                "relay": p.relay,
                 "critical": p.critical,
                 "connected": conns.get(&p.node).is_some_and(|c| c.close_reason().is_none()),
                 "candidates": p.candidates.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
@@ -69,6 +71,10 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         "trust_domain": id.trust_domain,
         "tunnel_listen": node.endpoint.local_addr().ok().map(|a| a.to_string()),
         "snapshot_version": view.version,
+        // The labels policy sees: the coordinator's (exactly the join token's), not the
+        // config's.
+        "labels": view.labels,
+        "relay_requested": node.cfg.relay,
         "policy_version": view.policy_version,
         "certificate": {
             "serial": id.serial.to_string(),

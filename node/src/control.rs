@@ -289,6 +289,13 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
                         tracing::debug!(%peer, ?candidates, "peer is dialling: dialling back");
                         tokio::spawn(crate::tunnel::dial_back(node.clone(), peer, candidates));
                     }
+                    ControlDown::RelayRefused { detail } => {
+                        // The session goes on; peers just do not use this node as a relay.
+                        tracing::warn!(%detail, "relay role refused by the coordinator");
+                        if let Ok(mut c) = node.control.lock() {
+                            c.last_error = Some(format!("relay refused: {detail}"));
+                        }
+                    }
                     ControlDown::Goodbye { revoked: true, detail } => return Ok(SessionEnd::Revoked(detail)),
                     ControlDown::Goodbye { revoked: false, detail } => return Err(format!("coordinator said goodbye: {detail}")),
                     other => return Err(format!("unexpected control message {other:?}")),

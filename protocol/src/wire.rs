@@ -142,7 +142,8 @@ pub struct Hello {
     /// The node's own addresses with its tunnel port (its interface address toward the
     /// coordinator): candidates for peers on the same network or behind the same NAT.
     pub local: Vec<SocketAddr>,
-    /// The node relays for others (`relay = true` in its config).
+    /// The node asks to relay for others (`relay = true` in its config); it is
+    /// advertised as a relay only when its join token granted the role.
     pub relay: bool,
     pub services: Vec<ServiceName>,
     pub labels: Labels,
@@ -352,6 +353,11 @@ pub enum ControlDown {
     /// reconnect with the same certificate when `revoked` is true.
     Goodbye {
         revoked: bool,
+        detail: String,
+    },
+    /// The node's hello asked to relay but its join token did not grant the relay role:
+    /// peers are not told it relays. Sent once per session; the session goes on.
+    RelayRefused {
         detail: String,
     },
 }
