@@ -55,6 +55,7 @@ pub fn router(
         .route("/metrics", get(metrics))
         .route("/nodes", get(nodes))
         .route("/nodes/{name}/revoke", post(revoke))
+        .route("/nodes/{name}/relay", post(relay))
         .route("/services", get(services))
         .route("/tokens", post(create_token))
         .route("/policy", get(policy_show).post(policy_apply))
@@ -135,6 +136,21 @@ async fn revoke(
 ) -> Result<Json<serde_json::Value>, MeshError> {
     let serials = mesh.revoke(&name)?;
     Ok(Json(json!({ "node": name, "revoked_serials": serials })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelayRequest {
+    grant: bool,
+}
+
+async fn relay(
+    State(mesh): State<Arc<Mesh>>,
+    Path(name): Path<String>,
+    Json(req): Json<RelayRequest>,
+) -> Result<Json<serde_json::Value>, MeshError> {
+    mesh.set_relay(&name, req.grant)?;
+    Ok(Json(json!({ "node": name, "relay": req.grant })))
 }
 
 async fn services(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {

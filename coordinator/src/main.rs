@@ -161,6 +161,13 @@ enum NodesCmd {
     List,
     /// Revoke a node: its certificates go on every node's deny list.
     Revoke { name: String },
+    /// Grant a node the relay role (a relay enrolled without `token create --relay`);
+    /// `--withdraw` takes it away.
+    Relay {
+        name: String,
+        #[arg(long)]
+        withdraw: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -578,6 +585,21 @@ async fn admin(client: &ApiClient, cmd: Cmd, raw: bool) -> Result<(), AdminError
                     "revoked {name} ({} certificate serials on the deny list)",
                     v["revoked_serials"].as_array().map(Vec::len).unwrap_or(0)
                 )
+            }
+        }
+        Cmd::Nodes(NodesCmd::Relay { name, withdraw }) => {
+            let v = client
+                .post(
+                    &format!("/nodes/{}/relay", enc(&name)),
+                    json!({ "grant": !withdraw }),
+                )
+                .await?;
+            if raw {
+                print(&v)
+            } else if withdraw {
+                println!("{name} is no longer a relay")
+            } else {
+                println!("{name} may relay (advertised while its config says relay = true)")
             }
         }
         Cmd::Services(ServicesCmd::List) => {

@@ -852,6 +852,18 @@ impl Mesh {
         Ok(serials)
     }
 
+    /// Grants (or, with `relay = false`, withdraws) the relay role of an enrolled node,
+    /// e.g. one enrolled before roles were granted by tokens. The node is advertised as a
+    /// relay only while it also asks to be one (`relay = true` in its config).
+    pub fn set_relay(&self, name: &str, relay: bool) -> Result<(), MeshError> {
+        if !self.store.set_relay(name, relay)? {
+            return Err(MeshError::NoSuchNode(name.to_string()));
+        }
+        self.changed()?;
+        tracing::info!(node = name, relay, "relay role changed by an administrator");
+        Ok(())
+    }
+
     /// What to send `node` next: a whole snapshot when nothing was sent yet, else the
     /// delta from what was last sent; and the new "last sent".
     pub fn update_for(
@@ -1527,6 +1539,21 @@ mod tests {
             !relay("r-claims"),
             "relay = true without the grant is not advertised"
         );
+        // An administrator grants the role afterwards (a relay enrolled before grants
+        // existed), and withdraws it again.
+        mesh.set_relay("r-claims", true).unwrap();
+        let (snap, _) = mesh.whole_for(&NodeName::new("x").unwrap()).unwrap();
+        let advertised = |s: &quicmesh_protocol::wire::Snapshot, n: &str| {
+            s.peers.iter().find(|p| p.node.as_str() == n).unwrap().relay
+        };
+        assert!(advertised(&snap, "r-claims"));
+        mesh.set_relay("r-claims", false).unwrap();
+        let (snap, _) = mesh.whole_for(&NodeName::new("x").unwrap()).unwrap();
+        assert!(!advertised(&snap, "r-claims"));
+        assert!(matches!(
+            mesh.set_relay("nobody", true),
+            Err(MeshError::NoSuchNode(_))
+        ));
     }
 
     #[test]

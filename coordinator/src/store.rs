@@ -116,6 +116,9 @@ pub trait Store: Send + Sync {
     /// issued for its name so far (used or not): no earlier grant survives a revocation.
     /// Returns the serials.
     fn revoke_node(&self, name: &str, now: i64) -> Result<Option<Vec<String>>, StoreError>;
+    /// Grants or withdraws the relay role of an enrolled, unrevoked node. False when
+    /// there is no such node.
+    fn set_relay(&self, name: &str, relay: bool) -> Result<bool, StoreError>;
     /// Serials revoked and not yet expired at `now`.
     fn revoked_serials(&self, now: i64) -> Result<Vec<String>, StoreError>;
     fn insert_policy(&self, source: &str, now: i64) -> Result<u64, StoreError>;
@@ -520,6 +523,16 @@ impl Store for SqliteStore {
             }
             tx.commit()?;
             Ok(Some(serials.into_iter().map(|(s, _)| s).collect()))
+        })
+    }
+
+    fn set_relay(&self, name: &str, relay: bool) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE nodes SET relay = ?1 WHERE name = ?2 AND revoked_at IS NULL",
+                params![relay, name],
+            )?;
+            Ok(n == 1)
         })
     }
 
