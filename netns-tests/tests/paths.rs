@@ -537,12 +537,6 @@ fn p5_a_relay_ping_replayed_from_another_address_moves_nothing_and_draws_no_answ
     let got = attacker.join().unwrap().unwrap();
     let r = transfer.join().unwrap().unwrap();
     let metrics = w.relays[0].metrics().unwrap();
-    for l in metrics
-        .lines()
-        .filter(|l| l.contains("relay") && !l.starts_with('#'))
-    {
-        println!("r1: {l}");
-    }
     let refused = metric(
         &metrics,
         "quicmesh_path_probes_refused_total",

@@ -1,10 +1,13 @@
 //! The path manager: one task that keeps every tunnel on the best route that works.
 //!
 //! Each tunnel (a *link*) gets a key and an id from its TLS exporter, known only to its
-//! two ends. Pings carry the link id, a random transaction id and a tag over both; a pong
-//! echoes the transaction id and says where the ping came from. So a route is only ever
-//! chosen on the word of the peer itself, and an address is only mapped to a tunnel after
-//! an authenticated ping came from it.
+//! two ends. Probes carry the link id, the sender's direction and counter, a random
+//! transaction id and a tag over all of it; a pong echoes the transaction id and says
+//! where the ping came from. Each end refuses a probe sent its own way (reflected) or
+//! whose counter it has seen (replayed), and counts it. So a route is only ever chosen on
+//! the word of the peer itself, an address is only mapped to a tunnel after a fresh
+//! authenticated ping came from it, and a relay moves a node's registration only on a
+//! ping newer than every one before it.
 //!
 //! Per link, every [`HEARTBEAT`] (while active; every keepalive interval when idle): a
 //! ping on the current route. A relayed link also pings the peer's direct candidates
@@ -15,7 +18,8 @@
 //! with a ping back at once (both sides punching).
 //!
 //! Relays: every node keeps a tunnel to each relay of the mesh and heartbeats it; the
-//! relay takes the ping's source as where to forward that node's relayed packets.
+//! relay takes the source of the newest ping as where to forward that node's relayed
+//! packets.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -23,10 +27,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quicmesh_protocol::ident::NodeName;
-use quicmesh_protocol::path::{self as pp, PathPacket, PeerId, TAG_LEN};
+use quicmesh_protocol::path::{self as pp, Fresh, PathPacket, PeerId, ProbeGuard, ProbeRefusal};
 use ring::hmac;
 use tokio::sync::mpsc;
 
+use super::probe::Prober;
 use super::{punch, Incoming, Paths, Route, Source};
 use crate::state::{Node, View};
 
@@ -61,6 +66,9 @@ const SPRAY_PER_TICK: usize = 256;
 const MOVED_GRACE: Duration = Duration::from_millis(1500);
 /// Gap between tunnel attempts to one relay.
 const RELAY_REDIAL: Duration = Duration::from_secs(3);
+/// A probe for an unknown link makes the manager look for new tunnels at most this often
+/// (probes with made-up link ids must not make it scan on every datagram).
+const RESYNC_EVERY: Duration = Duration::from_millis(100);
 
 /// A tunnel's path state, shown by `status`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -80,7 +88,10 @@ pub struct PathStatus {
 struct Link {
     peer: NodeName,
     conn: quinn::Connection,
-    key: hmac::Key,
+    /// Signs and numbers our probes.
+    prober: Prober,
+    /// Checks the peer's: direction, tag, replay window.
+    guard: ProbeGuard,
     visible: SocketAddr,
     route: Route,
     /// Last pong per route.
@@ -110,12 +121,10 @@ struct Link {
 }
 
 impl Link {
-    fn tag(&self, bytes: &[u8]) -> [u8; TAG_LEN] {
-        punch::tag(&self.key, bytes)
-    }
-
-    fn verify(&self, datagram: &[u8], tag: &[u8; TAG_LEN]) -> bool {
-        punch::verify(&self.key, datagram, tag)
+    /// Admits a probe of this link: the peer's direction, a right tag, a counter not seen.
+    fn admit(&mut self, datagram: &[u8], probe: &pp::Probe) -> Result<Fresh, ProbeRefusal> {
+        let tag_ok = self.prober.verify(datagram, probe);
+        self.guard.admit(probe, tag_ok)
     }
 
     fn current_alive(&self, now: Instant) -> bool {
@@ -171,6 +180,8 @@ struct Manager {
     won_tx: mpsc::Sender<punch::Won>,
     /// Extra sockets adopted lately (kept a moment before a route uses them).
     adopted: HashMap<u16, Instant>,
+    /// When a probe for an unknown link last made us look for new tunnels.
+    resynced: Option<Instant>,
 }
 
 /// What this node's NAT does to its mappings, from the addresses peers saw.
@@ -215,6 +226,7 @@ pub async fn run(node: Arc<Node>, mut incoming: mpsc::Receiver<Incoming>) {
         observed: HashMap::new(),
         won_tx,
         adopted: HashMap::new(),
+        resynced: None,
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -290,9 +302,9 @@ impl Manager {
         };
         tracing::debug!(peer = %l.peer, ?mine, "trying the port-dependent NAT technique");
         if mine != Mapping::EndpointIndependent {
-            let (key, tx) = (l.key.clone(), self.won_tx.clone());
+            let (prober, tx) = (l.prober.clone(), self.won_tx.clone());
             tokio::spawn(async move {
-                if let Some(w) = punch::spare_sockets(id, key, targets).await {
+                if let Some(w) = punch::spare_sockets(prober, targets).await {
                     let _ = tx.send(w).await;
                 }
             });
@@ -350,12 +362,15 @@ impl Manager {
             let visible = conn.remote_address();
             let route = self.paths.route(visible);
             tracing::debug!(%peer, %visible, ?route, link = id, "path link up");
+            let prober = Prober::new(key, id, &self.node.cfg.name, &peer);
+            let guard = ProbeGuard::new(prober.expect());
             self.links.insert(
                 id,
                 Link {
                     peer,
                     conn,
-                    key,
+                    prober,
+                    guard,
                     visible,
                     route,
                     alive: HashMap::new(),
@@ -458,7 +473,7 @@ impl Manager {
             return;
         };
         let tx: [u8; 12] = rand::random();
-        let d = pp::ping(id, tx, |b| l.tag(b));
+        let d = l.prober.ping(tx);
         if self.paths.send_probe(route, &d).is_ok() {
             self.sent.insert(
                 tx,
@@ -576,7 +591,8 @@ impl Manager {
     fn incoming(&mut self, p: Incoming, now: Instant) {
         let pkt = match pp::decode(&p.datagram) {
             Ok(Some(pkt)) => pkt,
-            _ => return,
+            Ok(None) => return,
+            Err(e) => return self.refuse(e.refusal(), &p),
         };
         match pkt {
             PathPacket::Ping(probe) => self.on_ping(probe, &p, now),
@@ -585,19 +601,28 @@ impl Manager {
         }
     }
 
+    fn refuse(&self, why: ProbeRefusal, p: &Incoming) {
+        tracing::trace!(source = ?p.source, reason = why.label(), "probe refused");
+        self.paths.metrics.probe_refused(why.label());
+    }
+
     fn on_ping(&mut self, probe: pp::Probe, p: &Incoming, now: Instant) {
-        if !self.links.contains_key(&probe.link) {
+        if !self.links.contains_key(&probe.link)
+            && self
+                .resynced
+                .is_none_or(|t| now.duration_since(t) >= RESYNC_EVERY)
+        {
             // A tunnel that just came up may not be a link yet.
+            self.resynced = Some(now);
             self.sync_links(now);
         }
         let Some(l) = self.links.get_mut(&probe.link) else {
-            self.paths.metrics.probe_refused("unknown_link");
-            return;
+            return self.refuse(ProbeRefusal::UnknownLink, p);
         };
-        if !l.verify(&p.datagram, &probe.tag) {
-            self.paths.metrics.probe_refused("bad_tag");
-            return;
-        }
+        let fresh = match l.admit(&p.datagram, &probe) {
+            Ok(f) => f,
+            Err(why) => return self.refuse(why, p),
+        };
         let observed = match p.source {
             Source::Direct(a) | Source::Punched { addr: a, .. } => a,
             Source::Relay { relay, .. } => relay,
@@ -605,11 +630,13 @@ impl Manager {
         if let Some(from) = p.source.direct_addr() {
             // The peer proved it sends from here: its datagrams from here are this tunnel's.
             self.paths.accept_from(from, l.visible);
-            if self.paths.is_relay {
+            // A relay forwards to one address per node: only the newest ping moves it (an
+            // older one, reordered on another route, must not move it back).
+            if self.paths.is_relay && fresh == Fresh::Newest {
                 self.paths.register(PeerId::of(&l.peer), from);
             }
         }
-        let d = pp::pong(probe.link, probe.tx, observed, |b| l.tag(b));
+        let d = l.prober.pong(probe.tx, observed);
         let r = self.paths.send_probe(p.source.route(), &d);
         tracing::trace!(peer = %l.peer, source = ?p.source, sent = ?r, "ping answered");
         // Punching: a ping from an address we do not send to is answered by one of ours.
@@ -628,21 +655,19 @@ impl Manager {
     }
 
     fn on_pong(&mut self, probe: pp::Probe, observed: SocketAddr, p: &Incoming, now: Instant) {
-        let Some(sent) = self.sent.get(&probe.tx) else {
-            return;
-        };
-        if sent.link != probe.link {
-            return;
-        }
         let Some(l) = self.links.get_mut(&probe.link) else {
-            return;
+            return self.refuse(ProbeRefusal::UnknownLink, p);
         };
-        if !l.verify(&p.datagram, &probe.tag) {
-            self.paths.metrics.probe_refused("bad_tag");
-            return;
+        if let Err(why) = l.admit(&p.datagram, &probe) {
+            return self.refuse(why, p);
         }
-        let Some(sent) = self.sent.remove(&probe.tx) else {
-            return;
+        let sent = match self.sent.get(&probe.tx) {
+            Some(s) if s.link == probe.link => self.sent.remove(&probe.tx),
+            _ => None,
+        };
+        let Some(sent) = sent else {
+            // Late (past PONG_WAIT), or a second answer to one ping.
+            return self.refuse(ProbeRefusal::Unsolicited, p);
         };
         let route = sent.route;
         let rtt = now.duration_since(sent.at);
@@ -771,23 +796,5 @@ mod tests {
             ("198.18.71.12", "198.18.71.11:7800"),
         ]);
         assert_eq!(mapping(&m), Mapping::Unknown);
-    }
-
-    #[test]
-    fn spare_socket_probes_verify_only_under_their_link_key() {
-        let k1 = hmac::Key::new(hmac::HMAC_SHA256, &[1; 32]);
-        let k2 = hmac::Key::new(hmac::HMAC_SHA256, &[2; 32]);
-        let d = pp::ping(5, [9; 12], |b| punch::tag(&k1, b));
-        let Ok(Some(PathPacket::Ping(p))) = pp::decode(&d) else {
-            panic!("ping")
-        };
-        assert!(punch::verify(&k1, &d, &p.tag));
-        assert!(!punch::verify(&k2, &d, &p.tag), "another tunnel's key");
-        let mut forged = d.clone();
-        forged[12] ^= 1;
-        assert!(
-            !punch::verify(&k1, &forged, &p.tag),
-            "altered transaction id"
-        );
     }
 }

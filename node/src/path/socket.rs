@@ -136,6 +136,9 @@ impl MeshSocket {
                 self.to_manager(source, seg);
             }
             Ok(None) => {}
+            Err(e @ (pp::PathError::OldProbe(_) | pp::PathError::Version(_))) => {
+                m.probe_refused(e.refusal().label())
+            }
             Err(_) => m.relay_dropped("malformed"),
         }
     }
