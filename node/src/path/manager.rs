@@ -15,7 +15,12 @@
 //! without a pong for [`DEAD_AFTER`] is dead: every candidate and every live relay is
 //! pinged and the link moves to the best one that answers (relay failover, and a peer
 //! whose address changed). A ping from an address the link does not use yet is answered
-//! with a ping back at once (both sides punching).
+//! with a ping back at once (both sides punching). These decisions are pure
+//! ([`PathState`]); this task feeds them the clock and carries them out.
+//!
+//! [`HEARTBEAT`]: super::decide::HEARTBEAT
+//! [`UPGRADE_EVERY`]: super::decide::UPGRADE_EVERY
+//! [`DEAD_AFTER`]: super::decide::DEAD_AFTER
 //!
 //! Relays: every node keeps a tunnel to each relay of the mesh and heartbeats it; the
 //! relay takes the source of the newest ping as where to forward that node's relayed
@@ -31,23 +36,11 @@ use quicmesh_protocol::path::{self as pp, Fresh, PathPacket, PeerId, ProbeGuard,
 use ring::hmac;
 use tokio::sync::mpsc;
 
+use super::decide::{PathState, TickIn, TickOut, SEARCH_EVERY};
 use super::probe::Prober;
 use super::{punch, Incoming, Paths, Route, Source};
 use crate::state::{Node, View};
 
-/// Ping interval on an active link's current route.
-pub const HEARTBEAT: Duration = Duration::from_millis(500);
-/// An active route without a pong this long (three heartbeats) is dead. Short on
-/// purpose: QUIC backs its retransmission timer off exponentially while a route is dead,
-/// so a switch within ~2 s lets its next probe (at ~1.9 s or ~3.8 s into the outage) find
-/// the new route.
-pub const DEAD_AFTER: Duration = Duration::from_millis(1700);
-/// The current route missed heartbeats this long while another answers: leave it.
-const STALE_AFTER: Duration = Duration::from_millis(1200);
-/// A relayed link pings the peer's direct candidates this often.
-pub const UPGRADE_EVERY: Duration = Duration::from_secs(2);
-/// A link searching for a route pings every option this often.
-const SEARCH_EVERY: Duration = Duration::from_millis(500);
 /// A link is active when it carried datagrams within this.
 const ACTIVE_FOR: Duration = Duration::from_secs(10);
 /// Pings not answered within this are forgotten.
@@ -61,9 +54,6 @@ const BIRTHDAY_BACKOFF: Duration = Duration::from_secs(30);
 const BIRTHDAY_BACKOFF_MAX: Duration = Duration::from_secs(600);
 /// Spray probes sent per tick.
 const SPRAY_PER_TICK: usize = 256;
-/// A peer that moved (restarted on a new address, say) and whose tunnel answers no probe
-/// within this has lost it: the tunnel is closed so the next flow dials afresh.
-const MOVED_GRACE: Duration = Duration::from_millis(1500);
 /// Gap between tunnel attempts to one relay.
 const RELAY_REDIAL: Duration = Duration::from_secs(3);
 /// A probe for an unknown link makes the manager look for new tunnels at most this often
@@ -93,31 +83,16 @@ struct Link {
     /// Checks the peer's: direction, tag, replay window.
     guard: ProbeGuard,
     visible: SocketAddr,
-    route: Route,
-    /// Last pong per route.
-    alive: HashMap<Route, Instant>,
-    rtt: Option<Duration>,
-    created: Instant,
-    last_ping: Option<Instant>,
-    last_upgrade: Option<Instant>,
+    /// The route and what is known of the routes (the decisions: [`super::decide`]).
+    path: PathState,
     last_rx: (u64, Instant),
     /// Direct addresses pinged in reaction to the peer's pings (rate limit).
     reacted: HashMap<SocketAddr, Instant>,
-    switches: u32,
-    /// No pong on the current route this long: it is dead (longer for idle links, which
-    /// ping less often).
-    dead_after: Duration,
     /// Next port-dependent NAT attempt, and the wait after it.
     next_birthday: Instant,
     birthday_backoff: Duration,
     /// Spray left to send: (peer's public address, probes left, not before).
     spray: Option<(std::net::IpAddr, usize, Instant)>,
-    /// The peer's endpoint and candidates as last seen in the view.
-    reach: Option<(Option<SocketAddr>, Vec<SocketAddr>)>,
-    /// When the peer's addresses changed and nothing has answered since.
-    moved: Option<Instant>,
-    /// Last pong on any route.
-    last_pong: Option<Instant>,
 }
 
 impl Link {
@@ -125,11 +100,6 @@ impl Link {
     fn admit(&mut self, datagram: &[u8], probe: &pp::Probe) -> Result<Fresh, ProbeRefusal> {
         let tag_ok = self.prober.verify(datagram, probe);
         self.guard.admit(probe, tag_ok)
-    }
-
-    fn current_alive(&self, now: Instant) -> bool {
-        let since = self.alive.get(&self.route).copied().unwrap_or(self.created);
-        now.duration_since(since) < self.dead_after
     }
 
     fn active(&mut self, now: Instant) -> bool {
@@ -242,6 +212,31 @@ pub async fn run(node: Arc<Node>, mut incoming: mpsc::Receiver<Incoming>) {
     }
 }
 
+/// Every direct address the peer may be reached at, plus every live relay.
+fn options(paths: &Paths, visible: SocketAddr, peer: &NodeName, view: &View) -> Vec<Route> {
+    let mut out = Vec::new();
+    if !Paths::is_synth(&visible) {
+        out.push(Route::Direct(visible));
+    }
+    if let Some(p) = view.peers.get(peer) {
+        for a in p.candidates.iter().chain(p.endpoint.iter()) {
+            let r = Route::Direct(*a);
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        }
+    }
+    if !view.peers.get(peer).is_some_and(|p| p.relay) {
+        let to = PeerId::of(peer);
+        for (name, relay) in paths.live_relays().iter() {
+            if name != peer {
+                out.push(Route::Relay { relay: *relay, to });
+            }
+        }
+    }
+    out
+}
+
 impl Manager {
     fn tick(&mut self, now: Instant) {
         let view = self.node.view();
@@ -260,7 +255,7 @@ impl Manager {
         let used: HashSet<u16> = self
             .links
             .values()
-            .filter_map(|l| match l.route {
+            .filter_map(|l| match l.path.route {
                 Route::Punched { socket, .. } => Some(socket),
                 _ => None,
             })
@@ -288,7 +283,7 @@ impl Manager {
             }
             return;
         }
-        if !l.route.is_relay() || now < l.next_birthday {
+        if !l.path.route.is_relay() || now < l.next_birthday {
             return;
         }
         l.next_birthday = now + l.birthday_backoff;
@@ -372,22 +367,12 @@ impl Manager {
                     prober,
                     guard,
                     visible,
-                    route,
-                    alive: HashMap::new(),
-                    rtt: None,
-                    created: now,
-                    last_ping: None,
-                    last_upgrade: Some(now),
+                    path: PathState::new(route, now),
                     last_rx: (0, now),
                     reacted: HashMap::new(),
-                    switches: 0,
-                    dead_after: DEAD_AFTER,
                     next_birthday: now + BIRTHDAY_AFTER,
                     birthday_backoff: BIRTHDAY_BACKOFF,
                     spray: None,
-                    reach: None,
-                    moved: None,
-                    last_pong: None,
                 },
             );
         }
@@ -439,10 +424,10 @@ impl Manager {
             });
             match link {
                 Some(l) => {
-                    let addr = l.route.direct_addr().unwrap_or(l.visible);
+                    let addr = l.path.route.direct_addr().unwrap_or(l.visible);
                     st.addr = Some(addr);
                     addrs.insert(addr);
-                    if l.current_alive(now) && l.alive.contains_key(&l.route) {
+                    if l.path.current_alive(now) && l.path.alive.contains_key(&l.path.route) {
                         order.push((p.node.clone(), addr));
                     }
                 }
@@ -486,104 +471,35 @@ impl Manager {
         }
     }
 
-    /// Every direct address the peer may be reached at, plus every live relay.
-    fn options(&self, l: &Link, view: &View) -> Vec<Route> {
-        let mut out = Vec::new();
-        if !Paths::is_synth(&l.visible) {
-            out.push(Route::Direct(l.visible));
-        }
-        if let Some(p) = view.peers.get(&l.peer) {
-            for a in p.candidates.iter().chain(p.endpoint.iter()) {
-                let r = Route::Direct(*a);
-                if !out.contains(&r) {
-                    out.push(r);
-                }
-            }
-        }
-        if !view.peers.get(&l.peer).is_some_and(|p| p.relay) {
-            let to = PeerId::of(&l.peer);
-            for (name, relay) in self.paths.live_relays().iter() {
-                if name != &l.peer {
-                    out.push(Route::Relay { relay: *relay, to });
-                }
-            }
-        }
-        out
-    }
-
     fn drive(&mut self, id: u64, view: &View, now: Instant) {
         let Some(l) = self.links.get_mut(&id) else {
             return;
         };
         // Links to relays stay active: nodes' registrations and relay liveness ride on them.
         let to_relay = view.peers.get(&l.peer).is_some_and(|p| p.relay);
-        let every = if l.active(now) || to_relay {
-            HEARTBEAT
-        } else {
-            crate::tls::keepalive()
+        let input = TickIn {
+            busy: l.active(now) || to_relay,
+            idle_every: crate::tls::keepalive(),
+            reach: view
+                .peers
+                .get(&l.peer)
+                .map(|p| (p.endpoint, p.candidates.clone())),
         };
-        l.dead_after = if every == HEARTBEAT {
-            DEAD_AFTER
-        } else {
-            every * 2 + Duration::from_millis(1200)
-        };
-        let reach = view
-            .peers
-            .get(&l.peer)
-            .map(|p| (p.endpoint, p.candidates.clone()));
-        if l.reach.is_some() && reach.is_some() && l.reach != reach {
-            // The peer moved: probe everything now; no answer soon means the tunnel is gone.
-            tracing::debug!(peer = %l.peer, ?reach, "peer's addresses changed");
-            l.moved = Some(now);
-            l.last_ping = None;
-        }
-        if reach.is_some() {
-            l.reach = reach;
-        }
-        if let Some(at) = l.moved {
-            if l.last_pong.is_some_and(|p| p > at) {
-                l.moved = None;
-            } else if now.duration_since(at) >= MOVED_GRACE {
+        let paths = &self.paths;
+        let (visible, peer) = (l.visible, &l.peer);
+        let out = l
+            .path
+            .tick(now, input, || options(paths, visible, peer, view));
+        match out {
+            TickOut::Close => {
                 tracing::info!(peer = %l.peer, "peer moved and its tunnel answers nowhere; closing it");
                 l.conn.close(quinn::VarInt::from_u32(4), b"peer moved");
-                return;
             }
-        }
-        let alive = l.current_alive(now) && l.moved.is_none();
-        // A route silent past a missed heartbeat or two: keep what QUIC sends on it, to
-        // replay on whatever replaces it.
-        let silent = l
-            .alive
-            .get(&l.route)
-            .is_some_and(|t| now.duration_since(*t) > STALE_AFTER);
-        self.paths.set_suspect(l.visible, silent);
-        let relayed = l.route.is_relay();
-        let due = |t: Option<Instant>, d: Duration| t.is_none_or(|t| now.duration_since(t) >= d);
-        let heartbeat = due(l.last_ping, if alive { every } else { SEARCH_EVERY });
-        let upgrade = relayed && due(l.last_upgrade, UPGRADE_EVERY);
-        let route = l.route;
-        if !heartbeat && !upgrade {
-            return;
-        }
-        if heartbeat {
-            l.last_ping = Some(now);
-        }
-        if upgrade {
-            l.last_upgrade = Some(now);
-        }
-        let options = self.options(&self.links[&id], view);
-        if heartbeat {
-            self.ping(id, route, now);
-            if !alive {
-                // Dead route: ask every option; the best that answers wins.
-                for r in options.iter().filter(|r| **r != route) {
-                    self.ping(id, *r, now);
+            TickOut::Probe { pings, suspect } => {
+                self.paths.set_suspect(l.visible, suspect);
+                for r in pings {
+                    self.ping(id, r, now);
                 }
-            }
-        }
-        if upgrade && alive {
-            for r in options.iter().filter(|r| !r.is_relay()) {
-                self.ping(id, *r, now);
             }
         }
     }
@@ -646,7 +562,7 @@ impl Manager {
                 .reacted
                 .get(&from)
                 .is_none_or(|t| now.duration_since(*t) >= SEARCH_EVERY);
-            if l.route != back && fresh {
+            if l.path.route != back && fresh {
                 l.reacted.insert(from, now);
                 l.reacted.retain(|_, t| now.duration_since(*t) < PONG_WAIT);
                 self.ping(probe.link, back, now);
@@ -671,9 +587,7 @@ impl Manager {
         };
         let route = sent.route;
         let rtt = now.duration_since(sent.at);
-        l.last_pong = Some(now);
         tracing::trace!(peer = %l.peer, ?route, ?rtt, "pong");
-        l.alive.insert(route, now);
         if let Route::Direct(a) = route {
             // Our address as this peer saw it (main socket): tells our NAT's mapping.
             if !Paths::is_synth(&observed) {
@@ -684,39 +598,22 @@ impl Manager {
                 }
             }
         }
-        if route == l.route {
-            l.rtt = Some(rtt);
+        let Some(from) = l.path.pong(route, now, rtt) else {
             return;
+        };
+        tracing::info!(peer = %l.peer, ?from, to = ?route, rtt = ?rtt, "tunnel path changed");
+        self.paths
+            .metrics
+            .path_switch(if route.is_relay() { "relay" } else { "direct" });
+        self.paths.set_route(l.visible, route);
+        // Datagrams lost on the old route wait for QUIC's backed-off retransmission
+        // timer: QUIC's last datagrams (its probes) are sent again on the new route, and
+        // an ack-eliciting datagram follows (empty: receivers ignore it); the peer's
+        // acknowledgements get the losses declared and resent at once.
+        for d in self.paths.take_replay(l.visible) {
+            let _ = self.paths.send_probe(route, &d);
         }
-        let current_dead = !l.current_alive(now);
-        // The current route missed heartbeats while this one answers: move now rather
-        // than wait for it to be declared dead (a NAT rebinding, a new address).
-        let current_stale = l
-            .alive
-            .get(&l.route)
-            .is_some_and(|t| now.duration_since(*t) > STALE_AFTER)
-            && l.dead_after == DEAD_AFTER;
-        let better = (route.direct_addr().is_some() && l.route.is_relay())
-            || current_dead
-            || (current_stale && route.direct_addr().is_some() == l.route.direct_addr().is_some());
-        if better {
-            tracing::info!(peer = %l.peer, from = ?l.route, to = ?route, rtt = ?rtt, "tunnel path changed");
-            self.paths
-                .metrics
-                .path_switch(if route.is_relay() { "relay" } else { "direct" });
-            self.paths.set_route(l.visible, route);
-            // Datagrams lost on the old route wait for QUIC's backed-off retransmission
-            // timer: QUIC's last datagrams (its probes) are sent again on the new route,
-            // and an ack-eliciting datagram follows (empty: receivers ignore it); the
-            // peer's acknowledgements get the losses declared and resent at once.
-            for d in self.paths.take_replay(l.visible) {
-                let _ = self.paths.send_probe(route, &d);
-            }
-            let _ = l.conn.send_datagram(bytes::Bytes::new());
-            l.route = route;
-            l.rtt = Some(rtt);
-            l.switches += 1;
-        }
+        let _ = l.conn.send_datagram(bytes::Bytes::new());
     }
 
     fn publish(&self, view: &View) {
@@ -735,7 +632,7 @@ impl Manager {
             {
                 continue;
             }
-            let (kind, address, relay) = match l.route {
+            let (kind, address, relay) = match l.path.route {
                 Route::Direct(a) | Route::Punched { addr: a, .. } => ("direct", a, None),
                 Route::Relay { relay, .. } => (
                     "relay",
@@ -749,8 +646,8 @@ impl Manager {
                     kind,
                     address,
                     relay,
-                    rtt_ms: l.rtt.map(|r| r.as_secs_f64() * 1e3),
-                    switches: l.switches,
+                    rtt_ms: l.path.rtt.map(|r| r.as_secs_f64() * 1e3),
+                    switches: l.path.switches,
                 },
             );
         }

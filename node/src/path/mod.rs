@@ -10,6 +10,7 @@
 //! tables; QUIC never notices (its server-side migration is off, so nothing else moves a
 //! tunnel).
 
+pub mod decide;
 pub mod manager;
 pub mod probe;
 pub mod punch;
