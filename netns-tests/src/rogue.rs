@@ -9,6 +9,7 @@ use std::time::Duration;
 use quicmesh_node::frame::{read_frame, write_frame};
 use quicmesh_node::tls::{self, CertSlot, MeshServerVerifier, ServerExpect, Trust};
 use quicmesh_protocol::ident::{ServiceName, TrustDomain};
+use quicmesh_protocol::path::PathPacket;
 use quicmesh_protocol::wire::{StreamHeader, StreamReply, ALPN_TUNNEL};
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType};
 
@@ -346,4 +347,179 @@ pub async fn hostile_enrollers(
         }
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// A UDP datagram seen on the wire.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// Watches every IPv4 packet crossing namespace `ns` (any interface, either direction)
+/// for up to `within` and returns the first UDP datagram `want` accepts: an on-path
+/// eavesdropper, for replay attacks.
+pub fn capture_udp(
+    ns: &str,
+    want: impl Fn(&Captured) -> bool + Send + 'static,
+    within: Duration,
+) -> anyhow::Result<Option<Captured>> {
+    crate::topo::in_ns(ns, move || -> anyhow::Result<Option<Captured>> {
+        let sock = sniff::Socket::open()?;
+        let deadline = std::time::Instant::now() + within;
+        let mut buf = vec![0u8; 65536];
+        while std::time::Instant::now() < deadline {
+            let n = match sock.recv(&mut buf) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(c) = parse_udp4(&buf[..n]) {
+                if want(&c) {
+                    return Ok(Some(c));
+                }
+            }
+        }
+        Ok(None)
+    })?
+}
+
+/// An IPv4 packet's UDP datagram, if it is one (not a fragment).
+fn parse_udp4(p: &[u8]) -> Option<Captured> {
+    if p.len() < 20 || p[0] >> 4 != 4 || p[9] != 17 {
+        return None;
+    }
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]])).min(p.len());
+    let frag = u16::from_be_bytes([p[6], p[7]]) & 0x3fff;
+    if frag != 0 || total < ihl + 8 {
+        return None;
+    }
+    let ip = |o: usize| std::net::Ipv4Addr::new(p[o], p[o + 1], p[o + 2], p[o + 3]);
+    let u = &p[ihl..total];
+    let port = |o: usize| u16::from_be_bytes([u[o], u[o + 1]]);
+    Some(Captured {
+        src: SocketAddr::new(ip(12).into(), port(0)),
+        dst: SocketAddr::new(ip(16).into(), port(2)),
+        payload: u[8..].to_vec(),
+    })
+}
+
+/// What a replaying attacker got back.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReplayOutcome {
+    /// Datagrams sent.
+    pub sent: usize,
+    pub sent_bytes: usize,
+    /// Datagrams (and bytes) that came back to the attacker's address.
+    pub received: usize,
+    pub received_bytes: usize,
+    /// Of those: path probes (answers to the replay), relayed datagrams (traffic meant
+    /// for the node whose packet was replayed).
+    pub probes: usize,
+    pub relayed: usize,
+}
+
+/// From namespace `ns`, sends `payload` to `dst` every `every` for `for_`, counting
+/// whatever arrives at the attacker's socket meanwhile (answers, or traffic meant for the
+/// node whose packet was replayed).
+pub fn replay(
+    ns: &str,
+    payload: Vec<u8>,
+    dst: SocketAddr,
+    every: Duration,
+    for_: Duration,
+) -> anyhow::Result<ReplayOutcome> {
+    crate::topo::in_ns(ns, move || -> anyhow::Result<ReplayOutcome> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_millis(5)))?;
+        let mut out = ReplayOutcome::default();
+        let start = std::time::Instant::now();
+        let mut next = start;
+        let mut buf = vec![0u8; 65536];
+        while start.elapsed() < for_ {
+            if std::time::Instant::now() >= next {
+                s.send_to(&payload, dst)?;
+                out.sent += 1;
+                out.sent_bytes += payload.len();
+                next += every;
+            }
+            if let Ok((n, _)) = s.recv_from(&mut buf) {
+                out.received += 1;
+                out.received_bytes += n;
+                match quicmesh_protocol::path::decode(&buf[..n]) {
+                    Ok(Some(PathPacket::Ping(_) | PathPacket::Pong { .. })) => out.probes += 1,
+                    Ok(Some(PathPacket::RelayRecv { .. })) => out.relayed += 1,
+                    _ => {}
+                }
+            }
+        }
+        Ok(out)
+    })?
+}
+
+#[allow(unsafe_code)]
+mod sniff {
+    //! An AF_PACKET socket seeing every IPv4 packet of its namespace. The only unsafe
+    //! code: the syscalls.
+    use std::io;
+
+    /// Every protocol: only such sockets see outgoing packets too.
+    const ETH_P_ALL: u16 = 0x0003;
+
+    #[derive(Debug)]
+    pub struct Socket {
+        fd: i32,
+    }
+
+    impl Socket {
+        pub fn open() -> io::Result<Self> {
+            // SAFETY: plain syscalls with valid pointers to locals.
+            unsafe {
+                // SOCK_DGRAM: the link-layer header is removed; we read network packets
+                // (the caller skips what is not IPv4).
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, ETH_P_ALL.to_be() as i32);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    &tv as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                Ok(Self { fd })
+            }
+        }
+
+        pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+            // SAFETY: buf is valid for its length.
+            let n =
+                unsafe { libc::recv(self.fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(n as usize)
+        }
+    }
+
+    impl Drop for Socket {
+        fn drop(&mut self) {
+            // SAFETY: fd is ours and closed once.
+            unsafe { libc::close(self.fd) };
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Reaching every pair of nodes: the NAT matrix (direct where the NATs allow, relayed
 //! where both sides are port-dependent), relayed flows moving to direct paths, relay
-//! failover and a node's address changing under a live flow.
+//! failover, a node's address changing under a live flow, and a captured relay ping
+//! replayed from elsewhere.
 //!
 //! ```text
 //!   wan 198.18.70.0/24: coordinator .10, relays r1 .30 and r2 .31, node a .20 (no NAT)
@@ -8,14 +9,17 @@
 //!   nat-c1 .3 MASQUERADE --random-fully -- home-c1 198.18.72.0/24: c1 .11
 //!   nat-c2 .4 MASQUERADE --random-fully -- home-c2 198.18.73.0/24: c2 .11
 //!   nat-d2 .5 MASQUERADE -- mid 198.18.74.0/24 -- nat-d1 MASQUERADE -- home-d 198.18.75.0/24: d .11
+//!   attacker m .40 (p5)
 //! ```
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use quicmesh_netns_tests::net::{echo_server, paced_echo, LiveFlow};
+use quicmesh_netns_tests::net::{echo_server, metric, paced_echo, LiveFlow};
+use quicmesh_netns_tests::rogue;
 use quicmesh_netns_tests::topo::{in_ns, Lan, Net};
 use quicmesh_netns_tests::{CoordinatorProc, Mesh, NodeProc, NodeSpec};
+use quicmesh_protocol::path::{self as pp, PathPacket};
 
 const POLICY: &str = r#"
 default = "deny"
@@ -468,5 +472,106 @@ fn p4_nodes_whose_address_changes_mid_transfer_keep_their_flows() {
     );
     assert_eq!(r.bytes, 16 << 20);
     assert_eq!(r.sent, r.received, "the transfer completed intact");
+    drop((x, y, w));
+}
+
+#[test]
+fn p5_a_relay_ping_replayed_from_another_address_moves_nothing_and_draws_no_answer() {
+    let mut w = World::new("p5", &["r1"]);
+    let home_x = w.net.lan("home-x", "198.18.71").unwrap();
+    let home_y = w.net.lan("home-y", "198.18.72").unwrap();
+    // Both port-dependent: the flow has to go through r1.
+    let nat_x = w.nat("nat-x", &home_x, 2, true);
+    w.nat("nat-y", &home_y, 3, true);
+    let ns_x = w.net.host("x", &home_x, 11, Some(1)).unwrap();
+    let ns_y = w.net.host("y", &home_y, 11, Some(1)).unwrap();
+    let wan = w.wan.clone();
+    let ns_m = w.net.host("m", &wan, 40, None).unwrap();
+    let x = w.node("x", &ns_x, &["y"]);
+    let y = w.node("y", &ns_y, &[]);
+    w.coord.wait_all_acked(3, Duration::from_secs(30));
+    first_byte(&x, "svc-y");
+    let (p, _) = wait_path(&x, "y", "relay", Duration::from_secs(10));
+    assert_eq!(p["via"], "relay", "{p}");
+
+    // An eavesdropper on x's NAT copies one of x's heartbeats to r1 as it leaves for the WAN.
+    let captured = rogue::capture_udp(
+        &nat_x,
+        |c| {
+            c.src.ip() == IpAddr::from([198, 18, 70, 2])
+                && c.dst.ip() == IpAddr::from([198, 18, 70, 30])
+                && matches!(pp::decode(&c.payload), Ok(Some(PathPacket::Ping(_))))
+        },
+        Duration::from_secs(10),
+    )
+    .unwrap()
+    .expect("x pings r1 twice a second");
+    println!(
+        "captured a {}-byte ping {} -> {}",
+        captured.payload.len(),
+        captured.src,
+        captured.dst
+    );
+
+    // ... and replays it from m every 20 ms while x sends to y through r1.
+    let refused_before = metric(
+        &w.relays[0].metrics().unwrap(),
+        "quicmesh_path_probes_refused_total",
+        &[("reason", "replayed")],
+    );
+    let transfer = start_transfer(&x, "svc-y", 4);
+    let attacker = {
+        let (ns, payload, dst) = (ns_m.clone(), captured.payload.clone(), captured.dst);
+        std::thread::spawn(move || {
+            rogue::replay(
+                &ns,
+                payload,
+                dst,
+                Duration::from_millis(20),
+                Duration::from_secs(4),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    println!("x's path to y under attack: {}", path(&x, "y"));
+    let got = attacker.join().unwrap().unwrap();
+    let r = transfer.join().unwrap().unwrap();
+    let metrics = w.relays[0].metrics().unwrap();
+    let refused = metric(
+        &metrics,
+        "quicmesh_path_probes_refused_total",
+        &[("reason", "replayed")],
+    ) - refused_before;
+    println!(
+        "replayed {} pings ({} bytes) from m; m received {} datagrams ({} bytes: {} probes, {} of x's relayed datagrams); r1 refused {refused} as replayed; transfer {} bytes in {:.1} s, longest stall {:.0} ms",
+        got.sent,
+        got.sent_bytes,
+        got.received,
+        got.received_bytes,
+        got.probes,
+        got.relayed,
+        r.bytes,
+        r.secs,
+        r.max_stall.as_secs_f64() * 1e3
+    );
+    assert_eq!(
+        (got.received, got.received_bytes),
+        (0, 0),
+        "r1 sent the replaying address nothing: no answer, none of x's relayed datagrams"
+    );
+    assert!(
+        refused >= (got.sent / 2) as f64,
+        "r1 counted the replays: {refused} of {}",
+        got.sent
+    );
+    assert_eq!(r.bytes, 4 << 20);
+    assert_eq!(r.sent, r.received, "x's relayed flow kept going");
+    assert!(
+        r.max_stall < Duration::from_secs(1),
+        "stall {:?}",
+        r.max_stall
+    );
+    let (p, _) = wait_path(&x, "y", "relay", Duration::from_secs(1));
+    assert_eq!(p["relay"], "r1", "{p}");
     drop((x, y, w));
 }

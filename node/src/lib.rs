@@ -78,6 +78,8 @@ mod layers {
         ("path", include_str!("path/mod.rs")),
         ("path", include_str!("path/socket.rs")),
         ("path", include_str!("path/punch.rs")),
+        ("path", include_str!("path/probe.rs")),
+        ("path", include_str!("path/decide.rs")),
         ("state", include_str!("state.rs")),
     ];
 

@@ -12,7 +12,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use quicmesh_protocol::wire::RejectCode;
 
-use crate::reason::{CloseReason, DnsDrop, DropReason, HandshakeRefusal, HttpRefusal, Label};
+use crate::reason::{
+    CloseReason, DnsDrop, DropReason, HandshakeRefusal, HttpRefusal, Label, RelayDrop,
+};
+use quicmesh_protocol::path::ProbeRefusal;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
@@ -75,19 +78,19 @@ pub struct PathMetrics {
 
 impl PathMetrics {
     /// A datagram the relay path dropped, by reason.
-    pub fn relay_dropped(&self, reason: &str) {
+    pub fn relay_dropped(&self, reason: RelayDrop) {
         self.relay_dropped
             .get_or_create(&ReasonLabels {
-                reason: reason.into(),
+                reason: reason.as_str().into(),
             })
             .inc();
     }
 
     /// A path probe refused, by reason.
-    pub fn probe_refused(&self, reason: &str) {
+    pub fn probe_refused(&self, reason: ProbeRefusal) {
         self.probes_refused
             .get_or_create(&ReasonLabels {
-                reason: reason.into(),
+                reason: reason.label().into(),
             })
             .inc();
     }

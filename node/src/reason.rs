@@ -4,6 +4,7 @@
 //!
 //! A leaf module: it depends only on `protocol`.
 
+use quicmesh_protocol::path::ProbeRefusal;
 use quicmesh_protocol::wire::RejectCode;
 
 /// A reason that is a metrics label: a fixed, known set of stable snake_case strings.
@@ -68,6 +69,32 @@ impl Label for RejectCode {
     ];
     fn as_str(self) -> &'static str {
         RejectCode::as_str(&self)
+    }
+}
+
+/// Path probes refused are the path protocol's refusals.
+impl Label for ProbeRefusal {
+    const ALL: &'static [Self] = &ProbeRefusal::ALL;
+    fn as_str(self) -> &'static str {
+        self.label()
+    }
+}
+
+reasons! {
+    /// Why the relay path dropped a datagram.
+    pub enum RelayDrop {
+        /// Relay framing arrived at a node that is not a relay.
+        NotARelay => "not_a_relay",
+        /// The sender has not registered with this relay (no authenticated ping).
+        SenderNotRegistered => "sender_not_registered",
+        /// The destination has not registered with this relay.
+        DestinationNotRegistered => "destination_not_registered",
+        /// Forwarding failed at the socket.
+        SendFailed => "send_failed",
+        /// Relayed datagrams from a relay this node does not know.
+        UnknownRelay => "unknown_relay",
+        /// A path packet that does not decode.
+        Malformed => "malformed",
     }
 }
 
@@ -236,6 +263,8 @@ mod tests {
         distinct::<DropReason>();
         distinct::<HttpRefusal>();
         distinct::<DnsDrop>();
+        distinct::<RelayDrop>();
+        distinct::<ProbeRefusal>();
         assert_eq!(CloseReason::COUNT, CloseReason::ALL.len());
     }
 

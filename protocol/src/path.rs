@@ -8,10 +8,19 @@
 //! - `RelaySend { to }` + payload: a node asks a relay to forward an opaque QUIC packet to
 //!   the node `to`; `RelayRecv { from }` + payload: what the relay delivers. Both headers
 //!   have the same length, so a relay rewrites the header in place.
-//! - `Ping` / `Pong`: path probes between the two ends of one tunnel. `link` names the
-//!   tunnel (both ends derive it, with the tag key, from the connection's TLS exporter);
-//!   `tx` is random and echoed; the pong carries the address the ping came from. The tag is
-//!   computed by the caller over [`signed`] with the link's key: nothing here holds keys.
+//! - `Ping` / `Pong`: path probes between the two ends of one tunnel, version
+//!   [`PROBE_VERSION`]. `link` names the tunnel (both ends derive it, with the tag key,
+//!   from the connection's TLS exporter); `dir` says which end sent it ([`Dir`]); `seq` is
+//!   the sender's counter for the link, one up per probe, so a receiver refuses a probe it
+//!   has seen ([`ReplayWindow`]); `tx` is random and echoed; the pong carries the address
+//!   the ping came from, and the ping carries as many zero bytes in its place, so a pong is
+//!   never larger than the ping that drew it. The tag is computed by the caller over
+//!   [`signed`] (type, version, direction, link, counter, ...) with the link's key:
+//!   nothing here holds keys. Version 1 probes (types 3 and 4: no counter, no direction)
+//!   are told apart by their type and refused.
+//!
+//! Probe layout (69 bytes): magic (3), type (1), version (1), dir (1), link (8), seq (8),
+//! tx (12), address or padding (19: family 4|6, 16 address bytes, port), tag (16).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -24,15 +33,32 @@ pub const RELAY_HEADER: usize = 12;
 /// Length of a probe's authentication tag.
 pub const TAG_LEN: usize = 16;
 
+/// Version of the probe format this code speaks.
+pub const PROBE_VERSION: u8 = 2;
+
 const T_RELAY_SEND: u8 = 1;
 const T_RELAY_RECV: u8 = 2;
-const T_PING: u8 = 3;
-const T_PONG: u8 = 4;
+/// Version 1 probes (no counter, no direction): recognised only to be refused.
+const T_PING_V1: u8 = 3;
+const T_PONG_V1: u8 = 4;
+const T_PING: u8 = 5;
+const T_PONG: u8 = 6;
 
-/// Length of a ping on the wire.
-pub const PING_LEN: usize = 4 + 8 + 12 + TAG_LEN;
+/// Offsets in a probe.
+const O_VERSION: usize = 4;
+const O_DIR: usize = 5;
+const O_LINK: usize = 6;
+const O_SEQ: usize = 14;
+const O_TX: usize = 22;
+const O_ADDR: usize = 34;
+const ADDR_LEN: usize = 19;
+
+/// Length of a probe (ping or pong) on the wire.
+pub const PROBE_LEN: usize = O_ADDR + ADDR_LEN + TAG_LEN;
+/// Length of a ping on the wire (padded to a pong's length).
+pub const PING_LEN: usize = PROBE_LEN;
 /// Length of a pong on the wire.
-pub const PONG_LEN: usize = 4 + 8 + 12 + 19 + TAG_LEN;
+pub const PONG_LEN: usize = PROBE_LEN;
 
 /// A node's short name on relay paths: the first 8 bytes of SHA-256 over its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -57,11 +83,50 @@ impl std::fmt::Display for PeerId {
     }
 }
 
+/// Which end of a tunnel sent a probe: the end whose node name sorts first (`Low`) or
+/// the other. Both ends know both names, so each knows which value the other must send;
+/// a probe sent back at its sender (reflected) carries the wrong one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dir {
+    Low,
+    High,
+}
+
+impl Dir {
+    /// The direction of probes `from` sends to `to`.
+    pub fn of(from: &NodeName, to: &NodeName) -> Self {
+        if from.as_str() < to.as_str() {
+            Dir::Low
+        } else {
+            Dir::High
+        }
+    }
+
+    /// The direction of probes coming the other way.
+    pub fn reverse(self) -> Self {
+        match self {
+            Dir::Low => Dir::High,
+            Dir::High => Dir::Low,
+        }
+    }
+
+    fn byte(self) -> u8 {
+        match self {
+            Dir::Low => 0,
+            Dir::High => 1,
+        }
+    }
+}
+
 /// A path probe (ping or pong).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Probe {
     /// Which tunnel the probe belongs to.
     pub link: u64,
+    /// Which end sent it.
+    pub dir: Dir,
+    /// The sender's counter for this link (from 1, one up per probe sent).
+    pub seq: u64,
     /// Random, echoed by the pong.
     pub tx: [u8; 12],
     pub tag: [u8; TAG_LEN],
@@ -87,6 +152,183 @@ pub enum PathError {
     Length { ty: u8, len: usize, want: usize },
     #[error("pong carries an address of unknown family {0}")]
     Family(u8),
+    #[error("probe of version 1 (type {0}): this node speaks version 2")]
+    OldProbe(u8),
+    #[error("probe of unknown version {0}")]
+    Version(u8),
+    #[error("probe of unknown direction {0}")]
+    Direction(u8),
+    #[error("ping padding is not zero")]
+    Padding,
+}
+
+impl PathError {
+    /// The reason a refused probe is counted under.
+    pub fn refusal(&self) -> ProbeRefusal {
+        match self {
+            PathError::OldProbe(_) | PathError::Version(_) => ProbeRefusal::Version,
+            _ => ProbeRefusal::Malformed,
+        }
+    }
+}
+
+/// Why a probe was refused (a metric label each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum ProbeRefusal {
+    #[error("probe does not decode")]
+    Malformed,
+    #[error("probe of another version")]
+    Version,
+    #[error("probe for no tunnel of this node")]
+    UnknownLink,
+    #[error("probe tag does not verify")]
+    BadTag,
+    #[error("probe sent the wrong way (reflected)")]
+    WrongDirection,
+    #[error("probe seen before")]
+    Replayed,
+    #[error("probe older than the replay window")]
+    TooOld,
+    #[error("pong to no ping of ours")]
+    Unsolicited,
+}
+
+impl ProbeRefusal {
+    /// Every reason, for metrics that list them.
+    pub const ALL: [ProbeRefusal; 8] = [
+        ProbeRefusal::Malformed,
+        ProbeRefusal::Version,
+        ProbeRefusal::UnknownLink,
+        ProbeRefusal::BadTag,
+        ProbeRefusal::WrongDirection,
+        ProbeRefusal::Replayed,
+        ProbeRefusal::TooOld,
+        ProbeRefusal::Unsolicited,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ProbeRefusal::Malformed => "malformed",
+            ProbeRefusal::Version => "version",
+            ProbeRefusal::UnknownLink => "unknown_link",
+            ProbeRefusal::BadTag => "bad_tag",
+            ProbeRefusal::WrongDirection => "wrong_direction",
+            ProbeRefusal::Replayed => "replayed",
+            ProbeRefusal::TooOld => "too_old",
+            ProbeRefusal::Unsolicited => "unsolicited",
+        }
+    }
+}
+
+/// Probes this far behind the newest one seen on a link are refused as too old.
+pub const REPLAY_WINDOW: u64 = 1024;
+
+/// Which counters of a link's probes were seen: the newest, and a bitmap of the
+/// [`REPLAY_WINDOW`] before it (RFC 6479's sliding window). Fixed size per link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayWindow {
+    top: u64,
+    bits: [u64; (REPLAY_WINDOW / 64) as usize],
+}
+
+/// A probe the window let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fresh {
+    /// Newer than every probe before it: it may move state (a relay registration).
+    Newest,
+    /// Not seen before but behind the newest (reordered): answered, moves nothing.
+    Reordered,
+}
+
+impl Default for ReplayWindow {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ReplayWindow {
+    pub fn new() -> Self {
+        Self {
+            top: 0,
+            bits: [0; (REPLAY_WINDOW / 64) as usize],
+        }
+    }
+
+    /// The newest counter seen (0: none yet).
+    pub fn newest(&self) -> u64 {
+        self.top
+    }
+
+    fn bit(seq: u64) -> (usize, u64) {
+        let i = seq % REPLAY_WINDOW;
+        ((i / 64) as usize, 1u64 << (i % 64))
+    }
+
+    /// Records `seq` (of a probe whose tag verified) and says whether it is fresh.
+    pub fn accept(&mut self, seq: u64) -> Result<Fresh, ProbeRefusal> {
+        if seq == 0 {
+            return Err(ProbeRefusal::Replayed);
+        }
+        if seq > self.top {
+            if seq - self.top >= REPLAY_WINDOW {
+                self.bits = [0; (REPLAY_WINDOW / 64) as usize];
+            } else {
+                for s in self.top + 1..seq {
+                    let (w, b) = Self::bit(s);
+                    self.bits[w] &= !b;
+                }
+            }
+            self.top = seq;
+            let (w, b) = Self::bit(seq);
+            self.bits[w] |= b;
+            return Ok(Fresh::Newest);
+        }
+        if self.top - seq >= REPLAY_WINDOW {
+            return Err(ProbeRefusal::TooOld);
+        }
+        let (w, b) = Self::bit(seq);
+        if self.bits[w] & b != 0 {
+            return Err(ProbeRefusal::Replayed);
+        }
+        self.bits[w] |= b;
+        Ok(Fresh::Reordered)
+    }
+}
+
+/// The receiving end of one link's probes: the direction they must carry and the
+/// counters seen. The checks run in the order a forger meets them: direction, tag, then
+/// freshness, so only authenticated probes move the window.
+#[derive(Debug, Clone)]
+pub struct ProbeGuard {
+    expect: Dir,
+    window: ReplayWindow,
+}
+
+impl ProbeGuard {
+    /// A guard for probes sent in direction `expect` (the peer's).
+    pub fn new(expect: Dir) -> Self {
+        Self {
+            expect,
+            window: ReplayWindow::new(),
+        }
+    }
+
+    /// Admits `probe` (of this guard's link) whose tag verified when `tag_ok`.
+    pub fn admit(&mut self, probe: &Probe, tag_ok: bool) -> Result<Fresh, ProbeRefusal> {
+        if probe.dir != self.expect {
+            return Err(ProbeRefusal::WrongDirection);
+        }
+        if !tag_ok {
+            return Err(ProbeRefusal::BadTag);
+        }
+        self.window.accept(probe.seq)
+    }
+
+    /// The newest counter admitted.
+    pub fn newest(&self) -> u64 {
+        self.window.newest()
+    }
 }
 
 /// True when `datagram` starts like a path packet (and is not QUIC).
@@ -122,31 +364,55 @@ pub fn decode(d: &[u8]) -> Result<Option<PathPacket<'_>>, PathError> {
                 }
             }))
         }
+        T_PING_V1 | T_PONG_V1 => Err(PathError::OldProbe(ty)),
         T_PING | T_PONG => {
-            let want = if ty == T_PING { PING_LEN } else { PONG_LEN };
-            if d.len() != want {
+            if d.len() <= O_VERSION {
+                return Err(PathError::Short(d.len()));
+            }
+            if d[O_VERSION] != PROBE_VERSION {
+                return Err(PathError::Version(d[O_VERSION]));
+            }
+            if d.len() != PROBE_LEN {
                 return Err(PathError::Length {
                     ty,
                     len: d.len(),
-                    want,
+                    want: PROBE_LEN,
                 });
             }
+            let dir = match d[O_DIR] {
+                0 => Dir::Low,
+                1 => Dir::High,
+                x => return Err(PathError::Direction(x)),
+            };
+            let u64_at = |o: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&d[o..o + 8]);
+                u64::from_be_bytes(b)
+            };
             let mut tx = [0u8; 12];
-            tx.copy_from_slice(&d[12..24]);
+            tx.copy_from_slice(&d[O_TX..O_ADDR]);
             let mut tag = [0u8; TAG_LEN];
-            tag.copy_from_slice(&d[want - TAG_LEN..]);
+            tag.copy_from_slice(&d[PROBE_LEN - TAG_LEN..]);
             let probe = Probe {
-                link: id(d).0,
+                link: u64_at(O_LINK),
+                dir,
+                seq: u64_at(O_SEQ),
                 tx,
                 tag,
             };
+            let a = &d[O_ADDR..O_ADDR + ADDR_LEN];
             if ty == T_PING {
+                if a.iter().any(|b| *b != 0) {
+                    return Err(PathError::Padding);
+                }
                 return Ok(Some(PathPacket::Ping(probe)));
             }
-            let a = &d[24..43];
             let port = u16::from_be_bytes([a[17], a[18]]);
             let ip = match a[0] {
-                4 => IpAddr::V4(Ipv4Addr::new(a[1], a[2], a[3], a[4])),
+                4 if a[5..17].iter().all(|b| *b == 0) => {
+                    IpAddr::V4(Ipv4Addr::new(a[1], a[2], a[3], a[4]))
+                }
+                4 => return Err(PathError::Padding),
                 6 => {
                     let mut b = [0u8; 16];
                     b.copy_from_slice(&a[1..17]);
@@ -168,10 +434,23 @@ pub fn signed(datagram: &[u8]) -> &[u8] {
     &datagram[..datagram.len().saturating_sub(TAG_LEN)]
 }
 
-fn header(ty: u8, id: u64, out: &mut Vec<u8>) {
+/// The fields a probe's sender chooses (the tag is computed over the rest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeHead {
+    pub link: u64,
+    pub dir: Dir,
+    pub seq: u64,
+    pub tx: [u8; 12],
+}
+
+fn probe_head(ty: u8, h: &ProbeHead, out: &mut Vec<u8>) {
     out.extend_from_slice(&MAGIC);
     out.push(ty);
-    out.extend_from_slice(&id.to_be_bytes());
+    out.push(PROBE_VERSION);
+    out.push(h.dir.byte());
+    out.extend_from_slice(&h.link.to_be_bytes());
+    out.extend_from_slice(&h.seq.to_be_bytes());
+    out.extend_from_slice(&h.tx);
 }
 
 /// Writes a relay header in front of a payload: `RelaySend { to }`.
@@ -191,27 +470,26 @@ pub fn relay_rewrite(datagram: &mut [u8], from: PeerId) {
     }
 }
 
-/// Encodes a ping; `tag` computes the tag over the signed bytes.
-pub fn ping(link: u64, tx: [u8; 12], tag: impl FnOnce(&[u8]) -> [u8; TAG_LEN]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(PING_LEN);
-    header(T_PING, link, &mut out);
-    out.extend_from_slice(&tx);
+/// Encodes a ping (padded to a pong's length); `tag` computes the tag over the signed
+/// bytes.
+pub fn ping(h: &ProbeHead, tag: impl FnOnce(&[u8]) -> [u8; TAG_LEN]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(PROBE_LEN);
+    probe_head(T_PING, h, &mut out);
+    out.extend_from_slice(&[0u8; ADDR_LEN]);
     let t = tag(&out);
     out.extend_from_slice(&t);
     out
 }
 
-/// Encodes a pong to a ping that came from `observed`.
+/// Encodes a pong to a ping that came from `observed` (`h.tx` echoes the ping's).
 pub fn pong(
-    link: u64,
-    tx: [u8; 12],
+    h: &ProbeHead,
     observed: SocketAddr,
     tag: impl FnOnce(&[u8]) -> [u8; TAG_LEN],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(PONG_LEN);
-    header(T_PONG, link, &mut out);
-    out.extend_from_slice(&tx);
-    let mut a = [0u8; 19];
+    let mut out = Vec::with_capacity(PROBE_LEN);
+    probe_head(T_PONG, h, &mut out);
+    let mut a = [0u8; ADDR_LEN];
     match observed.ip() {
         IpAddr::V4(v4) => {
             a[0] = 4;
@@ -234,32 +512,190 @@ mod tests {
     use super::*;
 
     fn tag(b: &[u8]) -> [u8; TAG_LEN] {
+        // A keyed stand-in for HMAC: what matters here is that it covers every byte.
+        use sha2::Digest;
+        let d = sha2::Sha256::new()
+            .chain_update(b"test key")
+            .chain_update(b)
+            .finalize();
         let mut t = [0u8; TAG_LEN];
-        for (i, x) in b.iter().enumerate() {
-            t[i % TAG_LEN] ^= x;
-        }
+        t.copy_from_slice(&d[..TAG_LEN]);
         t
+    }
+
+    fn head(seq: u64, dir: Dir) -> ProbeHead {
+        ProbeHead {
+            link: 7,
+            dir,
+            seq,
+            tx: [1; 12],
+        }
+    }
+
+    fn verify(d: &[u8], p: &Probe) -> bool {
+        tag(signed(d)) == p.tag
     }
 
     #[test]
     fn probes_round_trip_and_the_tag_covers_everything_before_it() {
-        let p = ping(7, [1; 12], tag);
+        let h = head(42, Dir::High);
+        let p = ping(&h, tag);
         assert_eq!(p.len(), PING_LEN);
         let Some(PathPacket::Ping(probe)) = decode(&p).unwrap() else {
             panic!("not a ping")
         };
         assert_eq!(
-            (probe.link, probe.tx, probe.tag),
-            (7, [1; 12], tag(signed(&p)))
+            (probe.link, probe.dir, probe.seq, probe.tx, probe.tag),
+            (7, Dir::High, 42, [1; 12], tag(signed(&p)))
         );
         for observed in ["198.18.0.1:4433", "[fd00::1]:9"] {
             let observed: SocketAddr = observed.parse().unwrap();
-            let q = pong(9, [2; 12], observed, tag);
+            let q = pong(&head(3, Dir::Low), observed, tag);
             let Some(PathPacket::Pong { probe, observed: o }) = decode(&q).unwrap() else {
                 panic!("not a pong")
             };
-            assert_eq!((probe.link, o, probe.tag), (9, observed, tag(signed(&q))));
+            assert_eq!(
+                (probe.link, probe.dir, probe.seq, o, probe.tag),
+                (7, Dir::Low, 3, observed, tag(signed(&q)))
+            );
         }
+        // Every byte before the tag is covered: flipping any one breaks it.
+        for i in 0..PROBE_LEN - TAG_LEN {
+            let mut f = p.clone();
+            f[i] ^= 1;
+            if let Ok(Some(PathPacket::Ping(x) | PathPacket::Pong { probe: x, .. })) = decode(&f) {
+                assert!(!verify(&f, &x), "byte {i} is not covered");
+            }
+        }
+    }
+
+    #[test]
+    fn a_pong_is_never_larger_than_the_ping_that_drew_it() {
+        let p = ping(&head(1, Dir::Low), tag);
+        for observed in ["198.18.0.1:1", "[fd00::1]:65535"] {
+            let q = pong(&head(1, Dir::High), observed.parse().unwrap(), tag);
+            assert!(q.len() <= p.len(), "{} > {}", q.len(), p.len());
+        }
+        // Relayed, both get the same relay header.
+        assert_eq!(PING_LEN, PONG_LEN);
+    }
+
+    #[test]
+    fn a_replayed_ping_is_refused_and_a_reordered_one_is_not() {
+        let mut g = ProbeGuard::new(Dir::Low);
+        let admit = |g: &mut ProbeGuard, seq: u64| {
+            let d = ping(&head(seq, Dir::Low), tag);
+            let Ok(Some(PathPacket::Ping(p))) = decode(&d) else {
+                panic!("ping")
+            };
+            g.admit(&p, verify(&d, &p))
+        };
+        assert_eq!(admit(&mut g, 5), Ok(Fresh::Newest));
+        assert_eq!(
+            admit(&mut g, 5),
+            Err(ProbeRefusal::Replayed),
+            "the same bytes again"
+        );
+        // Its twin: an older counter never seen (reordered on another route) is answered,
+        // but is not the newest.
+        assert_eq!(admit(&mut g, 3), Ok(Fresh::Reordered));
+        assert_eq!(admit(&mut g, 3), Err(ProbeRefusal::Replayed));
+        assert_eq!(admit(&mut g, 6), Ok(Fresh::Newest));
+        assert_eq!(g.newest(), 6);
+    }
+
+    #[test]
+    fn a_forged_probe_does_not_move_the_window() {
+        let mut g = ProbeGuard::new(Dir::Low);
+        let d = ping(&head(9, Dir::Low), tag);
+        let Ok(Some(PathPacket::Ping(p))) = decode(&d) else {
+            panic!("ping")
+        };
+        assert_eq!(g.admit(&p, false), Err(ProbeRefusal::BadTag));
+        assert_eq!(g.newest(), 0, "an unauthenticated counter is not recorded");
+        assert_eq!(g.admit(&p, true), Ok(Fresh::Newest));
+    }
+
+    #[test]
+    fn a_reflected_probe_is_refused() {
+        // A's ping to B, sent back at A unchanged: A expects B's direction.
+        let from_a = ping(&head(1, Dir::Low), tag);
+        let Ok(Some(PathPacket::Ping(p))) = decode(&from_a) else {
+            panic!("ping")
+        };
+        let mut at_a = ProbeGuard::new(Dir::High);
+        assert_eq!(
+            at_a.admit(&p, verify(&from_a, &p)),
+            Err(ProbeRefusal::WrongDirection)
+        );
+        // The ping turned into a pong (type byte rewritten, the padding made an address):
+        // the tag covers the type, so it no longer verifies.
+        let mut as_pong = from_a.clone();
+        as_pong[3] = T_PONG;
+        assert_eq!(decode(&as_pong), Err(PathError::Family(0)));
+        as_pong[O_ADDR] = 4;
+        let Ok(Some(PathPacket::Pong { probe, .. })) = decode(&as_pong) else {
+            panic!("pong")
+        };
+        let mut at_b = ProbeGuard::new(Dir::Low);
+        assert_eq!(
+            at_b.admit(&probe, verify(&as_pong, &probe)),
+            Err(ProbeRefusal::BadTag)
+        );
+    }
+
+    #[test]
+    fn the_window_refuses_what_fell_behind_it_and_survives_jumps() {
+        let mut w = ReplayWindow::new();
+        assert_eq!(
+            w.accept(0),
+            Err(ProbeRefusal::Replayed),
+            "counters start at 1"
+        );
+        assert_eq!(w.accept(1), Ok(Fresh::Newest));
+        assert_eq!(w.accept(REPLAY_WINDOW), Ok(Fresh::Newest));
+        // 1 is the oldest the window still holds: seen.
+        assert_eq!(w.accept(1), Err(ProbeRefusal::Replayed));
+        assert_eq!(w.accept(REPLAY_WINDOW + 1), Ok(Fresh::Newest));
+        // Now 1 is a whole window behind: too old; 2 is inside and unseen.
+        assert_eq!(w.accept(1), Err(ProbeRefusal::TooOld));
+        assert_eq!(w.accept(2), Ok(Fresh::Reordered));
+        // A jump past the whole window clears it; the slots it wraps onto are free.
+        let top = 10 * REPLAY_WINDOW + 3;
+        assert_eq!(w.accept(top), Ok(Fresh::Newest));
+        assert_eq!(w.accept(top - 1), Ok(Fresh::Reordered));
+        assert_eq!(w.accept(top - REPLAY_WINDOW + 1), Ok(Fresh::Reordered));
+        assert_eq!(w.accept(top - REPLAY_WINDOW), Err(ProbeRefusal::TooOld));
+        // Sliding forward one by one forgets the slot a counter reuses.
+        let mut w = ReplayWindow::new();
+        for s in 1..=3 * REPLAY_WINDOW {
+            assert_eq!(w.accept(s), Ok(Fresh::Newest));
+        }
+        for s in 2 * REPLAY_WINDOW + 1..=3 * REPLAY_WINDOW {
+            assert_eq!(w.accept(s), Err(ProbeRefusal::Replayed), "{s}");
+        }
+        assert_eq!(w.accept(u64::MAX), Ok(Fresh::Newest));
+        assert_eq!(w.accept(u64::MAX), Err(ProbeRefusal::Replayed));
+    }
+
+    #[test]
+    fn version_1_probes_and_unknown_versions_are_told_apart() {
+        // A version 1 ping (40 bytes, type 3).
+        let mut v1 = MAGIC.to_vec();
+        v1.push(3);
+        v1.extend_from_slice(&[0; 36]);
+        assert_eq!(decode(&v1), Err(PathError::OldProbe(3)));
+        assert_eq!(PathError::OldProbe(3).refusal(), ProbeRefusal::Version);
+        let mut p = ping(&head(1, Dir::Low), tag);
+        p[O_VERSION] = 3;
+        assert_eq!(decode(&p), Err(PathError::Version(3)));
+        let mut p = ping(&head(1, Dir::Low), tag);
+        p[O_DIR] = 2;
+        assert_eq!(decode(&p), Err(PathError::Direction(2)));
+        let mut p = ping(&head(1, Dir::Low), tag);
+        p[O_ADDR + 3] = 1;
+        assert_eq!(decode(&p), Err(PathError::Padding));
+        assert_eq!(PathError::Padding.refusal(), ProbeRefusal::Malformed);
     }
 
     #[test]
@@ -287,6 +723,15 @@ mod tests {
     }
 
     #[test]
+    fn directions_follow_the_names() {
+        let a = NodeName::new("a").unwrap();
+        let b = NodeName::new("b").unwrap();
+        assert_eq!(Dir::of(&a, &b), Dir::Low);
+        assert_eq!(Dir::of(&b, &a), Dir::High);
+        assert_eq!(Dir::of(&a, &b).reverse(), Dir::of(&b, &a));
+    }
+
+    #[test]
     fn quic_is_not_a_path_packet_and_garbage_is_an_error() {
         assert_eq!(decode(&[0x40, 0, 0, 0, 1]).unwrap(), None);
         assert_eq!(decode(&[0xc0, 0, 0, 0, 1]).unwrap(), None);
@@ -296,15 +741,16 @@ mod tests {
             decode(&[0, b'q', b'm', 99]),
             Err(PathError::UnknownType(99))
         );
+        assert_eq!(decode(&[0, b'q', b'm', T_PING]), Err(PathError::Short(4)));
         assert_eq!(
             decode(&relay_send_header(PeerId(1))),
             Err(PathError::Short(12))
         );
-        let mut p = ping(1, [0; 12], tag);
+        let mut p = ping(&head(1, Dir::Low), tag);
         p.push(0);
         assert!(matches!(decode(&p), Err(PathError::Length { .. })));
-        let mut q = pong(1, [0; 12], "198.18.0.1:1".parse().unwrap(), tag);
-        q[24] = 5;
+        let mut q = pong(&head(1, Dir::Low), "198.18.0.1:1".parse().unwrap(), tag);
+        q[O_ADDR] = 5;
         assert_eq!(decode(&q), Err(PathError::Family(5)));
     }
 }

@@ -1,10 +1,13 @@
 //! The path manager: one task that keeps every tunnel on the best route that works.
 //!
 //! Each tunnel (a *link*) gets a key and an id from its TLS exporter, known only to its
-//! two ends. Pings carry the link id, a random transaction id and a tag over both; a pong
-//! echoes the transaction id and says where the ping came from. So a route is only ever
-//! chosen on the word of the peer itself, and an address is only mapped to a tunnel after
-//! an authenticated ping came from it.
+//! two ends. Probes carry the link id, the sender's direction and counter, a random
+//! transaction id and a tag over all of it; a pong echoes the transaction id and says
+//! where the ping came from. Each end refuses a probe sent its own way (reflected) or
+//! whose counter it has seen (replayed), and counts it. So a route is only ever chosen on
+//! the word of the peer itself, an address is only mapped to a tunnel after a fresh
+//! authenticated ping came from it, and a relay moves a node's registration only on a
+//! ping newer than every one before it.
 //!
 //! Per link, every [`HEARTBEAT`] (while active; every keepalive interval when idle): a
 //! ping on the current route. A relayed link also pings the peer's direct candidates
@@ -12,10 +15,16 @@
 //! without a pong for [`DEAD_AFTER`] is dead: every candidate and every live relay is
 //! pinged and the link moves to the best one that answers (relay failover, and a peer
 //! whose address changed). A ping from an address the link does not use yet is answered
-//! with a ping back at once (both sides punching).
+//! with a ping back at once (both sides punching). These decisions are pure
+//! ([`PathState`]); this task feeds them the clock and carries them out.
+//!
+//! [`HEARTBEAT`]: super::decide::HEARTBEAT
+//! [`UPGRADE_EVERY`]: super::decide::UPGRADE_EVERY
+//! [`DEAD_AFTER`]: super::decide::DEAD_AFTER
 //!
 //! Relays: every node keeps a tunnel to each relay of the mesh and heartbeats it; the
-//! relay takes the ping's source as where to forward that node's relayed packets.
+//! relay takes the source of the newest ping as where to forward that node's relayed
+//! packets.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -23,26 +32,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quicmesh_protocol::ident::NodeName;
-use quicmesh_protocol::path::{self as pp, PathPacket, PeerId, TAG_LEN};
+use quicmesh_protocol::path::{self as pp, Fresh, PathPacket, PeerId, ProbeGuard, ProbeRefusal};
 use ring::hmac;
 use tokio::sync::mpsc;
 
+use super::decide::{PathState, TickIn, TickOut, SEARCH_EVERY};
+use super::probe::Prober;
 use super::{punch, Incoming, Paths, Route, Source};
 use crate::state::{Node, View};
 
-/// Ping interval on an active link's current route.
-pub const HEARTBEAT: Duration = Duration::from_millis(500);
-/// An active route without a pong this long (three heartbeats) is dead. Short on
-/// purpose: QUIC backs its retransmission timer off exponentially while a route is dead,
-/// so a switch within ~2 s lets its next probe (at ~1.9 s or ~3.8 s into the outage) find
-/// the new route.
-pub const DEAD_AFTER: Duration = Duration::from_millis(1700);
-/// The current route missed heartbeats this long while another answers: leave it.
-const STALE_AFTER: Duration = Duration::from_millis(1200);
-/// A relayed link pings the peer's direct candidates this often.
-pub const UPGRADE_EVERY: Duration = Duration::from_secs(2);
-/// A link searching for a route pings every option this often.
-const SEARCH_EVERY: Duration = Duration::from_millis(500);
 /// A link is active when it carried datagrams within this.
 const ACTIVE_FOR: Duration = Duration::from_secs(10);
 /// Pings not answered within this are forgotten.
@@ -56,11 +54,11 @@ const BIRTHDAY_BACKOFF: Duration = Duration::from_secs(30);
 const BIRTHDAY_BACKOFF_MAX: Duration = Duration::from_secs(600);
 /// Spray probes sent per tick.
 const SPRAY_PER_TICK: usize = 256;
-/// A peer that moved (restarted on a new address, say) and whose tunnel answers no probe
-/// within this has lost it: the tunnel is closed so the next flow dials afresh.
-const MOVED_GRACE: Duration = Duration::from_millis(1500);
 /// Gap between tunnel attempts to one relay.
 const RELAY_REDIAL: Duration = Duration::from_secs(3);
+/// A probe for an unknown link makes the manager look for new tunnels at most this often
+/// (probes with made-up link ids must not make it scan on every datagram).
+const RESYNC_EVERY: Duration = Duration::from_millis(100);
 
 /// A tunnel's path state, shown by `status`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -80,47 +78,28 @@ pub struct PathStatus {
 struct Link {
     peer: NodeName,
     conn: quinn::Connection,
-    key: hmac::Key,
+    /// Signs and numbers our probes.
+    prober: Prober,
+    /// Checks the peer's: direction, tag, replay window.
+    guard: ProbeGuard,
     visible: SocketAddr,
-    route: Route,
-    /// Last pong per route.
-    alive: HashMap<Route, Instant>,
-    rtt: Option<Duration>,
-    created: Instant,
-    last_ping: Option<Instant>,
-    last_upgrade: Option<Instant>,
+    /// The route and what is known of the routes (the decisions: [`super::decide`]).
+    path: PathState,
     last_rx: (u64, Instant),
     /// Direct addresses pinged in reaction to the peer's pings (rate limit).
     reacted: HashMap<SocketAddr, Instant>,
-    switches: u32,
-    /// No pong on the current route this long: it is dead (longer for idle links, which
-    /// ping less often).
-    dead_after: Duration,
     /// Next port-dependent NAT attempt, and the wait after it.
     next_birthday: Instant,
     birthday_backoff: Duration,
     /// Spray left to send: (peer's public address, probes left, not before).
     spray: Option<(std::net::IpAddr, usize, Instant)>,
-    /// The peer's endpoint and candidates as last seen in the view.
-    reach: Option<(Option<SocketAddr>, Vec<SocketAddr>)>,
-    /// When the peer's addresses changed and nothing has answered since.
-    moved: Option<Instant>,
-    /// Last pong on any route.
-    last_pong: Option<Instant>,
 }
 
 impl Link {
-    fn tag(&self, bytes: &[u8]) -> [u8; TAG_LEN] {
-        punch::tag(&self.key, bytes)
-    }
-
-    fn verify(&self, datagram: &[u8], tag: &[u8; TAG_LEN]) -> bool {
-        punch::verify(&self.key, datagram, tag)
-    }
-
-    fn current_alive(&self, now: Instant) -> bool {
-        let since = self.alive.get(&self.route).copied().unwrap_or(self.created);
-        now.duration_since(since) < self.dead_after
+    /// Admits a probe of this link: the peer's direction, a right tag, a counter not seen.
+    fn admit(&mut self, datagram: &[u8], probe: &pp::Probe) -> Result<Fresh, ProbeRefusal> {
+        let tag_ok = self.prober.verify(datagram, probe);
+        self.guard.admit(probe, tag_ok)
     }
 
     fn active(&mut self, now: Instant) -> bool {
@@ -171,6 +150,8 @@ struct Manager {
     won_tx: mpsc::Sender<punch::Won>,
     /// Extra sockets adopted lately (kept a moment before a route uses them).
     adopted: HashMap<u16, Instant>,
+    /// When a probe for an unknown link last made us look for new tunnels.
+    resynced: Option<Instant>,
 }
 
 /// What this node's NAT does to its mappings, from the addresses peers saw.
@@ -215,6 +196,7 @@ pub async fn run(node: Arc<Node>, mut incoming: mpsc::Receiver<Incoming>) {
         observed: HashMap::new(),
         won_tx,
         adopted: HashMap::new(),
+        resynced: None,
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -228,6 +210,31 @@ pub async fn run(node: Arc<Node>, mut incoming: mpsc::Receiver<Incoming>) {
             Some(w) = won.recv() => m.adopt(w, Instant::now()),
         }
     }
+}
+
+/// Every direct address the peer may be reached at, plus every live relay.
+fn options(paths: &Paths, visible: SocketAddr, peer: &NodeName, view: &View) -> Vec<Route> {
+    let mut out = Vec::new();
+    if !Paths::is_synth(&visible) {
+        out.push(Route::Direct(visible));
+    }
+    if let Some(p) = view.peers.get(peer) {
+        for a in p.candidates.iter().chain(p.endpoint.iter()) {
+            let r = Route::Direct(*a);
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        }
+    }
+    if !view.peers.get(peer).is_some_and(|p| p.relay) {
+        let to = PeerId::of(peer);
+        for (name, relay) in paths.live_relays().iter() {
+            if name != peer {
+                out.push(Route::Relay { relay: *relay, to });
+            }
+        }
+    }
+    out
 }
 
 impl Manager {
@@ -248,7 +255,7 @@ impl Manager {
         let used: HashSet<u16> = self
             .links
             .values()
-            .filter_map(|l| match l.route {
+            .filter_map(|l| match l.path.route {
                 Route::Punched { socket, .. } => Some(socket),
                 _ => None,
             })
@@ -276,7 +283,7 @@ impl Manager {
             }
             return;
         }
-        if !l.route.is_relay() || now < l.next_birthday {
+        if !l.path.route.is_relay() || now < l.next_birthday {
             return;
         }
         l.next_birthday = now + l.birthday_backoff;
@@ -290,9 +297,9 @@ impl Manager {
         };
         tracing::debug!(peer = %l.peer, ?mine, "trying the port-dependent NAT technique");
         if mine != Mapping::EndpointIndependent {
-            let (key, tx) = (l.key.clone(), self.won_tx.clone());
+            let (prober, tx) = (l.prober.clone(), self.won_tx.clone());
             tokio::spawn(async move {
-                if let Some(w) = punch::spare_sockets(id, key, targets).await {
+                if let Some(w) = punch::spare_sockets(prober, targets).await {
                     let _ = tx.send(w).await;
                 }
             });
@@ -350,29 +357,22 @@ impl Manager {
             let visible = conn.remote_address();
             let route = self.paths.route(visible);
             tracing::debug!(%peer, %visible, ?route, link = id, "path link up");
+            let prober = Prober::new(key, id, &self.node.cfg.name, &peer);
+            let guard = ProbeGuard::new(prober.expect());
             self.links.insert(
                 id,
                 Link {
                     peer,
                     conn,
-                    key,
+                    prober,
+                    guard,
                     visible,
-                    route,
-                    alive: HashMap::new(),
-                    rtt: None,
-                    created: now,
-                    last_ping: None,
-                    last_upgrade: Some(now),
+                    path: PathState::new(route, now),
                     last_rx: (0, now),
                     reacted: HashMap::new(),
-                    switches: 0,
-                    dead_after: DEAD_AFTER,
                     next_birthday: now + BIRTHDAY_AFTER,
                     birthday_backoff: BIRTHDAY_BACKOFF,
                     spray: None,
-                    reach: None,
-                    moved: None,
-                    last_pong: None,
                 },
             );
         }
@@ -424,10 +424,10 @@ impl Manager {
             });
             match link {
                 Some(l) => {
-                    let addr = l.route.direct_addr().unwrap_or(l.visible);
+                    let addr = l.path.route.direct_addr().unwrap_or(l.visible);
                     st.addr = Some(addr);
                     addrs.insert(addr);
-                    if l.current_alive(now) && l.alive.contains_key(&l.route) {
+                    if l.path.current_alive(now) && l.path.alive.contains_key(&l.path.route) {
                         order.push((p.node.clone(), addr));
                     }
                 }
@@ -458,7 +458,7 @@ impl Manager {
             return;
         };
         let tx: [u8; 12] = rand::random();
-        let d = pp::ping(id, tx, |b| l.tag(b));
+        let d = l.prober.ping(tx);
         if self.paths.send_probe(route, &d).is_ok() {
             self.sent.insert(
                 tx,
@@ -471,104 +471,35 @@ impl Manager {
         }
     }
 
-    /// Every direct address the peer may be reached at, plus every live relay.
-    fn options(&self, l: &Link, view: &View) -> Vec<Route> {
-        let mut out = Vec::new();
-        if !Paths::is_synth(&l.visible) {
-            out.push(Route::Direct(l.visible));
-        }
-        if let Some(p) = view.peers.get(&l.peer) {
-            for a in p.candidates.iter().chain(p.endpoint.iter()) {
-                let r = Route::Direct(*a);
-                if !out.contains(&r) {
-                    out.push(r);
-                }
-            }
-        }
-        if !view.peers.get(&l.peer).is_some_and(|p| p.relay) {
-            let to = PeerId::of(&l.peer);
-            for (name, relay) in self.paths.live_relays().iter() {
-                if name != &l.peer {
-                    out.push(Route::Relay { relay: *relay, to });
-                }
-            }
-        }
-        out
-    }
-
     fn drive(&mut self, id: u64, view: &View, now: Instant) {
         let Some(l) = self.links.get_mut(&id) else {
             return;
         };
         // Links to relays stay active: nodes' registrations and relay liveness ride on them.
         let to_relay = view.peers.get(&l.peer).is_some_and(|p| p.relay);
-        let every = if l.active(now) || to_relay {
-            HEARTBEAT
-        } else {
-            crate::tls::keepalive()
+        let input = TickIn {
+            busy: l.active(now) || to_relay,
+            idle_every: crate::tls::keepalive(),
+            reach: view
+                .peers
+                .get(&l.peer)
+                .map(|p| (p.endpoint, p.candidates.clone())),
         };
-        l.dead_after = if every == HEARTBEAT {
-            DEAD_AFTER
-        } else {
-            every * 2 + Duration::from_millis(1200)
-        };
-        let reach = view
-            .peers
-            .get(&l.peer)
-            .map(|p| (p.endpoint, p.candidates.clone()));
-        if l.reach.is_some() && reach.is_some() && l.reach != reach {
-            // The peer moved: probe everything now; no answer soon means the tunnel is gone.
-            tracing::debug!(peer = %l.peer, ?reach, "peer's addresses changed");
-            l.moved = Some(now);
-            l.last_ping = None;
-        }
-        if reach.is_some() {
-            l.reach = reach;
-        }
-        if let Some(at) = l.moved {
-            if l.last_pong.is_some_and(|p| p > at) {
-                l.moved = None;
-            } else if now.duration_since(at) >= MOVED_GRACE {
+        let paths = &self.paths;
+        let (visible, peer) = (l.visible, &l.peer);
+        let out = l
+            .path
+            .tick(now, input, || options(paths, visible, peer, view));
+        match out {
+            TickOut::Close => {
                 tracing::info!(peer = %l.peer, "peer moved and its tunnel answers nowhere; closing it");
                 l.conn.close(quinn::VarInt::from_u32(4), b"peer moved");
-                return;
             }
-        }
-        let alive = l.current_alive(now) && l.moved.is_none();
-        // A route silent past a missed heartbeat or two: keep what QUIC sends on it, to
-        // replay on whatever replaces it.
-        let silent = l
-            .alive
-            .get(&l.route)
-            .is_some_and(|t| now.duration_since(*t) > STALE_AFTER);
-        self.paths.set_suspect(l.visible, silent);
-        let relayed = l.route.is_relay();
-        let due = |t: Option<Instant>, d: Duration| t.is_none_or(|t| now.duration_since(t) >= d);
-        let heartbeat = due(l.last_ping, if alive { every } else { SEARCH_EVERY });
-        let upgrade = relayed && due(l.last_upgrade, UPGRADE_EVERY);
-        let route = l.route;
-        if !heartbeat && !upgrade {
-            return;
-        }
-        if heartbeat {
-            l.last_ping = Some(now);
-        }
-        if upgrade {
-            l.last_upgrade = Some(now);
-        }
-        let options = self.options(&self.links[&id], view);
-        if heartbeat {
-            self.ping(id, route, now);
-            if !alive {
-                // Dead route: ask every option; the best that answers wins.
-                for r in options.iter().filter(|r| **r != route) {
-                    self.ping(id, *r, now);
+            TickOut::Probe { pings, suspect } => {
+                self.paths.set_suspect(l.visible, suspect);
+                for r in pings {
+                    self.ping(id, r, now);
                 }
-            }
-        }
-        if upgrade && alive {
-            for r in options.iter().filter(|r| !r.is_relay()) {
-                self.ping(id, *r, now);
             }
         }
     }
@@ -576,7 +507,8 @@ impl Manager {
     fn incoming(&mut self, p: Incoming, now: Instant) {
         let pkt = match pp::decode(&p.datagram) {
             Ok(Some(pkt)) => pkt,
-            _ => return,
+            Ok(None) => return,
+            Err(e) => return self.refuse(e.refusal(), &p),
         };
         match pkt {
             PathPacket::Ping(probe) => self.on_ping(probe, &p, now),
@@ -585,19 +517,28 @@ impl Manager {
         }
     }
 
+    fn refuse(&self, why: ProbeRefusal, p: &Incoming) {
+        tracing::trace!(source = ?p.source, reason = why.label(), "probe refused");
+        self.paths.metrics.probe_refused(why);
+    }
+
     fn on_ping(&mut self, probe: pp::Probe, p: &Incoming, now: Instant) {
-        if !self.links.contains_key(&probe.link) {
+        if !self.links.contains_key(&probe.link)
+            && self
+                .resynced
+                .is_none_or(|t| now.duration_since(t) >= RESYNC_EVERY)
+        {
             // A tunnel that just came up may not be a link yet.
+            self.resynced = Some(now);
             self.sync_links(now);
         }
         let Some(l) = self.links.get_mut(&probe.link) else {
-            self.paths.metrics.probe_refused("unknown_link");
-            return;
+            return self.refuse(ProbeRefusal::UnknownLink, p);
         };
-        if !l.verify(&p.datagram, &probe.tag) {
-            self.paths.metrics.probe_refused("bad_tag");
-            return;
-        }
+        let fresh = match l.admit(&p.datagram, &probe) {
+            Ok(f) => f,
+            Err(why) => return self.refuse(why, p),
+        };
         let observed = match p.source {
             Source::Direct(a) | Source::Punched { addr: a, .. } => a,
             Source::Relay { relay, .. } => relay,
@@ -605,11 +546,13 @@ impl Manager {
         if let Some(from) = p.source.direct_addr() {
             // The peer proved it sends from here: its datagrams from here are this tunnel's.
             self.paths.accept_from(from, l.visible);
-            if self.paths.is_relay {
+            // A relay forwards to one address per node: only the newest ping moves it (an
+            // older one, reordered on another route, must not move it back).
+            if self.paths.is_relay && fresh == Fresh::Newest {
                 self.paths.register(PeerId::of(&l.peer), from);
             }
         }
-        let d = pp::pong(probe.link, probe.tx, observed, |b| l.tag(b));
+        let d = l.prober.pong(probe.tx, observed);
         let r = self.paths.send_probe(p.source.route(), &d);
         tracing::trace!(peer = %l.peer, source = ?p.source, sent = ?r, "ping answered");
         // Punching: a ping from an address we do not send to is answered by one of ours.
@@ -619,7 +562,7 @@ impl Manager {
                 .reacted
                 .get(&from)
                 .is_none_or(|t| now.duration_since(*t) >= SEARCH_EVERY);
-            if l.route != back && fresh {
+            if l.path.route != back && fresh {
                 l.reacted.insert(from, now);
                 l.reacted.retain(|_, t| now.duration_since(*t) < PONG_WAIT);
                 self.ping(probe.link, back, now);
@@ -628,27 +571,23 @@ impl Manager {
     }
 
     fn on_pong(&mut self, probe: pp::Probe, observed: SocketAddr, p: &Incoming, now: Instant) {
-        let Some(sent) = self.sent.get(&probe.tx) else {
-            return;
-        };
-        if sent.link != probe.link {
-            return;
-        }
         let Some(l) = self.links.get_mut(&probe.link) else {
-            return;
+            return self.refuse(ProbeRefusal::UnknownLink, p);
         };
-        if !l.verify(&p.datagram, &probe.tag) {
-            self.paths.metrics.probe_refused("bad_tag");
-            return;
+        if let Err(why) = l.admit(&p.datagram, &probe) {
+            return self.refuse(why, p);
         }
-        let Some(sent) = self.sent.remove(&probe.tx) else {
-            return;
+        let sent = match self.sent.get(&probe.tx) {
+            Some(s) if s.link == probe.link => self.sent.remove(&probe.tx),
+            _ => None,
+        };
+        let Some(sent) = sent else {
+            // Late (past PONG_WAIT), or a second answer to one ping.
+            return self.refuse(ProbeRefusal::Unsolicited, p);
         };
         let route = sent.route;
         let rtt = now.duration_since(sent.at);
-        l.last_pong = Some(now);
         tracing::trace!(peer = %l.peer, ?route, ?rtt, "pong");
-        l.alive.insert(route, now);
         if let Route::Direct(a) = route {
             // Our address as this peer saw it (main socket): tells our NAT's mapping.
             if !Paths::is_synth(&observed) {
@@ -659,39 +598,22 @@ impl Manager {
                 }
             }
         }
-        if route == l.route {
-            l.rtt = Some(rtt);
+        let Some(from) = l.path.pong(route, now, rtt) else {
             return;
+        };
+        tracing::info!(peer = %l.peer, ?from, to = ?route, rtt = ?rtt, "tunnel path changed");
+        self.paths
+            .metrics
+            .path_switch(if route.is_relay() { "relay" } else { "direct" });
+        self.paths.set_route(l.visible, route);
+        // Datagrams lost on the old route wait for QUIC's backed-off retransmission
+        // timer: QUIC's last datagrams (its probes) are sent again on the new route, and
+        // an ack-eliciting datagram follows (empty: receivers ignore it); the peer's
+        // acknowledgements get the losses declared and resent at once.
+        for d in self.paths.take_replay(l.visible) {
+            let _ = self.paths.send_probe(route, &d);
         }
-        let current_dead = !l.current_alive(now);
-        // The current route missed heartbeats while this one answers: move now rather
-        // than wait for it to be declared dead (a NAT rebinding, a new address).
-        let current_stale = l
-            .alive
-            .get(&l.route)
-            .is_some_and(|t| now.duration_since(*t) > STALE_AFTER)
-            && l.dead_after == DEAD_AFTER;
-        let better = (route.direct_addr().is_some() && l.route.is_relay())
-            || current_dead
-            || (current_stale && route.direct_addr().is_some() == l.route.direct_addr().is_some());
-        if better {
-            tracing::info!(peer = %l.peer, from = ?l.route, to = ?route, rtt = ?rtt, "tunnel path changed");
-            self.paths
-                .metrics
-                .path_switch(if route.is_relay() { "relay" } else { "direct" });
-            self.paths.set_route(l.visible, route);
-            // Datagrams lost on the old route wait for QUIC's backed-off retransmission
-            // timer: QUIC's last datagrams (its probes) are sent again on the new route,
-            // and an ack-eliciting datagram follows (empty: receivers ignore it); the
-            // peer's acknowledgements get the losses declared and resent at once.
-            for d in self.paths.take_replay(l.visible) {
-                let _ = self.paths.send_probe(route, &d);
-            }
-            let _ = l.conn.send_datagram(bytes::Bytes::new());
-            l.route = route;
-            l.rtt = Some(rtt);
-            l.switches += 1;
-        }
+        let _ = l.conn.send_datagram(bytes::Bytes::new());
     }
 
     fn publish(&self, view: &View) {
@@ -710,7 +632,7 @@ impl Manager {
             {
                 continue;
             }
-            let (kind, address, relay) = match l.route {
+            let (kind, address, relay) = match l.path.route {
                 Route::Direct(a) | Route::Punched { addr: a, .. } => ("direct", a, None),
                 Route::Relay { relay, .. } => (
                     "relay",
@@ -724,8 +646,8 @@ impl Manager {
                     kind,
                     address,
                     relay,
-                    rtt_ms: l.rtt.map(|r| r.as_secs_f64() * 1e3),
-                    switches: l.switches,
+                    rtt_ms: l.path.rtt.map(|r| r.as_secs_f64() * 1e3),
+                    switches: l.path.switches,
                 },
             );
         }
@@ -771,23 +693,5 @@ mod tests {
             ("198.18.71.12", "198.18.71.11:7800"),
         ]);
         assert_eq!(mapping(&m), Mapping::Unknown);
-    }
-
-    #[test]
-    fn spare_socket_probes_verify_only_under_their_link_key() {
-        let k1 = hmac::Key::new(hmac::HMAC_SHA256, &[1; 32]);
-        let k2 = hmac::Key::new(hmac::HMAC_SHA256, &[2; 32]);
-        let d = pp::ping(5, [9; 12], |b| punch::tag(&k1, b));
-        let Ok(Some(PathPacket::Ping(p))) = pp::decode(&d) else {
-            panic!("ping")
-        };
-        assert!(punch::verify(&k1, &d, &p.tag));
-        assert!(!punch::verify(&k2, &d, &p.tag), "another tunnel's key");
-        let mut forged = d.clone();
-        forged[12] ^= 1;
-        assert!(
-            !punch::verify(&k1, &forged, &p.tag),
-            "altered transaction id"
-        );
     }
 }

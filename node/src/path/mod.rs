@@ -10,7 +10,9 @@
 //! tables; QUIC never notices (its server-side migration is off, so nothing else moves a
 //! tunnel).
 
+pub mod decide;
 pub mod manager;
+pub mod probe;
 pub mod punch;
 pub mod socket;
 
@@ -90,6 +92,9 @@ const REPLAY_KEEP: usize = 8;
 const SYNTH_MAX: u32 = 1 << 20;
 /// Most probes waiting for the manager.
 const PROBES_MAX: usize = 1024;
+/// Most addresses a tunnel's direct datagrams are taken from besides its route's (each
+/// proven by a fresh ping); the oldest goes first.
+pub const ACCEPT_MAX: usize = 4;
 
 /// The route tables shared by the socket (every datagram) and the manager (edits).
 /// Reads are lock-free snapshots; edits copy the small maps.
@@ -99,6 +104,9 @@ pub struct Paths {
     send: ArcSwap<HashMap<SocketAddr, Route>>,
     /// Actual source address -> visible address (direct routes that replaced another).
     recv: ArcSwap<HashMap<SocketAddr, SocketAddr>>,
+    /// Visible address -> the addresses [`Paths::accept_from`] added for it, oldest first
+    /// (at most [`ACCEPT_MAX`]).
+    accepted: Mutex<HashMap<SocketAddr, VecDeque<SocketAddr>>>,
     /// Peer id -> the synthetic address of tunnels through relays, and back.
     synth: ArcSwap<HashMap<PeerId, SocketAddr>>,
     synth_rev: ArcSwap<HashMap<SocketAddr, PeerId>>,
@@ -167,6 +175,7 @@ impl Paths {
             Arc::new(Self {
                 send: ArcSwap::from_pointee(HashMap::new()),
                 recv: ArcSwap::from_pointee(HashMap::new()),
+                accepted: Mutex::new(HashMap::new()),
                 synth: ArcSwap::from_pointee(HashMap::new()),
                 synth_rev: ArcSwap::from_pointee(HashMap::new()),
                 relay_from: ArcSwap::from_pointee(HashMap::new()),
@@ -279,6 +288,8 @@ impl Paths {
 
     /// Takes direct datagrams from `actual` as coming from `visible` (the peer proved, with
     /// an authenticated ping, that it sends from there) without changing where ours go.
+    /// At most [`ACCEPT_MAX`] such addresses per tunnel: the oldest is dropped (unless our
+    /// datagrams go there).
     pub fn accept_from(&self, actual: SocketAddr, visible: SocketAddr) {
         if actual == visible || self.recv.load().get(&actual) == Some(&visible) {
             return;
@@ -286,6 +297,19 @@ impl Paths {
         let _g = self.lock();
         let mut recv = HashMap::clone(&self.recv.load());
         recv.insert(actual, visible);
+        let routed = self.route(visible).direct_addr();
+        let mut accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+        let q = accepted.entry(visible).or_default();
+        q.retain(|a| *a != actual && recv.get(a) == Some(&visible));
+        q.push_back(actual);
+        while q.len() > ACCEPT_MAX {
+            let Some(old) = q.pop_front() else {
+                break;
+            };
+            if Some(old) != routed {
+                recv.remove(&old);
+            }
+        }
         self.recv.store(Arc::new(recv));
     }
 
@@ -296,6 +320,10 @@ impl Paths {
         send.remove(&visible);
         let mut recv = HashMap::clone(&self.recv.load());
         recv.retain(|_, v| *v != visible);
+        self.accepted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&visible);
         self.send.store(Arc::new(send));
         self.recv.store(Arc::new(recv));
     }
@@ -488,6 +516,36 @@ mod tests {
         assert_eq!(p.recv.load().get(&b), Some(&v));
         p.set_route(v, Route::Direct(v));
         assert!(p.send.load().is_empty() && p.recv.load().is_empty());
+    }
+
+    #[test]
+    fn a_tunnel_takes_datagrams_from_at_most_accept_max_proven_addresses() {
+        let p = paths();
+        let v: SocketAddr = "198.18.0.2:4433".parse().unwrap();
+        let route: SocketAddr = "198.18.0.9:4433".parse().unwrap();
+        p.set_route(v, Route::Direct(route));
+        p.accept_from(route, v);
+        let addr = |i: u16| SocketAddr::from(([198, 18, 1, 1], 1000 + i));
+        for i in 0..100 {
+            p.accept_from(addr(i), v);
+        }
+        let recv = p.recv.load();
+        let mine: Vec<_> = recv.iter().filter(|(_, x)| **x == v).collect();
+        // The route's own address stays; of the rest, the newest ACCEPT_MAX.
+        assert_eq!(mine.len(), ACCEPT_MAX + 1, "{mine:?}");
+        assert_eq!(recv.get(&route), Some(&v));
+        for i in 100 - ACCEPT_MAX as u16..100 {
+            assert_eq!(recv.get(&addr(i)), Some(&v), "{i}");
+        }
+        assert_eq!(recv.get(&addr(0)), None);
+        // Its twin: another tunnel's addresses are not counted against this one.
+        let w: SocketAddr = "198.18.0.3:4433".parse().unwrap();
+        p.accept_from(addr(500), w);
+        assert_eq!(p.recv.load().get(&addr(500)), Some(&w));
+        assert_eq!(p.recv.load().get(&addr(99)), Some(&v));
+        p.forget(v);
+        assert!(p.recv.load().values().all(|x| *x != v));
+        assert!(!p.accepted.lock().unwrap().contains_key(&v));
     }
 
     #[test]

@@ -9,15 +9,17 @@
 //! spare socket is answered from it; that socket joins the tunnel socket
 //! ([`super::Paths::add_extra`]) and carries the tunnel from then on; the rest close.
 //!
-//! Every probe is authenticated with the tunnel's key: a stranger's packets arriving on a
-//! spare socket are ignored.
+//! Every probe is authenticated with the tunnel's key and numbered from the link's counter
+//! ([`super::probe::Prober`]): a stranger's packets arriving on a spare socket are
+//! ignored, and the manager refuses a replayed one.
 
 use std::net::SocketAddr;
 use std::task::Poll;
 use std::time::Duration;
 
-use quicmesh_protocol::path::{self as pp, PathPacket, TAG_LEN};
-use ring::hmac;
+use quicmesh_protocol::path::{self as pp, PathPacket};
+
+use super::probe::Prober;
 
 /// Sockets the port-dependent side opens per attempt.
 pub const SPARE_SOCKETS: usize = 256;
@@ -37,23 +39,10 @@ pub struct Won {
     pub datagram: Vec<u8>,
 }
 
-/// A probe's tag under `key`.
-pub fn tag(key: &hmac::Key, bytes: &[u8]) -> [u8; TAG_LEN] {
-    let t = hmac::sign(key, bytes);
-    let mut out = [0u8; TAG_LEN];
-    out.copy_from_slice(&t.as_ref()[..TAG_LEN]);
-    out
-}
-
-/// True when `datagram`'s tag is right under `key` (constant time).
-pub fn verify(key: &hmac::Key, datagram: &[u8], got: &[u8; TAG_LEN]) -> bool {
-    let want = tag(key, pp::signed(datagram));
-    want.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-}
-
 /// Opens the spare sockets, pings `targets` from each until [`ATTEMPT_FOR`] passes, and
-/// returns the first socket an authenticated probe of `link` arrives on.
-pub async fn spare_sockets(link: u64, key: hmac::Key, targets: Vec<SocketAddr>) -> Option<Won> {
+/// returns the first socket an authenticated probe of the link arrives on.
+pub async fn spare_sockets(prober: Prober, targets: Vec<SocketAddr>) -> Option<Won> {
+    let link = prober.link();
     let mut socks = Vec::with_capacity(SPARE_SOCKETS);
     for _ in 0..SPARE_SOCKETS {
         match tokio::net::UdpSocket::bind(("0.0.0.0", 0)).await {
@@ -76,7 +65,7 @@ pub async fn spare_sockets(link: u64, key: hmac::Key, targets: Vec<SocketAddr>) 
             _ = resend.tick() => {
                 for s in &socks {
                     for t in &targets {
-                        let d = pp::ping(link, rand::random(), |b| tag(&key, b));
+                        let d = prober.ping(rand::random());
                         let _ = s.try_send_to(&d, *t);
                     }
                 }
@@ -97,7 +86,7 @@ pub async fn spare_sockets(link: u64, key: hmac::Key, targets: Vec<SocketAddr>) 
             Ok(Some(PathPacket::Ping(p))) | Ok(Some(PathPacket::Pong { probe: p, .. })) => p,
             _ => continue,
         };
-        if probe.link != link || !verify(&key, &datagram, &probe.tag) {
+        if !prober.is_peers(&datagram, &probe) {
             continue;
         }
         let socket = socks.swap_remove(i).into_std().ok()?;

@@ -14,6 +14,7 @@ use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
 use super::{Extra, Incoming, Paths, Route, Source, PENDING_MAX};
+use crate::reason::RelayDrop;
 
 /// QUIC's socket: the real UDP socket under the route tables.
 #[derive(Debug)]
@@ -61,16 +62,16 @@ impl MeshSocket {
         match pp::decode(seg) {
             Ok(Some(PathPacket::RelaySend { to, .. })) => {
                 if !self.paths.is_relay {
-                    m.relay_dropped("not_a_relay");
+                    m.relay_dropped(RelayDrop::NotARelay);
                     return;
                 }
                 let reg = self.paths.registry.load();
                 let Some(src) = reg.by_addr.get(&from).copied() else {
-                    m.relay_dropped("sender_not_registered");
+                    m.relay_dropped(RelayDrop::SenderNotRegistered);
                     return;
                 };
                 let Some(dst) = reg.by_id.get(&to).copied() else {
-                    m.relay_dropped("destination_not_registered");
+                    m.relay_dropped(RelayDrop::DestinationNotRegistered);
                     return;
                 };
                 pp::relay_rewrite(seg, src);
@@ -86,7 +87,7 @@ impl MeshSocket {
                         m.relay_forwarded.inc();
                         m.relay_forwarded_bytes.inc_by(seg.len() as u64);
                     }
-                    Err(_) => m.relay_dropped("send_failed"),
+                    Err(_) => m.relay_dropped(RelayDrop::SendFailed),
                 }
             }
             Ok(Some(PathPacket::RelayRecv {
@@ -94,7 +95,7 @@ impl MeshSocket {
                 payload,
             })) => {
                 if !self.paths.relays.load().contains(&from) {
-                    m.relay_dropped("unknown_relay");
+                    m.relay_dropped(RelayDrop::UnknownRelay);
                     return;
                 }
                 if pp::is_path_packet(payload) {
@@ -136,7 +137,10 @@ impl MeshSocket {
                 self.to_manager(source, seg);
             }
             Ok(None) => {}
-            Err(_) => m.relay_dropped("malformed"),
+            Err(e @ (pp::PathError::OldProbe(_) | pp::PathError::Version(_))) => {
+                m.probe_refused(e.refusal())
+            }
+            Err(_) => m.relay_dropped(RelayDrop::Malformed),
         }
     }
 
