@@ -53,7 +53,7 @@ pub struct OverlayMetrics {
     pub tx_bytes: Counter,
     pub rx_bytes: Counter,
     /// Indexed by [`crate::overlay::firewall::DropReason::index`].
-    pub dropped: [Counter; 10],
+    pub dropped: [Counter; crate::overlay::firewall::DropReason::COUNT],
 }
 
 /// The path layer's counters (relaying, probes, route changes).
