@@ -178,6 +178,7 @@ fn icmp_error(v6: bool, kind: u8) -> bool {
 
 /// Reads the transport header of protocol `proto` from `l4`. A quoted packet (inside an
 /// ICMP error) needs only its ports, and is not itself searched for a quote.
+#[inline(always)]
 fn transport(proto: u8, l4: &[u8], v6: bool, quoted: bool) -> Result<Transport, PacketError> {
     let icmp = if v6 { ICMPV6 } else { ICMP };
     match proto {
@@ -221,7 +222,11 @@ fn transport(proto: u8, l4: &[u8], v6: bool, quoted: bool) -> Result<Transport, 
 }
 
 /// The flow of the packet an ICMP error quotes: the same IP version, its transport's
-/// ports or echo identifier readable.
+/// ports or echo identifier readable. Never inlined: it closes the recursion (an error's
+/// quote is parsed by the same code), which would otherwise keep the per-packet path
+/// from being inlined into one function.
+#[cold]
+#[inline(never)]
 fn quote(q: &[u8], v6: bool) -> Option<Quoted> {
     let i = headers(q, true).ok()?;
     if i.src.is_ipv6() != v6 {
@@ -247,6 +252,7 @@ fn quote(q: &[u8], v6: bool) -> Option<Quoted> {
 /// IPv4; hop-by-hop (first only), routing (no segments left), fragment (once),
 /// destination options and AH in IPv6. `fragment` is IPv4's (from its header), or set
 /// here from IPv6's fragment header.
+#[inline(always)]
 fn walk(
     p: &[u8],
     mut at: usize,
@@ -330,10 +336,12 @@ fn walk(
 }
 
 /// Parses the headers of an IPv4 or IPv6 packet.
+#[inline]
 pub fn parse(p: &[u8]) -> Result<PacketInfo, PacketError> {
     headers(p, false)
 }
 
+#[inline(always)]
 fn headers(p: &[u8], quoted: bool) -> Result<PacketInfo, PacketError> {
     let first = *p.first().ok_or(PacketError::Empty)?;
     match first >> 4 {
