@@ -523,3 +523,91 @@ mod sniff {
         }
     }
 }
+
+/// Crafted overlay packets a rogue host writes past its own stack: IPv6 with extension
+/// headers, sent through a raw socket (`IPPROTO_RAW`: the header is ours) so they leave
+/// by the route to `dst`, the node's TUN device.
+pub mod crafted {
+    use std::io::Read;
+    use std::net::{Ipv6Addr, SocketAddrV6};
+    use std::time::{Duration, Instant};
+
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+    fn checksum(parts: &[&[u8]]) -> u16 {
+        let mut sum: u32 = 0;
+        for part in parts {
+            for c in part.chunks(2) {
+                sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// A TCP SYN from `src:sport` to `dst:dport` wrapped in an atomic fragment (a
+    /// fragment header with offset 0 and M=0): a whole packet, which a firewall that does
+    /// not walk extension headers sees as protocol 44 with no ports.
+    pub fn atomic_fragment_syn(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+        tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+        tcp[4..8].copy_from_slice(&0x5eed_0001u32.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x02;
+        tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+        let pseudo = [
+            &src.octets()[..],
+            &dst.octets()[..],
+            &(tcp.len() as u32).to_be_bytes()[..],
+            &[0, 0, 0, 6][..],
+        ]
+        .concat();
+        let c = checksum(&[&pseudo, &tcp]);
+        tcp[16..18].copy_from_slice(&c.to_be_bytes());
+        let frag = [6u8, 0, 0, 0, 0, 0, 0x51, 0x7e];
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&((frag.len() + tcp.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&[44, 64]);
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(&frag);
+        p.extend_from_slice(&tcp);
+        p
+    }
+
+    /// Sends `packet` (a whole IPv6 packet) towards `dst`, then counts the TCP SYN-ACKs
+    /// from port `from_port` that arrive within `wait`. Run it in the sender's namespace.
+    pub fn send_and_count_syn_acks(
+        packet: &[u8],
+        dst: Ipv6Addr,
+        from_port: u16,
+        wait: Duration,
+    ) -> std::io::Result<usize> {
+        let listen = Socket::new(
+            Domain::IPV6,
+            Type::from(libc::SOCK_RAW),
+            Some(Protocol::TCP),
+        )?;
+        listen.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let raw = Socket::new(
+            Domain::IPV6,
+            Type::from(libc::SOCK_RAW),
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )?;
+        raw.send_to(packet, &SockAddr::from(SocketAddrV6::new(dst, 0, 0, 0)))?;
+        let (mut n, t, mut buf) = (0, Instant::now(), [0u8; 2048]);
+        while t.elapsed() < wait {
+            // IPv6 raw sockets deliver from the transport header on.
+            if let Ok(len) = (&listen).read(&mut buf) {
+                let sport = u16::from_be_bytes([buf[0], buf[1]]);
+                if len >= 20 && sport == from_port && buf[13] & 0x12 == 0x12 {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+}

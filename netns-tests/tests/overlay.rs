@@ -399,3 +399,122 @@ fn overlay_tcp_completes_over_a_1280_byte_underlay_path() {
     assert!(too_big > 0.0, "no packet was answered with ICMP too big");
     drop(w.net);
 }
+
+/// Connections waiting in SYN-RECV on `port` in namespace `ns` (a SYN the stack took).
+fn syn_recv(ns: &str, port: u16) -> usize {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "ss", "-Htn", "state", "syn-recv"])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("]:{port} ")))
+        .count()
+}
+
+#[test]
+fn overlay_ipv6_extension_headers_and_fragments_do_not_bypass_the_firewall() {
+    use quicmesh_netns_tests::rogue::crafted;
+    let _s = serial();
+    let w = world("ov4", None);
+    let policy =
+        "default = \"deny\"\n[[rule]]\nfrom = \"a-svc\"\nto = \"b-svc\"\naction = \"allow\"\n";
+    w.coord.apply_policy(&w.mesh, policy).unwrap();
+    let a = w.node(
+        NodeSpec::new("node-a")
+            .on(&w.ns_a)
+            .overlay("qm0")
+            .overlay_service("a-svc", &["tcp/9"]),
+    );
+    let b = w.node(
+        NodeSpec::new("node-b")
+            .on(&w.ns_b)
+            .overlay("qm0")
+            .overlay_service("b-svc", &["tcp/5201", "udp/5353"])
+            .overlay_service("b-admin", &["tcp/6000"]),
+    );
+    w.coord.wait_all_acked(2, Duration::from_secs(20));
+    let (_, a6) = overlay_addrs(&a);
+    let (_, b6) = overlay_addrs(&b);
+    let (IpAddr::V6(a6), IpAddr::V6(b6)) = (a6, b6) else {
+        unreachable!()
+    };
+    udp_echo(&w.ns_b, SocketAddr::new(b6.into(), 5353));
+    for port in [5201, 6000] {
+        tcp_echo(&w.ns_b, SocketAddr::new(b6.into(), port));
+    }
+
+    // node-b's host sends node-a a fragmented datagram (2000 bytes at the 1400-byte
+    // overlay MTU): the old tracker keyed its fragments "protocol 44, no ports" and then
+    // let in anything node-a sent with a fragment header first.
+    // (Repeated: the first packets only dial the tunnel.)
+    in_ns(&w.ns_b, move || {
+        let s = UdpSocket::bind("[::]:0").unwrap();
+        for _ in 0..6 {
+            s.send_to(&[7u8; 2000], SocketAddr::new(a6.into(), 9999))
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    })
+    .unwrap();
+
+    // The attack: an atomic fragment (fragment header, offset 0, M=0) wrapping a SYN to
+    // b-admin's port, which policy does not let a-svc reach. Sent until node-b saw it
+    // one way or the other (node-a's first packets may only dial the tunnel).
+    let before = drops(&b, "policy_denied");
+    let (mut answered, mut taken) = (0, 0);
+    for _ in 0..5 {
+        let syn = crafted::atomic_fragment_syn(a6, b6, 40000, 6000);
+        answered += in_ns(&w.ns_a, move || {
+            crafted::send_and_count_syn_acks(&syn, b6, 6000, Duration::from_secs(1)).unwrap()
+        })
+        .unwrap();
+        taken = syn_recv(&w.ns_b, 6000);
+        if taken > 0 || drops(&b, "policy_denied") > before {
+            break;
+        }
+    }
+    assert_eq!(
+        (answered, taken),
+        (0, 0),
+        "b-admin took an atomic-fragment-wrapped SYN (SYN-ACKs seen at a, SYN-RECV at b)"
+    );
+    assert!(
+        drops(&b, "policy_denied") > before,
+        "the wrapped SYN was not dropped as policy_denied at node-b: {:?}",
+        b.status().map(|s| s["overlay"].clone())
+    );
+    // Its allowed twin: the same wrapping of a SYN to b-svc's port is answered.
+    let syn = crafted::atomic_fragment_syn(a6, b6, 40001, 5201);
+    let answered = in_ns(&w.ns_a, move || {
+        crafted::send_and_count_syn_acks(&syn, b6, 5201, Duration::from_secs(2)).unwrap()
+    })
+    .unwrap();
+    assert!(answered > 0, "an allowed wrapped SYN drew no SYN-ACK");
+    // Fragmented datagrams both ways pass (new with the fragment tracking: before, a
+    // later fragment's "protocol 44" opened nothing): 2000 bytes to b-svc's UDP port
+    // (the echo reads 2048) and back.
+    let to = SocketAddr::new(b6.into(), 5353);
+    let t = Instant::now();
+    loop {
+        let echoed = in_ns(&w.ns_a, move || {
+            let s = UdpSocket::bind("[::]:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            s.send_to(&[7u8; 2000], to).unwrap();
+            let mut buf = [0u8; 4000];
+            s.recv_from(&mut buf).map(|(n, _)| n).unwrap_or(0)
+        })
+        .unwrap();
+        if echoed == 2000 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "a fragmented datagram never made the round trip: a {:?}, b {:?}",
+            a.status().map(|s| s["overlay"].clone()),
+            b.status().map(|s| s["overlay"].clone())
+        );
+    }
+
+    drop(w.net);
+}

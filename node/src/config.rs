@@ -88,12 +88,19 @@ pub struct OverlayConfig {
     /// The TUN device's MTU: the largest inner packet. Packets that do not fit the path
     /// to a peer are answered with ICMP "too big".
     pub mtu: u16,
+    /// Most flows the overlay firewall tracks, and most any one peer may open.
+    pub max_flows: usize,
+    pub max_flows_per_peer: usize,
 }
 
 /// Default TUN device name.
 pub const DEFAULT_OVERLAY_DEVICE: &str = "quicmesh0";
 /// Default overlay MTU: fits a QUIC datagram on a 1500-byte underlay, IPv4 or IPv6.
 pub const DEFAULT_OVERLAY_MTU: u16 = 1400;
+/// Default bound on the overlay firewall's flow table (about 6 MB at most).
+pub const DEFAULT_OVERLAY_MAX_FLOWS: usize = 65_536;
+/// Default bound on the flows any one peer may open to this node through the overlay.
+pub const DEFAULT_OVERLAY_MAX_FLOWS_PER_PEER: usize = 4_096;
 
 /// A mesh service consumed by local apps through a local listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +226,8 @@ struct RawOverlay {
     enabled: Option<bool>,
     device: Option<String>,
     mtu: Option<i64>,
+    max_flows: Option<i64>,
+    max_flows_per_peer: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -505,7 +514,32 @@ impl NodeConfig {
                         ))
                     }
                 };
-                Some(OverlayConfig { device, mtu })
+                let max_flows = match o.max_flows {
+                    None => DEFAULT_OVERLAY_MAX_FLOWS,
+                    Some(n) if (1024..=16_777_216).contains(&n) => n as usize,
+                    Some(n) => {
+                        return Err(err(
+                            "overlay.max_flows",
+                            format!("{n} is not between 1024 and 16777216"),
+                        ))
+                    }
+                };
+                let max_flows_per_peer = match o.max_flows_per_peer {
+                    None => DEFAULT_OVERLAY_MAX_FLOWS_PER_PEER.min(max_flows),
+                    Some(n) if n >= 1 && n as usize <= max_flows => n as usize,
+                    Some(n) => {
+                        return Err(err(
+                            "overlay.max_flows_per_peer",
+                            format!("{n} is not between 1 and max_flows ({max_flows})"),
+                        ))
+                    }
+                };
+                Some(OverlayConfig {
+                    device,
+                    mtu,
+                    max_flows,
+                    max_flows_per_peer,
+                })
             }
             _ => None,
         };
@@ -700,7 +734,9 @@ bind = "127.0.0.1:15432"
             o.overlay,
             Some(OverlayConfig {
                 device: DEFAULT_OVERLAY_DEVICE.into(),
-                mtu: DEFAULT_OVERLAY_MTU
+                mtu: DEFAULT_OVERLAY_MTU,
+                max_flows: DEFAULT_OVERLAY_MAX_FLOWS,
+                max_flows_per_peer: DEFAULT_OVERLAY_MAX_FLOWS_PER_PEER,
             })
         );
         let e = parse(&format!("{GOOD}\n[overlay]\nenabled = true\nmtu = 500\n")).unwrap_err();
@@ -710,6 +746,23 @@ bind = "127.0.0.1:15432"
         ))
         .unwrap_err();
         assert_eq!(e.key, "overlay.device");
+        let o = parse(&format!(
+            "{GOOD}\n[overlay]\nenabled = true\nmax_flows = 2048\nmax_flows_per_peer = 100\n"
+        ))
+        .unwrap()
+        .overlay
+        .unwrap();
+        assert_eq!((o.max_flows, o.max_flows_per_peer), (2048, 100));
+        let e = parse(&format!(
+            "{GOOD}\n[overlay]\nenabled = true\nmax_flows = 10\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "overlay.max_flows");
+        let e = parse(&format!(
+            "{GOOD}\n[overlay]\nenabled = true\nmax_flows = 2048\nmax_flows_per_peer = 4096\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "overlay.max_flows_per_peer");
         // Overlay ports: parsed, named on error, and only allowed without an address when
         // the overlay is on.
         let db = "[[service]]\nname = \"db\"\nports = [\"tcp/5432\", \"icmp\"]\n";

@@ -147,7 +147,8 @@ reasons! {
         NoService => "no_service",
         /// Policy allows none of the sender's services to reach the owning service.
         PolicyDenied => "policy_denied",
-        /// A packet of no tracked flow that cannot open one (a TCP segment without SYN).
+        /// A packet of no tracked flow that cannot open one (a TCP segment without SYN,
+        /// ICMP other than echo and errors).
         NotTracked => "not_tracked",
         /// Outbound: no peer owns the destination address.
         NoRoute => "no_route",
@@ -157,6 +158,25 @@ reasons! {
         TooBig => "too_big",
         /// The node's snapshot is not loaded yet.
         NotReady => "not_ready",
+        /// An IP packet whose transport cannot be found: extension headers truncated, too
+        /// many or too long, not walked or out of place, a routing header with segments
+        /// left, a transport header cut short (a tiny first fragment).
+        Unclassifiable => "unclassifiable",
+        /// A fragment other than the first, of no datagram whose first fragment passed (or
+        /// starting inside the transport header the first one was judged by).
+        FragmentUntracked => "fragment_untracked",
+        /// An ICMP error quoting no packet this node sent to that peer in a tracked flow.
+        IcmpUnmatched => "icmp_unmatched",
+        /// The flow table (or the fragment table) is full of flows that may not be evicted.
+        TableFull => "table_full",
+        /// The peer already has its most flows open to this node.
+        PeerFlowLimit => "peer_flow_limit",
+        /// The sending peer no longer stands (revoked, left the mesh, certificate expired).
+        PeerRevoked => "peer_revoked",
+        /// The sending peer is not in the applied snapshot.
+        PeerUnknown => "peer_unknown",
+        /// The sending peer's certificate has expired.
+        PeerExpired => "peer_expired",
     }
 }
 

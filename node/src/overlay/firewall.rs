@@ -1,27 +1,55 @@
 //! The overlay's ingress firewall and connection tracker.
 //!
 //! Every packet a peer sends is checked in this order: (1) its inner source address must
-//! be one of the sending peer's certificate addresses, else it is spoofed; (2) a packet of
-//! a tracked flow passes; (3) a packet opening a new flow passes only if policy lets one
-//! of the sender's services reach the local service that owns the destination port and
-//! protocol. Everything else is dropped, by reason. Packets this node sends are tracked
-//! too, so the replies they draw pass. Policy and revocation changes re-check tracked
-//! flows ([`Tracker::recheck`]).
+//! be one of the sending peer's certificate addresses, else it is spoofed; (2) it must be
+//! for one of this node's addresses; (3) a fragment other than the first passes only as
+//! part of a datagram whose first fragment passed ([`fragments`]); an ICMP error passes
+//! only when the packet it quotes is one this node sent to that peer in a tracked flow;
+//! other non-echo ICMP never passes; (4) a packet of a tracked flow passes; (5) a packet
+//! opening a new flow passes only if policy lets one of the sender's services reach the
+//! local service that owns the destination port and protocol, and the table has room.
+//! Packets whose transport cannot be found (see [`quicmesh_protocol::packet`]) never get
+//! here: they are dropped as `unclassifiable`. Everything else is dropped, by reason.
+//! Packets this node sends are tracked too, so the replies they draw pass. Policy and
+//! revocation changes re-check tracked flows ([`Tracker::recheck`]).
+//!
+//! The table is bounded: at most [`Limits::max_flows`] flows, of which at most
+//! [`Limits::max_flows_per_peer`] opened by any one peer. A flow that has seen no packet
+//! in its reverse direction (a TCP SYN, one-way UDP) is forgotten after
+//! [`UNREPLIED_IDLE`]; when the table is full a new flow evicts the oldest such
+//! unreplied flow of its shard, never a replied one, and is dropped (`table_full`) when
+//! there is none. A peer at its own limit has its new flows dropped (`peer_flow_limit`).
 //!
 //! The tracker is sharded; each shard is a short critical section per packet.
 
-use std::collections::{BTreeSet, HashMap};
+mod fragments;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::ident::{NodeName, ServiceName};
-use quicmesh_protocol::packet::{self, PacketInfo, PortSpec, Transport};
+use quicmesh_protocol::packet::{self, PacketError, PacketInfo, PortSpec, Quoted, Transport};
 
+use crate::authz::{self, FlowDenied};
+use crate::reason::Standing;
 use crate::view::View;
+use fragments::Fragments;
 
 pub use crate::reason::DropReason;
+
+impl From<PacketError> for DropReason {
+    fn from(e: PacketError) -> Self {
+        if e.unclassifiable() {
+            DropReason::Unclassifiable
+        } else {
+            DropReason::Malformed
+        }
+    }
+}
 
 /// A flow as this node sees it: local end first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,6 +79,20 @@ impl FlowKey {
             remote: (p.dst, dp),
         }
     }
+
+    /// The key of the packet an ICMP error quotes, a packet this node sent.
+    pub fn quoted(q: &Quoted) -> Self {
+        let proto = if q.proto == packet::ICMPV6 {
+            packet::ICMP
+        } else {
+            q.proto
+        };
+        FlowKey {
+            proto,
+            local: (q.src, q.src_port),
+            remote: (q.dst, q.dst_port),
+        }
+    }
 }
 
 fn ports(t: &Transport) -> (u8, u16, u16) {
@@ -60,30 +102,36 @@ fn ports(t: &Transport) -> (u8, u16, u16) {
         } => (proto, src, dst),
         // An echo and its reply share the identifier; both ends key on it.
         Transport::Icmp { echo: Some(e), .. } => (packet::ICMP, e.id, e.id),
-        Transport::Icmp { kind, .. } => (packet::ICMP, u16::from(kind), 0),
-        Transport::Other { proto } => (proto, 0, 0),
+        // Never tracked (see `Tracker::outbound`); keyed apart from any echo.
+        Transport::Icmp { kind, .. } | Transport::IcmpError { kind, .. } => {
+            (packet::ICMP, u16::from(kind), 0)
+        }
+        Transport::Fragment { proto } | Transport::Other { proto } => (proto, 0, 0),
     }
 }
 
-/// Who opened a tracked flow.
-#[derive(Debug, Clone)]
-pub enum Origin {
-    /// This node sent the first packet.
-    Local,
-    /// A peer opened it to a local service, allowed by `rule`.
-    Peer {
-        node: NodeName,
-        services: Arc<BTreeSet<ServiceName>>,
-        service: ServiceName,
-        rule: String,
-    },
+/// What allowed a peer's flows: interned per peer, shared by the flows it allowed, so a
+/// re-check judges each grant once however many flows hold it.
+#[derive(Debug)]
+struct Grant {
+    /// The certificate identity the peer had when the grant was made (standing is
+    /// re-checked against it: revocation by serial, expiry).
+    peer: Arc<PeerIdentity>,
+    services: Arc<BTreeSet<ServiceName>>,
+    service: ServiceName,
+    rule: String,
+    /// The peer's flows in the table (one counter per peer, shared by its grants).
+    flows: Arc<AtomicUsize>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Entry {
-    origin: Origin,
+    /// `None`: this node sent the first packet.
+    grant: Option<Arc<Grant>>,
     /// Seconds on the tracker's clock when a packet last passed.
     last: u64,
+    /// A packet passed in the direction opposite to the first one.
+    replied: bool,
 }
 
 /// A local service's overlay ports.
@@ -93,8 +141,14 @@ pub struct LocalService {
     pub ports: Vec<PortSpec>,
 }
 
+/// Idle time after which an unreplied flow (TCP SYN only, one-way UDP) is forgotten.
+pub const UNREPLIED_IDLE: Duration = Duration::from_secs(30);
+
 /// Idle time after which a tracked flow is forgotten.
-pub fn idle_limit(proto: u8) -> Duration {
+pub fn idle_limit(proto: u8, replied: bool) -> Duration {
+    if !replied {
+        return UNREPLIED_IDLE;
+    }
     match proto {
         packet::TCP => Duration::from_secs(3600),
         packet::UDP => Duration::from_secs(120),
@@ -102,11 +156,29 @@ pub fn idle_limit(proto: u8) -> Duration {
     }
 }
 
+/// The flow table's bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most tracked flows in all.
+    pub max_flows: usize,
+    /// Most flows any one peer may have opened to this node.
+    pub max_flows_per_peer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_flows: crate::config::DEFAULT_OVERLAY_MAX_FLOWS,
+            max_flows_per_peer: crate::config::DEFAULT_OVERLAY_MAX_FLOWS_PER_PEER,
+        }
+    }
+}
+
 const SHARDS: usize = 16;
 
 /// A fast, non-keyed hasher for flow keys (FxHash's multiply-rotate): flows are chosen by
-/// hosts the node already authenticated, and the table is per node and bounded by idle
-/// expiry, so hash flooding buys an attacker little; SipHash cost ~2x on this hot path.
+/// hosts the node already authenticated, and the table is per node and bounded, so hash
+/// flooding buys an attacker little; SipHash cost ~2x on this hot path.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FxHasher(u64);
 
@@ -139,19 +211,45 @@ impl std::hash::Hasher for FxHasher {
 }
 
 type FxBuild = std::hash::BuildHasherDefault<FxHasher>;
-type FlowTable = HashMap<FlowKey, Entry, FxBuild>;
+
+/// One shard of the flow table.
+#[derive(Debug, Default)]
+struct Shard {
+    flows: HashMap<FlowKey, Entry, FxBuild>,
+    /// Flows inserted unreplied, oldest first: eviction candidates. Checked lazily (a
+    /// key may since be replied or gone); compacted when it outgrows the table.
+    unreplied: VecDeque<FlowKey>,
+}
+
+/// A peer's flows and grants.
+#[derive(Debug, Default)]
+struct PeerFlows {
+    flows: Arc<AtomicUsize>,
+    grants: Vec<Arc<Grant>>,
+}
 
 /// The connection tracker and the ingress decision.
 pub struct Tracker {
-    shards: Vec<Mutex<FlowTable>>,
+    shards: Vec<Mutex<Shard>>,
     services: Vec<LocalService>,
+    limits: Limits,
+    /// Flows in all shards (reserved before an insert, so the cap is exact).
+    total: AtomicUsize,
+    peers: Mutex<HashMap<NodeName, PeerFlows>>,
+    fragments: Mutex<Fragments>,
     start: std::time::Instant,
+    /// Unix seconds at `start` (certificate expiry is in Unix time).
+    start_unix: i64,
+    /// Seconds added to the clock ([`Tracker::advance`]).
+    skew: AtomicU64,
+    evictions: AtomicU64,
 }
 
 impl std::fmt::Debug for Tracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracker")
             .field("flows", &self.len())
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -169,22 +267,51 @@ pub enum Verdict {
     },
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Tracker {
+    /// A tracker with the default [`Limits`].
     pub fn new(services: Vec<LocalService>) -> Self {
+        Self::with_limits(services, Limits::default())
+    }
+
+    pub fn with_limits(services: Vec<LocalService>, limits: Limits) -> Self {
         Self {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(FlowTable::default()))
-                .collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             services,
+            limits,
+            total: AtomicUsize::new(0),
+            peers: Mutex::new(HashMap::new()),
+            fragments: Mutex::new(Fragments::default()),
             start: std::time::Instant::now(),
+            start_unix: crate::clock::unix_now(),
+            skew: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
         }
     }
 
-    fn now(&self) -> u64 {
-        self.start.elapsed().as_secs()
+    /// Unix seconds now, on the tracker's clock.
+    fn unix_now(&self) -> i64 {
+        self.start_unix + self.now() as i64
     }
 
-    fn shard(&self, k: &FlowKey) -> &Mutex<FlowTable> {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_secs() + self.skew.load(Ordering::Relaxed)
+    }
+
+    /// Moves the tracker's clock forward by `by` (whole seconds), as if that much time
+    /// had passed: for tests and fuzzing of the timeouts.
+    pub fn advance(&self, by: Duration) {
+        self.skew.fetch_add(by.as_secs(), Ordering::Relaxed);
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn shard(&self, k: &FlowKey) -> &Mutex<Shard> {
         use std::hash::{Hash, Hasher};
         let mut d = FxHasher::default();
         k.hash(&mut d);
@@ -194,25 +321,67 @@ impl Tracker {
 
     /// Number of tracked flows.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
-            .sum()
+        self.shards.iter().map(|s| lock(s).flows.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Records a packet this node sends (so its replies pass).
-    pub fn outbound(&self, p: &PacketInfo) {
+    /// Unreplied flows evicted to make room for new ones, since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Flows `node` has open to this node.
+    pub fn peer_flows(&self, node: &NodeName) -> usize {
+        lock(&self.peers)
+            .get(node)
+            .map_or(0, |p| p.flows.load(Ordering::Relaxed))
+    }
+
+    /// Fragmented datagrams whose later fragments may pass.
+    pub fn datagrams(&self) -> usize {
+        lock(&self.fragments).len()
+    }
+
+    /// Whether the flow of a packet this node would send is tracked.
+    pub fn tracks(&self, p: &PacketInfo) -> bool {
+        let k = FlowKey::outbound(p);
+        lock(self.shard(&k)).flows.contains_key(&k)
+    }
+
+    /// Records a packet this node sends (so its replies pass). A new flow that finds the
+    /// table full of flows it may not evict is refused (`table_full`): its replies could
+    /// not pass. Non-first fragments, ICMP errors and other non-echo ICMP are not
+    /// tracked: replies to them never pass.
+    pub fn outbound(&self, p: &PacketInfo) -> Result<(), DropReason> {
+        if let Transport::Fragment { .. }
+        | Transport::IcmpError { .. }
+        | Transport::Icmp { echo: None, .. } = p.transport
+        {
+            return Ok(());
+        }
         let k = FlowKey::outbound(p);
         let now = self.now();
-        let mut m = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
-        m.entry(k).and_modify(|e| e.last = now).or_insert(Entry {
-            origin: Origin::Local,
-            last: now,
-        });
+        {
+            let mut s = lock(self.shard(&k));
+            if let Some(e) = s.flows.get_mut(&k) {
+                e.last = now;
+                if e.grant.is_some() {
+                    e.replied = true;
+                }
+                return Ok(());
+            }
+        }
+        self.insert(
+            k,
+            Entry {
+                grant: None,
+                last: now,
+                replied: false,
+            },
+        )
     }
 
     /// Decides about a packet from `peer`, tracking the flow it opens when allowed.
@@ -235,19 +404,71 @@ impl Tracker {
         if !local.contains(&p.dst) {
             return drop(DropReason::NotForUs);
         }
-        let k = FlowKey::inbound(p);
         let now = self.now();
-        {
-            let mut m = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(e) = m.get_mut(&k) {
-                e.last = now;
-                return Verdict::Established;
+        match p.transport {
+            Transport::Fragment { .. } => {
+                let admitted = p
+                    .fragment
+                    .is_some_and(|f| lock(&self.fragments).admit(p.src, p.dst, f, now));
+                return if admitted {
+                    Verdict::Established
+                } else {
+                    drop(DropReason::FragmentUntracked)
+                };
+            }
+            Transport::IcmpError { quoted, .. } => {
+                // The quoted packet must be one this node sent (from the address the
+                // error is for) to this peer, in a tracked flow. Errors do not keep a
+                // flow alive.
+                let matched = quoted.is_some_and(|q| {
+                    let k = FlowKey::quoted(&q);
+                    q.src == p.dst
+                        && peer.owns_address(q.dst)
+                        && lock(self.shard(&k)).flows.contains_key(&k)
+                });
+                return if matched {
+                    Verdict::Established
+                } else {
+                    drop(DropReason::IcmpUnmatched)
+                };
+            }
+            // Redirects, router adverts and the like: both tunnel ends are hosts.
+            Transport::Icmp { echo: None, .. } => return drop(DropReason::NotTracked),
+            _ => {}
+        }
+        let k = FlowKey::inbound(p);
+        let verdict = self.inbound_flow(p, k, now, peer, peer_services, view);
+        if matches!(verdict, Verdict::Drop { .. }) {
+            return verdict;
+        }
+        // A first fragment lets the rest of its datagram follow.
+        if let Some(f) = p.fragment {
+            if let Err(reason) = lock(&self.fragments).remember(p.src, p.dst, f, now) {
+                return drop(reason);
             }
         }
-        // ICMP other than echo (errors, redirects) cannot open a flow. Both tunnel ends
-        // are hosts, not routers: path MTU problems are answered locally.
-        if let Transport::Icmp { echo: None, .. } = p.transport {
-            return drop(DropReason::NotTracked);
+        verdict
+    }
+
+    fn inbound_flow(
+        &self,
+        p: &PacketInfo,
+        k: FlowKey,
+        now: u64,
+        peer: &PeerIdentity,
+        peer_services: &Arc<BTreeSet<ServiceName>>,
+        view: &View,
+    ) -> Verdict {
+        let drop = |reason| Verdict::Drop { reason, rule: None };
+        {
+            let mut s = lock(self.shard(&k));
+            if let Some(e) = s.flows.get_mut(&k) {
+                e.last = now;
+                if e.grant.is_none() {
+                    e.replied = true;
+                }
+                return Verdict::Established;
+            }
         }
         if let Transport::Ports {
             proto: packet::TCP,
@@ -264,281 +485,183 @@ impl Tracker {
         else {
             return drop(DropReason::NoService);
         };
-        match allowed(view, peer_services, &peer.node, &svc.name) {
-            Ok(rule) => {
-                let mut m = self.shard(&k).lock().unwrap_or_else(|e| e.into_inner());
-                m.insert(
-                    k,
-                    Entry {
-                        origin: Origin::Peer {
-                            node: peer.node.clone(),
-                            services: peer_services.clone(),
-                            service: svc.name.clone(),
-                            rule: rule.clone(),
-                        },
-                        last: now,
-                    },
-                );
-                Verdict::New {
-                    service: svc.name.clone(),
-                    rule,
+        let rule = match authz::packet_flow(view, peer, peer_services, &svc.name, self.unix_now()) {
+            Ok(rule) => rule,
+            Err(FlowDenied::Standing(s)) => return drop(standing_drop(s)),
+            Err(FlowDenied::Policy(rule)) => {
+                return Verdict::Drop {
+                    reason: DropReason::PolicyDenied,
+                    rule: Some(rule),
                 }
             }
-            Err(rule) => Verdict::Drop {
-                reason: DropReason::PolicyDenied,
-                rule: Some(rule),
+        };
+        let grant = match self.grant(peer, peer_services, &svc.name, &rule) {
+            Ok(g) => g,
+            Err(reason) => return drop(reason),
+        };
+        let entry = Entry {
+            grant: Some(grant),
+            last: now,
+            replied: false,
+        };
+        match self.insert(k, entry) {
+            Ok(()) => Verdict::New {
+                service: svc.name.clone(),
+                rule,
             },
+            Err(reason) => drop(reason),
         }
+    }
+
+    /// The grant for a new flow of `peer` to `service` by `rule`, counting the flow
+    /// against the peer's limit.
+    fn grant(
+        &self,
+        peer: &PeerIdentity,
+        services: &Arc<BTreeSet<ServiceName>>,
+        service: &ServiceName,
+        rule: &str,
+    ) -> Result<Arc<Grant>, DropReason> {
+        let mut peers = lock(&self.peers);
+        if !peers.contains_key(&peer.node) {
+            peers.insert(peer.node.clone(), PeerFlows::default());
+        }
+        let Some(pf) = peers.get_mut(&peer.node) else {
+            return Err(DropReason::TableFull);
+        };
+        if pf.flows.load(Ordering::Relaxed) >= self.limits.max_flows_per_peer {
+            return Err(DropReason::PeerFlowLimit);
+        }
+        pf.flows.fetch_add(1, Ordering::Relaxed);
+        let found = pf.grants.iter().find(|g| {
+            g.service == *service
+                && g.rule == rule
+                && g.peer.serial == peer.serial
+                && (Arc::ptr_eq(&g.services, services) || g.services == *services)
+        });
+        Ok(match found {
+            Some(g) => g.clone(),
+            None => {
+                let g = Arc::new(Grant {
+                    peer: Arc::new(peer.clone()),
+                    services: services.clone(),
+                    service: service.clone(),
+                    rule: rule.to_string(),
+                    flows: pf.flows.clone(),
+                });
+                pf.grants.push(g.clone());
+                g
+            }
+        })
+    }
+
+    /// Forgets a flow's share of the counters.
+    fn release(&self, e: &Entry) {
+        self.total.fetch_sub(1, Ordering::Relaxed);
+        if let Some(g) = &e.grant {
+            g.flows.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Inserts a new flow, evicting the shard's oldest unreplied flow when the table is
+    /// full; refused when there is none.
+    fn insert(&self, k: FlowKey, e: Entry) -> Result<(), DropReason> {
+        let mut guard = lock(self.shard(&k));
+        let s = &mut *guard;
+        if s.flows.contains_key(&k) {
+            // Opened meanwhile by another path: that entry stands.
+            if let Some(g) = &e.grant {
+                g.flows.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Ok(());
+        }
+        if self.total.fetch_add(1, Ordering::Relaxed) >= self.limits.max_flows {
+            let mut evicted = false;
+            while let Some(old) = s.unreplied.pop_front() {
+                if s.flows.get(&old).is_some_and(|e| !e.replied) {
+                    if let Some(gone) = s.flows.remove(&old) {
+                        self.release(&gone);
+                        self.evictions.fetch_add(1, Ordering::Relaxed);
+                    }
+                    evicted = true;
+                    break;
+                }
+            }
+            if !evicted {
+                self.total.fetch_sub(1, Ordering::Relaxed);
+                if let Some(g) = &e.grant {
+                    g.flows.fetch_sub(1, Ordering::Relaxed);
+                }
+                return Err(DropReason::TableFull);
+            }
+        }
+        s.flows.insert(k, e);
+        s.unreplied.push_back(k);
+        if s.unreplied.len() > 2 * s.flows.len() + 64 {
+            let Shard { flows, unreplied } = s;
+            unreplied.retain(|k| flows.get(k).is_some_and(|e| !e.replied));
+        }
+        Ok(())
     }
 
     /// Re-checks tracked flows against a new view: flows from peers no longer in the
     /// mesh, or no longer allowed by policy, are forgotten (their next packet is judged
-    /// afresh, and a TCP segment without SYN is then dropped). Also forgets idle flows.
-    /// Returns how many were removed.
+    /// afresh, and a TCP segment without SYN is then dropped). Also forgets idle flows
+    /// and fragments. Each grant is judged once, so the cost at the cap is a pass over
+    /// the table with a small lookup per flow. Returns how many flows were removed.
     pub fn recheck(&self, view: &View) -> usize {
         let now = self.now();
+        let unix_now = self.unix_now();
+        let judge = |g: &Grant| {
+            authz::recheck_packet_flow(view, &g.peer, &g.services, &g.service, unix_now).is_none()
+        };
+        let mut verdicts: HashMap<usize, bool, FxBuild> = HashMap::default();
+        {
+            let mut peers = lock(&self.peers);
+            for pf in peers.values_mut() {
+                // Grants no flow holds any more.
+                pf.grants.retain(|g| Arc::strong_count(g) > 1);
+            }
+            peers.retain(|_, pf| !pf.grants.is_empty() || pf.flows.load(Ordering::Relaxed) > 0);
+            for g in peers.values().flat_map(|pf| &pf.grants) {
+                verdicts.insert(Arc::as_ptr(g) as usize, judge(g));
+            }
+        }
         let mut removed = 0;
         for s in &self.shards {
-            let mut m = s.lock().unwrap_or_else(|e| e.into_inner());
-            let before = m.len();
-            m.retain(|k, e| {
-                if now.saturating_sub(e.last) > idle_limit(k.proto).as_secs() {
-                    return false;
+            let mut guard = lock(s);
+            let Shard { flows, unreplied } = &mut *guard;
+            let before = flows.len();
+            flows.retain(|k, e| {
+                let keep = now.saturating_sub(e.last) <= idle_limit(k.proto, e.replied).as_secs()
+                    && match &e.grant {
+                        None => true,
+                        Some(g) => *verdicts
+                            .entry(Arc::as_ptr(g) as usize)
+                            .or_insert_with(|| judge(g)),
+                    };
+                if !keep {
+                    self.release(e);
                 }
-                match &e.origin {
-                    Origin::Local => true,
-                    Origin::Peer {
-                        node,
-                        services,
-                        service,
-                        ..
-                    } => {
-                        view.peers.contains_key(node)
-                            && allowed(view, services, node, service).is_ok()
-                    }
-                }
+                keep
             });
-            removed += before - m.len();
+            removed += before - flows.len();
+            unreplied.retain(|k| flows.get(k).is_some_and(|e| !e.replied));
         }
+        lock(&self.fragments).expire(now);
         removed
     }
 }
 
-/// Whether any of `services` (on `node`) may reach local `service`: the allowing rule, or
-/// the denying one.
-fn allowed(
-    view: &View,
-    services: &BTreeSet<ServiceName>,
-    node: &NodeName,
-    service: &ServiceName,
-) -> Result<String, String> {
-    crate::authz::packet_policy(view, node, services, service)
+/// The drop reason of a new flow from a peer that does not stand.
+fn standing_drop(s: Standing) -> DropReason {
+    match s {
+        Standing::NotReady => DropReason::NotReady,
+        Standing::PeerUnknown => DropReason::PeerUnknown,
+        Standing::PeerRevoked => DropReason::PeerRevoked,
+        Standing::PeerExpired => DropReason::PeerExpired,
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use quicmesh_protocol::cert::Serial;
-    use quicmesh_protocol::ident::{Labels, TrustDomain};
-    use quicmesh_protocol::packet::{Echo, PacketInfo};
-    use quicmesh_protocol::policy::Policy;
-    use quicmesh_protocol::wire::PeerInfo;
-
-    const ME: [u8; 4] = [100, 64, 0, 2];
-    const PEER: [u8; 4] = [100, 64, 0, 1];
-
-    fn svc(s: &str) -> ServiceName {
-        ServiceName::new(s).unwrap()
-    }
-
-    fn peer(services: &[&str]) -> PeerIdentity {
-        PeerIdentity {
-            trust_domain: TrustDomain::new("t.test").unwrap(),
-            node: NodeName::new("peer").unwrap(),
-            services: services.iter().map(|s| svc(s)).collect(),
-            ips: vec![IpAddr::from(PEER)],
-            serial: Serial::new(vec![1]).unwrap(),
-            not_before: 0,
-            not_after: i64::MAX,
-        }
-    }
-
-    fn view(policy: &str) -> View {
-        let mut v = View {
-            version: 1,
-            policy: Policy::parse(policy).unwrap(),
-            ..Default::default()
-        };
-        v.peers.insert(
-            NodeName::new("peer").unwrap(),
-            PeerInfo {
-                node: NodeName::new("peer").unwrap(),
-                endpoint: None,
-                services: vec![],
-                labels: Labels::default(),
-                overlay: vec![IpAddr::from(PEER)],
-                online: true,
-                critical: Vec::new(),
-                candidates: Vec::new(),
-                relay: false,
-            },
-        );
-        v
-    }
-
-    fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> PacketInfo {
-        PacketInfo {
-            src: src.into(),
-            dst: dst.into(),
-            transport: Transport::Ports {
-                proto: packet::TCP,
-                src: sport,
-                dst: dport,
-                syn,
-            },
-            dont_fragment: true,
-        }
-    }
-
-    fn tracker() -> Tracker {
-        Tracker::new(vec![
-            LocalService {
-                name: svc("db"),
-                ports: vec!["tcp/5432".parse().unwrap(), "icmp".parse().unwrap()],
-            },
-            LocalService {
-                name: svc("admin"),
-                ports: vec!["tcp/22".parse().unwrap()],
-            },
-        ])
-    }
-
-    const WEB_TO_DB: &str = "[[rule]]\nfrom = \"web\"\nto = \"db\"\naction = \"allow\"\n";
-
-    fn check(t: &Tracker, p: &PacketInfo, id: &PeerIdentity, v: &View) -> Verdict {
-        t.inbound(
-            p,
-            id,
-            &Arc::new(id.services.clone()),
-            &[IpAddr::from(ME)],
-            v,
-        )
-    }
-
-    #[test]
-    fn a_new_flow_needs_a_rule_for_the_service_owning_the_port() {
-        let (t, v) = (tracker(), view(WEB_TO_DB));
-        let syn = tcp(PEER, ME, 40000, 5432, true);
-        assert_eq!(
-            check(&t, &syn, &peer(&["web"]), &v),
-            Verdict::New {
-                service: svc("db"),
-                rule: "rule[0]".into()
-            }
-        );
-        // Its denied twins: a sender whose services have no rule, and a port owned by a
-        // service the rule does not name.
-        let t = tracker();
-        assert!(matches!(
-            check(&t, &syn, &peer(&["batch"]), &v),
-            Verdict::Drop {
-                reason: DropReason::PolicyDenied,
-                rule: Some(_)
-            }
-        ));
-        assert!(matches!(
-            check(&t, &tcp(PEER, ME, 40000, 22, true), &peer(&["web"]), &v),
-            Verdict::Drop {
-                reason: DropReason::PolicyDenied,
-                ..
-            }
-        ));
-        assert_eq!(
-            check(&t, &tcp(PEER, ME, 40000, 8080, true), &peer(&["web"]), &v),
-            Verdict::Drop {
-                reason: DropReason::NoService,
-                rule: None
-            }
-        );
-    }
-
-    #[test]
-    fn sources_outside_the_sender_certificate_are_spoofed() {
-        let (t, v) = (tracker(), view(WEB_TO_DB));
-        let forged = tcp([100, 64, 0, 9], ME, 40000, 5432, true);
-        assert_eq!(
-            check(&t, &forged, &peer(&["web"]), &v),
-            Verdict::Drop {
-                reason: DropReason::Spoofed,
-                rule: None
-            }
-        );
-        let not_for_us = tcp(PEER, [100, 64, 0, 3], 40000, 5432, true);
-        assert_eq!(
-            check(&t, &not_for_us, &peer(&["web"]), &v),
-            Verdict::Drop {
-                reason: DropReason::NotForUs,
-                rule: None
-            }
-        );
-    }
-
-    #[test]
-    fn replies_to_what_this_node_sent_pass_and_other_segments_do_not() {
-        let (t, v) = (tracker(), view("default = \"deny\"\n"));
-        let reply = tcp(PEER, ME, 443, 50000, false);
-        assert_eq!(
-            check(&t, &reply, &peer(&["web"]), &v),
-            Verdict::Drop {
-                reason: DropReason::NotTracked,
-                rule: None
-            }
-        );
-        t.outbound(&tcp(ME, PEER, 50000, 443, true));
-        assert_eq!(check(&t, &reply, &peer(&["web"]), &v), Verdict::Established);
-        // Echo replies match the request's identifier.
-        let echo = |src, dst, request| PacketInfo {
-            src: IpAddr::from(src),
-            dst: IpAddr::from(dst),
-            transport: Transport::Icmp {
-                echo: Some(Echo { request, id: 7 }),
-                kind: if request { 8 } else { 0 },
-            },
-            dont_fragment: false,
-        };
-        t.outbound(&echo(ME, PEER, true));
-        assert_eq!(
-            check(&t, &echo(PEER, ME, false), &peer(&["web"]), &v),
-            Verdict::Established
-        );
-    }
-
-    #[test]
-    fn a_policy_change_forgets_flows_it_no_longer_allows() {
-        let t = tracker();
-        let v = view(WEB_TO_DB);
-        let id = peer(&["web"]);
-        assert!(matches!(
-            check(&t, &tcp(PEER, ME, 40000, 5432, true), &id, &v),
-            Verdict::New { .. }
-        ));
-        t.outbound(&tcp(ME, PEER, 50000, 443, true));
-        let mid = tcp(PEER, ME, 40000, 5432, false);
-        assert_eq!(check(&t, &mid, &id, &v), Verdict::Established);
-        assert_eq!(t.recheck(&v), 0, "nothing changed, nothing forgotten");
-        let denied = view("default = \"deny\"\n");
-        assert_eq!(
-            t.recheck(&denied),
-            1,
-            "the peer's flow goes, this node's own stays"
-        );
-        assert_eq!(
-            check(&t, &mid, &id, &denied),
-            Verdict::Drop {
-                reason: DropReason::NotTracked,
-                rule: None
-            }
-        );
-        assert_eq!(t.len(), 1);
-    }
-}
+mod tests;

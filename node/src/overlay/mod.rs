@@ -35,7 +35,7 @@ use crate::reason::Label;
 use crate::registry::TunnelEvent;
 use crate::state::{Node, View};
 use buffers::{Arena, WritePool};
-use firewall::{DropReason, LocalService, Tracker, Verdict};
+use firewall::{DropReason, Limits, LocalService, Tracker, Verdict};
 
 /// Errors starting overlay mode.
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +148,13 @@ impl Overlay {
             pools,
             mtu: cfg.mtu,
             offload,
-            tracker: Tracker::new(services),
+            tracker: Tracker::with_limits(
+                services,
+                Limits {
+                    max_flows: cfg.max_flows,
+                    max_flows_per_peer: cfg.max_flows_per_peer,
+                },
+            ),
             metrics,
             peers: Mutex::new(HashMap::new()),
             reading: Mutex::new(HashSet::new()),
@@ -369,8 +375,8 @@ async fn receive_path(
         for d in batch.drain(..) {
             let info = match packet::parse(&d) {
                 Ok(i) => i,
-                Err(_) => {
-                    ov.dropped(DropReason::Malformed, Some(&counters));
+                Err(e) => {
+                    ov.dropped(DropReason::from(e), Some(&counters));
                     continue;
                 }
             };
@@ -443,9 +449,12 @@ async fn send_one(
     arena: &mut Arena,
     gro: &mut GROTable,
 ) {
-    let Ok(info) = packet::parse(pkt) else {
-        ov.dropped(DropReason::Malformed, None);
-        return;
+    let info = match packet::parse(pkt) {
+        Ok(i) => i,
+        Err(e) => {
+            ov.dropped(DropReason::from(e), None);
+            return;
+        }
     };
     let Some(peer) = view.routes.get(&info.dst) else {
         ov.dropped(DropReason::NoRoute, None);
@@ -470,7 +479,10 @@ async fn send_one(
     let Some(route) = routes.get(peer) else {
         return;
     };
-    ov.tracker.outbound(&info);
+    if let Err(reason) = ov.tracker.outbound(&info) {
+        ov.dropped(reason, Some(&route.counters));
+        return;
+    }
     let data = arena.carve(pkt);
     match route.conn.send_datagram_wait(data).await {
         Ok(()) => {
