@@ -92,7 +92,13 @@ pub struct EnrollSlot {
 impl EnrollSlots {
     /// Takes a slot for a connection from `ip`, or says why there is none.
     pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Result<EnrollSlot, ControlDrop> {
-        let ip = ip.to_canonical();
+        // One source is an IPv4 address or an IPv6 /64 (a host holds a whole /64).
+        let ip = match ip.to_canonical() {
+            IpAddr::V6(a) => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(a) & !(u64::MAX as u128),
+            )),
+            v4 => v4,
+        };
         let mut g = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let (per, total) = &mut *g;
         if per.get(&ip).copied().unwrap_or(0) >= MAX_ENROLLING_PER_SOURCE {
@@ -514,6 +520,16 @@ mod tests {
             .map(|_| slots.try_take(a).unwrap())
             .collect();
         assert_eq!(slots.try_take(a).unwrap_err(), ControlDrop::SourceBusy);
+        // Addresses of one IPv6 /64 are one source.
+        let six: Vec<IpAddr> = (1..=9)
+            .map(|i| format!("fd00:1:2:3::{i}").parse().unwrap())
+            .collect();
+        let held6: Vec<_> = six
+            .iter()
+            .filter_map(|ip| slots.try_take(*ip).ok())
+            .collect();
+        assert_eq!(held6.len(), MAX_ENROLLING_PER_SOURCE, "a /64 is one source");
+        drop(held6);
         // The same address as IPv4-mapped IPv6 is the same source.
         let mapped: IpAddr = "::ffff:198.18.0.1".parse().unwrap();
         assert_eq!(slots.try_take(mapped).unwrap_err(), ControlDrop::SourceBusy);

@@ -1429,6 +1429,34 @@ mod tests {
                 ..
             }
         ));
+        // A token leaked before its node ever enrolled: revoking the name voids it.
+        let (leaked, _) = mesh
+            .create_token("cache-1", &svc, &BTreeMap::new(), false, 600)
+            .unwrap();
+        assert!(
+            mesh.revoke("cache-1").is_ok(),
+            "revoking a name with only tokens voids them"
+        );
+        let t: JoinToken = leaked.parse().unwrap();
+        let as_cache = EnrollRequest {
+            secret: t.secret_hex(),
+            node: NodeName::new("cache-1").unwrap(),
+            csr_der: quicmesh_node::control::csr("cache-1", &k3).unwrap(),
+            services: vec![ServiceName::new("web").unwrap()],
+            labels: Labels::default(),
+        };
+        assert!(matches!(
+            mesh.enroll(&as_cache),
+            ControlDown::EnrollRefused {
+                code: EnrollErrorCode::NodeRevoked,
+                ..
+            }
+        ));
+        // A name with neither node nor token is still no such node.
+        assert!(matches!(
+            mesh.revoke("nobody-1"),
+            Err(MeshError::NoSuchNode(_))
+        ));
     }
 
     #[test]

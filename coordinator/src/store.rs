@@ -502,8 +502,10 @@ impl Store for SqliteStore {
     fn revoke_node(&self, name: &str, now: i64) -> Result<Option<Vec<String>>, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.execute(
-                "UPDATE tokens SET voided_at = ?1 WHERE node = ?2 AND voided_at IS NULL AND EXISTS (SELECT 1 FROM nodes WHERE name = ?2)",
+            // Every token for the name, even before the node enrolled: a leaked token for
+            // a name not yet in the mesh is voided by revoking the name.
+            let voided = tx.execute(
+                "UPDATE tokens SET voided_at = ?1 WHERE node = ?2 AND voided_at IS NULL",
                 params![now, name],
             )?;
             let n = tx.execute("UPDATE nodes SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL", params![now, name])?;
@@ -511,7 +513,7 @@ impl Store for SqliteStore {
                 let exists: Option<String> = tx.query_row("SELECT name FROM nodes WHERE name = ?1", [name], |r| r.get(0)).optional()?;
                 // Revoked before: tokens issued since are voided all the same.
                 tx.commit()?;
-                return Ok(exists.map(|_| Vec::new()));
+                return Ok((exists.is_some() || voided > 0).then(Vec::new));
             }
             let serials: Vec<(String, i64)> = {
                 let mut st = tx.prepare("SELECT serial, not_after FROM certs WHERE node = ?1")?;

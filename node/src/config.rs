@@ -525,12 +525,17 @@ impl NodeConfig {
                     }
                 };
                 let max_flows_per_peer = match o.max_flows_per_peer {
-                    None => DEFAULT_OVERLAY_MAX_FLOWS_PER_PEER.min(max_flows),
-                    Some(n) if n >= 1 && n as usize <= max_flows => n as usize,
+                    None => DEFAULT_OVERLAY_MAX_FLOWS_PER_PEER.min(max_flows / 4),
+                    // One peer may hold at most a quarter of the table: it takes several
+                    // peers to fill it, and the tracker keeps an eighth for this node's own.
+                    Some(n) if n >= 1 && n as usize <= max_flows / 4 => n as usize,
                     Some(n) => {
                         return Err(err(
                             "overlay.max_flows_per_peer",
-                            format!("{n} is not between 1 and max_flows ({max_flows})"),
+                            format!(
+                                "{n} is not between 1 and a quarter of max_flows ({})",
+                                max_flows / 4
+                            ),
                         ))
                     }
                 };

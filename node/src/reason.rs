@@ -95,6 +95,9 @@ reasons! {
         UnknownRelay => "unknown_relay",
         /// A path packet that does not decode.
         Malformed => "malformed",
+        /// A registration refused: another node holds the address and is alive (a
+        /// forged source address).
+        AddressTaken => "address_taken",
     }
 }
 

@@ -80,7 +80,7 @@ pub struct Node {
     /// Route tables under the tunnels (read by the socket, edited by the path manager).
     pub paths: Arc<crate::path::Paths>,
     /// Per peer, the route of the tunnel flows use (published by the path manager).
-    path_status: Mutex<HashMap<NodeName, crate::path::manager::PathStatus>>,
+    path_status: Mutex<HashMap<NodeName, crate::path::PathStatus>>,
     view_tx: watch::Sender<Arc<View>>,
 }
 
@@ -286,14 +286,14 @@ impl Node {
     }
 
     /// Publishes the tunnels' routes (path manager).
-    pub fn set_path_status(&self, s: HashMap<NodeName, crate::path::manager::PathStatus>) {
+    pub fn set_path_status(&self, s: HashMap<NodeName, crate::path::PathStatus>) {
         if let Ok(mut m) = self.path_status.lock() {
             *m = s;
         }
     }
 
     /// The route of the tunnel to `peer`, when there is one.
-    pub fn path_status(&self, peer: &NodeName) -> Option<crate::path::manager::PathStatus> {
+    pub fn path_status(&self, peer: &NodeName) -> Option<crate::path::PathStatus> {
         self.path_status
             .lock()
             .ok()

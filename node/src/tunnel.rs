@@ -17,7 +17,7 @@ use crate::frame::{read_frame, write_frame};
 use crate::reason::{CloseReason, HandshakeRefusal};
 use crate::state::{Node, View};
 use crate::tls::{self, MeshServerVerifier, ServerExpect};
-use crate::{authz, control};
+use crate::{authz, clock};
 
 /// How long a peer has to send a stream header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -285,7 +285,7 @@ fn admit(node: &Arc<Node>, conn: &quinn::Connection) -> Option<Arc<PeerIdentity>
         tracing::info!(peer = %old.peer.node, "too many tunnels from one peer: closed the oldest");
         node.metrics.tunnel_closed(CloseReason::TooManyTunnels);
     }
-    match authz::recheck_tunnel(&node.view(), &id, control::unix_now()) {
+    match authz::recheck_tunnel(&node.view(), &id, clock::unix_now()) {
         // Not in the view yet: the peer may have enrolled a moment ago (the registry's
         // re-check closes it if it stays unknown).
         None | Some(CloseReason::PeerUnknown) => Some(id),
@@ -407,7 +407,7 @@ async fn ingress_stream(
         let hosted = node.cfg.service(&dst).is_some();
         let decide = |view: &View| {
             let req = authz::StreamRequest { peer: &peer, src: &src, dst: &dst, hosted };
-            authz::stream_ingress(view, req, control::unix_now())
+            authz::stream_ingress(view, req, clock::unix_now())
         };
         let mut verdict = decide(&view);
         if matches!(&verdict, Err(d) if d.reason == RejectCode::PeerUnknown) {
@@ -439,11 +439,8 @@ async fn ingress_stream(
             }
         };
         let _ = tcp.set_nodelay(true);
-        if write_frame(&mut send, &StreamReply::Accept).await.is_err() {
-            return;
-        }
-        node.metrics.ingress_accepted(src.as_str(), dst.as_str());
-        tracing::info!(rule = %rule, "ingress accepted");
+        // Registered before it is answered, then decided again: a snapshot applied while
+        // the service was being dialled is either seen here or re-checks this flow.
         let (_guard, kill) = node.flows.register(
             FlowInfo {
                 id: node.flows.next_id(),
@@ -452,10 +449,20 @@ async fn ingress_stream(
                 peer_id: peer.clone(),
                 src: src.clone(),
                 dst: dst.clone(),
-                rule,
+                rule: rule.clone(),
             },
             &node.metrics,
         );
+        if let Err(authz::Denied { reason, rule }) = decide(&node.view()) {
+            let (code, rule) = refuse(reason, rule);
+            reject(&mut send, code, rule).await;
+            return;
+        }
+        if write_frame(&mut send, &StreamReply::Accept).await.is_err() {
+            return;
+        }
+        node.metrics.ingress_accepted(src.as_str(), dst.as_str());
+        tracing::info!(rule = %rule, "ingress accepted");
         let end = pump(tcp, send, recv, kill, node.cfg.flow_idle_timeout, &node.metrics, None).await;
         match end {
             FlowEnd::Killed(reason) => {

@@ -87,6 +87,8 @@ pub enum Transport {
         src: u16,
         dst: u16,
         syn: bool,
+        /// A TCP segment with RST: the end of a connection, never a sign it completed.
+        rst: bool,
     },
     /// ICMP / ICMPv6 other than an error: echo request or reply with its identifier, or
     /// another informational type.
@@ -187,12 +189,17 @@ fn transport(proto: u8, l4: &[u8], v6: bool, quoted: bool) -> Result<Transport, 
             if l4.len() < need {
                 return Err(PacketError::TransportTruncated);
             }
-            let syn = proto == TCP && l4.get(13).is_some_and(|f| f & 0x12 == 0x02);
+            let flags = if proto == TCP {
+                l4.get(13).copied().unwrap_or(0)
+            } else {
+                0
+            };
             Ok(Transport::Ports {
                 proto,
                 src: u16::from_be_bytes([l4[0], l4[1]]),
                 dst: u16::from_be_bytes([l4[2], l4[3]]),
-                syn,
+                syn: flags & 0x12 == 0x02,
+                rst: flags & 0x04 != 0,
             })
         }
         p if p == icmp => {
@@ -610,7 +617,8 @@ mod tests {
                 proto: TCP,
                 src: 40000,
                 dst: 5432,
-                syn: true
+                syn: true,
+                rst: false
             }
         );
         assert!(i.dont_fragment);
@@ -647,6 +655,7 @@ mod tests {
             src: 1000,
             dst,
             syn: true,
+            rst: false,
         };
         assert!(s.matches(&t(TCP, 5432)));
         assert!(!s.matches(&t(UDP, 5432)), "udp is not tcp");
@@ -748,6 +757,7 @@ mod tests {
             src: 40000,
             dst: 22,
             syn: true,
+            rst: false,
         };
         // The attack of issue 15: an atomic fragment (offset 0, M=0) wrapping a SYN was
         // `Other { proto: 44 }`; it is the SYN it carries, and a whole packet.

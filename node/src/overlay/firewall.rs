@@ -130,8 +130,13 @@ struct Entry {
     grant: Option<Arc<Grant>>,
     /// Seconds on the tracker's clock when a packet last passed.
     last: u64,
-    /// A packet passed in the direction opposite to the first one.
+    /// The flow completed: for a flow this node opened, a packet came back; for a
+    /// peer's UDP flow, this node answered; for a peer's TCP flow, this node answered
+    /// (not with a reset) and the peer then sent a segment without SYN (the handshake's
+    /// last ACK). Until then the flow is short-lived and evictable.
     replied: bool,
+    /// (A peer's TCP flow) this node answered without a reset.
+    answered: bool,
 }
 
 /// A local service's overlay ports.
@@ -368,8 +373,21 @@ impl Tracker {
             let mut s = lock(self.shard(&k));
             if let Some(e) = s.flows.get_mut(&k) {
                 e.last = now;
-                if e.grant.is_some() {
-                    e.replied = true;
+                // A reset (the kernel refusing a SYN to a closed port) is no sign the
+                // flow completed: it stays unreplied, short-lived and evictable.
+                let reset = matches!(p.transport, Transport::Ports { rst: true, .. });
+                let tcp = matches!(
+                    p.transport,
+                    Transport::Ports {
+                        proto: packet::TCP,
+                        ..
+                    }
+                );
+                if e.grant.is_some() && !reset {
+                    e.answered = true;
+                    if !tcp {
+                        e.replied = true;
+                    }
                 }
                 return Ok(());
             }
@@ -380,6 +398,7 @@ impl Tracker {
                 grant: None,
                 last: now,
                 replied: false,
+                answered: false,
             },
         )
     }
@@ -464,7 +483,8 @@ impl Tracker {
             let mut s = lock(self.shard(&k));
             if let Some(e) = s.flows.get_mut(&k) {
                 e.last = now;
-                if e.grant.is_none() {
+                let syn = matches!(p.transport, Transport::Ports { syn: true, .. });
+                if e.grant.is_none() || (e.answered && !syn) {
                     e.replied = true;
                 }
                 return Verdict::Established;
@@ -503,6 +523,7 @@ impl Tracker {
             grant: Some(grant),
             last: now,
             replied: false,
+            answered: false,
         };
         match self.insert(k, entry) {
             Ok(()) => Verdict::New {
@@ -575,18 +596,33 @@ impl Tracker {
             }
             return Ok(());
         }
-        if self.total.fetch_add(1, Ordering::Relaxed) >= self.limits.max_flows {
-            let mut evicted = false;
-            while let Some(old) = s.unreplied.pop_front() {
-                if s.flows.get(&old).is_some_and(|e| !e.replied) {
-                    if let Some(gone) = s.flows.remove(&old) {
+        // Peers' flows may fill seven eighths of the table: the rest is kept for flows
+        // this node opens, so peers cannot starve its own traffic.
+        let from_peer = e.grant.is_some();
+        let cap = if from_peer {
+            self.limits.max_flows - self.limits.max_flows / 8
+        } else {
+            self.limits.max_flows
+        };
+        if self.total.fetch_add(1, Ordering::Relaxed) >= cap {
+            // Evict the shard's oldest unreplied flow; a peer's new flow evicts only
+            // another peer's, never one this node opened.
+            let victim = s.unreplied.iter().position(|old| {
+                s.flows
+                    .get(old)
+                    .is_some_and(|o| !o.replied && (!from_peer || o.grant.is_some()))
+            });
+            let evicted = match victim.and_then(|i| s.unreplied.remove(i)) {
+                Some(old) => match s.flows.remove(&old) {
+                    Some(gone) => {
                         self.release(&gone);
                         self.evictions.fetch_add(1, Ordering::Relaxed);
+                        true
                     }
-                    evicted = true;
-                    break;
-                }
-            }
+                    None => false,
+                },
+                None => false,
+            };
             if !evicted {
                 self.total.fetch_sub(1, Ordering::Relaxed);
                 if let Some(g) = &e.grant {

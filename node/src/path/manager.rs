@@ -60,20 +60,7 @@ const RELAY_REDIAL: Duration = Duration::from_secs(3);
 /// (probes with made-up link ids must not make it scan on every datagram).
 const RESYNC_EVERY: Duration = Duration::from_millis(100);
 
-/// A tunnel's path state, shown by `status`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PathStatus {
-    /// `direct` or `relay`.
-    pub kind: &'static str,
-    /// Where datagrams go: the peer's address, or the relay's.
-    pub address: SocketAddr,
-    /// The relay's node name, when relayed.
-    pub relay: Option<String>,
-    /// Round trip of the last answered ping on the current route.
-    pub rtt_ms: Option<f64>,
-    /// Route changes since the tunnel came up.
-    pub switches: u32,
-}
+pub use super::PathStatus;
 
 struct Link {
     peer: NodeName,
@@ -549,7 +536,7 @@ impl Manager {
             // A relay forwards to one address per node: only the newest ping moves it (an
             // older one, reordered on another route, must not move it back).
             if self.paths.is_relay && fresh == Fresh::Newest {
-                self.paths.register(PeerId::of(&l.peer), from);
+                self.paths.register(PeerId::of(&l.peer), from, now);
             }
         }
         let d = l.prober.pong(probe.tx, observed);

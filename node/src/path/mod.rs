@@ -119,6 +119,8 @@ pub struct Paths {
     live_relays: ArcSwap<Vec<(quicmesh_protocol::ident::NodeName, SocketAddr)>>,
     /// When this node is a relay: the nodes registered with it, by id and by address.
     registry: ArcSwap<Registry>,
+    /// When each registered node last proved its address with a fresh ping.
+    reg_seen: Mutex<HashMap<PeerId, std::time::Instant>>,
     pub is_relay: bool,
     edit: Mutex<()>,
     /// Relayed QUIC datagrams for QUIC's next read: (visible source, datagram).
@@ -167,6 +169,11 @@ pub struct Registry {
     pub by_addr: HashMap<SocketAddr, PeerId>,
 }
 
+/// A relay registration refreshed within this long holds its address: another node's
+/// ping from that address (a forged source) cannot take it. Relay tunnels heartbeat every
+/// 500 ms, so a live node refreshes well inside it.
+pub const REGISTRATION_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Paths {
     /// New tables; the receiver gets every probe the socket reads.
     pub fn new(is_relay: bool, metrics: PathMetrics) -> (Arc<Self>, mpsc::Receiver<Incoming>) {
@@ -182,6 +189,7 @@ impl Paths {
                 relays: ArcSwap::from_pointee(HashSet::new()),
                 live_relays: ArcSwap::from_pointee(Vec::new()),
                 registry: ArcSwap::from_pointee(Registry::default()),
+                reg_seen: Mutex::new(HashMap::new()),
                 is_relay,
                 edit: Mutex::new(()),
                 pending: Mutex::new(VecDeque::new()),
@@ -347,19 +355,45 @@ impl Paths {
         self.live_relays.load_full()
     }
 
-    /// (Relay role) `peer` sends from `addr`: forward to it there, and take its relay
-    /// requests from there.
-    pub fn register(&self, peer: PeerId, addr: SocketAddr) {
-        if self.registry.load().by_id.get(&peer) == Some(&addr) {
-            return;
-        }
+    /// (Relay role) `peer` sent a fresh authenticated ping from `addr` at `now`: forward
+    /// to it there, and take its relay requests from there. Refused (false, counted as
+    /// `address_taken`) when another node registered from `addr` within
+    /// [`REGISTRATION_HOLD`]: a node's own valid ping sent with a forged source address
+    /// must not take over another node's registration.
+    pub fn register(&self, peer: PeerId, addr: SocketAddr, now: std::time::Instant) -> bool {
         let _g = self.lock();
-        let mut r = Registry::clone(&self.registry.load());
+        let mut seen = self.reg_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.registry.load();
+        let holder = cur.by_addr.get(&addr).copied();
+        if holder == Some(peer) && cur.by_id.get(&peer) == Some(&addr) {
+            seen.insert(peer, now);
+            return true;
+        }
+        if let Some(other) = holder.filter(|o| *o != peer) {
+            let live = seen
+                .get(&other)
+                .is_some_and(|t| now.saturating_duration_since(*t) < REGISTRATION_HOLD);
+            if live {
+                self.metrics
+                    .relay_dropped(crate::reason::RelayDrop::AddressTaken);
+                return false;
+            }
+        }
+        let mut r = Registry::clone(&cur);
+        if let Some(other) = holder.filter(|o| *o != peer) {
+            // A stale holder loses the address (and its registration with it).
+            r.by_id.remove(&other);
+            seen.remove(&other);
+        }
         if let Some(old) = r.by_id.insert(peer, addr) {
-            r.by_addr.remove(&old);
+            if r.by_addr.get(&old) == Some(&peer) {
+                r.by_addr.remove(&old);
+            }
         }
         r.by_addr.insert(addr, peer);
+        seen.insert(peer, now);
         self.registry.store(Arc::new(r));
+        true
     }
 
     /// (Relay role) drops registrations not in `keep`.
@@ -369,6 +403,10 @@ impl Paths {
         r.by_id.retain(|id, _| keep(id));
         let ids: HashSet<PeerId> = r.by_id.keys().copied().collect();
         r.by_addr.retain(|_, id| ids.contains(id));
+        self.reg_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| ids.contains(id));
         self.registry.store(Arc::new(r));
     }
 
@@ -493,6 +531,21 @@ impl Paths {
     }
 }
 
+/// A tunnel's path state, shown by `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PathStatus {
+    /// `direct` or `relay`.
+    pub kind: &'static str,
+    /// Where datagrams go: the peer's address, or the relay's.
+    pub address: SocketAddr,
+    /// The relay's node name, when relayed.
+    pub relay: Option<String>,
+    /// Round trip of the last answered ping on the current route.
+    pub rtt_ms: Option<f64>,
+    /// Route changes since the tunnel came up.
+    pub switches: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,11 +618,43 @@ mod tests {
         let p = paths();
         let a: SocketAddr = "198.18.0.3:1".parse().unwrap();
         let b: SocketAddr = "198.18.0.3:2".parse().unwrap();
-        p.register(PeerId(7), a);
-        p.register(PeerId(7), b);
+        let t = std::time::Instant::now();
+        assert!(p.register(PeerId(7), a, t));
+        assert!(p.register(PeerId(7), b, t));
         let r = p.registry.load();
         assert_eq!(r.by_id.get(&PeerId(7)), Some(&b));
         assert_eq!(r.by_addr.get(&a), None);
         assert_eq!(r.by_addr.get(&b), Some(&PeerId(7)));
+    }
+
+    /// Review finding: a node's own fresh ping sent with a forged source (another node's
+    /// registered address) took that node's registration, and the victim's heartbeats
+    /// never won it back.
+    #[test]
+    fn a_forged_source_cannot_take_a_live_registration() {
+        let p = paths();
+        let v: SocketAddr = "198.18.0.3:1".parse().unwrap();
+        let x: SocketAddr = "198.18.0.4:1".parse().unwrap();
+        let t = std::time::Instant::now();
+        assert!(p.register(PeerId(1), v, t), "the victim registers");
+        assert!(p.register(PeerId(2), x, t), "the attacker registers");
+        // The attacker's ping, forged to come from the victim's address.
+        assert!(!p.register(PeerId(2), v, t + std::time::Duration::from_millis(600)));
+        let r = p.registry.load();
+        assert_eq!(r.by_addr.get(&v), Some(&PeerId(1)));
+        assert_eq!(r.by_id.get(&PeerId(2)), Some(&x));
+        // The victim's heartbeat keeps it; once it has been silent past the hold, the
+        // address is free (the victim moved away or died).
+        assert!(p.register(PeerId(1), v, t + std::time::Duration::from_secs(1)));
+        let later = t + std::time::Duration::from_secs(1) + REGISTRATION_HOLD;
+        assert!(p.register(PeerId(2), v, later));
+        let r = p.registry.load();
+        assert_eq!(r.by_addr.get(&v), Some(&PeerId(2)));
+        assert_eq!(
+            r.by_id.get(&PeerId(1)),
+            None,
+            "the stale holder lost its registration"
+        );
+        assert_eq!(r.by_addr.get(&x), None);
     }
 }

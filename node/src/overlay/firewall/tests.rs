@@ -58,10 +58,20 @@ fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> PacketI
             src: sport,
             dst: dport,
             syn,
+            rst: false,
         },
         dont_fragment: true,
         fragment: None,
     }
+}
+
+/// A TCP reset (what the kernel answers a SYN to a closed port with).
+fn rst(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> PacketInfo {
+    let mut p = tcp(src, dst, sport, dport, false);
+    if let Transport::Ports { rst, .. } = &mut p.transport {
+        *rst = true;
+    }
+    p
 }
 
 fn tracker() -> Tracker {
@@ -734,9 +744,14 @@ const WEB_TO_BATCH: &str = "[[rule]]\nfrom = \"web\"\nto = \"batch\"\naction = \
 
 /// A second peer, `other` at 100.64.0.3, in the view too.
 fn other_peer(v: &mut View) -> PeerIdentity {
+    extra_peer(v, "other", [100, 64, 0, 3])
+}
+
+/// Another peer `name` at `ip`, in the view, speaking for web.
+fn extra_peer(v: &mut View, name: &str, ip: [u8; 4]) -> PeerIdentity {
     let mut id = peer(&["web"]);
-    id.node = NodeName::new("other").unwrap();
-    id.ips = vec![IpAddr::from([100, 64, 0, 3])];
+    id.node = NodeName::new(name).unwrap();
+    id.ips = vec![IpAddr::from(ip)];
     let mut info = v.peers[&NodeName::new("peer").unwrap()].clone();
     info.node = id.node.clone();
     info.overlay = id.ips.clone();
@@ -762,10 +777,14 @@ fn the_flow_table_is_bounded_and_keeps_replied_flows() {
         Verdict::Drop { reason, .. } => Some(reason),
         Verdict::Established => panic!("a new SYN is not established"),
     };
-    // Peer A opens 50 connections this node answers: established.
+    // Peer A opens 50 connections this node answers and A completes: established.
     for port in 1000..1050 {
         assert_eq!(open(&a, PEER, 40000, port), None);
         t.outbound(&tcp(ME, PEER, port, 40000, false)).unwrap();
+        assert_eq!(
+            check(&t, &tcp(PEER, ME, 40000, port, false), &a, &v),
+            Verdict::Established
+        );
     }
     // Then A sprays SYNs over its allowed range: it stops at its own limit.
     for port in 2000..3000 {
@@ -785,8 +804,12 @@ fn the_flow_table_is_bounded_and_keeps_replied_flows() {
         assert!(t.len() <= cap);
         assert!(t.peer_flows(&b.node) <= per_peer);
     }
-    assert_eq!(t.len(), cap);
-    assert!(reasons.remove(&DropReason::PeerFlowLimit).is_some());
+    // Peers' flows fill seven eighths of the table; the rest is this node's own. B's new
+    // flows took the place of unreplied ones (its own limit or a shard without an
+    // unreplied peer flow stops the rest).
+    assert_eq!(t.len(), cap - cap / 8);
+    reasons.remove(&DropReason::PeerFlowLimit);
+    reasons.remove(&DropReason::TableFull);
     assert!(reasons.is_empty(), "{reasons:?}");
     assert!(t.evictions() > 0, "unreplied flows were evicted");
     // A's established connections all survived, their segments pass.
@@ -798,12 +821,16 @@ fn the_flow_table_is_bounded_and_keeps_replied_flows() {
         );
     }
     // A shard holding only replied flows refuses a new one, counted: fill a small table
-    // with answered flows.
+    // with completed flows (peers get seven eighths of it: 28).
     let small = bounded(32, 64);
     let mut full = 0;
     for port in 1000..1100 {
         match check(&small, &tcp(PEER, ME, 40000, port, true), &a, &v) {
-            Verdict::New { .. } => small.outbound(&tcp(ME, PEER, port, 40000, false)).unwrap(),
+            Verdict::New { .. } => {
+                small.outbound(&tcp(ME, PEER, port, 40000, false)).unwrap();
+                let ack = check(&small, &tcp(PEER, ME, 40000, port, false), &a, &v);
+                assert_eq!(ack, Verdict::Established);
+            }
             Verdict::Drop {
                 reason: DropReason::TableFull,
                 ..
@@ -811,8 +838,16 @@ fn the_flow_table_is_bounded_and_keeps_replied_flows() {
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!((small.len(), full), (32, 68));
-    // Outbound flows are refused too when nothing may be evicted.
+    assert_eq!((small.len(), full), (28, 72));
+    // This node's own flows take the eighth kept for them, then are refused too when
+    // nothing may be evicted.
+    for port in 0..4 {
+        small.outbound(&tcp(ME, PEER, port, 7, true)).unwrap();
+        assert_eq!(
+            check(&small, &tcp(PEER, ME, 7, port, false), &a, &v),
+            Verdict::Established
+        );
+    }
     assert_eq!(
         small.outbound(&tcp(ME, PEER, 7, 7, true)),
         Err(DropReason::TableFull)
@@ -832,6 +867,10 @@ fn unreplied_flows_time_out_soon_and_replied_ones_stay() {
     }
     for port in 1000..1005 {
         t.outbound(&tcp(ME, PEER, port, 40000, false)).unwrap();
+        assert_eq!(
+            check(&t, &tcp(PEER, ME, 40000, port, false), &a, &v),
+            Verdict::Established
+        );
     }
     // One-way UDP this node sends, and a TCP connection it opens that is answered.
     let udp = |src: [u8; 4], dst: [u8; 4], s, d| PacketInfo {
@@ -840,6 +879,7 @@ fn unreplied_flows_time_out_soon_and_replied_ones_stay() {
             src: s,
             dst: d,
             syn: false,
+            rst: false,
         },
         ..tcp(src, dst, s, d, false)
     };
@@ -894,18 +934,20 @@ fn a_recheck_of_a_full_table_is_cheap() {
         }
     }
     let fill = started.elapsed();
-    assert_eq!(t.len(), limits.max_flows);
+    // Peers fill seven eighths; the last flows evicted older unreplied ones.
+    let peers_cap = limits.max_flows - limits.max_flows / 8;
+    assert_eq!(t.len(), peers_cap);
     let started = std::time::Instant::now();
     assert_eq!(t.recheck(&v), 0);
     let kept = started.elapsed();
     let started = std::time::Instant::now();
-    assert_eq!(t.recheck(&view("default = \"deny\"\n")), limits.max_flows);
+    assert_eq!(t.recheck(&view("default = \"deny\"\n")), peers_cap);
     let dropped = started.elapsed();
     println!(
         "full table ({} flows, 16 peers): fill {:?} ({:?}/new flow), recheck keeping all {:?}, recheck removing all {:?} (debug build)",
-        limits.max_flows,
+        peers_cap,
         fill,
-        fill / limits.max_flows as u32,
+        fill / peers_cap as u32,
         kept,
         dropped
     );
@@ -956,4 +998,86 @@ fn a_new_flow_needs_a_peer_that_still_stands() {
         check(&t, &tcp(PEER, ME, 40000, 5432, false), &id, &revoked),
         dropped(DropReason::NotTracked)
     );
+}
+
+/// Review finding: a flow counted as replied when this node's kernel answered a SYN with
+/// a reset (or a SYN-ACK the peer never completed), so SYNs alone held one-hour entries
+/// that could not be evicted, and peers' new flows evicted this node's own.
+#[test]
+fn a_flow_completes_only_with_the_handshake_and_peers_cannot_starve_this_node() {
+    let (cap, per_peer) = (1024, 256);
+    let t = bounded(cap, per_peer);
+    let v = view(WEB_TO_BATCH);
+    let a = peer(&["web"]);
+    // SYNs to closed ports, reset by the kernel; SYNs answered but never completed.
+    for port in 1000..1010 {
+        assert!(matches!(
+            check(&t, &tcp(PEER, ME, 40000, port, true), &a, &v),
+            Verdict::New { .. }
+        ));
+        t.outbound(&rst(ME, PEER, port, 40000)).unwrap();
+    }
+    for port in 2000..2010 {
+        assert!(matches!(
+            check(&t, &tcp(PEER, ME, 40000, port, true), &a, &v),
+            Verdict::New { .. }
+        ));
+        t.outbound(&tcp(ME, PEER, port, 40000, false)).unwrap();
+    }
+    // Its twin: a handshake the peer completes.
+    assert!(matches!(
+        check(&t, &tcp(PEER, ME, 40000, 3000, true), &a, &v),
+        Verdict::New { .. }
+    ));
+    t.outbound(&tcp(ME, PEER, 3000, 40000, false)).unwrap();
+    assert_eq!(
+        check(&t, &tcp(PEER, ME, 40000, 3000, false), &a, &v),
+        Verdict::Established
+    );
+    t.advance(UNREPLIED_IDLE + Duration::from_secs(1));
+    assert_eq!(
+        t.recheck(&v),
+        20,
+        "reset and half-open flows are short-lived"
+    );
+    assert_eq!(t.len(), 1, "the completed one stays");
+
+    // This node's own unanswered flows (a DNS query waiting, a SYN out) survive a flood
+    // from peers: peers' flows evict only peers' flows, and leave an eighth free.
+    let t = bounded(cap, per_peer);
+    let mut v = view(WEB_TO_BATCH);
+    let peers: Vec<(PeerIdentity, [u8; 4])> = (0..6)
+        .map(|i| {
+            let ip = [100, 64, 1, i as u8];
+            (extra_peer(&mut v, &format!("p{i}"), ip), ip)
+        })
+        .collect();
+    for port in 0..100u16 {
+        t.outbound(&tcp(ME, PEER, 50000 + port, 443, true)).unwrap();
+    }
+    let mut full = 0;
+    for (id, ip) in &peers {
+        for port in 1000..1300 {
+            if let Verdict::Drop { reason, .. } =
+                check(&t, &tcp(*ip, ME, 40000, port, true), id, &v)
+            {
+                assert!(
+                    matches!(reason, DropReason::PeerFlowLimit | DropReason::TableFull),
+                    "{reason:?}"
+                );
+                full += 1;
+            }
+        }
+    }
+    assert!(full > 0, "the peers hit the caps");
+    assert!(t.len() <= cap);
+    for port in 0..100u16 {
+        assert_eq!(
+            check(&t, &tcp(PEER, ME, 443, 50000 + port, false), &a, &v),
+            Verdict::Established,
+            "this node's own flow {port} survived the flood"
+        );
+    }
+    // And it can still open new ones.
+    assert!(t.outbound(&tcp(ME, PEER, 60000, 443, true)).is_ok());
 }
