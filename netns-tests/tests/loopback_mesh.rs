@@ -595,7 +595,7 @@ fn api_refuses_requests_without_the_admin_token() {
         let auth = auth
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
             .unwrap_or_default();
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}").unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out.lines().next().unwrap_or_default().to_string()
