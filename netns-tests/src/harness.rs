@@ -340,6 +340,12 @@ impl CoordinatorProc {
         Ok(())
     }
 
+    /// The mesh CA certificate (DER), read from the data dir.
+    pub fn ca_der(&self) -> anyhow::Result<Vec<u8>> {
+        let pem = fs::read_to_string(self.data_dir.join("ca.crt"))?;
+        Ok(pem::parse(pem)?.into_contents())
+    }
+
     /// The coordinator process's PID, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
@@ -842,6 +848,15 @@ impl NodeProc {
     /// The namespace the node runs in (None: this host).
     pub fn netns(&self) -> Option<&str> {
         self.spec.netns.as_deref()
+    }
+
+    /// The address of the node's tunnel endpoint (from its status).
+    pub fn tunnel_addr(&self) -> anyhow::Result<SocketAddr> {
+        let st = self.status()?;
+        Ok(st["tunnel_listen"]
+            .as_str()
+            .context("tunnel_listen missing in status")?
+            .parse()?)
     }
 
     /// The node process's PID, while it runs.

@@ -104,49 +104,19 @@ pub enum Outcome {
     Reply(StreamReply),
 }
 
-/// Presents `(cert, key)` at `target` (node `db-1`) and asks for web -> db.
+/// Presents `(cert, key)` at `target` (node `db-1`) on a fresh connection and asks for
+/// `claim` -> db.
 pub async fn present(
     target: SocketAddr,
     ca_der: &[u8],
     cert: (Vec<u8>, Vec<u8>),
     claim: &str,
 ) -> Outcome {
-    let trust = Arc::new(arc_swap_shim(
-        Trust::new(
-            TrustDomain::new("quicmesh.local").unwrap(),
-            &[ca_der.to_vec()],
-            [],
-        )
-        .unwrap(),
-    ));
-    let verifier = MeshServerVerifier::new(Some(trust), ServerExpect::Node, Arc::new(|_| {}));
-    let slot = CertSlot::with(vec![cert.0], &cert.1).unwrap();
-    let cfg = tls::client_config(Some(slot), verifier, ALPN_TUNNEL).unwrap();
-    let ep = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap();
-    let attempt = async {
-        let conn = ep
-            .connect_with(cfg, target, "db-1")
-            .map_err(|_| ())?
-            .await
-            .map_err(|_| ())?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|_| ())?;
-        let h = StreamHeader {
-            src_service: ServiceName::new(claim).unwrap(),
-            dst_service: ServiceName::new("db").unwrap(),
-            flow_id: 1,
-        };
-        write_frame(&mut send, &h).await.map_err(|_| ())?;
-        match read_frame::<StreamReply, _>(&mut recv).await {
-            Ok(Some(r)) => Ok(r),
-            _ => Err(()),
-        }
-    };
-    let out = match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-        Ok(Ok(r)) => Outcome::Reply(r),
-        _ => Outcome::Refused,
-    };
-    ep.close(0u32.into(), b"done");
-    out
+    let rogue = RoguePeer::new(target, "db-1", ca_der, cert);
+    match rogue.connect().await {
+        Ok(conn) => rogue.ask(&conn, claim, "db").await,
+        Err(_) => Outcome::Refused,
+    }
 }
 
 fn arc_swap_shim(t: Trust) -> arc_swap::ArcSwap<Trust> {

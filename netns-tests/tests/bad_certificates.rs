@@ -3,7 +3,6 @@
 //! Each is refused with its reason counted at the node, and the node keeps serving
 //! legitimate flows.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::ensure;
@@ -33,14 +32,8 @@ fn hostile_certificates_are_refused_with_counted_reasons() {
             .upstream("db"),
     )
     .unwrap();
-    let target: SocketAddr = db.status().unwrap()["tunnel_listen"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let ca_der = pem::parse(std::fs::read_to_string(coord.data_dir.join("ca.crt")).unwrap())
-        .unwrap()
-        .into_contents();
+    let target = db.tunnel_addr().unwrap();
+    let ca_der = coord.ca_der().unwrap();
     let mesh_issuer = mesh_ca(&coord);
     let foreign = foreign_ca();
     let t = now();

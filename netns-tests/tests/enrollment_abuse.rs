@@ -15,10 +15,7 @@ use quicmesh_netns_tests::{assert_eventually, CoordinatorProc, Mesh, NodeProc, N
 use sha2::{Digest, Sha256};
 
 fn ca_fingerprint(coord: &CoordinatorProc) -> [u8; 32] {
-    let der = pem::parse(std::fs::read_to_string(coord.data_dir.join("ca.crt")).unwrap())
-        .unwrap()
-        .into_contents();
-    Sha256::digest(&der).into()
+    Sha256::digest(coord.ca_der().unwrap()).into()
 }
 
 /// Starts `name` (enrolling with a fresh token) and returns how long until it served.

@@ -230,9 +230,7 @@ fn s1_two_datacenters_allow_web_to_db_and_deny_web_to_payments_at_its_ingress() 
 fn s2_rogue_host_certificates_are_refused_with_reasons_and_legit_flows_continue() {
     let w = world("s2", "1h");
     let target: SocketAddr = SocketAddr::new(IpAddr::from([198, 18, 2, 21]), w.db.listen_port);
-    let ca_der = pem::parse(std::fs::read_to_string(w.coord.data_dir.join("ca.crt")).unwrap())
-        .unwrap()
-        .into_contents();
+    let ca_der = w.coord.ca_der().unwrap();
     let mesh_issuer = mesh_ca(&w.coord);
     let foreign = foreign_ca();
     let t = now();

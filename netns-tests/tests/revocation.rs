@@ -40,14 +40,8 @@ fn setup(name: &str) -> Setup {
         &NodeSpec::new("web-1").service("web", echo_server().unwrap()),
     )
     .unwrap();
-    let target: SocketAddr = db.status().unwrap()["tunnel_listen"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let ca_der = pem::parse(std::fs::read_to_string(coord.data_dir.join("ca.crt")).unwrap())
-        .unwrap()
-        .into_contents();
+    let target = db.tunnel_addr().unwrap();
+    let ca_der = coord.ca_der().unwrap();
     // db-1 must know web-1 before the rogue asks.
     assert_eventually("db-1 sees web-1", Duration::from_secs(10), || {
         let st = db.status()?;
