@@ -197,8 +197,12 @@ pub fn recheck_stream(
     check_egress: bool,
     now: i64,
 ) -> Option<CloseReason> {
-    let from_standing = |s: Standing| (s != Standing::NotReady).then(|| s.close_reason());
-    match direction {
+    // A peer that no longer stands closes the flow whatever it is; a view not loaded
+    // yet closes nothing.
+    if let Err(s) = standing(view, peer, now) {
+        return s.close_reason();
+    }
+    let allowed = match direction {
         Direction::Ingress => {
             let req = StreamRequest {
                 peer,
@@ -206,27 +210,11 @@ pub fn recheck_stream(
                 dst,
                 hosted: true,
             };
-            match stream_ingress(view, req, now) {
-                Ok(_) => None,
-                Err(d) => match d.reason {
-                    RejectCode::PeerRevoked => Some(CloseReason::PeerRevoked),
-                    RejectCode::PeerUnknown => Some(CloseReason::PeerUnknown),
-                    RejectCode::PeerExpired => Some(CloseReason::PeerExpired),
-                    RejectCode::NotReady => None,
-                    _ => Some(CloseReason::PolicyChanged),
-                },
-            }
+            stream_ingress(view, req, now).is_ok()
         }
-        Direction::Egress => {
-            if let Err(s) = standing(view, peer, now) {
-                return from_standing(s);
-            }
-            if check_egress && egress(view, src, dst, &peer.node).is_err() {
-                return Some(CloseReason::PolicyChanged);
-            }
-            None
-        }
-    }
+        Direction::Egress => !check_egress || egress(view, src, dst, &peer.node).is_ok(),
+    };
+    (!allowed).then_some(CloseReason::PolicyChanged)
 }
 
 /// A live overlay flow, re-checked: why it must be forgotten.
@@ -239,18 +227,16 @@ pub fn recheck_packet_flow(
 ) -> Option<CloseReason> {
     match packet_flow(view, peer, peer_services, service, now) {
         Ok(_) => None,
-        Err(FlowDenied::Standing(Standing::NotReady)) => None,
-        Err(FlowDenied::Standing(s)) => Some(s.close_reason()),
+        Err(FlowDenied::Standing(s)) => s.close_reason(),
         Err(FlowDenied::Policy(_)) => Some(CloseReason::PolicyChanged),
     }
 }
 
 /// A tunnel, re-checked: why it must close (the peer no longer stands).
 pub fn recheck_tunnel(view: &View, peer: &PeerIdentity, now: i64) -> Option<CloseReason> {
-    match standing(view, peer, now) {
-        Ok(()) | Err(Standing::NotReady) => None,
-        Err(s) => Some(s.close_reason()),
-    }
+    standing(view, peer, now)
+        .err()
+        .and_then(Standing::close_reason)
 }
 
 #[cfg(test)]

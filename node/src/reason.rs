@@ -126,13 +126,14 @@ impl Standing {
         }
     }
 
-    /// Why a live flow or tunnel of a peer that lost its standing is closed.
-    pub fn close_reason(self) -> CloseReason {
+    /// Why a live flow or tunnel of a peer that lost its standing is closed; `None` when
+    /// the node has no view yet (nothing is closed for that).
+    pub fn close_reason(self) -> Option<CloseReason> {
         match self {
-            Standing::NotReady => CloseReason::NodeShutdown,
-            Standing::PeerUnknown => CloseReason::PeerUnknown,
-            Standing::PeerRevoked => CloseReason::PeerRevoked,
-            Standing::PeerExpired => CloseReason::PeerExpired,
+            Standing::NotReady => None,
+            Standing::PeerUnknown => Some(CloseReason::PeerUnknown),
+            Standing::PeerRevoked => Some(CloseReason::PeerRevoked),
+            Standing::PeerExpired => Some(CloseReason::PeerExpired),
         }
     }
 }
