@@ -67,9 +67,61 @@ pub fn bind(mesh: &Arc<Mesh>, addr: SocketAddr) -> anyhow::Result<quinn::Endpoin
     // follows its node to a new address or NAT mapping: that is how the coordinator
     // learns where the node went (`Mesh::sweep_offline`).
     cfg.migration(true);
-    let ep = quinn::Endpoint::server(cfg, addr)
+    let reset = reset_key(&mesh.data_dir)?;
+    let socket = std::net::UdpSocket::bind(addr)
+        .map_err(|e| anyhow::anyhow!("bind control listener {addr}: {e}"))?;
+    let mut ep_cfg = quinn::EndpointConfig::new(Arc::new(reset.hmac));
+    // Connection IDs carry a keyed check the endpoint validates before it answers an
+    // unknown one with a reset: the restarted process must recognise the old IDs too.
+    let cid_key = reset.cid_key;
+    ep_cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let ep = quinn::Endpoint::new(ep_cfg, Some(cfg), socket, Arc::new(quinn::TokioRuntime))
         .map_err(|e| anyhow::anyhow!("bind control listener {addr}: {e}"))?;
     Ok(ep)
+}
+
+/// Length of the stateless-reset secret kept in the data dir.
+const RESET_KEY_LEN: usize = 64;
+
+/// The keys a restarted coordinator needs to end its predecessor's connections.
+struct ResetKeys {
+    /// Stateless-reset tokens are derived with it.
+    hmac: ring::hmac::Key,
+    /// Connection IDs are checked with it.
+    cid_key: u64,
+}
+
+/// The secret stateless resets and connection IDs are derived from, kept in `reset.key`
+/// (0600) so that a coordinator restarted on the same address answers its nodes' packets
+/// for the dead process's connections with resets they recognise: their sessions end at
+/// their next keepalive and they reconnect, instead of waiting out the idle timeout.
+fn reset_key(dir: &std::path::Path) -> anyhow::Result<ResetKeys> {
+    let path = dir.join("reset.key");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) if b.len() == RESET_KEY_LEN => b,
+        Ok(b) => anyhow::bail!(
+            "{}: stateless-reset key is {} bytes, expected {RESET_KEY_LEN}; delete it to make a new one",
+            path.display(),
+            b.len()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut b = vec![0u8; RESET_KEY_LEN];
+            rand::Rng::fill(&mut rand::thread_rng(), &mut b[..]);
+            quicmesh_node::store::write_private(&path, &b)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            b
+        }
+        Err(e) => anyhow::bail!("{}: {e}", path.display()),
+    };
+    let (hmac, cid) = bytes.split_at(RESET_KEY_LEN / 2);
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid[..8]);
+    Ok(ResetKeys {
+        hmac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, hmac),
+        cid_key: u64::from_le_bytes(cid_key),
+    })
 }
 
 /// Slots of certificate-less connections: bounded per source address and in total. A

@@ -194,8 +194,9 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
         ServerExpect::Coordinator,
         Arc::new(|_| {}),
     );
-    let client = tls::client_config(Some(node.cert.clone()), verifier, ALPN_CONTROL)
+    let mut client = tls::client_config(Some(node.cert.clone()), verifier, ALPN_CONTROL)
         .map_err(|e| e.to_string())?;
+    client.transport_config(tls::control_client_transport());
     let connecting = node
         .endpoint
         .connect_with(client, node.cfg.coordinator, "coordinator")

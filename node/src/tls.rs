@@ -432,7 +432,23 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
 /// stream state is allocated per allowed stream, so a coordinator with thousands of
 /// sessions allows few.
 pub fn control_transport() -> Arc<quinn::TransportConfig> {
-    Arc::new(base_transport(4))
+    let mut t = base_transport(4);
+    // The nodes keep their sessions alive (and their NAT mappings open); the coordinator
+    // sends nothing of its own to an idle session: thousands of sessions, no timers.
+    t.keep_alive_interval(None);
+    Arc::new(t)
+}
+
+/// How often a node's idle control session sends a packet. A coordinator restarted on
+/// the same address answers it with a stateless reset, so the node notices the restart
+/// within this interval (plus a round trip) and reconnects.
+pub const CONTROL_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Transport for a node's control session (see [`CONTROL_KEEPALIVE`]).
+pub fn control_client_transport() -> Arc<quinn::TransportConfig> {
+    let mut t = base_transport(4);
+    t.keep_alive_interval(Some(CONTROL_KEEPALIVE));
+    Arc::new(t)
 }
 
 pub use crate::config::DEFAULT_KEEPALIVE;
