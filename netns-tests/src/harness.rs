@@ -530,6 +530,8 @@ pub struct NodeSpec {
     pub dns_forward: Option<SocketAddr>,
     /// `relay = true`, with the join token granting the role.
     pub relay: bool,
+    /// The `coordinator` list, when not just the coordinator the node is started with.
+    pub coordinators: Option<Vec<String>>,
 }
 
 impl NodeSpec {
@@ -549,6 +551,12 @@ impl NodeSpec {
     /// Adds an upstream.
     pub fn upstream(mut self, service: &str) -> Self {
         self.upstreams.push(service.into());
+        self
+    }
+    /// Lists these coordinator addresses (ip:port or host:port) instead of the one the
+    /// node is started with.
+    pub fn coordinators(mut self, addrs: &[&str]) -> Self {
+        self.coordinators = Some(addrs.iter().map(|a| a.to_string()).collect());
         self
     }
     /// Runs the node inside namespace `ns`, its tunnel on all of that host's addresses.
@@ -629,7 +637,8 @@ pub struct NodeProc {
     /// Port of the DNS server (0 until started).
     pub dns_port: u16,
     spec: NodeSpec,
-    coordinator: SocketAddr,
+    /// The `coordinator` value, as TOML.
+    coordinator: String,
     token: String,
     child: Option<Child>,
 }
@@ -655,7 +664,16 @@ impl NodeProc {
             upstreams: spec.upstreams.iter().map(|s| (s.clone(), 0)).collect(),
             dns_port: 0,
             spec: spec.clone(),
-            coordinator: coord.control_addr(),
+            coordinator: match &spec.coordinators {
+                None => format!("\"{}\"", coord.control_addr()),
+                Some(list) => format!(
+                    "[{}]",
+                    list.iter()
+                        .map(|a| format!("\"{a}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
             token: token.to_string(),
             child: None,
         };
@@ -665,7 +683,7 @@ impl NodeProc {
 
     fn write_config(&self) -> anyhow::Result<()> {
         let mut t = format!(
-            "name = \"{}\"\ncoordinator = \"{}\"\njoin_token = \"{}\"\ndata_dir = \"{}\"\nlisten = \"{}:{}\"\nmetrics = \"127.0.0.1:{}\"\nstatus_interval = \"1s\"\n\n[policy]\ncheck_egress = {}\n",
+            "name = \"{}\"\ncoordinator = {}\njoin_token = \"{}\"\ndata_dir = \"{}\"\nlisten = \"{}:{}\"\nmetrics = \"127.0.0.1:{}\"\nstatus_interval = \"1s\"\n\n[policy]\ncheck_egress = {}\n",
             self.spec.name,
             self.coordinator,
             self.token,

@@ -345,6 +345,50 @@ fn a_revocation_right_after_a_coordinator_restart_takes_effect_within_2s() {
     );
 }
 
+/// A node listing several coordinator addresses (an IP that never answers, a DNS name)
+/// enrolls and keeps its session with the one that answers, and says which in `status`.
+#[test]
+fn a_node_listing_a_silent_replica_and_a_name_reaches_the_live_one() {
+    let mesh = Mesh::new("replica-list");
+    let coord = CoordinatorProc::start(&mesh, "1h").unwrap();
+    // Bound and never read: packets to it vanish, as to a dead host.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent = silent.local_addr().unwrap().to_string();
+    let live = format!("localhost:{}", coord.control_addr().port());
+    let mut nodes = Vec::new();
+    for round in 0..2 {
+        let name = format!("web-{round}");
+        let node = NodeProc::start(
+            &mesh,
+            &coord,
+            &NodeSpec::new(&name)
+                .service("web", echo_server().unwrap())
+                .coordinators(&[&silent, &live]),
+        )
+        .unwrap();
+        assert_eventually(
+            "session up with the live replica",
+            Duration::from_secs(15),
+            || {
+                let st = node.status()?;
+                ensure!(
+                    st["control"]["connected"] == true,
+                    "not connected: {}",
+                    st["control"]
+                );
+                ensure!(
+                    st["control"]["coordinator"] == coord.control_addr().to_string(),
+                    "connected to {}",
+                    st["control"]["coordinator"]
+                );
+                Ok(())
+            },
+        );
+        nodes.push(node);
+    }
+    wait_all_acked(&coord, 2);
+}
+
 #[test]
 fn revoking_a_node_closes_its_flows_and_refuses_new_ones() {
     let d = demo("revoke");

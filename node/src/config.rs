@@ -116,11 +116,124 @@ pub struct UpstreamConfig {
     pub expose: bool,
 }
 
+/// Most coordinator addresses a node may list.
+pub const MAX_COORDINATORS: usize = 16;
+
+/// One coordinator address as configured: an IP address, or a DNS name resolved at every
+/// connection attempt (a name may resolve to several replicas).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoordinatorAddr {
+    Ip(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl std::fmt::Display for CoordinatorAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ip(a) => write!(f, "{a}"),
+            Self::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl std::str::FromStr for CoordinatorAddr {
+    type Err = String;
+    fn from_str(v: &str) -> Result<Self, String> {
+        if let Ok(a) = v.parse::<SocketAddr>() {
+            return Ok(Self::Ip(a));
+        }
+        let bad = || format!("{v:?} is not an ip:port or host:port address");
+        let (host, port) = v.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
+        if port == 0 || host.len() > 253 || !host.split('.').all(label_ok) {
+            return Err(bad());
+        }
+        Ok(Self::Name {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+/// The coordinator replicas a node may talk to: never empty, no duplicates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coordinators(Vec<CoordinatorAddr>);
+
+impl Coordinators {
+    /// Checks a configured list (`coordinator = "a:7700"` or `["a:7700", "b:7700"]`).
+    pub fn parse(list: Vec<String>) -> Result<Self, String> {
+        if list.is_empty() {
+            return Err("lists no address".into());
+        }
+        if list.len() > MAX_COORDINATORS {
+            return Err(format!(
+                "lists {} addresses (at most {MAX_COORDINATORS})",
+                list.len()
+            ));
+        }
+        let mut out: Vec<CoordinatorAddr> = Vec::with_capacity(list.len());
+        for v in &list {
+            let a: CoordinatorAddr = v.parse()?;
+            if out.contains(&a) {
+                return Err(format!("{v:?} is listed twice"));
+            }
+            out.push(a);
+        }
+        Ok(Self(out))
+    }
+
+    /// One IP address (tests and tools).
+    pub fn one(addr: SocketAddr) -> Self {
+        Self(vec![CoordinatorAddr::Ip(addr)])
+    }
+
+    pub fn addrs(&self) -> &[CoordinatorAddr] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Coordinators {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, a) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{a}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A value that is one string or a list of strings.
+fn one_or_many(v: toml::Value) -> Result<Vec<String>, String> {
+    let not = || "must be an address or a list of addresses".to_string();
+    match v {
+        toml::Value::String(s) => Ok(vec![s]),
+        toml::Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                toml::Value::String(s) => Ok(s),
+                _ => Err(not()),
+            })
+            .collect(),
+        _ => Err(not()),
+    }
+}
+
 /// The checked node config.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub name: NodeName,
-    pub coordinator: SocketAddr,
+    /// The coordinator replicas' control addresses (at least one), in the config's order.
+    pub coordinator: Coordinators,
     pub join_token: Option<String>,
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
@@ -155,7 +268,8 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields)]
 struct Raw {
     name: Option<String>,
-    coordinator: Option<String>,
+    /// One address or a list of them.
+    coordinator: Option<toml::Value>,
     join_token: Option<String>,
     join_token_file: Option<PathBuf>,
     data_dir: Option<PathBuf>,
@@ -370,7 +484,14 @@ impl NodeConfig {
                 }
             };
         let name = NodeName::new(req("name", raw.name)?).map_err(|e| err("name", e.to_string()))?;
-        let coordinator = addr("coordinator", &req("coordinator", raw.coordinator)?)?;
+        let coordinator = Coordinators::parse(
+            one_or_many(
+                raw.coordinator
+                    .ok_or_else(|| err("coordinator", "missing".into()))?,
+            )
+            .map_err(|e| err("coordinator", e))?,
+        )
+        .map_err(|e| err("coordinator", e))?;
         let join_token = match (raw.join_token, raw.join_token_file) {
             (Some(_), Some(_)) => {
                 return Err(err(
@@ -695,6 +816,56 @@ bind = "127.0.0.1:15432"
         assert_eq!((check.rise, check.fall), (2, 3));
         assert_eq!(c.upstreams[0].locality, Locality::Prefer);
         assert_eq!(c.dns, None);
+    }
+
+    #[test]
+    fn coordinator_is_one_address_a_list_or_names() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(
+            c.coordinator,
+            Coordinators::one("198.18.0.1:7700".parse().unwrap())
+        );
+        let list = GOOD.replace(
+            "\"198.18.0.1:7700\"",
+            "[\"198.18.0.1:7700\", \"198.18.0.2:7700\", \"Coord.Example.:7701\"]",
+        );
+        let c = parse(&list).unwrap();
+        assert_eq!(
+            c.coordinator.addrs(),
+            &[
+                CoordinatorAddr::Ip("198.18.0.1:7700".parse().unwrap()),
+                CoordinatorAddr::Ip("198.18.0.2:7700".parse().unwrap()),
+                CoordinatorAddr::Name {
+                    host: "coord.example".into(),
+                    port: 7701
+                },
+            ]
+        );
+        assert_eq!(
+            c.coordinator.to_string(),
+            "198.18.0.1:7700, 198.18.0.2:7700, coord.example:7701"
+        );
+        // Each bad shape is refused, naming the key and what was wrong.
+        for (bad, says) in [
+            ("[]", "lists no address"),
+            ("[\"198.18.0.1:7700\", \"198.18.0.1:7700\"]", "listed twice"),
+            ("\"coord.example\"", "not an ip:port or host:port"),
+            ("\"coord.example:0\"", "not an ip:port or host:port"),
+            ("\"coord_x.example:7700\"", "not an ip:port or host:port"),
+            ("\"-coord.example:7700\"", "not an ip:port or host:port"),
+            ("\"coord..example:7700\"", "not an ip:port or host:port"),
+            ("7700", "coordinator"),
+        ] {
+            let e = parse(&GOOD.replace("\"198.18.0.1:7700\"", bad)).unwrap_err();
+            assert_eq!(e.key, "coordinator", "{bad}: {e}");
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
+        let many: Vec<String> = (1..=MAX_COORDINATORS + 1)
+            .map(|i| format!("\"198.18.0.{i}:7700\""))
+            .collect();
+        let e = parse(&GOOD.replace("\"198.18.0.1:7700\"", &format!("[{}]", many.join(","))))
+            .unwrap_err();
+        assert!(e.reason.contains("at most 16"), "{e}");
     }
 
     #[test]

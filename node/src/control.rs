@@ -58,8 +58,63 @@ pub async fn enroll(
     token: &str,
 ) -> Result<StoredIdentity, EnrollError> {
     let token: JoinToken = token.parse()?;
-    let transport = |reason: String| EnrollError::Transport {
+    let addrs = resolve(&cfg.coordinator).await;
+    let mut last = EnrollError::Transport {
         addr: cfg.coordinator.to_string(),
+        reason: "no address resolved".into(),
+    };
+    // Replicas are tried in turn from a random one; a refusal is final (every replica
+    // would say the same). With others to try, a silent one is given up on sooner.
+    let handshake = if addrs.len() > 1 {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(15)
+    };
+    let start: usize = rand::thread_rng().gen();
+    for i in 0..addrs.len() {
+        let addr = addrs[(start + i) % addrs.len()];
+        match enroll_at(endpoint, cfg, key, &token, addr, handshake).await {
+            Err(e @ EnrollError::Transport { .. }) => {
+                tracing::warn!(error = %e, "enrollment: trying the next coordinator");
+                last = e;
+            }
+            other => return other,
+        }
+    }
+    Err(last)
+}
+
+/// Resolves the configured coordinator addresses now (DNS names may give several each),
+/// in config order without duplicates. Names that do not resolve are logged and skipped.
+pub async fn resolve(c: &crate::config::Coordinators) -> Vec<std::net::SocketAddr> {
+    use crate::config::CoordinatorAddr;
+    let mut out = Vec::new();
+    for a in c.addrs() {
+        match a {
+            CoordinatorAddr::Ip(ip) => out.push(*ip),
+            CoordinatorAddr::Name { host, port } => {
+                match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(found) => out.extend(found),
+                    Err(e) => tracing::warn!(coordinator = %a, error = %e, "cannot resolve"),
+                }
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|a| seen.insert(*a));
+    out
+}
+
+async fn enroll_at(
+    endpoint: &quinn::Endpoint,
+    cfg: &NodeConfig,
+    key: &rcgen::KeyPair,
+    token: &JoinToken,
+    addr: std::net::SocketAddr,
+    handshake: Duration,
+) -> Result<StoredIdentity, EnrollError> {
+    let transport = |reason: String| EnrollError::Transport {
+        addr: addr.to_string(),
         reason,
     };
     let verifier = MeshServerVerifier::new(
@@ -70,9 +125,9 @@ pub async fn enroll(
     let client =
         tls::client_config(None, verifier, ALPN_CONTROL).map_err(|e| transport(e.to_string()))?;
     let conn = tokio::time::timeout(
-        Duration::from_secs(15),
+        handshake,
         endpoint
-            .connect_with(client, cfg.coordinator, "coordinator")
+            .connect_with(client, addr, "coordinator")
             .map_err(|e| transport(e.to_string()))?,
     )
     .await
@@ -139,16 +194,29 @@ enum SessionEnd {
     Revoked(String),
 }
 
-/// Keeps a control session up for the life of the node.
+/// Keeps a control session up for the life of the node, with one replica at a time.
+/// Addresses are resolved again at every attempt; a node starts at a random one (so nodes
+/// spread over replicas) and moves to the next when a session ends or cannot start. The
+/// backoff grows only once every address has failed in a row.
 pub async fn session_loop(node: Arc<Node>) {
-    let mut backoff = Duration::from_millis(250);
+    const FIRST: Duration = Duration::from_millis(250);
     // Capped low: a node must be back on the latest snapshot soon after the coordinator is.
-    let max = Duration::from_secs(4);
+    const MAX: Duration = Duration::from_secs(4);
+    let mut turn: usize = rand::thread_rng().gen();
+    let mut failures: usize = 0;
     loop {
+        let addrs = resolve(&node.cfg.coordinator).await;
         let started = Instant::now();
-        let result = session(&node).await;
+        let result = match addrs.get(turn % addrs.len().max(1)) {
+            Some(&addr) => session(&node, addr, addrs.len()).await,
+            None => Err(format!(
+                "no coordinator address resolved from {}",
+                node.cfg.coordinator
+            )),
+        };
         if let Ok(mut c) = node.control.lock() {
             c.connected = false;
+            c.coordinator = None;
         }
         match result {
             Ok(SessionEnd::Revoked(detail)) => {
@@ -167,12 +235,24 @@ pub async fn session_loop(node: Arc<Node>) {
             }
         }
         if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(250);
+            failures = 0;
         }
+        failures += 1;
+        turn = turn.wrapping_add(1);
         let jitter = rand::thread_rng().gen_range(0.5..1.0);
-        tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = (backoff * 2).min(max);
+        tokio::time::sleep(retry_delay(failures, addrs.len(), FIRST, MAX).mul_f64(jitter)).await;
     }
+}
+
+/// The wait before the next attempt after `failures` failed in a row over `addrs`
+/// addresses: short while untried replicas remain, then doubling per full round.
+fn retry_delay(failures: usize, addrs: usize, first: Duration, max: Duration) -> Duration {
+    let addrs = addrs.max(1);
+    if failures < addrs {
+        return first / 2;
+    }
+    let rounds = (failures / addrs - 1).min(16) as u32;
+    first.saturating_mul(1 << rounds).min(max)
 }
 
 fn status(node: &Node) -> StatusReport {
@@ -188,7 +268,11 @@ fn status(node: &Node) -> StatusReport {
     }
 }
 
-async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
+async fn session(
+    node: &Arc<Node>,
+    coordinator: std::net::SocketAddr,
+    replicas: usize,
+) -> Result<SessionEnd, String> {
     let verifier = MeshServerVerifier::new(
         Some(node.trust.clone()),
         ServerExpect::Coordinator,
@@ -199,18 +283,24 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
     client.transport_config(tls::control_client_transport());
     let connecting = node
         .endpoint
-        .connect_with(client, node.cfg.coordinator, "coordinator")
+        .connect_with(client, coordinator, "coordinator")
         .map_err(|e| e.to_string())?;
-    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+    // With other replicas to try, a silent one is given up on sooner.
+    let deadline = if replicas > 1 {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(10)
+    };
+    let conn = tokio::time::timeout(deadline, connecting)
         .await
-        .map_err(|_| format!("connecting to {}: timed out", node.cfg.coordinator))?
-        .map_err(|e| format!("connecting to {}: {e}", node.cfg.coordinator))?;
+        .map_err(|_| format!("connecting to {coordinator}: timed out"))?
+        .map_err(|e| format!("connecting to {coordinator}: {e}"))?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let hello = Hello {
         node: node.cfg.name.clone(),
         tunnel_port: node.endpoint.local_addr().map(|a| a.port()).unwrap_or(0),
         advertise: node.advertise(),
-        local: local_candidates(node),
+        local: local_candidates(node, coordinator),
         relay: node.cfg.relay,
         services: node.cfg.service_names(),
         labels: node.cfg.labels.clone(),
@@ -230,9 +320,10 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
     }
     if let Ok(mut c) = node.control.lock() {
         c.connected = true;
+        c.coordinator = Some(coordinator);
         c.last_error = None;
     }
-    tracing::info!(coordinator = %node.cfg.coordinator, "control session up");
+    tracing::info!(%coordinator, "control session up");
 
     // Frames are read in their own task: reading is not cancel-safe inside select!.
     let (tx, mut rx) = mpsc::channel::<Result<Option<ControlDown>, FrameError>>(4);
@@ -330,14 +421,13 @@ async fn session(node: &Arc<Node>) -> Result<SessionEnd, String> {
 
 /// The node's own addresses with its tunnel port: the listen address when it names one,
 /// else the interface address the kernel picks toward the coordinator (no packet is sent).
-fn local_candidates(node: &Node) -> Vec<std::net::SocketAddr> {
+fn local_candidates(node: &Node, coordinator: std::net::SocketAddr) -> Vec<std::net::SocketAddr> {
     let Ok(local) = node.endpoint.local_addr() else {
         return Vec::new();
     };
     if !local.ip().is_unspecified() {
         return vec![local];
     }
-    let coordinator = node.cfg.coordinator;
     let any: std::net::SocketAddr = if coordinator.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -406,4 +496,54 @@ fn install_renewed(node: &Node, cert_der: Vec<u8>) -> Result<(), String> {
     node.identity.store(Arc::new(id));
     node.leaf_der.store(Arc::new(cert_der));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_are_tried_in_turn_before_the_backoff_grows() {
+        let first = Duration::from_millis(250);
+        let max = Duration::from_secs(4);
+        // Three replicas: the first two failures move on at once (125 ms), then each full
+        // round of failures doubles the wait, up to the cap.
+        let waits: Vec<u128> = (1..=12)
+            .map(|f| retry_delay(f, 3, first, max).as_millis())
+            .collect();
+        assert_eq!(
+            waits,
+            [125, 125, 250, 250, 250, 500, 500, 500, 1000, 1000, 1000, 2000]
+        );
+        // One coordinator: the backoff of old, 250 ms doubling to 4 s.
+        let one: Vec<u128> = (1..=7)
+            .map(|f| retry_delay(f, 1, first, max).as_millis())
+            .collect();
+        assert_eq!(one, [250, 500, 1000, 2000, 4000, 4000, 4000]);
+        assert_eq!(retry_delay(usize::MAX, 1, first, max), max);
+    }
+
+    #[tokio::test]
+    async fn resolving_keeps_config_order_and_drops_duplicates_and_failures() {
+        let c = crate::config::Coordinators::parse(vec![
+            "198.18.0.2:7700".into(),
+            "localhost:7700".into(),
+            "no-such-host.invalid:7700".into(),
+            "127.0.0.1:7700".into(),
+        ])
+        .unwrap();
+        let got = resolve(&c).await;
+        assert_eq!(got[0], "198.18.0.2:7700".parse().unwrap());
+        assert!(got.contains(&"127.0.0.1:7700".parse().unwrap()), "{got:?}");
+        let mut dedup = got.clone();
+        dedup.dedup();
+        assert_eq!(dedup.len(), got.len(), "{got:?}");
+        assert_eq!(
+            got.iter()
+                .filter(|a| **a == "127.0.0.1:7700".parse().unwrap())
+                .count(),
+            1,
+            "{got:?}"
+        );
+    }
 }

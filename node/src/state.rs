@@ -40,6 +40,8 @@ pub trait Status: Send + Sync {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ControlState {
     pub connected: bool,
+    /// The replica the session is with, while connected.
+    pub coordinator: Option<SocketAddr>,
     pub last_error: Option<String>,
     pub revoked: bool,
 }

@@ -444,10 +444,21 @@ pub fn control_transport() -> Arc<quinn::TransportConfig> {
 /// within this interval (plus a round trip) and reconnects.
 pub const CONTROL_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Transport for a node's control session (see [`CONTROL_KEEPALIVE`]).
+/// How long a node's control session lasts without hearing from its coordinator (which
+/// acknowledges every keepalive): a replica that died is left this soon, so the node moves
+/// to another one within about this time.
+pub const CONTROL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// Transport for a node's control session (see [`CONTROL_KEEPALIVE`] and
+/// [`CONTROL_IDLE_TIMEOUT`]; the lower idle timeout of the two ends is the one in force).
 pub fn control_client_transport() -> Arc<quinn::TransportConfig> {
     let mut t = base_transport(4);
     t.keep_alive_interval(Some(CONTROL_KEEPALIVE));
+    t.max_idle_timeout(Some(
+        CONTROL_IDLE_TIMEOUT
+            .try_into()
+            .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(4_000))),
+    ));
     Arc::new(t)
 }
 
