@@ -4,7 +4,6 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
 
 use super::{
     json_map, json_vec, to_json, NodeRecord, PolicyRecord, Store, StoreError, TokenProblem,
