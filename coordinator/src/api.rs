@@ -24,6 +24,9 @@ impl IntoResponse for MeshError {
             MeshError::Invalid { .. } => StatusCode::BAD_REQUEST,
             MeshError::NoSuchNode(_) => StatusCode::NOT_FOUND,
             MeshError::Policy(_) | MeshError::PolicyTests(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            MeshError::Fenced | MeshError::Store(crate::store::StoreError::Unavailable(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let failures = match &self {
@@ -54,6 +57,7 @@ pub fn router(
     let mesh_routes = Router::new()
         .route("/metrics", get(metrics))
         .route("/nodes", get(nodes))
+        .route("/replicas", get(replicas))
         .route("/nodes/{name}/revoke", post(revoke))
         .route("/nodes/{name}/relay", post(relay))
         .route("/services", get(services))
@@ -128,6 +132,34 @@ async fn nodes(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>,
     Ok(Json(
         json!({ "mesh_version": mesh.store.version()?, "nodes": mesh.nodes()? }),
     ))
+}
+
+async fn replicas(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {
+    let now = crate::mesh::now_ms();
+    let list: Vec<serde_json::Value> = mesh
+        .store
+        .replicas()?
+        .into_iter()
+        .map(|r| {
+            let age = now - r.heartbeat_ms;
+            json!({
+                "id": r.id,
+                "control": r.control,
+                "http": r.http,
+                "sessions": r.sessions,
+                "started_at": r.started_at,
+                "heartbeat_age_ms": age,
+                "alive": age < crate::health::REPLICA_DEAD_AFTER_MS,
+            })
+        })
+        .collect();
+    let leading = mesh.leader.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(Json(json!({
+        "this": mesh.replica,
+        "fenced": mesh.fenced.load(std::sync::atomic::Ordering::Relaxed),
+        "leader": if leading { mesh.replica.clone() } else { "another replica".into() },
+        "replicas": list,
+    })))
 }
 
 async fn revoke(

@@ -239,6 +239,13 @@ pub async fn serve(mesh: Arc<Mesh>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
         let mesh = mesh.clone();
         let slots = slots.clone();
+        if mesh.fenced.load(std::sync::atomic::Ordering::Relaxed) {
+            // No session and no certificate from a replica that cannot reach its
+            // database: refused at once, so the node tries another replica.
+            mesh.drops.control.count(ControlDrop::Fenced);
+            incoming.refuse();
+            continue;
+        }
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match tokio::time::timeout(HANDSHAKE_DEADLINE, incoming).await {

@@ -153,6 +153,7 @@ pub async fn run(http: SocketAddr) -> anyhow::Result<()> {
         http,
         3600,
         serve::HttpOptions::default(),
+        None,
     )
     .await?;
     let mesh = running.mesh.clone();

@@ -30,6 +30,8 @@ pub enum ControlDrop {
     RequestTimeout,
     /// A certificate-less connection asked for something other than enrollment.
     NotEnroll,
+    /// This replica lost its database (fenced): the node is sent to another replica.
+    Fenced,
 }
 
 impl Reason for ControlDrop {
@@ -40,6 +42,7 @@ impl Reason for ControlDrop {
         Self::HandshakeFailed,
         Self::RequestTimeout,
         Self::NotEnroll,
+        Self::Fenced,
     ];
     fn as_str(self) -> &'static str {
         match self {
@@ -49,6 +52,7 @@ impl Reason for ControlDrop {
             Self::HandshakeFailed => "handshake_failed",
             Self::RequestTimeout => "request_timeout",
             Self::NotEnroll => "not_enroll",
+            Self::Fenced => "fenced",
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod drops;
 pub mod health;
 pub mod mesh;
 pub mod punch;
+pub mod replica;
 pub mod serve;
 pub mod store;
 pub mod web;

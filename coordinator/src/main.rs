@@ -55,6 +55,10 @@ enum Cmd {
         /// IPv6 pool for nodes' overlay addresses (default: a ULA /48 derived from the CA).
         #[arg(long)]
         overlay_v6: Option<String>,
+        /// Storage: postgres://... to keep the mesh in PostgreSQL (replicas); default: the
+        /// embedded SQLite store in the data dir.
+        #[arg(long, env = "QUICMESH_STORE", hide_env_values = true)]
+        store: Option<String>,
     },
     /// Run the coordinator.
     Serve {
@@ -67,8 +71,10 @@ enum Cmd {
         /// Lifetime of node certificates (e.g. 24h, 10m, 30s).
         #[arg(long, default_value = "24h")]
         cert_ttl: String,
-        /// Storage backend URL (default: the embedded SQLite store in the data dir).
-        #[arg(long)]
+        /// Storage: postgres://user@host/db for replicas sharing one database (the
+        /// password is better given in QUICMESH_STORE or a ~/.pgpass than on the command
+        /// line); default: the embedded SQLite store in the data dir.
+        #[arg(long, env = "QUICMESH_STORE", hide_env_values = true)]
         store: Option<String>,
         /// How long a node may be without a control session before its instances are
         /// no longer routed to (e.g. 15s, 1m).
@@ -110,6 +116,15 @@ enum Cmd {
     /// The service catalog.
     #[command(subcommand)]
     Services(ServicesCmd),
+    /// The coordinator replicas sharing this mesh's database.
+    #[command(subcommand)]
+    Replicas(ReplicasCmd),
+}
+
+#[derive(Subcommand)]
+enum ReplicasCmd {
+    /// List replicas: heartbeat age, sessions held, which one answered and which leads.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -288,6 +303,7 @@ async fn run(cli: Cli) -> ExitCode {
             trust_domain,
             overlay_v4,
             overlay_v6,
+            store,
         } => {
             let Some(dir) = &opts.data_dir else {
                 return fail(64, "init needs --data-dir");
@@ -308,7 +324,7 @@ async fn run(cli: Cli) -> ExitCode {
                 (Ok(a), Ok(b)) => (a, b),
                 (Err(e), _) | (_, Err(e)) => return fail(64, e),
             };
-            match quicmesh_coordinator::mesh::init_with(dir, td, v4, v6) {
+            match quicmesh_coordinator::mesh::init_with(dir, td, v4, v6, store.as_deref()) {
                 Ok(out) => {
                     println!("initialized {}", dir.display());
                     println!("trust domain    {}", out.trust_domain);
@@ -347,11 +363,6 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(o) => o,
                 Err(e) => return fail(64, e),
             };
-            if let Some(s) = store {
-                if !s.starts_with("sqlite:") {
-                    return fail(64, format!("--store {s:?}: only the embedded SQLite store is built in this version"));
-                }
-            }
             let ttl = match duration_secs(&cert_ttl, "cert-ttl") {
                 Ok(t) if t >= 1 => t,
                 Ok(_) => return fail(64, "--cert-ttl must be at least 1s"),
@@ -362,11 +373,19 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(_) => return fail(64, "--offline-after must be at least 1s"),
                 Err(e) => return fail(64, e),
             };
-            let running =
-                match quicmesh_coordinator::serve::start(dir, listen, http, ttl, http_opts).await {
-                    Ok(r) => r,
-                    Err(e) => return fail(1, e),
-                };
+            let running = match quicmesh_coordinator::serve::start(
+                dir,
+                listen,
+                http,
+                ttl,
+                http_opts,
+                store.as_deref(),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => return fail(1, e),
+            };
             running.mesh.set_offline_after(grace);
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -533,6 +552,36 @@ async fn admin(client: &ApiClient, cmd: Cmd, raw: bool) -> Result<(), AdminError
                 {
                     println!("  matching rule[{}]: {}", c["index"], s(&c["rule"]));
                 }
+            }
+        }
+        Cmd::Replicas(ReplicasCmd::List) => {
+            let v = client.get("/replicas").await?;
+            if raw {
+                print(&v)
+            } else {
+                println!(
+                    "{:<16} {:<8} {:<24} {:<24} {:>8} {:>10}",
+                    "REPLICA", "STATE", "CONTROL", "API", "SESSIONS", "HEARTBEAT"
+                );
+                for r in v["replicas"].as_array().into_iter().flatten() {
+                    let mut id = s(&r["id"]);
+                    if r["id"] == v["this"] {
+                        id.push('*');
+                    }
+                    println!(
+                        "{:<16} {:<8} {:<24} {:<24} {:>8} {:>10}",
+                        id,
+                        if r["alive"] == true { "alive" } else { "dead" },
+                        s(&r["control"]),
+                        s(&r["http"]),
+                        r["sessions"],
+                        format!("{}ms ago", r["heartbeat_age_ms"])
+                    );
+                }
+                println!(
+                    "* the replica that answered; leader (singleton jobs): {}",
+                    s(&v["leader"])
+                );
             }
         }
         Cmd::Nodes(NodesCmd::List) => {

@@ -29,9 +29,10 @@ use tokio::sync::watch;
 
 use crate::ca::{Ca, CaError};
 use crate::drops::{Drops, PunchDrop};
+pub use crate::health::Reach;
 use crate::health::{CheckView, HealthBook, DEFAULT_OFFLINE_AFTER};
 use crate::punch::PunchLimiter;
-use crate::store::{NodeRecord, SqliteStore, Store, StoreError, TokenProblem, TokenRecord};
+use crate::store::{NodeRecord, Store, StoreError, TokenProblem, TokenRecord};
 
 /// Default leaf certificate lifetime.
 pub const DEFAULT_CERT_TTL_SECS: i64 = 24 * 3600;
@@ -58,11 +59,37 @@ pub enum MeshError {
     PolicyTests(Vec<TestFailure>),
     #[error("data dir {path}: {reason}")]
     DataDir { path: String, reason: String },
+    /// This replica cannot reach its database: it changes and issues nothing.
+    #[error("this coordinator replica has lost its database; try another replica")]
+    Fenced,
 }
 
 /// Current Unix time.
 pub fn now() -> i64 {
     quicmesh_node::control::unix_now()
+}
+
+/// Current Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// This replica's id: made once, kept in `replica.id` in the data dir.
+fn replica_id(dir: &Path) -> Result<String, MeshError> {
+    let path = dir.join("replica.id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        _ => {
+            let mut b = [0u8; 6];
+            rand::thread_rng().fill_bytes(&mut b);
+            let id = format!("r-{}", hex::encode(b));
+            write_private(&path, id.as_bytes())?;
+            Ok(id)
+        }
+    }
 }
 
 /// SHA-256 hex of a secret: how tokens are stored.
@@ -119,17 +146,6 @@ pub struct SessionHandle {
     pub kick: tokio::sync::mpsc::Sender<ControlDown>,
 }
 
-/// Where a node's session says it can be reached.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Reach {
-    /// Best first: advertised, observed, its own addresses.
-    pub candidates: Vec<SocketAddr>,
-    /// It relays for other nodes.
-    pub relay: bool,
-    /// The address its control connection comes from (one of the candidates).
-    pub observed: Option<SocketAddr>,
-}
-
 /// The coordinator.
 pub struct Mesh {
     pub store: Arc<dyn Store>,
@@ -154,11 +170,18 @@ pub struct Mesh {
     /// is N acks within milliseconds).
     acks: Mutex<HashMap<String, u64>>,
     next_session: std::sync::atomic::AtomicU64,
-    /// Instance health and node liveness.
+    /// Instance health, node liveness and reach: the store's rows, replicated.
     health: Mutex<HealthBook>,
-    /// Where each node was last seen reachable (its session's candidates), and whether
-    /// it relays.
-    candidates: Mutex<HashMap<String, Reach>>,
+    /// This replica's id (kept in `replica.id` in the data dir).
+    pub replica: String,
+    /// When this replica started (Unix ms).
+    pub started_ms: i64,
+    /// The mesh version up to which policy, trust and liveness were read from the store.
+    loaded: Mutex<u64>,
+    /// This replica runs the singleton jobs (offline sweep): the advisory lock is ours.
+    pub leader: std::sync::atomic::AtomicBool,
+    /// This replica lost its database: it holds no sessions and issues nothing.
+    pub fenced: std::sync::atomic::AtomicBool,
     /// Which punch requests are passed on.
     punches: Mutex<PunchLimiter>,
     /// What the control listener refused or dropped, by reason.
@@ -191,7 +214,7 @@ pub struct InitOutput {
 /// Creates a data dir: CA, database, admin token, default overlay pools. Refuses an
 /// initialized dir.
 pub fn init(dir: &Path, trust_domain: TrustDomain) -> Result<InitOutput, MeshError> {
-    init_with(dir, trust_domain, None, None)
+    init_with(dir, trust_domain, None, None, None)
 }
 
 /// [`init`] with chosen overlay pools (default: 100.64.0.0/10, and a ULA /48 derived
@@ -201,6 +224,7 @@ pub fn init_with(
     trust_domain: TrustDomain,
     v4: Option<Prefix>,
     v6: Option<Prefix>,
+    store_url: Option<&str>,
 ) -> Result<InitOutput, MeshError> {
     let placeholder = Pools::default_for(&[0; 32]);
     let bad = |e: quicmesh_protocol::overlay::PrefixError| MeshError::Invalid {
@@ -221,10 +245,18 @@ pub fn init_with(
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| dd(e.to_string()))?;
     }
+    let store = crate::store::open(dir, store_url)?;
+    if store.meta("trust_domain")?.is_some() {
+        return Err(dd(
+            "the database is initialized already (by another coordinator): this data dir cannot make a second CA for it".into(),
+        ));
+    }
     let (ca, key_pem) = Ca::generate(trust_domain.clone(), now())?;
     write_private(&dir.join("ca.key"), key_pem.as_bytes())?;
     write_private(&dir.join("ca.crt"), ca.cert_pem().as_bytes())?;
-    let store = SqliteStore::open(&dir.join("quicmesh.db"))?;
+    if store_url.is_some_and(crate::store::is_postgres) {
+        crate::store::mark_postgres(dir).map_err(|e| dd(e.to_string()))?;
+    }
     store.set_meta("trust_domain", trust_domain.as_str())?;
     let defaults = Pools::default_for(&ca.fingerprint());
     let pools = Pools::new(v4.unwrap_or(defaults.v4), v6.unwrap_or(defaults.v6)).map_err(bad)?;
@@ -233,7 +265,7 @@ pub fn init_with(
     let admin_token = format!("qma_{}", hex::encode(random_hex32()));
     store.set_meta("admin_token_sha256", &hash_secret(&admin_token))?;
     write_private(&dir.join("admin.token"), admin_token.as_bytes())?;
-    ensure_reader_token(&store, dir)?;
+    ensure_reader_token(&*store, dir)?;
     Ok(InitOutput {
         trust_domain,
         ca_fingerprint: hex::encode(ca.fingerprint()),
@@ -337,6 +369,16 @@ pub struct InstanceView {
 impl Mesh {
     /// Opens an initialized data dir.
     pub fn open(dir: &Path, cert_ttl_secs: i64) -> Result<Arc<Self>, MeshError> {
+        Self::open_store(dir, None, cert_ttl_secs)
+    }
+
+    /// Opens an initialized data dir with the store `store_url` names (None: SQLite in
+    /// the data dir).
+    pub fn open_store(
+        dir: &Path,
+        store_url: Option<&str>,
+        cert_ttl_secs: i64,
+    ) -> Result<Arc<Self>, MeshError> {
         if !dir.join("ca.key").exists() {
             return Err(MeshError::DataDir {
                 path: dir.display().to_string(),
@@ -344,7 +386,7 @@ impl Mesh {
                     .into(),
             });
         }
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("quicmesh.db"))?);
+        let store = crate::store::open(dir, store_url)?;
         let td = store
             .meta("trust_domain")?
             .ok_or_else(|| MeshError::DataDir {
@@ -387,6 +429,13 @@ impl Mesh {
         })?;
         let version = store.version()?;
         let (version_tx, _) = watch::channel(version);
+        let replica = replica_id(dir)?;
+        let shared = store.shared();
+        let started_ms = now_ms();
+        // None of this replica's sessions survived its restart.
+        store.replica_restarted(&replica, started_ms)?;
+        let mut book = HealthBook::new(&replica, DEFAULT_OFFLINE_AFTER, started_ms);
+        book.load(store.live()?);
         Ok(Arc::new(Self {
             store,
             ca,
@@ -405,8 +454,12 @@ impl Mesh {
             diffs: Mutex::new(Default::default()),
             acks: Mutex::new(HashMap::new()),
             next_session: 1.into(),
-            health: Mutex::new(HealthBook::new(DEFAULT_OFFLINE_AFTER)),
-            candidates: Mutex::new(HashMap::new()),
+            health: Mutex::new(book),
+            replica,
+            started_ms,
+            loaded: Mutex::new(version),
+            leader: std::sync::atomic::AtomicBool::new(!shared),
+            fenced: std::sync::atomic::AtomicBool::new(false),
             punches: Mutex::new(PunchLimiter::default()),
             drops: Drops::default(),
         }))
@@ -520,11 +573,95 @@ impl Mesh {
         self.version_tx.subscribe()
     }
 
-    /// Records a change: bumps the mesh version and wakes every session.
+    /// Records a change: bumps the mesh version and wakes every session. When another
+    /// replica changed something since this one last read the store, everything is read
+    /// again first (what this replica holds in memory must be as new as its version).
     pub fn changed(&self) -> Result<u64, MeshError> {
+        if self.fenced.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(MeshError::Fenced);
+        }
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         let v = self.store.bump_version()?;
-        self.version_tx.send_replace(v);
+        if v > *loaded + 1 {
+            self.reload()?;
+        }
+        *loaded = (*loaded).max(v);
+        drop(loaded);
+        // Never backwards: a newer version may have been sent meanwhile.
+        self.version_tx.send_if_modified(|cur| {
+            let newer = v > *cur;
+            if newer {
+                *cur = v;
+            }
+            newer
+        });
         Ok(v)
+    }
+
+    /// Catches up with changes other replicas made: when the store's version is ahead of
+    /// this replica's, reads policy, revocations and liveness again, ends the local
+    /// sessions of nodes revoked meanwhile, and wakes every session. Called on every
+    /// change notification, after every reconnect of the change feed and periodically.
+    pub fn refresh(&self) -> Result<u64, MeshError> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let v = self.store.version()?;
+        if v <= *loaded {
+            return Ok(*loaded);
+        }
+        self.reload()?;
+        *loaded = v;
+        drop(loaded);
+        tracing::debug!(version = v, "caught up with the store");
+        // Never backwards: a newer version may have been sent meanwhile.
+        self.version_tx.send_if_modified(|cur| {
+            let newer = v > *cur;
+            if newer {
+                *cur = v;
+            }
+            newer
+        });
+        Ok(v)
+    }
+
+    /// Reads policy, trust (revocations) and liveness from the store; kicks local
+    /// sessions of revoked nodes.
+    fn reload(&self) -> Result<(), MeshError> {
+        match self.store.latest_policy()? {
+            Some(p) if p.version != self.policy.load().0 => {
+                self.policy
+                    .store(Arc::new((p.version, Policy::parse(&p.source)?)));
+            }
+            _ => {}
+        }
+        let trust = Trust::new(
+            self.ca.trust_domain.clone(),
+            std::slice::from_ref(&self.ca.cert_der),
+            Self::revoked_list(&*self.store)?,
+        )
+        .map_err(|e| MeshError::Invalid {
+            field: "ca",
+            reason: e.to_string(),
+        })?;
+        self.trust.store(Arc::new(trust));
+        self.book().load(self.store.live()?);
+        let revoked: Vec<String> = self
+            .store
+            .nodes()?
+            .into_iter()
+            .filter(|n| n.revoked_at.is_some())
+            .map(|n| n.name)
+            .collect();
+        let kicked: Vec<SessionHandle> = match self.sessions.lock() {
+            Ok(mut m) => revoked.iter().filter_map(|n| m.remove(n)).collect(),
+            Err(_) => Vec::new(),
+        };
+        for s in kicked {
+            let _ = s.kick.try_send(ControlDown::Goodbye {
+                revoked: true,
+                detail: "node revoked by an administrator".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Creates a join token for `node`, allowed to claim `services`, carrying exactly
@@ -840,7 +977,9 @@ impl Mesh {
             reason: e.to_string(),
         })?;
         self.trust.store(Arc::new(trust));
-        self.book().forget(name);
+        if let Some(row) = self.book().forget(name) {
+            self.store.put_live(&row)?;
+        }
         self.changed()?;
         if let Some(s) = self.sessions.lock().ok().and_then(|mut m| m.remove(name)) {
             let _ = s.kick.try_send(ControlDown::Goodbye {
@@ -998,7 +1137,6 @@ impl Mesh {
             return Ok(c.clone());
         }
         let mut peers = Vec::new();
-        let candidates = self.candidates.lock().unwrap_or_else(|p| p.into_inner());
         let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         for n in self.store.nodes()? {
             if n.revoked_at.is_some() {
@@ -1008,13 +1146,13 @@ impl Mesh {
                 continue;
             };
             peers.push(PeerInfo {
-                candidates: candidates
-                    .get(&n.name)
+                candidates: health
+                    .reach(&n.name)
                     .map(|r| r.candidates.clone())
                     .unwrap_or_default(),
                 // Only a node its token made a relay is advertised as one, whatever its
                 // config says.
-                relay: n.relay && candidates.get(&n.name).is_some_and(|r| r.relay),
+                relay: n.relay && health.reach(&n.name).is_some_and(|r| r.relay),
                 online: !health.is_offline(&n.name),
                 critical: health
                     .critical(&n.name)
@@ -1039,7 +1177,6 @@ impl Mesh {
             });
         }
         drop(health);
-        drop(candidates);
         delta::sort_peers(&mut peers);
         let c = Arc::new(Catalog {
             version,
@@ -1066,7 +1203,10 @@ impl Mesh {
                     .close(quinn::VarInt::from_u32(0), b"replaced by a newer session");
             }
         }
-        let back = self.book().session_started(node);
+        let (row, back) = self.book().session_started(node, now_ms());
+        if let Err(e) = self.store.put_live(&row) {
+            tracing::warn!(error = %e, node, "could not record a session start");
+        }
         if back {
             tracing::info!(node, "node online again");
             if let Err(e) = self.changed() {
@@ -1081,7 +1221,11 @@ impl Mesh {
         if let Ok(mut m) = self.sessions.lock() {
             if m.get(node).is_some_and(|s| s.id == id) {
                 m.remove(node);
-                self.book().session_ended(node, std::time::Instant::now());
+                let t = now_ms();
+                self.book().session_ended(node, t);
+                if let Err(e) = self.store.live_ended(node, &self.replica, t) {
+                    tracing::warn!(error = %e, node, "could not record a session end");
+                }
             }
         }
     }
@@ -1089,11 +1233,12 @@ impl Mesh {
     /// Records where a node's new session says it can be reached; true when that changed
     /// (the caller records the change).
     pub fn set_candidates(&self, node: &str, reach: Reach) -> bool {
-        let mut m = self.candidates.lock().unwrap_or_else(|p| p.into_inner());
-        if m.get(node) == Some(&reach) {
+        let Some(row) = self.book().set_reach(node, reach) else {
             return false;
+        };
+        if let Err(e) = self.store.put_live(&row) {
+            tracing::warn!(error = %e, node, "could not record where a node is");
         }
-        m.insert(node.to_string(), reach);
         true
     }
 
@@ -1121,10 +1266,9 @@ impl Mesh {
             .and_then(|m| m.get(to).map(|s| s.kick.clone()))
             .ok_or(PunchDrop::TargetOffline)?;
         let candidates = self
-            .candidates
-            .lock()
-            .ok()
-            .and_then(|m| m.get(from.as_str()).map(|r| r.candidates.clone()))
+            .book()
+            .reach(from.as_str())
+            .map(|r| r.candidates.clone())
             .unwrap_or_default();
         if candidates.is_empty() {
             return Err(PunchDrop::NoCandidates);
@@ -1149,13 +1293,46 @@ impl Mesh {
         self.book().set_grace(grace);
     }
 
-    /// Marks nodes offline whose session has been gone past the grace period (called
-    /// every second, so it reads the cached catalog, not the store); pushes the change.
+    /// Marks nodes offline whose session has been gone past the grace period, and online
+    /// again those back in session on any replica (called every second; only the replica
+    /// holding the singleton lock sweeps, from the store's rows); follows this replica's
+    /// migrated control connections. Pushes the change.
     pub fn sweep_offline(&self) -> Result<(), MeshError> {
-        let catalog = self.catalog()?;
-        let names = catalog.peers.iter().map(|p| p.node.as_str());
-        let mut changed = self.book().sweep(names, std::time::Instant::now());
-        changed |= self.follow_moves();
+        let mut changed = self.follow_moves()?;
+        if self.leader.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.fenced.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let catalog = self.catalog()?;
+            let known: Vec<(String, i64)> = catalog
+                .peers
+                .iter()
+                .map(|p| (p.node.to_string(), 0))
+                .collect();
+            let rows = if self.store.shared() {
+                Some(self.store.live()?)
+            } else {
+                None
+            };
+            let t = now_ms();
+            let (marks, new_rows) = {
+                let mut book = self.book();
+                if let Some(rows) = rows {
+                    book.load(rows);
+                }
+                let marks = book.sweep(&known, t);
+                let new_rows = book.mark(&marks, t);
+                (marks, new_rows)
+            };
+            for r in &new_rows {
+                self.store.put_live(r)?;
+            }
+            let (off, on): (Vec<_>, Vec<_>) = marks.iter().partition(|(_, o)| *o);
+            let names =
+                |v: Vec<&(String, bool)>| v.into_iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+            self.store.set_offline(&names(off), true)?;
+            self.store.set_offline(&names(on), false)?;
+            changed |= !marks.is_empty();
+        }
         if changed {
             self.changed()?;
         }
@@ -1164,7 +1341,7 @@ impl Mesh {
 
     /// A control connection that migrated (the node's address or its NAT mapping
     /// changed) moves that node's observed candidate with it; true when any did.
-    fn follow_moves(&self) -> bool {
+    fn follow_moves(&self) -> Result<bool, MeshError> {
         let now: Vec<(String, SocketAddr)> = self
             .sessions
             .lock()
@@ -1177,27 +1354,16 @@ impl Mesh {
                     .collect()
             })
             .unwrap_or_default();
-        let mut reach = self.candidates.lock().unwrap_or_else(|p| p.into_inner());
-        let mut changed = false;
-        for (node, addr) in now {
-            let Some(r) = reach.get_mut(&node) else {
-                continue;
-            };
-            match r.observed {
-                Some(old) if old != addr => {
-                    tracing::info!(%node, %old, new = %addr, "node's control connection moved");
-                    r.candidates.retain(|c| *c != addr);
-                    match r.candidates.iter().position(|c| *c == old) {
-                        Some(i) => r.candidates[i] = addr,
-                        None => r.candidates.insert(0, addr),
-                    }
-                    r.observed = Some(addr);
-                    changed = true;
-                }
-                _ => {}
-            }
+        let rows: Vec<_> = {
+            let mut book = self.book();
+            now.into_iter()
+                .filter_map(|(node, addr)| book.follow(&node, addr))
+                .collect()
+        };
+        for r in &rows {
+            self.store.put_live(r)?;
         }
-        changed
+        Ok(!rows.is_empty())
     }
 
     /// A node's health report: pushed to every node when a service changed state.
@@ -1213,19 +1379,41 @@ impl Mesh {
             .find(|p| p.node.as_str() == node)
             .map(|p| p.services.iter().map(|s| s.to_string()).collect())
             .unwrap_or_default();
-        let changed = self.book().report(node, &services, checks, now());
+        let (row, changed) = self.book().report(node, &services, checks, now());
+        self.store.put_live(&row)?;
         if changed {
             self.changed()?;
         }
         Ok(())
     }
 
-    /// True when `node` has a live control session.
+    /// Live control sessions on this replica.
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// The replicas' last heartbeats (Unix ms), as the store has them.
+    pub fn set_beats(&self, beats: impl IntoIterator<Item = (String, i64)>) {
+        self.book().set_beats(beats);
+    }
+
+    /// Sends `bye` to every session of this replica and forgets them; how many.
+    pub fn end_all_sessions(&self, bye: ControlDown) -> usize {
+        let all: Vec<SessionHandle> = match self.sessions.lock() {
+            Ok(mut m) => m.drain().map(|(_, s)| s).collect(),
+            Err(_) => Vec::new(),
+        };
+        for s in &all {
+            if s.kick.try_send(bye.clone()).is_err() {
+                s.conn.close(quinn::VarInt::from_u32(0), b"replica fenced");
+            }
+        }
+        all.len()
+    }
+
+    /// True when `node` has a live control session (on any live replica).
     pub fn online(&self, node: &str) -> bool {
-        self.sessions
-            .lock()
-            .map(|m| m.contains_key(node))
-            .unwrap_or(false)
+        self.book().connected(node, now_ms())
     }
 
     /// The catalog's nodes.

@@ -58,8 +58,9 @@ pub async fn start(
     http: SocketAddr,
     cert_ttl_secs: i64,
     opts: HttpOptions,
+    store_url: Option<&str>,
 ) -> anyhow::Result<Running> {
-    let mesh = Mesh::open(data_dir, cert_ttl_secs)?;
+    let mesh = Mesh::open_store(data_dir, store_url, cert_ttl_secs)?;
     let endpoint = control::bind(&mesh, listen)?;
     let http_l = tokio::net::TcpListener::bind(http)
         .await
@@ -67,6 +68,7 @@ pub async fn start(
     let http_addr = http_l.local_addr()?;
     let control_addr = endpoint.local_addr()?;
     tokio::spawn(control::serve(mesh.clone(), endpoint.clone()));
+    crate::replica::start(&mesh, control_addr.to_string(), http_addr.to_string());
     every(
         &mesh,
         Duration::from_millis(250),

@@ -568,6 +568,7 @@ mod tests {
             quicmesh_protocol::ident::TrustDomain::new("mesh.test".to_string()).unwrap(),
             None,
             None,
+            None,
         )
         .unwrap();
         let mesh = Mesh::open(dir.path(), 3600).unwrap();

@@ -232,6 +232,58 @@ impl CoordinatorProc {
         )
     }
 
+    /// `n` replicas on loopback serving one PostgreSQL database (`store_url`): the first
+    /// runs `init --store`, the others get its CA and tokens (the files an operator
+    /// copies to a new replica's data dir) and make their own reset key and replica id.
+    pub fn start_replicas(
+        mesh: &Mesh,
+        cert_ttl: &str,
+        store_url: &str,
+        n: usize,
+        args: &[&str],
+    ) -> anyhow::Result<Vec<Self>> {
+        let first_dir = mesh.path().join("coordinator-0");
+        let bins = Bins::get();
+        let out = Command::new(&bins.coordinator)
+            .args(["init", "--data-dir"])
+            .arg(&first_dir)
+            .args(["--store", store_url])
+            .output()?;
+        if !out.status.success() {
+            bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let admin_token = fs::read_to_string(first_dir.join("admin.token"))?
+            .trim()
+            .to_string();
+        let mut all = Vec::new();
+        for i in 0..n {
+            let data_dir = mesh.path().join(format!("coordinator-{i}"));
+            if i > 0 {
+                fs::create_dir_all(&data_dir)?;
+                for f in ["ca.key", "ca.crt", "admin.token", "reader.token", "store"] {
+                    fs::copy(first_dir.join(f), data_dir.join(f))?;
+                }
+            }
+            let mut extra: Vec<String> = vec!["--store".into(), store_url.into()];
+            extra.extend(args.iter().map(|a| a.to_string()));
+            let mut c = Self {
+                data_dir,
+                log: mesh.path().join(format!("coordinator-{i}.log")),
+                control_port: free_udp_port(),
+                http_port: free_tcp_port(),
+                admin_token: admin_token.clone(),
+                cert_ttl: cert_ttl.to_string(),
+                netns: None,
+                ip: [127, 0, 0, 1].into(),
+                extra_args: extra,
+                child: None,
+            };
+            c.restart()?;
+            all.push(c);
+        }
+        Ok(all)
+    }
+
     /// Runs `init` in `<mesh>/coordinator` and starts `serve`.
     pub fn start(mesh: &Mesh, cert_ttl: &str) -> anyhow::Result<Self> {
         Self::start_at(

@@ -1,12 +1,63 @@
-//! Persistent coordinator state behind one interface ([`Store`]), with the embedded SQLite
-//! implementation. Everything a restart must keep lives here: settings, join tokens
-//! (hashed), nodes, issued certificates, revocations and every policy version.
+//! Persistent coordinator state behind one interface ([`Store`]): the embedded SQLite
+//! implementation (one coordinator, `dev`) and PostgreSQL (replicas sharing one database).
+//! Everything a restart must keep lives here: settings, join tokens (hashed), nodes, issued
+//! certificates, revocations, every policy version and the change log (the mesh version).
 
 use serde::Serialize;
 
+mod postgres;
 mod sqlite;
+pub mod testdb;
 
+pub use postgres::{feed, FeedEvent, PgStore, CHANNEL as CHANGES_CHANNEL, QUERY_DEADLINE};
 pub use sqlite::SqliteStore;
+
+/// Which store a data dir was initialized with, kept in `<data dir>/store` (`postgres`);
+/// absent: the embedded SQLite store.
+const KIND_FILE: &str = "store";
+
+/// Whether `url` names a PostgreSQL database.
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Opens the store a coordinator runs on: the embedded SQLite database in `dir` (no URL, or
+/// `sqlite:`), or the PostgreSQL database `url` names. A data dir initialized for one is
+/// refused with the other, naming both.
+pub fn open(
+    dir: &std::path::Path,
+    url: Option<&str>,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    let marked_pg = std::fs::read_to_string(dir.join(KIND_FILE))
+        .map(|k| k.trim() == "postgres")
+        .unwrap_or(false);
+    match url {
+        Some(u) if is_postgres(u) => {
+            if dir.join("quicmesh.db").exists() && !marked_pg {
+                return Err(StoreError::Config(format!(
+                    "{} holds an embedded SQLite store: it cannot serve a PostgreSQL one",
+                    dir.display()
+                )));
+            }
+            Ok(std::sync::Arc::new(PgStore::open(u)?))
+        }
+        Some(u) if u != "sqlite:" && !u.starts_with("sqlite:") => Err(StoreError::Config(format!(
+            "--store: {:?} is neither postgres://... nor sqlite:",
+            u.split('@').next_back().unwrap_or("")
+        ))),
+        _ if marked_pg => Err(StoreError::Config(format!(
+            "{} was initialized for a PostgreSQL store: pass --store postgres://... (or QUICMESH_STORE)",
+            dir.display()
+        ))),
+        _ => Ok(std::sync::Arc::new(SqliteStore::open(&dir.join("quicmesh.db"))?)),
+    }
+}
+
+/// Marks `dir` as served from PostgreSQL (written by `init --store postgres://...`).
+pub fn mark_postgres(dir: &std::path::Path) -> std::io::Result<()> {
+    quicmesh_node::store::write_private(&dir.join(KIND_FILE), b"postgres\n")
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +66,15 @@ pub enum StoreError {
     Db(#[from] rusqlite::Error),
     #[error("database: stored value for {what} is corrupt: {reason}")]
     Corrupt { what: String, reason: String },
+    /// The database did not answer in time, or the connection to it broke.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// PostgreSQL refused a statement.
+    #[error("database: {0}")]
+    Postgres(String),
+    /// The store could not be set up as asked.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// A join token as stored (the secret only as its hash).
@@ -62,6 +122,33 @@ pub struct PolicyRecord {
     pub version: u64,
     pub source: String,
     pub applied_at: i64,
+}
+
+/// A node's liveness, shared by every replica: which replica holds its session, whether
+/// it is connected, whether it has been called offline, where it can be reached and its
+/// services' last checks (both as JSON, as the node reported them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LiveRecord {
+    pub name: String,
+    pub replica: String,
+    pub connected: bool,
+    /// Unix seconds of the last connect or disconnect.
+    pub changed_at: i64,
+    pub offline: bool,
+    pub reach: String,
+    pub checks: String,
+}
+
+/// A coordinator replica as it last reported itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaRecord {
+    pub id: String,
+    pub control: String,
+    pub http: String,
+    pub sessions: u64,
+    pub started_at: i64,
+    /// Unix milliseconds of the last heartbeat.
+    pub heartbeat_ms: i64,
 }
 
 /// Why a token could not be used.
@@ -127,6 +214,29 @@ pub trait Store: Send + Sync {
     /// Bumps and returns the mesh version (every snapshot carries it).
     fn bump_version(&self) -> Result<u64, StoreError>;
     fn version(&self) -> Result<u64, StoreError>;
+
+    /// Every node's liveness row (nodes never in session have none).
+    fn live(&self) -> Result<Vec<LiveRecord>, StoreError>;
+    /// Writes a node's liveness row whole.
+    fn put_live(&self, rec: &LiveRecord) -> Result<(), StoreError>;
+    /// `replica`'s session with `node` ended (unless another replica took the node since).
+    fn live_ended(&self, node: &str, replica: &str, now: i64) -> Result<(), StoreError>;
+    /// A replica starting: none of its sessions survived, each ends now.
+    fn replica_restarted(&self, replica: &str, now: i64) -> Result<(), StoreError>;
+    /// Sets `offline` on the named nodes.
+    fn set_offline(&self, nodes: &[String], offline: bool) -> Result<(), StoreError>;
+    /// A replica's heartbeat: what it serves, how many sessions it holds.
+    fn heartbeat(&self, r: &ReplicaRecord) -> Result<(), StoreError>;
+    /// Every replica that ever beat, latest heartbeat first.
+    fn replicas(&self) -> Result<Vec<ReplicaRecord>, StoreError>;
+    /// Several coordinators share this store (PostgreSQL): changes come from others too.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Where the change feed is (PostgreSQL: the connection string to LISTEN on).
+    fn feed_url(&self) -> Option<&str> {
+        None
+    }
 }
 
 pub(crate) fn json_vec(s: String) -> Result<Vec<String>, StoreError> {
@@ -147,4 +257,155 @@ pub(crate) fn json_map(
 
 pub(crate) fn to_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `test` against each store; `open` opens (again) the same database.
+    fn each_store(test: impl Fn(&dyn Fn() -> Box<dyn Store>)) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        test(&|| Box::new(SqliteStore::open(&path).unwrap()));
+        let db = testdb::TestDb::new();
+        test(&|| Box::new(PgStore::open(&db.url).unwrap()));
+    }
+
+    pub(super) fn node(name: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            services: vec!["web".into()],
+            labels: Default::default(),
+            endpoint: None,
+            serial: Some("01".into()),
+            cert_not_after: None,
+            enrolled_at: 0,
+            last_seen: None,
+            acked_version: 0,
+            agent_version: None,
+            revoked_at: None,
+            overlay_index: None,
+            relay: false,
+        }
+    }
+
+    #[test]
+    fn tokens_are_single_use_and_expire() {
+        each_store(|open| {
+            let s = open();
+            let t = TokenRecord {
+                hash: "h".into(),
+                node: "a".into(),
+                services: vec![],
+                labels: Default::default(),
+                created_at: 0,
+                expires_at: 100,
+                used_at: None,
+                used_key: None,
+                relay: false,
+                voided_at: None,
+            };
+            s.insert_token(&t).unwrap();
+            s.insert_token(&TokenRecord {
+                hash: "old".into(),
+                expires_at: 10,
+                ..t.clone()
+            })
+            .unwrap();
+            assert_eq!(
+                s.enroll("nope", &node("a"), 500, 50, "k").unwrap(),
+                Err(TokenProblem::Unknown)
+            );
+            assert_eq!(
+                s.enroll("old", &node("a"), 500, 50, "k").unwrap(),
+                Err(TokenProblem::Expired)
+            );
+            assert_eq!(s.enroll("h", &node("a"), 500, 50, "k").unwrap(), Ok(()));
+            assert_eq!(
+                s.enroll("h", &node("a"), 500, 51, "k").unwrap(),
+                Err(TokenProblem::Used)
+            );
+            assert_eq!(s.nodes().unwrap().len(), 1);
+        });
+    }
+
+    #[test]
+    fn state_survives_reopen_and_revocation_lists_serials() {
+        each_store(|open| {
+            {
+                let s = open();
+                s.insert_token(&TokenRecord {
+                    hash: "h".into(),
+                    node: "a".into(),
+                    services: vec![],
+                    labels: Default::default(),
+                    created_at: 0,
+                    expires_at: 100,
+                    used_at: None,
+                    used_key: None,
+                    relay: false,
+                    voided_at: None,
+                })
+                .unwrap();
+                s.enroll("h", &node("a"), 500, 1, "k").unwrap().unwrap();
+                s.insert_policy("default = \"deny\"", 1).unwrap();
+                assert_eq!(s.bump_version().unwrap(), 1);
+                assert_eq!(s.revoke_node("a", 2).unwrap(), Some(vec!["01".to_string()]));
+                assert_eq!(s.revoke_node("zz", 2).unwrap(), None);
+            }
+            let s = open();
+            assert_eq!(s.version().unwrap(), 1);
+            assert_eq!(s.latest_policy().unwrap().unwrap().version, 1);
+            assert_eq!(s.revoked_serials(3).unwrap(), vec!["01".to_string()]);
+            assert!(s.revoked_serials(600).unwrap().is_empty());
+            assert!(s.node("a").unwrap().unwrap().revoked_at.is_some());
+        });
+    }
+
+    #[test]
+    fn acks_only_move_forward_and_overlay_indexes_are_never_reused() {
+        each_store(|open| {
+            let s = open();
+            for (i, n) in ["a", "b"].iter().enumerate() {
+                s.insert_token(&TokenRecord {
+                    hash: format!("h{i}"),
+                    node: n.to_string(),
+                    services: vec![],
+                    labels: Default::default(),
+                    created_at: 0,
+                    expires_at: 100,
+                    used_at: None,
+                    used_key: None,
+                    relay: false,
+                    voided_at: None,
+                })
+                .unwrap();
+                let mut rec = node(n);
+                rec.serial = Some(format!("0{i}"));
+                s.enroll(&format!("h{i}"), &rec, 500, 1, "k")
+                    .unwrap()
+                    .unwrap();
+            }
+            s.nodes_acked(&[("a".into(), 5), ("b".into(), 3)]).unwrap();
+            s.nodes_acked(&[("a".into(), 4), ("b".into(), 7), ("zz".into(), 9)])
+                .unwrap();
+            assert_eq!(s.node("a").unwrap().unwrap().acked_version, 5);
+            assert_eq!(s.node("b").unwrap().unwrap().acked_version, 7);
+            assert_eq!(s.overlay_index("a").unwrap(), 1);
+            assert_eq!(s.overlay_index("b").unwrap(), 2);
+            assert_eq!(s.overlay_index("a").unwrap(), 1);
+            assert!(s.node_hello("a", "198.18.0.1:7800", "v", 2).unwrap());
+            assert!(!s.node_hello("a", "198.18.0.1:7800", "v", 3).unwrap());
+            assert!(s.node_hello("a", "198.18.0.2:7800", "v", 4).unwrap());
+            assert_eq!(s.node("a").unwrap().unwrap().last_seen, Some(4));
+            assert!(s.set_relay("a", true).unwrap());
+            assert!(!s.set_relay("zz", true).unwrap());
+            // Versions only grow, and each store call sees the last one.
+            let v1 = s.bump_version().unwrap();
+            let v2 = s.bump_version().unwrap();
+            assert!(v2 > v1);
+            assert_eq!(s.version().unwrap(), v2);
+        });
+    }
 }

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    json_map, json_vec, to_json, NodeRecord, PolicyRecord, Store, StoreError, TokenProblem,
-    TokenRecord,
+    json_map, json_vec, to_json, LiveRecord, NodeRecord, PolicyRecord, ReplicaRecord, Store,
+    StoreError, TokenProblem, TokenRecord,
 };
 
 /// SQLite, in one file in the data dir.
@@ -51,6 +51,16 @@ ALTER TABLE tokens ADD COLUMN used_key TEXT;
 ALTER TABLE tokens ADD COLUMN relay INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tokens ADD COLUMN voided_at INTEGER;
 ALTER TABLE nodes ADD COLUMN relay INTEGER NOT NULL DEFAULT 0;
+"#,
+    // Liveness and replicas (one, with SQLite) live in the store, as with PostgreSQL.
+    r#"
+CREATE TABLE live (
+    name TEXT PRIMARY KEY, replica TEXT NOT NULL, connected INTEGER NOT NULL,
+    changed_at INTEGER NOT NULL, offline INTEGER NOT NULL DEFAULT 0,
+    reach TEXT NOT NULL DEFAULT '', checks TEXT NOT NULL DEFAULT '');
+CREATE TABLE replicas (
+    id TEXT PRIMARY KEY, control TEXT NOT NULL, http TEXT NOT NULL, sessions INTEGER NOT NULL,
+    started_at INTEGER NOT NULL, heartbeat_ms INTEGER NOT NULL);
 "#,
 ];
 
@@ -464,101 +474,109 @@ impl Store for SqliteStore {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0))
     }
+
+    fn live(&self) -> Result<Vec<LiveRecord>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT name, replica, connected, changed_at, offline, reach, checks FROM live ORDER BY name",
+            )?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok(LiveRecord {
+                        name: r.get(0)?,
+                        replica: r.get(1)?,
+                        connected: r.get(2)?,
+                        changed_at: r.get(3)?,
+                        offline: r.get(4)?,
+                        reach: r.get(5)?,
+                        checks: r.get(6)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn put_live(&self, l: &LiveRecord) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO live (name, replica, connected, changed_at, offline, reach, checks) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![l.name, l.replica, l.connected, l.changed_at, l.offline, l.reach, l.checks],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn live_ended(&self, node: &str, replica: &str, now: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE live SET connected = 0, changed_at = ?3 WHERE name = ?1 AND replica = ?2 AND connected = 1",
+                params![node, replica, now],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn replica_restarted(&self, replica: &str, now: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE live SET connected = 0, changed_at = ?2 WHERE replica = ?1 AND connected = 1",
+                params![replica, now],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn set_offline(&self, nodes: &[String], offline: bool) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached("UPDATE live SET offline = ?1 WHERE name = ?2")?;
+                for n in nodes {
+                    st.execute(params![offline, n])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn heartbeat(&self, r: &ReplicaRecord) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO replicas (id, control, http, sessions, started_at, heartbeat_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![r.id, r.control, r.http, r.sessions as i64, r.started_at, r.heartbeat_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn replicas(&self) -> Result<Vec<ReplicaRecord>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, control, http, sessions, started_at, heartbeat_ms FROM replicas ORDER BY heartbeat_ms DESC",
+            )?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok(ReplicaRecord {
+                        id: r.get(0)?,
+                        control: r.get(1)?,
+                        http: r.get(2)?,
+                        sessions: r.get::<_, i64>(3)?.max(0) as u64,
+                        started_at: r.get(4)?,
+                        heartbeat_ms: r.get(5)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn node(name: &str) -> NodeRecord {
-        NodeRecord {
-            name: name.into(),
-            services: vec!["web".into()],
-            labels: Default::default(),
-            endpoint: None,
-            serial: Some("01".into()),
-            cert_not_after: None,
-            enrolled_at: 0,
-            last_seen: None,
-            acked_version: 0,
-            agent_version: None,
-            revoked_at: None,
-            overlay_index: None,
-            relay: false,
-        }
-    }
-
-    #[test]
-    fn tokens_are_single_use_and_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("db")).unwrap();
-        let t = TokenRecord {
-            hash: "h".into(),
-            node: "a".into(),
-            services: vec![],
-            labels: Default::default(),
-            created_at: 0,
-            expires_at: 100,
-            used_at: None,
-            used_key: None,
-            relay: false,
-            voided_at: None,
-        };
-        s.insert_token(&t).unwrap();
-        s.insert_token(&TokenRecord {
-            hash: "old".into(),
-            expires_at: 10,
-            ..t.clone()
-        })
-        .unwrap();
-        assert_eq!(
-            s.enroll("nope", &node("a"), 500, 50, "k").unwrap(),
-            Err(TokenProblem::Unknown)
-        );
-        assert_eq!(
-            s.enroll("old", &node("a"), 500, 50, "k").unwrap(),
-            Err(TokenProblem::Expired)
-        );
-        assert_eq!(s.enroll("h", &node("a"), 500, 50, "k").unwrap(), Ok(()));
-        assert_eq!(
-            s.enroll("h", &node("a"), 500, 51, "k").unwrap(),
-            Err(TokenProblem::Used)
-        );
-        assert_eq!(s.nodes().unwrap().len(), 1);
-    }
-
-    #[test]
-    fn state_survives_reopen_and_revocation_lists_serials() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        {
-            let s = SqliteStore::open(&path).unwrap();
-            s.insert_token(&TokenRecord {
-                hash: "h".into(),
-                node: "a".into(),
-                services: vec![],
-                labels: Default::default(),
-                created_at: 0,
-                expires_at: 100,
-                used_at: None,
-                used_key: None,
-                relay: false,
-                voided_at: None,
-            })
-            .unwrap();
-            s.enroll("h", &node("a"), 500, 1, "k").unwrap().unwrap();
-            s.insert_policy("default = \"deny\"", 1).unwrap();
-            assert_eq!(s.bump_version().unwrap(), 1);
-            assert_eq!(s.revoke_node("a", 2).unwrap(), Some(vec!["01".to_string()]));
-            assert_eq!(s.revoke_node("zz", 2).unwrap(), None);
-        }
-        let s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.version().unwrap(), 1);
-        assert_eq!(s.latest_policy().unwrap().unwrap().version, 1);
-        assert_eq!(s.revoked_serials(3).unwrap(), vec!["01".to_string()]);
-        assert!(s.revoked_serials(600).unwrap().is_empty());
-        assert!(s.node("a").unwrap().unwrap().revoked_at.is_some());
-    }
+    use crate::store::tests::node;
 
     #[test]
     fn a_database_from_before_relay_grants_migrates_without_granting_anything() {

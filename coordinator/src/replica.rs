@@ -1,0 +1,121 @@
+//! A coordinator as one replica of several on one PostgreSQL database (or the only one, on
+//! SQLite): its heartbeat, fencing, the change feed that keeps it current, and the
+//! singleton lock.
+//!
+//! - Every second the replica writes its heartbeat (what it serves, how many sessions it
+//!   holds) and reads everyone's; a replica silent for [`crate::health::REPLICA_DEAD_AFTER_MS`]
+//!   holds no session (its nodes are someone else's to take).
+//! - A replica whose heartbeat has not reached the database for [`FENCE_AFTER_MS`] fences
+//!   itself: it ends its sessions (nodes move to another replica), refuses new control
+//!   connections, and changes and issues nothing until the database answers again.
+//! - The change feed (PostgreSQL `LISTEN`, notifications carry only versions) wakes
+//!   [`Mesh::refresh`], which reads what changed from the tables; a reconnect of the feed
+//!   and a periodic tick do the same, so a lost notification costs nothing.
+//! - The connection that listens also holds the advisory lock of the singleton jobs (the
+//!   offline sweep): the replica holding it is the leader until that connection ends.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quicmesh_protocol::wire::ControlDown;
+
+use crate::mesh::{now_ms, Mesh};
+use crate::store::{FeedEvent, ReplicaRecord};
+
+/// A replica whose heartbeat has not been written for this long fences itself.
+pub const FENCE_AFTER_MS: i64 = 3_000;
+/// How often the replica beats.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often the replica reads the store's version even without a notification.
+const REFRESH_TICK: Duration = Duration::from_secs(2);
+
+/// Starts the heartbeat, the change feed (PostgreSQL) and the refresh loop.
+pub fn start(mesh: &Arc<Mesh>, control: String, http: String) {
+    let wake = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(heartbeat(mesh.clone(), control, http));
+    tokio::spawn(refresher(mesh.clone(), wake.clone()));
+    if let Some(url) = mesh.store.feed_url() {
+        let m = mesh.clone();
+        let on = move |e: FeedEvent| match e {
+            FeedEvent::Changed(_) | FeedEvent::Connected => wake.notify_one(),
+            FeedEvent::Leader(l) => {
+                if m.leader.swap(l, Ordering::Relaxed) != l {
+                    tracing::info!(replica = %m.replica, leader = l, "singleton jobs");
+                }
+            }
+        };
+        tokio::spawn(crate::store::feed(Arc::from(url), on));
+    }
+}
+
+async fn refresher(mesh: Arc<Mesh>, wake: Arc<tokio::sync::Notify>) {
+    let mut tick = tokio::time::interval(REFRESH_TICK);
+    loop {
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tick.tick() => {}
+        }
+        if mesh.fenced.load(Ordering::Relaxed) {
+            continue;
+        }
+        let m = mesh.clone();
+        match tokio::task::spawn_blocking(move || m.refresh()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not catch up with the store"),
+            Err(e) => tracing::warn!(error = %e, "refresh task failed"),
+        }
+    }
+}
+
+async fn heartbeat(mesh: Arc<Mesh>, control: String, http: String) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    let mut last_ok = now_ms();
+    loop {
+        tick.tick().await;
+        let rec = ReplicaRecord {
+            id: mesh.replica.clone(),
+            control: control.clone(),
+            http: http.clone(),
+            sessions: mesh.session_count() as u64,
+            started_at: mesh.started_ms / 1000,
+            heartbeat_ms: now_ms(),
+        };
+        let m = mesh.clone();
+        let beat = tokio::task::spawn_blocking(move || {
+            m.store.heartbeat(&rec)?;
+            m.store.replicas()
+        })
+        .await;
+        match beat {
+            Ok(Ok(list)) => {
+                last_ok = now_ms();
+                mesh.set_beats(list.into_iter().map(|r| (r.id, r.heartbeat_ms)));
+                if mesh.fenced.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(replica = %mesh.replica, "database reachable again: serving");
+                    let m = mesh.clone();
+                    let _ = tokio::task::spawn_blocking(move || m.refresh()).await;
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "heartbeat not written");
+                if now_ms() - last_ok >= FENCE_AFTER_MS
+                    && !mesh.fenced.swap(true, Ordering::Relaxed)
+                {
+                    fence(&mesh);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat task failed"),
+        }
+    }
+}
+
+/// Ends every session of a replica that lost its database: its nodes go to another.
+fn fence(mesh: &Mesh) {
+    mesh.leader.store(false, Ordering::Relaxed);
+    let ended = mesh.end_all_sessions(ControlDown::Goodbye {
+        revoked: false,
+        detail: "this coordinator replica lost its database; use another".into(),
+    });
+    tracing::error!(replica = %mesh.replica, sessions = ended, "database unreachable: fenced (no sessions, no changes, no certificates)");
+}
