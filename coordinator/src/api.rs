@@ -65,6 +65,7 @@ pub fn router(
         .route("/policy", get(policy_show).post(policy_apply))
         .route("/policy/history", get(policy_history))
         .route("/policy/explain", get(policy_explain))
+        .layer(middleware::from_fn_with_state(mesh.clone(), unless_fenced))
         .with_state(mesh);
     let web_routes = Router::new()
         .route("/status", get(status))
@@ -95,6 +96,19 @@ pub fn router(
                 Json(json!({"error": "no such route"})),
             )
         })
+}
+
+/// A fenced replica (cut from its database) serves no view as current and takes no
+/// change: every catalog and policy route answers 503 at once, naming why.
+async fn unless_fenced(
+    State(mesh): State<Arc<Mesh>>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    if mesh.fenced.load(std::sync::atomic::Ordering::Relaxed) {
+        return MeshError::Fenced.into_response();
+    }
+    next.run(req).await
 }
 
 async fn status(State(web): State<Arc<Web>>) -> Result<Json<serde_json::Value>, MeshError> {

@@ -1209,23 +1209,28 @@ impl Mesh {
         }
         if back {
             tracing::info!(node, "node online again");
-            if let Err(e) = self.changed() {
-                tracing::warn!(error = %e, "could not record a node coming back");
-            }
+        }
+        // A change of liveness, recorded like any other: every replica reads it.
+        if let Err(e) = self.changed() {
+            tracing::warn!(error = %e, "could not record a session start");
         }
         id
     }
 
     /// Removes a session if it is still the registered one.
     pub fn end_session(&self, node: &str, id: u64) {
-        if let Ok(mut m) = self.sessions.lock() {
-            if m.get(node).is_some_and(|s| s.id == id) {
-                m.remove(node);
-                let t = now_ms();
-                self.book().session_ended(node, t);
-                if let Err(e) = self.store.live_ended(node, &self.replica, t) {
-                    tracing::warn!(error = %e, node, "could not record a session end");
-                }
+        let ended = match self.sessions.lock() {
+            Ok(mut m) if m.get(node).is_some_and(|s| s.id == id) => m.remove(node).is_some(),
+            _ => false,
+        };
+        // Store calls (and `changed`, which may read every session) without the lock.
+        if ended {
+            let t = now_ms();
+            self.book().session_ended(node, t);
+            if let Err(e) = self.store.live_ended(node, &self.replica, t) {
+                tracing::warn!(error = %e, node, "could not record a session end");
+            } else if let Err(e) = self.changed() {
+                tracing::warn!(error = %e, node, "could not record a session end");
             }
         }
     }

@@ -252,36 +252,62 @@ impl CoordinatorProc {
         if !out.status.success() {
             bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let admin_token = fs::read_to_string(first_dir.join("admin.token"))?
-            .trim()
-            .to_string();
-        let mut all = Vec::new();
+        let mut all: Vec<Self> = Vec::new();
         for i in 0..n {
-            let data_dir = mesh.path().join(format!("coordinator-{i}"));
-            if i > 0 {
-                fs::create_dir_all(&data_dir)?;
-                for f in ["ca.key", "ca.crt", "admin.token", "reader.token", "store"] {
-                    fs::copy(first_dir.join(f), data_dir.join(f))?;
-                }
-            }
-            let mut extra: Vec<String> = vec!["--store".into(), store_url.into()];
-            extra.extend(args.iter().map(|a| a.to_string()));
-            let mut c = Self {
-                data_dir,
-                log: mesh.path().join(format!("coordinator-{i}.log")),
-                control_port: free_udp_port(),
-                http_port: free_tcp_port(),
-                admin_token: admin_token.clone(),
-                cert_ttl: cert_ttl.to_string(),
-                netns: None,
-                ip: [127, 0, 0, 1].into(),
-                extra_args: extra,
-                child: None,
+            let c = match all.first() {
+                None => Self::replica_at(mesh, &first_dir, i, cert_ttl, store_url, args)?,
+                Some(first) => Self::start_replica_like(mesh, first, i, store_url)?,
             };
-            c.restart()?;
             all.push(c);
         }
         Ok(all)
+    }
+
+    /// One more replica (number `i`) of the mesh `like` serves, on `store_url`: its data
+    /// dir gets the CA and tokens from `like`'s.
+    pub fn start_replica_like(
+        mesh: &Mesh,
+        like: &Self,
+        i: usize,
+        store_url: &str,
+    ) -> anyhow::Result<Self> {
+        let data_dir = mesh.path().join(format!("coordinator-{i}"));
+        fs::create_dir_all(&data_dir)?;
+        for f in ["ca.key", "ca.crt", "admin.token", "reader.token", "store"] {
+            fs::copy(like.data_dir.join(f), data_dir.join(f))?;
+        }
+        // Flags after `--store URL` are kept.
+        let args: Vec<&str> = like.extra_args.iter().skip(2).map(String::as_str).collect();
+        Self::replica_at(mesh, &data_dir, i, &like.cert_ttl, store_url, &args)
+    }
+
+    fn replica_at(
+        mesh: &Mesh,
+        data_dir: &Path,
+        i: usize,
+        cert_ttl: &str,
+        store_url: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let admin_token = fs::read_to_string(data_dir.join("admin.token"))?
+            .trim()
+            .to_string();
+        let mut extra: Vec<String> = vec!["--store".into(), store_url.into()];
+        extra.extend(args.iter().map(|a| a.to_string()));
+        let mut c = Self {
+            data_dir: data_dir.to_path_buf(),
+            log: mesh.path().join(format!("coordinator-{i}.log")),
+            control_port: free_udp_port(),
+            http_port: free_tcp_port(),
+            admin_token,
+            cert_ttl: cert_ttl.to_string(),
+            netns: None,
+            ip: [127, 0, 0, 1].into(),
+            extra_args: extra,
+            child: None,
+        };
+        c.restart()?;
+        Ok(c)
     }
 
     /// Runs `init` in `<mesh>/coordinator` and starts `serve`.
