@@ -54,8 +54,11 @@ pub fn router(
     http_refused: Arc<HttpRefusals>,
 ) -> Router {
     let web = Web::new(mesh.clone(), trusted_proxies, http_refused);
-    let mesh_routes = Router::new()
+    // Metrics are served even by a fenced replica: that is how an operator sees it.
+    let always = Router::new()
         .route("/metrics", get(metrics))
+        .with_state(mesh.clone());
+    let mesh_routes = Router::new()
         .route("/nodes", get(nodes))
         .route("/replicas", get(replicas))
         .route("/nodes/{name}/revoke", post(revoke))
@@ -66,7 +69,8 @@ pub fn router(
         .route("/policy/history", get(policy_history))
         .route("/policy/explain", get(policy_explain))
         .layer(middleware::from_fn_with_state(mesh.clone(), unless_fenced))
-        .with_state(mesh);
+        .with_state(mesh)
+        .merge(always);
     let web_routes = Router::new()
         .route("/status", get(status))
         .route(
@@ -137,7 +141,19 @@ async fn metrics(State(mesh): State<Arc<Mesh>>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        mesh.drops.prometheus(),
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let mut out = mesh.drops.prometheus();
+            let flag = |b: bool| if b { 1 } else { 0 };
+            out.push_str(&format!(
+                "# HELP quicmesh_coordinator_fenced 1 while this replica cannot reach its database (it serves nothing as current).\n# TYPE quicmesh_coordinator_fenced gauge\nquicmesh_coordinator_fenced{{replica=\"{r}\"}} {}\n# HELP quicmesh_coordinator_leader 1 while this replica runs the singleton jobs.\n# TYPE quicmesh_coordinator_leader gauge\nquicmesh_coordinator_leader{{replica=\"{r}\"}} {}\n# HELP quicmesh_coordinator_sessions Control sessions this replica holds.\n# TYPE quicmesh_coordinator_sessions gauge\nquicmesh_coordinator_sessions{{replica=\"{r}\"}} {}\n",
+                flag(mesh.fenced.load(Relaxed)),
+                flag(mesh.leader.load(Relaxed)),
+                mesh.session_count(),
+                r = mesh.replica,
+            ));
+            out
+        },
     )
         .into_response()
 }

@@ -446,6 +446,11 @@ impl CoordinatorProc {
     /// `GET /api/v1/<path>` with the admin token, parsed as JSON (from this host, or
     /// from inside the coordinator's namespace).
     pub fn api_get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.api_text(path)?)?)
+    }
+
+    /// `GET /api/v1/<path>` with the admin token: the body of a 200 answer.
+    pub fn api_text(&self, path: &str) -> anyhow::Result<String> {
         let port = self.http_port;
         let token = self.admin_token.clone();
         let path = path.to_string();
@@ -469,7 +474,7 @@ impl CoordinatorProc {
         if !head.starts_with("HTTP/1.1 200") {
             bail!("GET {}: {}", head.lines().next().unwrap_or(""), body);
         }
-        Ok(serde_json::from_str(body)?)
+        Ok(body.to_string())
     }
 
     /// Runs an admin command with `--json` and parses its output.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure};
 use quicmesh_coordinator::store::testdb::TestDb;
-use quicmesh_netns_tests::net::{echo_server, LiveFlow};
+use quicmesh_netns_tests::net::{echo_server, metric, LiveFlow};
 use quicmesh_netns_tests::{assert_eventually, CoordinatorProc, Mesh, NodeProc, NodeSpec};
 
 const POLICY: &str = "[[rule]]\nfrom = \"web\"\nto = \"db\"\naction = \"allow\"\n";
@@ -311,6 +311,48 @@ fn a_replica_cut_from_its_database_fences_itself_and_its_nodes_move() {
         "RESULT replica_fence nodes moved {:?} after the cut",
         start.elapsed()
     );
+    // Because it fenced itself: it says so, and it refuses the nodes that try it.
+    assert_eventually(
+        "the cut replica is fenced and refuses control connections",
+        Duration::from_secs(10),
+        || {
+            let m = reps[2].api_text("metrics")?;
+            let fenced = metric(&m, "quicmesh_coordinator_fenced", &[]);
+            ensure!(fenced == 1.0, "fenced = {fenced}");
+            Ok(())
+        },
+    );
+    // A new node that knows only the cut replica cannot enroll through it: refused.
+    let token = reps[0].token("web-9", &["web"], "10m").unwrap();
+    let probe = NodeProc::configure(
+        &mesh,
+        &reps[0],
+        &NodeSpec::new("web-9")
+            .service("web", echo_server().unwrap())
+            .coordinators(&[&cut_addr]),
+        &token,
+    )
+    .unwrap();
+    // It keeps retrying (and is stopped after 3 s): it never gets a certificate there.
+    let kept = probe
+        .run_to_exit(Duration::from_secs(3))
+        .unwrap_err()
+        .to_string();
+    assert!(kept.contains("refused"), "{kept}");
+    assert_eventually(
+        "a node dialling the cut replica is refused at once",
+        Duration::from_secs(5),
+        || {
+            let m = reps[2].api_text("metrics")?;
+            let refused = metric(
+                &m,
+                "quicmesh_coordinator_control_dropped_total",
+                &[("reason", "fenced")],
+            );
+            ensure!(refused >= 1.0, "refused as fenced: {refused}");
+            Ok(())
+        },
+    );
     // The cut replica serves no view as current: its API answers 503.
     let err = reps[2].api_get("nodes").unwrap_err().to_string();
     assert!(err.contains("503"), "{err}");
@@ -336,5 +378,145 @@ fn ensure_on_cut(nodes: &[NodeProc], on_cut: &dyn Fn(&NodeProc) -> bool) {
     assert!(
         nodes.iter().any(on_cut),
         "no node chose the replica to be cut in 10 restarts each"
+    );
+}
+
+/// A PostgreSQL server of this test's own (restarted by it), from `.ci/postgres`.
+struct OwnServer {
+    dir: String,
+    port: u16,
+    url: String,
+}
+
+impl OwnServer {
+    fn script(&self, verb: &str) -> anyhow::Result<String> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/postgres");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .arg(verb)
+            .env("QUICMESH_PG_DIR", &self.dir)
+            .env("QUICMESH_PG_PORT", self.port.to_string())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            ".ci/postgres {verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s = Self {
+            dir: format!("/tmp/quicmesh-pg-{}-{port}", std::process::id()),
+            port,
+            url: String::new(),
+        };
+        s.url = s
+            .script("start")
+            .unwrap_or_else(|e| panic!("the PostgreSQL restart test needs its own server: {e}"));
+        s
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = self.script("stop");
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(format!("{}.initdb.log", self.dir));
+    }
+}
+
+#[test]
+fn replicas_ride_out_a_postgresql_restart_losing_no_change_and_no_packet() {
+    let pg = OwnServer::start();
+    let mesh = Mesh::new("replica-pg-restart");
+    let reps = CoordinatorProc::start_replicas(&mesh, "1h", &pg.url, 3, &[]).unwrap();
+    assert!(reps[0]
+        .apply_policy(&mesh, POLICY)
+        .unwrap()
+        .status
+        .success());
+    let addrs: Vec<String> = reps.iter().map(|r| r.control_addr().to_string()).collect();
+    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let db = NodeProc::start(
+        &mesh,
+        &reps[0],
+        &NodeSpec::new("db-1")
+            .service("db", echo_server().unwrap())
+            .coordinators(&addrs),
+    )
+    .unwrap();
+    let web = NodeProc::start(
+        &mesh,
+        &reps[1],
+        &NodeSpec::new("web-1")
+            .service("web", echo_server().unwrap())
+            .upstream("db")
+            .coordinators(&addrs),
+    )
+    .unwrap();
+    reps[2].wait_all_acked(2, Duration::from_secs(30));
+    let nodes = [db, web];
+    let mut flow = LiveFlow::open(nodes[1].upstream("db")).unwrap();
+    // A change committed just before the restart.
+    assert!(reps[1]
+        .apply_policy(&mesh, POLICY2)
+        .unwrap()
+        .status
+        .success());
+    let before = mesh_version(&reps[1]).unwrap();
+    pg.script("stop").unwrap();
+    // The data plane carries bytes all through the outage (a ping every 100 ms).
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(6) {
+        flow.ping()
+            .expect("the data plane stopped during the database outage");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // While the database is down no replica serves a view as current.
+    for r in &reps {
+        let e = r.api_get("nodes").unwrap_err().to_string();
+        assert!(e.contains("503"), "{e}");
+    }
+    pg.script("start").unwrap();
+    let back = Instant::now();
+    assert_eventually(
+        "every node back in session and on the change made before the restart",
+        Duration::from_secs(30),
+        || {
+            all_applied(&nodes, before)?;
+            for n in &nodes {
+                ensure!(
+                    n.status()?["control"]["connected"] == true,
+                    "{} not in session",
+                    n.name
+                );
+            }
+            Ok(())
+        },
+    );
+    eprintln!(
+        "RESULT pg_restart nodes back in session {:?} after the database",
+        back.elapsed()
+    );
+    // And a change made after it reaches everyone; the flow never stopped.
+    let out = reps[2].cli(&["nodes", "revoke", "web-1"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eventually(
+        "web-1's flow closed",
+        Duration::from_secs(5),
+        || match flow.ping() {
+            Ok(()) => bail!("flow still open"),
+            Err(_) => Ok(()),
+        },
     );
 }

@@ -201,7 +201,16 @@ impl PgStore {
                 Err(_) => Err(unavailable("no answer within the deadline")),
             }
         });
-        futures_executor::block_on(task).map_err(|e| unavailable(&e.to_string()))?
+        // Called from async code: on a multi-thread runtime the worker says it blocks, so
+        // its other tasks (QUIC endpoints, sessions) move to another thread meanwhile.
+        let wait = || futures_executor::block_on(task);
+        let joined = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        };
+        joined.map_err(|e| unavailable(&e.to_string()))?
     }
 }
 
