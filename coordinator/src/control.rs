@@ -439,6 +439,25 @@ async fn session(
     );
     let (kick_tx, mut kick_rx) = mpsc::channel::<ControlDown>(4);
     let sid = mesh.register_session(&name, conn.clone(), kick_tx);
+    // Revoked (on any replica) between the check above and the registration: the kick
+    // of that revocation may have missed this session, so look again now it is listed.
+    if mesh
+        .store
+        .node(&name)?
+        .is_none_or(|r| r.revoked_at.is_some())
+    {
+        mesh.end_session(&name, sid);
+        write_frame(
+            &mut send,
+            &ControlDown::Goodbye {
+                revoked: true,
+                detail: "node is revoked".into(),
+            },
+        )
+        .await?;
+        let _ = send.finish();
+        anyhow::bail!("node {name} was revoked as its session started");
+    }
     tracing::info!(node = %name, %endpoint, agent = %hello.agent_version, have = hello.have_version, "node session up");
     if mesh
         .store

@@ -34,6 +34,8 @@ use crate::health::{CheckView, HealthBook, DEFAULT_OFFLINE_AFTER};
 use crate::punch::PunchLimiter;
 use crate::store::{NodeRecord, Store, StoreError, TokenProblem, TokenRecord};
 
+/// Change-log rows kept (replicas need only the latest version; older rows are history).
+const CHANGES_KEPT: u64 = 100_000;
 /// Default leaf certificate lifetime.
 pub const DEFAULT_CERT_TTL_SECS: i64 = 24 * 3600;
 /// How long after a token was used the same node with the same key may enroll again
@@ -623,16 +625,12 @@ impl Mesh {
         Ok(v)
     }
 
-    /// Reads policy, trust (revocations) and liveness from the store; kicks local
-    /// sessions of revoked nodes.
+    /// Reads trust (revocations), liveness and policy from the store; kicks local
+    /// sessions of revoked nodes. Revocations come first and do not depend on the policy:
+    /// a policy this replica cannot parse (a newer release's, during an upgrade) is
+    /// logged and the one in force kept, never a reason to miss a revocation. A policy only
+    /// moves forward.
     fn reload(&self) -> Result<(), MeshError> {
-        match self.store.latest_policy()? {
-            Some(p) if p.version != self.policy.load().0 => {
-                self.policy
-                    .store(Arc::new((p.version, Policy::parse(&p.source)?)));
-            }
-            _ => {}
-        }
         let trust = Trust::new(
             self.ca.trust_domain.clone(),
             std::slice::from_ref(&self.ca.cert_der),
@@ -643,7 +641,6 @@ impl Mesh {
             reason: e.to_string(),
         })?;
         self.trust.store(Arc::new(trust));
-        self.book().load(self.store.live()?);
         let revoked: Vec<String> = self
             .store
             .nodes()?
@@ -660,6 +657,20 @@ impl Mesh {
                 revoked: true,
                 detail: "node revoked by an administrator".into(),
             });
+        }
+        let live = self.store.live()?;
+        self.book().load(live);
+        if let Some(p) = self.store.latest_policy()? {
+            if p.version > self.policy.load().0 {
+                match Policy::parse(&p.source) {
+                    Ok(parsed) => self.policy.store(Arc::new((p.version, parsed))),
+                    Err(e) => tracing::error!(
+                        version = p.version,
+                        error = %e,
+                        "stored policy does not parse here (a newer release's?); keeping the one in force"
+                    ),
+                }
+            }
         }
         Ok(())
     }
@@ -930,7 +941,14 @@ impl Mesh {
     pub fn apply_policy(&self, source: &str) -> Result<u64, MeshError> {
         let p = Self::check_policy(source)?;
         let v = self.store.insert_policy(source, now())?;
-        self.policy.store(Arc::new((v, p)));
+        // Only forward: a newer policy read meanwhile from another replica stays.
+        self.policy.rcu(|cur| {
+            if cur.0 >= v {
+                cur.clone()
+            } else {
+                Arc::new((v, p.clone()))
+            }
+        });
         self.changed()?;
         tracing::info!(version = v, "policy applied");
         Ok(v)
@@ -1337,6 +1355,7 @@ impl Mesh {
             self.store.set_offline(&names(off), true)?;
             self.store.set_offline(&names(on), false)?;
             changed |= !marks.is_empty();
+            self.store.prune_changes(CHANGES_KEPT)?;
         }
         if changed {
             self.changed()?;

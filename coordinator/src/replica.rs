@@ -30,6 +30,25 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How often the replica reads the store's version even without a notification.
 const REFRESH_TICK: Duration = Duration::from_secs(2);
 
+/// Refuses to start a replica whose id a live replica elsewhere already uses (a data dir
+/// copied whole, `replica.id` included): the two would end each other's sessions.
+pub fn check_unique(mesh: &Mesh, control: &str) -> anyhow::Result<()> {
+    let now = now_ms();
+    for r in mesh.store.replicas()? {
+        if r.id == mesh.replica
+            && r.control != control
+            && now - r.heartbeat_ms < crate::health::REPLICA_DEAD_AFTER_MS
+        {
+            anyhow::bail!(
+                "replica id {} is in use by a live replica at {} (a copied data dir?): delete replica.id in this data dir to make a new one",
+                r.id,
+                r.control
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Starts the heartbeat, the change feed (PostgreSQL) and the refresh loop.
 pub fn start(mesh: &Arc<Mesh>, control: String, http: String) {
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -40,12 +59,15 @@ pub fn start(mesh: &Arc<Mesh>, control: String, http: String) {
         let on = move |e: FeedEvent| match e {
             FeedEvent::Changed(_) | FeedEvent::Connected => wake.notify_one(),
             FeedEvent::Leader(l) => {
+                let l = l && !m.fenced.load(Ordering::Relaxed);
                 if m.leader.swap(l, Ordering::Relaxed) != l {
                     tracing::info!(replica = %m.replica, leader = l, "singleton jobs");
                 }
             }
         };
-        tokio::spawn(crate::store::feed(Arc::from(url), on));
+        let m = mesh.clone();
+        let fenced = move || m.fenced.load(Ordering::Relaxed);
+        tokio::spawn(crate::store::feed(Arc::from(url), on, fenced));
     }
 }
 

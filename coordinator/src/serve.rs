@@ -67,6 +67,7 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("bind http api {http}: {e}"))?;
     let http_addr = http_l.local_addr()?;
     let control_addr = endpoint.local_addr()?;
+    crate::replica::check_unique(&mesh, &control_addr.to_string())?;
     tokio::spawn(control::serve(mesh.clone(), endpoint.clone()));
     crate::replica::start(&mesh, control_addr.to_string(), http_addr.to_string());
     every(

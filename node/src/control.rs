@@ -84,6 +84,11 @@ pub async fn enroll(
     Err(last)
 }
 
+/// How long resolving one coordinator name may take.
+const RESOLVE_DEADLINE: Duration = Duration::from_secs(2);
+/// Addresses taken from one coordinator name at most.
+const MAX_ADDRS_PER_NAME: usize = 16;
+
 /// Resolves the configured coordinator addresses now (DNS names may give several each),
 /// in config order without duplicates. Names that do not resolve are logged and skipped.
 pub async fn resolve(c: &crate::config::Coordinators) -> Vec<std::net::SocketAddr> {
@@ -93,9 +98,18 @@ pub async fn resolve(c: &crate::config::Coordinators) -> Vec<std::net::SocketAdd
         match a {
             CoordinatorAddr::Ip(ip) => out.push(*ip),
             CoordinatorAddr::Name { host, port } => {
-                match tokio::net::lookup_host((host.as_str(), *port)).await {
-                    Ok(found) => out.extend(found),
-                    Err(e) => tracing::warn!(coordinator = %a, error = %e, "cannot resolve"),
+                let lookup = tokio::net::lookup_host((host.as_str(), *port));
+                match tokio::time::timeout(RESOLVE_DEADLINE, lookup).await {
+                    Ok(Ok(found)) => {
+                        // Sorted, so a resolver that rotates its answers does not make the
+                        // node try the same dead replica twice in a row; capped.
+                        let mut found: Vec<_> = found.collect();
+                        found.sort();
+                        found.truncate(MAX_ADDRS_PER_NAME);
+                        out.extend(found)
+                    }
+                    Ok(Err(e)) => tracing::warn!(coordinator = %a, error = %e, "cannot resolve"),
+                    Err(_) => tracing::warn!(coordinator = %a, "resolving timed out"),
                 }
             }
         }

@@ -6,8 +6,8 @@
 //! [`QUERY_DEADLINE`], never a hang. A connection that broke is made again on next use.
 //!
 //! Every change to the mesh commits with a row in `changes` (its serial is the mesh
-//! version) and a `NOTIFY quicmesh_changes` carrying only that version, in the same
-//! transaction: replicas learn of changes from the notification and read what changed
+//! version) and a `NOTIFY quicmesh_changes` carrying only that version, in the change's
+//! own transaction ([`log_change`]): replicas learn of changes from the notification and read what changed
 //! from the tables, so a lost notification costs nothing once the next one (or a re-read
 //! after a reconnect) comes.
 
@@ -224,6 +224,22 @@ impl From<tokio_postgres::Error> for StoreError {
     }
 }
 
+/// Writes the change-log row for a change, in the change's own transaction, and queues its
+/// notification (sent at commit): a change is never committed without being announced,
+/// nor announced without being committed.
+async fn log_change(tx: &tokio_postgres::Transaction<'_>) -> Result<i64, tokio_postgres::Error> {
+    let v: i64 = tx
+        .query_one(
+            "INSERT INTO changes (at) VALUES ($1) RETURNING version",
+            &[&crate::mesh::now()],
+        )
+        .await?
+        .get(0);
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &v.to_string()])
+        .await?;
+    Ok(v)
+}
+
 const NODE_COLS: &str = "name, services, labels, endpoint, serial, cert_not_after, enrolled_at, last_seen, acked_version, agent_version, revoked_at, (SELECT idx FROM overlay WHERE overlay.name = nodes.name), relay";
 
 fn node_row(r: &Row) -> Result<NodeRecord, StoreError> {
@@ -274,6 +290,20 @@ impl Store for PgStore {
 
     fn feed_url(&self) -> Option<&str> {
         Some(&self.url)
+    }
+
+    fn prune_changes(&self, keep: u64) -> Result<(), StoreError> {
+        let keep = keep.min(i64::MAX as u64) as i64;
+        self.run(Box::new(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "DELETE FROM changes WHERE version < (SELECT max(version) FROM changes) - $1",
+                    &[&keep],
+                )
+                .await?;
+                Ok(())
+            })
+        }))
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -392,6 +422,7 @@ impl Store for PgStore {
                     )
                     .await?;
                 }
+                log_change(&tx).await?;
                 tx.commit().await?;
                 Ok(Ok(()))
             })
@@ -406,23 +437,34 @@ impl Store for PgStore {
         now: i64,
     ) -> Result<(), StoreError> {
         let (serial, node) = (serial.to_string(), node.to_string());
+        let node_name = node.clone();
         self.run(Box::new(move |c| {
             Box::pin(async move {
                 let tx = c.transaction().await?;
+                // The node's row first: it is locked until commit, so a revocation running
+                // now either finished (and this refuses) or waits and then sees this
+                // certificate among the node's (and revokes it too).
+                let n = tx
+                    .execute(
+                        "UPDATE nodes SET serial = $1, cert_not_after = $2 WHERE name = $3 AND revoked_at IS NULL",
+                        &[&serial, &not_after, &node],
+                    )
+                    .await?;
+                if n == 0 {
+                    return Ok(Err(()));
+                }
                 tx.execute(
                     "INSERT INTO certs (serial, node, not_after, issued_at) VALUES ($1, $2, $3, $4)
                      ON CONFLICT (serial) DO UPDATE SET node = excluded.node, not_after = excluded.not_after, issued_at = excluded.issued_at",
                     &[&serial, &node, &not_after, &now],
                 )
                 .await?;
-                tx.execute(
-                    "UPDATE nodes SET serial = $1, cert_not_after = $2 WHERE name = $3",
-                    &[&serial, &not_after, &node],
-                )
-                .await?;
-                tx.commit().await
+                log_change(&tx).await?;
+                tx.commit().await?;
+                Ok(Ok(()))
             })
-        }))
+        }))?
+        .map_err(|()| StoreError::NodeRevoked(node_name))
     }
 
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
@@ -550,6 +592,9 @@ impl Store for PgStore {
                         .query_opt("SELECT name FROM nodes WHERE name = $1", &[&name])
                         .await?
                         .is_some();
+                    if voided > 0 {
+                        log_change(&tx).await?;
+                    }
                     tx.commit().await?;
                     return Ok((exists || voided > 0).then(Vec::new));
                 }
@@ -564,6 +609,7 @@ impl Store for PgStore {
                     .iter()
                     .map(|r| r.get(0))
                     .collect();
+                log_change(&tx).await?;
                 tx.commit().await?;
                 Ok(Some(serials))
             })
@@ -574,12 +620,17 @@ impl Store for PgStore {
         let name = name.to_string();
         self.run(Box::new(move |c| {
             Box::pin(async move {
-                let n = c
+                let tx = c.transaction().await?;
+                let n = tx
                     .execute(
                         "UPDATE nodes SET relay = $1 WHERE name = $2 AND revoked_at IS NULL",
                         &[&relay, &name],
                     )
                     .await?;
+                if n == 1 {
+                    log_change(&tx).await?;
+                }
+                tx.commit().await?;
                 Ok(n == 1)
             })
         }))
@@ -604,13 +655,16 @@ impl Store for PgStore {
         let source = source.to_string();
         self.run(Box::new(move |c| {
             Box::pin(async move {
-                let v: i64 = c
+                let tx = c.transaction().await?;
+                let v: i64 = tx
                     .query_one(
                         "INSERT INTO policies (source, applied_at) VALUES ($1, $2) RETURNING version",
                         &[&source, &now],
                     )
                     .await?
                     .get(0);
+                log_change(&tx).await?;
+                tx.commit().await?;
                 Ok(v.max(0) as u64)
             })
         }))
@@ -646,20 +700,10 @@ impl Store for PgStore {
     }
 
     fn bump_version(&self) -> Result<u64, StoreError> {
-        let now = crate::mesh::now();
         self.run(Box::new(move |c| {
             Box::pin(async move {
                 let tx = c.transaction().await?;
-                let v: i64 = tx
-                    .query_one(
-                        "INSERT INTO changes (at) VALUES ($1) RETURNING version",
-                        &[&now],
-                    )
-                    .await?
-                    .get(0);
-                // Delivered at commit, to every replica listening.
-                tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &v.to_string()])
-                    .await?;
+                let v = log_change(&tx).await?;
                 tx.commit().await?;
                 Ok(v.max(0) as u64)
             })
@@ -705,14 +749,16 @@ impl Store for PgStore {
         let l = l.clone();
         self.run(Box::new(move |c| {
             Box::pin(async move {
-                c.execute(
+                let tx = c.transaction().await?;
+                tx.execute(
                     "INSERT INTO live (name, replica, connected, changed_at, offline, reach, checks) VALUES ($1, $2, $3, $4, $5, $6, $7)
                      ON CONFLICT (name) DO UPDATE SET replica = excluded.replica, connected = excluded.connected,
                        changed_at = excluded.changed_at, offline = excluded.offline, reach = excluded.reach, checks = excluded.checks",
                     &[&l.name, &l.replica, &l.connected, &l.changed_at, &l.offline, &l.reach, &l.checks],
                 )
                 .await?;
-                Ok(())
+                log_change(&tx).await?;
+                tx.commit().await
             })
         }))
     }
@@ -721,12 +767,17 @@ impl Store for PgStore {
         let (node, replica) = (node.to_string(), replica.to_string());
         self.run(Box::new(move |c| {
             Box::pin(async move {
-                c.execute(
-                    "UPDATE live SET connected = FALSE, changed_at = $3 WHERE name = $1 AND replica = $2 AND connected",
-                    &[&node, &replica, &now],
-                )
-                .await?;
-                Ok(())
+                let tx = c.transaction().await?;
+                let n = tx
+                    .execute(
+                        "UPDATE live SET connected = FALSE, changed_at = $3 WHERE name = $1 AND replica = $2 AND connected",
+                        &[&node, &replica, &now],
+                    )
+                    .await?;
+                if n > 0 {
+                    log_change(&tx).await?;
+                }
+                tx.commit().await
             })
         }))
     }
@@ -749,12 +800,17 @@ impl Store for PgStore {
         let nodes = nodes.to_vec();
         self.run(Box::new(move |c| {
             Box::pin(async move {
-                c.execute(
+                if nodes.is_empty() {
+                    return Ok(());
+                }
+                let tx = c.transaction().await?;
+                tx.execute(
                     "UPDATE live SET offline = $2 WHERE name = ANY($1)",
                     &[&nodes, &offline],
                 )
                 .await?;
-                Ok(())
+                log_change(&tx).await?;
+                tx.commit().await
             })
         }))
     }
@@ -815,9 +871,13 @@ pub enum FeedEvent {
 /// Listens for change notifications on `url` for the life of the process, reconnecting
 /// after any failure; the same connection takes the singleton lock when free and holds it
 /// until it ends.
-pub async fn feed(url: Arc<str>, on: impl Fn(FeedEvent) + Send + Sync + 'static) {
+pub async fn feed(
+    url: Arc<str>,
+    on: impl Fn(FeedEvent) + Send + Sync + 'static,
+    fenced: impl Fn() -> bool + Send + Sync + 'static,
+) {
     loop {
-        if let Err(e) = feed_once(&url, &on).await {
+        if let Err(e) = feed_once(&url, &on, &fenced).await {
             tracing::warn!(error = %e, "change feed down; reconnecting");
         }
         on(FeedEvent::Leader(false));
@@ -825,7 +885,11 @@ pub async fn feed(url: Arc<str>, on: impl Fn(FeedEvent) + Send + Sync + 'static)
     }
 }
 
-async fn feed_once(url: &str, on: &(impl Fn(FeedEvent) + Send + Sync)) -> Result<(), StoreError> {
+async fn feed_once(
+    url: &str,
+    on: &(impl Fn(FeedEvent) + Send + Sync),
+    fenced: &(impl Fn() -> bool + Send + Sync),
+) -> Result<(), StoreError> {
     let (client, mut conn) =
         tokio::time::timeout(QUERY_DEADLINE, tokio_postgres::connect(url, NoTls))
             .await
@@ -856,7 +920,11 @@ async fn feed_once(url: &str, on: &(impl Fn(FeedEvent) + Send + Sync)) -> Result
     }
     let _driver = Abort(driver);
     let deadline = |f| tokio::time::timeout(QUERY_DEADLINE, f);
-    deadline(client.batch_execute(&format!("LISTEN {CHANNEL}")))
+    // The server notices this connection gone within seconds (not TCP's two hours), and
+    // with it lets the singleton lock go: a leader cut off or crashed is replaced soon.
+    deadline(client.batch_execute(&format!(
+        "SET tcp_keepalives_idle = 2; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3; SET tcp_user_timeout = 5000; LISTEN {CHANNEL}"
+    )))
         .await
         .map_err(|_| unavailable("LISTEN timed out"))??;
     on(FeedEvent::Connected);
@@ -870,6 +938,10 @@ async fn feed_once(url: &str, on: &(impl Fn(FeedEvent) + Send + Sync)) -> Result
                 None => return Err(unavailable("change feed connection closed")),
             },
             _ = tick.tick() => {
+                // A fenced replica leads nothing: the connection (and the lock) goes.
+                if fenced() {
+                    return Err(unavailable("replica fenced: singleton lock released"));
+                }
                 // Also proves the connection alive: a dead one ends the feed (and the lock).
                 let ask = async {
                     if leader {
@@ -884,10 +956,9 @@ async fn feed_once(url: &str, on: &(impl Fn(FeedEvent) + Send + Sync)) -> Result
                 let held = tokio::time::timeout(QUERY_DEADLINE, ask)
                     .await
                     .map_err(|_| unavailable("change feed: no answer"))??;
-                if held != leader {
-                    leader = held;
-                    on(FeedEvent::Leader(held));
-                }
+                leader = held;
+                // Said every tick: the replica's flag follows the lock, whatever set it.
+                on(FeedEvent::Leader(held));
             }
         }
     }

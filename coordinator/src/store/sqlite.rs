@@ -287,8 +287,13 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
+            // Refused for a revoked node: a certificate issued as it was being revoked is
+            // never recorded, so never handed out.
+            let n = tx.execute("UPDATE nodes SET serial = ?1, cert_not_after = ?2 WHERE name = ?3 AND revoked_at IS NULL", params![serial, not_after, node])?;
+            if n == 0 {
+                return Err(StoreError::NodeRevoked(node.to_string()));
+            }
             tx.execute("INSERT OR REPLACE INTO certs (serial, node, not_after, issued_at) VALUES (?1, ?2, ?3, ?4)", params![serial, node, not_after, now])?;
-            tx.execute("UPDATE nodes SET serial = ?1, cert_not_after = ?2 WHERE name = ?3", params![serial, not_after, node])?;
             tx.commit()?;
             Ok(())
         })
