@@ -1,8 +1,13 @@
-//! The `control` scenario: one coordinator (a real process on loopback) and N simulated
-//! nodes in this process, each enrolling with its own token and key and holding a real
-//! control session over QUIC (its own client certificate, one shared UDP endpoint per
-//! 500 nodes). Measures the time from `policy apply` until every node received and acked
-//! the new snapshot, the coordinator's RSS and CPU, and the snapshot size per node.
+//! The `control` scenario: one coordinator on SQLite, or R replicas on one PostgreSQL
+//! database (real processes on loopback), and N simulated nodes in this process, each
+//! enrolling with its own token and key and holding a real control session over QUIC (its
+//! own client certificate, one shared UDP endpoint per 500 nodes; node i talks to replica
+//! i mod R). Measures the time from `policy apply` until every node received and acked the
+//! new snapshot, the coordinators' RSS and CPU (in all and per 1,000 sessions), the
+//! snapshot sizes, and this process's own CPU (the simulator's share of the two cores).
+//!
+//! A simulated node keeps only the version it holds (a delta must start from it) and the
+//! size of its peer set, not the peers: 10,000 of them share this process.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,7 +20,7 @@ use quicmesh_netns_tests::{CoordinatorProc, Mesh};
 use quicmesh_node::config::NodeConfig;
 use quicmesh_node::frame::{read_frame, write_frame};
 use quicmesh_node::tls::{self, CertSlot, MeshServerVerifier, ServerExpect, Trust};
-use quicmesh_protocol::ident::{Labels, NodeName};
+use quicmesh_protocol::ident::Labels;
 use quicmesh_protocol::wire::{self, ControlDown, ControlUp, Hello, ALPN_CONTROL};
 use serde_json::{json, Value};
 
@@ -114,9 +119,9 @@ async fn sim_node(
     write_frame(&mut send, &ControlUp::Hello(hello)).await?;
     up.fetch_add(1, Ordering::Relaxed);
     // Like a real node: check each delta against the version held and ack it (or nack
-    // it). The peer set is kept as names only, updated by what changed: 1,000 simulated
-    // nodes share this process's two cores, a real node has its own host.
-    let mut held: Option<(u64, std::collections::BTreeSet<NodeName>)> = None;
+    // it). Only the version and the peer count are kept (an upsert may be a new peer or a
+    // changed one: the count is an upper bound between whole snapshots).
+    let mut held: Option<(u64, usize)> = None;
     loop {
         let Some(msg) = read_frame::<ControlDown, _>(&mut recv).await? else {
             return Ok(());
@@ -124,15 +129,12 @@ async fn sim_node(
         let bytes = wire::encode(&msg).len();
         let (version, policy_version, whole) = match msg {
             ControlDown::Snapshot(s) => {
-                held = Some((s.version, s.peers.iter().map(|p| p.node.clone()).collect()));
+                held = Some((s.version, s.peers.len()));
                 (s.version, s.policy_version, true)
             }
             ControlDown::Delta(d) => match held.as_mut() {
                 Some((v, peers)) if *v == d.base_version && d.version > d.base_version => {
-                    for r in &d.remove {
-                        peers.remove(r);
-                    }
-                    peers.extend(d.upsert.iter().map(|p| p.node.clone()));
+                    *peers = peers.saturating_sub(d.remove.len());
                     *v = d.version;
                     (d.version, d.policy_version, false)
                 }
@@ -156,42 +158,76 @@ async fn sim_node(
             at: Instant::now(),
             bytes,
             whole,
-            peers: held.as_ref().map(|h| h.1.len()).unwrap_or(0),
+            peers: held.as_ref().map(|h| h.1).unwrap_or(0),
         });
         write_frame(&mut send, &ControlUp::Ack { version }).await?;
     }
 }
 
+/// Which store the coordinators run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
 /// Runs the scenario for each N; returns its JSON.
-pub fn run(sizes: &[usize], deadline: Duration) -> anyhow::Result<Value> {
+pub fn run(
+    sizes: &[usize],
+    deadline: Duration,
+    replicas: usize,
+    store: StoreKind,
+) -> anyhow::Result<Value> {
+    if store == StoreKind::Sqlite && replicas != 1 {
+        bail!("--replicas {replicas} needs --store postgres (SQLite serves one coordinator)");
+    }
+    if replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let mut rows = Vec::new();
+    let label = format!(
+        "{} x{replicas}",
+        match store {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Postgres => "postgres",
+        }
+    );
     println!(
-        "{:>7} {:>8} {:>10} {:>10} {:>10} {:>9} {:>9} {:>12} {:>12}",
+        "{:<12} {:>7} {:>8} {:>10} {:>10} {:>10} {:>9} {:>11} {:>9} {:>11} {:>9} {:>12} {:>12}",
+        "store",
         "nodes",
         "setup s",
         "ack p50 ms",
         "ack p99 ms",
         "ack max ms",
         "coord MB",
+        "MB/1k sess",
         "coord s",
+        "cpu s/1k",
+        "sim cpu s",
         "whole bytes",
         "push bytes"
     );
     for &n in sizes {
-        match rt.block_on(one(n, deadline)) {
-            Ok(row) => {
+        match rt.block_on(one(n, deadline, replicas, store)) {
+            Ok(mut row) => {
+                row["store"] = json!(label);
                 println!(
-                    "{:>7} {:>8.1} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>9.2} {:>12} {:>12}",
+                    "{:<12} {:>7} {:>8.1} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>11.1} {:>9.2} {:>11.2} {:>9.1} {:>12} {:>12}",
+                    label,
                     n,
                     row["setup_s"].as_f64().unwrap_or(0.0),
                     row["ack_p50_ms"].as_f64().unwrap_or(0.0),
                     row["ack_p99_ms"].as_f64().unwrap_or(0.0),
                     row["ack_max_ms"].as_f64().unwrap_or(0.0),
                     row["coordinator_rss_mb"].as_f64().unwrap_or(0.0),
+                    row["coordinator_rss_mb_per_1k_sessions"].as_f64().unwrap_or(0.0),
                     row["coordinator_cpu_s_for_apply"].as_f64().unwrap_or(0.0),
+                    row["coordinator_cpu_s_setup_per_1k"].as_f64().unwrap_or(0.0),
+                    row["simulator_cpu_s"].as_f64().unwrap_or(0.0),
                     row["whole_snapshot_bytes"],
                     row["push_bytes_per_node"]
                 );
@@ -204,8 +240,8 @@ pub fn run(sizes: &[usize], deadline: Duration) -> anyhow::Result<Value> {
                 rows.push(row);
             }
             Err(e) => {
-                println!("{n:>7} did not complete: {e:#}");
-                rows.push(json!({"nodes": n, "error": format!("{e:#}")}));
+                println!("{label:<12} {n:>7} did not complete: {e:#}");
+                rows.push(json!({"store": label, "nodes": n, "error": format!("{e:#}")}));
                 break;
             }
         }
@@ -213,10 +249,38 @@ pub fn run(sizes: &[usize], deadline: Duration) -> anyhow::Result<Value> {
     Ok(json!({"scenario": "control", "rows": rows}))
 }
 
-pub async fn one(n: usize, limit: Duration) -> anyhow::Result<Value> {
+/// The coordinators' summed (RSS KiB, CPU ticks).
+fn usage(pids: &[u32]) -> (u64, u64) {
+    pids.iter()
+        .map(|p| stat::proc_usage(*p))
+        .fold((0, 0), |(r, c), (r2, c2)| (r + r2, c + c2))
+}
+
+pub async fn one(
+    n: usize,
+    limit: Duration,
+    replicas: usize,
+    store: StoreKind,
+) -> anyhow::Result<Value> {
     let mesh = Mesh::new(&format!("bench-control-{n}"));
-    let coord = tokio::task::block_in_place(|| CoordinatorProc::start(&mesh, "1h"))?;
-    let pid = coord.pid().context("coordinator pid")?;
+    let db = match store {
+        StoreKind::Postgres => Some(tokio::task::block_in_place(
+            quicmesh_coordinator::store::testdb::TestDb::new,
+        )),
+        StoreKind::Sqlite => None,
+    };
+    let reps = tokio::task::block_in_place(|| match &db {
+        Some(db) => CoordinatorProc::start_replicas(&mesh, "1h", &db.url, replicas, &[]),
+        None => CoordinatorProc::start(&mesh, "1h").map(|c| vec![c]),
+    })?;
+    let pids: Vec<u32> = reps
+        .iter()
+        .map(|c| c.pid().context("coordinator pid"))
+        .collect::<anyhow::Result<_>>()?;
+    let me = std::process::id();
+    let (_, sim_cpu0) = stat::proc_usage(me);
+    let (_, setup_cpu0) = usage(&pids);
+    let coord = &reps[0];
     let api = ApiClient::new(
         &format!("http://127.0.0.1:{}", coord.http_port),
         &coord.admin_token,
@@ -239,7 +303,7 @@ pub async fn one(n: usize, limit: Duration) -> anyhow::Result<Value> {
             mesh.path().to_path_buf(),
             sem.clone(),
         );
-        let addr = coord.control_addr();
+        let addr = reps[i % reps.len()].control_addr();
         tasks.push(tokio::spawn(async move {
             // Enrollment is paced (64 at a time); sessions stay open.
             let permit = sem.acquire_owned().await;
@@ -287,7 +351,8 @@ pub async fn one(n: usize, limit: Duration) -> anyhow::Result<Value> {
             whole_bytes = whole_bytes.max(a.bytes);
         }
     }
-    let (_, cpu0) = stat::proc_usage(pid);
+    let (_, cpu0) = usage(&pids);
+    let setup_cpu_s = (cpu0 - setup_cpu0) as f64 / 100.0;
     let policy = "[[rule]]\nfrom = \"svc-1\"\nto = \"svc-2\"\naction = \"allow\"\n";
     let t0 = Instant::now();
     let v = api.post("/policy", json!({"source": policy})).await?;
@@ -329,13 +394,21 @@ pub async fn one(n: usize, limit: Duration) -> anyhow::Result<Value> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let all_acked_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let (rss, cpu1) = stat::proc_usage(pid);
+    let (rss, cpu1) = usage(&pids);
+    let (_, sim_cpu1) = stat::proc_usage(me);
     for t in &tasks {
         t.abort();
     }
-    drop(coord);
+    drop(reps);
+    drop(db);
+    let per_k = 1000.0 / n as f64;
     Ok(json!({
         "nodes": n,
+        "replicas": replicas,
+        "coordinator_rss_mb_per_1k_sessions": rss as f64 / 1024.0 * per_k,
+        "coordinator_cpu_s_setup": setup_cpu_s,
+        "coordinator_cpu_s_setup_per_1k": setup_cpu_s * per_k,
+        "simulator_cpu_s": (sim_cpu1 - sim_cpu0) as f64 / 100.0,
         "setup_s": setup,
         "ack_p50_ms": h.value_at_quantile(0.5) as f64,
         "ack_p99_ms": h.value_at_quantile(0.99) as f64,

@@ -82,7 +82,12 @@ pub fn run() -> anyhow::Result<Value> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let c100 = rt.block_on(crate::control::one(100, Duration::from_secs(600)))?;
+    let c100 = rt.block_on(crate::control::one(
+        100,
+        Duration::from_secs(600),
+        1,
+        crate::control::StoreKind::Sqlite,
+    ))?;
     let coord_100 = c100["coordinator_rss_mb"].as_f64().unwrap_or(0.0);
 
     let rows = [

@@ -68,6 +68,13 @@ enum Scenario {
         /// Longest wait for all sessions to come up at one size.
         #[arg(long, default_value_t = 600)]
         deadline_secs: u64,
+        /// Coordinator replicas (more than one needs --store postgres).
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+        /// The coordinators' store: sqlite (one coordinator) or postgres (a fresh database
+        /// on the test server, `bash .ci/postgres start`, or QUICMESH_TEST_POSTGRES).
+        #[arg(long, value_enum, default_value = "sqlite")]
+        store: control::StoreKind,
     },
     /// Installs the peers (apt-get and cargo install, pinned versions; needs root).
     Install,
@@ -238,9 +245,21 @@ fn main() -> anyhow::Result<()> {
         Scenario::Control {
             nodes,
             deadline_secs,
+            replicas,
+            store,
         } => {
-            let v = control::run(&nodes, std::time::Duration::from_secs(deadline_secs))?;
-            write(&cli.results, "control", &v)?;
+            let v = control::run(
+                &nodes,
+                std::time::Duration::from_secs(deadline_secs),
+                replicas,
+                store,
+            )?;
+            // One SQLite coordinator keeps the name `quicmesh-bench all` reads.
+            let name = match store {
+                control::StoreKind::Sqlite => "control".to_string(),
+                control::StoreKind::Postgres => format!("control-postgres-{replicas}"),
+            };
+            write(&cli.results, &name, &v)?;
             let rows: Vec<&serde_json::Value> = v["rows"]
                 .as_array()
                 .map(|a| a.iter().filter(|r| r["ack_p50_ms"].is_number()).collect())
@@ -258,7 +277,7 @@ fn main() -> anyhow::Result<()> {
             .map(|(l, k)| (l.to_string(), rows.iter().map(|r| r[*k].as_f64()).collect()))
             .collect();
             plot_or_warn(plot::bars(
-                &cli.results.join("control.svg"),
+                &cli.results.join(format!("{name}.svg")),
                 "policy apply until every node has it",
                 "ms",
                 &groups,
