@@ -140,6 +140,14 @@ type PeerDiff = (
 /// How many catalog steps are remembered (sessions mostly make the same step).
 const DIFF_CACHE: usize = 16;
 
+/// A punch request passed between replicas (JSON in a notification).
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct RelayedPunch {
+    from: String,
+    to: String,
+    candidates: Vec<SocketAddr>,
+}
+
 /// Live control sessions, by node.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
@@ -1286,8 +1294,17 @@ impl Mesh {
             .sessions
             .lock()
             .ok()
-            .and_then(|m| m.get(to).map(|s| s.kick.clone()))
-            .ok_or(PunchDrop::TargetOffline)?;
+            .and_then(|m| m.get(to).map(|s| s.kick.clone()));
+        // The target's session on another live replica: passed on through the database.
+        let elsewhere = kick.is_none()
+            && self.store.shared()
+            && self
+                .book()
+                .replica_of(to, now_ms())
+                .is_some_and(|r| r != self.replica);
+        if kick.is_none() && !elsewhere {
+            return Err(PunchDrop::TargetOffline);
+        }
         let candidates = self
             .book()
             .reach(from.as_str())
@@ -1300,11 +1317,52 @@ impl Mesh {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .admit(now, from.as_str(), to)?;
-        kick.try_send(ControlDown::Punch {
-            peer: from.clone(),
-            candidates,
-        })
-        .map_err(|_| PunchDrop::QueueFull)
+        match kick {
+            Some(kick) => kick
+                .try_send(ControlDown::Punch {
+                    peer: from.clone(),
+                    candidates,
+                })
+                .map_err(|_| PunchDrop::QueueFull),
+            None => {
+                let relay = RelayedPunch {
+                    from: from.to_string(),
+                    to: to.to_string(),
+                    candidates,
+                };
+                let payload = serde_json::to_string(&relay).map_err(|_| PunchDrop::QueueFull)?;
+                self.store
+                    .publish_punch(&payload)
+                    .map_err(|_| PunchDrop::QueueFull)
+            }
+        }
+    }
+
+    /// A punch request another replica passed on: delivered when the target's session is
+    /// here (every replica hears it; the others ignore it).
+    pub fn deliver_punch(&self, payload: &str) {
+        let Ok(p) = serde_json::from_str::<RelayedPunch>(payload) else {
+            return;
+        };
+        let (Ok(from), Some(kick)) = (
+            NodeName::new(p.from.as_str()),
+            self.sessions
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&p.to).map(|s| s.kick.clone())),
+        ) else {
+            return;
+        };
+        let candidates: Vec<SocketAddr> = p.candidates.into_iter().take(16).collect();
+        if kick
+            .try_send(ControlDown::Punch {
+                peer: from,
+                candidates,
+            })
+            .is_err()
+        {
+            self.drops.punch.count(PunchDrop::QueueFull);
+        }
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, HealthBook> {
@@ -1501,6 +1559,134 @@ mod tests {
             services: vec![ServiceName::new("web").unwrap()],
             labels: Labels::default(),
         }
+    }
+
+    /// One change, made by one replica.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Enroll(usize),
+        Revoke(usize),
+        Policy(u8),
+        Reach(usize, u8),
+        Health(usize, bool),
+        Relay(usize, bool),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = (usize, Op)> {
+        use proptest::prelude::*;
+        let node = 0usize..5;
+        let o = prop_oneof![
+            node.clone().prop_map(Op::Enroll),
+            node.clone().prop_map(Op::Revoke),
+            (0u8..3).prop_map(Op::Policy),
+            (node.clone(), 1u8..200).prop_map(|(n, a)| Op::Reach(n, a)),
+            (node.clone(), any::<bool>()).prop_map(|(n, h)| Op::Health(n, h)),
+            (node, any::<bool>()).prop_map(|(n, r)| Op::Relay(n, r)),
+        ];
+        (0usize..3, o)
+    }
+
+    fn apply(m: &Mesh, op: &Op) {
+        let name = |i: &usize| format!("n-{i}");
+        match op {
+            Op::Enroll(i) => {
+                let n = name(i);
+                let (tok, _) = m
+                    .create_token(&n, &["web".to_string()], &BTreeMap::new(), true, 600)
+                    .unwrap();
+                let key = rcgen::KeyPair::generate().unwrap();
+                let t: JoinToken = tok.parse().unwrap();
+                let _ = m.enroll(&EnrollRequest {
+                    secret: t.secret_hex(),
+                    node: NodeName::new(n.as_str()).unwrap(),
+                    csr_der: quicmesh_node::control::csr(&n, &key).unwrap(),
+                    services: vec![ServiceName::new("web").unwrap()],
+                    labels: Labels::default(),
+                });
+            }
+            Op::Revoke(i) => {
+                let _ = m.revoke(&name(i));
+            }
+            Op::Policy(k) => {
+                let src = format!("[[rule]]\nfrom = \"web\"\nto = \"db{k}\"\naction = \"allow\"\n");
+                m.apply_policy(&src).unwrap();
+            }
+            Op::Reach(i, a) => {
+                let addr: SocketAddr = format!("198.18.0.{a}:7800").parse().unwrap();
+                if m.set_candidates(
+                    &name(i),
+                    Reach {
+                        candidates: vec![addr],
+                        relay: true,
+                        observed: Some(addr),
+                    },
+                ) {
+                    m.changed().unwrap();
+                }
+            }
+            Op::Health(i, ok) => {
+                let h = if *ok {
+                    quicmesh_protocol::health::Health::Passing
+                } else {
+                    quicmesh_protocol::health::Health::Critical
+                };
+                let _ = m.report_health(
+                    &name(i),
+                    &[quicmesh_protocol::health::ServiceCheck {
+                        service: ServiceName::new("web").unwrap(),
+                        health: h,
+                        output: String::new(),
+                    }],
+                );
+            }
+            Op::Relay(i, r) => {
+                let _ = m.set_relay(&name(i), *r);
+            }
+        }
+    }
+
+    /// Whatever order three replicas make changes in, once each has caught up with the
+    /// change log they hold the same catalog (peers with their reach, relay role, health),
+    /// the same policy and the same deny list.
+    #[test]
+    fn any_interleaving_of_changes_leaves_every_replica_with_the_same_catalog() {
+        use proptest::prelude::*;
+        let db = crate::store::testdb::TestDb::new();
+        let mut cfg = ProptestConfig::with_cases(12);
+        cfg.failure_persistence = None;
+        proptest!(cfg, |(ops in proptest::collection::vec(op(), 1..25))| {
+            // A fresh mesh per case: drop and re-create the schema.
+            crate::store::testdb::reset(&db.url);
+            let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+            init_with(dirs[0].path(), TrustDomain::new("t.test").unwrap(), None, None, Some(&db.url)).unwrap();
+            for d in &dirs[1..] {
+                for f in ["ca.key", "ca.crt", "admin.token", "reader.token", "store"] {
+                    std::fs::copy(dirs[0].path().join(f), d.path().join(f)).unwrap();
+                }
+            }
+            let reps: Vec<Arc<Mesh>> = dirs
+                .iter()
+                .map(|d| Mesh::open_store(d.path(), Some(&db.url), 3600).unwrap())
+                .collect();
+            for (r, o) in &ops {
+                apply(&reps[*r], o);
+            }
+            let views: Vec<_> = reps
+                .iter()
+                .map(|m| {
+                    m.refresh().unwrap();
+                    let c = m.catalog().unwrap();
+                    (
+                        c.peers.clone(),
+                        c.revoked.clone(),
+                        m.policy().0,
+                        m.trust.load().revoked_serials(),
+                    )
+                })
+                .collect();
+            prop_assert_eq!(&views[0], &views[1], "ops {:?}", ops);
+            prop_assert_eq!(&views[0], &views[2], "ops {:?}", ops);
+        });
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub fn start(mesh: &Arc<Mesh>, control: String, http: String) {
         let m = mesh.clone();
         let on = move |e: FeedEvent| match e {
             FeedEvent::Changed(_) | FeedEvent::Connected => wake.notify_one(),
+            FeedEvent::Punch(payload) => m.deliver_punch(&payload),
             FeedEvent::Leader(l) => {
                 let l = l && !m.fenced.load(Ordering::Relaxed);
                 if m.leader.swap(l, Ordering::Relaxed) != l {

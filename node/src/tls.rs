@@ -65,6 +65,15 @@ pub struct Trust {
     revoked: HashSet<Serial>,
 }
 
+impl Trust {
+    /// The deny list, sorted.
+    pub fn revoked_serials(&self) -> Vec<Serial> {
+        let mut v: Vec<Serial> = self.revoked.iter().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
 /// Shared, swappable trust material.
 pub type TrustHandle = Arc<ArcSwap<Trust>>;
 

@@ -9,7 +9,9 @@ mod postgres;
 mod sqlite;
 pub mod testdb;
 
-pub use postgres::{feed, FeedEvent, PgStore, CHANNEL as CHANGES_CHANNEL, QUERY_DEADLINE};
+pub use postgres::{
+    feed, FeedEvent, PgStore, CHANNEL as CHANGES_CHANNEL, PUNCH_CHANNEL, QUERY_DEADLINE,
+};
 pub use sqlite::SqliteStore;
 
 /// Which store a data dir was initialized with, kept in `<data dir>/store` (`postgres`);
@@ -233,6 +235,10 @@ pub trait Store: Send + Sync {
     fn heartbeat(&self, r: &ReplicaRecord) -> Result<(), StoreError>;
     /// Every replica that ever beat, latest heartbeat first.
     fn replicas(&self) -> Result<Vec<ReplicaRecord>, StoreError>;
+    /// Passes a punch request to the other replicas (PostgreSQL: a notification).
+    fn publish_punch(&self, _payload: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Drops change-log rows older than the last `keep` (only versions matter).
     fn prune_changes(&self, _keep: u64) -> Result<(), StoreError> {
         Ok(())

@@ -31,6 +31,8 @@ pub const QUERY_DEADLINE: Duration = Duration::from_secs(3);
 const POOL: usize = 4;
 /// The channel change notifications are sent on.
 pub const CHANNEL: &str = "quicmesh_changes";
+/// The channel punch requests pass between replicas on.
+pub const PUNCH_CHANNEL: &str = "quicmesh_punch";
 /// Advisory lock key under which migrations run (one replica migrates, others wait).
 const MIGRATION_LOCK: i64 = 0x7175_6963_6d65_7368; // "quicmesh"
 
@@ -290,6 +292,17 @@ impl Store for PgStore {
 
     fn feed_url(&self) -> Option<&str> {
         Some(&self.url)
+    }
+
+    fn publish_punch(&self, payload: &str) -> Result<(), StoreError> {
+        let payload = payload.to_string();
+        self.run(Box::new(move |c| {
+            Box::pin(async move {
+                c.execute("SELECT pg_notify($1, $2)", &[&PUNCH_CHANNEL, &payload])
+                    .await?;
+                Ok(())
+            })
+        }))
     }
 
     fn prune_changes(&self, keep: u64) -> Result<(), StoreError> {
@@ -858,7 +871,7 @@ impl Store for PgStore {
 const SINGLETON_LOCK: i64 = 0x7175_6963_6d65_7331; // "quicmes1"
 
 /// What the change feed reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FeedEvent {
     /// A change committed at this mesh version.
     Changed(u64),
@@ -866,6 +879,8 @@ pub enum FeedEvent {
     Connected,
     /// This replica holds (true) or lost (false) the singleton lock.
     Leader(bool),
+    /// A punch request another replica passed on (its JSON).
+    Punch(String),
 }
 
 /// Listens for change notifications on `url` for the life of the process, reconnecting
@@ -894,12 +909,23 @@ async fn feed_once(
         tokio::time::timeout(QUERY_DEADLINE, tokio_postgres::connect(url, NoTls))
             .await
             .map_err(|_| unavailable("connecting timed out"))??;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<u64>>();
+    // Bounded: a flood of notifications is dropped here (a lost change notification is
+    // made up by the periodic re-read; a lost punch by the node dialling again).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<FeedEvent>(4096);
     let driver = tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
                 Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                    if tx.send(n.payload().parse().ok()).is_err() {
+                    let ev = if n.channel() == PUNCH_CHANNEL {
+                        FeedEvent::Punch(n.payload().to_string())
+                    } else {
+                        match n.payload().parse() {
+                            Ok(v) => FeedEvent::Changed(v),
+                            Err(_) => FeedEvent::Connected,
+                        }
+                    };
+                    if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) = tx.try_send(ev)
+                    {
                         return;
                     }
                 }
@@ -923,7 +949,7 @@ async fn feed_once(
     // The server notices this connection gone within seconds (not TCP's two hours), and
     // with it lets the singleton lock go: a leader cut off or crashed is replaced soon.
     deadline(client.batch_execute(&format!(
-        "SET tcp_keepalives_idle = 2; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3; SET tcp_user_timeout = 5000; LISTEN {CHANNEL}"
+        "SET tcp_keepalives_idle = 2; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3; SET tcp_user_timeout = 5000; LISTEN {CHANNEL}; LISTEN {PUNCH_CHANNEL}"
     )))
         .await
         .map_err(|_| unavailable("LISTEN timed out"))??;
@@ -933,8 +959,7 @@ async fn feed_once(
     loop {
         tokio::select! {
             n = rx.recv() => match n {
-                Some(Some(v)) => on(FeedEvent::Changed(v)),
-                Some(None) => on(FeedEvent::Connected),
+                Some(ev) => on(ev),
                 None => return Err(unavailable("change feed connection closed")),
             },
             _ = tick.tick() => {

@@ -80,6 +80,12 @@ impl TestDb {
     }
 }
 
+/// Empties a test database (drops and re-creates its public schema).
+pub fn reset(url: &str) {
+    admin_exec(url, "DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+        .unwrap_or_else(|e| panic!("resetting the test database: {e}"));
+}
+
 impl Default for TestDb {
     fn default() -> Self {
         Self::new()
