@@ -29,6 +29,8 @@ use tokio::sync::mpsc;
 
 /// Enrollments and session connects retried after a transport error, over the run.
 static ENROLL_RETRIES: AtomicUsize = AtomicUsize::new(0);
+/// Established sessions that ended and were made again, over the run.
+static SESSION_RETRIES: AtomicUsize = AtomicUsize::new(0);
 
 /// One simulated node's view of a policy push: when its snapshot arrived.
 struct Arrival {
@@ -65,13 +67,12 @@ async fn sim_node(
     // storm on two shared cores a handshake can miss its 15 s deadline).
     let mut backoff = Duration::from_millis(500);
     let id = loop {
+        // As a real node: retried until it works (the run's deadline bounds it).
         match quicmesh_node::control::enroll(&endpoint, &cfg, &key, &token).await {
-            Err(quicmesh_node::control::EnrollError::Transport { .. })
-                if backoff < Duration::from_secs(8) =>
-            {
+            Err(quicmesh_node::control::EnrollError::Transport { .. }) => {
                 ENROLL_RETRIES.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(backoff).await;
-                backoff *= 2;
+                backoff = (backoff * 2).min(Duration::from_secs(8));
             }
             other => break other?,
         }
@@ -85,7 +86,40 @@ async fn sim_node(
         MeshServerVerifier::new(Some(trust), ServerExpect::Coordinator, Arc::new(|_| {}));
     let slot = CertSlot::with(vec![id.cert_der.clone()], &key.serialize_der())?;
     let client = tls::client_config(Some(slot), verifier, ALPN_CONTROL)?;
-    // The session is retried with backoff too, as a real node's session loop does.
+    // Sessions are made again when they end, as a real node's session loop does (a
+    // coordinator under a join storm may give up a handshake the node saw complete);
+    // each remake is counted.
+    let mut first = true;
+    loop {
+        match session(i, &endpoint, &client, coord, &cfg, &tx, &up, &mut first).await {
+            Ok(()) => return Ok(()),
+            Err(e) if !first => {
+                SESSION_RETRIES.fetch_add(1, Ordering::Relaxed);
+                tracing_note(&e);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Logged once per run: why the first simulated session had to be made again.
+fn tracing_note(e: &anyhow::Error) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| eprintln!("bench: a simulated session ended and is made again ({e})"));
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    i: usize,
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    coord: std::net::SocketAddr,
+    cfg: &NodeConfig,
+    tx: &mpsc::UnboundedSender<Arrival>,
+    up: &AtomicUsize,
+    first: &mut bool,
+) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(500);
     let (_conn, (mut send, mut recv)) = loop {
         let attempt = async {
@@ -97,12 +131,11 @@ async fn sim_node(
         };
         match attempt.await {
             Ok(s) => break s,
-            Err(_) if backoff < Duration::from_secs(8) => {
+            Err(_) => {
                 ENROLL_RETRIES.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(backoff).await;
-                backoff *= 2;
+                backoff = (backoff * 2).min(Duration::from_secs(8));
             }
-            Err(e) => return Err(e.context("control session")),
         }
     };
     let hello = Hello {
@@ -117,7 +150,9 @@ async fn sim_node(
         agent_version: "bench".into(),
     };
     write_frame(&mut send, &ControlUp::Hello(hello)).await?;
-    up.fetch_add(1, Ordering::Relaxed);
+    if std::mem::take(first) {
+        up.fetch_add(1, Ordering::Relaxed);
+    }
     // Like a real node: check each delta against the version held and ack it (or nack
     // it). Only the version and the peer count are kept (an upsert may be a new peer or a
     // changed one: the count is an upper bound between whole snapshots).
@@ -231,10 +266,12 @@ pub fn run(
                     row["whole_snapshot_bytes"],
                     row["push_bytes_per_node"]
                 );
-                if row["enroll_retries"].as_u64().unwrap_or(0) > 0 {
+                if row["enroll_retries"].as_u64().unwrap_or(0) > 0
+                    || row["session_retries"].as_u64().unwrap_or(0) > 0
+                {
                     println!(
-                        "        ({} enrollments or session connects retried after a transport timeout)",
-                        row["enroll_retries"]
+                        "        ({} enrollments or session connects retried after a transport timeout; {} sessions made again after they ended)",
+                        row["enroll_retries"], row["session_retries"]
                     );
                 }
                 rows.push(row);
@@ -269,9 +306,16 @@ pub async fn one(
         )),
         StoreKind::Sqlite => None,
     };
+    // Every simulated node asks for its token over the API from this one address.
+    let http = [
+        "--http-max-connections",
+        "65536",
+        "--http-max-connections-per-source",
+        "65536",
+    ];
     let reps = tokio::task::block_in_place(|| match &db {
-        Some(db) => CoordinatorProc::start_replicas(&mesh, "1h", &db.url, replicas, &[]),
-        None => CoordinatorProc::start(&mesh, "1h").map(|c| vec![c]),
+        Some(db) => CoordinatorProc::start_replicas(&mesh, "1h", &db.url, replicas, &http),
+        None => CoordinatorProc::start_with(&mesh, "1h", &http).map(|c| vec![c]),
     })?;
     let pids: Vec<u32> = reps
         .iter()
@@ -331,7 +375,7 @@ pub async fn one(
                 .take(5)
                 .collect();
             let err = match r {
-                Ok(Err(e)) => format!("{e}"),
+                Ok(Err(e)) => format!("{e:?}"),
                 other => format!("{other:?}"),
             };
             let _ = std::fs::copy(
@@ -419,6 +463,7 @@ pub async fn one(
         "coordinator_cpu_s_for_apply": (cpu1 - cpu0) as f64 / 100.0,
         "push_bytes_per_node": bytes,
         "enroll_retries": ENROLL_RETRIES.swap(0, Ordering::Relaxed),
+        "session_retries": SESSION_RETRIES.swap(0, Ordering::Relaxed),
         "pushes_sent_whole": wholes,
         "peers_per_node": peers,
         "whole_snapshot_bytes": whole_bytes,

@@ -350,7 +350,7 @@ async fn enrollment(
         }
         None => anyhow::bail!("closed before the first message"),
     };
-    let reply = mesh.enroll(&req);
+    let reply = crate::mesh::blocking(|| mesh.enroll(&req));
     // The answer fits the stream's initial window: writing it does not wait on the peer,
     // but a deadline keeps a peer that never grants credit from holding the slot.
     tokio::time::timeout(ENROLL_REQUEST_DEADLINE, async {
@@ -382,7 +382,7 @@ async fn session(
     recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
     let name = id.node.to_string();
-    let record = mesh.store.node(&name)?;
+    let record = crate::mesh::blocking(|| mesh.store.node(&name))?;
     if record.as_ref().is_none_or(|r| r.revoked_at.is_some()) {
         write_frame(
             &mut send,
@@ -438,14 +438,17 @@ async fn session(
         },
     );
     let (kick_tx, mut kick_rx) = mpsc::channel::<ControlDown>(4);
-    let sid = mesh.register_session(&name, conn.clone(), kick_tx);
-    // Revoked (on any replica) between the check above and the registration: the kick
-    // of that revocation may have missed this session, so look again now it is listed.
-    if mesh
-        .store
-        .node(&name)?
-        .is_none_or(|r| r.revoked_at.is_some())
-    {
+    let (sid, revoked_meanwhile) = crate::mesh::blocking(|| {
+        let sid = mesh.register_session(&name, conn.clone(), kick_tx);
+        // Revoked (on any replica) between the check above and the registration: the
+        // kick of that revocation may have missed this session, so look again now.
+        let revoked = mesh
+            .store
+            .node(&name)
+            .map(|r| r.is_none_or(|r| r.revoked_at.is_some()));
+        (sid, revoked)
+    });
+    if revoked_meanwhile? {
         mesh.end_session(&name, sid);
         write_frame(
             &mut send,
@@ -459,16 +462,19 @@ async fn session(
         anyhow::bail!("node {name} was revoked as its session started");
     }
     tracing::info!(node = %name, %endpoint, agent = %hello.agent_version, have = hello.have_version, "node session up");
-    if mesh
-        .store
-        .node_hello(&name, &endpoint.to_string(), &hello.agent_version, now())?
-        || moved
-    {
-        mesh.changed()?;
-    }
+    // A session start is a change of liveness (and maybe of where the node is): one
+    // change for all of it.
+    let _ = moved;
+    crate::mesh::blocking(|| {
+        mesh.store
+            .node_hello(&name, &endpoint.to_string(), &hello.agent_version, now())?;
+        mesh.changed()
+    })?;
     let result = run_session(&mesh, &id, &mut send, recv, &mut kick_rx).await;
-    mesh.end_session(&name, sid);
-    let _ = mesh.store.node_seen(&name, now());
+    crate::mesh::blocking(|| {
+        mesh.end_session(&name, sid);
+        let _ = mesh.store.node_seen(&name, now());
+    });
     tracing::info!(node = %name, "node session down");
     result
 }
@@ -502,7 +508,7 @@ async fn run_session(
     loop {
         let current = *versions.borrow_and_update();
         if last.as_ref().is_none_or(|l| current > l.version()) {
-            let (msg, sent) = mesh.update_for(&id.node, last.as_ref())?;
+            let (msg, sent) = crate::mesh::blocking(|| mesh.update_for(&id.node, last.as_ref()))?;
             if matches!(msg, ControlDown::Snapshot(_)) {
                 whole_version = sent.version();
             }

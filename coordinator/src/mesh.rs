@@ -71,6 +71,19 @@ pub fn now() -> i64 {
     quicmesh_node::control::unix_now()
 }
 
+/// Runs `f`, which may wait on the store or on a lock held while the store is read, from
+/// async code: on a multi-thread runtime the worker hands its other tasks (the QUIC
+/// endpoint's driver among them) to another thread first, so a join storm's store work
+/// never stalls handshakes. Elsewhere (tests' single-thread runtimes) it just runs.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// Current Unix time in milliseconds.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -1236,10 +1249,8 @@ impl Mesh {
         if back {
             tracing::info!(node, "node online again");
         }
-        // A change of liveness, recorded like any other: every replica reads it.
-        if let Err(e) = self.changed() {
-            tracing::warn!(error = %e, "could not record a session start");
-        }
+        // A change of liveness: the caller records it (once, with what the node's hello
+        // changed), so every replica reads it.
         id
     }
 

@@ -73,8 +73,8 @@ function bytes(n) {
 // ---- pages -----------------------------------------------------------------------------
 
 async function overview() {
-  const [st, nodes, svcs, pol] = await Promise.all([
-    api("/status"), api("/nodes"), api("/services"), api("/policy"),
+  const [st, nodes, svcs, pol, reps] = await Promise.all([
+    api("/status"), api("/nodes"), api("/services"), api("/policy"), api("/replicas"),
   ]);
   const live = nodes.body.nodes.filter(n => !n.revoked_at);
   const online = live.filter(n => n.online).length;
@@ -95,6 +95,16 @@ async function overview() {
       services.map(([name, inst]) => el("tr", { "data-service": name },
         el("td", {}, name), el("td", {}, inst.length),
         el("td", { class: inst.some(i => i.routable) ? "ok" : "bad" }, inst.filter(i => i.routable).length)))),
+    el("h2", {}, "Coordinator replicas"),
+    el("table", { id: "replicas" },
+      el("tr", {}, el("th", {}, "replica"), el("th", {}, "state"), el("th", {}, "control"),
+        el("th", {}, "sessions"), el("th", {}, "heartbeat")),
+      ((reps.body && reps.body.replicas) || []).map(r => el("tr", { "data-replica": r.id },
+        el("td", {}, r.id + (r.id === reps.body.this ? " (this one)" : "") + (r.id === reps.body.leader ? ", leader" : "")),
+        el("td", { class: r.alive ? "ok" : "bad" }, r.alive ? "alive" : "dead"),
+        el("td", {}, r.control),
+        el("td", {}, r.sessions),
+        el("td", {}, r.heartbeat_age_ms + " ms ago")))),
     el("h2", {}, "Certificates expiring within 7 days"),
     soon.length
       ? el("ul", { id: "expiring" }, soon.map(n => el("li", {}, n.name + ": " + inDays(n.cert_not_after))))

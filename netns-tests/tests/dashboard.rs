@@ -118,6 +118,15 @@ fn d1_dashboard_end_to_end_in_headless_chromium() {
         Duration::from_secs(10),
     )
     .unwrap();
+    // The coordinator lists itself as the one replica, alive, holding the three sessions.
+    b.wait(
+        "the replicas table shows this coordinator alive with three sessions",
+        "(() => { const rows = document.querySelectorAll('#replicas tr[data-replica]');
+                  return rows.length === 1 && rows[0].textContent.includes('(this one)')
+                    && rows[0].textContent.includes('alive') && rows[0].children[3].textContent === '3'; })()",
+        Duration::from_secs(10),
+    )
+    .unwrap();
     // Page weight: the document and everything it loaded, as transferred.
     let weight = b
         .eval(
