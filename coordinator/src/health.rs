@@ -114,6 +114,13 @@ impl HealthBook {
             .collect();
     }
 
+    /// Replaces the given rows (those that changed since the last read).
+    pub fn merge(&mut self, records: Vec<LiveRecord>) {
+        let mut fresh = HealthBook::new(&self.me, Duration::ZERO, 0);
+        fresh.load(records);
+        self.rows.extend(fresh.rows);
+    }
+
     /// Records the replicas' last heartbeats (Unix ms).
     pub fn set_beats(&mut self, beats: impl IntoIterator<Item = (String, i64)>) {
         self.beats = beats.into_iter().collect();

@@ -34,6 +34,9 @@ use crate::health::{CheckView, HealthBook, DEFAULT_OFFLINE_AFTER};
 use crate::punch::PunchLimiter;
 use crate::store::{NodeRecord, Store, StoreError, TokenProblem, TokenRecord};
 
+/// How many versions before the last one read a replica reads liveness rows again from
+/// (covers changes committed out of version order).
+const RELOAD_MARGIN: u64 = 1_000;
 /// Change-log rows kept (replicas need only the latest version; older rows are history).
 const CHANGES_KEPT: u64 = 100_000;
 /// Default leaf certificate lifetime.
@@ -606,7 +609,7 @@ impl Mesh {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         let v = self.store.bump_version()?;
         if v > *loaded + 1 {
-            self.reload()?;
+            self.reload(*loaded)?;
         }
         *loaded = (*loaded).max(v);
         drop(loaded);
@@ -626,13 +629,20 @@ impl Mesh {
     /// sessions of nodes revoked meanwhile, and wakes every session. Called on every
     /// change notification, after every reconnect of the change feed and periodically.
     pub fn refresh(&self) -> Result<u64, MeshError> {
+        self.refresh_with(false)
+    }
+
+    /// [`Mesh::refresh`]; `force`: read again even when the store's latest version is one
+    /// this replica has (a notification came for a change committed late, under a lower
+    /// version than one already read).
+    pub fn refresh_with(&self, force: bool) -> Result<u64, MeshError> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         let v = self.store.version()?;
-        if v <= *loaded {
+        if v <= *loaded && !force {
             return Ok(*loaded);
         }
-        self.reload()?;
-        *loaded = v;
+        self.reload(*loaded)?;
+        *loaded = (*loaded).max(v);
         drop(loaded);
         tracing::debug!(version = v, "caught up with the store");
         // Never backwards: a newer version may have been sent meanwhile.
@@ -651,7 +661,7 @@ impl Mesh {
     /// a policy this replica cannot parse (a newer release's, during an upgrade) is
     /// logged and the one in force kept, never a reason to miss a revocation. A policy only
     /// moves forward.
-    fn reload(&self) -> Result<(), MeshError> {
+    fn reload(&self, since: u64) -> Result<(), MeshError> {
         let trust = Trust::new(
             self.ca.trust_domain.clone(),
             std::slice::from_ref(&self.ca.cert_der),
@@ -662,13 +672,7 @@ impl Mesh {
             reason: e.to_string(),
         })?;
         self.trust.store(Arc::new(trust));
-        let revoked: Vec<String> = self
-            .store
-            .nodes()?
-            .into_iter()
-            .filter(|n| n.revoked_at.is_some())
-            .map(|n| n.name)
-            .collect();
+        let revoked = self.store.revoked_nodes()?;
         let kicked: Vec<SessionHandle> = match self.sessions.lock() {
             Ok(mut m) => revoked.iter().filter_map(|n| m.remove(n)).collect(),
             Err(_) => Vec::new(),
@@ -679,8 +683,11 @@ impl Mesh {
                 detail: "node revoked by an administrator".into(),
             });
         }
-        let live = self.store.live()?;
-        self.book().load(live);
+        // Rows changed since the last read, with a margin: change-log versions are
+        // taken in one order and committed in another, so a row written under a lower
+        // version may become visible after a higher one was read.
+        let live = self.store.live_since(since.saturating_sub(RELOAD_MARGIN))?;
+        self.book().merge(live);
         if let Some(p) = self.store.latest_policy()? {
             if p.version > self.policy.load().0 {
                 match Policy::parse(&p.source) {

@@ -52,12 +52,19 @@ pub fn check_unique(mesh: &Mesh, control: &str) -> anyhow::Result<()> {
 /// Starts the heartbeat, the change feed (PostgreSQL) and the refresh loop.
 pub fn start(mesh: &Arc<Mesh>, control: String, http: String) {
     let wake = Arc::new(tokio::sync::Notify::new());
+    // Set on a (re)connect of the feed and periodically: read again even if the version
+    // is not new to this replica.
+    let force = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(heartbeat(mesh.clone(), control, http));
-    tokio::spawn(refresher(mesh.clone(), wake.clone()));
+    tokio::spawn(refresher(mesh.clone(), wake.clone(), force.clone()));
     if let Some(url) = mesh.store.feed_url() {
         let m = mesh.clone();
         let on = move |e: FeedEvent| match e {
-            FeedEvent::Changed(_) | FeedEvent::Connected => wake.notify_one(),
+            FeedEvent::Changed(_) => wake.notify_one(),
+            FeedEvent::Connected => {
+                force.store(true, Ordering::Relaxed);
+                wake.notify_one()
+            }
             FeedEvent::Punch(payload) => m.deliver_punch(&payload),
             FeedEvent::Leader(l) => {
                 let l = l && !m.fenced.load(Ordering::Relaxed);
@@ -72,18 +79,32 @@ pub fn start(mesh: &Arc<Mesh>, control: String, http: String) {
     }
 }
 
-async fn refresher(mesh: Arc<Mesh>, wake: Arc<tokio::sync::Notify>) {
+async fn refresher(
+    mesh: Arc<Mesh>,
+    wake: Arc<tokio::sync::Notify>,
+    force: Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut tick = tokio::time::interval(REFRESH_TICK);
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = wake.notified() => {}
-            _ = tick.tick() => {}
+            _ = tick.tick() => {
+                // Every third tick reads again even without a new version: a change
+                // committed after a higher version was read is picked up within 6 s
+                // even in a quiet mesh.
+                ticks += 1;
+                if ticks % 3 == 0 {
+                    force.store(true, Ordering::Relaxed);
+                }
+            }
         }
         if mesh.fenced.load(Ordering::Relaxed) {
             continue;
         }
         let m = mesh.clone();
-        match tokio::task::spawn_blocking(move || m.refresh()).await {
+        let forced = force.swap(false, Ordering::Relaxed);
+        match tokio::task::spawn_blocking(move || m.refresh_with(forced)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "could not catch up with the store"),
             Err(e) => tracing::warn!(error = %e, "refresh task failed"),

@@ -223,6 +223,20 @@ pub trait Store: Send + Sync {
 
     /// Every node's liveness row (nodes never in session have none).
     fn live(&self) -> Result<Vec<LiveRecord>, StoreError>;
+    /// The liveness rows changed at versions after `version` (a shared store; the
+    /// embedded one gives every row).
+    fn live_since(&self, _version: u64) -> Result<Vec<LiveRecord>, StoreError> {
+        self.live()
+    }
+    /// The names of revoked nodes.
+    fn revoked_nodes(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .nodes()?
+            .into_iter()
+            .filter(|n| n.revoked_at.is_some())
+            .map(|n| n.name)
+            .collect())
+    }
     /// Writes a node's liveness row whole.
     fn put_live(&self, rec: &LiveRecord) -> Result<(), StoreError>;
     /// `replica`'s session with `node` ended (unless another replica took the node since).

@@ -38,7 +38,8 @@ const MIGRATION_LOCK: i64 = 0x7175_6963_6d65_7368; // "quicmesh"
 
 /// Schema migrations, applied in order under an advisory lock; `schema_migrations` says how
 /// many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE tokens (
     hash TEXT PRIMARY KEY, node TEXT NOT NULL, services TEXT NOT NULL, labels TEXT NOT NULL,
@@ -67,7 +68,15 @@ CREATE INDEX live_by_replica ON live (replica);
 CREATE TABLE replicas (
     id TEXT PRIMARY KEY, control TEXT NOT NULL, http TEXT NOT NULL, sessions BIGINT NOT NULL,
     started_at BIGINT NOT NULL, heartbeat_ms BIGINT NOT NULL);
-"#];
+"#,
+    // Each liveness row says at which version it last changed: replicas re-read only
+    // what changed.
+    r#"
+ALTER TABLE live ADD COLUMN version BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX live_by_version ON live (version);
+CREATE INDEX nodes_revoked ON nodes (name) WHERE revoked_at IS NOT NULL;
+"#,
+];
 
 /// A call's work on one connection.
 type Work<T> = Box<
@@ -758,19 +767,58 @@ impl Store for PgStore {
         }))
     }
 
+    fn live_since(&self, version: u64) -> Result<Vec<LiveRecord>, StoreError> {
+        let version = version.min(i64::MAX as u64) as i64;
+        self.run(Box::new(move |c| {
+            Box::pin(async move {
+                Ok(c.query(
+                    "SELECT name, replica, connected, changed_at, offline, reach, checks FROM live WHERE version > $1",
+                    &[&version],
+                )
+                .await?
+                .iter()
+                .map(|r| LiveRecord {
+                    name: r.get(0),
+                    replica: r.get(1),
+                    connected: r.get(2),
+                    changed_at: r.get(3),
+                    offline: r.get(4),
+                    reach: r.get(5),
+                    checks: r.get(6),
+                })
+                .collect())
+            })
+        }))
+    }
+
+    fn revoked_nodes(&self) -> Result<Vec<String>, StoreError> {
+        self.run(Box::new(|c| {
+            Box::pin(async move {
+                Ok(
+                    c.query("SELECT name FROM nodes WHERE revoked_at IS NOT NULL", &[])
+                        .await?
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect(),
+                )
+            })
+        }))
+    }
+
     fn put_live(&self, l: &LiveRecord) -> Result<(), StoreError> {
         let l = l.clone();
         self.run(Box::new(move |c| {
             Box::pin(async move {
                 let tx = c.transaction().await?;
+                let v = log_change(&tx).await?;
                 tx.execute(
-                    "INSERT INTO live (name, replica, connected, changed_at, offline, reach, checks) VALUES ($1, $2, $3, $4, $5, $6, $7)
+                    "INSERT INTO live (name, replica, connected, changed_at, offline, reach, checks, version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                      ON CONFLICT (name) DO UPDATE SET replica = excluded.replica, connected = excluded.connected,
-                       changed_at = excluded.changed_at, offline = excluded.offline, reach = excluded.reach, checks = excluded.checks",
-                    &[&l.name, &l.replica, &l.connected, &l.changed_at, &l.offline, &l.reach, &l.checks],
+                       changed_at = excluded.changed_at, offline = excluded.offline, reach = excluded.reach, checks = excluded.checks,
+                       version = excluded.version",
+                    &[&l.name, &l.replica, &l.connected, &l.changed_at, &l.offline, &l.reach, &l.checks, &v],
                 )
                 .await?;
-                log_change(&tx).await?;
                 tx.commit().await
             })
         }))
@@ -781,14 +829,16 @@ impl Store for PgStore {
         self.run(Box::new(move |c| {
             Box::pin(async move {
                 let tx = c.transaction().await?;
+                let v = log_change(&tx).await?;
                 let n = tx
                     .execute(
-                        "UPDATE live SET connected = FALSE, changed_at = $3 WHERE name = $1 AND replica = $2 AND connected",
-                        &[&node, &replica, &now],
+                        "UPDATE live SET connected = FALSE, changed_at = $3, version = $4 WHERE name = $1 AND replica = $2 AND connected",
+                        &[&node, &replica, &now, &v],
                     )
                     .await?;
-                if n > 0 {
-                    log_change(&tx).await?;
+                if n == 0 {
+                    // Nothing changed: no change logged either.
+                    return tx.rollback().await;
                 }
                 tx.commit().await
             })
@@ -817,12 +867,12 @@ impl Store for PgStore {
                     return Ok(());
                 }
                 let tx = c.transaction().await?;
+                let v = log_change(&tx).await?;
                 tx.execute(
-                    "UPDATE live SET offline = $2 WHERE name = ANY($1)",
-                    &[&nodes, &offline],
+                    "UPDATE live SET offline = $2, version = $3 WHERE name = ANY($1)",
+                    &[&nodes, &offline, &v],
                 )
                 .await?;
-                log_change(&tx).await?;
                 tx.commit().await
             })
         }))
