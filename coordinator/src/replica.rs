@@ -94,7 +94,7 @@ async fn refresher(
                 // committed after a higher version was read is picked up within 6 s
                 // even in a quiet mesh.
                 ticks += 1;
-                if ticks % 3 == 0 {
+                if ticks.is_multiple_of(3) {
                     force.store(true, Ordering::Relaxed);
                 }
             }
