@@ -95,7 +95,7 @@ async fn sim_node(
             Ok(()) => return Ok(()),
             Err(e) if !first => {
                 SESSION_RETRIES.fetch_add(1, Ordering::Relaxed);
-                tracing_note(&e);
+                note_session_remade(&e);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => return Err(e),
@@ -104,7 +104,7 @@ async fn sim_node(
 }
 
 /// Logged once per run: why the first simulated session had to be made again.
-fn tracing_note(e: &anyhow::Error) {
+fn note_session_remade(e: &anyhow::Error) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| eprintln!("bench: a simulated session ended and is made again ({e})"));
 }

@@ -426,7 +426,8 @@ async fn session(
         )
         .await?;
     }
-    let moved = mesh.set_candidates(
+    // Whether it moved or not, the session start below is recorded as one change.
+    mesh.set_candidates(
         &name,
         crate::mesh::Reach {
             candidates,
@@ -464,7 +465,6 @@ async fn session(
     tracing::info!(node = %name, %endpoint, agent = %hello.agent_version, have = hello.have_version, "node session up");
     // A session start is a change of liveness (and maybe of where the node is): one
     // change for all of it.
-    let _ = moved;
     crate::mesh::blocking(|| {
         mesh.store
             .node_hello(&name, &endpoint.to_string(), &hello.agent_version, now())?;
