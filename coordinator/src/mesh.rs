@@ -491,6 +491,22 @@ impl Mesh {
         }))
     }
 
+    /// The trust the control listener verifies nodes with: the CA and the deny list as
+    /// the store has it now.
+    fn reload_trust(&self) -> Result<(), MeshError> {
+        let trust = Trust::new(
+            self.ca.trust_domain.clone(),
+            std::slice::from_ref(&self.ca.cert_der),
+            Self::revoked_list(&*self.store)?,
+        )
+        .map_err(|e| MeshError::Invalid {
+            field: "ca",
+            reason: e.to_string(),
+        })?;
+        self.trust.store(Arc::new(trust));
+        Ok(())
+    }
+
     fn revoked_list(store: &dyn Store) -> Result<Vec<Serial>, MeshError> {
         Ok(store
             .revoked_serials(now())?
@@ -662,16 +678,7 @@ impl Mesh {
     /// logged and the one in force kept, never a reason to miss a revocation. A policy only
     /// moves forward.
     fn reload(&self, since: u64) -> Result<(), MeshError> {
-        let trust = Trust::new(
-            self.ca.trust_domain.clone(),
-            std::slice::from_ref(&self.ca.cert_der),
-            Self::revoked_list(&*self.store)?,
-        )
-        .map_err(|e| MeshError::Invalid {
-            field: "ca",
-            reason: e.to_string(),
-        })?;
-        self.trust.store(Arc::new(trust));
+        self.reload_trust()?;
         let revoked = self.store.revoked_nodes()?;
         let kicked: Vec<SessionHandle> = match self.sessions.lock() {
             Ok(mut m) => revoked.iter().filter_map(|n| m.remove(n)).collect(),
@@ -1012,17 +1019,7 @@ impl Mesh {
             .store
             .revoke_node(name, now())?
             .ok_or_else(|| MeshError::NoSuchNode(name.to_string()))?;
-        let td = self.ca.trust_domain.clone();
-        let trust = Trust::new(
-            td,
-            std::slice::from_ref(&self.ca.cert_der),
-            Self::revoked_list(&*self.store)?,
-        )
-        .map_err(|e| MeshError::Invalid {
-            field: "ca",
-            reason: e.to_string(),
-        })?;
-        self.trust.store(Arc::new(trust));
+        self.reload_trust()?;
         if let Some(row) = self.book().forget(name) {
             self.store.put_live(&row)?;
         }

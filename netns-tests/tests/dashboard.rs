@@ -118,7 +118,19 @@ fn d1_dashboard_end_to_end_in_headless_chromium() {
         Duration::from_secs(10),
     )
     .unwrap();
-    // The coordinator lists itself as the one replica, alive, holding the three sessions.
+    // The coordinator lists itself as the one replica, alive, holding the three sessions
+    // (once its heartbeat, written every second, has counted them: then the page is
+    // loaded again).
+    assert_eventually(
+        "the heartbeat counts three sessions",
+        Duration::from_secs(10),
+        || {
+            let v = coord.api_get("replicas")?;
+            anyhow::ensure!(v["replicas"][0]["sessions"] == 3, "{v}");
+            Ok(())
+        },
+    );
+    b.goto(&format!("{base}/ui/overview")).unwrap();
     b.wait(
         "the replicas table shows this coordinator alive with three sessions",
         "(() => { const rows = document.querySelectorAll('#replicas tr[data-replica]');

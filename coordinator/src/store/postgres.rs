@@ -279,6 +279,19 @@ fn policy_row(r: &Row) -> PolicyRecord {
     }
 }
 
+/// Columns: name, replica, connected, changed_at, offline, reach, checks.
+fn live_row(r: &Row) -> LiveRecord {
+    LiveRecord {
+        name: r.get(0),
+        replica: r.get(1),
+        connected: r.get(2),
+        changed_at: r.get(3),
+        offline: r.get(4),
+        reach: r.get(5),
+        checks: r.get(6),
+    }
+}
+
 fn token_row(r: &Row) -> Result<TokenRecord, StoreError> {
     Ok(TokenRecord {
         hash: r.get(0),
@@ -753,15 +766,7 @@ impl Store for PgStore {
                 )
                 .await?
                 .iter()
-                .map(|r| LiveRecord {
-                    name: r.get(0),
-                    replica: r.get(1),
-                    connected: r.get(2),
-                    changed_at: r.get(3),
-                    offline: r.get(4),
-                    reach: r.get(5),
-                    checks: r.get(6),
-                })
+                .map(live_row)
                 .collect())
             })
         }))
@@ -777,15 +782,7 @@ impl Store for PgStore {
                 )
                 .await?
                 .iter()
-                .map(|r| LiveRecord {
-                    name: r.get(0),
-                    replica: r.get(1),
-                    connected: r.get(2),
-                    changed_at: r.get(3),
-                    offline: r.get(4),
-                    reach: r.get(5),
-                    checks: r.get(6),
-                })
+                .map(live_row)
                 .collect())
             })
         }))
