@@ -300,6 +300,22 @@ mod tests {
         test(&|| Box::new(PgStore::open(&db.url).unwrap()));
     }
 
+    /// An unused token for `node`, valid until t=100.
+    fn token(hash: &str, node: &str) -> TokenRecord {
+        TokenRecord {
+            hash: hash.into(),
+            node: node.into(),
+            services: vec![],
+            labels: Default::default(),
+            created_at: 0,
+            expires_at: 100,
+            used_at: None,
+            used_key: None,
+            relay: false,
+            voided_at: None,
+        }
+    }
+
     pub(super) fn node(name: &str) -> NodeRecord {
         NodeRecord {
             name: name.into(),
@@ -322,18 +338,7 @@ mod tests {
     fn tokens_are_single_use_and_expire() {
         each_store(|open| {
             let s = open();
-            let t = TokenRecord {
-                hash: "h".into(),
-                node: "a".into(),
-                services: vec![],
-                labels: Default::default(),
-                created_at: 0,
-                expires_at: 100,
-                used_at: None,
-                used_key: None,
-                relay: false,
-                voided_at: None,
-            };
+            let t = token("h", "a");
             s.insert_token(&t).unwrap();
             s.insert_token(&TokenRecord {
                 hash: "old".into(),
@@ -363,19 +368,7 @@ mod tests {
         each_store(|open| {
             {
                 let s = open();
-                s.insert_token(&TokenRecord {
-                    hash: "h".into(),
-                    node: "a".into(),
-                    services: vec![],
-                    labels: Default::default(),
-                    created_at: 0,
-                    expires_at: 100,
-                    used_at: None,
-                    used_key: None,
-                    relay: false,
-                    voided_at: None,
-                })
-                .unwrap();
+                s.insert_token(&token("h", "a")).unwrap();
                 s.enroll("h", &node("a"), 500, 1, "k").unwrap().unwrap();
                 s.insert_policy("default = \"deny\"", 1).unwrap();
                 let v = s.bump_version().unwrap();
@@ -398,19 +391,7 @@ mod tests {
         each_store(|open| {
             let s = open();
             for (i, n) in ["a", "b"].iter().enumerate() {
-                s.insert_token(&TokenRecord {
-                    hash: format!("h{i}"),
-                    node: n.to_string(),
-                    services: vec![],
-                    labels: Default::default(),
-                    created_at: 0,
-                    expires_at: 100,
-                    used_at: None,
-                    used_key: None,
-                    relay: false,
-                    voided_at: None,
-                })
-                .unwrap();
+                s.insert_token(&token(&format!("h{i}"), n)).unwrap();
                 let mut rec = node(n);
                 rec.serial = Some(format!("0{i}"));
                 s.enroll(&format!("h{i}"), &rec, 500, 1, "k")
