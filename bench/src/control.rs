@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use quicmesh_coordinator::client::ApiClient;
-use quicmesh_netns_tests::{CoordinatorProc, Mesh};
+use quicmesh_netns_tests::{CoordinatorProc, Mesh, Place};
 use quicmesh_node::config::NodeConfig;
 use quicmesh_node::frame::{read_frame, write_frame};
 use quicmesh_node::tls::{self, CertSlot, MeshServerVerifier, ServerExpect, Trust};
@@ -314,7 +314,9 @@ pub async fn one(
         "65536",
     ];
     let reps = tokio::task::block_in_place(|| match &db {
-        Some(db) => CoordinatorProc::start_replicas(&mesh, "1h", &db.url, replicas, &http),
+        Some(db) => {
+            CoordinatorProc::start_replicas(&mesh, "1h", &db.url, &Place::loopback(replicas), &http)
+        }
         None => CoordinatorProc::start_with(&mesh, "1h", &http).map(|c| vec![c]),
     })?;
     let pids: Vec<u32> = reps

@@ -201,6 +201,34 @@ fn kill_child(child: &mut Option<Child>) {
     }
 }
 
+/// Where a coordinator runs: a namespace (None: this host) and the IP it listens on there.
+#[derive(Clone, Debug)]
+pub struct Place {
+    pub netns: Option<String>,
+    pub ip: std::net::IpAddr,
+}
+
+impl Place {
+    /// `n` places on this host's loopback.
+    pub fn loopback(n: usize) -> Vec<Place> {
+        vec![
+            Place {
+                netns: None,
+                ip: [127, 0, 0, 1].into(),
+            };
+            n
+        ]
+    }
+
+    /// Namespace `ns`, listening on `ip`.
+    pub fn ns(ns: &str, ip: std::net::IpAddr) -> Self {
+        Place {
+            netns: Some(ns.to_string()),
+            ip,
+        }
+    }
+}
+
 /// A `quicmesh-coordinator serve` process.
 #[derive(Debug)]
 pub struct CoordinatorProc {
@@ -232,19 +260,19 @@ impl CoordinatorProc {
         )
     }
 
-    /// `n` replicas on loopback serving one PostgreSQL database (`store_url`): the first
-    /// runs `init --store`, the others get its CA and tokens (the files an operator
-    /// copies to a new replica's data dir) and make their own reset key and replica id.
+    /// Replicas serving one PostgreSQL database (`store_url`), one per place: the first
+    /// runs `init --store`, the others get its CA and tokens (the files an operator copies
+    /// to a new replica's data dir) and make their own reset key and replica id.
     pub fn start_replicas(
         mesh: &Mesh,
         cert_ttl: &str,
         store_url: &str,
-        n: usize,
+        places: &[Place],
         args: &[&str],
     ) -> anyhow::Result<Vec<Self>> {
         let first_dir = mesh.path().join("coordinator-0");
-        let bins = Bins::get();
-        let out = Command::new(&bins.coordinator)
+        let first = places.first().context("no place for a replica")?;
+        let out = command(first.netns.as_deref(), &Bins::get().coordinator)
             .args(["init", "--data-dir"])
             .arg(&first_dir)
             .args(["--store", store_url])
@@ -253,38 +281,26 @@ impl CoordinatorProc {
             bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         let mut all: Vec<Self> = Vec::new();
-        for i in 0..n {
-            let c = match all.first() {
-                None => Self::replica_at(mesh, &first_dir, i, cert_ttl, store_url, args)?,
-                Some(first) => Self::start_replica_like(mesh, first, i, store_url)?,
-            };
-            all.push(c);
+        for (i, place) in places.iter().enumerate() {
+            let data_dir = mesh.path().join(format!("coordinator-{i}"));
+            if let Some(first) = all.first() {
+                fs::create_dir_all(&data_dir)?;
+                for f in ["ca.key", "ca.crt", "admin.token", "reader.token", "store"] {
+                    fs::copy(first.data_dir.join(f), data_dir.join(f))?;
+                }
+            }
+            all.push(Self::replica_at(
+                mesh, &data_dir, i, place, cert_ttl, store_url, args,
+            )?);
         }
         Ok(all)
-    }
-
-    /// One more replica (number `i`) of the mesh `like` serves, on `store_url`: its data
-    /// dir gets the CA and tokens from `like`'s.
-    pub fn start_replica_like(
-        mesh: &Mesh,
-        like: &Self,
-        i: usize,
-        store_url: &str,
-    ) -> anyhow::Result<Self> {
-        let data_dir = mesh.path().join(format!("coordinator-{i}"));
-        fs::create_dir_all(&data_dir)?;
-        for f in ["ca.key", "ca.crt", "admin.token", "reader.token", "store"] {
-            fs::copy(like.data_dir.join(f), data_dir.join(f))?;
-        }
-        // Flags after `--store URL` are kept.
-        let args: Vec<&str> = like.extra_args.iter().skip(2).map(String::as_str).collect();
-        Self::replica_at(mesh, &data_dir, i, &like.cert_ttl, store_url, &args)
     }
 
     fn replica_at(
         mesh: &Mesh,
         data_dir: &Path,
         i: usize,
+        place: &Place,
         cert_ttl: &str,
         store_url: &str,
         args: &[&str],
@@ -294,15 +310,20 @@ impl CoordinatorProc {
             .to_string();
         let mut extra: Vec<String> = vec!["--store".into(), store_url.into()];
         extra.extend(args.iter().map(|a| a.to_string()));
+        // In a namespace of its own a replica has the host's usual ports.
+        let (control_port, http_port) = match place.netns {
+            Some(_) => (7700, 7780),
+            None => (free_udp_port(), free_tcp_port()),
+        };
         let mut c = Self {
             data_dir: data_dir.to_path_buf(),
             log: mesh.path().join(format!("coordinator-{i}.log")),
-            control_port: free_udp_port(),
-            http_port: free_tcp_port(),
+            control_port,
+            http_port,
             admin_token,
             cert_ttl: cert_ttl.to_string(),
-            netns: None,
-            ip: [127, 0, 0, 1].into(),
+            netns: place.netns.clone(),
+            ip: place.ip,
             extra_args: extra,
             child: None,
         };

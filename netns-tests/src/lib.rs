@@ -9,7 +9,10 @@
 pub mod browser;
 pub mod harness;
 pub mod net;
+pub mod pg;
 pub mod rogue;
 pub mod topo;
 
-pub use harness::{assert_eventually, patience, Bins, CoordinatorProc, Mesh, NodeProc, NodeSpec};
+pub use harness::{
+    assert_eventually, patience, Bins, CoordinatorProc, Mesh, NodeProc, NodeSpec, Place,
+};

@@ -1,63 +1,102 @@
-//! Coordinator replicas on one PostgreSQL database, as real processes: any replica serves
-//! any node; changes made on one reach the nodes of all; a replica SIGKILLed in the middle
-//! of a policy change loses no node and no change; a replica cut from its database fences
-//! itself and its nodes move; a revocation right after a replica restart takes effect at
-//! once; and the data plane carries traffic throughout.
+//! Coordinator replicas on one PostgreSQL database, as real processes on real hosts: three
+//! replicas and the database on a coordinator LAN, nodes in two datacenters. Any replica
+//! serves any node; a replica SIGKILLed in the middle of a policy change loses no node and
+//! no change (a); a replica cut from its database by a firewall fences itself and its nodes
+//! move (b); the replicas ride out a database restart, losing no change, while the data
+//! plane carries traffic throughout (c); a revocation right after a replica restart takes
+//! effect within 2 s (d).
 //!
-//! The database is a fresh one on the test server (`bash .ci/postgres start`); a missing
-//! server fails the test saying so.
+//! Topology (198.18.0.0/15 only):
+//!
+//! ```text
+//!   dc1 198.18.1.0/24                WAN 198.18.100.0/30       dc2 198.18.2.0/24
+//!   web-1 .11 web-2 .12 web-3 .13 -- r1 ======================= r2 -- db-1 .21
+//!                                    |
+//!   ctl 198.18.3.0/24 ---------------+  postgres .5, replicas .10 .11 .12 (:7700)
+//! ```
+//!
+//! Each scenario builds its own network and its own PostgreSQL server (from `.ci/postgres`,
+//! inside the `pg` namespace); a server that cannot start fails the test saying so. The
+//! scenarios run one at a time: their timings share two cores.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure};
-use quicmesh_coordinator::store::testdb::TestDb;
 use quicmesh_netns_tests::net::{echo_server, metric, LiveFlow};
-use quicmesh_netns_tests::{assert_eventually, CoordinatorProc, Mesh, NodeProc, NodeSpec};
+use quicmesh_netns_tests::pg::PgServer;
+use quicmesh_netns_tests::topo::{in_ns, Net, TwoDatacenters};
+use quicmesh_netns_tests::{assert_eventually, CoordinatorProc, Mesh, NodeProc, NodeSpec, Place};
 
+const IMPAIR: &str = env!("CARGO_BIN_EXE_quicmesh-impair");
 const POLICY: &str = "[[rule]]\nfrom = \"web\"\nto = \"db\"\naction = \"allow\"\n";
 const POLICY2: &str = "[[rule]]\nfrom = \"web\"\nto = \"db\"\naction = \"allow\"\n\n[[rule]]\nfrom = \"db\"\nto = \"web\"\naction = \"allow\"\n";
+const PG_IP: [u8; 4] = [198, 18, 3, 5];
 
-struct Replicas {
-    reps: Vec<CoordinatorProc>,
-    nodes: Vec<NodeProc>,
-    mesh: Mesh,
-    _db: TestDb,
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Replicas {
-    /// Three replicas, db-1 and web-1..web-3 listing all three.
-    fn start(name: &str) -> Self {
-        let mesh = Mesh::new(name);
-        let db = TestDb::new();
-        let url = db.url.clone();
-        let reps = CoordinatorProc::start_replicas(&mesh, "1h", &url, 3, &[]).unwrap();
+/// The world of every scenario. Field order is drop order: processes, the database, then
+/// the network.
+struct World {
+    nodes: Vec<NodeProc>,
+    reps: Vec<CoordinatorProc>,
+    pg: PgServer,
+    net: Net,
+    dc1: quicmesh_netns_tests::topo::Lan,
+    mesh: Mesh,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl World {
+    fn start(test: &str) -> Self {
+        let lock = serial();
+        let mesh = Mesh::new(test);
+        let mut net = Net::new(test, mesh.path()).unwrap_or_else(|e| panic!("{e:#}"));
+        let TwoDatacenters { dc1, dc2, ctl, .. } = net.two_datacenters(IMPAIR.as_ref()).unwrap();
+        let ns_pg = net.host("pg", &ctl, 5, Some(1)).unwrap();
+        let pg = PgServer::in_ns(&ns_pg, IpAddr::from(PG_IP)).unwrap_or_else(|e| panic!("{e:#}"));
+        let places: Vec<Place> = (0..3u8)
+            .map(|i| {
+                let ns = net
+                    .host(&format!("rep-{i}"), &ctl, 10 + i, Some(1))
+                    .unwrap();
+                Place::ns(&ns, IpAddr::from([198, 18, 3, 10 + i]))
+            })
+            .collect();
+        let reps = CoordinatorProc::start_replicas(&mesh, "1h", &pg.url, &places, &[])
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let out = reps[1].apply_policy(&mesh, POLICY).unwrap();
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let addrs: Vec<String> = reps.iter().map(|r| r.control_addr().to_string()).collect();
+        let addrs = addrs(&reps);
         let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let ns_db = net.host("db-1", &dc2, 21, Some(1)).unwrap();
         let mut nodes = vec![NodeProc::start(
             &mesh,
             &reps[0],
             &NodeSpec::new("db-1")
-                .service("db", echo_server().unwrap())
+                .on(&ns_db)
+                .service("db", in_ns(&ns_db, || echo_server().unwrap()).unwrap())
                 .coordinators(&addrs),
         )
         .unwrap()];
-        for i in 1..=3 {
+        for i in 1..=3u8 {
+            let name = format!("web-{i}");
+            let ns = net.host(&name, &dc1, 10 + i, Some(1)).unwrap();
             nodes.push(
                 NodeProc::start(
                     &mesh,
-                    &reps[i % 3],
-                    &NodeSpec::new(&format!("web-{i}"))
-                        .service("web", echo_server().unwrap())
+                    &reps[i as usize % 3],
+                    &NodeSpec::new(&name)
+                        .on(&ns)
+                        .service("web", in_ns(&ns, || echo_server().unwrap()).unwrap())
                         .upstream("db")
                         .coordinators(&addrs),
                 )
@@ -65,12 +104,15 @@ impl Replicas {
             );
         }
         let took = reps[2].wait_all_acked(4, Duration::from_secs(30));
-        eprintln!("4 nodes on 3 replicas acked in {took:?}");
+        eprintln!("4 nodes in two datacenters on 3 replicas acked in {took:?}");
         Self {
-            reps,
             nodes,
+            reps,
+            pg,
+            net,
+            dc1,
             mesh,
-            _db: db,
+            _lock: lock,
         }
     }
 
@@ -78,11 +120,20 @@ impl Replicas {
         self.nodes.iter().find(|n| n.name == name).unwrap()
     }
 
+    /// A live connection through `node`'s upstream to db, opened on its host.
+    fn flow(&self, node: &str) -> LiveFlow {
+        let n = self.node(node);
+        let addr = n.upstream("db");
+        let mut f = n.on_host(move || LiveFlow::open(addr)).unwrap().unwrap();
+        f.ping().unwrap();
+        f
+    }
+
     /// Sessions per replica, from each node's own status.
     fn holders(&self) -> Vec<usize> {
         let mut held = vec![0; self.reps.len()];
         for n in &self.nodes {
-            let st = n.status().unwrap();
+            let Ok(st) = n.status() else { continue };
             for (i, r) in self.reps.iter().enumerate() {
                 if st["control"]["coordinator"] == r.control_addr().to_string() {
                     held[i] += 1;
@@ -91,6 +142,38 @@ impl Replicas {
         }
         held
     }
+
+    /// The replica holding the most sessions (every node listed all three and started at a
+    /// random one, so some replica holds at least two of the four).
+    fn busiest(&self) -> usize {
+        let held = self.holders();
+        let i = (0..self.reps.len()).max_by_key(|i| held[*i]).unwrap();
+        eprintln!("sessions per replica {held:?}: replica {i} holds the most");
+        i
+    }
+
+    /// Every node is in session with a replica other than `victim`.
+    fn all_moved_off(&self, victim: usize) -> anyhow::Result<()> {
+        let gone = self.reps[victim].control_addr().to_string();
+        for n in &self.nodes {
+            let st = n.status()?;
+            ensure!(
+                st["control"]["connected"] == true,
+                "{} not in session",
+                n.name
+            );
+            ensure!(
+                st["control"]["coordinator"] != gone.as_str(),
+                "{} still on replica {victim}",
+                n.name
+            );
+        }
+        Ok(())
+    }
+}
+
+fn addrs(reps: &[CoordinatorProc]) -> Vec<String> {
+    reps.iter().map(|r| r.control_addr().to_string()).collect()
 }
 
 fn mesh_version(rep: &CoordinatorProc) -> anyhow::Result<u64> {
@@ -110,48 +193,52 @@ fn all_applied(nodes: &[NodeProc], version: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_replica_killed_mid_policy_change_loses_no_node_and_no_change() {
-    let mut r = Replicas::start("replica-kill");
-    let mut flow = LiveFlow::open(r.node("web-1").upstream("db")).unwrap();
-    flow.ping().unwrap();
-    // Spread: the nodes started at random replicas; kill the one holding the most.
-    let held = r.holders();
-    let victim = (0..3).max_by_key(|i| held[*i]).unwrap();
-    let other = (victim + 1) % 3;
-    eprintln!("sessions per replica {held:?}; killing replica {victim}");
-    let out = r.reps[other].apply_policy(&r.mesh, POLICY2).unwrap();
+fn closed(flow: &mut LiveFlow) -> anyhow::Result<()> {
+    match flow.ping() {
+        Ok(()) => bail!("flow still carries bytes"),
+        Err(_) => Ok(()),
+    }
+}
+
+fn ok(out: std::process::Output) {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    r.reps[victim].kill();
+}
+
+#[test]
+fn a_replica_killed_mid_policy_change_loses_no_node_and_no_change() {
+    let mut w = World::start("rkill");
+    let mut flow = w.flow("web-1");
+    let victim = w.busiest();
+    let other = (victim + 1) % 3;
+    ok(w.reps[other].apply_policy(&w.mesh, POLICY2).unwrap());
+    w.reps[victim].kill();
     let start = Instant::now();
-    let version = mesh_version(&r.reps[other]).unwrap();
+    let version = mesh_version(&w.reps[other]).unwrap();
     assert_eventually(
         "every node applied the policy change made as its replica died",
         Duration::from_secs(20),
-        || all_applied(&r.nodes, version),
+        || all_applied(&w.nodes, version),
     );
-    let took = start.elapsed();
-    eprintln!("RESULT replica_kill every node on the new version {took:?} after the SIGKILL");
+    let applied = start.elapsed();
     assert_eventually(
         "the killed replica's nodes moved to the others",
         Duration::from_secs(10),
-        || {
-            let held = r.holders();
-            ensure!(
-                held[victim] == 0 && held.iter().sum::<usize>() == 4,
-                "{held:?}"
-            );
-            Ok(())
-        },
+        || w.all_moved_off(victim),
     );
+    let moved = start.elapsed();
+    eprintln!(
+        "RESULT replica_kill every node on the new version {applied:?}, every node in session elsewhere {moved:?} after the SIGKILL"
+    );
+    // A replica's death moves its nodes within 5 s (4 s of silence, then the next replica).
+    assert!(moved < Duration::from_secs(6), "moved after {moved:?}");
     // The policy in force on every node is the new one, and the data plane never stopped.
     flow.ping().unwrap();
-    r.reps[(victim + 2) % 3].wait_all_acked(4, Duration::from_secs(15));
-    let listed = r.reps[other].api_get("replicas").unwrap();
+    w.reps[(victim + 2) % 3].wait_all_acked(4, Duration::from_secs(15));
+    let listed = w.reps[other].api_get("replicas").unwrap();
     let dead: Vec<_> = listed["replicas"]
         .as_array()
         .unwrap()
@@ -163,171 +250,73 @@ fn a_replica_killed_mid_policy_change_loses_no_node_and_no_change() {
 
 #[test]
 fn a_revocation_right_after_a_replica_restart_is_effective_within_2s() {
-    let mut r = Replicas::start("replica-revoke");
-    let mut flow = LiveFlow::open(r.node("web-2").upstream("db")).unwrap();
-    flow.ping().unwrap();
-    r.reps[0].restart().unwrap();
+    let mut w = World::start("rrevoke");
+    let mut flow = w.flow("web-2");
+    let busiest = w.busiest();
+    w.reps[busiest].restart().unwrap();
     let start = Instant::now();
-    let out = r.reps[0].cli(&["nodes", "revoke", "web-2"]).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(w.reps[busiest].cli(&["nodes", "revoke", "web-2"]).unwrap());
     assert_eventually(
         "web-2's live flow closed on revocation",
         Duration::from_secs(10),
-        || match flow.ping() {
-            Ok(()) => bail!("flow still carries bytes"),
-            Err(_) => Ok(()),
-        },
+        || closed(&mut flow),
     );
     let took = start.elapsed();
     eprintln!("RESULT replica_restart_revoke effective {took:?} after `nodes revoke`");
     assert!(took < Duration::from_secs(2), "took {took:?}");
-    // Denied twin: web-1's flow to db is untouched.
-    let mut ok = LiveFlow::open(r.node("web-1").upstream("db")).unwrap();
-    ok.ping().unwrap();
+    // Denied twin: web-1's flow to db is untouched, on every node the revocation reached.
+    let mut untouched = w.flow("web-1");
+    untouched.ping().unwrap();
 }
 
-/// A TCP forwarder to the database that can be cut like a dropped link: bytes stop in both
-/// directions and new connections hang, with nothing closed.
-struct Link {
-    addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-}
-
-impl Link {
-    fn to(target: SocketAddr) -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let c = cut.clone();
-        std::thread::spawn(move || {
-            for conn in l.incoming().flatten() {
-                let Ok(up) = TcpStream::connect(target) else {
-                    continue;
-                };
-                for (mut a, mut b) in [
-                    (conn.try_clone().unwrap(), up.try_clone().unwrap()),
-                    (up, conn),
-                ] {
-                    let c = c.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16384];
-                        loop {
-                            let n = match a.read(&mut buf) {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            // Cut: what was read is dropped, and nothing more is read.
-                            while c.load(Ordering::Relaxed) {
-                                std::thread::sleep(Duration::from_millis(50));
-                            }
-                            if b.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    });
-                }
-            }
-        });
-        Self { addr, cut }
-    }
+/// Drops every packet between a replica's host and the database's, both ways: a firewall
+/// change or a partition, with nothing closed.
+fn cut(net: &Net, rep: &CoordinatorProc, op: &str) {
+    let ns = rep.netns.as_deref().unwrap();
+    let pg = IpAddr::from(PG_IP).to_string();
+    net.iptables(ns, &[op, "OUTPUT", "-d", &pg, "-j", "DROP"])
+        .unwrap();
+    net.iptables(ns, &[op, "INPUT", "-s", &pg, "-j", "DROP"])
+        .unwrap();
 }
 
 #[test]
 fn a_replica_cut_from_its_database_fences_itself_and_its_nodes_move() {
-    let db = TestDb::new();
-    let pg: SocketAddr = {
-        let after = db.url.split('@').nth(1).unwrap();
-        after.split('/').next().unwrap().parse().unwrap()
-    };
-    let link = Link::to(pg);
-    let mesh = Mesh::new("replica-fence");
-    let direct = db.url.clone();
-    let via_link = direct.replacen(&pg.to_string(), &link.addr.to_string(), 1);
-    let mut reps = CoordinatorProc::start_replicas(&mesh, "1h", &direct, 2, &[]).unwrap();
-    // The third replica reaches the database through the link.
-    let third = { CoordinatorProc::start_replica_like(&mesh, &reps[0], 2, &via_link).unwrap() };
-    reps.push(third);
-    let out = reps[0].apply_policy(&mesh, POLICY).unwrap();
-    assert!(out.status.success());
-    let cut_addr = reps[2].control_addr().to_string();
-    // Every node lists the cut replica first... and the others after it.
-    let addrs = [
-        cut_addr.clone(),
-        reps[0].control_addr().to_string(),
-        reps[1].control_addr().to_string(),
-    ];
-    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    let mut nodes = Vec::new();
-    for (name, svc) in [("db-1", "db"), ("web-1", "web")] {
-        let mut spec = NodeSpec::new(name)
-            .service(svc, echo_server().unwrap())
-            .coordinators(&addrs);
-        if svc == "web" {
-            spec = spec.upstream("db");
-        }
-        nodes.push(NodeProc::start(&mesh, &reps[0], &spec).unwrap());
-    }
-    reps[0].wait_all_acked(2, Duration::from_secs(30));
-    let mut flow = LiveFlow::open(nodes[1].upstream("db")).unwrap();
-    // Make sure someone is on the replica to be cut: restart nodes until one is.
-    let on_cut = |n: &NodeProc| {
-        n.status()
-            .map(|s| s["control"]["coordinator"] == cut_addr)
-            .unwrap_or(false)
-    };
-    for n in nodes.iter_mut() {
-        for _ in 0..10 {
-            if on_cut(n) {
-                break;
-            }
-            n.restart().unwrap();
-            std::thread::sleep(Duration::from_millis(1500));
-        }
-    }
-    ensure_on_cut(&nodes, &on_cut);
-    link.cut.store(true, Ordering::Relaxed);
+    let mut w = World::start("rfence");
+    let mut flow = w.flow("web-1");
+    let c = w.busiest();
+    let live = (c + 1) % 3;
+    cut(&w.net, &w.reps[c], "-A");
     let start = Instant::now();
     assert_eventually(
         "no node keeps a session with the replica cut from the database",
         Duration::from_secs(15),
-        || {
-            for n in &nodes {
-                let st = n.status()?;
-                ensure!(
-                    st["control"]["connected"] == true,
-                    "{} not connected",
-                    n.name
-                );
-                ensure!(!on_cut(n), "{} still on the cut replica", n.name);
-            }
-            Ok(())
-        },
+        || w.all_moved_off(c),
     );
     eprintln!(
         "RESULT replica_fence nodes moved {:?} after the cut",
         start.elapsed()
     );
     // Because it fenced itself: it says so, and it refuses the nodes that try it.
-    assert_eventually(
-        "the cut replica is fenced and refuses control connections",
-        Duration::from_secs(10),
-        || {
-            let m = reps[2].api_text("metrics")?;
-            let fenced = metric(&m, "quicmesh_coordinator_fenced", &[]);
-            ensure!(fenced == 1.0, "fenced = {fenced}");
-            Ok(())
-        },
-    );
+    assert_eventually("the cut replica is fenced", Duration::from_secs(10), || {
+        let m = w.reps[c].api_text("metrics")?;
+        let fenced = metric(&m, "quicmesh_coordinator_fenced", &[]);
+        ensure!(fenced == 1.0, "fenced = {fenced}");
+        Ok(())
+    });
+    // Denied twin of the live replicas: the cut one serves no view as current (503).
+    let err = w.reps[c].api_get("nodes").unwrap_err().to_string();
+    assert!(err.contains("503"), "{err}");
+    w.reps[live].api_get("nodes").unwrap();
     // A new node that knows only the cut replica cannot enroll through it: refused.
-    let token = reps[0].token("web-9", &["web"], "10m").unwrap();
+    let cut_addr = w.reps[c].control_addr().to_string();
+    let token = w.reps[live].token("web-9", &["web"], "10m").unwrap();
+    let ns9 = w.net.host("web-9", &w.dc1, 19, Some(1)).unwrap();
     let probe = NodeProc::configure(
-        &mesh,
-        &reps[0],
+        &w.mesh,
+        &w.reps[live],
         &NodeSpec::new("web-9")
+            .on(&ns9)
             .service("web", echo_server().unwrap())
             .coordinators(&[&cut_addr]),
         &token,
@@ -339,138 +328,47 @@ fn a_replica_cut_from_its_database_fences_itself_and_its_nodes_move() {
         .unwrap_err()
         .to_string();
     assert!(kept.contains("refused"), "{kept}");
+    let m = w.reps[c].api_text("metrics").unwrap();
+    let refused = metric(
+        &m,
+        "quicmesh_coordinator_control_dropped_total",
+        &[("reason", "fenced")],
+    );
+    assert!(refused >= 1.0, "refused as fenced: {refused}");
+    // A change made now reaches the nodes through the other replicas.
+    ok(w.reps[live].cli(&["nodes", "revoke", "web-1"]).unwrap());
+    assert_eventually("web-1's flow closed", Duration::from_secs(5), || {
+        closed(&mut flow)
+    });
+    // Healed: the replica serves again, current (it has the revocation).
+    cut(&w.net, &w.reps[c], "-D");
     assert_eventually(
-        "a node dialling the cut replica is refused at once",
-        Duration::from_secs(5),
+        "the healed replica serves the current view",
+        Duration::from_secs(15),
         || {
-            let m = reps[2].api_text("metrics")?;
-            let refused = metric(
-                &m,
-                "quicmesh_coordinator_control_dropped_total",
-                &[("reason", "fenced")],
+            let v = w.reps[c].json(&["nodes", "list"])?;
+            let web1 = v["nodes"]
+                .as_array()
+                .and_then(|a| a.iter().find(|n| n["name"] == "web-1"))
+                .cloned()
+                .unwrap_or_default();
+            ensure!(
+                !web1["revoked_at"].is_null(),
+                "web-1 on the healed replica: {web1}"
             );
-            ensure!(refused >= 1.0, "refused as fenced: {refused}");
             Ok(())
         },
     );
-    // The cut replica serves no view as current: its API answers 503.
-    let err = reps[2].api_get("nodes").unwrap_err().to_string();
-    assert!(err.contains("503"), "{err}");
-    // A change made now reaches the nodes through the other replicas.
-    let out = reps[0].cli(&["nodes", "revoke", "web-1"]).unwrap();
-    assert!(out.status.success());
-    assert_eventually(
-        "web-1's flow closed",
-        Duration::from_secs(5),
-        || match flow.ping() {
-            Ok(()) => bail!("flow still open"),
-            Err(_) => Ok(()),
-        },
-    );
-    // Healed: the replica serves again.
-    link.cut.store(false, Ordering::Relaxed);
-    assert_eventually("the healed replica serves", Duration::from_secs(15), || {
-        reps[2].api_get("nodes").map(|_| ())
-    });
-}
-
-fn ensure_on_cut(nodes: &[NodeProc], on_cut: &dyn Fn(&NodeProc) -> bool) {
-    assert!(
-        nodes.iter().any(on_cut),
-        "no node chose the replica to be cut in 10 restarts each"
-    );
-}
-
-/// A PostgreSQL server of this test's own (restarted by it), from `.ci/postgres`.
-struct OwnServer {
-    dir: String,
-    port: u16,
-    url: String,
-}
-
-impl OwnServer {
-    fn script(&self, verb: &str) -> anyhow::Result<String> {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/postgres");
-        let out = std::process::Command::new("bash")
-            .arg(script)
-            .arg(verb)
-            .env("QUICMESH_PG_DIR", &self.dir)
-            .env("QUICMESH_PG_PORT", self.port.to_string())
-            .output()?;
-        ensure!(
-            out.status.success(),
-            ".ci/postgres {verb}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut s = Self {
-            dir: format!("/tmp/quicmesh-pg-{}-{port}", std::process::id()),
-            port,
-            url: String::new(),
-        };
-        s.url = s
-            .script("start")
-            .unwrap_or_else(|e| panic!("the PostgreSQL restart test needs its own server: {e}"));
-        s
-    }
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        let _ = self.script("stop");
-        let _ = std::fs::remove_dir_all(&self.dir);
-        let _ = std::fs::remove_file(format!("{}.initdb.log", self.dir));
-    }
 }
 
 #[test]
 fn replicas_ride_out_a_postgresql_restart_losing_no_change_and_no_packet() {
-    let pg = OwnServer::start();
-    let mesh = Mesh::new("replica-pg-restart");
-    let reps = CoordinatorProc::start_replicas(&mesh, "1h", &pg.url, 3, &[]).unwrap();
-    assert!(reps[0]
-        .apply_policy(&mesh, POLICY)
-        .unwrap()
-        .status
-        .success());
-    let addrs: Vec<String> = reps.iter().map(|r| r.control_addr().to_string()).collect();
-    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    let db = NodeProc::start(
-        &mesh,
-        &reps[0],
-        &NodeSpec::new("db-1")
-            .service("db", echo_server().unwrap())
-            .coordinators(&addrs),
-    )
-    .unwrap();
-    let web = NodeProc::start(
-        &mesh,
-        &reps[1],
-        &NodeSpec::new("web-1")
-            .service("web", echo_server().unwrap())
-            .upstream("db")
-            .coordinators(&addrs),
-    )
-    .unwrap();
-    reps[2].wait_all_acked(2, Duration::from_secs(30));
-    let nodes = [db, web];
-    let mut flow = LiveFlow::open(nodes[1].upstream("db")).unwrap();
+    let w = World::start("rpgrestart");
+    let mut flow = w.flow("web-1");
     // A change committed just before the restart.
-    assert!(reps[1]
-        .apply_policy(&mesh, POLICY2)
-        .unwrap()
-        .status
-        .success());
-    let before = mesh_version(&reps[1]).unwrap();
-    pg.script("stop").unwrap();
+    ok(w.reps[1].apply_policy(&w.mesh, POLICY2).unwrap());
+    let before = mesh_version(&w.reps[1]).unwrap();
+    w.pg.stop().unwrap();
     // The data plane carries bytes all through the outage (a ping every 100 ms).
     let outage = Instant::now();
     while outage.elapsed() < Duration::from_secs(6) {
@@ -479,18 +377,18 @@ fn replicas_ride_out_a_postgresql_restart_losing_no_change_and_no_packet() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // While the database is down no replica serves a view as current.
-    for r in &reps {
+    for r in &w.reps {
         let e = r.api_get("nodes").unwrap_err().to_string();
         assert!(e.contains("503"), "{e}");
     }
-    pg.script("start").unwrap();
+    w.pg.restart().unwrap();
     let back = Instant::now();
     assert_eventually(
         "every node back in session and on the change made before the restart",
         Duration::from_secs(30),
         || {
-            all_applied(&nodes, before)?;
-            for n in &nodes {
+            all_applied(&w.nodes, before)?;
+            for n in &w.nodes {
                 ensure!(
                     n.status()?["control"]["connected"] == true,
                     "{} not in session",
@@ -504,19 +402,10 @@ fn replicas_ride_out_a_postgresql_restart_losing_no_change_and_no_packet() {
         "RESULT pg_restart nodes back in session {:?} after the database",
         back.elapsed()
     );
-    // And a change made after it reaches everyone; the flow never stopped.
-    let out = reps[2].cli(&["nodes", "revoke", "web-1"]).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eventually(
-        "web-1's flow closed",
-        Duration::from_secs(5),
-        || match flow.ping() {
-            Ok(()) => bail!("flow still open"),
-            Err(_) => Ok(()),
-        },
-    );
+    flow.ping().unwrap();
+    // And a change made after it reaches everyone.
+    ok(w.reps[2].cli(&["nodes", "revoke", "web-1"]).unwrap());
+    assert_eventually("web-1's flow closed", Duration::from_secs(5), || {
+        closed(&mut flow)
+    });
 }
