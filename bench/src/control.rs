@@ -43,6 +43,7 @@ struct Arrival {
     peers: usize,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn sim_node(
     i: usize,
     endpoint: quinn::Endpoint,
@@ -51,12 +52,13 @@ async fn sim_node(
     dir: std::path::PathBuf,
     tx: mpsc::UnboundedSender<Arrival>,
     up: Arc<AtomicUsize>,
+    mut joining: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> anyhow::Result<()> {
     let name = format!("sim-{i}");
     let v = api
         .post(
             "/tokens",
-            json!({"node": name, "services": [format!("svc-{}", i % 50)], "ttl_secs": 600}),
+            json!({"node": name, "services": [format!("svc-{}", i % 50)], "ttl_secs": 3600}),
         )
         .await?;
     let token = v["token"].as_str().context("token")?.to_string();
@@ -91,7 +93,19 @@ async fn sim_node(
     // each remake is counted.
     let mut first = true;
     loop {
-        match session(i, &endpoint, &client, coord, &cfg, &tx, &up, &mut first).await {
+        match session(
+            i,
+            &endpoint,
+            &client,
+            coord,
+            &cfg,
+            &tx,
+            &up,
+            &mut first,
+            &mut joining,
+        )
+        .await
+        {
             Ok(()) => return Ok(()),
             Err(e) if !first => {
                 SESSION_RETRIES.fetch_add(1, Ordering::Relaxed);
@@ -119,6 +133,7 @@ async fn session(
     tx: &mpsc::UnboundedSender<Arrival>,
     up: &AtomicUsize,
     first: &mut bool,
+    joining: &mut Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(500);
     let (_conn, (mut send, mut recv)) = loop {
@@ -164,6 +179,8 @@ async fn session(
         let bytes = wire::encode(&msg).len();
         let (version, policy_version, whole) = match msg {
             ControlDown::Snapshot(s) => {
+                // Joined: the next node may start.
+                joining.take();
                 held = Some((s.version, s.peers.len()));
                 (s.version, s.policy_version, true)
             }
@@ -351,11 +368,10 @@ pub async fn one(
         );
         let addr = reps[i % reps.len()].control_addr();
         tasks.push(tokio::spawn(async move {
-            // Enrollment is paced (64 at a time); sessions stay open.
-            let permit = sem.acquire_owned().await;
-            let r = sim_node(i, ep, addr, api, dir, tx, up.clone());
-            drop(permit);
-            r.await
+            // Joins are paced: 64 nodes at a time from token to first snapshot (a fleet
+            // rolling out); sessions stay open.
+            let permit = sem.acquire_owned().await.ok();
+            sim_node(i, ep, addr, api, dir, tx, up.clone(), permit).await
         }));
     }
     let deadline = Instant::now() + limit;

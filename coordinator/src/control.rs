@@ -25,10 +25,10 @@ const SERVER_CERT_TTL: i64 = 30 * 86400;
 /// How long after its certificate expired a node may still connect to renew it (a node
 /// that outlived its certificate during a coordinator outage). Revocation still applies.
 const EXPIRED_RENEWAL_GRACE_SECS: u64 = 7 * 86400;
-/// How long a session waits after a change before building its snapshot.
-const SNAPSHOT_COALESCE: Duration = Duration::from_millis(50);
-/// The longest a session holds a snapshot back while changes keep coming.
-const SNAPSHOT_MAX_WAIT: Duration = Duration::from_secs(2);
+/// How long the publisher waits after a change for more of the same burst.
+const CATALOG_GATHER: Duration = Duration::from_millis(10);
+/// How long the publisher waits before trying again when the store failed it.
+const CATALOG_RETRY: Duration = Duration::from_millis(500);
 /// Certificate-less (enrollment) connections served at once from one source address
 /// (many honest nodes may share a NAT's address: they wait their turn briefly).
 pub const MAX_ENROLLING_PER_SOURCE: usize = 8;
@@ -235,6 +235,7 @@ impl Drop for Waiting<'_> {
 
 /// Serves control connections until the endpoint closes.
 pub async fn serve(mesh: Arc<Mesh>, endpoint: quinn::Endpoint) {
+    let _publisher = Abort(tokio::spawn(publish_catalogs(mesh.clone())));
     let slots = Arc::new(EnrollSlots::default());
     while let Some(incoming) = endpoint.accept().await {
         let mesh = mesh.clone();
@@ -479,6 +480,37 @@ async fn session(
     result
 }
 
+/// Publishes catalogs to the sessions: at once after a quiet spell, then at most once per
+/// [`crate::mesh::catalog_interval`] while changes keep coming. Every change wakes this
+/// one task; the sessions wake only for what it publishes.
+async fn publish_catalogs(mesh: Arc<Mesh>) {
+    let mut versions = mesh.subscribe();
+    let mut built = tokio::time::Instant::now();
+    let mut due = true;
+    loop {
+        if !due {
+            if versions.changed().await.is_err() {
+                return;
+            }
+            // A burst's changes arrive within milliseconds of each other.
+            tokio::time::sleep(CATALOG_GATHER).await;
+            let gap = crate::mesh::catalog_interval(mesh.session_count());
+            tokio::time::sleep_until(built + gap).await;
+        }
+        versions.borrow_and_update();
+        built = tokio::time::Instant::now();
+        match crate::mesh::blocking(|| mesh.publish_catalog()) {
+            Ok(_) => due = false,
+            Err(e) => {
+                // Fenced or the store failed: the change is still to publish.
+                tracing::debug!(error = %e, "catalog not published; trying again");
+                due = true;
+                tokio::time::sleep(CATALOG_RETRY).await;
+            }
+        }
+    }
+}
+
 async fn run_session(
     mesh: &Arc<Mesh>,
     id: &PeerIdentity,
@@ -487,7 +519,7 @@ async fn run_session(
     kick_rx: &mut mpsc::Receiver<ControlDown>,
 ) -> anyhow::Result<()> {
     let name = id.node.to_string();
-    let mut versions = mesh.subscribe();
+    let mut published = mesh.subscribe_catalog();
     // What the node was last sent; `None` sends a whole snapshot (session start, or the
     // node refused a delta), otherwise a delta from it.
     let mut last: Option<Sent> = None;
@@ -506,9 +538,10 @@ async fn run_session(
     });
     let _abort = Abort(reader);
     loop {
-        let current = *versions.borrow_and_update();
+        let current = *published.borrow_and_update();
         if last.as_ref().is_none_or(|l| current > l.version()) {
-            let (msg, sent) = crate::mesh::blocking(|| mesh.update_for(&id.node, last.as_ref()))?;
+            let (msg, sent) =
+                crate::mesh::blocking(|| mesh.update_for(&id.node, last.as_ref(), current))?;
             if matches!(msg, ControlDown::Snapshot(_)) {
                 whole_version = sent.version();
             }
@@ -516,20 +549,7 @@ async fn run_session(
             last = Some(sent);
         }
         tokio::select! {
-            r = versions.changed() => {
-                r?;
-                // Coalesce bursts (a join storm bumps the version once per node): wait
-                // until changes pause (or at most SNAPSHOT_MAX_WAIT), then send one snapshot
-                // for the whole burst instead of one per change.
-                let burst = tokio::time::Instant::now();
-                loop {
-                    versions.borrow_and_update();
-                    tokio::time::sleep(SNAPSHOT_COALESCE).await;
-                    if !versions.has_changed()? || burst.elapsed() >= SNAPSHOT_MAX_WAIT {
-                        break;
-                    }
-                }
-            }
+            r = published.changed() => r?,
             kick = kick_rx.recv() => {
                 if let Some(msg) = kick {
                     write_frame(send, &msg).await?;

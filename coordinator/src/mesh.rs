@@ -156,6 +156,16 @@ type PeerDiff = (
 /// How many catalog steps are remembered (sessions mostly make the same step).
 const DIFF_CACHE: usize = 16;
 
+/// The least time between two published catalogs, given the sessions this replica holds:
+/// 20 ms, plus 100 us per session (a session's push costs about that much), at most 2 s.
+/// A change after a quiet spell is published at once; a stream of changes (a join storm)
+/// is published once per interval, so pushes per second stay near 10,000 however many
+/// sessions there are.
+pub fn catalog_interval(sessions: usize) -> std::time::Duration {
+    let us = 20_000 + 100 * sessions as u64;
+    std::time::Duration::from_micros(us.min(2_000_000))
+}
+
 /// A punch request passed between replicas (JSON in a notification).
 #[derive(Debug, Serialize, serde::Deserialize)]
 struct RelayedPunch {
@@ -189,6 +199,9 @@ pub struct Mesh {
     traffic_tx: watch::Sender<u64>,
     policy: ArcSwap<(u64, Policy)>,
     version_tx: watch::Sender<u64>,
+    /// The version of the latest catalog published to the sessions (see
+    /// [`Mesh::publish_catalog`]): sessions push when it moves, not on every change.
+    published_tx: watch::Sender<u64>,
     sessions: Mutex<HashMap<String, SessionHandle>>,
     catalog: Mutex<Option<Arc<Catalog>>>,
     diffs: Mutex<std::collections::VecDeque<PeerDiff>>,
@@ -475,6 +488,7 @@ impl Mesh {
             traffic_tx: watch::channel(0).0,
             policy: ArcSwap::from_pointee(policy),
             version_tx,
+            published_tx: watch::channel(0).0,
             sessions: Mutex::new(HashMap::new()),
             catalog: Mutex::new(None),
             diffs: Mutex::new(Default::default()),
@@ -1046,27 +1060,29 @@ impl Mesh {
         Ok(())
     }
 
-    /// What to send `node` next: a whole snapshot when nothing was sent yet, else the
-    /// delta from what was last sent; and the new "last sent".
+    /// What to send `node` next, from a catalog at least as new as `at_least`: a whole
+    /// snapshot when nothing was sent yet, else the delta from what was last sent; and the
+    /// new "last sent".
     pub fn update_for(
         &self,
         node: &NodeName,
         last: Option<&Sent>,
+        at_least: u64,
     ) -> Result<(ControlDown, Sent), MeshError> {
+        let catalog = self.catalog_at_least(at_least)?;
         match last {
             None => {
-                let (snap, sent) = self.whole_for(node)?;
+                let (snap, sent) = self.whole_for(node, catalog);
                 Ok((ControlDown::Snapshot(Box::new(snap)), sent))
             }
             Some(last) => {
-                let (d, sent) = self.delta_for(node, last)?;
+                let (d, sent) = self.delta_for(node, last, catalog);
                 Ok((ControlDown::Delta(Box::new(d)), sent))
             }
         }
     }
 
-    fn whole_for(&self, node: &NodeName) -> Result<(Snapshot, Sent), MeshError> {
-        let catalog = self.catalog()?;
+    fn whole_for(&self, node: &NodeName, catalog: Arc<Catalog>) -> (Snapshot, Sent) {
         let mut labels = Labels::default();
         let mut peers = Vec::with_capacity(catalog.peers.len());
         for p in &catalog.peers {
@@ -1089,17 +1105,21 @@ impl Mesh {
             ca_bundle: vec![self.ca.cert_der.clone()],
             pools: self.pools,
         };
-        Ok((
+        (
             snap,
             Sent {
                 catalog,
                 policy_version: policy.0,
             },
-        ))
+        )
     }
 
-    fn delta_for(&self, node: &NodeName, last: &Sent) -> Result<(SnapshotDelta, Sent), MeshError> {
-        let catalog = self.catalog()?;
+    fn delta_for(
+        &self,
+        node: &NodeName,
+        last: &Sent,
+        catalog: Arc<Catalog>,
+    ) -> (SnapshotDelta, Sent) {
         let step = self.peer_diff(&last.catalog, &catalog);
         let labels = step
             .0
@@ -1120,13 +1140,13 @@ impl Mesh {
             ca_bundle: None,
             pools: None,
         };
-        Ok((
+        (
             d,
             Sent {
                 catalog,
                 policy_version: policy.0,
             },
-        ))
+        )
     }
 
     /// The peer changes from catalog `a` to `b`, computed once per step.
@@ -1170,15 +1190,42 @@ impl Mesh {
         Ok(())
     }
 
-    /// The catalog at the current mesh version, read from the store once per version and
-    /// shared by every session building its snapshot (a change wakes every session).
+    /// Subscribes to published catalog versions: a session pushes when this moves.
+    pub fn subscribe_catalog(&self) -> watch::Receiver<u64> {
+        self.published_tx.subscribe()
+    }
+
+    /// Builds the catalog at the current mesh version (unless built already) and publishes
+    /// its version to the sessions. Called by one task per replica, at most once per
+    /// [`catalog_interval`] under a stream of changes, so a join storm costs one catalog
+    /// read per interval, not one per change, and sessions push one step per interval.
+    pub fn publish_catalog(&self) -> Result<u64, MeshError> {
+        let c = self.catalog()?;
+        self.published_tx.send_if_modified(|cur| {
+            let newer = c.version > *cur;
+            if newer {
+                *cur = c.version;
+            }
+            newer
+        });
+        Ok(c.version)
+    }
+
+    /// The catalog at the current mesh version.
     fn catalog(&self) -> Result<Arc<Catalog>, MeshError> {
-        let version = *self.version_tx.borrow();
+        self.catalog_at_least(*self.version_tx.borrow())
+    }
+
+    /// The catalog built last if it is at least `version`, else one built now (at the
+    /// current mesh version). Read from the store once per build and shared by every
+    /// session building its snapshot.
+    fn catalog_at_least(&self, version: u64) -> Result<Arc<Catalog>, MeshError> {
         let mut cache = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
         // A newer catalog than asked for is as good (a change raced this call).
         if let Some(c) = cache.as_ref().filter(|c| c.version >= version) {
             return Ok(c.clone());
         }
+        let version = version.max(*self.version_tx.borrow());
         let mut peers = Vec::new();
         let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         for n in self.store.nodes()? {
@@ -1398,7 +1445,8 @@ impl Mesh {
         if self.leader.load(std::sync::atomic::Ordering::Relaxed)
             && !self.fenced.load(std::sync::atomic::Ordering::Relaxed)
         {
-            let catalog = self.catalog()?;
+            // Any recent catalog knows the nodes (a newer one is built when published).
+            let catalog = self.catalog_at_least(0)?;
             let known: Vec<(String, i64)> = catalog
                 .peers
                 .iter()
@@ -1469,13 +1517,18 @@ impl Mesh {
         node: &str,
         checks: &[quicmesh_protocol::health::ServiceCheck],
     ) -> Result<(), MeshError> {
-        let services: Vec<String> = self
-            .catalog()?
-            .peers
-            .iter()
-            .find(|p| p.node.as_str() == node)
-            .map(|p| p.services.iter().map(|s| s.to_string()).collect())
-            .unwrap_or_default();
+        // The node's services from the catalog built last, or a current one when the node
+        // is newer than that (they change only on enrollment).
+        let services_in = |c: &Catalog| {
+            c.peers
+                .iter()
+                .find(|p| p.node.as_str() == node)
+                .map(|p| p.services.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        let services = match services_in(&*self.catalog_at_least(0)?) {
+            Some(s) => s,
+            None => services_in(&*self.catalog()?).unwrap_or_default(),
+        };
         let (row, changed) = self.book().report(node, &services, checks, now());
         self.store.put_live(&row)?;
         if changed {
@@ -1889,7 +1942,7 @@ mod tests {
         // The attack: the node claims no label at all (its config leaves them out).
         let key = rcgen::KeyPair::generate().unwrap();
         assert!(enrolled(mesh.enroll(&request(&mesh, &token, &key))));
-        let (snap, _) = mesh.whole_for(&NodeName::new("web-1").unwrap()).unwrap();
+        let (snap, _) = mesh.whole_for(&NodeName::new("web-1").unwrap(), mesh.catalog().unwrap());
         assert_eq!(
             snap.labels,
             labels_from(&labels).unwrap(),
@@ -1897,7 +1950,7 @@ mod tests {
         );
         // What a db node sees of web-1, and what its ingress decides.
         let db = NodeName::new("db-1").unwrap();
-        let (db_snap, _) = mesh.whole_for(&db).unwrap();
+        let (db_snap, _) = mesh.whole_for(&db, mesh.catalog().unwrap());
         let web = db_snap
             .peers
             .iter()
@@ -1967,7 +2020,7 @@ mod tests {
             );
         }
         mesh.changed().unwrap();
-        let (snap, _) = mesh.whole_for(&NodeName::new("x").unwrap()).unwrap();
+        let (snap, _) = mesh.whole_for(&NodeName::new("x").unwrap(), mesh.catalog().unwrap());
         let relay = |n: &str| {
             snap.peers
                 .iter()
@@ -1983,13 +2036,13 @@ mod tests {
         // An administrator grants the role afterwards (a relay enrolled before grants
         // existed), and withdraws it again.
         mesh.set_relay("r-claims", true).unwrap();
-        let (snap, _) = mesh.whole_for(&NodeName::new("x").unwrap()).unwrap();
+        let (snap, _) = mesh.whole_for(&NodeName::new("x").unwrap(), mesh.catalog().unwrap());
         let advertised = |s: &quicmesh_protocol::wire::Snapshot, n: &str| {
             s.peers.iter().find(|p| p.node.as_str() == n).unwrap().relay
         };
         assert!(advertised(&snap, "r-claims"));
         mesh.set_relay("r-claims", false).unwrap();
-        let (snap, _) = mesh.whole_for(&NodeName::new("x").unwrap()).unwrap();
+        let (snap, _) = mesh.whole_for(&NodeName::new("x").unwrap(), mesh.catalog().unwrap());
         assert!(!advertised(&snap, "r-claims"));
         assert!(matches!(
             mesh.set_relay("nobody", true),
