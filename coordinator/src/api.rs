@@ -123,7 +123,7 @@ async fn status(State(web): State<Arc<Web>>) -> Result<Json<serde_json::Value>, 
         "sign_ins_limited": web.sign_ins_limited(),
         "trust_domain": mesh.ca.trust_domain,
         "ca_fingerprint": hex::encode(mesh.ca.fingerprint()),
-        "mesh_version": mesh.store.version()?,
+        "mesh_version": mesh.version()?,
         "policy_version": mesh.policy().0,
         "nodes": nodes.len(),
         "nodes_online": nodes.iter().filter(|n| n.online).count(),
@@ -160,14 +160,13 @@ async fn metrics(State(mesh): State<Arc<Mesh>>) -> Response {
 
 async fn nodes(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {
     Ok(Json(
-        json!({ "mesh_version": mesh.store.version()?, "nodes": mesh.nodes()? }),
+        json!({ "mesh_version": mesh.version()?, "nodes": mesh.nodes()? }),
     ))
 }
 
 async fn replicas(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {
     let now = crate::mesh::now_ms();
     let list: Vec<serde_json::Value> = mesh
-        .store
         .replicas()?
         .into_iter()
         .map(|r| {
@@ -251,7 +250,7 @@ async fn create_token(
 }
 
 async fn policy_show(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {
-    let latest = mesh.store.latest_policy()?;
+    let latest = mesh.latest_policy()?;
     let p = mesh.policy();
     Ok(Json(json!({
         "version": p.0,
@@ -263,7 +262,7 @@ async fn policy_show(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::V
 async fn policy_history(
     State(mesh): State<Arc<Mesh>>,
 ) -> Result<Json<serde_json::Value>, MeshError> {
-    Ok(Json(json!({ "versions": mesh.store.policies()? })))
+    Ok(Json(json!({ "versions": mesh.policy_history()? })))
 }
 
 #[derive(Deserialize)]

@@ -383,7 +383,7 @@ async fn session(
     recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
     let name = id.node.to_string();
-    let record = crate::mesh::blocking(|| mesh.store.node(&name))?;
+    let record = crate::mesh::blocking(|| mesh.node(&name))?;
     if record.as_ref().is_none_or(|r| r.revoked_at.is_some()) {
         write_frame(
             &mut send,
@@ -445,7 +445,6 @@ async fn session(
         // Revoked (on any replica) between the check above and the registration: the
         // kick of that revocation may have missed this session, so look again now.
         let revoked = mesh
-            .store
             .node(&name)
             .map(|r| r.is_none_or(|r| r.revoked_at.is_some()));
         (sid, revoked)
@@ -467,14 +466,12 @@ async fn session(
     // A session start is a change of liveness (and maybe of where the node is): one
     // change for all of it.
     crate::mesh::blocking(|| {
-        mesh.store
-            .node_hello(&name, &endpoint.to_string(), &hello.agent_version, now())?;
-        mesh.changed()
+        mesh.session_started(&name, &endpoint.to_string(), &hello.agent_version)
     })?;
     let result = run_session(&mesh, &id, &mut send, recv, &mut kick_rx).await;
     crate::mesh::blocking(|| {
         mesh.end_session(&name, sid);
-        let _ = mesh.store.node_seen(&name, now());
+        let _ = mesh.node_seen(&name);
     });
     tracing::info!(node = %name, "node session down");
     result
@@ -494,7 +491,7 @@ async fn publish_catalogs(mesh: Arc<Mesh>) {
             }
             // A burst's changes arrive within milliseconds of each other.
             tokio::time::sleep(CATALOG_GATHER).await;
-            let gap = crate::mesh::catalog_interval(mesh.session_count());
+            let gap = crate::catalog::interval(mesh.session_count());
             tokio::time::sleep_until(built + gap).await;
         }
         versions.borrow_and_update();
@@ -580,7 +577,7 @@ async fn run_session(
                         }
                     }
                     ControlUp::Status(s) => {
-                        mesh.store.node_seen(&name, now())?;
+                        mesh.node_seen(&name)?;
                         mesh.report_traffic(&name, s.traffic.clone());
                         tracing::debug!(node = %name, ?s, "status");
                     }

@@ -121,7 +121,7 @@ fn node_config(
 async fn wait_converged(mesh: &crate::mesh::Mesh, nodes: &[Arc<Node>]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let v = mesh.store.version()?;
+        let v = mesh.version()?;
         let ready = nodes.iter().all(|n| {
             let view = n.view();
             view.version >= v

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod ca;
+pub mod catalog;
 pub mod client;
 pub mod control;
 pub mod dev;

@@ -1,6 +1,9 @@
-//! The coordinator's core: join tokens, enrollment, the catalog, the policy store,
-//! revocation, and the per-node snapshots every change is pushed as. IO-free apart from
-//! the store; the control listener and the HTTP API call into it.
+//! The coordinator's core: the mesh state one replica holds (trust, policy, the catalog
+//! built last, live sessions) and the changes to it (policy, revocation, relay roles), each
+//! committed to the store and then pushed. IO-free apart from the store; the control
+//! listener and the HTTP API call into it. Enrollment and renewal are in [`enroll`],
+//! sessions and liveness in [`sessions`], traffic reports in [`traffic`], and what each
+//! node is sent in [`crate::catalog`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -12,27 +15,29 @@ use quicmesh_node::tls::{Trust, TrustHandle};
 #[cfg(test)]
 use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::cert::Serial;
-use quicmesh_protocol::delta;
 use quicmesh_protocol::ident::{LabelKey, Labels, NodeName, ServiceName, TrustDomain};
 use quicmesh_protocol::overlay::{Pools, Prefix};
 use quicmesh_protocol::policy::{
     Destination, Explanation, Policy, PolicyError, Source, TestFailure,
 };
-use quicmesh_protocol::token::JoinToken;
-use quicmesh_protocol::wire::{
-    ControlDown, EnrollErrorCode, EnrollRequest, EnrollResponse, PeerInfo, Snapshot, SnapshotDelta,
-};
+use quicmesh_protocol::wire::ControlDown;
 use rand::RngCore;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::ca::{Ca, CaError};
+pub use crate::catalog::Sent;
+use crate::catalog::{self, Catalog, Catalogs, MeshFacts};
 use crate::drops::{Drops, PunchDrop};
 pub use crate::health::Reach;
 use crate::health::{CheckView, HealthBook, DEFAULT_OFFLINE_AFTER};
 use crate::punch::PunchLimiter;
-use crate::store::{NodeRecord, Store, StoreError, TokenProblem, TokenRecord};
+use crate::store::{NodeRecord, PolicyRecord, ReplicaRecord, Store, StoreError};
+
+mod enroll;
+mod sessions;
+mod traffic;
 
 /// How many versions before the last one read a replica reads liveness rows again from
 /// (covers changes committed out of version order).
@@ -121,51 +126,6 @@ fn random_hex32() -> [u8; 32] {
     b
 }
 
-/// The catalog as of one mesh version, as every snapshot sees it: each live node as a
-/// peer entry (sorted by name; a node's own entry gives its labels), and the revoked
-/// serials. Built once per version and shared by every session.
-#[derive(Debug)]
-pub struct Catalog {
-    version: u64,
-    peers: Vec<PeerInfo>,
-    revoked: Vec<Serial>,
-}
-
-/// What a session last sent a node: the catalog and policy version it was built from.
-/// The next push is a delta from it.
-#[derive(Debug, Clone)]
-pub struct Sent {
-    catalog: Arc<Catalog>,
-    policy_version: u64,
-}
-
-impl Sent {
-    pub fn version(&self) -> u64 {
-        self.catalog.version
-    }
-}
-
-/// Peer changes from one catalog to another, shared by every session making that step.
-/// Keyed by the catalogs themselves (held, so their identity is unique), not by version
-/// numbers.
-type PeerDiff = (
-    Arc<Catalog>,
-    Arc<Catalog>,
-    Arc<(Vec<PeerInfo>, Vec<NodeName>)>,
-);
-/// How many catalog steps are remembered (sessions mostly make the same step).
-const DIFF_CACHE: usize = 16;
-
-/// The least time between two published catalogs, given the sessions this replica holds:
-/// 20 ms, plus 100 us per session (a session's push costs about that much), at most 2 s.
-/// A change after a quiet spell is published at once; a stream of changes (a join storm)
-/// is published once per interval, so pushes per second stay near 10,000 however many
-/// sessions there are.
-pub fn catalog_interval(sessions: usize) -> std::time::Duration {
-    let us = 20_000 + 100 * sessions as u64;
-    std::time::Duration::from_micros(us.min(2_000_000))
-}
-
 /// A punch request passed between replicas (JSON in a notification).
 #[derive(Debug, Serialize, serde::Deserialize)]
 struct RelayedPunch {
@@ -184,7 +144,8 @@ pub struct SessionHandle {
 
 /// The coordinator.
 pub struct Mesh {
-    pub store: Arc<dyn Store>,
+    /// Private: everything else reaches the store through the mesh's operations.
+    store: Arc<dyn Store>,
     pub ca: Ca,
     /// Overlay address pools.
     pub pools: Pools,
@@ -199,12 +160,9 @@ pub struct Mesh {
     traffic_tx: watch::Sender<u64>,
     policy: ArcSwap<(u64, Policy)>,
     version_tx: watch::Sender<u64>,
-    /// The version of the latest catalog published to the sessions (see
-    /// [`Mesh::publish_catalog`]): sessions push when it moves, not on every change.
-    published_tx: watch::Sender<u64>,
     sessions: Mutex<HashMap<String, SessionHandle>>,
-    catalog: Mutex<Option<Arc<Catalog>>>,
-    diffs: Mutex<std::collections::VecDeque<PeerDiff>>,
+    /// The catalog built last, the steps sessions share, the version published.
+    catalogs: Catalogs,
     /// Acks not yet written to the store (written in batches: a policy change to N nodes
     /// is N acks within milliseconds).
     acks: Mutex<HashMap<String, u64>>,
@@ -488,10 +446,8 @@ impl Mesh {
             traffic_tx: watch::channel(0).0,
             policy: ArcSwap::from_pointee(policy),
             version_tx,
-            published_tx: watch::channel(0).0,
             sessions: Mutex::new(HashMap::new()),
-            catalog: Mutex::new(None),
-            diffs: Mutex::new(Default::default()),
+            catalogs: Catalogs::default(),
             acks: Mutex::new(HashMap::new()),
             next_session: 1.into(),
             health: Mutex::new(book),
@@ -544,84 +500,6 @@ impl Mesh {
         } else {
             None
         }
-    }
-
-    /// Records a node's status report's traffic; wakes traffic watchers when it changed.
-    pub fn report_traffic(&self, node: &str, traffic: Vec<quicmesh_protocol::wire::PairTraffic>) {
-        let mut m = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
-        if m.get(node) == Some(&traffic) {
-            return;
-        }
-        m.insert(node.to_string(), traffic);
-        drop(m);
-        self.traffic_tx.send_modify(|v| *v += 1);
-    }
-
-    /// Follows traffic report changes.
-    pub fn subscribe_traffic(&self) -> watch::Receiver<u64> {
-        self.traffic_tx.subscribe()
-    }
-
-    /// Traffic per service pair, summed over the nodes' reports (revoked nodes' too:
-    /// what happened, happened).
-    pub fn traffic(&self) -> Vec<PairView> {
-        let m = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
-        type Merged = (PairView, Option<hdrhistogram::Histogram<u64>>);
-        let mut pairs: BTreeMap<(String, String), Merged> = BTreeMap::new();
-        for (node, report) in m.iter() {
-            for t in report {
-                let (v, h) = pairs
-                    .entry((t.src.to_string(), t.dst.to_string()))
-                    .or_insert_with(|| {
-                        (
-                            PairView {
-                                src: t.src.to_string(),
-                                dst: t.dst.to_string(),
-                                flows: 0,
-                                bytes: 0,
-                                denials: BTreeMap::new(),
-                                denied: 0,
-                                ingress_denials: BTreeMap::new(),
-                                setup_p50_ms: None,
-                                setup_p99_ms: None,
-                                setup_samples: 0,
-                                reporters: Vec::new(),
-                            },
-                            None,
-                        )
-                    });
-                v.flows += t.flows;
-                v.bytes += t.bytes;
-                for (r, n) in &t.denials {
-                    *v.denials.entry(r.clone()).or_default() += n;
-                    v.denied += n;
-                }
-                for (r, n) in &t.ingress_denials {
-                    *v.ingress_denials.entry(r.clone()).or_default() += n;
-                }
-                if !t.setup_us.is_empty() {
-                    let h = h.get_or_insert_with(|| {
-                        hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2)
-                            .expect("valid bounds")
-                    });
-                    for (value, count) in &t.setup_us {
-                        let _ = h.record_n((*value).clamp(1, 60_000_000), *count);
-                    }
-                }
-                v.reporters.push(node.clone());
-            }
-        }
-        pairs
-            .into_values()
-            .map(|(mut v, h)| {
-                if let Some(h) = h {
-                    v.setup_p50_ms = Some(h.value_at_quantile(0.5) as f64 / 1e3);
-                    v.setup_p99_ms = Some(h.value_at_quantile(0.99) as f64 / 1e3);
-                    v.setup_samples = h.len();
-                }
-                v
-            })
-            .collect()
     }
 
     /// Subscribes to mesh version changes.
@@ -724,253 +602,6 @@ impl Mesh {
         Ok(())
     }
 
-    /// Creates a join token for `node`, allowed to claim `services`, carrying exactly
-    /// `labels`, and granting the relay role when `relay`.
-    pub fn create_token(
-        &self,
-        node: &str,
-        services: &[String],
-        labels: &BTreeMap<String, String>,
-        relay: bool,
-        ttl_secs: i64,
-    ) -> Result<(String, i64), MeshError> {
-        let node = NodeName::new(node).map_err(|e| MeshError::Invalid {
-            field: "node",
-            reason: e.to_string(),
-        })?;
-        let services = services
-            .iter()
-            .map(|s| {
-                ServiceName::new(s.as_str()).map_err(|e| MeshError::Invalid {
-                    field: "service",
-                    reason: e.to_string(),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        labels_from(labels)?;
-        if ttl_secs <= 0 || ttl_secs > MAX_TOKEN_TTL_SECS {
-            return Err(MeshError::Invalid {
-                field: "ttl",
-                reason: format!("must be between 1s and {}d", MAX_TOKEN_TTL_SECS / 86400),
-            });
-        }
-        let token = JoinToken {
-            ca_fingerprint: self.ca.fingerprint(),
-            secret: random_hex32(),
-        };
-        let t = now();
-        self.store.insert_token(&TokenRecord {
-            hash: hash_secret(&token.secret_hex()),
-            node: node.to_string(),
-            services: services.iter().map(ToString::to_string).collect(),
-            labels: labels.clone(),
-            created_at: t,
-            expires_at: t + ttl_secs,
-            used_at: None,
-            used_key: None,
-            relay,
-            voided_at: None,
-        })?;
-        Ok((token.to_string(), t + ttl_secs))
-    }
-
-    /// Handles an enrollment request.
-    pub fn enroll(&self, req: &EnrollRequest) -> ControlDown {
-        match self.try_enroll(req) {
-            Ok(r) => {
-                tracing::info!(node = %req.node, "node enrolled");
-                ControlDown::Enrolled(r)
-            }
-            Err((code, detail)) => {
-                tracing::warn!(node = %req.node, reason = code.as_str(), %detail, "enrollment refused");
-                ControlDown::EnrollRefused { code, detail }
-            }
-        }
-    }
-
-    fn try_enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, (EnrollErrorCode, String)> {
-        let internal = |e: &dyn std::fmt::Display| (EnrollErrorCode::Internal, e.to_string());
-        let t = now();
-        let hash = hash_secret(&req.secret);
-        let tok = self
-            .store
-            .token(&hash)
-            .map_err(|e| internal(&e))?
-            .ok_or((EnrollErrorCode::TokenUnknown, String::new()))?;
-        let key_id =
-            Ca::csr_key_id(&req.csr_der).map_err(|e| (EnrollErrorCode::BadCsr, e.to_string()))?;
-        if tok.voided_at.is_some() {
-            // A revocation of the name since: no earlier grant survives it, the retry
-            // window below included.
-            return Err((
-                EnrollErrorCode::NodeRevoked,
-                format!(
-                    "token voided: node {} was revoked after it was issued; create a new token",
-                    tok.node
-                ),
-            ));
-        }
-        if let Some(used_at) = tok.used_at {
-            // The same node proving the same key again soon after: its answer was lost on
-            // the way (a busy or lossy path). It gets a certificate again; anyone else, or
-            // later, does not.
-            let same = tok.used_key.as_deref() == Some(key_id.as_str())
-                && tok.node == req.node.as_str()
-                && t - used_at <= ENROLL_RETRY_WINDOW_SECS;
-            if !same {
-                return Err((EnrollErrorCode::TokenUsed, String::new()));
-            }
-            let cert_der = self
-                .renew(&req.node, &req.csr_der)
-                .map_err(|e| (EnrollErrorCode::NodeRevoked, e.to_string()))?;
-            tracing::info!(node = %req.node, "enrollment retried with the same key: certificate issued again");
-            return Ok(EnrollResponse {
-                trust_domain: self.ca.trust_domain.clone(),
-                cert_der,
-                ca_bundle: vec![self.ca.cert_der.clone()],
-            });
-        }
-        if tok.expires_at <= t {
-            return Err((
-                EnrollErrorCode::TokenExpired,
-                format!("expired {}s ago", t - tok.expires_at),
-            ));
-        }
-        if tok.node != req.node.as_str() {
-            return Err((
-                EnrollErrorCode::NodeMismatch,
-                format!("token is for {}, request is for {}", tok.node, req.node),
-            ));
-        }
-        if let Some(s) = req
-            .services
-            .iter()
-            .find(|s| !tok.services.iter().any(|a| a == s.as_str()))
-        {
-            return Err((EnrollErrorCode::ServiceNotAllowed, format!("service {s}")));
-        }
-        let allowed = labels_from(&tok.labels).map_err(|e| internal(&e))?;
-        if let Some((k, v)) = req
-            .labels
-            .iter()
-            .find(|(k, v)| allowed.get(k.as_str()) != Some(v.as_str()))
-        {
-            return Err((
-                EnrollErrorCode::LabelNotAllowed,
-                format!("label {k}={v} (create the token with --label {k}={v})"),
-            ));
-        }
-        // The node carries exactly its token's labels: one it did not claim is assigned all
-        // the same, or leaving a label out of the config would escape a `tag:` deny rule.
-        let omitted: Vec<String> = allowed
-            .iter()
-            .filter(|(k, _)| req.labels.get(k.as_str()).is_none())
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        if !omitted.is_empty() {
-            tracing::info!(node = %req.node, labels = %omitted.join(","), "node did not claim every label of its token; it carries them all the same");
-        }
-        let ips = self
-            .overlay_addresses(req.node.as_str())
-            .map_err(|e| internal(&e))?;
-        let leaf = self
-            .ca
-            .sign_node(
-                &req.csr_der,
-                &req.node,
-                &req.services,
-                &ips,
-                t,
-                self.cert_ttl_secs,
-            )
-            .map_err(|e| (EnrollErrorCode::BadCsr, e.to_string()))?;
-        let record = NodeRecord {
-            name: req.node.to_string(),
-            services: req.services.iter().map(ToString::to_string).collect(),
-            labels: tok.labels.clone(),
-            endpoint: None,
-            serial: Some(leaf.serial.to_string()),
-            cert_not_after: Some(leaf.not_after),
-            enrolled_at: t,
-            last_seen: None,
-            acked_version: 0,
-            agent_version: None,
-            revoked_at: None,
-            overlay_index: None,
-            relay: tok.relay,
-        };
-        match self
-            .store
-            .enroll(&hash, &record, leaf.not_after, t, &key_id)
-            .map_err(|e| internal(&e))?
-        {
-            Ok(()) => {}
-            Err(TokenProblem::Used) => return Err((EnrollErrorCode::TokenUsed, String::new())),
-            Err(TokenProblem::Expired) => {
-                return Err((EnrollErrorCode::TokenExpired, String::new()))
-            }
-            Err(TokenProblem::Unknown) => {
-                return Err((EnrollErrorCode::TokenUnknown, String::new()))
-            }
-            Err(TokenProblem::Voided) => {
-                return Err((
-                    EnrollErrorCode::NodeRevoked,
-                    "token voided by a revocation of the node".into(),
-                ))
-            }
-        }
-        self.changed().map_err(|e| internal(&e))?;
-        Ok(EnrollResponse {
-            trust_domain: self.ca.trust_domain.clone(),
-            cert_der: leaf.der,
-            ca_bundle: vec![self.ca.cert_der.clone()],
-        })
-    }
-
-    /// The node's overlay addresses (allocated on first use; stable for the node's life).
-    pub fn overlay_addresses(&self, node: &str) -> Result<Vec<IpAddr>, MeshError> {
-        let idx = self.store.overlay_index(node)?;
-        self.pools.addresses(idx).ok_or_else(|| MeshError::Invalid {
-            field: "overlay pools",
-            reason: format!(
-                "exhausted: no address {idx} in {} / {}",
-                self.pools.v4, self.pools.v6
-            ),
-        })
-    }
-
-    /// Signs a renewal CSR for an enrolled, unrevoked node.
-    pub fn renew(&self, node: &NodeName, csr_der: &[u8]) -> Result<Vec<u8>, MeshError> {
-        let rec = self
-            .store
-            .node(node.as_str())?
-            .ok_or_else(|| MeshError::NoSuchNode(node.to_string()))?;
-        if rec.revoked_at.is_some() {
-            return Err(MeshError::Invalid {
-                field: "node",
-                reason: "revoked".into(),
-            });
-        }
-        let services = rec
-            .services
-            .iter()
-            .filter_map(|s| ServiceName::new(s.as_str()).ok())
-            .collect::<Vec<_>>();
-        let t = now();
-        let leaf = self.ca.sign_node(
-            csr_der,
-            node,
-            &services,
-            &self.overlay_addresses(node.as_str())?,
-            t,
-            self.cert_ttl_secs,
-        )?;
-        self.store
-            .record_cert(&leaf.serial.to_string(), node.as_str(), leaf.not_after, t)?;
-        tracing::info!(%node, serial = %leaf.serial, "certificate renewed");
-        Ok(leaf.der)
-    }
-
     /// The current policy and its version.
     pub fn policy(&self) -> Arc<(u64, Policy)> {
         self.policy.load_full()
@@ -1070,100 +701,26 @@ impl Mesh {
         at_least: u64,
     ) -> Result<(ControlDown, Sent), MeshError> {
         let catalog = self.catalog_at_least(at_least)?;
-        match last {
+        let policy = self.policy();
+        Ok(match last {
             None => {
-                let (snap, sent) = self.whole_for(node, catalog);
-                Ok((ControlDown::Snapshot(Box::new(snap)), sent))
+                let (snap, sent) = catalog::whole(node, catalog, &policy, self.facts());
+                (ControlDown::Snapshot(Box::new(snap)), sent)
             }
             Some(last) => {
-                let (d, sent) = self.delta_for(node, last, catalog);
-                Ok((ControlDown::Delta(Box::new(d)), sent))
+                let step = self.catalogs.step_from(last, &catalog);
+                let (d, sent) = catalog::delta_from(node, last, catalog, &step, &policy);
+                (ControlDown::Delta(Box::new(d)), sent)
             }
-        }
+        })
     }
 
-    fn whole_for(&self, node: &NodeName, catalog: Arc<Catalog>) -> (Snapshot, Sent) {
-        let mut labels = Labels::default();
-        let mut peers = Vec::with_capacity(catalog.peers.len());
-        for p in &catalog.peers {
-            if &p.node == node {
-                labels = p.labels.clone();
-            } else {
-                peers.push(p.clone());
-            }
-        }
-        let policy = self.policy();
-        let snap = Snapshot {
-            version: catalog.version,
-            node: node.clone(),
-            trust_domain: self.ca.trust_domain.clone(),
-            labels,
-            peers,
-            policy_version: policy.0,
-            policy: policy.1.clone(),
-            revoked: catalog.revoked.clone(),
-            ca_bundle: vec![self.ca.cert_der.clone()],
+    fn facts(&self) -> MeshFacts<'_> {
+        MeshFacts {
+            trust_domain: &self.ca.trust_domain,
+            ca_der: &self.ca.cert_der,
             pools: self.pools,
-        };
-        (
-            snap,
-            Sent {
-                catalog,
-                policy_version: policy.0,
-            },
-        )
-    }
-
-    fn delta_for(
-        &self,
-        node: &NodeName,
-        last: &Sent,
-        catalog: Arc<Catalog>,
-    ) -> (SnapshotDelta, Sent) {
-        let step = self.peer_diff(&last.catalog, &catalog);
-        let labels = step
-            .0
-            .iter()
-            .find(|p| &p.node == node)
-            .map(|p| p.labels.clone());
-        let policy = self.policy();
-        let d = SnapshotDelta {
-            base_version: last.catalog.version,
-            version: catalog.version,
-            node: node.clone(),
-            upsert: step.0.iter().filter(|p| &p.node != node).cloned().collect(),
-            remove: step.1.iter().filter(|n| *n != node).cloned().collect(),
-            labels,
-            policy_version: policy.0,
-            policy: (policy.0 != last.policy_version).then(|| policy.1.clone()),
-            revoked: (catalog.revoked != last.catalog.revoked).then(|| catalog.revoked.clone()),
-            ca_bundle: None,
-            pools: None,
-        };
-        (
-            d,
-            Sent {
-                catalog,
-                policy_version: policy.0,
-            },
-        )
-    }
-
-    /// The peer changes from catalog `a` to `b`, computed once per step.
-    fn peer_diff(&self, a: &Arc<Catalog>, b: &Arc<Catalog>) -> Arc<(Vec<PeerInfo>, Vec<NodeName>)> {
-        let mut cache = self.diffs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, _, d)) = cache
-            .iter()
-            .find(|(x, y, _)| Arc::ptr_eq(x, a) && Arc::ptr_eq(y, b))
-        {
-            return d.clone();
         }
-        let d = Arc::new(delta::diff_peers(&a.peers, &b.peers));
-        if cache.len() >= DIFF_CACHE {
-            cache.pop_front();
-        }
-        cache.push_back((a.clone(), b.clone(), d.clone()));
-        d
     }
 
     fn pending_ack(&self, node: &str) -> u64 {
@@ -1192,22 +749,16 @@ impl Mesh {
 
     /// Subscribes to published catalog versions: a session pushes when this moves.
     pub fn subscribe_catalog(&self) -> watch::Receiver<u64> {
-        self.published_tx.subscribe()
+        self.catalogs.subscribe()
     }
 
     /// Builds the catalog at the current mesh version (unless built already) and publishes
     /// its version to the sessions. Called by one task per replica, at most once per
-    /// [`catalog_interval`] under a stream of changes, so a join storm costs one catalog
+    /// [`catalog::interval`] under a stream of changes, so a join storm costs one catalog
     /// read per interval, not one per change, and sessions push one step per interval.
     pub fn publish_catalog(&self) -> Result<u64, MeshError> {
         let c = self.catalog()?;
-        self.published_tx.send_if_modified(|cur| {
-            let newer = c.version > *cur;
-            if newer {
-                *cur = c.version;
-            }
-            newer
-        });
+        self.catalogs.publish(c.version);
         Ok(c.version)
     }
 
@@ -1216,354 +767,69 @@ impl Mesh {
         self.catalog_at_least(*self.version_tx.borrow())
     }
 
-    /// The catalog built last if it is at least `version`, else one built now (at the
-    /// current mesh version). Read from the store once per build and shared by every
-    /// session building its snapshot.
+    /// The catalog built last if it is at least `version`, else one built now from the
+    /// store at the current mesh version.
     fn catalog_at_least(&self, version: u64) -> Result<Arc<Catalog>, MeshError> {
-        let mut cache = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
-        // A newer catalog than asked for is as good (a change raced this call).
-        if let Some(c) = cache.as_ref().filter(|c| c.version >= version) {
-            return Ok(c.clone());
-        }
-        let version = version.max(*self.version_tx.borrow());
-        let mut peers = Vec::new();
-        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        for n in self.store.nodes()? {
-            if n.revoked_at.is_some() {
-                continue;
-            }
-            let Ok(name) = NodeName::new(n.name.as_str()) else {
-                continue;
-            };
-            peers.push(PeerInfo {
-                candidates: health
-                    .reach(&n.name)
-                    .map(|r| r.candidates.clone())
-                    .unwrap_or_default(),
-                // Only a node its token made a relay is advertised as one, whatever its
-                // config says.
-                relay: n.relay && health.reach(&n.name).is_some_and(|r| r.relay),
-                online: !health.is_offline(&n.name),
-                critical: health
-                    .critical(&n.name)
-                    .into_iter()
-                    .filter_map(|s| ServiceName::new(s).ok())
-                    .collect(),
-                node: name,
-                endpoint: n
-                    .endpoint
-                    .as_deref()
-                    .and_then(|e| e.parse::<SocketAddr>().ok()),
-                services: n
-                    .services
-                    .iter()
-                    .filter_map(|s| ServiceName::new(s.as_str()).ok())
-                    .collect(),
-                labels: labels_from(&n.labels)?,
-                overlay: n
-                    .overlay_index
-                    .and_then(|i| self.pools.addresses(i))
-                    .unwrap_or_default(),
-            });
-        }
-        drop(health);
-        delta::sort_peers(&mut peers);
-        let c = Arc::new(Catalog {
-            version,
-            peers,
-            revoked: Self::revoked_list(&*self.store)?,
-        });
-        *cache = Some(c.clone());
-        Ok(c)
+        self.catalogs.at_least(version, || {
+            let version = version.max(*self.version_tx.borrow());
+            let nodes = self.store.nodes()?;
+            let revoked = Self::revoked_list(&*self.store)?;
+            let health = self.book();
+            Catalog::build(version, nodes, &health, &self.pools, revoked)
+        })
     }
 
-    /// Registers a live session (ending an older one for the same node).
-    pub fn register_session(
+    /// The mesh version as the store has it now.
+    pub fn version(&self) -> Result<u64, MeshError> {
+        Ok(self.store.version()?)
+    }
+
+    /// One node's record.
+    pub fn node(&self, name: &str) -> Result<Option<NodeRecord>, MeshError> {
+        Ok(self.store.node(name)?)
+    }
+
+    /// Notes that `node` was heard from (a status report, a session's end).
+    pub fn node_seen(&self, node: &str) -> Result<(), MeshError> {
+        Ok(self.store.node_seen(node, now())?)
+    }
+
+    /// A session started: where the node is and what it runs, then one change for all of
+    /// it (liveness and maybe its endpoint).
+    pub fn session_started(
         &self,
         node: &str,
-        conn: quinn::Connection,
-        kick: tokio::sync::mpsc::Sender<ControlDown>,
-    ) -> u64 {
-        let id = self
-            .next_session
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Ok(mut m) = self.sessions.lock() {
-            if let Some(old) = m.insert(node.to_string(), SessionHandle { id, conn, kick }) {
-                old.conn
-                    .close(quinn::VarInt::from_u32(0), b"replaced by a newer session");
-            }
-        }
-        let (row, back) = self.book().session_started(node, now_ms());
-        if let Err(e) = self.store.put_live(&row) {
-            tracing::warn!(error = %e, node, "could not record a session start");
-        }
-        if back {
-            tracing::info!(node, "node online again");
-        }
-        // A change of liveness: the caller records it (once, with what the node's hello
-        // changed), so every replica reads it.
-        id
+        endpoint: &str,
+        agent: &str,
+    ) -> Result<u64, MeshError> {
+        self.store.node_hello(node, endpoint, agent, now())?;
+        self.changed()
     }
 
-    /// Removes a session if it is still the registered one.
-    pub fn end_session(&self, node: &str, id: u64) {
-        let ended = match self.sessions.lock() {
-            Ok(mut m) if m.get(node).is_some_and(|s| s.id == id) => m.remove(node).is_some(),
-            _ => false,
-        };
-        // Store calls (and `changed`, which may read every session) without the lock.
-        if ended {
-            let t = now_ms();
-            self.book().session_ended(node, t);
-            if let Err(e) = self.store.live_ended(node, &self.replica, t) {
-                tracing::warn!(error = %e, node, "could not record a session end");
-            } else if let Err(e) = self.changed() {
-                tracing::warn!(error = %e, node, "could not record a session end");
-            }
-        }
+    /// The policy in force as stored, with its source.
+    pub fn latest_policy(&self) -> Result<Option<PolicyRecord>, MeshError> {
+        Ok(self.store.latest_policy()?)
     }
 
-    /// Records where a node's new session says it can be reached; true when that changed
-    /// (the caller records the change).
-    pub fn set_candidates(&self, node: &str, reach: Reach) -> bool {
-        let Some(row) = self.book().set_reach(node, reach) else {
-            return false;
-        };
-        if let Err(e) = self.store.put_live(&row) {
-            tracing::warn!(error = %e, node, "could not record where a node is");
-        }
-        true
+    /// Every policy ever applied.
+    pub fn policy_history(&self) -> Result<Vec<PolicyRecord>, MeshError> {
+        Ok(self.store.policies()?)
     }
 
-    /// `from` is dialling `to`: tells `to` (if in session) to dial `from` back now,
-    /// unless the request is a duplicate or over a rate ([`PunchLimiter`]); a request not
-    /// passed on is counted with its reason.
-    pub fn punch(&self, from: &NodeName, to: &str) -> Result<(), PunchDrop> {
-        let r = self.try_punch(from, to, std::time::Instant::now());
-        if let Err(reason) = r {
-            self.drops.punch.count(reason);
-        }
-        r
+    /// Every replica that ever beat, latest heartbeat first.
+    pub fn replicas(&self) -> Result<Vec<ReplicaRecord>, MeshError> {
+        Ok(self.store.replicas()?)
     }
 
-    fn try_punch(
-        &self,
-        from: &NodeName,
-        to: &str,
-        now: std::time::Instant,
-    ) -> Result<(), PunchDrop> {
-        let kick = self
-            .sessions
-            .lock()
-            .ok()
-            .and_then(|m| m.get(to).map(|s| s.kick.clone()));
-        // The target's session on another live replica: passed on through the database.
-        let elsewhere = kick.is_none()
-            && self.store.shared()
-            && self
-                .book()
-                .replica_of(to, now_ms())
-                .is_some_and(|r| r != self.replica);
-        if kick.is_none() && !elsewhere {
-            return Err(PunchDrop::TargetOffline);
-        }
-        let candidates = self
-            .book()
-            .reach(from.as_str())
-            .map(|r| r.candidates.clone())
-            .unwrap_or_default();
-        if candidates.is_empty() {
-            return Err(PunchDrop::NoCandidates);
-        }
-        self.punches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .admit(now, from.as_str(), to)?;
-        match kick {
-            Some(kick) => kick
-                .try_send(ControlDown::Punch {
-                    peer: from.clone(),
-                    candidates,
-                })
-                .map_err(|_| PunchDrop::QueueFull),
-            None => {
-                let relay = RelayedPunch {
-                    from: from.to_string(),
-                    to: to.to_string(),
-                    candidates,
-                };
-                let payload = serde_json::to_string(&relay).map_err(|_| PunchDrop::QueueFull)?;
-                self.store
-                    .publish_punch(&payload)
-                    .map_err(|_| PunchDrop::QueueFull)
-            }
-        }
+    /// This replica's heartbeat; returns every replica's latest.
+    pub fn heartbeat(&self, rec: &ReplicaRecord) -> Result<Vec<ReplicaRecord>, MeshError> {
+        self.store.heartbeat(rec)?;
+        self.replicas()
     }
 
-    /// A punch request another replica passed on: delivered when the target's session is
-    /// here (every replica hears it; the others ignore it).
-    pub fn deliver_punch(&self, payload: &str) {
-        let Ok(p) = serde_json::from_str::<RelayedPunch>(payload) else {
-            return;
-        };
-        let (Ok(from), Some(kick)) = (
-            NodeName::new(p.from.as_str()),
-            self.sessions
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&p.to).map(|s| s.kick.clone())),
-        ) else {
-            return;
-        };
-        let candidates: Vec<SocketAddr> = p.candidates.into_iter().take(16).collect();
-        if kick
-            .try_send(ControlDown::Punch {
-                peer: from,
-                candidates,
-            })
-            .is_err()
-        {
-            self.drops.punch.count(PunchDrop::QueueFull);
-        }
-    }
-
-    fn book(&self) -> std::sync::MutexGuard<'_, HealthBook> {
-        self.health.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// How long a node may be without a session before its instances are not routed to.
-    pub fn set_offline_after(&self, grace: std::time::Duration) {
-        self.book().set_grace(grace);
-    }
-
-    /// Marks nodes offline whose session has been gone past the grace period, and online
-    /// again those back in session on any replica (called every second; only the replica
-    /// holding the singleton lock sweeps, from the store's rows); follows this replica's
-    /// migrated control connections. Pushes the change.
-    pub fn sweep_offline(&self) -> Result<(), MeshError> {
-        let mut changed = self.follow_moves()?;
-        if self.leader.load(std::sync::atomic::Ordering::Relaxed)
-            && !self.fenced.load(std::sync::atomic::Ordering::Relaxed)
-        {
-            // Any recent catalog knows the nodes (a newer one is built when published).
-            let catalog = self.catalog_at_least(0)?;
-            let known: Vec<(String, i64)> = catalog
-                .peers
-                .iter()
-                .map(|p| (p.node.to_string(), 0))
-                .collect();
-            let rows = if self.store.shared() {
-                Some(self.store.live()?)
-            } else {
-                None
-            };
-            let t = now_ms();
-            let (marks, new_rows) = {
-                let mut book = self.book();
-                if let Some(rows) = rows {
-                    book.load(rows);
-                }
-                let marks = book.sweep(&known, t);
-                let new_rows = book.mark(&marks, t);
-                (marks, new_rows)
-            };
-            for r in &new_rows {
-                self.store.put_live(r)?;
-            }
-            let (off, on): (Vec<_>, Vec<_>) = marks.iter().partition(|(_, o)| *o);
-            let names =
-                |v: Vec<&(String, bool)>| v.into_iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-            self.store.set_offline(&names(off), true)?;
-            self.store.set_offline(&names(on), false)?;
-            changed |= !marks.is_empty();
-            self.store.prune_changes(CHANGES_KEPT)?;
-        }
-        if changed {
-            self.changed()?;
-        }
-        Ok(())
-    }
-
-    /// A control connection that migrated (the node's address or its NAT mapping
-    /// changed) moves that node's observed candidate with it; true when any did.
-    fn follow_moves(&self) -> Result<bool, MeshError> {
-        let now: Vec<(String, SocketAddr)> = self
-            .sessions
-            .lock()
-            .map(|m| {
-                m.iter()
-                    .map(|(n, s)| {
-                        let a = s.conn.remote_address();
-                        (n.clone(), SocketAddr::new(a.ip().to_canonical(), a.port()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let rows: Vec<_> = {
-            let mut book = self.book();
-            now.into_iter()
-                .filter_map(|(node, addr)| book.follow(&node, addr))
-                .collect()
-        };
-        for r in &rows {
-            self.store.put_live(r)?;
-        }
-        Ok(!rows.is_empty())
-    }
-
-    /// A node's health report: pushed to every node when a service changed state.
-    pub fn report_health(
-        &self,
-        node: &str,
-        checks: &[quicmesh_protocol::health::ServiceCheck],
-    ) -> Result<(), MeshError> {
-        // The node's services from the catalog built last, or a current one when the node
-        // is newer than that (they change only on enrollment).
-        let services_in = |c: &Catalog| {
-            c.peers
-                .iter()
-                .find(|p| p.node.as_str() == node)
-                .map(|p| p.services.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        };
-        let services = match services_in(&*self.catalog_at_least(0)?) {
-            Some(s) => s,
-            None => services_in(&*self.catalog()?).unwrap_or_default(),
-        };
-        let (row, changed) = self.book().report(node, &services, checks, now());
-        self.store.put_live(&row)?;
-        if changed {
-            self.changed()?;
-        }
-        Ok(())
-    }
-
-    /// Live control sessions on this replica.
-    pub fn session_count(&self) -> usize {
-        self.sessions.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// The replicas' last heartbeats (Unix ms), as the store has them.
-    pub fn set_beats(&self, beats: impl IntoIterator<Item = (String, i64)>) {
-        self.book().set_beats(beats);
-    }
-
-    /// Sends `bye` to every session of this replica and forgets them; how many.
-    pub fn end_all_sessions(&self, bye: ControlDown) -> usize {
-        let all: Vec<SessionHandle> = match self.sessions.lock() {
-            Ok(mut m) => m.drain().map(|(_, s)| s).collect(),
-            Err(_) => Vec::new(),
-        };
-        for s in &all {
-            if s.kick.try_send(bye.clone()).is_err() {
-                s.conn.close(quinn::VarInt::from_u32(0), b"replica fenced");
-            }
-        }
-        all.len()
-    }
-
-    /// True when `node` has a live control session (on any live replica).
-    pub fn online(&self, node: &str) -> bool {
-        self.book().connected(node, now_ms())
+    /// Where the change feed is (PostgreSQL), when the store is shared.
+    pub fn feed_url(&self) -> Option<&str> {
+        self.store.feed_url()
     }
 
     /// The catalog's nodes.
@@ -1616,6 +882,13 @@ impl Mesh {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use quicmesh_protocol::token::JoinToken;
+    use quicmesh_protocol::wire::{EnrollErrorCode, EnrollRequest, Snapshot};
+
+    /// `node`'s whole snapshot from the current catalog.
+    fn whole(mesh: &Mesh, node: &NodeName) -> (Snapshot, Sent) {
+        catalog::whole(node, mesh.catalog().unwrap(), &mesh.policy(), mesh.facts())
+    }
 
     fn request(mesh: &Mesh, token: &str, key: &rcgen::KeyPair) -> EnrollRequest {
         let _ = mesh;
@@ -1942,7 +1215,7 @@ mod tests {
         // The attack: the node claims no label at all (its config leaves them out).
         let key = rcgen::KeyPair::generate().unwrap();
         assert!(enrolled(mesh.enroll(&request(&mesh, &token, &key))));
-        let (snap, _) = mesh.whole_for(&NodeName::new("web-1").unwrap(), mesh.catalog().unwrap());
+        let (snap, _) = whole(&mesh, &NodeName::new("web-1").unwrap());
         assert_eq!(
             snap.labels,
             labels_from(&labels).unwrap(),
@@ -1950,7 +1223,7 @@ mod tests {
         );
         // What a db node sees of web-1, and what its ingress decides.
         let db = NodeName::new("db-1").unwrap();
-        let (db_snap, _) = mesh.whole_for(&db, mesh.catalog().unwrap());
+        let (db_snap, _) = whole(&mesh, &db);
         let web = db_snap
             .peers
             .iter()
@@ -2020,7 +1293,7 @@ mod tests {
             );
         }
         mesh.changed().unwrap();
-        let (snap, _) = mesh.whole_for(&NodeName::new("x").unwrap(), mesh.catalog().unwrap());
+        let (snap, _) = whole(&mesh, &NodeName::new("x").unwrap());
         let relay = |n: &str| {
             snap.peers
                 .iter()
@@ -2036,13 +1309,13 @@ mod tests {
         // An administrator grants the role afterwards (a relay enrolled before grants
         // existed), and withdraws it again.
         mesh.set_relay("r-claims", true).unwrap();
-        let (snap, _) = mesh.whole_for(&NodeName::new("x").unwrap(), mesh.catalog().unwrap());
+        let (snap, _) = whole(&mesh, &NodeName::new("x").unwrap());
         let advertised = |s: &quicmesh_protocol::wire::Snapshot, n: &str| {
             s.peers.iter().find(|p| p.node.as_str() == n).unwrap().relay
         };
         assert!(advertised(&snap, "r-claims"));
         mesh.set_relay("r-claims", false).unwrap();
-        let (snap, _) = mesh.whole_for(&NodeName::new("x").unwrap(), mesh.catalog().unwrap());
+        let (snap, _) = whole(&mesh, &NodeName::new("x").unwrap());
         assert!(!advertised(&snap, "r-claims"));
         assert!(matches!(
             mesh.set_relay("nobody", true),

@@ -34,7 +34,7 @@ const REFRESH_TICK: Duration = Duration::from_secs(2);
 /// copied whole, `replica.id` included): the two would end each other's sessions.
 pub fn check_unique(mesh: &Mesh, control: &str) -> anyhow::Result<()> {
     let now = now_ms();
-    for r in mesh.store.replicas()? {
+    for r in mesh.replicas()? {
         if r.id == mesh.replica
             && r.control != control
             && now - r.heartbeat_ms < crate::health::REPLICA_DEAD_AFTER_MS
@@ -57,7 +57,7 @@ pub fn start(mesh: &Arc<Mesh>, control: String, http: String) {
     let force = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(heartbeat(mesh.clone(), control, http));
     tokio::spawn(refresher(mesh.clone(), wake.clone(), force.clone()));
-    if let Some(url) = mesh.store.feed_url() {
+    if let Some(url) = mesh.feed_url() {
         let m = mesh.clone();
         let on = move |e: FeedEvent| match e {
             FeedEvent::Changed(_) => wake.notify_one(),
@@ -126,11 +126,7 @@ async fn heartbeat(mesh: Arc<Mesh>, control: String, http: String) {
             heartbeat_ms: now_ms(),
         };
         let m = mesh.clone();
-        let beat = tokio::task::spawn_blocking(move || {
-            m.store.heartbeat(&rec)?;
-            m.store.replicas()
-        })
-        .await;
+        let beat = tokio::task::spawn_blocking(move || m.heartbeat(&rec)).await;
         match beat {
             Ok(Ok(list)) => {
                 last_ok = now_ms();

@@ -103,7 +103,7 @@ pub struct TokenRecord {
 }
 
 /// A node in the catalog.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct NodeRecord {
     pub name: String,
     pub services: Vec<String>,

@@ -1,0 +1,356 @@
+//! The catalog and what each node is sent from it. Pure: the catalog is a function of typed
+//! records (the store's node rows, the health book, the pools), a node's snapshot and delta
+//! are functions of catalogs and the policy. [`Catalogs`] keeps the one built last, the
+//! peer steps sessions share, and the version published to the sessions.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quicmesh_protocol::cert::Serial;
+use quicmesh_protocol::delta;
+use quicmesh_protocol::ident::{Labels, NodeName, ServiceName, TrustDomain};
+use quicmesh_protocol::overlay::Pools;
+use quicmesh_protocol::policy::Policy;
+use quicmesh_protocol::wire::{PeerInfo, Snapshot, SnapshotDelta};
+use tokio::sync::watch;
+
+use crate::health::HealthBook;
+use crate::mesh::{labels_from, MeshError};
+use crate::store::NodeRecord;
+
+/// The catalog as of one mesh version, as every snapshot sees it: each live node as a
+/// peer entry (sorted by name; a node's own entry gives its labels), and the revoked
+/// serials. Built once per published version and shared by every session.
+#[derive(Debug)]
+pub struct Catalog {
+    pub version: u64,
+    pub peers: Vec<PeerInfo>,
+    pub revoked: Vec<Serial>,
+}
+
+impl Catalog {
+    /// The catalog at `version` from the node rows (revoked nodes left out), each node's
+    /// liveness, reach and health from `health`, overlay addresses from `pools`.
+    pub fn build(
+        version: u64,
+        nodes: Vec<NodeRecord>,
+        health: &HealthBook,
+        pools: &Pools,
+        revoked: Vec<Serial>,
+    ) -> Result<Self, MeshError> {
+        let mut peers = Vec::with_capacity(nodes.len());
+        for n in nodes {
+            if n.revoked_at.is_some() {
+                continue;
+            }
+            let Ok(name) = NodeName::new(n.name.as_str()) else {
+                continue;
+            };
+            let reach = health.reach(&n.name);
+            peers.push(PeerInfo {
+                candidates: reach.map(|r| r.candidates.clone()).unwrap_or_default(),
+                // Only a node its token made a relay is advertised as one, whatever its
+                // config says.
+                relay: n.relay && reach.is_some_and(|r| r.relay),
+                online: !health.is_offline(&n.name),
+                critical: health
+                    .critical(&n.name)
+                    .into_iter()
+                    .filter_map(|s| ServiceName::new(s).ok())
+                    .collect(),
+                node: name,
+                endpoint: n
+                    .endpoint
+                    .as_deref()
+                    .and_then(|e| e.parse::<SocketAddr>().ok()),
+                services: n
+                    .services
+                    .iter()
+                    .filter_map(|s| ServiceName::new(s.as_str()).ok())
+                    .collect(),
+                labels: labels_from(&n.labels)?,
+                overlay: n
+                    .overlay_index
+                    .and_then(|i| pools.addresses(i))
+                    .unwrap_or_default(),
+            });
+        }
+        delta::sort_peers(&mut peers);
+        Ok(Self {
+            version,
+            peers,
+            revoked,
+        })
+    }
+
+    /// The services `node` offers here (None: not in this catalog).
+    pub fn services_of(&self, node: &str) -> Option<Vec<String>> {
+        self.peers
+            .iter()
+            .find(|p| p.node.as_str() == node)
+            .map(|p| p.services.iter().map(|s| s.to_string()).collect())
+    }
+}
+
+/// What a session last sent a node: the catalog and policy version it was built from.
+/// The next push is a delta from it.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    catalog: Arc<Catalog>,
+    policy_version: u64,
+}
+
+impl Sent {
+    pub fn version(&self) -> u64 {
+        self.catalog.version
+    }
+}
+
+/// What does not come from the catalog in a whole snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct MeshFacts<'a> {
+    pub trust_domain: &'a TrustDomain,
+    pub ca_der: &'a [u8],
+    pub pools: Pools,
+}
+
+/// `node`'s whole snapshot from `catalog` under `policy`.
+pub fn whole(
+    node: &NodeName,
+    catalog: Arc<Catalog>,
+    policy: &(u64, Policy),
+    facts: MeshFacts<'_>,
+) -> (Snapshot, Sent) {
+    let mut labels = Labels::default();
+    let mut peers = Vec::with_capacity(catalog.peers.len());
+    for p in &catalog.peers {
+        if &p.node == node {
+            labels = p.labels.clone();
+        } else {
+            peers.push(p.clone());
+        }
+    }
+    let snap = Snapshot {
+        version: catalog.version,
+        node: node.clone(),
+        trust_domain: facts.trust_domain.clone(),
+        labels,
+        peers,
+        policy_version: policy.0,
+        policy: policy.1.clone(),
+        revoked: catalog.revoked.clone(),
+        ca_bundle: vec![facts.ca_der.to_vec()],
+        pools: facts.pools,
+    };
+    let sent = Sent {
+        catalog,
+        policy_version: policy.0,
+    };
+    (snap, sent)
+}
+
+/// `node`'s delta from what it was sent last to `catalog` under `policy`; `step` is the
+/// peer change between the two catalogs ([`Catalogs::step`]).
+pub fn delta_from(
+    node: &NodeName,
+    last: &Sent,
+    catalog: Arc<Catalog>,
+    step: &(Vec<PeerInfo>, Vec<NodeName>),
+    policy: &(u64, Policy),
+) -> (SnapshotDelta, Sent) {
+    let labels = step
+        .0
+        .iter()
+        .find(|p| &p.node == node)
+        .map(|p| p.labels.clone());
+    let d = SnapshotDelta {
+        base_version: last.catalog.version,
+        version: catalog.version,
+        node: node.clone(),
+        upsert: step.0.iter().filter(|p| &p.node != node).cloned().collect(),
+        remove: step.1.iter().filter(|n| *n != node).cloned().collect(),
+        labels,
+        policy_version: policy.0,
+        policy: (policy.0 != last.policy_version).then(|| policy.1.clone()),
+        revoked: (catalog.revoked != last.catalog.revoked).then(|| catalog.revoked.clone()),
+        ca_bundle: None,
+        pools: None,
+    };
+    let sent = Sent {
+        catalog,
+        policy_version: policy.0,
+    };
+    (d, sent)
+}
+
+/// Peer changes from one catalog to another, shared by every session making that step.
+/// Keyed by the catalogs themselves (held, so their identity is unique), not by version
+/// numbers.
+type PeerStep = (
+    Arc<Catalog>,
+    Arc<Catalog>,
+    Arc<(Vec<PeerInfo>, Vec<NodeName>)>,
+);
+/// How many catalog steps are remembered (sessions mostly make the same step).
+const STEP_CACHE: usize = 16;
+
+/// The least time between two published catalogs, given the sessions this replica holds:
+/// 20 ms, plus 200 us per session, at most 2 s. A change after a quiet spell is published
+/// at once; a stream of changes (a join storm) is published once per interval, so pushes
+/// per second stay near 5,000 however many sessions there are (a push, its frame, its
+/// packets and the node's ack cost the coordinator 100-200 us: measured, a 10,000-node
+/// join storm spent most of its time pushing at 100 us per session).
+pub fn interval(sessions: usize) -> Duration {
+    let us = 20_000 + 200 * sessions as u64;
+    Duration::from_micros(us.min(2_000_000))
+}
+
+/// The catalog built last, the steps sessions took from it, and the version published.
+#[derive(Debug)]
+pub struct Catalogs {
+    last: Mutex<Option<Arc<Catalog>>>,
+    steps: Mutex<VecDeque<PeerStep>>,
+    published: watch::Sender<u64>,
+}
+
+impl Default for Catalogs {
+    fn default() -> Self {
+        Self {
+            last: Mutex::new(None),
+            steps: Mutex::new(VecDeque::new()),
+            published: watch::channel(0).0,
+        }
+    }
+}
+
+impl Catalogs {
+    /// The catalog built last if it is at least `version`, else `build()`'s (which must be
+    /// at least `version`), kept as the last.
+    pub fn at_least(
+        &self,
+        version: u64,
+        build: impl FnOnce() -> Result<Catalog, MeshError>,
+    ) -> Result<Arc<Catalog>, MeshError> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        // A newer catalog than asked for is as good (a change raced this call).
+        if let Some(c) = last.as_ref().filter(|c| c.version >= version) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(build()?);
+        *last = Some(c.clone());
+        Ok(c)
+    }
+
+    /// The peer changes from catalog `a` to `b`, computed once per step.
+    pub fn step(&self, a: &Arc<Catalog>, b: &Arc<Catalog>) -> Arc<(Vec<PeerInfo>, Vec<NodeName>)> {
+        let mut steps = self.steps.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, d)) = steps
+            .iter()
+            .find(|(x, y, _)| Arc::ptr_eq(x, a) && Arc::ptr_eq(y, b))
+        {
+            return d.clone();
+        }
+        let d = Arc::new(delta::diff_peers(&a.peers, &b.peers));
+        if steps.len() >= STEP_CACHE {
+            steps.pop_front();
+        }
+        steps.push_back((a.clone(), b.clone(), d.clone()));
+        d
+    }
+
+    /// The step from what `last` was built from to `catalog`.
+    pub fn step_from(
+        &self,
+        last: &Sent,
+        catalog: &Arc<Catalog>,
+    ) -> Arc<(Vec<PeerInfo>, Vec<NodeName>)> {
+        self.step(&last.catalog, catalog)
+    }
+
+    /// Tells the sessions `version` is built (never backwards).
+    pub fn publish(&self, version: u64) {
+        self.published.send_if_modified(|cur| {
+            let newer = version > *cur;
+            if newer {
+                *cur = version;
+            }
+            newer
+        });
+    }
+
+    /// Subscribes to published versions: a session pushes when this moves.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::HealthBook;
+    use std::collections::BTreeMap;
+
+    fn node(name: &str, service: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            services: vec![service.into()],
+            labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
+            ..NodeRecord::default()
+        }
+    }
+
+    fn catalog(version: u64, nodes: Vec<NodeRecord>) -> Arc<Catalog> {
+        let book = HealthBook::new("r", Duration::from_secs(15), 0);
+        Arc::new(Catalog::build(version, nodes, &book, &Pools::default_for(&[7; 32]), Vec::new()).unwrap())
+    }
+
+    #[test]
+    fn the_catalog_leaves_out_revoked_nodes_and_is_sorted_by_name() {
+        let mut gone = node("c", "db");
+        gone.revoked_at = Some(1);
+        let c = catalog(3, vec![node("b", "web"), gone, node("a", "db")]);
+        let names: Vec<&str> = c.peers.iter().map(|p| p.node.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(c.services_of("b"), Some(vec!["web".to_string()]));
+        assert_eq!(c.services_of("c"), None, "a revoked node offers nothing");
+    }
+
+    #[test]
+    fn a_node_gets_every_other_node_and_its_own_labels_then_only_what_changed() {
+        let policy = (1, Policy::default());
+        let td = TrustDomain::new("t.internal").unwrap();
+        let facts = MeshFacts {
+            trust_domain: &td,
+            ca_der: b"ca",
+            pools: Pools::default_for(&[7; 32]),
+        };
+        let me = NodeName::new("a").unwrap();
+        let c1 = catalog(1, vec![node("a", "db"), node("b", "web")]);
+        let (snap, sent) = whole(&me, c1.clone(), &policy, facts);
+        assert_eq!(snap.peers.len(), 1, "not itself");
+        assert_eq!(snap.labels.get("zone"), Some("a"));
+        let cats = Catalogs::default();
+        let c2 = catalog(2, vec![node("a", "db"), node("c", "web")]);
+        let step = cats.step_from(&sent, &c2);
+        let (d, sent2) = delta_from(&me, &sent, c2.clone(), &step, &policy);
+        assert_eq!((d.base_version, d.version), (1, 2));
+        assert_eq!(d.upsert.len(), 1);
+        assert_eq!(d.upsert[0].node.as_str(), "c");
+        assert_eq!(d.remove, vec![NodeName::new("b").unwrap()]);
+        assert!(d.policy.is_none(), "the policy did not change");
+        assert_eq!(sent2.version(), 2);
+        // The same step for another session is the same shared computation.
+        assert!(Arc::ptr_eq(&step, &cats.step(&c1, &c2)));
+    }
+
+    #[test]
+    fn the_publishing_interval_grows_with_sessions_and_is_capped() {
+        assert_eq!(interval(0), Duration::from_millis(20));
+        assert_eq!(interval(1_000), Duration::from_millis(220));
+        assert_eq!(interval(5_000), Duration::from_millis(1_020));
+        assert_eq!(interval(10_000), Duration::from_secs(2));
+        assert_eq!(interval(1_000_000), Duration::from_secs(2));
+    }
+}

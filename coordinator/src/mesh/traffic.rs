@@ -1,0 +1,83 @@
+//! What nodes report about their traffic, summed per service pair for the dashboard.
+
+use super::*;
+
+impl Mesh {
+    /// Records a node's status report's traffic; wakes traffic watchers when it changed.
+    pub fn report_traffic(&self, node: &str, traffic: Vec<quicmesh_protocol::wire::PairTraffic>) {
+        let mut m = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(node) == Some(&traffic) {
+            return;
+        }
+        m.insert(node.to_string(), traffic);
+        drop(m);
+        self.traffic_tx.send_modify(|v| *v += 1);
+    }
+
+    /// Follows traffic report changes.
+    pub fn subscribe_traffic(&self) -> watch::Receiver<u64> {
+        self.traffic_tx.subscribe()
+    }
+
+    /// Traffic per service pair, summed over the nodes' reports (revoked nodes' too:
+    /// what happened, happened).
+    pub fn traffic(&self) -> Vec<PairView> {
+        let m = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        type Merged = (PairView, Option<hdrhistogram::Histogram<u64>>);
+        let mut pairs: BTreeMap<(String, String), Merged> = BTreeMap::new();
+        for (node, report) in m.iter() {
+            for t in report {
+                let (v, h) = pairs
+                    .entry((t.src.to_string(), t.dst.to_string()))
+                    .or_insert_with(|| {
+                        (
+                            PairView {
+                                src: t.src.to_string(),
+                                dst: t.dst.to_string(),
+                                flows: 0,
+                                bytes: 0,
+                                denials: BTreeMap::new(),
+                                denied: 0,
+                                ingress_denials: BTreeMap::new(),
+                                setup_p50_ms: None,
+                                setup_p99_ms: None,
+                                setup_samples: 0,
+                                reporters: Vec::new(),
+                            },
+                            None,
+                        )
+                    });
+                v.flows += t.flows;
+                v.bytes += t.bytes;
+                for (r, n) in &t.denials {
+                    *v.denials.entry(r.clone()).or_default() += n;
+                    v.denied += n;
+                }
+                for (r, n) in &t.ingress_denials {
+                    *v.ingress_denials.entry(r.clone()).or_default() += n;
+                }
+                if !t.setup_us.is_empty() {
+                    let h = h.get_or_insert_with(|| {
+                        hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2)
+                            .expect("valid bounds")
+                    });
+                    for (value, count) in &t.setup_us {
+                        let _ = h.record_n((*value).clamp(1, 60_000_000), *count);
+                    }
+                }
+                v.reporters.push(node.clone());
+            }
+        }
+        pairs
+            .into_values()
+            .map(|(mut v, h)| {
+                if let Some(h) = h {
+                    v.setup_p50_ms = Some(h.value_at_quantile(0.5) as f64 / 1e3);
+                    v.setup_p99_ms = Some(h.value_at_quantile(0.99) as f64 / 1e3);
+                    v.setup_samples = h.len();
+                }
+                v
+            })
+            .collect()
+    }
+}
