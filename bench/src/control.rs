@@ -461,6 +461,13 @@ pub async fn one(
     for t in &tasks {
         t.abort();
     }
+    // The coordinators' logs outlive the run's temp dir, for reading after it.
+    for (i, c) in reps.iter().enumerate() {
+        let _ = std::fs::copy(
+            &c.log,
+            std::env::temp_dir().join(format!("quicmesh-bench-control-{n}-replica-{i}.log")),
+        );
+    }
     drop(reps);
     drop(db);
     let per_k = 1000.0 / n as f64;

@@ -84,14 +84,6 @@ impl Catalog {
             revoked,
         })
     }
-
-    /// The services `node` offers here (None: not in this catalog).
-    pub fn services_of(&self, node: &str) -> Option<Vec<String>> {
-        self.peers
-            .iter()
-            .find(|p| p.node.as_str() == node)
-            .map(|p| p.services.iter().map(|s| s.to_string()).collect())
-    }
 }
 
 /// What a session last sent a node: the catalog and policy version it was built from.
@@ -213,6 +205,9 @@ pub struct Catalogs {
     last: Mutex<Option<Arc<Catalog>>>,
     steps: Mutex<VecDeque<PeerStep>>,
     published: watch::Sender<u64>,
+    /// A revocation is waiting: the next catalog is published without waiting out the
+    /// interval (the deny list reaches every node at once, whatever the churn).
+    urgent: tokio::sync::Notify,
 }
 
 impl Default for Catalogs {
@@ -221,6 +216,7 @@ impl Default for Catalogs {
             last: Mutex::new(None),
             steps: Mutex::new(VecDeque::new()),
             published: watch::channel(0).0,
+            urgent: tokio::sync::Notify::new(),
         }
     }
 }
@@ -284,6 +280,24 @@ impl Catalogs {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.published.subscribe()
     }
+
+    /// Asks for the next catalog to be published at once (kept until the publisher
+    /// looks, when it is not waiting now).
+    pub fn urge(&self) {
+        self.urgent.notify_one();
+    }
+
+    /// Resolves when [`Catalogs::urge`] was called.
+    pub async fn urged(&self) {
+        self.urgent.notified().await
+    }
+
+    /// True when `revoked` is not the deny list of the catalog built last (a revocation
+    /// is not published yet).
+    pub fn revoked_differs(&self, revoked: &[Serial]) -> bool {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref().is_some_and(|c| c.revoked != revoked)
+    }
 }
 
 #[cfg(test)]
@@ -303,7 +317,16 @@ mod tests {
 
     fn catalog(version: u64, nodes: Vec<NodeRecord>) -> Arc<Catalog> {
         let book = HealthBook::new("r", Duration::from_secs(15), 0);
-        Arc::new(Catalog::build(version, nodes, &book, &Pools::default_for(&[7; 32]), Vec::new()).unwrap())
+        Arc::new(
+            Catalog::build(
+                version,
+                nodes,
+                &book,
+                &Pools::default_for(&[7; 32]),
+                Vec::new(),
+            )
+            .unwrap(),
+        )
     }
 
     #[test]
@@ -313,8 +336,7 @@ mod tests {
         let c = catalog(3, vec![node("b", "web"), gone, node("a", "db")]);
         let names: Vec<&str> = c.peers.iter().map(|p| p.node.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
-        assert_eq!(c.services_of("b"), Some(vec!["web".to_string()]));
-        assert_eq!(c.services_of("c"), None, "a revoked node offers nothing");
+        assert_eq!(c.peers[1].services, [ServiceName::new("web").unwrap()]);
     }
 
     #[test]

@@ -27,6 +27,9 @@ const SERVER_CERT_TTL: i64 = 30 * 86400;
 const EXPIRED_RENEWAL_GRACE_SECS: u64 = 7 * 86400;
 /// How long the publisher waits after a change for more of the same burst.
 const CATALOG_GATHER: Duration = Duration::from_millis(10);
+/// How long one frame of a session may take to be written (a whole snapshot of a large
+/// mesh over a slow link takes seconds; a node that stops reading takes forever).
+const SESSION_WRITE_DEADLINE: Duration = Duration::from_secs(30);
 /// How long the publisher waits before trying again when the store failed it.
 const CATALOG_RETRY: Duration = Duration::from_millis(500);
 /// Certificate-less (enrollment) connections served at once from one source address
@@ -235,7 +238,10 @@ impl Drop for Waiting<'_> {
 
 /// Serves control connections until the endpoint closes.
 pub async fn serve(mesh: Arc<Mesh>, endpoint: quinn::Endpoint) {
-    let _publisher = Abort(tokio::spawn(publish_catalogs(mesh.clone())));
+    let _publisher = Abort(tokio::spawn(publish_catalogs(
+        mesh.clone(),
+        crate::catalog::interval,
+    )));
     let slots = Arc::new(EnrollSlots::default());
     while let Some(incoming) = endpoint.accept().await {
         let mesh = mesh.clone();
@@ -465,10 +471,24 @@ async fn session(
     tracing::info!(node = %name, %endpoint, agent = %hello.agent_version, have = hello.have_version, "node session up");
     // A session start is a change of liveness (and maybe of where the node is): one
     // change for all of it.
-    crate::mesh::blocking(|| {
+    let started = crate::mesh::blocking(|| {
         mesh.session_started(&name, &endpoint.to_string(), &hello.agent_version)
-    })?;
-    let result = run_session(&mesh, &id, &mut send, recv, &mut kick_rx).await;
+    });
+    let result = match started {
+        Ok(_) => {
+            run_session(
+                &mesh,
+                &id,
+                hello.have_version,
+                &mut send,
+                recv,
+                &mut kick_rx,
+            )
+            .await
+        }
+        // Fenced or the store failed: the registered session ends here, not later.
+        Err(e) => Err(e.into()),
+    };
     crate::mesh::blocking(|| {
         mesh.end_session(&name, sid);
         let _ = mesh.node_seen(&name);
@@ -478,9 +498,10 @@ async fn session(
 }
 
 /// Publishes catalogs to the sessions: at once after a quiet spell, then at most once per
-/// [`crate::mesh::catalog_interval`] while changes keep coming. Every change wakes this
-/// one task; the sessions wake only for what it publishes.
-async fn publish_catalogs(mesh: Arc<Mesh>) {
+/// `interval(sessions)` ([`crate::catalog::interval`]) while changes keep coming, except a
+/// revocation, published at once. Every change wakes this one task; the sessions wake
+/// only for what it publishes.
+async fn publish_catalogs(mesh: Arc<Mesh>, interval: fn(usize) -> Duration) {
     let mut versions = mesh.subscribe();
     let mut built = tokio::time::Instant::now();
     let mut due = true;
@@ -491,8 +512,12 @@ async fn publish_catalogs(mesh: Arc<Mesh>) {
             }
             // A burst's changes arrive within milliseconds of each other.
             tokio::time::sleep(CATALOG_GATHER).await;
-            let gap = crate::catalog::interval(mesh.session_count());
-            tokio::time::sleep_until(built + gap).await;
+            let gap = interval(mesh.session_count());
+            tokio::select! {
+                _ = tokio::time::sleep_until(built + gap) => {}
+                // A revocation is published at once, whatever the churn.
+                _ = mesh.catalog_urged() => {}
+            }
         }
         versions.borrow_and_update();
         built = tokio::time::Instant::now();
@@ -511,11 +536,13 @@ async fn publish_catalogs(mesh: Arc<Mesh>) {
 async fn run_session(
     mesh: &Arc<Mesh>,
     id: &PeerIdentity,
+    have: u64,
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
     kick_rx: &mut mpsc::Receiver<ControlDown>,
 ) -> anyhow::Result<()> {
     let name = id.node.to_string();
+    let services: Vec<String> = id.services.iter().map(|s| s.to_string()).collect();
     let mut published = mesh.subscribe_catalog();
     // What the node was last sent; `None` sends a whole snapshot (session start, or the
     // node refused a delta), otherwise a delta from it.
@@ -535,21 +562,27 @@ async fn run_session(
     });
     let _abort = Abort(reader);
     loop {
-        let current = *published.borrow_and_update();
+        let mut current = *published.borrow_and_update();
+        if last.is_none() {
+            // A node that moved from another replica may hold a newer version than this
+            // one published yet: it is sent one at least as new (never one it would
+            // refuse), up to this replica's own version (what it claims is not trusted).
+            current = current.max(have.min(mesh.version_now()));
+        }
         if last.as_ref().is_none_or(|l| current > l.version()) {
             let (msg, sent) =
                 crate::mesh::blocking(|| mesh.update_for(&id.node, last.as_ref(), current))?;
             if matches!(msg, ControlDown::Snapshot(_)) {
                 whole_version = sent.version();
             }
-            write_frame(send, &msg).await?;
+            write_session(send, &msg).await?;
             last = Some(sent);
         }
         tokio::select! {
             r = published.changed() => r?,
             kick = kick_rx.recv() => {
                 if let Some(msg) = kick {
-                    write_frame(send, &msg).await?;
+                    write_session(send, &msg).await?;
                     if !matches!(msg, ControlDown::Goodbye { .. }) {
                         continue;
                     }
@@ -582,7 +615,9 @@ async fn run_session(
                         tracing::debug!(node = %name, ?s, "status");
                     }
                     ControlUp::Health(checks) => {
-                        mesh.report_health(&name, &checks)?;
+                        // Checked against the services its certificate names (what it
+                        // enrolled for), never a catalog that may predate it.
+                        mesh.report_health(&name, &services, &checks)?;
                     }
                     ControlUp::Punch { peer } => match mesh.punch(&id.node, peer.as_str()) {
                         Ok(()) => tracing::debug!(node = %name, %peer, "punch request passed on"),
@@ -593,12 +628,21 @@ async fn run_session(
                             Ok(cert_der) => ControlDown::Renewed { cert_der },
                             Err(e) => ControlDown::RenewRefused { detail: e.to_string() },
                         };
-                        write_frame(send, &reply).await?;
+                        write_session(send, &reply).await?;
                     }
                     ControlUp::Hello(_) | ControlUp::Enroll(_) => anyhow::bail!("unexpected message in session"),
                 }
             }
         }
+    }
+}
+
+/// Writes one frame of a session, within [`SESSION_WRITE_DEADLINE`]: a node that stops
+/// reading its stream does not hold its session (and this task) forever.
+async fn write_session(send: &mut quinn::SendStream, msg: &ControlDown) -> anyhow::Result<()> {
+    match tokio::time::timeout(SESSION_WRITE_DEADLINE, write_frame(send, msg)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => anyhow::bail!("node did not read its session for {SESSION_WRITE_DEADLINE:?}"),
     }
 }
 
@@ -674,6 +718,197 @@ mod tests {
         held.pop();
         assert_eq!(waiter.await.unwrap(), Ok(()));
         assert_eq!(slots.waiting.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    /// Enrolls `name` through the real listener at `addr` and opens its control session
+    /// (Hello sent); `window` bounds what its stream may be sent before it reads.
+    async fn open_session(
+        mesh: &Arc<Mesh>,
+        dir: &std::path::Path,
+        addr: SocketAddr,
+        name: &str,
+        window: u32,
+    ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+        use quicmesh_node::tls::{MeshServerVerifier, ServerExpect, Trust};
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (token, _) = mesh
+            .create_token(name, &[], &Default::default(), false, 600)
+            .unwrap();
+        let cfg = quicmesh_node::config::NodeConfig::parse(
+            &format!(
+                "name = \"{name}\"\ncoordinator = \"{addr}\"\ndata_dir = \"{}\"\nmetrics = \"off\"\n",
+                dir.join(name).display()
+            ),
+            name,
+            dir,
+        )
+        .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let id = quicmesh_node::control::enroll(&ep, &cfg, &key, &token)
+            .await
+            .unwrap();
+        let trust = Arc::new(arc_swap::ArcSwap::from_pointee(
+            Trust::new(id.trust_domain.clone(), &id.ca_bundle, []).unwrap(),
+        ));
+        let verifier =
+            MeshServerVerifier::new(Some(trust), ServerExpect::Coordinator, Arc::new(|_| {}));
+        let slot = CertSlot::with(vec![id.cert_der.clone()], &key.serialize_der()).unwrap();
+        let mut client = tls::client_config(Some(slot), verifier, ALPN_CONTROL).unwrap();
+        let mut t = quinn::TransportConfig::default();
+        t.stream_receive_window(quinn::VarInt::from_u32(window));
+        client.transport_config(Arc::new(t));
+        let conn = ep
+            .connect_with(client, addr, "coordinator")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let hello = Hello {
+            node: cfg.name.clone(),
+            tunnel_port: 7800,
+            advertise: None,
+            local: Vec::new(),
+            relay: false,
+            services: Vec::new(),
+            labels: Default::default(),
+            have_version: 0,
+            agent_version: "test".into(),
+        };
+        write_frame(&mut send, &ControlUp::Hello(hello))
+            .await
+            .unwrap();
+        (conn, send, recv)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revoked_node_that_stops_reading_and_jams_its_queue_is_cut_off_anyway() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::mesh::init(
+            dir.path(),
+            quicmesh_protocol::ident::TrustDomain::new("t.test").unwrap(),
+        )
+        .unwrap();
+        let mesh = Mesh::open(dir.path(), 3600).unwrap();
+        let ep = bind(&mesh, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = ep.local_addr().unwrap();
+        tokio::spawn(serve(mesh.clone(), ep.clone()));
+        // The attacker's node reads nothing: its session stalls on its first snapshot.
+        let (jammed, _s, _r) = open_session(&mesh, dir.path(), addr, "web-1", 64).await;
+        // An honest node reading its stream, for the twin below.
+        let (honest, _hs, mut hr) = open_session(&mesh, dir.path(), addr, "db-1", 1 << 20).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Nodes it controls fill its session's queue with punch requests.
+        for i in 0..8 {
+            let from = format!("p-{i}");
+            mesh.set_candidates(
+                &from,
+                crate::health::Reach {
+                    candidates: vec![SocketAddr::from(([127, 0, 0, 1], 7800 + i))],
+                    relay: false,
+                    observed: None,
+                },
+            );
+            let _ = mesh.punch(
+                &quicmesh_protocol::ident::NodeName::new(&from).unwrap(),
+                "web-1",
+            );
+        }
+        mesh.revoke("web-1").unwrap();
+        let start = std::time::Instant::now();
+        let closed = tokio::time::timeout(Duration::from_secs(4), jammed.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "the revoked node kept its session past its goodbye"
+        );
+        eprintln!("jammed session closed {:?} after revoke", start.elapsed());
+        // Twin: a node that reads is told why, then its session ends.
+        mesh.revoke("db-1").unwrap();
+        let bye = tokio::time::timeout(Duration::from_secs(4), async {
+            loop {
+                match read_frame::<ControlDown, _>(&mut hr).await {
+                    Ok(Some(ControlDown::Goodbye { revoked, .. })) => return revoked,
+                    Ok(Some(_)) => continue,
+                    other => panic!("no goodbye: {other:?}"),
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert!(bye, "the goodbye says revoked");
+        let _ = tokio::time::timeout(Duration::from_secs(4), honest.closed()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_churn_a_revocation_is_published_at_once_and_other_changes_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::mesh::init(
+            dir.path(),
+            quicmesh_protocol::ident::TrustDomain::new("t.test").unwrap(),
+        )
+        .unwrap();
+        let mesh = Mesh::open(dir.path(), 3600).unwrap();
+        let (token, _) = mesh
+            .create_token("web-1", &[], &Default::default(), false, 600)
+            .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let t: quicmesh_protocol::token::JoinToken = token.parse().unwrap();
+        let req = quicmesh_protocol::wire::EnrollRequest {
+            secret: t.secret_hex(),
+            node: quicmesh_protocol::ident::NodeName::new("web-1").unwrap(),
+            csr_der: quicmesh_node::control::csr("web-1", &key).unwrap(),
+            services: vec![],
+            labels: Default::default(),
+        };
+        assert!(matches!(mesh.enroll(&req), ControlDown::Enrolled(_)));
+        let mut published = mesh.subscribe_catalog();
+        // A mesh so busy that catalogs are published every 5 s.
+        let _p = Abort(tokio::spawn(publish_catalogs(mesh.clone(), |_| {
+            Duration::from_secs(5)
+        })));
+        let wait = |rx: &mut tokio::sync::watch::Receiver<u64>, within_ms| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(within_ms), rx.changed())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(
+            wait(&mut published, 2_000).await,
+            "the first catalog at once"
+        );
+        published.borrow_and_update();
+        // Churn: a policy change right after waits out the interval...
+        mesh.apply_policy("[[rule]]\nfrom = \"a\"\nto = \"b\"\naction = \"allow\"\n")
+            .unwrap();
+        assert!(
+            !wait(&mut published, 1_000).await,
+            "an ordinary change waits for the interval"
+        );
+        // ...but a revocation does not: every node's deny list gets it now.
+        let start = std::time::Instant::now();
+        mesh.revoke("web-1").unwrap();
+        assert!(
+            wait(&mut published, 1_000).await,
+            "the revocation was held back with the churn"
+        );
+        let v = *published.borrow_and_update();
+        let (msg, _) = mesh
+            .update_for(
+                &quicmesh_protocol::ident::NodeName::new("db-1").unwrap(),
+                None,
+                v,
+            )
+            .unwrap();
+        let ControlDown::Snapshot(snap) = msg else {
+            panic!("a whole snapshot")
+        };
+        assert_eq!(
+            snap.revoked.len(),
+            1,
+            "the published catalog denies web-1's serial"
+        );
+        eprintln!("revocation published {:?} after `revoke`", start.elapsed());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -163,6 +163,8 @@ pub struct Mesh {
     sessions: Mutex<HashMap<String, SessionHandle>>,
     /// The catalog built last, the steps sessions share, the version published.
     catalogs: Catalogs,
+    /// The deny list changed since the catalog built last: publish the next one at once.
+    revocation_pending: std::sync::atomic::AtomicBool,
     /// Acks not yet written to the store (written in batches: a policy change to N nodes
     /// is N acks within milliseconds).
     acks: Mutex<HashMap<String, u64>>,
@@ -448,6 +450,7 @@ impl Mesh {
             version_tx,
             sessions: Mutex::new(HashMap::new()),
             catalogs: Catalogs::default(),
+            revocation_pending: std::sync::atomic::AtomicBool::new(false),
             acks: Mutex::new(HashMap::new()),
             next_session: 1.into(),
             health: Mutex::new(book),
@@ -463,11 +466,18 @@ impl Mesh {
 
     /// The trust the control listener verifies nodes with: the CA and the deny list as
     /// the store has it now.
+    /// A deny list that grew (or shrank as serials expired) is published at once: it is
+    /// marked here and the publisher urged once the version is raised ([`Mesh::raise`]).
     fn reload_trust(&self) -> Result<(), MeshError> {
+        let revoked = Self::revoked_list(&*self.store)?;
+        if self.catalogs.revoked_differs(&revoked) {
+            self.revocation_pending
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let trust = Trust::new(
             self.ca.trust_domain.clone(),
             std::slice::from_ref(&self.ca.cert_der),
-            Self::revoked_list(&*self.store)?,
+            revoked,
         )
         .map_err(|e| MeshError::Invalid {
             field: "ca",
@@ -502,6 +512,11 @@ impl Mesh {
         }
     }
 
+    /// The mesh version this replica holds (what it has read or made).
+    pub fn version_now(&self) -> u64 {
+        *self.version_tx.borrow()
+    }
+
     /// Subscribes to mesh version changes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version_tx.subscribe()
@@ -521,7 +536,14 @@ impl Mesh {
         }
         *loaded = (*loaded).max(v);
         drop(loaded);
-        // Never backwards: a newer version may have been sent meanwhile.
+        self.raise(v);
+        Ok(v)
+    }
+
+    /// Raises the mesh version to `v` (never backwards: a newer version may have been
+    /// sent meanwhile), then urges the publisher when a revocation is waiting: it builds
+    /// at this version or later, so the catalog it publishes has the revocation.
+    fn raise(&self, v: u64) {
         self.version_tx.send_if_modified(|cur| {
             let newer = v > *cur;
             if newer {
@@ -529,7 +551,12 @@ impl Mesh {
             }
             newer
         });
-        Ok(v)
+        if self
+            .revocation_pending
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.catalogs.urge();
+        }
     }
 
     /// Catches up with changes other replicas made: when the store's version is ahead of
@@ -553,14 +580,7 @@ impl Mesh {
         *loaded = (*loaded).max(v);
         drop(loaded);
         tracing::debug!(version = v, "caught up with the store");
-        // Never backwards: a newer version may have been sent meanwhile.
-        self.version_tx.send_if_modified(|cur| {
-            let newer = v > *cur;
-            if newer {
-                *cur = v;
-            }
-            newer
-        });
+        self.raise(v);
         Ok(v)
     }
 
@@ -577,10 +597,7 @@ impl Mesh {
             Err(_) => Vec::new(),
         };
         for s in kicked {
-            let _ = s.kick.try_send(ControlDown::Goodbye {
-                revoked: true,
-                detail: "node revoked by an administrator".into(),
-            });
+            s.end_revoked();
         }
         // Rows changed since the last read, with a margin: change-log versions are
         // taken in one order and committed in another, so a row written under a lower
@@ -670,10 +687,7 @@ impl Mesh {
         }
         self.changed()?;
         if let Some(s) = self.sessions.lock().ok().and_then(|mut m| m.remove(name)) {
-            let _ = s.kick.try_send(ControlDown::Goodbye {
-                revoked: true,
-                detail: "node revoked by an administrator".into(),
-            });
+            s.end_revoked();
         }
         tracing::info!(node = name, serials = serials.len(), "node revoked");
         Ok(serials)
@@ -752,11 +766,19 @@ impl Mesh {
         self.catalogs.subscribe()
     }
 
+    /// Resolves when a revocation asks for the next catalog to be published at once.
+    pub async fn catalog_urged(&self) {
+        self.catalogs.urged().await
+    }
+
     /// Builds the catalog at the current mesh version (unless built already) and publishes
     /// its version to the sessions. Called by one task per replica, at most once per
     /// [`catalog::interval`] under a stream of changes, so a join storm costs one catalog
     /// read per interval, not one per change, and sessions push one step per interval.
     pub fn publish_catalog(&self) -> Result<u64, MeshError> {
+        if self.fenced.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(MeshError::Fenced);
+        }
         let c = self.catalog()?;
         self.catalogs.publish(c.version);
         Ok(c.version)
@@ -973,6 +995,7 @@ mod tests {
                 };
                 let _ = m.report_health(
                     &name(i),
+                    &["web".to_string()],
                     &[quicmesh_protocol::health::ServiceCheck {
                         service: ServiceName::new("web").unwrap(),
                         health: h,

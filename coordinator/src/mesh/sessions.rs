@@ -243,15 +243,10 @@ impl Mesh {
     pub fn report_health(
         &self,
         node: &str,
+        services: &[String],
         checks: &[quicmesh_protocol::health::ServiceCheck],
     ) -> Result<(), MeshError> {
-        // The node's services from the catalog built last, or a current one when the node
-        // is newer than that (they change only on enrollment).
-        let services = match self.catalog_at_least(0)?.services_of(node) {
-            Some(s) => s,
-            None => self.catalog()?.services_of(node).unwrap_or_default(),
-        };
-        let (row, changed) = self.book().report(node, &services, checks, now());
+        let (row, changed) = self.book().report(node, services, checks, now());
         self.store.put_live(&row)?;
         if changed {
             self.changed()?;
@@ -286,5 +281,35 @@ impl Mesh {
     /// True when `node` has a live control session (on any live replica).
     pub fn online(&self, node: &str) -> bool {
         self.book().connected(node, now_ms())
+    }
+}
+
+/// How long a revoked node's session has to take its goodbye before its connection is
+/// closed all the same.
+const REVOKED_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl SessionHandle {
+    /// Ends a revoked node's session: a goodbye saying so, and the connection closed
+    /// [`REVOKED_GRACE`] later whatever the session does (a node that stops reading its
+    /// stream, or whose kick queue is full, is not left holding it); at once when the
+    /// goodbye cannot be queued.
+    pub fn end_revoked(self) {
+        let bye = ControlDown::Goodbye {
+            revoked: true,
+            detail: "node revoked by an administrator".into(),
+        };
+        let close = |c: &quinn::Connection| c.close(quinn::VarInt::from_u32(0), b"node revoked");
+        match (
+            self.kick.try_send(bye),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            (Ok(()), Ok(rt)) => {
+                rt.spawn(async move {
+                    tokio::time::sleep(REVOKED_GRACE).await;
+                    close(&self.conn);
+                });
+            }
+            _ => close(&self.conn),
+        }
     }
 }
