@@ -786,7 +786,11 @@ impl Mesh {
 
     /// The catalog at the current mesh version.
     fn catalog(&self) -> Result<Arc<Catalog>, MeshError> {
-        self.catalog_at_least(*self.version_tx.borrow())
+        // The version is read in its own statement: a `borrow()` kept across the build
+        // holds the watch's read lock, and a change queued for its write lock then blocks
+        // the build's own read (found as a deadlock in a 3-replica join storm).
+        let v = self.version_now();
+        self.catalog_at_least(v)
     }
 
     /// The catalog built last if it is at least `version`, else one built now from the
@@ -1051,6 +1055,45 @@ mod tests {
             prop_assert_eq!(&views[0], &views[1], "ops {:?}", ops);
             prop_assert_eq!(&views[0], &views[2], "ops {:?}", ops);
         });
+    }
+
+    #[test]
+    fn publishing_catalogs_while_changes_keep_coming_never_deadlocks() {
+        // Builders (the publisher and sessions) and changes (enrollments, health) at once,
+        // as in a join storm. A build once held the version's read lock while waiting for
+        // the catalog lock; a change queued for the write lock then hung every replica.
+        let (_d, mesh) = mesh();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for i in 0..9 {
+            let (m, stop) = (mesh.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if i % 3 != 0 {
+                        m.publish_catalog().unwrap();
+                    } else {
+                        m.changed().unwrap();
+                    }
+                    n += 1;
+                }
+                n
+            }));
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let done: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            let _ = tx.send(done);
+        });
+        let done = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("builders and changes deadlocked");
+        assert!(
+            done.iter().all(|n| *n > 0),
+            "every thread made progress: {done:?}"
+        );
     }
 
     #[test]
