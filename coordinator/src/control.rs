@@ -73,6 +73,12 @@ pub fn bind(mesh: &Arc<Mesh>, addr: SocketAddr) -> anyhow::Result<quinn::Endpoin
     let reset = reset_key(&mesh.data_dir)?;
     let socket = std::net::UdpSocket::bind(addr)
         .map_err(|e| anyhow::anyhow!("bind control listener {addr}: {e}"))?;
+    // One socket carries every session: with the kernel's default buffer (208 KiB) a join
+    // storm overflowed it (millions of `UdpRcvbufErrors`), sessions timed out and were made
+    // again, each with a whole snapshot. Best effort: capped at net.core.{r,w}mem_max.
+    let s = socket2::SockRef::from(&socket);
+    let _ = s.set_recv_buffer_size(CONTROL_SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(CONTROL_SOCKET_BUFFER);
     let mut ep_cfg = quinn::EndpointConfig::new(Arc::new(reset.hmac));
     // Connection IDs carry a keyed check the endpoint validates before it answers an
     // unknown one with a reset: the restarted process must recognise the old IDs too.
@@ -84,6 +90,9 @@ pub fn bind(mesh: &Arc<Mesh>, addr: SocketAddr) -> anyhow::Result<quinn::Endpoin
         .map_err(|e| anyhow::anyhow!("bind control listener {addr}: {e}"))?;
     Ok(ep)
 }
+
+/// Socket buffer size asked for the control listener.
+const CONTROL_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 
 /// Length of the stateless-reset secret kept in the data dir.
 const RESET_KEY_LEN: usize = 64;
