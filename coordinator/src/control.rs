@@ -733,6 +733,26 @@ mod tests {
         assert_eq!(slots.waiting.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
+    /// A mesh in a temp dir (kept while the dir lives).
+    fn test_mesh() -> (tempfile::TempDir, Arc<Mesh>) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::mesh::init(
+            dir.path(),
+            quicmesh_protocol::ident::TrustDomain::new("t.test").unwrap(),
+        )
+        .unwrap();
+        let mesh = Mesh::open(dir.path(), 3600).unwrap();
+        (dir, mesh)
+    }
+
+    /// The real control listener for `mesh` on a loopback port; its address.
+    fn serve_on_loopback(mesh: &Arc<Mesh>) -> SocketAddr {
+        let ep = bind(mesh, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = ep.local_addr().unwrap();
+        tokio::spawn(serve(mesh.clone(), ep));
+        addr
+    }
+
     /// Enrolls `name` through the real listener at `addr` and opens its control session
     /// (Hello sent); `window` bounds what its stream may be sent before it reads.
     async fn open_session(
@@ -795,16 +815,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_revoked_node_that_stops_reading_and_jams_its_queue_is_cut_off_anyway() {
-        let dir = tempfile::tempdir().unwrap();
-        crate::mesh::init(
-            dir.path(),
-            quicmesh_protocol::ident::TrustDomain::new("t.test").unwrap(),
-        )
-        .unwrap();
-        let mesh = Mesh::open(dir.path(), 3600).unwrap();
-        let ep = bind(&mesh, "127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = ep.local_addr().unwrap();
-        tokio::spawn(serve(mesh.clone(), ep.clone()));
+        let (dir, mesh) = test_mesh();
+        let addr = serve_on_loopback(&mesh);
         // The attacker's node reads nothing: its session stalls on its first snapshot.
         let (jammed, _s, _r) = open_session(&mesh, dir.path(), addr, "web-1", 64).await;
         // An honest node reading its stream, for the twin below.
@@ -853,13 +865,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn under_churn_a_revocation_is_published_at_once_and_other_changes_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        crate::mesh::init(
-            dir.path(),
-            quicmesh_protocol::ident::TrustDomain::new("t.test").unwrap(),
-        )
-        .unwrap();
-        let mesh = Mesh::open(dir.path(), 3600).unwrap();
+        let (_dir, mesh) = test_mesh();
         let (token, _) = mesh
             .create_token("web-1", &[], &Default::default(), false, 600)
             .unwrap();
@@ -928,16 +934,8 @@ mod tests {
     async fn a_burst_of_honest_enrollments_from_one_address_all_succeed() {
         // Its denied twin is the slot bound above: one address never holds more than its
         // share, but honest nodes behind one NAT wait their turn instead of failing.
-        let dir = tempfile::tempdir().unwrap();
-        crate::mesh::init(
-            dir.path(),
-            quicmesh_protocol::ident::TrustDomain::new("t.test").unwrap(),
-        )
-        .unwrap();
-        let mesh = Mesh::open(dir.path(), 3600).unwrap();
-        let ep = bind(&mesh, "127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = ep.local_addr().unwrap();
-        tokio::spawn(serve(mesh.clone(), ep.clone()));
+        let (dir, mesh) = test_mesh();
+        let addr = serve_on_loopback(&mesh);
         let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         let n = 16 * MAX_ENROLLING_PER_SOURCE;
         let mut tasks = tokio::task::JoinSet::new();
@@ -970,6 +968,5 @@ mod tests {
         }
         assert_eq!(ok, n);
         assert_eq!(mesh.drops.control.get(ControlDrop::SourceBusy), 0);
-        ep.close(0u32.into(), b"done");
     }
 }
