@@ -25,12 +25,9 @@ const SERVER_CERT_TTL: i64 = 30 * 86400;
 /// How long after its certificate expired a node may still connect to renew it (a node
 /// that outlived its certificate during a coordinator outage). Revocation still applies.
 const EXPIRED_RENEWAL_GRACE_SECS: u64 = 7 * 86400;
-/// How long the publisher waits after a change for more of the same burst. At 10 ms the
-/// overlay test of a flow whose rule is removed failed every time (the flow kept passing
-/// after every node applied the new policy): a race in the node's flow tracker when a
-/// policy lands while the flow's packets are in flight, not fixed yet. 60 ms is close to
-/// the sessions' own 50 ms coalescing before the publisher, under which it passes.
-const CATALOG_GATHER: Duration = Duration::from_millis(60);
+/// How long the publisher waits after a change for more of the same burst (an `apply`
+/// of several rules, a batch of enrollments) before publishing.
+const CATALOG_GATHER: Duration = Duration::from_millis(10);
 /// How long one frame of a session may take to be written (a whole snapshot of a large
 /// mesh over a slow link takes seconds; a node that stops reading takes forever).
 const SESSION_WRITE_DEADLINE: Duration = Duration::from_secs(30);

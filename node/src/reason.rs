@@ -154,6 +154,9 @@ reasons! {
         /// A packet of no tracked flow that cannot open one (a TCP segment without SYN,
         /// ICMP other than echo and errors).
         NotTracked => "not_tracked",
+        /// Outbound: an answer on a peer's flow that policy or the peer's standing just
+        /// closed (a datagram within two minutes of the close).
+        FlowClosed => "flow_closed",
         /// Outbound: no peer owns the destination address.
         NoRoute => "no_route",
         /// Outbound: the tunnel to the peer is not up (yet).

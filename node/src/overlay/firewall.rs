@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::ident::{NodeName, ServiceName};
-use quicmesh_protocol::packet::{self, PacketError, PacketInfo, PortSpec, Quoted, Transport};
+use quicmesh_protocol::packet::{self, Echo, PacketError, PacketInfo, PortSpec, Quoted, Transport};
 
 use crate::authz::{self, FlowDenied};
 use crate::reason::Standing;
@@ -224,7 +224,16 @@ struct Shard {
     /// Flows inserted unreplied, oldest first: eviction candidates. Checked lazily (a
     /// key may since be replied or gone); compacted when it outgrows the table.
     unreplied: VecDeque<FlowKey>,
+    /// Peers' datagram flows (UDP, other protocols) a recheck closed, and until
+    /// when (tracker seconds) this node may not re-open them by answering: see
+    /// [`Tracker::outbound`]. At most [`CLOSED_PER_SHARD`].
+    closed: HashMap<FlowKey, u64, FxBuild>,
 }
+
+/// How long the key of a peer's closed datagram flow is remembered.
+const CLOSED_FOR: u64 = 120;
+/// Most closed keys remembered per shard.
+const CLOSED_PER_SHARD: usize = 4096;
 
 /// A peer's flows and grants.
 #[derive(Debug, Default)]
@@ -390,6 +399,33 @@ impl Tracker {
                     }
                 }
                 return Ok(());
+            }
+        }
+        // Only what could open a connection opens a flow here. A mid-stream TCP segment
+        // or an echo reply with no entry belongs to a flow that is gone: most likely a
+        // peer's flow a recheck just closed, whose delayed ACK must not re-open it as one
+        // of this node's own (its replies would then pass again).
+        match p.transport {
+            Transport::Ports {
+                proto: packet::TCP,
+                syn: false,
+                ..
+            }
+            | Transport::Icmp {
+                echo: Some(Echo { request: false, .. }),
+                ..
+            } => return Err(DropReason::NotTracked),
+            _ => {}
+        }
+        {
+            // A datagram answering a peer's flow a recheck closed: no packet tells it from
+            // a first one, so the closed flow's key is remembered for a while.
+            let mut s = lock(self.shard(&k));
+            if let Some(&until) = s.closed.get(&k) {
+                if now < until {
+                    return Err(DropReason::FlowClosed);
+                }
+                s.closed.remove(&k);
             }
         }
         self.insert(
@@ -631,10 +667,13 @@ impl Tracker {
                 return Err(DropReason::TableFull);
             }
         }
+        s.closed.remove(&k);
         s.flows.insert(k, e);
         s.unreplied.push_back(k);
         if s.unreplied.len() > 2 * s.flows.len() + 64 {
-            let Shard { flows, unreplied } = s;
+            let Shard {
+                flows, unreplied, ..
+            } = s;
             unreplied.retain(|k| flows.get(k).is_some_and(|e| !e.replied));
         }
         Ok(())
@@ -666,16 +705,31 @@ impl Tracker {
         let mut removed = 0;
         for s in &self.shards {
             let mut guard = lock(s);
-            let Shard { flows, unreplied } = &mut *guard;
+            let Shard {
+                flows,
+                unreplied,
+                closed,
+            } = &mut *guard;
+            closed.retain(|_, until| now < *until);
             let before = flows.len();
             flows.retain(|k, e| {
-                let keep = now.saturating_sub(e.last) <= idle_limit(k.proto, e.replied).as_secs()
-                    && match &e.grant {
-                        None => true,
-                        Some(g) => *verdicts
-                            .entry(Arc::as_ptr(g) as usize)
-                            .or_insert_with(|| judge(g)),
-                    };
+                let fresh = now.saturating_sub(e.last) <= idle_limit(k.proto, e.replied).as_secs();
+                let allowed = match &e.grant {
+                    None => true,
+                    Some(g) => *verdicts
+                        .entry(Arc::as_ptr(g) as usize)
+                        .or_insert_with(|| judge(g)),
+                };
+                // TCP and echo flows need no key: what answers them never opens a flow.
+                if fresh
+                    && !allowed
+                    && k.proto != packet::TCP
+                    && k.proto != packet::ICMP
+                    && closed.len() < CLOSED_PER_SHARD
+                {
+                    closed.insert(*k, now + CLOSED_FOR);
+                }
+                let keep = fresh && allowed;
                 if !keep {
                     self.release(e);
                 }

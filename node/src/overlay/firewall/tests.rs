@@ -217,6 +217,119 @@ fn a_policy_change_forgets_flows_it_no_longer_allows() {
     assert_eq!(t.len(), 1);
 }
 
+/// The race a policy change meets: a peer's segment arrives, the policy that allowed its
+/// flow is removed, then this node's delayed ACK (or answer) goes out. The answer must not
+/// re-open the flow as one of this node's own, or the peer's next packets pass again.
+#[test]
+fn an_answer_sent_after_a_policy_removal_does_not_reopen_the_peer_s_flow() {
+    let t = Tracker::new(vec![LocalService {
+        name: svc("db"),
+        ports: vec![
+            "tcp/5432".parse().unwrap(),
+            "udp/5353".parse().unwrap(),
+            "icmp".parse().unwrap(),
+        ],
+    }]);
+    let (allowed, denied) = (view(WEB_TO_DB), view("default = \"deny\"\n"));
+    let id = peer(&["web"]);
+    let udp = |src: [u8; 4], dst: [u8; 4], s, d| PacketInfo {
+        transport: Transport::Ports {
+            proto: packet::UDP,
+            src: s,
+            dst: d,
+            syn: false,
+            rst: false,
+        },
+        ..tcp(src, dst, s, d, false)
+    };
+    let echo = |src: [u8; 4], dst: [u8; 4], request| PacketInfo {
+        transport: Transport::Icmp {
+            echo: Some(Echo { request, id: 9 }),
+            kind: if request { 8 } else { 0 },
+        },
+        dont_fragment: false,
+        ..tcp(src, dst, 0, 0, false)
+    };
+    // Three flows of the peer's, allowed and answered.
+    assert!(matches!(
+        check(&t, &tcp(PEER, ME, 40000, 5432, true), &id, &allowed),
+        Verdict::New { .. }
+    ));
+    t.outbound(&tcp(ME, PEER, 5432, 40000, false)).unwrap();
+    assert!(matches!(
+        check(&t, &udp(PEER, ME, 40001, 5353), &id, &allowed),
+        Verdict::New { .. }
+    ));
+    t.outbound(&udp(ME, PEER, 5353, 40001)).unwrap();
+    assert!(matches!(
+        check(&t, &echo(PEER, ME, true), &id, &allowed),
+        Verdict::New { .. }
+    ));
+    t.outbound(&echo(ME, PEER, false)).unwrap();
+    let segment = tcp(PEER, ME, 40000, 5432, false);
+    assert_eq!(check(&t, &segment, &id, &allowed), Verdict::Established);
+    // The policy goes: the three flows are closed.
+    assert_eq!(t.recheck(&denied), 3);
+    // The answers already on their way out are refused, each with its reason...
+    assert_eq!(
+        t.outbound(&tcp(ME, PEER, 5432, 40000, false)),
+        Err(DropReason::NotTracked),
+        "a delayed ACK opens nothing"
+    );
+    assert_eq!(
+        t.outbound(&udp(ME, PEER, 5353, 40001)),
+        Err(DropReason::FlowClosed),
+        "a datagram answering the closed flow opens nothing"
+    );
+    assert_eq!(
+        t.outbound(&echo(ME, PEER, false)),
+        Err(DropReason::NotTracked),
+        "an echo reply opens nothing"
+    );
+    // ...so the peer's next packets are judged afresh and denied.
+    assert_eq!(
+        check(&t, &segment, &id, &denied),
+        dropped(DropReason::NotTracked)
+    );
+    assert!(matches!(
+        check(&t, &udp(PEER, ME, 40001, 5353), &id, &denied),
+        Verdict::Drop {
+            reason: DropReason::PolicyDenied,
+            ..
+        }
+    ));
+    assert!(matches!(
+        check(&t, &echo(PEER, ME, true), &id, &denied),
+        Verdict::Drop {
+            reason: DropReason::PolicyDenied,
+            ..
+        }
+    ));
+    assert_eq!(t.len(), 0);
+    // The allowed twins: this node still opens its own flows (a SYN, a first datagram
+    // on another tuple, an echo request), and their answers pass.
+    t.outbound(&tcp(ME, PEER, 50000, 443, true)).unwrap();
+    t.outbound(&udp(ME, PEER, 5353, 40002)).unwrap();
+    t.outbound(&echo(ME, PEER, true)).unwrap();
+    assert_eq!(
+        check(&t, &tcp(PEER, ME, 443, 50000, false), &id, &denied),
+        Verdict::Established
+    );
+    assert_eq!(
+        check(&t, &udp(PEER, ME, 40002, 5353), &id, &denied),
+        Verdict::Established
+    );
+    assert_eq!(
+        check(&t, &echo(PEER, ME, false), &id, &denied),
+        Verdict::Established
+    );
+    // The closed datagram flow's key is remembered for a while only, and a peer flow the
+    // policy allows again takes it back at once.
+    t.advance(Duration::from_secs(CLOSED_FOR + 1));
+    t.recheck(&denied);
+    assert!(t.outbound(&udp(ME, PEER, 5353, 40001)).is_ok());
+}
+
 // Raw packets, parsed as the receive path parses them: the attacks are bytes.
 
 const ME6: &str = "fd00::2";
