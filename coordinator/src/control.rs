@@ -508,10 +508,10 @@ async fn session(
 }
 
 /// Publishes catalogs to the sessions: at once after a quiet spell, then at most once per
-/// `interval(sessions)` ([`crate::catalog::interval`]) while changes keep coming, except a
+/// `interval(sessions, nodes)` ([`crate::catalog::interval`]) while changes keep coming, except a
 /// revocation, published at once. Every change wakes this one task; the sessions wake
 /// only for what it publishes.
-async fn publish_catalogs(mesh: Arc<Mesh>, interval: fn(usize) -> Duration) {
+async fn publish_catalogs(mesh: Arc<Mesh>, interval: fn(usize, usize) -> Duration) {
     let mut versions = mesh.subscribe();
     let mut built = tokio::time::Instant::now();
     let mut due = true;
@@ -522,7 +522,7 @@ async fn publish_catalogs(mesh: Arc<Mesh>, interval: fn(usize) -> Duration) {
             }
             // A burst's changes arrive within milliseconds of each other.
             tokio::time::sleep(CATALOG_GATHER).await;
-            let gap = interval(mesh.session_count());
+            let gap = interval(mesh.session_count(), mesh.catalog_size());
             tokio::select! {
                 _ = tokio::time::sleep_until(built + gap) => {}
                 // A revocation is published at once, whatever the churn.
@@ -878,7 +878,7 @@ mod tests {
         assert!(matches!(mesh.enroll(&req), ControlDown::Enrolled(_)));
         let mut published = mesh.subscribe_catalog();
         // A mesh so busy that catalogs are published every 5 s.
-        let _p = Abort(tokio::spawn(publish_catalogs(mesh.clone(), |_| {
+        let _p = Abort(tokio::spawn(publish_catalogs(mesh.clone(), |_, _| {
             Duration::from_secs(5)
         })));
         let wait = |rx: &mut tokio::sync::watch::Receiver<u64>, within_ms| {

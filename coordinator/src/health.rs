@@ -252,17 +252,15 @@ impl HealthBook {
                 Some(t) => now_ms - t.max(self.started_ms) >= self.grace_ms,
             };
             if should != offline {
-                if should {
-                    tracing::info!(
-                        node,
-                        grace_ms = self.grace_ms,
-                        "node offline: no control session"
-                    );
-                }
                 out.push((node.clone(), should));
             }
         }
         out
+    }
+
+    /// How long a node may be without a session before it is marked offline (ms).
+    pub fn grace_ms(&self) -> i64 {
+        self.grace_ms
     }
 
     /// Applies the sweep's marks; returns rows for nodes that had none (to insert).

@@ -39,9 +39,12 @@ mod enroll;
 mod sessions;
 mod traffic;
 
-/// How many versions before the last one read a replica reads liveness rows again from
-/// (covers changes committed out of version order).
-const RELOAD_MARGIN: u64 = 1_000;
+/// How many versions before the last one read a replica reads liveness rows again from.
+/// A change committed after a higher version was read is read by its own notification
+/// (the feed delivers every commit, with its version: [`Mesh::note_change`]), and a
+/// lost notification means a lost feed connection, after which everything is read: the
+/// margin is only a second guard.
+const RELOAD_MARGIN: u64 = 64;
 /// Change-log rows kept (replicas need only the latest version; older rows are history).
 const CHANGES_KEPT: u64 = 100_000;
 /// Default leaf certificate lifetime.
@@ -177,6 +180,12 @@ pub struct Mesh {
     pub started_ms: i64,
     /// The mesh version up to which policy, trust and liveness were read from the store.
     loaded: Mutex<u64>,
+    /// The lowest version the change feed announced since the last refresh (`u64::MAX`:
+    /// none): a change committed after a higher one was read is read from there.
+    noted: std::sync::atomic::AtomicU64,
+    /// Wakes the refresher: a change was announced, or this replica's own change found
+    /// another replica's before it (read and published by the refresher, not inline).
+    pub(crate) catch_up: tokio::sync::Notify,
     /// This replica runs the singleton jobs (offline sweep): the advisory lock is ours.
     pub leader: std::sync::atomic::AtomicBool,
     /// This replica lost its database: it holds no sessions and issues nothing.
@@ -457,6 +466,8 @@ impl Mesh {
             replica,
             started_ms,
             loaded: Mutex::new(version),
+            noted: std::sync::atomic::AtomicU64::new(u64::MAX),
+            catch_up: tokio::sync::Notify::new(),
             leader: std::sync::atomic::AtomicBool::new(!shared),
             fenced: std::sync::atomic::AtomicBool::new(false),
             punches: Mutex::new(PunchLimiter::default()),
@@ -523,21 +534,34 @@ impl Mesh {
     }
 
     /// Records a change: bumps the mesh version and wakes every session. When another
-    /// replica changed something since this one last read the store, everything is read
-    /// again first (what this replica holds in memory must be as new as its version).
+    /// replica changed something since this one last read the store, the version is not
+    /// raised here: what this replica holds in memory must be as new as the version it
+    /// publishes, so the refresher reads those changes first and raises it (one read for
+    /// a burst of changes, where reading inline cost one per change: a 3-replica join
+    /// storm read the liveness table thousands of times a second).
     pub fn changed(&self) -> Result<u64, MeshError> {
         if self.fenced.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(MeshError::Fenced);
         }
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         let v = self.store.bump_version()?;
-        if v > *loaded + 1 {
-            self.reload(*loaded)?;
+        if v == *loaded + 1 {
+            *loaded = v;
+            drop(loaded);
+            self.raise(v);
+        } else {
+            drop(loaded);
+            self.catch_up.notify_one();
         }
-        *loaded = (*loaded).max(v);
-        drop(loaded);
-        self.raise(v);
         Ok(v)
+    }
+
+    /// The change feed announced version `v`: the next refresh reads from it if it is
+    /// not newer than what was read (committed late, under a lower version).
+    pub fn note_change(&self, v: u64) {
+        self.noted
+            .fetch_min(v, std::sync::atomic::Ordering::Relaxed);
+        self.catch_up.notify_one();
     }
 
     /// Raises the mesh version to `v` (never backwards: a newer version may have been
@@ -570,13 +594,28 @@ impl Mesh {
     /// [`Mesh::refresh`]; `force`: read again even when the store's latest version is one
     /// this replica has (a notification came for a change committed late, under a lower
     /// version than one already read).
+    /// A forced refresh reads every liveness row, not only those changed lately.
     pub fn refresh_with(&self, force: bool) -> Result<u64, MeshError> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let noted = self
+            .noted
+            .swap(u64::MAX, std::sync::atomic::Ordering::Relaxed);
         let v = self.store.version()?;
-        if v <= *loaded && !force {
+        if v <= *loaded && !force && noted > *loaded {
             return Ok(*loaded);
         }
-        self.reload(*loaded)?;
+        let since = if force {
+            None
+        } else {
+            Some((*loaded).min(noted.saturating_sub(1)))
+        };
+        if let Err(e) = self.reload(since) {
+            // Read again next time from where it was asked.
+            if noted != u64::MAX {
+                self.note_change(noted);
+            }
+            return Err(e);
+        }
         *loaded = (*loaded).max(v);
         drop(loaded);
         tracing::debug!(version = v, "caught up with the store");
@@ -589,7 +628,7 @@ impl Mesh {
     /// a policy this replica cannot parse (a newer release's, during an upgrade) is
     /// logged and the one in force kept, never a reason to miss a revocation. A policy only
     /// moves forward.
-    fn reload(&self, since: u64) -> Result<(), MeshError> {
+    fn reload(&self, since: Option<u64>) -> Result<(), MeshError> {
         self.reload_trust()?;
         let revoked = self.store.revoked_nodes()?;
         let kicked: Vec<SessionHandle> = match self.sessions.lock() {
@@ -599,11 +638,18 @@ impl Mesh {
         for s in kicked {
             s.end_revoked();
         }
-        // Rows changed since the last read, with a margin: change-log versions are
-        // taken in one order and committed in another, so a row written under a lower
-        // version may become visible after a higher one was read.
-        let live = self.store.live_since(since.saturating_sub(RELOAD_MARGIN))?;
-        self.book().merge(live);
+        // Rows changed since the last read or the earliest late commit announced (versions
+        // are taken in one order and committed in another), with a margin; forced, all.
+        match since {
+            Some(since) => {
+                let live = self.store.live_since(since.saturating_sub(RELOAD_MARGIN))?;
+                self.book().merge(live);
+            }
+            None => {
+                let live = self.store.live()?;
+                self.book().merge(live);
+            }
+        }
         if let Some(p) = self.store.latest_policy()? {
             if p.version > self.policy.load().0 {
                 match Policy::parse(&p.source) {
@@ -764,6 +810,11 @@ impl Mesh {
     /// Subscribes to published catalog versions: a session pushes when this moves.
     pub fn subscribe_catalog(&self) -> watch::Receiver<u64> {
         self.catalogs.subscribe()
+    }
+
+    /// Nodes in the catalog built last.
+    pub fn catalog_size(&self) -> usize {
+        self.catalogs.size()
     }
 
     /// Resolves when a revocation asks for the next catalog to be published at once.

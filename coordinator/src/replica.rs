@@ -29,6 +29,9 @@ pub const FENCE_AFTER_MS: i64 = 3_000;
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How often the replica reads the store's version even without a notification.
 const REFRESH_TICK: Duration = Duration::from_secs(2);
+/// The least time between two refreshes: the notifications of a burst of changes (a join
+/// storm on three replicas announces hundreds a second) cost one read of the store.
+const REFRESH_GAP: Duration = Duration::from_millis(20);
 
 /// Refuses to start a replica whose id a live replica elsewhere already uses (a data dir
 /// copied whole, `replica.id` included): the two would end each other's sessions.
@@ -51,19 +54,17 @@ pub fn check_unique(mesh: &Mesh, control: &str) -> anyhow::Result<()> {
 
 /// Starts the heartbeat, the change feed (PostgreSQL) and the refresh loop.
 pub fn start(mesh: &Arc<Mesh>, control: String, http: String) {
-    let wake = Arc::new(tokio::sync::Notify::new());
-    // Set on a (re)connect of the feed and periodically: read again even if the version
-    // is not new to this replica.
+    // Set on a (re)connect of the feed and periodically: read everything again.
     let force = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(heartbeat(mesh.clone(), control, http));
-    tokio::spawn(refresher(mesh.clone(), wake.clone(), force.clone()));
+    tokio::spawn(refresher(mesh.clone(), force.clone()));
     if let Some(url) = mesh.feed_url() {
         let m = mesh.clone();
         let on = move |e: FeedEvent| match e {
-            FeedEvent::Changed(_) => wake.notify_one(),
+            FeedEvent::Changed(v) => m.note_change(v),
             FeedEvent::Connected => {
                 force.store(true, Ordering::Relaxed);
-                wake.notify_one()
+                m.catch_up.notify_one()
             }
             FeedEvent::Punch(payload) => m.deliver_punch(&payload),
             FeedEvent::Leader(l) => {
@@ -79,20 +80,15 @@ pub fn start(mesh: &Arc<Mesh>, control: String, http: String) {
     }
 }
 
-async fn refresher(
-    mesh: Arc<Mesh>,
-    wake: Arc<tokio::sync::Notify>,
-    force: Arc<std::sync::atomic::AtomicBool>,
-) {
+async fn refresher(mesh: Arc<Mesh>, force: Arc<std::sync::atomic::AtomicBool>) {
     let mut tick = tokio::time::interval(REFRESH_TICK);
     let mut ticks = 0u64;
     loop {
         tokio::select! {
-            _ = wake.notified() => {}
+            _ = mesh.catch_up.notified() => {}
             _ = tick.tick() => {
-                // Every third tick reads again even without a new version: a change
-                // committed after a higher version was read is picked up within 6 s
-                // even in a quiet mesh.
+                // Every third tick reads everything again: whatever a lost notification
+                // or a bug left out is read within 6 s even in a quiet mesh.
                 ticks += 1;
                 if ticks.is_multiple_of(3) {
                     force.store(true, Ordering::Relaxed);
@@ -109,6 +105,8 @@ async fn refresher(
             Ok(Err(e)) => tracing::warn!(error = %e, "could not catch up with the store"),
             Err(e) => tracing::warn!(error = %e, "refresh task failed"),
         }
+        // Notifications meanwhile leave one wake-up: the next refresh reads them all.
+        tokio::time::sleep(REFRESH_GAP).await;
     }
 }
 
