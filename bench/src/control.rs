@@ -18,10 +18,10 @@ use hdrhistogram::Histogram;
 use quicmesh_coordinator::client::ApiClient;
 use quicmesh_netns_tests::{CoordinatorProc, Mesh, Place};
 use quicmesh_node::config::NodeConfig;
-use quicmesh_node::frame::{read_frame, write_frame};
+use quicmesh_node::frame::{read_frame_sized, write_frame};
 use quicmesh_node::tls::{self, CertSlot, MeshServerVerifier, ServerExpect, Trust};
 use quicmesh_protocol::ident::Labels;
-use quicmesh_protocol::wire::{self, ControlDown, ControlUp, Hello, ALPN_CONTROL};
+use quicmesh_protocol::wire::{ControlDown, ControlUp, Hello, ALPN_CONTROL};
 use serde_json::{json, Value};
 
 use crate::stat;
@@ -176,10 +176,9 @@ async fn session(
     // changed one: the count is an upper bound between whole snapshots).
     let mut held: Option<(u64, usize)> = None;
     loop {
-        let Some(msg) = read_frame::<ControlDown, _>(&mut recv).await? else {
+        let Some((msg, bytes)) = read_frame_sized::<ControlDown, _>(&mut recv).await? else {
             return Ok(());
         };
-        let bytes = wire::encode(&msg).len();
         let (version, policy_version, whole) = match msg {
             ControlDown::Snapshot(s) => {
                 // Joined: the next node may start.

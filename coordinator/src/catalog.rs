@@ -13,7 +13,7 @@ use quicmesh_protocol::delta;
 use quicmesh_protocol::ident::{Labels, NodeName, ServiceName, TrustDomain};
 use quicmesh_protocol::overlay::Pools;
 use quicmesh_protocol::policy::Policy;
-use quicmesh_protocol::wire::{PeerInfo, Snapshot, SnapshotDelta};
+use quicmesh_protocol::wire::{DeltaRef, DownRef, NamesExcept, PeerInfo, PeersExcept, SnapshotRef};
 use tokio::sync::watch;
 
 use crate::health::HealthBook;
@@ -108,73 +108,78 @@ pub struct MeshFacts<'a> {
     pub pools: Pools,
 }
 
-/// `node`'s whole snapshot from `catalog` under `policy`.
+/// `node`'s whole snapshot of `catalog` under `policy`, as the frame to send: every other
+/// node of the catalog and its own labels, encoded from the shared catalog without a copy
+/// of it ([`DownRef`]).
 pub fn whole(
     node: &NodeName,
     catalog: Arc<Catalog>,
     policy: &(u64, Policy),
     facts: MeshFacts<'_>,
-) -> (Snapshot, Sent) {
-    let mut labels = Labels::default();
-    let mut peers = Vec::with_capacity(catalog.peers.len());
-    for p in &catalog.peers {
-        if &p.node == node {
-            labels = p.labels.clone();
-        } else {
-            peers.push(p.clone());
-        }
-    }
-    let snap = Snapshot {
+) -> (Vec<u8>, Sent) {
+    let no_labels = Labels::default();
+    let labels = catalog
+        .peers
+        .iter()
+        .find(|p| &p.node == node)
+        .map_or(&no_labels, |p| &p.labels);
+    let frame = DownRef::Snapshot(SnapshotRef {
         version: catalog.version,
-        node: node.clone(),
-        trust_domain: facts.trust_domain.clone(),
+        node,
+        trust_domain: facts.trust_domain,
         labels,
-        peers,
+        peers: PeersExcept {
+            peers: &catalog.peers,
+            except: node,
+        },
         policy_version: policy.0,
-        policy: policy.1.clone(),
-        revoked: catalog.revoked.clone(),
-        ca_bundle: vec![facts.ca_der.to_vec()],
+        policy: &policy.1,
+        revoked: &catalog.revoked,
+        ca_bundle: &[facts.ca_der],
         pools: facts.pools,
-    };
+    })
+    .encode_frame();
     let sent = Sent {
         catalog,
         policy_version: policy.0,
     };
-    (snap, sent)
+    (frame, sent)
 }
 
-/// `node`'s delta from what it was sent last to `catalog` under `policy`; `step` is the
-/// peer change between the two catalogs ([`Catalogs::step`]).
+/// `node`'s delta from what it was sent last to `catalog` under `policy`, as the frame to
+/// send; `step` is the peer change between the two catalogs ([`Catalogs::step`]).
 pub fn delta_from(
     node: &NodeName,
     last: &Sent,
     catalog: Arc<Catalog>,
     step: &(Vec<PeerInfo>, Vec<NodeName>),
     policy: &(u64, Policy),
-) -> (SnapshotDelta, Sent) {
-    let labels = step
-        .0
-        .iter()
-        .find(|p| &p.node == node)
-        .map(|p| p.labels.clone());
-    let d = SnapshotDelta {
+) -> (Vec<u8>, Sent) {
+    let frame = DownRef::Delta(DeltaRef {
         base_version: last.catalog.version,
         version: catalog.version,
-        node: node.clone(),
-        upsert: step.0.iter().filter(|p| &p.node != node).cloned().collect(),
-        remove: step.1.iter().filter(|n| *n != node).cloned().collect(),
-        labels,
+        node,
+        upsert: PeersExcept {
+            peers: &step.0,
+            except: node,
+        },
+        remove: NamesExcept {
+            names: &step.1,
+            except: node,
+        },
+        labels: step.0.iter().find(|p| &p.node == node).map(|p| &p.labels),
         policy_version: policy.0,
-        policy: (policy.0 != last.policy_version).then(|| policy.1.clone()),
-        revoked: (catalog.revoked != last.catalog.revoked).then(|| catalog.revoked.clone()),
+        policy: (policy.0 != last.policy_version).then_some(&policy.1),
+        revoked: (catalog.revoked != last.catalog.revoked).then_some(&catalog.revoked[..]),
         ca_bundle: None,
         pools: None,
-    };
+    })
+    .encode_frame();
     let sent = Sent {
         catalog,
         policy_version: policy.0,
     };
-    (d, sent)
+    (frame, sent)
 }
 
 /// Peer changes from one catalog to another, shared by every session making that step.
@@ -313,10 +318,17 @@ impl Catalogs {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::health::HealthBook;
+    use quicmesh_protocol::wire::ControlDown;
     use std::collections::BTreeMap;
+
+    /// The message a frame carries, as a node decodes it.
+    pub(crate) fn decode_frame(frame: &[u8]) -> ControlDown {
+        quicmesh_protocol::wire::decode(&frame[quicmesh_protocol::wire::FRAME_HEADER_LEN..])
+            .unwrap()
+    }
 
     fn node(name: &str, service: &str) -> NodeRecord {
         NodeRecord {
@@ -362,13 +374,19 @@ mod tests {
         };
         let me = NodeName::new("a").unwrap();
         let c1 = catalog(1, vec![node("a", "db"), node("b", "web")]);
-        let (snap, sent) = whole(&me, c1.clone(), &policy, facts);
+        let (frame, sent) = whole(&me, c1.clone(), &policy, facts);
+        let ControlDown::Snapshot(snap) = decode_frame(&frame) else {
+            panic!("a whole snapshot")
+        };
         assert_eq!(snap.peers.len(), 1, "not itself");
         assert_eq!(snap.labels.get("zone"), Some("a"));
         let cats = Catalogs::default();
         let c2 = catalog(2, vec![node("a", "db"), node("c", "web")]);
         let step = cats.step_from(&sent, &c2);
-        let (d, sent2) = delta_from(&me, &sent, c2.clone(), &step, &policy);
+        let (frame, sent2) = delta_from(&me, &sent, c2.clone(), &step, &policy);
+        let ControlDown::Delta(d) = decode_frame(&frame) else {
+            panic!("a delta")
+        };
         assert_eq!((d.base_version, d.version), (1, 2));
         assert_eq!(d.upsert.len(), 1);
         assert_eq!(d.upsert[0].node.as_str(), "c");

@@ -580,12 +580,12 @@ async fn run_session(
             current = current.max(have.min(mesh.version_now()));
         }
         if last.as_ref().is_none_or(|l| current > l.version()) {
-            let (msg, sent) =
+            let (update, sent) =
                 crate::mesh::blocking(|| mesh.update_for(&id.node, last.as_ref(), current))?;
-            if matches!(msg, ControlDown::Snapshot(_)) {
+            if update.whole {
                 whole_version = sent.version();
             }
-            write_session(send, &msg).await?;
+            write_session_frame(send, &update.frame).await?;
             last = Some(sent);
         }
         tokio::select! {
@@ -647,10 +647,15 @@ async fn run_session(
     }
 }
 
+/// Writes one message of a session ([`write_session_frame`]).
+async fn write_session(send: &mut quinn::SendStream, msg: &ControlDown) -> anyhow::Result<()> {
+    write_session_frame(send, &quicmesh_protocol::wire::encode_frame(msg)).await
+}
+
 /// Writes one frame of a session, within [`SESSION_WRITE_DEADLINE`]: a node that stops
 /// reading its stream does not hold its session (and this task) forever.
-async fn write_session(send: &mut quinn::SendStream, msg: &ControlDown) -> anyhow::Result<()> {
-    match tokio::time::timeout(SESSION_WRITE_DEADLINE, write_frame(send, msg)).await {
+async fn write_session_frame(send: &mut quinn::SendStream, frame: &[u8]) -> anyhow::Result<()> {
+    match tokio::time::timeout(SESSION_WRITE_DEADLINE, send.write_all(frame)).await {
         Ok(r) => Ok(r?),
         Err(_) => anyhow::bail!("node did not read its session for {SESSION_WRITE_DEADLINE:?}"),
     }
@@ -909,14 +914,14 @@ mod tests {
             "the revocation was held back with the churn"
         );
         let v = *published.borrow_and_update();
-        let (msg, _) = mesh
+        let (update, _) = mesh
             .update_for(
                 &quicmesh_protocol::ident::NodeName::new("db-1").unwrap(),
                 None,
                 v,
             )
             .unwrap();
-        let ControlDown::Snapshot(snap) = msg else {
+        let ControlDown::Snapshot(snap) = crate::catalog::tests::decode_frame(&update.frame) else {
             panic!("a whole snapshot")
         };
         assert_eq!(

@@ -350,6 +350,14 @@ pub fn labels_from(map: &BTreeMap<String, String>) -> Result<Labels, MeshError> 
     })
 }
 
+/// A snapshot or delta for one node, encoded: the frame its session writes.
+#[derive(Debug)]
+pub struct Update {
+    pub frame: Vec<u8>,
+    /// A whole snapshot (else a delta).
+    pub whole: bool,
+}
+
 /// A node as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeView {
@@ -759,18 +767,24 @@ impl Mesh {
         node: &NodeName,
         last: Option<&Sent>,
         at_least: u64,
-    ) -> Result<(ControlDown, Sent), MeshError> {
+    ) -> Result<(Update, Sent), MeshError> {
         let catalog = self.catalog_at_least(at_least)?;
         let policy = self.policy();
         Ok(match last {
             None => {
-                let (snap, sent) = catalog::whole(node, catalog, &policy, self.facts());
-                (ControlDown::Snapshot(Box::new(snap)), sent)
+                let (frame, sent) = catalog::whole(node, catalog, &policy, self.facts());
+                (Update { frame, whole: true }, sent)
             }
             Some(last) => {
                 let step = self.catalogs.step_from(last, &catalog);
-                let (d, sent) = catalog::delta_from(node, last, catalog, &step, &policy);
-                (ControlDown::Delta(Box::new(d)), sent)
+                let (frame, sent) = catalog::delta_from(node, last, catalog, &step, &policy);
+                (
+                    Update {
+                        frame,
+                        whole: false,
+                    },
+                    sent,
+                )
             }
         })
     }
@@ -964,7 +978,12 @@ mod tests {
 
     /// `node`'s whole snapshot from the current catalog.
     fn whole(mesh: &Mesh, node: &NodeName) -> (Snapshot, Sent) {
-        catalog::whole(node, mesh.catalog().unwrap(), &mesh.policy(), mesh.facts())
+        let (frame, sent) =
+            catalog::whole(node, mesh.catalog().unwrap(), &mesh.policy(), mesh.facts());
+        let ControlDown::Snapshot(snap) = catalog::tests::decode_frame(&frame) else {
+            panic!("a whole snapshot")
+        };
+        (*snap, sent)
     }
 
     fn request(mesh: &Mesh, token: &str, key: &rcgen::KeyPair) -> EnrollRequest {

@@ -16,6 +16,13 @@ pub enum FrameError {
 pub async fn read_frame<M: Message, R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<M>, FrameError> {
+    Ok(read_frame_sized(r).await?.map(|(m, _)| m))
+}
+
+/// [`read_frame`], with the size of the frame's body.
+pub async fn read_frame_sized<M: Message, R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<(M, usize)>, FrameError> {
     let mut prefix = [0u8; FRAME_HEADER_LEN];
     let mut got = 0;
     while got < FRAME_HEADER_LEN {
@@ -37,7 +44,7 @@ pub async fn read_frame<M: Message, R: AsyncRead + Unpin>(
             FrameError::Io(e)
         }
     })?;
-    Ok(Some(wire::decode(&body)?))
+    Ok(Some((wire::decode(&body)?, len)))
 }
 
 /// Writes one frame.
