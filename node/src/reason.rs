@@ -154,9 +154,13 @@ reasons! {
         /// A packet of no tracked flow that cannot open one (a TCP segment without SYN,
         /// ICMP other than echo and errors).
         NotTracked => "not_tracked",
-        /// Outbound: an answer on a peer's flow that policy or the peer's standing just
-        /// closed (a datagram within two minutes of the close).
+        /// Outbound: an answer on no tracked flow (sent from a local service's port, not a
+        /// TCP SYN): the peer's flow was closed by a policy change or a revocation, or
+        /// timed out. It does not re-open the flow.
         FlowClosed => "flow_closed",
+        /// A peer's new flow judged under a view that was replaced meanwhile (its next
+        /// packet is judged under the new one).
+        ViewChanged => "view_changed",
         /// Outbound: no peer owns the destination address.
         NoRoute => "no_route",
         /// Outbound: the tunnel to the peer is not up (yet).

@@ -224,16 +224,7 @@ struct Shard {
     /// Flows inserted unreplied, oldest first: eviction candidates. Checked lazily (a
     /// key may since be replied or gone); compacted when it outgrows the table.
     unreplied: VecDeque<FlowKey>,
-    /// Peers' datagram flows (UDP, other protocols) a recheck closed, and until
-    /// when (tracker seconds) this node may not re-open them by answering: see
-    /// [`Tracker::outbound`]. At most [`CLOSED_PER_SHARD`].
-    closed: HashMap<FlowKey, u64, FxBuild>,
 }
-
-/// How long the key of a peer's closed datagram flow is remembered.
-const CLOSED_FOR: u64 = 120;
-/// Most closed keys remembered per shard.
-const CLOSED_PER_SHARD: usize = 4096;
 
 /// A peer's flows and grants.
 #[derive(Debug, Default)]
@@ -257,6 +248,8 @@ pub struct Tracker {
     /// Seconds added to the clock ([`Tracker::advance`]).
     skew: AtomicU64,
     evictions: AtomicU64,
+    /// The version of the view the last recheck enforced.
+    enforced: AtomicU64,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -303,6 +296,7 @@ impl Tracker {
             start_unix: crate::clock::unix_now(),
             skew: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            enforced: AtomicU64::new(0),
         }
     }
 
@@ -401,32 +395,22 @@ impl Tracker {
                 return Ok(());
             }
         }
-        // Only what could open a connection opens a flow here. A mid-stream TCP segment
-        // or an echo reply with no entry belongs to a flow that is gone: most likely a
-        // peer's flow a recheck just closed, whose delayed ACK must not re-open it as one
-        // of this node's own (its replies would then pass again).
+        // A packet with no entry opens a flow of this node's own, unless it can only be an
+        // answer on a peer's flow that is gone (closed by a policy change or a revocation,
+        // or timed out): an echo reply, or anything but a TCP SYN from a port a local
+        // service owns (peers' flows always go to a service's port). Re-opening those as
+        // this node's own would let the peer's packets pass again: a delayed ACK sent
+        // just after the policy went kept a denied flow alive. Decided by rule, not by a
+        // memory of closed flows, so no table can fill and no time can run out.
         match p.transport {
-            Transport::Ports {
-                proto: packet::TCP,
-                syn: false,
-                ..
-            }
-            | Transport::Icmp {
+            Transport::Icmp {
                 echo: Some(Echo { request: false, .. }),
                 ..
             } => return Err(DropReason::NotTracked),
-            _ => {}
-        }
-        {
-            // A datagram answering a peer's flow a recheck closed: no packet tells it from
-            // a first one, so the closed flow's key is remembered for a while.
-            let mut s = lock(self.shard(&k));
-            if let Some(&until) = s.closed.get(&k) {
-                if now < until {
-                    return Err(DropReason::FlowClosed);
-                }
-                s.closed.remove(&k);
+            Transport::Ports { syn: false, .. } if self.from_service_port(p) => {
+                return Err(DropReason::FlowClosed)
             }
+            _ => {}
         }
         self.insert(
             k,
@@ -436,7 +420,32 @@ impl Tracker {
                 replied: false,
                 answered: false,
             },
+            None,
         )
+    }
+
+    /// Whether `p`, a TCP or UDP packet this node sends, comes from a port a local service
+    /// owns: what a service sends from its port answers a peer's flow. (A node whose own
+    /// clients send from such a port, as NTP does from 123 to 123, opens UDP flows from it
+    /// only while a peer's flow to it is tracked; TCP always opens with a SYN.)
+    fn from_service_port(&self, p: &PacketInfo) -> bool {
+        let Transport::Ports {
+            proto, src, dst, ..
+        } = p.transport
+        else {
+            return false;
+        };
+        // As the peer's packet to that port would look.
+        let answered = Transport::Ports {
+            proto,
+            src: dst,
+            dst: src,
+            syn: true,
+            rst: false,
+        };
+        self.services
+            .iter()
+            .any(|s| s.ports.iter().any(|ps| ps.matches(&answered)))
     }
 
     /// Decides about a packet from `peer`, tracking the flow it opens when allowed.
@@ -561,7 +570,7 @@ impl Tracker {
             replied: false,
             answered: false,
         };
-        match self.insert(k, entry) {
+        match self.insert(k, entry, Some(view.version)) {
             Ok(()) => Verdict::New {
                 service: svc.name.clone(),
                 rule,
@@ -622,9 +631,19 @@ impl Tracker {
 
     /// Inserts a new flow, evicting the shard's oldest unreplied flow when the table is
     /// full; refused when there is none.
-    fn insert(&self, k: FlowKey, e: Entry) -> Result<(), DropReason> {
+    /// A peer's flow comes with the version of the view that allowed it: one judged under
+    /// a view older than the last [`Tracker::recheck`] enforced is refused (`view_changed`),
+    /// as the recheck may have passed its shard already (its next packet is judged under
+    /// the new view). Checked under the shard lock, after the recheck raised the version.
+    fn insert(&self, k: FlowKey, e: Entry, view: Option<u64>) -> Result<(), DropReason> {
         let mut guard = lock(self.shard(&k));
         let s = &mut *guard;
+        if view.is_some_and(|v| v < self.enforced.load(Ordering::SeqCst)) {
+            if let Some(g) = &e.grant {
+                g.flows.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Err(DropReason::ViewChanged);
+        }
         if s.flows.contains_key(&k) {
             // Opened meanwhile by another path: that entry stands.
             if let Some(g) = &e.grant {
@@ -667,13 +686,10 @@ impl Tracker {
                 return Err(DropReason::TableFull);
             }
         }
-        s.closed.remove(&k);
         s.flows.insert(k, e);
         s.unreplied.push_back(k);
         if s.unreplied.len() > 2 * s.flows.len() + 64 {
-            let Shard {
-                flows, unreplied, ..
-            } = s;
+            let Shard { flows, unreplied } = s;
             unreplied.retain(|k| flows.get(k).is_some_and(|e| !e.replied));
         }
         Ok(())
@@ -685,6 +701,8 @@ impl Tracker {
     /// and fragments. Each grant is judged once, so the cost at the cap is a pass over
     /// the table with a small lookup per flow. Returns how many flows were removed.
     pub fn recheck(&self, view: &View) -> usize {
+        // First: a flow judged under an older view and not inserted yet is refused.
+        self.enforced.fetch_max(view.version, Ordering::SeqCst);
         let now = self.now();
         let unix_now = self.unix_now();
         let judge = |g: &Grant| {
@@ -705,31 +723,16 @@ impl Tracker {
         let mut removed = 0;
         for s in &self.shards {
             let mut guard = lock(s);
-            let Shard {
-                flows,
-                unreplied,
-                closed,
-            } = &mut *guard;
-            closed.retain(|_, until| now < *until);
+            let Shard { flows, unreplied } = &mut *guard;
             let before = flows.len();
             flows.retain(|k, e| {
-                let fresh = now.saturating_sub(e.last) <= idle_limit(k.proto, e.replied).as_secs();
-                let allowed = match &e.grant {
-                    None => true,
-                    Some(g) => *verdicts
-                        .entry(Arc::as_ptr(g) as usize)
-                        .or_insert_with(|| judge(g)),
-                };
-                // TCP and echo flows need no key: what answers them never opens a flow.
-                if fresh
-                    && !allowed
-                    && k.proto != packet::TCP
-                    && k.proto != packet::ICMP
-                    && closed.len() < CLOSED_PER_SHARD
-                {
-                    closed.insert(*k, now + CLOSED_FOR);
-                }
-                let keep = fresh && allowed;
+                let keep = now.saturating_sub(e.last) <= idle_limit(k.proto, e.replied).as_secs()
+                    && match &e.grant {
+                        None => true,
+                        Some(g) => *verdicts
+                            .entry(Arc::as_ptr(g) as usize)
+                            .or_insert_with(|| judge(g)),
+                    };
                 if !keep {
                     self.release(e);
                 }

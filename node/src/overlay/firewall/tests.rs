@@ -273,7 +273,7 @@ fn an_answer_sent_after_a_policy_removal_does_not_reopen_the_peer_s_flow() {
     // The answers already on their way out are refused, each with its reason...
     assert_eq!(
         t.outbound(&tcp(ME, PEER, 5432, 40000, false)),
-        Err(DropReason::NotTracked),
+        Err(DropReason::FlowClosed),
         "a delayed ACK opens nothing"
     );
     assert_eq!(
@@ -306,28 +306,81 @@ fn an_answer_sent_after_a_policy_removal_does_not_reopen_the_peer_s_flow() {
         }
     ));
     assert_eq!(t.len(), 0);
-    // The allowed twins: this node still opens its own flows (a SYN, a first datagram
-    // on another tuple, an echo request), and their answers pass.
+    // However long after: the rule is the port, not a memory of the close.
+    t.advance(Duration::from_secs(3 * 3600));
+    t.recheck(&denied);
+    assert_eq!(
+        t.outbound(&udp(ME, PEER, 5353, 40001)),
+        Err(DropReason::FlowClosed)
+    );
+    // The allowed twins: this node still opens its own flows (a SYN, a first datagram, an
+    // echo request), and their answers pass.
     t.outbound(&tcp(ME, PEER, 50000, 443, true)).unwrap();
-    t.outbound(&udp(ME, PEER, 5353, 40002)).unwrap();
+    t.outbound(&udp(ME, PEER, 40002, 53)).unwrap();
     t.outbound(&echo(ME, PEER, true)).unwrap();
     assert_eq!(
         check(&t, &tcp(PEER, ME, 443, 50000, false), &id, &denied),
         Verdict::Established
     );
     assert_eq!(
-        check(&t, &udp(PEER, ME, 40002, 5353), &id, &denied),
+        check(&t, &udp(PEER, ME, 53, 40002), &id, &denied),
         Verdict::Established
     );
     assert_eq!(
         check(&t, &echo(PEER, ME, false), &id, &denied),
         Verdict::Established
     );
-    // The closed datagram flow's key is remembered for a while only, and a peer flow the
-    // policy allows again takes it back at once.
-    t.advance(Duration::from_secs(CLOSED_FOR + 1));
+    // A connection of this node's own that idled out of the table is picked up again by
+    // its next segment (it comes from no service's port: it answers no peer's flow).
+    t.advance(Duration::from_secs(3601));
     t.recheck(&denied);
+    assert!(!t.tracks(&tcp(ME, PEER, 50000, 443, false)));
+    t.outbound(&tcp(ME, PEER, 50000, 443, false)).unwrap();
+    assert_eq!(
+        check(&t, &tcp(PEER, ME, 443, 50000, false), &id, &denied),
+        Verdict::Established
+    );
+    // The policy allows the peer again: its new flow opens, and the answers pass.
+    let again = View {
+        version: 2,
+        ..view(WEB_TO_DB)
+    };
+    t.recheck(&again);
+    assert!(matches!(
+        check(&t, &udp(PEER, ME, 40001, 5353), &id, &again),
+        Verdict::New { .. }
+    ));
     assert!(t.outbound(&udp(ME, PEER, 5353, 40001)).is_ok());
+}
+
+/// A flow judged under a view that a recheck replaced before the flow was inserted (the
+/// receive path holds the view it loaded for a batch) is refused: the recheck may have
+/// passed its shard already, and nothing would judge it again until the next one.
+#[test]
+fn a_flow_judged_under_a_replaced_view_is_refused() {
+    let t = tracker();
+    let old = view(WEB_TO_DB);
+    let new = View {
+        version: 2,
+        ..view("default = \"deny\"\n")
+    };
+    t.recheck(&new);
+    let id = peer(&["web"]);
+    assert_eq!(
+        check(&t, &tcp(PEER, ME, 40000, 5432, true), &id, &old),
+        dropped(DropReason::ViewChanged)
+    );
+    assert_eq!(t.len(), 0);
+    assert_eq!(t.peer_flows(&id.node), 0, "the refused flow is not counted");
+    // Its twin: judged under the view in force, allowed by it.
+    let allowing = View {
+        version: 2,
+        ..view(WEB_TO_DB)
+    };
+    assert!(matches!(
+        check(&t, &tcp(PEER, ME, 40000, 5432, true), &id, &allowing),
+        Verdict::New { .. }
+    ));
 }
 
 // Raw packets, parsed as the receive path parses them: the attacks are bytes.
