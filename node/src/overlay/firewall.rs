@@ -407,7 +407,7 @@ impl Tracker {
                 echo: Some(Echo { request: false, .. }),
                 ..
             } => return Err(DropReason::NotTracked),
-            Transport::Ports { syn: false, .. } if self.from_service_port(p) => {
+            Transport::Ports { syn: false, .. } if self.sent_from_service_port(p) => {
                 return Err(DropReason::FlowClosed)
             }
             _ => {}
@@ -428,7 +428,7 @@ impl Tracker {
     /// owns: what a service sends from its port answers a peer's flow. (A node whose own
     /// clients send from such a port, as NTP does from 123 to 123, opens UDP flows from it
     /// only while a peer's flow to it is tracked; TCP always opens with a SYN.)
-    fn from_service_port(&self, p: &PacketInfo) -> bool {
+    fn sent_from_service_port(&self, p: &PacketInfo) -> bool {
         let Transport::Ports {
             proto, src, dst, ..
         } = p.transport
