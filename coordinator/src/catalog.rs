@@ -213,6 +213,10 @@ pub fn interval(sessions: usize, nodes: usize) -> Duration {
 #[derive(Debug)]
 pub struct Catalogs {
     last: Mutex<Option<Arc<Catalog>>>,
+    /// Peers in the catalog built last (read without waiting for a build).
+    size: std::sync::atomic::AtomicUsize,
+    /// The deny list of the catalog published last.
+    published_revoked: Mutex<Vec<Serial>>,
     steps: Mutex<VecDeque<PeerStep>>,
     published: watch::Sender<u64>,
     /// A revocation is waiting: the next catalog is published without waiting out the
@@ -224,6 +228,8 @@ impl Default for Catalogs {
     fn default() -> Self {
         Self {
             last: Mutex::new(None),
+            size: std::sync::atomic::AtomicUsize::new(0),
+            published_revoked: Mutex::new(Vec::new()),
             steps: Mutex::new(VecDeque::new()),
             published: watch::channel(0).0,
             urgent: tokio::sync::Notify::new(),
@@ -245,17 +251,15 @@ impl Catalogs {
             return Ok(c.clone());
         }
         let c = Arc::new(build()?);
+        self.size
+            .store(c.peers.len(), std::sync::atomic::Ordering::Relaxed);
         *last = Some(c.clone());
         Ok(c)
     }
 
     /// Peers in the catalog built last.
     pub fn size(&self) -> usize {
-        self.last
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map_or(0, |c| c.peers.len())
+        self.size.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The peer changes from catalog `a` to `b`, computed once per step.
@@ -284,8 +288,18 @@ impl Catalogs {
         self.step(&last.catalog, catalog)
     }
 
-    /// Tells the sessions `version` is built (never backwards).
-    pub fn publish(&self, version: u64) {
+    /// Tells the sessions `catalog`'s version is built (never backwards).
+    pub fn publish(&self, catalog: &Catalog) {
+        let version = catalog.version;
+        {
+            let mut revoked = self
+                .published_revoked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if version >= *self.published.borrow() {
+                revoked.clone_from(&catalog.revoked);
+            }
+        }
         self.published.send_if_modified(|cur| {
             let newer = version > *cur;
             if newer {
@@ -311,11 +325,16 @@ impl Catalogs {
         self.urgent.notified().await
     }
 
-    /// True when `revoked` is not the deny list of the catalog built last (a revocation
-    /// is not published yet).
+    /// True when `revoked` is not the deny list of the catalog published last (a
+    /// revocation is not published yet). Compared with what was published, not what was
+    /// built: a catalog built for one session (a node that moved here holding a newer
+    /// version) may hold the revocation while the other sessions have not been sent it.
     pub fn revoked_differs(&self, revoked: &[Serial]) -> bool {
-        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        last.as_ref().is_some_and(|c| c.revoked != revoked)
+        *self
+            .published_revoked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            != revoked
     }
 }
 
@@ -397,6 +416,28 @@ pub(crate) mod tests {
         assert_eq!(sent2.version(), 2);
         // The same step for another session is the same shared computation.
         assert!(Arc::ptr_eq(&step, &cats.step(&c1, &c2)));
+    }
+
+    /// A catalog built for one session (a node that moved here with a newer version) may
+    /// hold a revocation the other sessions were not sent: the revocation stays pending,
+    /// and so urges the publisher, until a catalog holding it is published.
+    #[test]
+    fn a_revocation_is_pending_until_a_catalog_holding_it_is_published() {
+        let cats = Catalogs::default();
+        let revoked = vec![Serial::new(vec![9]).unwrap()];
+        let c = cats
+            .at_least(5, || {
+                Ok(Catalog {
+                    version: 5,
+                    peers: Vec::new(),
+                    revoked: revoked.clone(),
+                })
+            })
+            .unwrap();
+        assert!(cats.revoked_differs(&revoked), "built, not published");
+        cats.publish(&c);
+        assert!(!cats.revoked_differs(&revoked), "published");
+        assert!(cats.revoked_differs(&[]), "the deny list shrank");
     }
 
     #[test]

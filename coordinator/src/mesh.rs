@@ -548,12 +548,24 @@ impl Mesh {
     /// a burst of changes, where reading inline cost one per change: a 3-replica join
     /// storm read the liveness table thousands of times a second).
     pub fn changed(&self) -> Result<u64, MeshError> {
+        self.changed_with(false)
+    }
+
+    /// [`Mesh::changed`], reading another replica's changes inline when `now`: a
+    /// revocation is raised (and so published) before `revoke` returns, not a refresh
+    /// later.
+    fn changed_with(&self, now: bool) -> Result<u64, MeshError> {
         if self.fenced.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(MeshError::Fenced);
         }
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         let v = self.store.bump_version()?;
-        if v == *loaded + 1 {
+        if now && v > *loaded + 1 {
+            self.reload(Some(*loaded))?;
+            *loaded = v;
+            drop(loaded);
+            self.raise(v);
+        } else if v == *loaded + 1 {
             *loaded = v;
             drop(loaded);
             self.raise(v);
@@ -605,10 +617,11 @@ impl Mesh {
     /// A forced refresh reads every liveness row, not only those changed lately.
     pub fn refresh_with(&self, force: bool) -> Result<u64, MeshError> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let v = self.store.version()?;
+        // Taken after the one read that may fail before `reload`; put back if that fails.
         let noted = self
             .noted
             .swap(u64::MAX, std::sync::atomic::Ordering::Relaxed);
-        let v = self.store.version()?;
         if v <= *loaded && !force && noted > *loaded {
             return Ok(*loaded);
         }
@@ -739,7 +752,7 @@ impl Mesh {
         if let Some(row) = self.book().forget(name) {
             self.store.put_live(&row)?;
         }
-        self.changed()?;
+        self.changed_with(true)?;
         if let Some(s) = self.sessions.lock().ok().and_then(|mut m| m.remove(name)) {
             s.end_revoked();
         }
@@ -845,7 +858,7 @@ impl Mesh {
             return Err(MeshError::Fenced);
         }
         let c = self.catalog()?;
-        self.catalogs.publish(c.version);
+        self.catalogs.publish(&c);
         Ok(c.version)
     }
 

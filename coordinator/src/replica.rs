@@ -100,10 +100,20 @@ async fn refresher(mesh: Arc<Mesh>, force: Arc<std::sync::atomic::AtomicBool>) {
         }
         let m = mesh.clone();
         let forced = force.swap(false, Ordering::Relaxed);
-        match tokio::task::spawn_blocking(move || m.refresh_with(forced)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not catch up with the store"),
-            Err(e) => tracing::warn!(error = %e, "refresh task failed"),
+        let ok = match tokio::task::spawn_blocking(move || m.refresh_with(forced)).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not catch up with the store");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refresh task failed");
+                false
+            }
+        };
+        if !ok && forced {
+            // Still owed: everything is read again on the next try.
+            force.store(true, Ordering::Relaxed);
         }
         // Notifications meanwhile leave one wake-up: the next refresh reads them all.
         tokio::time::sleep(REFRESH_GAP).await;

@@ -187,12 +187,18 @@ impl Mesh {
             // nothing: at 10,000 nodes a whole read every second was most of a
             // replica's store traffic.
             let t = now_ms();
-            if self.store.shared() && !self.book().sweep(&known, t).is_empty() {
-                let rows = self.store.live()?;
-                self.book().load(rows);
-            }
+            let rows = if self.store.shared() && !self.book().sweep(&known, t).is_empty() {
+                Some(self.store.live()?)
+            } else {
+                None
+            };
             let (marks, new_rows, grace_ms) = {
+                // Loaded, swept and marked under one guard: a refresh merging an older read
+                // in between would have a node that just connected elsewhere marked.
                 let mut book = self.book();
+                if let Some(rows) = rows {
+                    book.load(rows);
+                }
                 let marks = book.sweep(&known, t);
                 let new_rows = book.mark(&marks, t);
                 (marks, new_rows, book.grace_ms())

@@ -846,12 +846,20 @@ impl Store for PgStore {
         let replica = replica.to_string();
         self.run(Box::new(move |c| {
             Box::pin(async move {
-                c.execute(
-                    "UPDATE live SET connected = FALSE, changed_at = $2 WHERE replica = $1 AND connected",
-                    &[&replica, &now],
-                )
-                .await?;
-                Ok(())
+                // Logged as a change, as every liveness write is: the other replicas read
+                // these rows by version, and their offline sweeps trust what they read.
+                let tx = c.transaction().await?;
+                let v = log_change(&tx).await?;
+                let n = tx
+                    .execute(
+                        "UPDATE live SET connected = FALSE, changed_at = $2, version = $3 WHERE replica = $1 AND connected",
+                        &[&replica, &now, &v],
+                    )
+                    .await?;
+                if n == 0 {
+                    return tx.rollback().await;
+                }
+                tx.commit().await
             })
         }))
     }
