@@ -5,6 +5,7 @@
 pub mod cert;
 pub mod delta;
 pub mod health;
+pub mod http;
 pub mod ident;
 pub mod overlay;
 pub mod packet;
