@@ -96,6 +96,90 @@ pub struct Rule {
     pub from: Selector,
     pub to: Selector,
     pub action: Action,
+    /// HTTP conditions (`methods`, `paths`, `headers`): the rule is about requests.
+    pub http: Option<HttpMatch>,
+}
+
+/// A rule's HTTP conditions: every one given must hold for a request to match.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HttpMatch {
+    /// Methods (upper case); empty: any.
+    pub methods: Vec<String>,
+    /// Normalised paths, exact or prefix (`"/api/*"`); empty: any.
+    pub paths: Vec<PathMatch>,
+    /// Header names (lower case) with the exact value each must have.
+    pub headers: Vec<(String, String)>,
+}
+
+/// A path condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PathMatch {
+    Exact(String),
+    /// Written `"/api/*"`: any path starting with `/api/`.
+    Prefix(String),
+}
+
+impl fmt::Display for PathMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathMatch::Exact(p) => f.write_str(p),
+            PathMatch::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
+impl HttpMatch {
+    fn matches(&self, req: &Request<'_>) -> bool {
+        (self.methods.is_empty() || self.methods.iter().any(|m| m == req.method))
+            && (self.paths.is_empty()
+                || self.paths.iter().any(|p| match p {
+                    PathMatch::Exact(x) => x == req.path,
+                    PathMatch::Prefix(x) => req.path.starts_with(x.as_str()),
+                }))
+            && self.headers.iter().all(|(name, value)| {
+                req.headers
+                    .iter()
+                    .any(|(n, v)| n.eq_ignore_ascii_case(name) && v == value)
+            })
+    }
+}
+
+/// An HTTP request as L7 policy judges it: its path normalised
+/// ([`crate::http::normalize_path`]), its header names in any case.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a [(&'a str, &'a str)],
+}
+
+/// What is being judged.
+#[derive(Debug, Clone, Copy)]
+pub enum Traffic<'a> {
+    /// Opaque bytes (an L4 flow, a packet): a rule with HTTP conditions cannot be checked,
+    /// so an allow with them does not match and a deny with them does (fail closed).
+    Opaque,
+    /// An HTTP connection before its requests: admitted when some request could be
+    /// allowed (an allow with HTTP conditions matches, a deny with them does not); each
+    /// request is then judged as [`Traffic::Http`].
+    HttpConnection,
+    /// One HTTP request.
+    Http(Request<'a>),
+}
+
+impl Rule {
+    fn matches(&self, src: Source<'_>, dst: Destination<'_>, traffic: Traffic<'_>) -> bool {
+        if !self.from.matches(src.service, src.labels) || !self.to.matches(dst.service, dst.labels)
+        {
+            return false;
+        }
+        match (&self.http, traffic) {
+            (None, _) => true,
+            (Some(_), Traffic::Opaque) => self.action == Action::Deny,
+            (Some(_), Traffic::HttpConnection) => self.action == Action::Allow,
+            (Some(h), Traffic::Http(req)) => h.matches(&req),
+        }
+    }
 }
 
 /// One checked `[[test]]` entry.
@@ -104,6 +188,8 @@ pub struct PolicyTest {
     pub from: ServiceName,
     pub to: ServiceName,
     pub expect: Action,
+    /// A request to judge (`method`, `path`); `None`: an L4 flow.
+    pub request: Option<(String, String)>,
 }
 
 /// A checked policy, ready to evaluate. Rule indexes are 0-based positions in the file.
@@ -166,6 +252,9 @@ struct RawRule {
     from: Option<String>,
     to: Option<String>,
     action: Option<String>,
+    methods: Option<Vec<String>>,
+    paths: Option<Vec<String>>,
+    headers: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]
@@ -174,6 +263,88 @@ struct RawTest {
     from: Option<String>,
     to: Option<String>,
     expect: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+}
+
+/// Most methods, paths or headers in one rule.
+const MAX_HTTP_CONDITIONS: usize = 64;
+
+fn check_method(m: &str) -> Result<String, String> {
+    if m.is_empty() || m.len() > 32 || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(format!(
+            "{m:?} is not an HTTP method in upper case (GET, POST, ...)"
+        ));
+    }
+    Ok(m.to_string())
+}
+
+fn check_path(p: &str) -> Result<PathMatch, String> {
+    let (base, prefix) = match p.strip_suffix('*') {
+        Some(b) => (b, true),
+        None => (p, false),
+    };
+    let normal = crate::http::normalize_path(base).map_err(|e| format!("{p:?}: {e}"))?;
+    if normal != base {
+        return Err(format!(
+            "{p:?} is not a normalised path (requests are judged normalised): write {:?}",
+            if prefix { format!("{normal}*") } else { normal }
+        ));
+    }
+    Ok(if prefix {
+        PathMatch::Prefix(normal)
+    } else {
+        PathMatch::Exact(normal)
+    })
+}
+
+fn check_header(name: &str, value: &str) -> Result<(String, String), String> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || name.len() > 128 || !name.bytes().all(token) {
+        return Err(format!("{name:?} is not a header name"));
+    }
+    if value.len() > 1024 || value.bytes().any(|b| b.is_ascii_control()) {
+        return Err(format!(
+            "the value of {name:?} is too long or has control characters"
+        ));
+    }
+    Ok((name.to_ascii_lowercase(), value.to_string()))
+}
+
+fn parse_http(r: &mut RawRule) -> Result<Option<HttpMatch>, (&'static str, String)> {
+    if r.methods.is_none() && r.paths.is_none() && r.headers.is_none() {
+        return Ok(None);
+    }
+    let too_many = |field| (field, format!("at most {MAX_HTTP_CONDITIONS}"));
+    let methods = r.methods.take().unwrap_or_default();
+    let paths = r.paths.take().unwrap_or_default();
+    let headers = r.headers.take().unwrap_or_default();
+    if methods.len() > MAX_HTTP_CONDITIONS {
+        return Err(too_many("methods"));
+    }
+    if paths.len() > MAX_HTTP_CONDITIONS {
+        return Err(too_many("paths"));
+    }
+    if headers.len() > MAX_HTTP_CONDITIONS {
+        return Err(too_many("headers"));
+    }
+    Ok(Some(HttpMatch {
+        methods: methods
+            .iter()
+            .map(|m| check_method(m))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ("methods", e))?,
+        paths: paths
+            .iter()
+            .map(|p| check_path(p))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ("paths", e))?,
+        headers: headers
+            .iter()
+            .map(|(n, v)| check_header(n, v))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ("headers", e))?,
+    }))
 }
 
 /// A TOML basic string with everything that needs it escaped.
@@ -319,7 +490,7 @@ impl Policy {
             return Err(PolicyError::TooMany { what: "tests" });
         }
         let mut rules = Vec::with_capacity(raw.rule.len());
-        for (index, r) in raw.rule.into_iter().enumerate() {
+        for (index, mut r) in raw.rule.into_iter().enumerate() {
             let err = |field, reason: String| PolicyError::Rule {
                 index,
                 field,
@@ -329,6 +500,7 @@ impl Policy {
                 let v = v.ok_or_else(|| err(field, "missing".into()))?;
                 Selector::parse(&v).map_err(|e| err(field, e.to_string()))
             };
+            let http = parse_http(&mut r).map_err(|(field, reason)| err(field, reason))?;
             let from = sel("from", r.from)?;
             let to = sel("to", r.to)?;
             let action = r.action.ok_or_else(|| err("action", "missing".into()))?;
@@ -338,7 +510,12 @@ impl Policy {
                     format!("must be \"allow\" or \"deny\", got {action:?}"),
                 )
             })?;
-            rules.push(Rule { from, to, action });
+            rules.push(Rule {
+                from,
+                to,
+                action,
+                http,
+            });
         }
         let mut tests = Vec::with_capacity(raw.test.len());
         for (index, t) in raw.test.into_iter().enumerate() {
@@ -360,7 +537,22 @@ impl Policy {
                     format!("must be \"allow\" or \"deny\", got {expect:?}"),
                 )
             })?;
-            tests.push(PolicyTest { from, to, expect });
+            let request = match (t.method, t.path) {
+                (None, None) => None,
+                (m, p) => {
+                    let method = check_method(m.as_deref().unwrap_or("GET"))
+                        .map_err(|e| err("method", e))?;
+                    let path = crate::http::normalize_path(p.as_deref().unwrap_or("/"))
+                        .map_err(|e| err("path", e.to_string()))?;
+                    Some((method, path))
+                }
+            };
+            tests.push(PolicyTest {
+                from,
+                to,
+                expect,
+                request,
+            });
         }
         Ok(Self {
             default,
@@ -372,6 +564,10 @@ impl Policy {
     /// Renders the policy as a policy file that parses back to the same policy.
     pub fn to_toml(&self) -> String {
         let mut out = format!("default = {}\n", toml_str(&self.default.to_string()));
+        let list = |items: Vec<String>| {
+            let items: Vec<String> = items.iter().map(|i| toml_str(i)).collect();
+            format!("[{}]", items.join(", "))
+        };
         for r in &self.rules {
             out.push_str(&format!(
                 "\n[[rule]]\nfrom = {}\nto = {}\naction = {}\n",
@@ -379,6 +575,19 @@ impl Policy {
                 toml_str(&r.to.to_string()),
                 toml_str(&r.action.to_string())
             ));
+            if let Some(h) = &r.http {
+                out.push_str(&format!("methods = {}\n", list(h.methods.clone())));
+                out.push_str(&format!(
+                    "paths = {}\n",
+                    list(h.paths.iter().map(ToString::to_string).collect())
+                ));
+                let headers: Vec<String> = h
+                    .headers
+                    .iter()
+                    .map(|(n, v)| format!("{} = {}", toml_str(n), toml_str(v)))
+                    .collect();
+                out.push_str(&format!("headers = {{ {} }}\n", headers.join(", ")));
+            }
         }
         for t in &self.tests {
             out.push_str(&format!(
@@ -387,15 +596,32 @@ impl Policy {
                 toml_str(t.to.as_str()),
                 toml_str(&t.expect.to_string())
             ));
+            if let Some((m, p)) = &t.request {
+                out.push_str(&format!(
+                    "method = {}\npath = {}\n",
+                    toml_str(m),
+                    toml_str(p)
+                ));
+            }
         }
         out
     }
 
-    /// Evaluates a request. Pure: same inputs, same answer.
+    /// Evaluates an L4 flow ([`Traffic::Opaque`]). Pure: same inputs, same answer.
     pub fn evaluate(&self, src: Source<'_>, dst: Destination<'_>) -> Decision {
+        self.evaluate_traffic(src, dst, Traffic::Opaque)
+    }
+
+    /// Evaluates `traffic` from `src` to `dst`. Pure.
+    pub fn evaluate_traffic(
+        &self,
+        src: Source<'_>,
+        dst: Destination<'_>,
+        traffic: Traffic<'_>,
+    ) -> Decision {
         let mut best: Option<((u8, u8), usize, Action)> = None;
         for (i, r) in self.rules.iter().enumerate() {
-            if !r.from.matches(src.service, src.labels) || !r.to.matches(dst.service, dst.labels) {
+            if !r.matches(src, dst, traffic) {
                 continue;
             }
             let spec = (r.to.specificity(), r.from.specificity());
@@ -417,16 +643,44 @@ impl Policy {
         }
     }
 
-    /// Evaluates a request and says why.
+    /// The header names a request must carry once at most: those a rule matches on. A
+    /// request repeating one is refused before it is judged (which of its values a
+    /// service would read is anyone's guess).
+    pub fn repeated_header<'a>(&self, req: &Request<'a>) -> Option<&'a str> {
+        let named = |n: &str| {
+            self.rules.iter().any(|r| {
+                r.http
+                    .as_ref()
+                    .is_some_and(|h| h.headers.iter().any(|(m, _)| m.eq_ignore_ascii_case(n)))
+            })
+        };
+        req.headers.iter().enumerate().find_map(|(i, (n, _))| {
+            (named(n)
+                && req.headers[i + 1..]
+                    .iter()
+                    .any(|(m, _)| m.eq_ignore_ascii_case(n)))
+            .then_some(*n)
+        })
+    }
+
+    /// Evaluates an L4 flow and says why.
     pub fn explain(&self, src: Source<'_>, dst: Destination<'_>) -> Explanation {
-        let decision = self.evaluate(src, dst);
+        self.explain_traffic(src, dst, Traffic::Opaque)
+    }
+
+    /// Evaluates `traffic` and says why.
+    pub fn explain_traffic(
+        &self,
+        src: Source<'_>,
+        dst: Destination<'_>,
+        traffic: Traffic<'_>,
+    ) -> Explanation {
+        let decision = self.evaluate_traffic(src, dst, traffic);
         let candidates: Vec<Candidate> = self
             .rules
             .iter()
             .enumerate()
-            .filter(|(_, r)| {
-                r.from.matches(src.service, src.labels) && r.to.matches(dst.service, dst.labels)
-            })
+            .filter(|(_, r)| r.matches(src, dst, traffic))
             .map(|(index, r)| Candidate {
                 index,
                 rule: r.to_string(),
@@ -464,7 +718,15 @@ impl Policy {
             .iter()
             .enumerate()
             .filter_map(|(index, t)| {
-                let got = self.explain(
+                let traffic = match &t.request {
+                    Some((method, path)) => Traffic::Http(Request {
+                        method,
+                        path,
+                        headers: &[],
+                    }),
+                    None => Traffic::Opaque,
+                };
+                let got = self.explain_traffic(
                     Source {
                         service: &t.from,
                         labels: &none,
@@ -473,6 +735,7 @@ impl Policy {
                         service: &t.to,
                         labels: &none,
                     },
+                    traffic,
                 );
                 (got.decision.action() != t.expect).then(|| TestFailure {
                     index,
@@ -677,5 +940,207 @@ action = "deny"
             },
         );
         assert_eq!(e.text, "no rule matches; default is deny");
+    }
+
+    const L7: &str = r#"
+[[rule]]
+from = "web"
+to = "api"
+action = "allow"
+[[rule]]
+from = "web"
+to = "api"
+action = "deny"
+paths = ["/admin", "/admin/*"]
+[[rule]]
+from = "batch"
+to = "api"
+action = "allow"
+methods = ["GET", "HEAD"]
+paths = ["/reports/*"]
+[[rule]]
+from = "ops"
+to = "api"
+action = "allow"
+headers = { "X-Tenant" = "blue" }
+[[test]]
+from = "web"
+to = "api"
+method = "GET"
+path = "//admin"
+expect = "deny"
+[[test]]
+from = "batch"
+to = "api"
+method = "GET"
+path = "/reports/q1"
+expect = "allow"
+"#;
+
+    fn judge(p: &Policy, from: &str, traffic: Traffic<'_>) -> Decision {
+        let (f, t, none) = (svc(from), svc("api"), Labels::default());
+        p.evaluate_traffic(
+            Source {
+                service: &f,
+                labels: &none,
+            },
+            Destination {
+                service: &t,
+                labels: &none,
+            },
+            traffic,
+        )
+    }
+
+    fn get<'a>(method: &'a str, path: &'a str) -> Traffic<'a> {
+        Traffic::Http(Request {
+            method,
+            path,
+            headers: &[],
+        })
+    }
+
+    #[test]
+    fn http_rules_judge_requests_by_method_and_normalised_path() {
+        let p = Policy::parse(L7).unwrap();
+        assert_eq!(
+            judge(&p, "web", get("GET", "/public")),
+            Decision::Allow(Some(0))
+        );
+        // Its denied twins: the path rule, whatever way the path was written.
+        for raw in [
+            "/admin",
+            "/admin/users",
+            "//admin",
+            "/%61dmin",
+            "/x/../admin/",
+        ] {
+            let path = crate::http::normalize_path(raw).unwrap();
+            assert_eq!(
+                judge(&p, "web", get("GET", &path)),
+                Decision::Deny(DenyReason::Rule(1)),
+                "{raw}"
+            );
+        }
+        // `/administrator` is not under `/admin/`, nor is it `/admin`.
+        assert_eq!(
+            judge(&p, "web", get("GET", "/administrator")),
+            Decision::Allow(Some(0))
+        );
+        assert_eq!(
+            judge(&p, "batch", get("HEAD", "/reports/q1")),
+            Decision::Allow(Some(2))
+        );
+        assert_eq!(
+            judge(&p, "batch", get("POST", "/reports/q1")),
+            Decision::Deny(DenyReason::Default),
+            "a method the rule does not name"
+        );
+        assert_eq!(
+            judge(&p, "batch", get("GET", "/reportsx")),
+            Decision::Deny(DenyReason::Default)
+        );
+        let blue = [("x-tenant", "blue")];
+        let red = [("x-tenant", "red")];
+        let with = |headers| {
+            Traffic::Http(Request {
+                method: "GET",
+                path: "/",
+                headers,
+            })
+        };
+        assert_eq!(judge(&p, "ops", with(&blue)), Decision::Allow(Some(3)));
+        assert_eq!(
+            judge(&p, "ops", with(&red)),
+            Decision::Deny(DenyReason::Default)
+        );
+        assert!(p.run_tests().is_empty(), "{:?}", p.run_tests());
+    }
+
+    /// On bytes nobody can read as HTTP, a rule about requests cannot be checked: an allow
+    /// with HTTP conditions allows nothing and a deny with them denies the flow. An HTTP
+    /// connection is admitted when some request could be allowed.
+    #[test]
+    fn http_rules_fail_closed_on_opaque_flows_and_admit_connections_optimistically() {
+        let p = Policy::parse(L7).unwrap();
+        assert_eq!(
+            judge(&p, "web", Traffic::Opaque),
+            Decision::Deny(DenyReason::Rule(1))
+        );
+        assert_eq!(
+            judge(&p, "batch", Traffic::Opaque),
+            Decision::Deny(DenyReason::Default)
+        );
+        assert_eq!(
+            judge(&p, "web", Traffic::HttpConnection),
+            Decision::Allow(Some(0))
+        );
+        assert_eq!(
+            judge(&p, "batch", Traffic::HttpConnection),
+            Decision::Allow(Some(2))
+        );
+        assert_eq!(
+            judge(&p, "stranger", Traffic::HttpConnection),
+            Decision::Deny(DenyReason::Default)
+        );
+    }
+
+    #[test]
+    fn a_request_repeating_a_header_a_rule_matches_on_is_refused() {
+        let p = Policy::parse(L7).unwrap();
+        let twice = [("X-Tenant", "blue"), ("x-tenant", "red")];
+        let req = Request {
+            method: "GET",
+            path: "/",
+            headers: &twice,
+        };
+        assert_eq!(p.repeated_header(&req), Some("X-Tenant"));
+        // Its twin: a header no rule names may repeat.
+        let accept = [("accept", "a"), ("accept", "b"), ("x-tenant", "blue")];
+        let req = Request {
+            headers: &accept,
+            ..req
+        };
+        assert_eq!(p.repeated_header(&req), None);
+    }
+
+    #[test]
+    fn http_conditions_are_checked_when_the_file_is_read() {
+        let rule = |extra: &str| {
+            Policy::parse(&format!(
+                "[[rule]]\nfrom = \"web\"\nto = \"api\"\naction = \"allow\"\n{extra}\n"
+            ))
+        };
+        let field = |r: Result<Policy, PolicyError>| match r {
+            Err(PolicyError::Rule { field, reason, .. }) => (field, reason),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(rule("methods = [\"get\"]")).0, "methods");
+        let (f, why) = field(rule("paths = [\"/a/../b/*\"]"));
+        assert_eq!(f, "paths");
+        assert!(why.contains("\"/b/*\""), "{why}");
+        assert_eq!(field(rule("paths = [\"/a%2Fb\"]")).0, "paths");
+        assert_eq!(field(rule("paths = [\"admin\"]")).0, "paths");
+        assert_eq!(
+            field(rule("headers = { \"bad name\" = \"x\" }")).0,
+            "headers"
+        );
+        // An unknown condition is refused, never ignored (a typo would widen an allow).
+        assert!(matches!(
+            rule("methods = [\"GET\"]\nhost = \"x\""),
+            Err(PolicyError::Toml(m)) if m.contains("`host`")
+        ));
+    }
+
+    #[test]
+    fn http_rules_and_request_tests_survive_a_round_trip() {
+        let p = Policy::parse(L7).unwrap();
+        let again = Policy::parse(&p.to_toml()).unwrap();
+        assert_eq!(again, p);
+        assert_eq!(
+            p.tests[0].request,
+            Some(("GET".into(), "/admin".into())),
+            "a test's path is normalised as a request's"
+        );
     }
 }
