@@ -294,16 +294,28 @@ async fn policy_apply(
 struct ExplainQuery {
     from: String,
     to: String,
+    /// With `method` or `path`: an HTTP request (method GET, path `/` by default);
+    /// without: an L4 flow.
+    method: Option<String>,
+    path: Option<String>,
 }
 
 async fn policy_explain(
     State(mesh): State<Arc<Mesh>>,
     Query(q): Query<ExplainQuery>,
 ) -> Result<Json<serde_json::Value>, MeshError> {
-    let e = mesh.explain(&q.from, &q.to)?;
+    let request = match (q.method, q.path) {
+        (None, None) => None,
+        (m, p) => Some((
+            m.unwrap_or_else(|| "GET".into()),
+            p.unwrap_or_else(|| "/".into()),
+        )),
+    };
+    let (e, request) = mesh.explain_request(&q.from, &q.to, request.as_ref())?;
     Ok(Json(json!({
         "from": q.from,
         "to": q.to,
+        "request": request.map(|(method, path)| json!({ "method": method, "path": path })),
         "decision": e.decision.action().to_string(),
         "rule": e.decision.rule_label(),
         "explanation": e,

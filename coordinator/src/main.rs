@@ -167,6 +167,12 @@ enum PolicyCmd {
         from: String,
         #[arg(long)]
         to: String,
+        /// Judge an HTTP request with this method (with --path; default GET).
+        #[arg(long)]
+        method: Option<String>,
+        /// Judge an HTTP request for this path (normalised as requests are).
+        #[arg(long)]
+        path: Option<String>,
     },
 }
 
@@ -537,13 +543,32 @@ async fn admin(client: &ApiClient, cmd: Cmd, raw: bool) -> Result<(), AdminError
                 }
             }
         }
-        Cmd::Policy(PolicyCmd::Explain { from, to }) => {
-            let q = format!("/policy/explain?from={}&to={}", enc(&from), enc(&to));
+        Cmd::Policy(PolicyCmd::Explain {
+            from,
+            to,
+            method,
+            path,
+        }) => {
+            let mut q = format!("/policy/explain?from={}&to={}", enc(&from), enc(&to));
+            if let Some(m) = &method {
+                q.push_str(&format!("&method={}", enc(m)));
+            }
+            if let Some(p) = &path {
+                q.push_str(&format!("&path={}", enc(p)));
+            }
             let v = client.get(&q).await?;
             if raw {
                 print(&v)
             } else {
-                println!("{from} -> {to}: {} by {}", s(&v["decision"]), s(&v["rule"]));
+                let what = match v["request"].as_object() {
+                    Some(r) => format!(" {} {}", s(&r["method"]), s(&r["path"])),
+                    None => String::new(),
+                };
+                println!(
+                    "{from} -> {to}{what}: {} by {}",
+                    s(&v["decision"]),
+                    s(&v["rule"])
+                );
                 println!("  {}", s(&v["explanation"]["text"]));
                 for c in v["explanation"]["candidates"]
                     .as_array()
