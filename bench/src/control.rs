@@ -165,7 +165,7 @@ async fn session(
         services: cfg.service_names(),
         labels: Labels::default(),
         have_version: 0,
-        agent_version: "bench".into(),
+        agent_version: format!("bench; {}", quicmesh_protocol::policy::POLICY_LAYOUT_2),
     };
     write_frame(&mut send, &ControlUp::Hello(hello)).await?;
     if std::mem::take(first) {

@@ -12,7 +12,7 @@ use quicmesh_protocol::cert::Serial;
 use quicmesh_protocol::delta;
 use quicmesh_protocol::ident::{Labels, NodeName, ServiceName, TrustDomain};
 use quicmesh_protocol::overlay::Pools;
-use quicmesh_protocol::policy::Policy;
+use quicmesh_protocol::policy::{Policy, PolicyWire};
 use quicmesh_protocol::wire::{DeltaRef, DownRef, NamesExcept, PeerInfo, PeersExcept, SnapshotRef};
 use tokio::sync::watch;
 
@@ -116,6 +116,7 @@ pub fn whole(
     catalog: Arc<Catalog>,
     policy: &(u64, Policy),
     facts: MeshFacts<'_>,
+    layout_2: bool,
 ) -> (Vec<u8>, Sent) {
     let no_labels = Labels::default();
     let labels = catalog
@@ -133,7 +134,10 @@ pub fn whole(
             except: node,
         },
         policy_version: policy.0,
-        policy: &policy.1,
+        policy: PolicyWire {
+            policy: &policy.1,
+            layout_2,
+        },
         revoked: &catalog.revoked,
         ca_bundle: &[facts.ca_der],
         pools: facts.pools,
@@ -154,6 +158,7 @@ pub fn delta_from(
     catalog: Arc<Catalog>,
     step: &(Vec<PeerInfo>, Vec<NodeName>),
     policy: &(u64, Policy),
+    layout_2: bool,
 ) -> (Vec<u8>, Sent) {
     let frame = DownRef::Delta(DeltaRef {
         base_version: last.catalog.version,
@@ -169,7 +174,10 @@ pub fn delta_from(
         },
         labels: step.0.iter().find(|p| &p.node == node).map(|p| &p.labels),
         policy_version: policy.0,
-        policy: (policy.0 != last.policy_version).then_some(&policy.1),
+        policy: (policy.0 != last.policy_version).then_some(PolicyWire {
+            policy: &policy.1,
+            layout_2,
+        }),
         revoked: (catalog.revoked != last.catalog.revoked).then_some(&catalog.revoked[..]),
         ca_bundle: None,
         pools: None,
@@ -395,7 +403,7 @@ pub(crate) mod tests {
         };
         let me = NodeName::new("a").unwrap();
         let c1 = catalog(1, vec![node("a", "db"), node("b", "web")]);
-        let (frame, sent) = whole(&me, c1.clone(), &policy, facts);
+        let (frame, sent) = whole(&me, c1.clone(), &policy, facts, true);
         let ControlDown::Snapshot(snap) = decode_frame(&frame) else {
             panic!("a whole snapshot")
         };
@@ -404,7 +412,7 @@ pub(crate) mod tests {
         let cats = Catalogs::default();
         let c2 = catalog(2, vec![node("a", "db"), node("c", "web")]);
         let step = cats.step_from(&sent, &c2);
-        let (frame, sent2) = delta_from(&me, &sent, c2.clone(), &step, &policy);
+        let (frame, sent2) = delta_from(&me, &sent, c2.clone(), &step, &policy, true);
         let ControlDown::Delta(d) = decode_frame(&frame) else {
             panic!("a delta")
         };

@@ -490,6 +490,7 @@ async fn session(
                 &mesh,
                 &id,
                 hello.have_version,
+                quicmesh_protocol::policy::speaks_layout_2(&hello.agent_version),
                 &mut send,
                 recv,
                 &mut kick_rx,
@@ -547,6 +548,8 @@ async fn run_session(
     mesh: &Arc<Mesh>,
     id: &PeerIdentity,
     have: u64,
+    // The node decodes policy layout 2 (else it is sent layout 1).
+    layout_2: bool,
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
     kick_rx: &mut mpsc::Receiver<ControlDown>,
@@ -580,8 +583,9 @@ async fn run_session(
             current = current.max(have.min(mesh.version_now()));
         }
         if last.as_ref().is_none_or(|l| current > l.version()) {
-            let (update, sent) =
-                crate::mesh::blocking(|| mesh.update_for(&id.node, last.as_ref(), current))?;
+            let (update, sent) = crate::mesh::blocking(|| {
+                mesh.update_for(&id.node, last.as_ref(), current, layout_2)
+            })?;
             if update.whole {
                 whole_version = sent.version();
             }
@@ -807,7 +811,7 @@ mod tests {
             services: Vec::new(),
             labels: Default::default(),
             have_version: 0,
-            agent_version: "test".into(),
+            agent_version: format!("test; {}", quicmesh_protocol::policy::POLICY_LAYOUT_2),
         };
         write_frame(&mut send, &ControlUp::Hello(hello))
             .await
@@ -919,6 +923,7 @@ mod tests {
                 &quicmesh_protocol::ident::NodeName::new("db-1").unwrap(),
                 None,
                 v,
+                true,
             )
             .unwrap();
         let ControlDown::Snapshot(snap) = crate::catalog::tests::decode_frame(&update.frame) else {

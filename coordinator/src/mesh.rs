@@ -821,17 +821,19 @@ impl Mesh {
         node: &NodeName,
         last: Option<&Sent>,
         at_least: u64,
+        layout_2: bool,
     ) -> Result<(Update, Sent), MeshError> {
         let catalog = self.catalog_at_least(at_least)?;
         let policy = self.policy();
         Ok(match last {
             None => {
-                let (frame, sent) = catalog::whole(node, catalog, &policy, self.facts());
+                let (frame, sent) = catalog::whole(node, catalog, &policy, self.facts(), layout_2);
                 (Update { frame, whole: true }, sent)
             }
             Some(last) => {
                 let step = self.catalogs.step_from(last, &catalog);
-                let (frame, sent) = catalog::delta_from(node, last, catalog, &step, &policy);
+                let (frame, sent) =
+                    catalog::delta_from(node, last, catalog, &step, &policy, layout_2);
                 (
                     Update {
                         frame,
@@ -1032,8 +1034,13 @@ mod tests {
 
     /// `node`'s whole snapshot from the current catalog.
     fn whole(mesh: &Mesh, node: &NodeName) -> (Snapshot, Sent) {
-        let (frame, sent) =
-            catalog::whole(node, mesh.catalog().unwrap(), &mesh.policy(), mesh.facts());
+        let (frame, sent) = catalog::whole(
+            node,
+            mesh.catalog().unwrap(),
+            &mesh.policy(),
+            mesh.facts(),
+            true,
+        );
         let ControlDown::Snapshot(snap) = catalog::tests::decode_frame(&frame) else {
             panic!("a whole snapshot")
         };

@@ -319,7 +319,12 @@ async fn session(
         services: node.cfg.service_names(),
         labels: node.cfg.labels.clone(),
         have_version: node.view().version,
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        // The version, and the wire layouts this node decodes beyond the first.
+        agent_version: format!(
+            "{}; {}",
+            env!("CARGO_PKG_VERSION"),
+            quicmesh_protocol::policy::POLICY_LAYOUT_2
+        ),
     };
     write_frame(&mut send, &ControlUp::Hello(hello))
         .await

@@ -211,6 +211,86 @@ impl Default for Policy {
     }
 }
 
+/// What a node adds to its `Hello`'s agent version when it decodes policy layout 2 (rules
+/// with HTTP conditions, tests with requests). A node without it is sent layout 1.
+pub const POLICY_LAYOUT_2: &str = "policy=2";
+
+/// Whether a node announcing `agent_version` decodes policy layout 2.
+pub fn speaks_layout_2(agent_version: &str) -> bool {
+    agent_version
+        .split(';')
+        .any(|p| p.trim() == POLICY_LAYOUT_2)
+}
+
+/// A policy as one node is sent it. Layout 1 (nodes from before HTTP rules) has no HTTP
+/// conditions; such a node judges only opaque flows, so it is sent what the evaluator
+/// decides for opaque traffic ([`Traffic::Opaque`]): a deny with HTTP conditions as a plain
+/// deny, an allow with them left out, tests with requests left out. Its decisions are the
+/// ones a current node makes on L4 flows; only its rule numbers may differ.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyWire<'a> {
+    pub policy: &'a Policy,
+    pub layout_2: bool,
+}
+
+impl Serialize for PolicyWire<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeSeq, SerializeStruct};
+        if self.layout_2 {
+            return self.policy.serialize(s);
+        }
+        #[derive(Serialize)]
+        #[serde(rename = "Rule")]
+        struct Rule1<'a> {
+            from: &'a Selector,
+            to: &'a Selector,
+            action: Action,
+        }
+        #[derive(Serialize)]
+        #[serde(rename = "PolicyTest")]
+        struct Test1<'a> {
+            from: &'a ServiceName,
+            to: &'a ServiceName,
+            expect: Action,
+        }
+        struct Rules<'a>(&'a [Rule]);
+        impl Serialize for Rules<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let keep = |r: &&Rule| r.http.is_none() || r.action == Action::Deny;
+                let mut seq = s.serialize_seq(Some(self.0.iter().filter(keep).count()))?;
+                for r in self.0.iter().filter(keep) {
+                    seq.serialize_element(&Rule1 {
+                        from: &r.from,
+                        to: &r.to,
+                        action: r.action,
+                    })?;
+                }
+                seq.end()
+            }
+        }
+        struct Tests<'a>(&'a [PolicyTest]);
+        impl Serialize for Tests<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let keep = |t: &&PolicyTest| t.request.is_none();
+                let mut seq = s.serialize_seq(Some(self.0.iter().filter(keep).count()))?;
+                for t in self.0.iter().filter(keep) {
+                    seq.serialize_element(&Test1 {
+                        from: &t.from,
+                        to: &t.to,
+                        expect: t.expect,
+                    })?;
+                }
+                seq.end()
+            }
+        }
+        let mut st = s.serialize_struct("Policy", 3)?;
+        st.serialize_field("default", &self.policy.default)?;
+        st.serialize_field("rules", &Rules(&self.policy.rules))?;
+        st.serialize_field("tests", &Tests(&self.policy.tests))?;
+        st.end()
+    }
+}
+
 /// Why a policy file was refused. Rule and test indexes are 0-based, as in the file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
@@ -1142,5 +1222,62 @@ expect = "allow"
             Some(("GET".into(), "/admin".into())),
             "a test's path is normalised as a request's"
         );
+    }
+
+    /// A node from before HTTP rules decodes layout 1 (the old types, byte for byte) and
+    /// is sent what a current node decides for opaque flows.
+    #[test]
+    fn a_node_from_before_http_rules_is_sent_the_policy_it_can_decode_and_enforce() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct OldRule {
+            from: Selector,
+            to: Selector,
+            action: Action,
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct OldTest {
+            from: ServiceName,
+            to: ServiceName,
+            expect: Action,
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct OldPolicy {
+            default: Action,
+            rules: Vec<OldRule>,
+            tests: Vec<OldTest>,
+        }
+        let p = Policy::parse(L7).unwrap();
+        let old = postcard::to_stdvec(&PolicyWire {
+            policy: &p,
+            layout_2: false,
+        })
+        .unwrap();
+        let decoded: OldPolicy = postcard::from_bytes(&old).unwrap();
+        let rule = |from: &str, action| OldRule {
+            from: Selector::Service(svc(from)),
+            to: Selector::Service(svc("api")),
+            action,
+        };
+        assert_eq!(
+            decoded,
+            OldPolicy {
+                default: Action::Deny,
+                // The deny about /admin denies web's flows to api whole; the allows
+                // with HTTP conditions are gone.
+                rules: vec![rule("web", Action::Allow), rule("web", Action::Deny)],
+                tests: Vec::new(),
+            }
+        );
+        // Layout 2 is the policy itself.
+        let new = postcard::to_stdvec(&PolicyWire {
+            policy: &p,
+            layout_2: true,
+        })
+        .unwrap();
+        assert_eq!(new, postcard::to_stdvec(&p).unwrap());
+        // The markers.
+        assert!(speaks_layout_2("0.1.0; policy=2"));
+        assert!(!speaks_layout_2("0.1.0"));
+        assert!(!speaks_layout_2("0.1.0; policy=20"));
     }
 }
