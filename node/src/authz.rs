@@ -333,6 +333,50 @@ action = "allow"
         assert_eq!(denied.rule.as_deref(), Some("default"));
     }
 
+    /// A node carries L4 streams and packets as opaque bytes: a rule about HTTP requests
+    /// cannot be checked on them, so a deny with HTTP conditions denies the whole stream
+    /// or flow, and an allow with them allows none (fail closed).
+    #[test]
+    fn rules_about_requests_fail_closed_on_streams_and_packets() {
+        let deny_admin = view(
+            r#"
+[[rule]]
+from = "web"
+to = "db"
+action = "allow"
+[[rule]]
+from = "web"
+to = "db"
+action = "deny"
+paths = ["/admin/*"]
+"#,
+        );
+        let web = id("web-1", &["web"], "01");
+        let (w, d) = (svc("web"), svc("db"));
+        let e = stream_ingress(&deny_admin, req(&web, &w, &d), NOW).unwrap_err();
+        assert_eq!(
+            (e.reason, e.rule.as_deref()),
+            (RejectCode::PolicyDenied, Some("rule[1]"))
+        );
+        assert_eq!(
+            packet_flow(&deny_admin, &web, &web.services, &d, NOW),
+            Err(FlowDenied::Policy("rule[1]".into()))
+        );
+        let allow_get = view(
+            r#"
+[[rule]]
+from = "web"
+to = "db"
+action = "allow"
+methods = ["GET"]
+"#,
+        );
+        let e = stream_ingress(&allow_get, req(&web, &w, &d), NOW).unwrap_err();
+        assert_eq!(e.rule.as_deref(), Some("default"));
+        // Its allowed twin: the same rule without HTTP conditions.
+        assert!(stream_ingress(&view(WEB_TO_DB), req(&web, &w, &d), NOW).is_ok());
+    }
+
     #[test]
     fn a_stream_claiming_a_service_outside_the_certificate_is_refused_before_policy() {
         let v = view(WEB_TO_DB);
