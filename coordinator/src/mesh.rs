@@ -736,19 +736,17 @@ impl Mesh {
         let request = match request {
             None => None,
             Some((method, path)) => {
-                if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-                    return Err(MeshError::Invalid {
-                        field: "method",
-                        reason: format!("{method:?} is not an HTTP method in upper case"),
-                    });
-                }
-                let path = quicmesh_protocol::http::normalize_path(path).map_err(|e| {
-                    MeshError::Invalid {
-                        field: "path",
+                // Parsed as a node parses a request: the query is not the path.
+                let (method, target) = quicmesh_protocol::http::parse_request(method, path)
+                    .map_err(|e| MeshError::Invalid {
+                        field: if e == quicmesh_protocol::http::PathRefusal::BadMethod {
+                            "method"
+                        } else {
+                            "path"
+                        },
                         reason: e.to_string(),
-                    }
-                })?;
-                Some((method.clone(), path))
+                    })?;
+                Some((method, target.path))
             }
         };
         let from = ServiceName::new(from).map_err(|e| MeshError::Invalid {

@@ -3,15 +3,20 @@
 //!
 //! A path is normalised before it is judged, and the normalised request is what is
 //! forwarded, so the policy and the service always see the same path:
-//! - percent-escapes of unreserved characters are decoded (`/%61dmin` is `/admin`); other
-//!   escapes are kept, their hex digits upper-cased;
+//! - every byte that may stand raw in a path is written raw (`/%61dmin` is `/admin`,
+//!   `/a%3Ab` is `/a:b`) and every other byte escaped, upper-case (`/café` is
+//!   `/caf%C3%A9`): one spelling per path, so a rule cannot be missed by writing the same
+//!   path another way;
 //! - runs of slashes are merged (`//admin` is `/admin`);
 //! - dot segments are removed (`/x/../admin` is `/admin`), after decoding (`%2e%2e` is
 //!   `..`), and never above the root.
 //!
-//! Escapes that servers disagree about are refused rather than guessed: `%2F` (a slash
-//! inside a segment), `%5C` and a raw `\` (a separator on some servers), `%00`, a control
-//! character, and a malformed escape. The query is kept as it was.
+//! What servers disagree about is refused rather than guessed: `%2F` (a slash inside a
+//! segment), `%5C` and a raw `\` (a separator on some servers), `;` and `%3B` (path
+//! parameters some servers strip: `/admin;x`), `%25` (decoded again by a server that
+//! forwards: `/%2561dmin`), `#` (a fragment some servers drop), `%00` and controls,
+//! escapes that are not UTF-8 (overlong `%C0%AE`), and malformed escapes. The query is
+//! kept as it came.
 
 use std::fmt;
 
@@ -33,6 +38,21 @@ pub enum PathRefusal {
     /// `%` not followed by two hex digits.
     #[error("a malformed percent-escape in the path")]
     BadEscape,
+    /// `;` or `%3B`: a path parameter.
+    #[error("a path parameter (';' or %3B) in the path")]
+    Semicolon,
+    /// `%25`: an escaped percent sign (decoded again by a server that forwards).
+    #[error("an escaped percent sign (%25) in the path")]
+    DoubleEncoding,
+    /// `#`: a fragment, never part of a request.
+    #[error("a fragment ('#') in the request target")]
+    Fragment,
+    /// Escapes that do not decode to UTF-8.
+    #[error("escapes in the path that are not UTF-8")]
+    NotUtf8,
+    /// A method that is not an upper-case token, or `*` with another method than OPTIONS.
+    #[error("the method is not an upper-case token (or '*' is asked for with another method than OPTIONS)")]
+    BadMethod,
 }
 
 impl PathRefusal {
@@ -44,6 +64,11 @@ impl PathRefusal {
             PathRefusal::Backslash => "backslash",
             PathRefusal::Control => "control",
             PathRefusal::BadEscape => "bad_escape",
+            PathRefusal::Semicolon => "semicolon",
+            PathRefusal::DoubleEncoding => "double_encoding",
+            PathRefusal::Fragment => "fragment",
+            PathRefusal::NotUtf8 => "not_utf8",
+            PathRefusal::BadMethod => "bad_method",
         }
     }
 }
@@ -60,6 +85,9 @@ pub struct Target {
 impl Target {
     /// Normalises `target` (an origin-form request target: path and optional query).
     pub fn parse(target: &str) -> Result<Self, PathRefusal> {
+        if target.contains('#') {
+            return Err(PathRefusal::Fragment);
+        }
         if target == "*" {
             return Ok(Self {
                 path: "*".into(),
@@ -78,6 +106,25 @@ impl Target {
             query,
         })
     }
+}
+
+/// Checks a request's method (an upper-case token of at most 32 bytes) and normalises
+/// its target; `*` only with OPTIONS. What a node judges and forwards, and what `policy
+/// explain` and `[[test]]` judge.
+pub fn parse_request(method: &str, target: &str) -> Result<(String, Target), PathRefusal> {
+    if !is_method(method) {
+        return Err(PathRefusal::BadMethod);
+    }
+    let t = Target::parse(target)?;
+    if t.path == "*" && method != "OPTIONS" {
+        return Err(PathRefusal::BadMethod);
+    }
+    Ok((method.to_string(), t))
+}
+
+/// An upper-case token of at most 32 bytes.
+pub fn is_method(m: &str) -> bool {
+    !m.is_empty() && m.len() <= 32 && m.bytes().all(|b| b.is_ascii_uppercase())
 }
 
 impl fmt::Display for Target {
@@ -99,19 +146,22 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-fn unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+/// Bytes that stand raw in a normalised path: unreserved, sub-delims but `;`, `:`, `@`.
+fn raw_ok(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@".contains(&b)
 }
 
-/// Decodes the escapes of unreserved characters in one path, refusing the ones servers
-/// disagree about.
+/// Writes one path's bytes in the one spelling (see the module docs), refusing what
+/// servers disagree about.
 fn decode(path: &str) -> Result<String, PathRefusal> {
     let bytes = path.as_bytes();
+    // The path's bytes with every escape decoded (checked as UTF-8 at the end).
+    let mut plain: Vec<u8> = Vec::with_capacity(bytes.len());
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
-        match b {
+        let v = match b {
             b'%' => {
                 let (Some(h), Some(l)) = (
                     bytes.get(i + 1).copied().and_then(hex),
@@ -119,36 +169,31 @@ fn decode(path: &str) -> Result<String, PathRefusal> {
                 ) else {
                     return Err(PathRefusal::BadEscape);
                 };
-                let v = h * 16 + l;
-                match v {
-                    b'/' => return Err(PathRefusal::EncodedSlash),
-                    b'\\' => return Err(PathRefusal::Backslash),
-                    0..=0x1f | 0x7f => return Err(PathRefusal::Control),
-                    v if unreserved(v) => out.push(char::from(v)),
-                    v => out.push_str(&format!("%{v:02X}")),
-                }
                 i += 3;
+                h * 16 + l
             }
-            b'\\' => return Err(PathRefusal::Backslash),
-            0..=0x1f | 0x7f => return Err(PathRefusal::Control),
             _ => {
-                // A UTF-8 sequence is copied whole (`path` is a str).
-                let len = utf8_len(b);
-                out.push_str(&path[i..i + len]);
-                i += len;
+                i += 1;
+                b
             }
+        };
+        match v {
+            b'/' if b == b'%' => return Err(PathRefusal::EncodedSlash),
+            b'%' => return Err(PathRefusal::DoubleEncoding),
+            b'\\' => return Err(PathRefusal::Backslash),
+            b';' => return Err(PathRefusal::Semicolon),
+            b'#' if b != b'%' => return Err(PathRefusal::Fragment),
+            0..=0x1f | 0x7f => return Err(PathRefusal::Control),
+            b'/' => out.push('/'),
+            v if raw_ok(v) => out.push(char::from(v)),
+            v => out.push_str(&format!("%{v:02X}")),
         }
+        plain.push(v);
+    }
+    if std::str::from_utf8(&plain).is_err() {
+        return Err(PathRefusal::NotUtf8);
     }
     Ok(out)
-}
-
-fn utf8_len(first: u8) -> usize {
-    match first {
-        0xf0..=0xff => 4,
-        0xe0..=0xef => 3,
-        0xc0..=0xdf => 2,
-        _ => 1,
-    }
 }
 
 /// Normalises an absolute path (starting with `/`): see the module docs.
@@ -216,6 +261,31 @@ mod tests {
         assert_eq!(norm("/admin%zz"), Err(PathRefusal::BadEscape));
     }
 
+    /// The review's bypasses: each is refused, or written the one way a rule is written.
+    #[test]
+    fn what_servers_read_differently_is_refused_or_spelled_one_way() {
+        assert_eq!(norm("/admin;x=y"), Err(PathRefusal::Semicolon));
+        assert_eq!(norm("/x/..;/admin"), Err(PathRefusal::Semicolon));
+        assert_eq!(norm("/admin%3bx"), Err(PathRefusal::Semicolon));
+        assert_eq!(Target::parse("/admin#x"), Err(PathRefusal::Fragment));
+        assert_eq!(norm("/%2561dmin"), Err(PathRefusal::DoubleEncoding));
+        assert_eq!(norm("/%C0%AE%C0%AE/admin"), Err(PathRefusal::NotUtf8));
+        // One spelling: a reserved character that may stand raw is written raw, a byte
+        // that may not is escaped, whichever way it came.
+        assert_eq!(norm("/v1/users%3Adelete"), norm("/v1/users:delete"));
+        assert_eq!(norm("/café"), norm("/caf%c3%a9"));
+        assert_eq!(norm("/café").as_deref(), Ok("/caf%C3%A9"));
+        assert_eq!(norm("/a%23b").as_deref(), Ok("/a%23b"));
+        assert_eq!(norm("/a%3Fb").as_deref(), Ok("/a%3Fb"));
+        assert_eq!(norm("/a%20b").as_deref(), Ok("/a%20b"));
+        // Methods, and `*` only for OPTIONS.
+        assert_eq!(parse_request("delete", "/x"), Err(PathRefusal::BadMethod));
+        assert_eq!(parse_request("GET", "*"), Err(PathRefusal::BadMethod));
+        assert!(parse_request("OPTIONS", "*").is_ok());
+        let (m, t) = parse_request("DELETE", "/x/../admin?y=1").unwrap();
+        assert_eq!((m.as_str(), t.path.as_str()), ("DELETE", "/admin"));
+    }
+
     #[test]
     fn normalising_keeps_what_means_something_else() {
         assert_eq!(norm("/a/./b//c/").as_deref(), Ok("/a/b/c/"));
@@ -223,10 +293,8 @@ mod tests {
         assert_eq!(norm("/../../..").as_deref(), Ok("/"));
         assert_eq!(norm("/").as_deref(), Ok("/"));
         assert_eq!(norm("/%7euser").as_deref(), Ok("/~user"));
-        // Reserved characters stay escaped (upper-cased): `%3A` is not `:` to every server.
-        assert_eq!(norm("/a%3ab").as_deref(), Ok("/a%3Ab"));
+        assert_eq!(norm("/a%3ab").as_deref(), Ok("/a:b"));
         assert_eq!(norm("/caf%C3%A9").as_deref(), Ok("/caf%C3%A9"));
-        assert_eq!(norm("/café").as_deref(), Ok("/café"));
         // `...` is a name, not a dot segment.
         assert_eq!(norm("/.../x").as_deref(), Ok("/.../x"));
     }

@@ -128,18 +128,48 @@ impl fmt::Display for PathMatch {
     }
 }
 
+/// Header names as servers fold them: case-insensitive, and `_` as `-` (CGI and WSGI
+/// servers turn both into `HTTP_X_TENANT`).
+fn same_header(a: &str, b: &str) -> bool {
+    let fold = |c: u8| {
+        if c == b'_' {
+            b'-'
+        } else {
+            c.to_ascii_lowercase()
+        }
+    };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
+}
+
 impl HttpMatch {
-    fn matches(&self, req: &Request<'_>) -> bool {
-        (self.methods.is_empty() || self.methods.iter().any(|m| m == req.method))
-            && (self.paths.is_empty()
-                || self.paths.iter().any(|p| match p {
-                    PathMatch::Exact(x) => x == req.path,
-                    PathMatch::Prefix(x) => req.path.starts_with(x.as_str()),
-                }))
+    /// Whether `req` meets every condition. For a deny (`wide`), whatever a server might
+    /// take for the same thing matches too, so a deny can only err towards denying: paths
+    /// in any case (some servers route case-insensitively), an exact path with a trailing
+    /// slash (`/admin/` is `/admin` to many), and HEAD where GET is named (servers answer
+    /// HEAD with the GET handler).
+    fn matches(&self, req: &Request<'_>, wide: bool) -> bool {
+        let eq = |a: &str, b: &str| {
+            if wide {
+                a.eq_ignore_ascii_case(b)
+            } else {
+                a == b
+            }
+        };
+        let head = |x: &str| req.path.get(..x.len()).is_some_and(|h| eq(x, h));
+        let method = |m: &String| m == req.method || (wide && m == "GET" && req.method == "HEAD");
+        let path = |p: &PathMatch| match p {
+            PathMatch::Exact(x) => {
+                eq(x, req.path)
+                    || (wide && req.path.len() == x.len() + 1 && req.path.ends_with('/') && head(x))
+            }
+            PathMatch::Prefix(x) => head(x),
+        };
+        (self.methods.is_empty() || self.methods.iter().any(method))
+            && (self.paths.is_empty() || self.paths.iter().any(path))
             && self.headers.iter().all(|(name, value)| {
                 req.headers
                     .iter()
-                    .any(|(n, v)| n.eq_ignore_ascii_case(name) && v == value)
+                    .any(|(n, v)| same_header(n, name) && v.trim() == value)
             })
     }
 }
@@ -177,7 +207,7 @@ impl Rule {
             (None, _) => true,
             (Some(_), Traffic::Opaque) => self.action == Action::Deny,
             (Some(_), Traffic::HttpConnection) => self.action == Action::Allow,
-            (Some(h), Traffic::Http(req)) => h.matches(&req),
+            (Some(h), Traffic::Http(req)) => h.matches(&req, self.action == Action::Deny),
         }
     }
 }
@@ -351,7 +381,7 @@ struct RawTest {
 const MAX_HTTP_CONDITIONS: usize = 64;
 
 fn check_method(m: &str) -> Result<String, String> {
-    if m.is_empty() || m.len() > 32 || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+    if !crate::http::is_method(m) {
         return Err(format!(
             "{m:?} is not an HTTP method in upper case (GET, POST, ...)"
         ));
@@ -364,6 +394,16 @@ fn check_path(p: &str) -> Result<PathMatch, String> {
         Some(b) => (b, true),
         None => (p, false),
     };
+    if base.contains('*') {
+        return Err(format!(
+            "{p:?}: '*' stands only at the end, after a '/' (\"/api/*\")"
+        ));
+    }
+    if prefix && !base.ends_with('/') {
+        return Err(format!(
+            "{p:?}: a prefix ends in \"/*\" (this one would match {base}istrator too): write \"{base}/*\", and \"{base}\" for the path itself"
+        ));
+    }
     let normal = crate::http::normalize_path(base).map_err(|e| format!("{p:?}: {e}"))?;
     if normal != base {
         return Err(format!(
@@ -622,9 +662,10 @@ impl Policy {
                 (m, p) => {
                     let method = check_method(m.as_deref().unwrap_or("GET"))
                         .map_err(|e| err("method", e))?;
-                    let path = crate::http::normalize_path(p.as_deref().unwrap_or("/"))
-                        .map_err(|e| err("path", e.to_string()))?;
-                    Some((method, path))
+                    let (method, target) =
+                        crate::http::parse_request(&method, p.as_deref().unwrap_or("/"))
+                            .map_err(|e| err("path", e.to_string()))?;
+                    Some((method, target.path))
                 }
             };
             tests.push(PolicyTest {
@@ -731,15 +772,11 @@ impl Policy {
             self.rules.iter().any(|r| {
                 r.http
                     .as_ref()
-                    .is_some_and(|h| h.headers.iter().any(|(m, _)| m.eq_ignore_ascii_case(n)))
+                    .is_some_and(|h| h.headers.iter().any(|(m, _)| same_header(m, n)))
             })
         };
         req.headers.iter().enumerate().find_map(|(i, (n, _))| {
-            (named(n)
-                && req.headers[i + 1..]
-                    .iter()
-                    .any(|(m, _)| m.eq_ignore_ascii_case(n)))
-            .then_some(*n)
+            (named(n) && req.headers[i + 1..].iter().any(|(m, _)| same_header(m, n))).then_some(*n)
         })
     }
 
@@ -1279,5 +1316,92 @@ expect = "allow"
         assert!(speaks_layout_2("0.1.0; policy=2"));
         assert!(!speaks_layout_2("0.1.0"));
         assert!(!speaks_layout_2("0.1.0; policy=20"));
+    }
+
+    /// The review's ways around a deny: whatever a server may take for the denied thing
+    /// is denied too (a deny errs towards denying); allows stay exact.
+    #[test]
+    fn a_deny_about_requests_covers_what_servers_take_for_the_same_request() {
+        let p = Policy::parse(
+            r#"
+[[rule]]
+from = "web"
+to = "api"
+action = "allow"
+[[rule]]
+from = "web"
+to = "api"
+action = "deny"
+paths = ["/admin"]
+[[rule]]
+from = "web"
+to = "api"
+action = "deny"
+methods = ["GET"]
+paths = ["/secret/*"]
+[[rule]]
+from = "ops"
+to = "api"
+action = "allow"
+paths = ["/ops/*"]
+"#,
+        )
+        .unwrap();
+        let denied = |method: &str, path: &str| !judge(&p, "web", get(method, path)).is_allow();
+        assert!(denied("GET", "/ADMIN"), "case");
+        assert!(
+            denied("GET", "/admin/"),
+            "a trailing slash on an exact path"
+        );
+        assert!(denied("HEAD", "/secret/x"), "HEAD where GET is denied");
+        assert!(denied("GET", "/SECRET/x"));
+        // The allowed twins.
+        assert!(!denied("GET", "/admin/x"), "an exact deny is not a prefix");
+        assert!(!denied("POST", "/secret/x"));
+        assert!(!denied("GET", "/administrator"));
+        // An allow stays exact: `/OPS/x` is not `/ops/x` to an allow.
+        assert!(judge(&p, "ops", get("GET", "/ops/x")).is_allow());
+        assert!(!judge(&p, "ops", get("GET", "/OPS/x")).is_allow());
+    }
+
+    #[test]
+    fn header_names_fold_as_servers_fold_them_and_values_are_trimmed() {
+        let p = Policy::parse(L7).unwrap();
+        let folded = [("x-tenant", "blue"), ("X_Tenant", "red")];
+        let req = Request {
+            method: "GET",
+            path: "/",
+            headers: &folded,
+        };
+        assert_eq!(p.repeated_header(&req), Some("x-tenant"));
+        let spaced = [("X_TENANT", " blue ")];
+        let req = Request {
+            headers: &spaced,
+            ..req
+        };
+        assert!(judge(&p, "ops", Traffic::Http(req)).is_allow());
+    }
+
+    #[test]
+    fn path_patterns_that_could_never_match_or_match_too_much_are_refused() {
+        for (pattern, says) in [
+            ("/admin*", "/admin/*"),
+            ("/a/*/b", "only at the end"),
+            ("/a/**", "only at the end"),
+            ("/x?y=1", "/x%3Fy=1"),
+            ("/admin;v=1", "path parameter"),
+            ("/admin#top", "fragment"),
+        ] {
+            let r = Policy::parse(&format!(
+                "[[rule]]\nfrom = \"web\"\nto = \"api\"\naction = \"deny\"\npaths = [{pattern:?}]\n"
+            ));
+            match r {
+                Err(PolicyError::Rule { field, reason, .. }) => {
+                    assert_eq!(field, "paths");
+                    assert!(reason.contains(says), "{pattern}: {reason}");
+                }
+                other => panic!("{pattern}: {other:?}"),
+            }
+        }
     }
 }
