@@ -13,7 +13,7 @@ use quicmesh_protocol::delta;
 use quicmesh_protocol::ident::{Labels, NodeName, ServiceName, TrustDomain};
 use quicmesh_protocol::overlay::Pools;
 use quicmesh_protocol::policy::{Policy, PolicyWire};
-use quicmesh_protocol::wire::{DeltaRef, DownRef, NamesExcept, PeerInfo, PeersExcept, SnapshotRef};
+use quicmesh_protocol::wire::{DeltaRef, DownRef, Except, PeerInfo, SnapshotRef};
 use tokio::sync::watch;
 
 use crate::health::HealthBook;
@@ -129,8 +129,8 @@ pub fn whole(
         node,
         trust_domain: facts.trust_domain,
         labels,
-        peers: PeersExcept {
-            peers: &catalog.peers,
+        peers: Except {
+            items: &catalog.peers,
             except: node,
         },
         policy_version: policy.0,
@@ -164,12 +164,12 @@ pub fn delta_from(
         base_version: last.catalog.version,
         version: catalog.version,
         node,
-        upsert: PeersExcept {
-            peers: &step.0,
+        upsert: Except {
+            items: &step.0,
             except: node,
         },
-        remove: NamesExcept {
-            names: &step.1,
+        remove: Except {
+            items: &step.1,
             except: node,
         },
         labels: step.0.iter().find(|p| &p.node == node).map(|p| &p.labels),
@@ -223,8 +223,8 @@ pub struct Catalogs {
     last: Mutex<Option<Arc<Catalog>>>,
     /// Peers in the catalog built last (read without waiting for a build).
     size: std::sync::atomic::AtomicUsize,
-    /// The deny list of the catalog published last.
-    published_revoked: Mutex<Vec<Serial>>,
+    /// The catalog published last.
+    published_catalog: Mutex<Option<Arc<Catalog>>>,
     steps: Mutex<VecDeque<PeerStep>>,
     published: watch::Sender<u64>,
     /// A revocation is waiting: the next catalog is published without waiting out the
@@ -237,7 +237,7 @@ impl Default for Catalogs {
         Self {
             last: Mutex::new(None),
             size: std::sync::atomic::AtomicUsize::new(0),
-            published_revoked: Mutex::new(Vec::new()),
+            published_catalog: Mutex::new(None),
             steps: Mutex::new(VecDeque::new()),
             published: watch::channel(0).0,
             urgent: tokio::sync::Notify::new(),
@@ -297,15 +297,15 @@ impl Catalogs {
     }
 
     /// Tells the sessions `catalog`'s version is built (never backwards).
-    pub fn publish(&self, catalog: &Catalog) {
+    pub fn publish(&self, catalog: &Arc<Catalog>) {
         let version = catalog.version;
         {
-            let mut revoked = self
-                .published_revoked
+            let mut last = self
+                .published_catalog
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if version >= *self.published.borrow() {
-                revoked.clone_from(&catalog.revoked);
+            if last.as_ref().is_none_or(|c| c.version <= version) {
+                *last = Some(catalog.clone());
             }
         }
         self.published.send_if_modified(|cur| {
@@ -338,11 +338,11 @@ impl Catalogs {
     /// built: a catalog built for one session (a node that moved here holding a newer
     /// version) may hold the revocation while the other sessions have not been sent it.
     pub fn revoked_differs(&self, revoked: &[Serial]) -> bool {
-        *self
-            .published_revoked
+        let last = self
+            .published_catalog
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            != revoked
+            .unwrap_or_else(|p| p.into_inner());
+        last.as_ref().map_or(&[][..], |c| &c.revoked[..]) != revoked
     }
 }
 

@@ -631,10 +631,10 @@ impl Mesh {
             Some((*loaded).min(noted.saturating_sub(1)))
         };
         if let Err(e) = self.reload(since) {
-            // Read again next time from where it was asked.
-            if noted != u64::MAX {
-                self.note_change(noted);
-            }
+            // Read again next time from where it was asked (without a wake-up of its own:
+            // a store that fails is tried at the next notification or tick).
+            self.noted
+                .fetch_min(noted, std::sync::atomic::Ordering::Relaxed);
             return Err(e);
         }
         *loaded = (*loaded).max(v);

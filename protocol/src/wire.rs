@@ -447,40 +447,51 @@ impl Message for StreamReply {
 // replica's time went to the allocator). These encode to exactly the bytes of the owned
 // `ControlDown::Snapshot` / `ControlDown::Delta` (tested), from the shared catalog.
 
-/// Peers of a catalog, less the receiving node's own entry.
-#[derive(Debug, Clone, Copy)]
-pub struct PeersExcept<'a> {
-    pub peers: &'a [PeerInfo],
-    pub except: &'a NodeName,
+/// What names a node: a catalog's peer entry, or a node name.
+pub trait Named {
+    fn name(&self) -> &NodeName;
 }
 
-impl Serialize for PeersExcept<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let keep = |p: &&PeerInfo| &p.node != self.except;
-        let mut seq = s.serialize_seq(Some(self.peers.iter().filter(keep).count()))?;
-        for p in self.peers.iter().filter(keep) {
-            seq.serialize_element(p)?;
-        }
-        seq.end()
+impl Named for PeerInfo {
+    fn name(&self) -> &NodeName {
+        &self.node
     }
 }
 
-/// Node names, less the receiving node's own.
-#[derive(Debug, Clone, Copy)]
-pub struct NamesExcept<'a> {
-    pub names: &'a [NodeName],
+impl Named for NodeName {
+    fn name(&self) -> &NodeName {
+        self
+    }
+}
+
+/// A catalog's entries less the receiving node's own, serialized as a sequence.
+#[derive(Debug)]
+pub struct Except<'a, T> {
+    pub items: &'a [T],
     pub except: &'a NodeName,
 }
 
-impl Serialize for NamesExcept<'_> {
+// Copied as the references it holds, whatever `T` is (a derive would ask `T: Copy`).
+impl<T> Clone for Except<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Except<'_, T> {}
+
+/// Peers of a catalog, less the receiving node's own entry.
+pub type PeersExcept<'a> = Except<'a, PeerInfo>;
+/// Node names, less the receiving node's own.
+pub type NamesExcept<'a> = Except<'a, NodeName>;
+
+impl<T: Named + Serialize> Serialize for Except<'_, T> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
         // The length goes first (postcard): counted, as a filter's is not known.
-        let keep = |n: &&NodeName| *n != self.except;
-        let mut seq = s.serialize_seq(Some(self.names.iter().filter(keep).count()))?;
-        for n in self.names.iter().filter(keep) {
-            seq.serialize_element(n)?;
+        let keep = |t: &&T| t.name() != self.except;
+        let mut seq = s.serialize_seq(Some(self.items.iter().filter(keep).count()))?;
+        for t in self.items.iter().filter(keep) {
+            seq.serialize_element(t)?;
         }
         seq.end()
     }
@@ -596,8 +607,8 @@ mod tests {
             node: &me,
             trust_domain: &td,
             labels: &peers[1].labels,
-            peers: PeersExcept {
-                peers: &peers,
+            peers: Except {
+                items: &peers,
                 except: &me,
             },
             policy_version: 5,
@@ -631,12 +642,12 @@ mod tests {
                 base_version: 299,
                 version: 300,
                 node: &me,
-                upsert: PeersExcept {
-                    peers: &peers,
+                upsert: Except {
+                    items: &peers,
                     except: &me,
                 },
-                remove: NamesExcept {
-                    names: &names,
+                remove: Except {
+                    items: &names,
                     except: &me,
                 },
                 labels,

@@ -65,6 +65,31 @@ fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> PacketI
     }
 }
 
+fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> PacketInfo {
+    PacketInfo {
+        transport: Transport::Ports {
+            proto: packet::UDP,
+            src: sport,
+            dst: dport,
+            syn: false,
+            rst: false,
+        },
+        ..tcp(src, dst, sport, dport, false)
+    }
+}
+
+/// An echo request or reply with identifier `id`.
+fn echo(src: [u8; 4], dst: [u8; 4], request: bool, id: u16) -> PacketInfo {
+    PacketInfo {
+        transport: Transport::Icmp {
+            echo: Some(Echo { request, id }),
+            kind: if request { 8 } else { 0 },
+        },
+        dont_fragment: false,
+        ..tcp(src, dst, 0, 0, false)
+    }
+}
+
 /// A TCP reset (what the kernel answers a SYN to a closed port with).
 fn rst(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> PacketInfo {
     let mut p = tcp(src, dst, sport, dport, false);
@@ -171,16 +196,7 @@ fn replies_to_what_this_node_sent_pass_and_other_segments_do_not() {
     t.outbound(&tcp(ME, PEER, 50000, 443, true)).unwrap();
     assert_eq!(check(&t, &reply, &peer(&["web"]), &v), Verdict::Established);
     // Echo replies match the request's identifier.
-    let echo = |src, dst, request| PacketInfo {
-        src: IpAddr::from(src),
-        dst: IpAddr::from(dst),
-        transport: Transport::Icmp {
-            echo: Some(Echo { request, id: 7 }),
-            kind: if request { 8 } else { 0 },
-        },
-        dont_fragment: false,
-        fragment: None,
-    };
+    let echo = |src, dst, request| echo(src, dst, request, 7);
     t.outbound(&echo(ME, PEER, true)).unwrap();
     assert_eq!(
         check(&t, &echo(PEER, ME, false), &peer(&["web"]), &v),
@@ -232,24 +248,7 @@ fn an_answer_sent_after_a_policy_removal_does_not_reopen_the_peer_s_flow() {
     }]);
     let (allowed, denied) = (view(WEB_TO_DB), view("default = \"deny\"\n"));
     let id = peer(&["web"]);
-    let udp = |src: [u8; 4], dst: [u8; 4], s, d| PacketInfo {
-        transport: Transport::Ports {
-            proto: packet::UDP,
-            src: s,
-            dst: d,
-            syn: false,
-            rst: false,
-        },
-        ..tcp(src, dst, s, d, false)
-    };
-    let echo = |src: [u8; 4], dst: [u8; 4], request| PacketInfo {
-        transport: Transport::Icmp {
-            echo: Some(Echo { request, id: 9 }),
-            kind: if request { 8 } else { 0 },
-        },
-        dont_fragment: false,
-        ..tcp(src, dst, 0, 0, false)
-    };
+    let echo = |src, dst, request| echo(src, dst, request, 9);
     // Three flows of the peer's, allowed and answered.
     assert!(matches!(
         check(&t, &tcp(PEER, ME, 40000, 5432, true), &id, &allowed),
@@ -1039,16 +1038,6 @@ fn unreplied_flows_time_out_soon_and_replied_ones_stay() {
         );
     }
     // One-way UDP this node sends, and a TCP connection it opens that is answered.
-    let udp = |src: [u8; 4], dst: [u8; 4], s, d| PacketInfo {
-        transport: Transport::Ports {
-            proto: packet::UDP,
-            src: s,
-            dst: d,
-            syn: false,
-            rst: false,
-        },
-        ..tcp(src, dst, s, d, false)
-    };
     t.outbound(&udp(ME, PEER, 5000, 514)).unwrap();
     t.outbound(&tcp(ME, PEER, 50000, 443, true)).unwrap();
     assert_eq!(
