@@ -636,6 +636,10 @@ pub struct NodeSpec {
     pub relay: bool,
     /// The `coordinator` list, when not just the coordinator the node is started with.
     pub coordinators: Option<Vec<String>>,
+    /// Extra lines for a `[[service]]` (service, line), e.g. `protocol = "http"`.
+    pub service_lines: Vec<(String, String)>,
+    /// Extra lines for an `[[upstream]]` (index in `upstreams`, line).
+    pub upstream_lines: Vec<(usize, String)>,
 }
 
 impl NodeSpec {
@@ -655,6 +659,21 @@ impl NodeSpec {
     /// Adds an upstream.
     pub fn upstream(mut self, service: &str) -> Self {
         self.upstreams.push(service.into());
+        self
+    }
+    /// Adds an upstream with extra lines (`protocol = "http"`, ...).
+    pub fn upstream_with(mut self, service: &str, lines: &[&str]) -> Self {
+        let i = self.upstreams.len();
+        self.upstreams.push(service.into());
+        self.upstream_lines
+            .extend(lines.iter().map(|l| (i, l.to_string())));
+        self
+    }
+    /// Adds a hosted service with extra lines (`protocol = "http"`, ...).
+    pub fn service_with(mut self, name: &str, addr: SocketAddr, lines: &[&str]) -> Self {
+        self.services.push((name.into(), addr));
+        self.service_lines
+            .extend(lines.iter().map(|l| (name.to_string(), l.to_string())));
         self
     }
     /// Lists these coordinator addresses (ip:port or host:port) instead of the one the
@@ -817,6 +836,9 @@ impl NodeProc {
             if let Some((_, c)) = self.spec.checks.iter().find(|(cs, _)| cs == s) {
                 t.push_str(&format!("check = {c}\n"));
             }
+            for (_, l) in self.spec.service_lines.iter().filter(|(n, _)| n == s) {
+                t.push_str(&format!("{l}\n"));
+            }
         }
         if self.spec.dns {
             t.push_str(&format!(
@@ -834,10 +856,13 @@ impl NodeProc {
                 ports.join(", ")
             ));
         }
-        for (s, p) in &self.upstreams {
+        for (i, (s, p)) in self.upstreams.iter().enumerate() {
             t.push_str(&format!(
                 "\n[[upstream]]\nservice = \"{s}\"\nbind = \"127.0.0.1:{p}\"\n"
             ));
+            for (_, l) in self.spec.upstream_lines.iter().filter(|(j, _)| *j == i) {
+                t.push_str(&format!("{l}\n"));
+            }
         }
         if let Some(dev) = &self.spec.overlay {
             t.push_str(&format!(
@@ -1024,6 +1049,12 @@ impl NodeProc {
             .find(|(s, _)| s == service)
             .map(|(_, p)| *p)
             .unwrap_or(0);
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// The local address of the `i`-th upstream (in the order they were added).
+    pub fn upstream_at(&self, i: usize) -> SocketAddr {
+        let port = self.upstreams.get(i).map_or(0, |(_, p)| *p);
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod browser;
 pub mod harness;
+pub mod http;
 pub mod net;
 pub mod pg;
 pub mod rogue;

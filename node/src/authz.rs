@@ -19,11 +19,11 @@ use std::collections::BTreeSet;
 
 use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::ident::{Labels, NodeName, ServiceName};
-use quicmesh_protocol::policy::{Destination, Source};
+use quicmesh_protocol::policy::{Destination, Request, Source, Traffic};
 use quicmesh_protocol::wire::RejectCode;
 use serde::Serialize;
 
-use crate::reason::{CloseReason, Standing};
+use crate::reason::{CloseReason, RequestRefusal, Standing};
 use crate::view::View;
 
 /// Which side of the tunnel a flow was opened from.
@@ -76,13 +76,14 @@ fn decide(
     src_node: Option<&NodeName>,
     dst: &ServiceName,
     dst_node: Option<&NodeName>,
+    traffic: Traffic<'_>,
 ) -> Result<String, String> {
     static NONE: std::sync::LazyLock<Labels> = std::sync::LazyLock::new(Labels::default);
     let labels = |n: Option<&NodeName>| match n {
         None => &view.labels,
         Some(n) => view.peers.get(n).map_or(&*NONE, |p| &p.labels),
     };
-    let d = view.policy.evaluate(
+    let d = view.policy.evaluate_traffic(
         Source {
             service: src,
             labels: labels(src_node),
@@ -91,6 +92,7 @@ fn decide(
             service: dst,
             labels: labels(dst_node),
         },
+        traffic,
     );
     if d.is_allow() {
         Ok(d.rule_label())
@@ -109,6 +111,20 @@ pub struct StreamRequest<'a> {
     pub dst: &'a ServiceName,
     /// Whether this node hosts `dst`.
     pub hosted: bool,
+    /// `dst` speaks HTTP (`protocol = "http"`): the stream is an HTTP connection, admitted
+    /// when some request on it could be allowed; each request is then judged by
+    /// [`http_request`]. Otherwise the stream is opaque bytes.
+    pub http: bool,
+}
+
+impl StreamRequest<'_> {
+    fn traffic(&self) -> Traffic<'static> {
+        if self.http {
+            Traffic::HttpConnection
+        } else {
+            Traffic::Opaque
+        }
+    }
 }
 
 /// Tunnel ingress for a stream: the allowing rule, or the reject code to answer with.
@@ -124,8 +140,57 @@ pub fn stream_ingress(
     if !req.peer.may_speak_for(req.src) {
         return Err(Denied::bare(RejectCode::SourceNotInCertificate));
     }
-    decide(view, req.src, Some(&req.peer.node), req.dst, None).map_err(|rule| Denied {
+    decide(
+        view,
+        req.src,
+        Some(&req.peer.node),
+        req.dst,
+        None,
+        req.traffic(),
+    )
+    .map_err(|rule| Denied {
         reason: RejectCode::PolicyDenied,
+        rule: Some(rule),
+    })
+}
+
+/// One HTTP request on an admitted stream (`conn.http` set), its target normalised: the
+/// same checks as the stream's ([`stream_ingress`]: the peer's standing, the source in its
+/// certificate), then a repeated header that a rule matches on is refused, then the
+/// policy judges the request. The allowing rule, or why not.
+pub fn http_request(
+    view: &View,
+    conn: StreamRequest<'_>,
+    request: &Request<'_>,
+    now: i64,
+) -> Result<String, Denied<RequestRefusal>> {
+    let refuse = |code: RejectCode| match code {
+        RejectCode::PolicyDenied => RequestRefusal::PolicyDenied,
+        RejectCode::UnknownService => RequestRefusal::UnknownService,
+        RejectCode::SourceNotInCertificate => RequestRefusal::SourceNotInCertificate,
+        _ => RequestRefusal::PeerNotStanding,
+    };
+    standing(view, conn.peer, now).map_err(|s| Denied::bare(refuse(s.reject_code())))?;
+    if !conn.hosted {
+        return Err(Denied::bare(RequestRefusal::UnknownService));
+    }
+    if !conn.peer.may_speak_for(conn.src) {
+        return Err(Denied::bare(RequestRefusal::SourceNotInCertificate));
+    }
+    if view.policy.repeated_header(request).is_some() {
+        return Err(Denied::bare(RequestRefusal::RepeatedHeader));
+    }
+    let traffic = Traffic::Http(*request);
+    decide(
+        view,
+        conn.src,
+        Some(&conn.peer.node),
+        conn.dst,
+        None,
+        traffic,
+    )
+    .map_err(|rule| Denied {
+        reason: RequestRefusal::PolicyDenied,
         rule: Some(rule),
     })
 }
@@ -138,7 +203,19 @@ pub fn egress(
     dst: &ServiceName,
     peer: &NodeName,
 ) -> Result<String, String> {
-    decide(view, src, None, dst, Some(peer))
+    decide(view, src, None, dst, Some(peer), Traffic::Opaque)
+}
+
+/// Egress for one HTTP request of an `http` upstream (its target normalised): the sending
+/// side's fast refusal, judged as the peer's ingress will judge it.
+pub fn egress_request(
+    view: &View,
+    src: &ServiceName,
+    dst: &ServiceName,
+    peer: &NodeName,
+    request: &Request<'_>,
+) -> Result<String, String> {
+    decide(view, src, None, dst, Some(peer), Traffic::Http(*request))
 }
 
 /// Why a packet may not open a new overlay flow.
@@ -176,7 +253,7 @@ pub fn packet_policy(
     }
     let mut denied = String::from("default");
     for src in services {
-        match decide(view, src, Some(node), service, None) {
+        match decide(view, src, Some(node), service, None, Traffic::Opaque) {
             Ok(rule) => return Ok(rule),
             Err(rule) => denied = rule,
         }
@@ -194,6 +271,7 @@ pub fn recheck_stream(
     peer: &PeerIdentity,
     src: &ServiceName,
     dst: &ServiceName,
+    http: bool,
     check_egress: bool,
     now: i64,
 ) -> Option<CloseReason> {
@@ -209,10 +287,12 @@ pub fn recheck_stream(
                 src,
                 dst,
                 hosted: true,
+                http,
             };
             stream_ingress(view, req, now).is_ok()
         }
-        Direction::Egress => !check_egress || egress(view, src, dst, &peer.node).is_ok(),
+        // An HTTP upstream's streams carry one request each, judged when it was sent.
+        Direction::Egress => http || !check_egress || egress(view, src, dst, &peer.node).is_ok(),
     };
     (!allowed).then_some(CloseReason::PolicyChanged)
 }
@@ -316,6 +396,7 @@ action = "allow"
             src,
             dst,
             hosted: true,
+            http: false,
         }
     }
 
@@ -463,7 +544,8 @@ action = "deny"
         let v = view(WEB_TO_DB);
         let web = id("web-1", &["web"], "01");
         let (w, d) = (svc("web"), svc("db"));
-        let again = |v: &View, now| recheck_stream(v, Direction::Ingress, &web, &w, &d, false, now);
+        let again =
+            |v: &View, now| recheck_stream(v, Direction::Ingress, &web, &w, &d, false, false, now);
         assert_eq!(again(&v, NOW), None);
         // Policy changed: the same flow is no longer allowed.
         let closed = view("default = \"deny\"");
@@ -485,11 +567,120 @@ action = "deny"
         assert_eq!(recheck_tunnel(&v, &web, NOW), None);
         // Egress: standing always, policy only when the node checks egress.
         let db = id("db-1", &["db"], "03");
-        let eg = |v: &View, check| recheck_stream(v, Direction::Egress, &db, &w, &d, check, NOW);
+        let eg =
+            |v: &View, check| recheck_stream(v, Direction::Egress, &db, &w, &d, false, check, NOW);
         assert_eq!(eg(&closed, false), None);
         assert_eq!(eg(&closed, true), Some(CloseReason::PolicyChanged));
         assert_eq!(eg(&v, true), None);
         // No view is never a reason to close.
         assert_eq!(again(&View::default(), NOW), None);
+    }
+
+    const API: &str = r#"
+default = "deny"
+[[rule]]
+from = "web"
+to = "db"
+action = "allow"
+methods = ["GET"]
+[[rule]]
+from = "web"
+to = "db"
+action = "deny"
+paths = ["/admin/*"]
+headers = { x-tenant = "root" }
+"#;
+
+    fn get<'a>(path: &'a str, headers: &'a [(&'a str, &'a str)]) -> Request<'a> {
+        Request {
+            method: "GET",
+            path,
+            headers,
+        }
+    }
+
+    #[test]
+    fn an_http_connection_is_admitted_when_some_request_could_be_allowed() {
+        let v = view(API);
+        let web = id("web-1", &["web"], "01");
+        let (w, d) = (svc("web"), svc("db"));
+        let http = StreamRequest {
+            http: true,
+            ..req(&web, &w, &d)
+        };
+        assert_eq!(stream_ingress(&v, http, NOW), Ok("rule[0]".into()));
+        // The same stream as opaque bytes: the allow about GETs cannot be checked.
+        assert_eq!(
+            stream_ingress(&v, req(&web, &w, &d), NOW).map_err(|d| d.reason),
+            Err(RejectCode::PolicyDenied)
+        );
+        // Re-checked as what it is.
+        let again = |http| recheck_stream(&v, Direction::Ingress, &web, &w, &d, http, false, NOW);
+        assert_eq!(again(true), None);
+        assert_eq!(again(false), Some(CloseReason::PolicyChanged));
+    }
+
+    #[test]
+    fn each_request_is_judged_with_its_rule_and_its_denied_twin() {
+        let v = view(API);
+        let web = id("web-1", &["web"], "01");
+        let (w, d) = (svc("web"), svc("db"));
+        let conn = StreamRequest {
+            http: true,
+            ..req(&web, &w, &d)
+        };
+        let judge = |r: Request<'_>| http_request(&v, conn, &r, NOW);
+        assert_eq!(judge(get("/x", &[])), Ok("rule[0]".into()));
+        let post = Request {
+            method: "POST",
+            ..get("/x", &[])
+        };
+        assert_eq!(
+            judge(post),
+            Err(Denied {
+                reason: RequestRefusal::PolicyDenied,
+                rule: Some("default".into())
+            })
+        );
+        assert_eq!(
+            judge(get("/admin/x", &[("x-tenant", "user")])),
+            Ok("rule[0]".into())
+        );
+        assert_eq!(
+            judge(get("/admin/x", &[("X-Tenant", "root")])),
+            Err(Denied {
+                reason: RequestRefusal::PolicyDenied,
+                rule: Some("rule[1]".into())
+            })
+        );
+        // A matched header twice: which one the service reads is anyone's guess.
+        assert_eq!(
+            judge(get(
+                "/admin/x",
+                &[("x-tenant", "user"), ("x_tenant", "root")]
+            ))
+            .map_err(|d| d.reason),
+            Err(RequestRefusal::RepeatedHeader)
+        );
+        // The peer's standing and certificate come first, as for a stream.
+        let mut r = view(API);
+        r.revoked.insert(Serial::new(b"01".to_vec()).unwrap());
+        assert_eq!(
+            http_request(&r, conn, &get("/x", &[]), NOW).map_err(|d| d.reason),
+            Err(RequestRefusal::PeerNotStanding)
+        );
+        let other = svc("payments");
+        let spoof = StreamRequest {
+            src: &other,
+            ..conn
+        };
+        assert_eq!(
+            http_request(&v, spoof, &get("/x", &[]), NOW).map_err(|d| d.reason),
+            Err(RequestRefusal::SourceNotInCertificate)
+        );
+        assert_eq!(
+            http_request(&v, conn, &get("/x", &[]), web.not_after).map_err(|d| d.reason),
+            Err(RequestRefusal::PeerNotStanding)
+        );
     }
 }

@@ -32,6 +32,31 @@ pub struct ServiceConfig {
     pub ports: Vec<PortSpec>,
     /// The health check; a service without one is routable while its node is online.
     pub check: Option<CheckConfig>,
+    /// What the service speaks: `tcp` (opaque bytes, the default) or `http` (HTTP/1.1 and
+    /// HTTP/2: every request is judged by policy, normalised and forwarded).
+    pub protocol: Protocol,
+}
+
+/// What a service or an upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Opaque bytes: L4, untouched.
+    #[default]
+    Tcp,
+    /// HTTP/1.1 or HTTP/2 (gRPC included), told apart by the first bytes.
+    Http,
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(v: &str) -> Result<Self, String> {
+        match v {
+            "tcp" => Ok(Self::Tcp),
+            "http" => Ok(Self::Http),
+            _ => Err(format!("{v:?} is not a protocol: use \"tcp\" or \"http\"")),
+        }
+    }
 }
 
 /// What a health check probes.
@@ -114,6 +139,9 @@ pub struct UpstreamConfig {
     /// `expose = true`: the user chose a non-loopback `bind`, so other hosts reach the
     /// mesh service through this node (with this node's identity).
     pub expose: bool,
+    /// `http`: the listener speaks HTTP, and every request rides its own tunnel stream to
+    /// an instance chosen per request; `tcp`: one stream per client connection.
+    pub protocol: Protocol,
 }
 
 /// Most coordinator addresses a node may list.
@@ -300,6 +328,7 @@ struct RawService {
     address: Option<String>,
     ports: Option<Vec<String>>,
     check: Option<RawCheck>,
+    protocol: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -332,6 +361,7 @@ struct RawUpstream {
     source: Option<String>,
     locality: Option<String>,
     expose: Option<bool>,
+    protocol: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -552,11 +582,22 @@ impl NodeConfig {
                 .check
                 .map(|c| parse_check(c, &k("check"), &err, &dur))
                 .transpose()?;
+            let protocol = match s.protocol {
+                None => Protocol::default(),
+                Some(p) => p.parse().map_err(|e| err(&k("protocol"), e))?,
+            };
+            if protocol == Protocol::Http && address.is_none() {
+                return Err(err(
+                    &k("protocol"),
+                    "\"http\" needs an address: requests are forwarded to it".into(),
+                ));
+            }
             services.push(ServiceConfig {
                 name,
                 address,
                 ports,
                 check,
+                protocol,
             });
         }
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();
@@ -603,12 +644,17 @@ impl NodeConfig {
                 None => Locality::default(),
                 Some(l) => l.parse().map_err(|e| err(&k("locality"), e))?,
             };
+            let protocol = match u.protocol {
+                None => Protocol::default(),
+                Some(p) => p.parse().map_err(|e| err(&k("protocol"), e))?,
+            };
             upstreams.push(UpstreamConfig {
                 service,
                 bind,
                 source,
                 locality,
                 expose,
+                protocol,
             });
         }
         let overlay = match raw.overlay {
@@ -866,6 +912,36 @@ bind = "127.0.0.1:15432"
         let e = parse(&GOOD.replace("\"198.18.0.1:7700\"", &format!("[{}]", many.join(","))))
             .unwrap_err();
         assert!(e.reason.contains("at most 16"), "{e}");
+    }
+
+    #[test]
+    fn protocol_is_opt_in_per_service_and_upstream() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.services[0].protocol, Protocol::Tcp, "L4 by default");
+        assert_eq!(c.upstreams[0].protocol, Protocol::Tcp);
+        let http = GOOD
+            .replace(
+                "address = \"127.0.0.1:8080\"",
+                "address = \"127.0.0.1:8080\"\nprotocol = \"http\"",
+            )
+            .replace(
+                "bind = \"127.0.0.1:15432\"",
+                "bind = \"127.0.0.1:15432\"\nprotocol = \"http\"",
+            );
+        let c = parse(&http).unwrap();
+        assert_eq!(c.services[0].protocol, Protocol::Http);
+        assert_eq!(c.upstreams[0].protocol, Protocol::Http);
+        let e = parse(&http.replacen("\"http\"", "\"HTTP/2\"", 1)).unwrap_err();
+        assert_eq!(e.key, "service[0].protocol");
+        assert!(e.reason.contains("\"tcp\" or \"http\""), "{e}");
+        let e = parse(&format!(
+            "{GOOD}\n[[service]]\nname = \"db\"\nports = [\"tcp/80\"]\nprotocol = \"http\"\n[overlay]\nenabled = true\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e.key, "service[1].protocol",
+            "an overlay-only service has no address to forward to"
+        );
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct FlowInfo {
     pub src: ServiceName,
     pub dst: ServiceName,
     pub rule: String,
+    /// The flow carries HTTP (an `http` service's connection, or one request of an `http`
+    /// upstream): re-checked as such.
+    pub http: bool,
 }
 
 struct Entry {

@@ -29,6 +29,8 @@ pub mod dns;
 pub mod flow;
 pub mod frame;
 pub mod health;
+pub mod l7;
+pub mod local_http;
 pub mod metrics;
 pub mod overlay;
 pub mod path;
@@ -51,14 +53,31 @@ mod layers {
 
     const LAYERS: &[&[&str]] = &[
         &[
-            "view", "reason", "authz", "clock", "config", "store", "frame", "traffic",
+            "view",
+            "reason",
+            "authz",
+            "clock",
+            "config",
+            "store",
+            "frame",
+            "traffic",
+            "local_http",
         ],
         &["metrics", "tls", "registry"],
         &["flow", "path"],
         &["state"],
-        &["tunnel"],
+        // `l7` is the HTTP ingress (and what it shares with the egress), which tunnel
+        // ingress hands `http` services' streams to.
+        &["tunnel", "l7"],
         // `path_manager` is path/manager.rs: a shell inside the path module.
-        &["proxy", "overlay", "path_manager", "dns", "health"],
+        &[
+            "proxy",
+            "l7_egress",
+            "overlay",
+            "path_manager",
+            "dns",
+            "health",
+        ],
         &["control"],
         &["admin"],
         &["run"],
@@ -86,6 +105,11 @@ mod layers {
         ("state", include_str!("state.rs")),
         ("tunnel", include_str!("tunnel.rs")),
         ("proxy", include_str!("proxy.rs")),
+        ("l7", include_str!("l7/mod.rs")),
+        ("l7", include_str!("l7/ingress.rs")),
+        ("l7", include_str!("l7/io.rs")),
+        ("local_http", include_str!("local_http.rs")),
+        ("l7_egress", include_str!("l7/egress.rs")),
         ("overlay", include_str!("overlay/mod.rs")),
         ("overlay", include_str!("overlay/firewall.rs")),
         ("overlay", include_str!("overlay/buffers.rs")),

@@ -9,11 +9,13 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use quicmesh_protocol::wire::RejectCode;
 
 use crate::reason::{
     CloseReason, DnsDrop, DropReason, HandshakeRefusal, HttpRefusal, Label, RelayDrop,
+    RequestRefusal,
 };
 use quicmesh_protocol::path::ProbeRefusal;
 
@@ -33,6 +35,42 @@ struct RejectLabels {
     reason: String,
     src_service: String,
     dst_service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    direction: String,
+    src_service: String,
+    dst_service: String,
+    route: String,
+    class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    direction: String,
+    src_service: String,
+    dst_service: String,
+    route: String,
+}
+
+type LatencyFamily = Family<LatencyLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to ~26 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+/// One HTTP request's outcome, for [`Metrics::http_request`].
+#[derive(Debug, Clone, Copy)]
+pub struct RequestOutcome<'a> {
+    pub direction: crate::authz::Direction,
+    pub src: &'a str,
+    pub dst: &'a str,
+    /// The route that carried it (`default` when no route matched).
+    pub route: &'a str,
+    pub status: u16,
+    pub elapsed: std::time::Duration,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -132,6 +170,9 @@ pub struct Metrics {
     overlay_dropped: Family<ReasonLabels, Counter>,
     health_transitions: Family<HealthLabels, Counter>,
     http_refused: Family<ReasonLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    request_seconds: LatencyFamily,
+    requests_refused: Family<RejectLabels, Counter>,
     dns_dropped: Family<ReasonLabels, Counter>,
     service_passing: Family<ServiceLabels, Gauge>,
     accepted_total: AtomicU64,
@@ -179,6 +220,9 @@ impl Metrics {
             overlay_dropped: Family::default(),
             health_transitions: Family::default(),
             http_refused: Family::default(),
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            requests_refused: Family::default(),
             dns_dropped: Family::default(),
             service_passing: Family::default(),
             accepted_total: AtomicU64::new(0),
@@ -274,6 +318,21 @@ impl Metrics {
             "http_refused",
             "Connections and requests the metrics listener refused, by reason",
             m.http_refused.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests to mesh services, by direction, service pair, route and status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency to the response head, by direction, service pair and route",
+            m.request_seconds.clone(),
+        );
+        registry.register(
+            "http_requests_refused",
+            "HTTP requests the mesh answered itself instead of the service, by reason",
+            m.requests_refused.clone(),
         );
         registry.register(
             "dns_dropped",
@@ -445,6 +504,51 @@ impl Metrics {
         self.http_refused
             .get_or_create(&ReasonLabels {
                 reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// An HTTP request answered (by the service, or by the mesh for it).
+    pub fn http_request(&self, o: RequestOutcome<'_>) {
+        let direction = match o.direction {
+            crate::authz::Direction::Egress => "egress",
+            crate::authz::Direction::Ingress => "ingress",
+        };
+        let class = match o.status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction: direction.into(),
+                src_service: o.src.into(),
+                dst_service: o.dst.into(),
+                route: o.route.into(),
+                class: class.into(),
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&LatencyLabels {
+                direction: direction.into(),
+                src_service: o.src.into(),
+                dst_service: o.dst.into(),
+                route: o.route.into(),
+            })
+            .observe(o.elapsed.as_secs_f64());
+    }
+
+    /// An HTTP request the mesh refused (or could not deliver) and answered itself.
+    pub fn request_refused(&self, reason: RequestRefusal, src: &str, dst: &str) {
+        let reason = reason.as_str();
+        self.reason("http_request_refused", reason);
+        self.requests_refused
+            .get_or_create(&RejectLabels {
+                reason: reason.into(),
+                src_service: src.into(),
+                dst_service: dst.into(),
             })
             .inc();
     }

@@ -67,7 +67,7 @@ pub async fn serve(node: Arc<Node>, up: UpstreamConfig, listener: TcpListener) {
 
 /// Flows in progress per instance, for one upstream.
 #[derive(Debug, Default)]
-struct Load(Mutex<HashMap<NodeName, usize>>);
+pub struct Load(Mutex<HashMap<NodeName, usize>>);
 
 impl Load {
     fn get(&self, node: &NodeName) -> usize {
@@ -78,7 +78,7 @@ impl Load {
     }
 
     /// Counts a flow to `node` until the guard drops.
-    fn start(self: &Arc<Self>, node: &NodeName) -> LoadGuard {
+    pub fn start(self: &Arc<Self>, node: &NodeName) -> LoadGuard {
         if let Ok(mut m) = self.0.lock() {
             *m.entry(node.clone()).or_insert(0) += 1;
         }
@@ -86,7 +86,9 @@ impl Load {
     }
 }
 
-struct LoadGuard(Arc<Load>, NodeName);
+/// Counts one flow to an instance while it lives.
+#[derive(Debug)]
+pub struct LoadGuard(Arc<Load>, NodeName);
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
@@ -102,7 +104,7 @@ impl Drop for LoadGuard {
 }
 
 /// The instances of `up`'s service to try, in order.
-fn instances(view: &crate::state::View, up: &UpstreamConfig, load: &Load) -> Vec<NodeName> {
+pub fn instances(view: &crate::state::View, up: &UpstreamConfig, load: &Load) -> Vec<NodeName> {
     let candidates: Vec<Candidate> = view
         .healthy(&up.service)
         .map(|p| Candidate {
@@ -190,6 +192,7 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
                 src: up.source.clone(),
                 dst: up.service.clone(),
                 rule: String::new(),
+                http: false,
             },
             &node.metrics,
         );

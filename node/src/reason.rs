@@ -257,6 +257,30 @@ reasons! {
 }
 
 reasons! {
+    /// Why an HTTP request to a mesh service was refused or failed (the answer's status in
+    /// brackets); every one is counted by this label.
+    pub enum RequestRefusal {
+        /// The policy denies the request (403, with the rule).
+        PolicyDenied => "policy_denied",
+        /// The peer no longer stands: revoked, unknown, expired, or no view yet (403).
+        PeerNotStanding => "peer_not_standing",
+        /// The peer's certificate does not carry the claimed source service (403).
+        SourceNotInCertificate => "source_not_in_certificate",
+        /// This node does not host the service (404).
+        UnknownService => "unknown_service",
+        /// The target is not a path this node judges the same way as any server would
+        /// (`%2F`, `%5C`, `%00`, `;`, `%25`, bad escapes, not origin-form) (400).
+        BadTarget => "bad_target",
+        /// A header a rule matches on came more than once (400).
+        RepeatedHeader => "repeated_header",
+        /// An upgrade this node cannot judge the requests of (`h2c`), or CONNECT (400).
+        Unjudgeable => "unjudgeable",
+        /// The local service could not be reached or failed (502).
+        ServiceUnavailable => "service_unavailable",
+    }
+}
+
+reasons! {
     /// Why a DNS query was not served as asked.
     pub enum DnsDrop {
         /// Too many forwarded queries were in flight: answered SERVFAIL.
@@ -293,6 +317,7 @@ mod tests {
         distinct::<HandshakeRefusal>();
         distinct::<DropReason>();
         distinct::<HttpRefusal>();
+        distinct::<RequestRefusal>();
         distinct::<DnsDrop>();
         distinct::<RelayDrop>();
         distinct::<ProbeRefusal>();

@@ -264,7 +264,12 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
         tokio::spawn(crate::dns::serve(node.clone(), udp, tcp));
     }
     for (up, l) in upstreams {
-        tokio::spawn(proxy::serve(node.clone(), up, l));
+        match up.protocol {
+            crate::config::Protocol::Tcp => tokio::spawn(proxy::serve(node.clone(), up, l)),
+            crate::config::Protocol::Http => {
+                tokio::spawn(crate::l7::egress::serve(node.clone(), up, l))
+            }
+        };
     }
     tokio::spawn(admin::serve_admin(node.clone(), admin_l));
     if let Some(l) = metrics_l {

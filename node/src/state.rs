@@ -84,6 +84,8 @@ pub struct Node {
     /// Per peer, the route of the tunnel flows use (published by the path manager).
     path_status: Mutex<HashMap<NodeName, crate::path::PathStatus>>,
     view_tx: watch::Sender<Arc<View>>,
+    /// Pooled connections to the local `http` services.
+    pub l7: crate::local_http::Pools,
 }
 
 impl std::fmt::Debug for Node {
@@ -144,6 +146,7 @@ impl Node {
             paths,
             path_status: Mutex::new(HashMap::new()),
             view_tx,
+            l7: Default::default(),
         })
     }
 
@@ -219,6 +222,7 @@ impl Node {
                 &f.peer_id,
                 &f.src,
                 &f.dst,
+                f.http,
                 check_egress,
                 now,
             )

@@ -12,12 +12,13 @@ use quicmesh_protocol::wire::{PeerInfo, RejectCode, StreamHeader, StreamReply};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use crate::config::Protocol;
 use crate::flow::{pump, Direction, FlowEnd, FlowInfo};
 use crate::frame::{read_frame, write_frame};
 use crate::reason::{CloseReason, HandshakeRefusal};
 use crate::state::{Node, View};
 use crate::tls::{self, MeshServerVerifier, ServerExpect};
-use crate::{authz, clock};
+use crate::{authz, clock, l7};
 
 /// How long a peer has to send a stream header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -404,9 +405,11 @@ async fn ingress_stream(
             tracing::info!(reason = code.as_str(), rule = rule.as_deref().unwrap_or("-"), "ingress rejected");
             (code, rule)
         };
-        let hosted = node.cfg.service(&dst).is_some();
+        let service = node.cfg.service(&dst);
+        let hosted = service.is_some();
+        let http = service.is_some_and(|s| s.protocol == Protocol::Http);
         let decide = |view: &View| {
-            let req = authz::StreamRequest { peer: &peer, src: &src, dst: &dst, hosted };
+            let req = authz::StreamRequest { peer: &peer, src: &src, dst: &dst, hosted, http };
             authz::stream_ingress(view, req, clock::unix_now())
         };
         let mut verdict = decide(&view);
@@ -423,22 +426,26 @@ async fn ingress_stream(
                 return;
             }
         };
-        let Some(address) = node.cfg.service(&dst).and_then(|s| s.address) else {
+        let Some(address) = service.and_then(|s| s.address) else {
             // An overlay-only service: reached by its overlay ports, not by L4 streams.
             let _ = refuse(RejectCode::ServiceUnavailable, None);
             reject(&mut send, RejectCode::ServiceUnavailable, None).await;
             return;
         };
-        let tcp = match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(address)).await {
-            Ok(Ok(t)) => t,
-            other => {
-                let _ = refuse(RejectCode::ServiceUnavailable, None);
-                tracing::warn!(%address, error = ?other.map(|r| r.err()), "local service unavailable");
-                reject(&mut send, RejectCode::ServiceUnavailable, None).await;
-                return;
+        // An HTTP service's requests go over pooled connections, dialled per request.
+        let tcp = if http {
+            None
+        } else {
+            match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(address)).await {
+                Ok(Ok(t)) => Some(t),
+                other => {
+                    let _ = refuse(RejectCode::ServiceUnavailable, None);
+                    tracing::warn!(%address, error = ?other.map(|r| r.err()), "local service unavailable");
+                    reject(&mut send, RejectCode::ServiceUnavailable, None).await;
+                    return;
+                }
             }
         };
-        let _ = tcp.set_nodelay(true);
         // Registered before it is answered, then decided again: a snapshot applied while
         // the service was being dialled is either seen here or re-checks this flow.
         let (_guard, kill) = node.flows.register(
@@ -450,6 +457,7 @@ async fn ingress_stream(
                 src: src.clone(),
                 dst: dst.clone(),
                 rule: rule.clone(),
+                http,
             },
             &node.metrics,
         );
@@ -462,8 +470,20 @@ async fn ingress_stream(
             return;
         }
         node.metrics.ingress_accepted(src.as_str(), dst.as_str());
-        tracing::info!(rule = %rule, "ingress accepted");
-        let end = pump(tcp, send, recv, kill, node.cfg.flow_idle_timeout, &node.metrics, None).await;
+        tracing::info!(rule = %rule, http, "ingress accepted");
+        let end = match tcp {
+            Some(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                pump(tcp, send, recv, kill, node.cfg.flow_idle_timeout, &node.metrics, None).await
+            }
+            None => {
+                let conn = l7::ingress::Conn { peer: peer.clone(), src: src.clone(), dst: dst.clone(), address };
+                match l7::ingress::serve(node.clone(), conn, send, recv, kill).await {
+                    Some(reason) => FlowEnd::Killed(reason),
+                    None => FlowEnd::Done,
+                }
+            }
+        };
         match end {
             FlowEnd::Killed(reason) => {
                 node.metrics.flow_closed(reason);

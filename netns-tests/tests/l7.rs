@@ -1,0 +1,248 @@
+//! HTTP awareness end to end on loopback: real coordinator and node processes, a real
+//! HTTP service (hyper) and curl as the client.
+//!
+//! `api-1` hosts `api` with `protocol = "http"` and `db` as plain L4 beside it. `web-1`
+//! reaches `api` through an `http` upstream (a stream per request) and through a plain L4
+//! upstream (the client's bytes as they come): the destination judges every request
+//! either way.
+
+use anyhow::ensure;
+use quicmesh_netns_tests::http::{curl, HttpService};
+use quicmesh_netns_tests::net::{echo_server, echo_transfer, metric};
+use quicmesh_netns_tests::{CoordinatorProc, Mesh, NodeProc, NodeSpec};
+
+const POLICY: &str = r#"
+default = "deny"
+
+[[rule]]
+from = "web"
+to = "api"
+action = "allow"
+
+[[rule]]
+from = "web"
+to = "api"
+action = "deny"
+paths = ["/admin", "/admin/*"]
+
+[[rule]]
+from = "web"
+to = "db"
+action = "allow"
+"#;
+
+struct L7 {
+    _mesh: Mesh,
+    _coord: CoordinatorProc,
+    api: NodeProc,
+    web: NodeProc,
+    service: HttpService,
+}
+
+fn mesh(test: &str) -> L7 {
+    let mesh = Mesh::new(test);
+    let coord = CoordinatorProc::start(&mesh, "1h").unwrap();
+    let out = coord.apply_policy(&mesh, POLICY).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let service = HttpService::start("api-1").unwrap();
+    let api = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("api-1")
+            .service_with("api", service.addr, &["protocol = \"http\""])
+            .service("db", echo_server().unwrap()),
+    )
+    .unwrap();
+    let web = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("web-1")
+            .service("web", echo_server().unwrap())
+            .upstream_with("api", &["protocol = \"http\""])
+            .upstream("api")
+            .upstream("db")
+            .no_egress_check(),
+    )
+    .unwrap();
+    coord.wait_all_acked(2, std::time::Duration::from_secs(15));
+    L7 {
+        _mesh: mesh,
+        _coord: coord,
+        api,
+        web,
+        service,
+    }
+}
+
+fn refused(node: &NodeProc, reason: &str) -> f64 {
+    node.metrics()
+        .map(|m| {
+            metric(
+                &m,
+                "quicmesh_http_requests_refused_total",
+                &[("reason", reason)],
+            )
+        })
+        .unwrap_or(-1.0)
+}
+
+#[test]
+fn every_spelling_of_a_denied_path_is_denied_and_the_service_never_sees_it() -> anyhow::Result<()> {
+    let m = mesh("l7_path_attacks");
+    // Both ways in: a stream per request (the http upstream), and the client's own
+    // connection carried as bytes (the L4 upstream); the destination judges both.
+    for (way, up) in [("http", m.web.upstream_at(0)), ("l4", m.web.upstream_at(1))] {
+        let ok = curl(&format!("http://{up}/hello?x=1"), &[])?;
+        ensure!(ok.status == 200, "{way}: {ok:?}");
+        ensure!(
+            ok.body.starts_with("api-1 GET /hello?x=1 src=web"),
+            "{way}: the service names the mesh's source: {ok:?}"
+        );
+        // The denied twin, and the spellings that mean it.
+        for path in [
+            "/admin",
+            "//admin",
+            "/%61dmin",
+            "/x/../admin",
+            "/admin/",
+            "/ADMIN",
+            "/admin/users",
+            "/./admin",
+        ] {
+            let r = curl(&format!("http://{up}{path}"), &[])?;
+            ensure!(r.status == 403, "{way} {path}: {r:?}");
+            ensure!(
+                r.header("x-quicmesh-rule") == Some("rule[1]"),
+                "{way} {path}: the deny names its rule: {r:?}"
+            );
+            ensure!(
+                r.header("x-quicmesh-reason") == Some("policy_denied"),
+                "{way} {path}: {r:?}"
+            );
+        }
+        // What servers disagree about is refused before any rule.
+        for path in [
+            "/admin%2F",
+            "/admin%2f",
+            "/%2561dmin",
+            "/admin;x",
+            "/admin%00",
+            "/a%5Cadmin",
+        ] {
+            let r = curl(&format!("http://{up}{path}"), &[])?;
+            ensure!(r.status == 400, "{way} {path}: {r:?}");
+            ensure!(
+                r.header("x-quicmesh-reason") == Some("bad_target"),
+                "{way} {path}: {r:?}"
+            );
+        }
+    }
+    let seen = m.service.seen();
+    ensure!(
+        seen.iter()
+            .all(|p| !p.to_ascii_lowercase().contains("admin")),
+        "the service saw a denied path: {seen:?}"
+    );
+    ensure!(
+        seen.len() == 2,
+        "the service saw only the allowed requests: {seen:?}"
+    );
+    ensure!(
+        refused(&m.api, "policy_denied") >= 16.0,
+        "counted by reason at the destination"
+    );
+    ensure!(refused(&m.api, "bad_target") >= 1.0);
+    Ok(())
+}
+
+#[test]
+fn a_normalised_path_is_what_the_service_receives() -> anyhow::Result<()> {
+    let m = mesh("l7_normalised");
+    let up = m.web.upstream_at(0);
+    let r = curl(&format!("http://{up}//a/./b/../c/%7Euser?q=%2F"), &[])?;
+    ensure!(r.status == 200, "{r:?}");
+    ensure!(r.body.starts_with("api-1 GET /a/c/~user?q=%2F "), "{r:?}");
+    // A client's claim to be another service is dropped: only the mesh names the source.
+    let r = curl(
+        &format!("http://{up}/who"),
+        &["-H", "x-quicmesh-source: admin"],
+    )?;
+    ensure!(r.body.contains("src=web "), "{r:?}");
+    Ok(())
+}
+
+#[test]
+fn http2_prior_knowledge_and_an_upgrade_pass_and_l4_beside_is_untouched() -> anyhow::Result<()> {
+    let m = mesh("l7_h2_upgrade_l4");
+    for (way, up) in [("http", m.web.upstream_at(0)), ("l4", m.web.upstream_at(1))] {
+        let r = curl(&format!("http://{up}/h2"), &["--http2-prior-knowledge"])?;
+        ensure!(r.status == 200, "{way}: {r:?}");
+        ensure!(
+            r.body.contains("version=HTTP/2.0"),
+            "{way}: HTTP/2 end to end: {r:?}"
+        );
+        let r = curl(&format!("http://{up}/admin"), &["--http2-prior-knowledge"])?;
+        ensure!(
+            r.status == 403,
+            "{way}: HTTP/2 requests are judged too: {r:?}"
+        );
+        // h2c would hide the requests after it from the policy.
+        let r = curl(&format!("http://{up}/x"), &["--http2"])?;
+        ensure!(
+            r.status == 400 && r.header("x-quicmesh-reason") == Some("unjudgeable"),
+            "{way}: {r:?}"
+        );
+    }
+    // An upgrade the service accepts passes, its bytes carried both ways; asked for on a
+    // denied path, it is denied like any request.
+    for (way, up) in [("http", m.web.upstream_at(0)), ("l4", m.web.upstream_at(1))] {
+        let (head, echoed) = upgrade(up, "/ws", b"websocket-ish frames \x00\xff")
+            .map_err(|e| anyhow::anyhow!("{way}: {e}"))?;
+        ensure!(head.starts_with("HTTP/1.1 101"), "{way}: {head}");
+        ensure!(
+            echoed == b"websocket-ish frames \x00\xff",
+            "{way}: {echoed:?}"
+        );
+        let (head, _) = upgrade(up, "/admin", b"")?;
+        ensure!(head.starts_with("HTTP/1.1 403"), "{way}: {head}");
+    }
+    // The L4 service beside the HTTP one: every byte as sent.
+    let (sent, got, n) = echo_transfer(m.web.upstream_at(2), 4 << 20)?;
+    ensure!(sent == got && n == 4 << 20, "L4 bytes changed: {n}");
+    Ok(())
+}
+
+/// Asks for `Upgrade: echo` on `path`; the response head, and what came back for `data`
+/// after a 101.
+fn upgrade(
+    addr: std::net::SocketAddr,
+    path: &str,
+    data: &[u8],
+) -> anyhow::Result<(String, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+    )?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ensure!(s.read(&mut b)? == 1, "closed in the head: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    if !head.starts_with("HTTP/1.1 101") {
+        return Ok((head, Vec::new()));
+    }
+    s.write_all(data)?;
+    let mut got = vec![0u8; data.len()];
+    s.read_exact(&mut got)
+        .map_err(|e| anyhow::anyhow!("after {head:?}: {e}"))?;
+    Ok((head, got))
+}

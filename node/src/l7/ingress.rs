@@ -1,0 +1,280 @@
+//! The destination node's side: a tunnel stream to an `http` service is served as an
+//! HTTP connection. Each request, in order:
+//! 1. its target is normalised ([`quicmesh_protocol::http::parse_request`]); what servers
+//!    disagree about is refused (400, `bad_target`); CONNECT and `Upgrade: h2c` cannot be
+//!    judged request by request and are refused (400, `unjudgeable`);
+//! 2. it is judged by [`authz::http_request`] against the view applied now (403 with the
+//!    rule, or the standing or certificate reason);
+//! 3. the normalised request is forwarded, hop-by-hop headers removed and the source
+//!    service named in [`super::SOURCE_HEADER`], over a pooled connection to the service;
+//!    a service that cannot be reached is a 502.
+//!
+//! A WebSocket (or any `Upgrade` the service accepts with 101) is judged as the request
+//! that asks for it; the bytes after are the service's protocol, carried as they come and
+//! closed with the flow when a policy or revocation change closes it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::http::uri::{Authority, Scheme};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use quicmesh_protocol::cert::PeerIdentity;
+use quicmesh_protocol::http::parse_request;
+use quicmesh_protocol::ident::ServiceName;
+use quicmesh_protocol::policy;
+use tokio::sync::{oneshot, watch};
+
+use super::{boxed, io, is_grpc, refusal, strip_hop_by_hop, wants_h2c, wants_upgrade, Body};
+use crate::authz::{self, Direction, StreamRequest};
+use crate::clock;
+use crate::metrics::RequestOutcome;
+use crate::reason::{CloseReason, RequestRefusal};
+use crate::state::Node;
+
+/// One admitted stream to a local `http` service.
+#[derive(Debug)]
+pub struct Conn {
+    pub peer: Arc<PeerIdentity>,
+    pub src: ServiceName,
+    pub dst: ServiceName,
+    /// The service's address.
+    pub address: SocketAddr,
+}
+
+/// Serves the stream's requests until the peer ends it or the flow is closed (then every
+/// upgraded connection it carries closes too). Returns the reason when closed.
+pub async fn serve(
+    node: Arc<Node>,
+    conn: Conn,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    kill: oneshot::Receiver<CloseReason>,
+) -> Option<CloseReason> {
+    // Upgraded connections hold a receiver each: they close when the flow is closed, and
+    // the flow stays registered (re-checked) while any of them lives.
+    let (closed_tx, closed) = watch::channel(None);
+    let conn = Arc::new(conn);
+    let svc = hyper::service::service_fn(move |req| {
+        let (node, conn, closed) = (node.clone(), conn.clone(), closed.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle(&node, &conn, req, closed).await) }
+    });
+    let io = TokioIo::new(io::duplex(recv, send));
+    let serving: Driven = Box::pin(async move {
+        let builder = auto::Builder::new(TokioExecutor::new());
+        if let Err(e) = builder.serve_connection_with_upgrades(io, svc).await {
+            tracing::debug!(error = %e, "http connection ended");
+        }
+    });
+    hold_until_closed(serving, closed_tx, kill).await
+}
+
+/// A connection's driver, boxed (the server's and the clients' are distinct types).
+pub(super) type Driven = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Drives `serving` (an HTTP connection), then waits while upgraded connections it handed
+/// off hold a receiver of `closed`; a kill on the way closes them all. The reason, when
+/// killed.
+pub(super) async fn hold_until_closed(
+    serving: Driven,
+    closed: watch::Sender<Option<CloseReason>>,
+    mut kill: oneshot::Receiver<CloseReason>,
+) -> Option<CloseReason> {
+    let killed = tokio::select! {
+        _ = serving => None,
+        reason = &mut kill => Some(reason.unwrap_or(CloseReason::NodeShutdown)),
+    };
+    let killed = match killed {
+        Some(r) => Some(r),
+        None => tokio::select! {
+            _ = closed.closed() => None,
+            reason = kill => Some(reason.unwrap_or(CloseReason::NodeShutdown)),
+        },
+    };
+    if let Some(reason) = killed {
+        let _ = closed.send(Some(reason));
+    }
+    killed
+}
+
+async fn handle(
+    node: &Arc<Node>,
+    conn: &Conn,
+    mut req: Request<Incoming>,
+    closed: watch::Receiver<Option<CloseReason>>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let grpc = is_grpc(req.headers());
+    let (src, dst) = (conn.src.as_str(), conn.dst.as_str());
+    let method = req.method().clone();
+    let refuse = |reason: RequestRefusal, status: StatusCode, rule: Option<&str>, why: &str| {
+        node.metrics.request_refused(reason, src, dst);
+        node.metrics.http_request(outcome(conn, status, started));
+        tracing::info!(reason = reason.as_str(), rule = rule.unwrap_or("-"), why, %method, "request refused");
+        refusal(status, reason.as_str(), rule, grpc)
+    };
+    if method == Method::CONNECT || wants_h2c(req.headers()) {
+        return refuse(
+            RequestRefusal::Unjudgeable,
+            StatusCode::BAD_REQUEST,
+            None,
+            "CONNECT or h2c: the requests inside could not be judged",
+        );
+    }
+    let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+    let (method, target) = match parse_request(method.as_str(), target) {
+        Ok(x) => x,
+        Err(e) => {
+            return refuse(
+                RequestRefusal::BadTarget,
+                StatusCode::BAD_REQUEST,
+                None,
+                e.as_str(),
+            )
+        }
+    };
+    let verdict = {
+        let values: Vec<(&str, std::borrow::Cow<'_, str>)> = req
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v.as_bytes())))
+            .collect();
+        let pairs: Vec<(&str, &str)> = values.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+        let request = policy::Request {
+            method: &method,
+            path: &target.path,
+            headers: &pairs,
+        };
+        let stream = StreamRequest {
+            peer: &conn.peer,
+            src: &conn.src,
+            dst: &conn.dst,
+            hosted: true,
+            http: true,
+        };
+        authz::http_request(&node.view(), stream, &request, clock::unix_now())
+    };
+    let rule = match verdict {
+        Ok(rule) => rule,
+        Err(authz::Denied { reason, rule }) => {
+            let status = match reason {
+                RequestRefusal::UnknownService => StatusCode::NOT_FOUND,
+                RequestRefusal::RepeatedHeader => StatusCode::BAD_REQUEST,
+                _ => StatusCode::FORBIDDEN,
+            };
+            return refuse(reason, status, rule.as_deref(), "denied");
+        }
+    };
+    let upgrade = wants_upgrade(req.headers());
+    let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let path = match &target.query {
+        Some(q) => format!("{}?{q}", target.path),
+        None => target.path.clone(),
+    };
+    let original = parts.uri.authority().cloned();
+    parts.uri = match local_uri(conn.address, &path) {
+        Some(u) => u,
+        None => {
+            return refuse(
+                RequestRefusal::BadTarget,
+                StatusCode::BAD_REQUEST,
+                None,
+                "target",
+            )
+        }
+    };
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.remove(super::SOURCE_HEADER);
+    if let Ok(v) = HeaderValue::from_str(src) {
+        parts.headers.insert(super::SOURCE_HEADER, v);
+    }
+    let clients = node.l7.get(conn.address);
+    let client = if parts.version == Version::HTTP_2 {
+        // An HTTP/2 request names its authority in the URI; the service still sees it.
+        if let Some(a) = original.filter(|_| !parts.headers.contains_key(header::HOST)) {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        clients.http2
+    } else {
+        clients.http1
+    };
+    tracing::debug!(%rule, path = %target.path, "request allowed");
+    let mut resp = match client
+        .request(Request::from_parts(parts, boxed(body)))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(address = %conn.address, error = %e, "local service failed");
+            return refuse(
+                RequestRefusal::ServiceUnavailable,
+                StatusCode::BAD_GATEWAY,
+                None,
+                "local service",
+            );
+        }
+    };
+    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (true, Some(client_side)) = (switched, client_side) {
+        let service_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(splice(client_side, service_side, closed));
+    }
+    strip_hop_by_hop(resp.headers_mut(), switched);
+    node.metrics
+        .http_request(outcome(conn, resp.status(), started));
+    resp.map(boxed)
+}
+
+fn outcome(conn: &Conn, status: StatusCode, started: Instant) -> RequestOutcome<'_> {
+    RequestOutcome {
+        direction: Direction::Ingress,
+        src: conn.src.as_str(),
+        dst: conn.dst.as_str(),
+        route: "default",
+        status: status.as_u16(),
+        elapsed: started.elapsed(),
+    }
+}
+
+/// The URI a request to the local service is sent with: the service's address (the
+/// connection goes there whatever it says) and the normalised path.
+fn local_uri(address: SocketAddr, path_and_query: &str) -> Option<Uri> {
+    Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(Authority::try_from(address.to_string()).ok()?)
+        .path_and_query(path_and_query)
+        .build()
+        .ok()
+}
+
+/// Carries an upgraded connection's bytes both ways until either side ends or the flow
+/// is closed.
+pub(super) async fn splice(
+    a: hyper::upgrade::OnUpgrade,
+    b: hyper::upgrade::OnUpgrade,
+    mut closed: watch::Receiver<Option<CloseReason>>,
+) {
+    let (a, b) = match tokio::try_join!(a, b) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut a, &mut b) => {
+            tracing::debug!(result = ?r, "upgraded connection ended");
+        }
+        _ = closed.wait_for(|c| c.is_some()) => {
+            tracing::info!("upgraded connection closed with its flow");
+        }
+    }
+}

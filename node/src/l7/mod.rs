@@ -1,0 +1,251 @@
+//! HTTP awareness for services that opt in (`protocol = "http"`), L4 untouched for the
+//! rest.
+//!
+//! - [`ingress`]: the destination node serves every tunnel stream to an `http` service as
+//!   an HTTP connection (HTTP/1.1 or HTTP/2, told apart by the first bytes), judges each
+//!   request with the one authorization core ([`crate::authz::http_request`]), forwards
+//!   the normalised request over a pooled connection to the local service, and answers a
+//!   refusal itself (403 with the rule).
+//! - [`egress`]: an `http` upstream's listener speaks HTTP to local clients and sends
+//!   each request on its own tunnel stream to an instance chosen per request: requests of
+//!   one client connection never wait on each other, and no request waits for a
+//!   handshake (the stream header and the request leave together).
+//!
+//! Both sides are built on hyper; nothing here parses HTTP by hand.
+
+pub mod egress;
+pub mod ingress;
+pub mod io;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Response, StatusCode};
+
+pub use crate::local_http::{Body, BoxError};
+
+/// The header that names the source service to the destination service. Whatever a
+/// client sent under this name is removed first: only the mesh writes it.
+pub const SOURCE_HEADER: &str = "x-quicmesh-source";
+/// The header on a refusal the mesh answered itself, naming why.
+pub const REASON_HEADER: &str = "x-quicmesh-reason";
+/// The header on a policy refusal naming the deciding rule.
+pub const RULE_HEADER: &str = "x-quicmesh-rule";
+
+/// A body the proxy wrote.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+/// A body received from hyper, boxed.
+pub fn boxed<B>(b: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    b.map_err(Into::into).boxed()
+}
+
+/// Whether a request or response is gRPC (its refusals are gRPC statuses).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// An answer the mesh gives itself: `status` with the reason (and rule) in headers and
+/// the body. To a gRPC client, a gRPC status with the same words (HTTP 200, trailers
+/// only), which is what its library reports.
+pub fn refusal(status: StatusCode, reason: &str, rule: Option<&str>, grpc: bool) -> Response<Body> {
+    let text = match rule {
+        Some(r) => format!("quicmesh: {reason} by {r}"),
+        None => format!("quicmesh: {reason}"),
+    };
+    let mut resp = if grpc {
+        let code = match status {
+            StatusCode::FORBIDDEN => "7",         // PERMISSION_DENIED
+            StatusCode::NOT_FOUND => "12",        // UNIMPLEMENTED
+            StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
+            StatusCode::GATEWAY_TIMEOUT => "4",   // DEADLINE_EXCEEDED
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => "14", // UNAVAILABLE
+            StatusCode::BAD_REQUEST => "3",       // INVALID_ARGUMENT
+            _ => "2",                             // UNKNOWN
+        };
+        let mut r = Response::new(full(Bytes::new()));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static(code));
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            h.insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(full(format!("{text}\n")));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        h.insert(REASON_HEADER, v);
+    }
+    if let Some(v) = rule.and_then(|r| HeaderValue::from_str(r).ok()) {
+        h.insert(RULE_HEADER, v);
+    }
+    resp
+}
+
+/// Headers that belong to one hop: never forwarded.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "te",
+];
+
+/// Removes the hop-by-hop headers (and those `Connection` names). `upgrade` keeps
+/// `Connection: upgrade` and `Upgrade` for a request or answer that switches protocols;
+/// `TE: trailers` stays (gRPC needs it).
+pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    let upgrade_value = h.get(header::UPGRADE).cloned();
+    let te_trailers = h.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        if let Some(u) = upgrade_value {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, u);
+        }
+    }
+}
+
+/// Whether a request asks to switch protocols (HTTP/1.1 `Connection: upgrade`).
+pub fn wants_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Whether a request asks to switch to HTTP/2 in clear (`Upgrade: h2c`): the requests
+/// after it would not be judged one by one, so it is refused.
+pub fn wants_h2c(h: &HeaderMap) -> bool {
+    h.get_all(header::UPGRADE).iter().any(|v| {
+        v.to_str().map_or(true, |s| {
+            s.split(',')
+                .any(|t| t.trim().to_ascii_lowercase().starts_with("h2c"))
+        })
+    }) || h.contains_key("http2-settings")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers, deflate"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret").is_none(), "named by Connection");
+        assert!(h.get("keep-alive").is_none());
+        assert_eq!(h.get("te").unwrap(), "trailers", "gRPC's TE stays");
+        assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_upgrade_headers_only_when_asked() {
+        let src = [("connection", "Upgrade"), ("upgrade", "websocket")];
+        let mut h = map(&src);
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        let mut h = map(&src);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("upgrade").is_none());
+        assert!(
+            !wants_upgrade(&map(&[("upgrade", "websocket")])),
+            "no Connection: upgrade"
+        );
+    }
+
+    #[test]
+    fn h2c_is_spotted_in_any_spelling() {
+        assert!(wants_h2c(&map(&[("upgrade", "H2C")])));
+        assert!(wants_h2c(&map(&[("upgrade", "websocket, h2c")])));
+        assert!(wants_h2c(&map(&[(
+            "http2-settings",
+            "AAMAAABkAAQAoAAAAAIAAAAA"
+        )])));
+        assert!(!wants_h2c(&map(&[("upgrade", "websocket")])));
+    }
+
+    #[test]
+    fn a_grpc_refusal_is_a_grpc_status() {
+        let r = refusal(
+            StatusCode::FORBIDDEN,
+            "policy_denied",
+            Some("rule[2]"),
+            true,
+        );
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "7");
+        assert_eq!(r.headers()[RULE_HEADER], "rule[2]");
+        let r = refusal(
+            StatusCode::FORBIDDEN,
+            "policy_denied",
+            Some("rule[2]"),
+            false,
+        );
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(r.headers().get("grpc-status").is_none());
+    }
+}
