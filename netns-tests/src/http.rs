@@ -5,11 +5,14 @@
 //! `<name> <method> <path?query> src=<x-quicmesh-source> version=<HTTP/1.1|HTTP/2.0>`,
 //! and records every path it saw, so a test can assert a request never reached it.
 //! `/status/<code>` answers with that status; `/sleep/<ms>` answers after that long; an
-//! `Upgrade: echo` request is switched (101) and its bytes echoed.
+//! `Upgrade: echo` request is switched (101) and its bytes echoed. A flaky service
+//! answers 503 to every fifth request for `/flaky` (20 %); a failing one answers 503 to
+//! everything until told otherwise.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,17 +26,43 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 pub struct HttpService {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<String>>>,
+    behaviour: Arc<Behaviour>,
+}
+
+#[derive(Debug, Default)]
+struct Behaviour {
+    flaky: bool,
+    flaky_count: AtomicU64,
+    failing: AtomicBool,
 }
 
 impl HttpService {
     /// Starts `name` on a free loopback port (its own thread and runtime; runs until the
     /// process exits).
     pub fn start(name: &str) -> std::io::Result<Self> {
+        Self::start_with(name, false)
+    }
+
+    /// Starts `name`, answering 503 to every fifth `/flaky` request.
+    pub fn start_flaky(name: &str) -> std::io::Result<Self> {
+        Self::start_with(name, true)
+    }
+
+    /// Answers 503 to everything (`true`) or serves again.
+    pub fn set_failing(&self, failing: bool) {
+        self.behaviour.failing.store(failing, Ordering::SeqCst);
+    }
+
+    fn start_with(name: &str, flaky: bool) -> std::io::Result<Self> {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.set_nonblocking(true)?;
         let addr = l.local_addr()?;
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (name, log) = (name.to_string(), seen.clone());
+        let behaviour = Arc::new(Behaviour {
+            flaky,
+            ..Behaviour::default()
+        });
+        let (name, log, b) = (name.to_string(), seen.clone(), behaviour.clone());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -45,10 +74,10 @@ impl HttpService {
                     let Ok((tcp, _)) = l.accept().await else {
                         continue;
                     };
-                    let (name, log) = (name.clone(), log.clone());
+                    let (name, log, b) = (name.clone(), log.clone(), b.clone());
                     tokio::spawn(async move {
                         let svc = hyper::service::service_fn(move |req| {
-                            answer(name.clone(), log.clone(), req)
+                            answer(name.clone(), log.clone(), b.clone(), req)
                         });
                         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                             .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
@@ -57,7 +86,11 @@ impl HttpService {
                 }
             });
         });
-        Ok(Self { addr, seen })
+        Ok(Self {
+            addr,
+            seen,
+            behaviour,
+        })
     }
 
     /// Every path (with query) the service was asked for, in order.
@@ -69,6 +102,7 @@ impl HttpService {
 async fn answer(
     name: String,
     log: Arc<Mutex<Vec<String>>>,
+    b: Arc<Behaviour>,
     mut req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let pq = req
@@ -114,6 +148,11 @@ async fn answer(
     }
     let path = req.uri().path().to_string();
     let mut status = StatusCode::OK;
+    let fail = b.failing.load(Ordering::SeqCst)
+        || (b.flaky && path == "/flaky" && b.flaky_count.fetch_add(1, Ordering::SeqCst) % 5 == 4);
+    if fail {
+        status = StatusCode::SERVICE_UNAVAILABLE;
+    }
     if let Some(code) = path.strip_prefix("/status/") {
         status = code
             .parse()
@@ -193,5 +232,103 @@ fn parse_reply(text: &str) -> anyhow::Result<Reply> {
             headers,
             body: body.to_string(),
         });
+    }
+}
+
+/// A real HTTP/1.1 client (hyper's pooled client, keep-alive) sending requests through
+/// the mesh from its own runtime.
+#[derive(Debug)]
+pub struct Load {
+    rt: tokio::runtime::Runtime,
+}
+
+/// One response: status, body, and the mesh's reason header when it answered itself.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub reason: Option<String>,
+    pub retry_after: Option<String>,
+    pub elapsed: Duration,
+}
+
+impl Load {
+    pub fn new() -> Self {
+        Self {
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime"),
+        }
+    }
+
+    /// Sends `n` requests (`method` to `url`, with `headers`), `concurrency` at a time;
+    /// the answers in the order they were sent. Each request is bounded by 30 s.
+    pub fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        n: usize,
+        concurrency: usize,
+    ) -> Vec<anyhow::Result<Answer>> {
+        let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+        let method: hyper::Method = method.parse().expect("method");
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let url = url.to_string();
+        self.rt.block_on(async move {
+            let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+            let mut tasks = Vec::with_capacity(n);
+            for _ in 0..n {
+                let permit = sem.clone().acquire_owned().await.expect("semaphore");
+                let (client, method, headers, url) =
+                    (client.clone(), method.clone(), headers.clone(), url.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _permit = permit;
+                    let started = std::time::Instant::now();
+                    let mut b = Request::builder().method(method).uri(&url);
+                    for (k, v) in &headers {
+                        b = b.header(k.as_str(), v.as_str());
+                    }
+                    let req = b.body(Full::new(Bytes::from_static(b"{}")))?;
+                    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+                        .await??;
+                    let status = resp.status().as_u16();
+                    let h = |n: &str| {
+                        resp.headers()
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .map(String::from)
+                    };
+                    let (reason, retry_after) = (h("x-quicmesh-reason"), h("retry-after"));
+                    let body = http_body_util::BodyExt::collect(resp.into_body())
+                        .await?
+                        .to_bytes();
+                    Ok(Answer {
+                        status,
+                        body: String::from_utf8_lossy(&body).into_owned(),
+                        reason,
+                        retry_after,
+                        elapsed: started.elapsed(),
+                    })
+                }));
+            }
+            let mut out = Vec::with_capacity(n);
+            for t in tasks {
+                out.push(t.await.map_err(anyhow::Error::from).and_then(|r| r));
+            }
+            out
+        })
+    }
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Self::new()
     }
 }

@@ -89,17 +89,49 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "name": s.name,
                 "address": s.address.map(|a| a.to_string()),
                 "ports": s.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                "protocol": s.protocol,
+                "rate_limit": s.rate_limits.iter().map(|l| json!({"source": l.source.as_ref().map_or("*", |x| x.as_str()), "per_second": l.per_second})).collect::<Vec<_>>(),
                 "health": check.map_or("passing (no check)", |c| c.health.as_str()),
                 "check_output": check.map(|c| c.output.clone()),
             })
         }).collect::<Vec<_>>(),
-        "upstreams": node.cfg.upstreams.iter().zip(bound.upstreams.iter()).map(|(u, (_, addr))| json!({"service": u.service, "bind": addr.to_string(), "source": u.source, "locality": u.locality})).collect::<Vec<_>>(),
+        "upstreams": node.cfg.upstreams.iter().zip(bound.upstreams.iter()).map(|(u, (_, addr))| {
+            let mut j = json!({"service": u.service, "bind": addr.to_string(), "source": u.source, "locality": u.locality, "protocol": u.protocol});
+            if u.protocol == crate::config::Protocol::Http {
+                j["routes"] = u.http.routes.iter().map(route_json).collect();
+                j["retry_budget"] = json!(u.http.retry_budget);
+                j["ejection"] = json!(u.http.ejection.map(|e| json!({"consecutive_failures": e.consecutive_failures, "base_ms": e.base.as_millis() as u64, "max_ms": e.max.as_millis() as u64})));
+            }
+            j
+        }).collect::<Vec<_>>(),
         "dns": bound.dns.map(|a| a.to_string()),
         "metrics": bound.metrics.map(|a| a.to_string()),
         "peers": peers,
         "flows": node.flows.list(),
         "counters": node.metrics.reasons(),
         "overlay": node.overlay.get().map(|ov| ov.status()),
+    })
+}
+
+/// An `http` upstream's route as `status` shows it.
+fn route_json(r: &quicmesh_protocol::http_route::Route) -> serde_json::Value {
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    json!({
+        "name": r.name,
+        "path_prefix": r.matches.path_prefix,
+        "headers": r.matches.headers.iter().map(|(n, v)| format!("{n}: {v}")).collect::<Vec<_>>(),
+        "split": r.split.iter().map(|s| json!({"labels": s.labels, "weight": s.weight})).collect::<Vec<_>>(),
+        "timeout_ms": ms(r.timeout),
+        "per_try_timeout_ms": r.per_try_timeout.map(ms),
+        "retries": r.retries,
+        "retry_on": r.retry_on,
+        "retry_grpc": r.retry_grpc,
+        "fault": r.fault.as_ref().map(|f| json!({
+            "delay_ms": ms(f.delay),
+            "delay_percent": f.delay_percent,
+            "abort": f.abort_status,
+            "abort_percent": f.abort_percent,
+        })),
     })
 }
 
@@ -248,6 +280,34 @@ pub fn render_status(v: &serde_json::Value) -> String {
             },
             p["services"]
         );
+    }
+    let _ = writeln!(o, "upstreams:");
+    for u in v["upstreams"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  {:<20} {:<22} {}",
+            s(&u["service"]),
+            s(&u["bind"]),
+            s(&u["protocol"])
+        );
+        for r in u["routes"].as_array().into_iter().flatten() {
+            let split: Vec<String> = r["split"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| format!("{}={}", x["labels"], x["weight"]))
+                .collect();
+            let _ = writeln!(
+                o,
+                "    route {:<14} prefix {:<12} headers {} split [{}] timeout {}ms retries {}",
+                s(&r["name"]),
+                r["path_prefix"].as_str().unwrap_or("-"),
+                r["headers"],
+                split.join(", "),
+                r["timeout_ms"],
+                r["retries"]
+            );
+        }
     }
     let _ = writeln!(o, "flows:");
     for f in v["flows"].as_array().into_iter().flatten() {

@@ -12,6 +12,9 @@ use quicmesh_protocol::packet::PortSpec;
 use quicmesh_protocol::routing::Locality;
 use serde::Deserialize;
 
+mod http;
+pub use http::{HttpUpstream, RateLimit};
+
 /// A config error: which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("config {file}: {key}: {reason}")]
@@ -22,7 +25,7 @@ pub struct ConfigError {
 }
 
 /// A local service offered to the mesh.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     pub name: ServiceName,
     /// Where the node connects when an L4 flow for this service is accepted; `None` for a
@@ -35,6 +38,8 @@ pub struct ServiceConfig {
     /// What the service speaks: `tcp` (opaque bytes, the default) or `http` (HTTP/1.1 and
     /// HTTP/2: every request is judged by policy, normalised and forwarded).
     pub protocol: Protocol,
+    /// Requests per second per source service (`http` services only).
+    pub rate_limits: Vec<RateLimit>,
 }
 
 /// What a service or an upstream speaks.
@@ -128,7 +133,7 @@ pub const DEFAULT_OVERLAY_MAX_FLOWS: usize = 65_536;
 pub const DEFAULT_OVERLAY_MAX_FLOWS_PER_PEER: usize = 4_096;
 
 /// A mesh service consumed by local apps through a local listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub service: ServiceName,
     pub bind: SocketAddr,
@@ -142,6 +147,8 @@ pub struct UpstreamConfig {
     /// `http`: the listener speaks HTTP, and every request rides its own tunnel stream to
     /// an instance chosen per request; `tcp`: one stream per client connection.
     pub protocol: Protocol,
+    /// Routes, retries, timeouts, ejection (`http` upstreams).
+    pub http: HttpUpstream,
 }
 
 /// Most coordinator addresses a node may list.
@@ -329,6 +336,7 @@ struct RawService {
     ports: Option<Vec<String>>,
     check: Option<RawCheck>,
     protocol: Option<String>,
+    rate_limit: Option<BTreeMap<String, f64>>,
 }
 
 #[derive(Deserialize)]
@@ -362,6 +370,16 @@ struct RawUpstream {
     locality: Option<String>,
     expose: Option<bool>,
     protocol: Option<String>,
+    #[serde(default)]
+    route: Vec<http::RawRoute>,
+    retry_budget: Option<f64>,
+    ejection: Option<http::RawEjection>,
+    timeout: Option<String>,
+    per_try_timeout: Option<String>,
+    retries: Option<i64>,
+    retry_on: Option<Vec<i64>>,
+    retry_grpc: Option<Vec<toml::Value>>,
+    fault: Option<http::RawFault>,
 }
 
 #[derive(Deserialize)]
@@ -586,6 +604,16 @@ impl NodeConfig {
                 None => Protocol::default(),
                 Some(p) => p.parse().map_err(|e| err(&k("protocol"), e))?,
             };
+            let rate_limits = match s.rate_limit {
+                None => Vec::new(),
+                Some(_) if protocol != Protocol::Http => {
+                    return Err(err(
+                        &k("rate_limit"),
+                        "needs protocol = \"http\" (requests are what is limited)".into(),
+                    ))
+                }
+                Some(r) => http::rate_limits(r, &k("rate_limit"), &err)?,
+            };
             if protocol == Protocol::Http && address.is_none() {
                 return Err(err(
                     &k("protocol"),
@@ -598,6 +626,7 @@ impl NodeConfig {
                 ports,
                 check,
                 protocol,
+                rate_limits,
             });
         }
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();
@@ -648,6 +677,28 @@ impl NodeConfig {
                 None => Protocol::default(),
                 Some(p) => p.parse().map_err(|e| err(&k("protocol"), e))?,
             };
+            let raw_http = http::RawHttpUpstream {
+                route: u.route,
+                retry_budget: u.retry_budget,
+                ejection: u.ejection,
+                keys: http::RawRouteKeys {
+                    timeout: u.timeout,
+                    per_try_timeout: u.per_try_timeout,
+                    retries: u.retries,
+                    retry_on: u.retry_on,
+                    retry_grpc: u.retry_grpc,
+                    fault: u.fault,
+                },
+            };
+            let http = match (protocol, raw_http.written()) {
+                (Protocol::Tcp, Some(key)) => return Err(err(
+                    &k(key),
+                    "needs protocol = \"http\" (routes, retries and timeouts are about requests)"
+                        .into(),
+                )),
+                (Protocol::Tcp, None) => HttpUpstream::default(),
+                (Protocol::Http, _) => http::upstream(raw_http, &format!("upstream[{i}]"), &err)?,
+            };
             upstreams.push(UpstreamConfig {
                 service,
                 bind,
@@ -655,6 +706,7 @@ impl NodeConfig {
                 locality,
                 expose,
                 protocol,
+                http,
             });
         }
         let overlay = match raw.overlay {
@@ -942,6 +994,123 @@ bind = "127.0.0.1:15432"
             e.key, "service[1].protocol",
             "an overlay-only service has no address to forward to"
         );
+    }
+
+    #[test]
+    fn http_upstream_routes_parse_and_every_bad_key_is_named() {
+        let http = GOOD.replace(
+            "bind = \"127.0.0.1:15432\"",
+            r#"bind = "127.0.0.1:15432"
+protocol = "http"
+retries = 2
+per_try_timeout = "1s"
+retry_grpc = ["unavailable", 8]
+ejection = { consecutive_failures = 3, base = "5s" }
+[[upstream.route]]
+name = "canary"
+headers = { X-Canary = "1" }
+split = [{ labels = { version = "v2" }, weight = 10 }, { labels = { version = "v1" }, weight = 90 }]
+[[upstream.route]]
+name = "slow"
+path_prefix = "/reports"
+timeout = "30s"
+retries = 0
+fault = { delay = "100ms", delay_percent = 5 }"#,
+        );
+        let c = parse(&http).unwrap();
+        let h = &c.upstreams[0].http;
+        let names: Vec<&str> = h.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["canary", "slow", "default"],
+            "the upstream's own route last"
+        );
+        assert_eq!(h.routes[0].retries, 2, "inherited from the upstream");
+        assert_eq!(
+            h.routes[0].matches.headers,
+            [("x-canary".to_string(), "1".to_string())]
+        );
+        assert_eq!(h.routes[0].split[1].weight, 90);
+        assert_eq!(h.routes[0].retry_grpc, [14, 8]);
+        assert_eq!(h.routes[1].retries, 0, "overridden");
+        assert_eq!(h.routes[1].timeout, Duration::from_secs(30));
+        assert_eq!(h.routes[1].fault.as_ref().unwrap().delay_percent, 5.0);
+        assert_eq!(h.ejection.unwrap().consecutive_failures, 3);
+        for (from, to, key) in [
+            ("retries = 2", "retries = 99", "upstream[0].retries"),
+            (
+                "name = \"canary\"",
+                "name = \"Canary\"",
+                "upstream[0].route[0].name",
+            ),
+            (
+                "name = \"slow\"",
+                "name = \"canary\"",
+                "upstream[0].route[1].name",
+            ),
+            (
+                "path_prefix = \"/reports\"",
+                "path_prefix = \"/a/../reports\"",
+                "upstream[0].route[1].path_prefix",
+            ),
+            (
+                "weight = 10 }",
+                "weight = -1 }",
+                "upstream[0].route[0].split[0].weight",
+            ),
+            (
+                "{ labels = { version = \"v2\" }, weight = 10 }",
+                "{ weight = 10 }",
+                "upstream[0].route[0].split[0].labels",
+            ),
+            (
+                "delay_percent = 5",
+                "delay_percent = 500",
+                "upstream[0].route[1].fault.delay_percent",
+            ),
+            (
+                "\"unavailable\", 8",
+                "\"sometimes\"",
+                "upstream[0].retry_grpc",
+            ),
+            (
+                "base = \"5s\"",
+                "base = \"0s\"",
+                "upstream[0].ejection.base",
+            ),
+            (
+                "timeout = \"30s\"",
+                "timeout = \"soon\"",
+                "upstream[0].route[1].timeout",
+            ),
+            (
+                "per_try_timeout = \"1s\"",
+                "per_try_timeout = \"1m\"",
+                "upstream[0].per_try_timeout",
+            ),
+        ] {
+            assert!(http.contains(from), "{from}");
+            let e = parse(&http.replace(from, to)).unwrap_err();
+            assert_eq!(e.key, key, "{to}: {e}");
+        }
+        // Routes are about requests: an L4 upstream refuses them.
+        let e = parse(&http.replace("protocol = \"http\"\n", "")).unwrap_err();
+        assert_eq!(e.key, "upstream[0].route");
+        // Rate limits likewise, on services.
+        let limited = GOOD.replace(
+            "address = \"127.0.0.1:8080\"",
+            "address = \"127.0.0.1:8080\"\nrate_limit = { web = 10, \"*\" = 100 }",
+        );
+        assert_eq!(parse(&limited).unwrap_err().key, "service[0].rate_limit");
+        let c = parse(&limited.replace("rate_limit", "protocol = \"http\"\nrate_limit")).unwrap();
+        assert_eq!(c.services[0].rate_limits.len(), 2);
+        let e = parse(
+            &limited
+                .replace("rate_limit", "protocol = \"http\"\nrate_limit")
+                .replace("web = 10", "web = 0"),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "service[0].rate_limit.web");
     }
 
     #[test]

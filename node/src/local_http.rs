@@ -1,7 +1,9 @@
-//! Connections from the node to its local HTTP services, reused across requests and
-//! across peers: one HTTP/1.1 pool and one HTTP/2 (prior knowledge) client per service
-//! address. Every connection goes to the service's configured address whatever the
-//! request's authority says, so a request cannot steer the node elsewhere.
+//! What the node keeps for its local HTTP services:
+//! - connections, reused across requests and across peers: one HTTP/1.1 pool and one
+//!   HTTP/2 (prior knowledge) client per service address. Every connection goes to the
+//!   service's configured address whatever the request's authority says, so a request
+//!   cannot steer the node elsewhere;
+//! - the token buckets of their rate limits, one per (service, source service).
 //!
 //! A leaf module: it knows hyper, not the node.
 
@@ -11,12 +13,16 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::Uri;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use quicmesh_protocol::http_route::Bucket;
+use quicmesh_protocol::ident::ServiceName;
 use tokio::net::TcpStream;
+
+use crate::config::RateLimit;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -88,14 +94,48 @@ impl Clients {
     }
 }
 
-/// Every local service's clients, made on first use.
+/// Most (service, source) buckets kept; past it, unnamed sources share one bucket.
+const MAX_BUCKETS: usize = 4096;
+
+/// Every local service's clients (made on first use) and rate limit buckets.
 #[derive(Debug, Default)]
-pub struct Pools(Mutex<HashMap<SocketAddr, Clients>>);
+pub struct Pools {
+    clients: Mutex<HashMap<SocketAddr, Clients>>,
+    buckets: Mutex<HashMap<(ServiceName, Option<ServiceName>), Bucket>>,
+}
 
 impl Pools {
     /// The clients for `addr`.
     pub fn get(&self, addr: SocketAddr) -> Clients {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(addr).or_insert_with(|| Clients::new(addr)).clone()
+    }
+
+    /// Takes a request from `src` to `service` out of its limit (`limits`: the service's);
+    /// `Err` with how long until the next one may come.
+    pub fn admit(
+        &self,
+        service: &ServiceName,
+        src: &ServiceName,
+        limits: &[RateLimit],
+        now: Instant,
+    ) -> Result<(), Duration> {
+        let Some(limit) = limits
+            .iter()
+            .find(|l| l.source.as_ref() == Some(src))
+            .or_else(|| limits.iter().find(|l| l.source.is_none()))
+        else {
+            return Ok(());
+        };
+        let mut m = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        // Named sources and unnamed ones alike get their own bucket while there is room.
+        let mut key = (service.clone(), Some(src.clone()));
+        if !m.contains_key(&key) && m.len() >= MAX_BUCKETS && limit.source.is_none() {
+            key = (service.clone(), None);
+        }
+        let rate = limit.per_second;
+        m.entry(key)
+            .or_insert_with(|| Bucket::new(rate, rate.max(1.0)))
+            .take(now)
     }
 }

@@ -74,6 +74,12 @@ pub struct RequestOutcome<'a> {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EjectionLabels {
+    service: String,
+    kept: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HealthLabels {
     service: String,
     health: String,
@@ -173,6 +179,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_seconds: LatencyFamily,
     requests_refused: Family<RejectLabels, Counter>,
+    retries: Family<FlowLabels, Counter>,
+    ejections: Family<EjectionLabels, Counter>,
     dns_dropped: Family<ReasonLabels, Counter>,
     service_passing: Family<ServiceLabels, Gauge>,
     accepted_total: AtomicU64,
@@ -223,6 +231,8 @@ impl Metrics {
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             requests_refused: Family::default(),
+            retries: Family::default(),
+            ejections: Family::default(),
             dns_dropped: Family::default(),
             service_passing: Family::default(),
             accepted_total: AtomicU64::new(0),
@@ -333,6 +343,16 @@ impl Metrics {
             "http_requests_refused",
             "HTTP requests the mesh answered itself instead of the service, by reason",
             m.requests_refused.clone(),
+        );
+        registry.register(
+            "http_retries",
+            "HTTP requests tried again, by service pair",
+            m.retries.clone(),
+        );
+        registry.register(
+            "http_ejections",
+            "Instances ejected after consecutive failures (kept = the last one, not ejected)",
+            m.ejections.clone(),
         );
         registry.register(
             "dns_dropped",
@@ -549,6 +569,26 @@ impl Metrics {
                 reason: reason.into(),
                 src_service: src.into(),
                 dst_service: dst.into(),
+            })
+            .inc();
+    }
+
+    /// An HTTP request tried again.
+    pub fn request_retried(&self, src: &str, dst: &str) {
+        self.retries
+            .get_or_create(&FlowLabels {
+                src_service: src.into(),
+                dst_service: dst.into(),
+            })
+            .inc();
+    }
+
+    /// An instance of `service` ejected (or kept, being the last one).
+    pub fn instance_ejected(&self, service: &str, kept: bool) {
+        self.ejections
+            .get_or_create(&EjectionLabels {
+                service: service.into(),
+                kept: kept.to_string(),
             })
             .inc();
     }

@@ -277,6 +277,16 @@ reasons! {
         Unjudgeable => "unjudgeable",
         /// The local service could not be reached or failed (502).
         ServiceUnavailable => "service_unavailable",
+        /// No healthy instance (in the route's subset and localities) (503).
+        NoInstance => "no_instance",
+        /// No instance could be reached, or the request failed on the way (502).
+        Unreachable => "unreachable",
+        /// No response head within the route's timeout or the last try's (504).
+        Timeout => "timeout",
+        /// The source service sent more than its rate limit allows (429).
+        RateLimited => "rate_limited",
+        /// The route's fault injection answered instead of the service.
+        FaultInjected => "fault_injected",
     }
 }
 

@@ -86,6 +86,31 @@ pub struct Node {
     view_tx: watch::Sender<Arc<View>>,
     /// Pooled connections to the local `http` services.
     pub l7: crate::local_http::Pools,
+    /// Per peer, the turn to dial it: flows that find no tunnel wait for one dial instead
+    /// of each dialling its own (which the peer's tunnel limit would then cut).
+    dialing: Mutex<HashMap<NodeName, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The turn to dial a peer (see [`Node::dial_turn`]); forgotten when nobody waits.
+#[derive(Debug)]
+pub struct DialTurn<'a> {
+    node: &'a Node,
+    peer: NodeName,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for DialTurn<'_> {
+    fn drop(&mut self) {
+        let Some(g) = self.guard.take() else { return };
+        let gate = tokio::sync::OwnedMutexGuard::mutex(&g).clone();
+        drop(g);
+        if let Ok(mut m) = self.node.dialing.lock() {
+            // The map's reference and this one: nobody else waits.
+            if Arc::strong_count(&gate) <= 2 {
+                m.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -147,6 +172,7 @@ impl Node {
             path_status: Mutex::new(HashMap::new()),
             view_tx,
             l7: Default::default(),
+            dialing: Mutex::new(HashMap::new()),
         })
     }
 
@@ -272,6 +298,19 @@ impl Node {
     /// The open tunnel to `peer` new flows may use, if any.
     pub fn live_tunnel(&self, peer: &NodeName) -> Option<quinn::Connection> {
         self.tunnels.live(peer, unix_now())
+    }
+
+    /// Waits for the turn to dial `peer` (one dial per peer at a time).
+    pub async fn dial_turn(&self, peer: &NodeName) -> DialTurn<'_> {
+        let gate = {
+            let mut m = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
+            m.entry(peer.clone()).or_default().clone()
+        };
+        DialTurn {
+            node: self,
+            peer: peer.clone(),
+            guard: Some(gate.lock_owned().await),
+        }
     }
 
     /// Makes `conn` the tunnel used for `peer`: always when `replace`, else only when

@@ -57,6 +57,11 @@ pub async fn connection(
     if let Some(c) = node.live_tunnel(&peer.node) {
         return Ok((c, false));
     }
+    // One dial per peer: the flows that arrive meanwhile use the tunnel it brings up.
+    let _turn = node.dial_turn(&peer.node).await;
+    if let Some(c) = node.live_tunnel(&peer.node) {
+        return Ok((c, false));
+    }
     let targets = targets(peer);
     if targets.is_empty() {
         return Err(DialError::NoEndpoint(peer.node.clone()));

@@ -6,6 +6,7 @@ pub mod cert;
 pub mod delta;
 pub mod health;
 pub mod http;
+pub mod http_route;
 pub mod ident;
 pub mod overlay;
 pub mod packet;

@@ -4,29 +4,36 @@
 //! answer is read before the response ([`super::io::AfterAnswer`]), so a request costs no
 //! round trip of its own, and requests of one client connection never wait on each other.
 //!
-//! A request whose body is small and known (at most [`REPLAY_LIMIT`] bytes by its
-//! length, or none) is tried on the next instance when an instance cannot be reached or
-//! its service is down; others are tried once.
+//! Per request, in order: the route (the first of the upstream's routes that takes it;
+//! the upstream's own `default` route otherwise), faults the route injects, the subset
+//! its split draws, the instances of that subset (ejected outliers left out unless none
+//! would be left), then tries ([`Upstream::tries`]) under the route's timeout. Every
+//! answer the mesh gives itself names its reason ([`RequestRefusal`]).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use quicmesh_protocol::http::parse_request;
+use quicmesh_protocol::http_route::{
+    idempotent, in_subset, select, Budget, Ejected, Outlier, Route, Split,
+};
+use quicmesh_protocol::ident::NodeName;
 use quicmesh_protocol::policy;
 use quicmesh_protocol::wire::{PeerInfo, RejectCode, StreamHeader};
+use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::ingress::Driven;
 use super::io::{self, AfterAnswer, Answer};
-use super::{boxed, full, is_grpc, refusal, strip_hop_by_hop, wants_h2c, wants_upgrade, Body};
+use super::replay::Replay;
+use super::{boxed, is_grpc, refusal, strip_hop_by_hop, wants_h2c, wants_upgrade, Body};
 use crate::authz::{self, Direction};
 use crate::config::UpstreamConfig;
 use crate::flow::FlowInfo;
@@ -37,14 +44,20 @@ use crate::reason::{CloseReason, EgressRefusal, RequestRefusal};
 use crate::state::Node;
 use crate::tunnel;
 
-/// Request bodies up to this size are kept so the request can be sent again.
-pub const REPLAY_LIMIT: u64 = 64 * 1024;
 /// How long the HTTP/1.1 request head may take to arrive.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Retries allowed a window regardless of traffic (a quiet upstream can still retry).
+const RETRY_FLOOR: u32 = 10;
+/// The retry budget's window.
+const RETRY_WINDOW: Duration = Duration::from_secs(10);
 
 /// Serves one `http` upstream listener forever.
 pub async fn serve(node: Arc<Node>, up: UpstreamConfig, listener: TcpListener) {
     let shared = Arc::new(Upstream {
+        state: Mutex::new(State {
+            budget: Budget::new(up.http.retry_budget, RETRY_FLOOR, RETRY_WINDOW),
+            outliers: HashMap::new(),
+        }),
         node,
         up,
         load: Arc::new(Load::default()),
@@ -89,43 +102,34 @@ struct Upstream {
     node: Arc<Node>,
     up: UpstreamConfig,
     load: Arc<Load>,
+    state: Mutex<State>,
 }
 
-/// A request body, kept whole when small enough to send again.
-enum Outgoing {
-    Replayable(Bytes),
-    Once(Option<Incoming>),
-}
-
-impl Outgoing {
-    async fn new(body: Incoming) -> Result<Self, hyper::Error> {
-        let small = hyper::body::Body::size_hint(&body)
-            .exact()
-            .is_some_and(|n| n <= REPLAY_LIMIT);
-        if small {
-            Ok(Self::Replayable(body.collect().await?.to_bytes()))
-        } else {
-            Ok(Self::Once(Some(body)))
-        }
-    }
-
-    /// The body for the next try; `None` when it was sent already.
-    fn take(&mut self) -> Option<Body> {
-        match self {
-            Self::Replayable(b) => Some(full(b.clone())),
-            Self::Once(b) => b.take().map(boxed),
-        }
-    }
+/// What the upstream learns from its requests.
+struct State {
+    budget: Budget,
+    /// Per instance; bounded by the instances of the service (pruned to the view).
+    outliers: HashMap<NodeName, Outlier>,
 }
 
 /// How one try ended.
 enum Try {
     /// With the receiver an upgraded connection holds (closed with the flow).
     Answered(Response<Incoming>, watch::Receiver<Option<CloseReason>>),
-    /// Refused by the peer's ingress: whether another instance may be tried.
+    /// Refused by the peer's ingress.
     Rejected(RejectCode, Option<String>),
-    /// The tunnel or stream failed.
+    /// The instance could not be reached: nothing was sent.
+    Unreached(String),
+    /// The stream failed after the request was sent (it may have had its effect).
     Failed(String),
+    /// No response head within the per-try timeout.
+    TimedOut,
+}
+
+/// What a request is, for the choices made about it.
+struct Judged<'a> {
+    method: &'a str,
+    route: &'a Route,
 }
 
 impl Upstream {
@@ -134,42 +138,120 @@ impl Upstream {
         let node = &self.node;
         let (src, dst) = (self.up.source.as_str(), self.up.service.as_str());
         let grpc = is_grpc(req.headers());
-        let outcome = |status: StatusCode| RequestOutcome {
-            direction: Direction::Egress,
-            src,
-            dst,
-            route: "default",
-            status: status.as_u16(),
-            elapsed: started.elapsed(),
+        let mut route_name = "default";
+        let outcome = |route: &str, status: StatusCode| {
+            node.metrics.http_request(RequestOutcome {
+                direction: Direction::Egress,
+                src,
+                dst,
+                route,
+                status: status.as_u16(),
+                elapsed: started.elapsed(),
+            })
         };
-        let answer = |reason: RequestRefusal, status: StatusCode, rule: Option<&str>| {
-            node.metrics.request_refused(reason, src, dst);
-            node.metrics.http_request(outcome(status));
-            tracing::info!(
-                reason = reason.as_str(),
-                rule = rule.unwrap_or("-"),
-                "request refused"
-            );
-            refusal(status, reason.as_str(), rule, grpc)
-        };
+        let answer =
+            |route: &str, reason: RequestRefusal, status: StatusCode, rule: Option<&str>| {
+                node.metrics.request_refused(reason, src, dst);
+                outcome(route, status);
+                tracing::info!(
+                    reason = reason.as_str(),
+                    rule = rule.unwrap_or("-"),
+                    route,
+                    "request answered by the mesh"
+                );
+                refusal(status, reason.as_str(), rule, grpc)
+            };
         if req.method() == Method::CONNECT || wants_h2c(req.headers()) {
-            return answer(RequestRefusal::Unjudgeable, StatusCode::BAD_REQUEST, None);
+            return answer(
+                route_name,
+                RequestRefusal::Unjudgeable,
+                StatusCode::BAD_REQUEST,
+                None,
+            );
         }
         let target = req.uri().path_and_query().map_or("", |p| p.as_str());
         let (method, target) = match parse_request(req.method().as_str(), target) {
             Ok(x) => x,
             Err(e) => {
                 tracing::info!(refusal = e.as_str(), "bad request target");
-                return answer(RequestRefusal::BadTarget, StatusCode::BAD_REQUEST, None);
+                return answer(
+                    route_name,
+                    RequestRefusal::BadTarget,
+                    StatusCode::BAD_REQUEST,
+                    None,
+                );
             }
         };
+        let values: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let pairs: Vec<(&str, &str)> = values
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let routes = &self.up.http.routes;
+        let route =
+            select(routes, &target.path, &pairs).unwrap_or_else(|| &routes[routes.len() - 1]);
+        route_name = &route.name;
         let view = node.view();
-        let order = instances(&view, &self.up, &self.load);
+        if node.cfg.check_egress {
+            let request = policy::Request {
+                method: &method,
+                path: &target.path,
+                headers: &pairs,
+            };
+            // Judged against every instance's labels at the ingress; here, the first one.
+            if let Some(first) = view.healthy(&self.up.service).next() {
+                if let Err(rule) = authz::egress_request(
+                    &view,
+                    &self.up.source,
+                    &self.up.service,
+                    &first.node,
+                    &request,
+                ) {
+                    node.metrics
+                        .egress_rejected(EgressRefusal::PolicyDenied, src, dst);
+                    return answer(
+                        route_name,
+                        RequestRefusal::PolicyDenied,
+                        StatusCode::FORBIDDEN,
+                        Some(&rule),
+                    );
+                }
+            }
+        }
+        let (roll_abort, roll_delay, roll_split): (f64, f64, u32) = {
+            let mut rng = rand::thread_rng();
+            (
+                rng.gen_range(0.0..100.0),
+                rng.gen_range(0.0..100.0),
+                rng.gen(),
+            )
+        };
+        if let Some(f) = &route.fault {
+            if roll_delay < f.delay_percent && !f.delay.is_zero() {
+                tokio::time::sleep(f.delay).await;
+            }
+            if roll_abort < f.abort_percent {
+                let status =
+                    StatusCode::from_u16(f.abort_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return answer(route_name, RequestRefusal::FaultInjected, status, None);
+            }
+        }
+        let order = self.candidates(&view, route.subset(roll_split));
         if order.is_empty() {
             node.metrics
                 .egress_rejected(EgressRefusal::NoInstance, src, dst);
             return answer(
-                RequestRefusal::ServiceUnavailable,
+                route_name,
+                RequestRefusal::NoInstance,
                 StatusCode::SERVICE_UNAVAILABLE,
                 None,
             );
@@ -179,65 +261,200 @@ impl Upstream {
         let (mut parts, body) = req.into_parts();
         parts.uri = match local_target(&parts.uri, &target) {
             Some(u) => u,
-            None => return answer(RequestRefusal::BadTarget, StatusCode::BAD_REQUEST, None),
-        };
-        strip_hop_by_hop(&mut parts.headers, upgrade);
-        let mut outgoing = match Outgoing::new(body).await {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::debug!(error = %e, "client body failed");
-                return answer(RequestRefusal::Unjudgeable, StatusCode::BAD_REQUEST, None);
+            None => {
+                return answer(
+                    route_name,
+                    RequestRefusal::BadTarget,
+                    StatusCode::BAD_REQUEST,
+                    None,
+                )
             }
         };
-        for name in &order {
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        let judged = Judged {
+            method: &method,
+            route,
+        };
+        let mut body = Replay::new(body);
+        let tries = self.tries(&view, &order, &parts, &mut body, &judged);
+        let (resp, closed) = match tokio::time::timeout(route.timeout, tries).await {
+            Ok(Ok(x)) => x,
+            Ok(Err((reason, status, rule))) => {
+                return answer(route_name, reason, status, rule.as_deref())
+            }
+            Err(_) => {
+                return answer(
+                    route_name,
+                    RequestRefusal::Timeout,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    None,
+                );
+            }
+        };
+        let mut resp = resp;
+        let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if let (true, Some(client_side)) = (switched, client_side) {
+            let service_side = hyper::upgrade::on(&mut resp);
+            tokio::spawn(super::ingress::splice(client_side, service_side, closed));
+        }
+        strip_hop_by_hop(resp.headers_mut(), switched);
+        outcome(route_name, resp.status());
+        resp.map(boxed)
+    }
+
+    /// The instances for a request: healthy, in the subset when the route split names
+    /// one, ejected ones left out unless that leaves none; nearest and least loaded first.
+    fn candidates(&self, view: &crate::state::View, subset: Option<&Split>) -> Vec<NodeName> {
+        let all = instances(view, &self.up, &self.load);
+        let labelled: Vec<NodeName> = all
+            .into_iter()
+            .filter(|n| {
+                subset.is_none_or(|s| {
+                    view.peers.get(n).is_some_and(|p| {
+                        in_subset(&s.labels, |k| p.labels.get(k).map(String::from))
+                    })
+                })
+            })
+            .collect();
+        let now = Instant::now();
+        let Ok(mut st) = self.state.lock() else {
+            return labelled;
+        };
+        // Forget instances that left the service.
+        if st.outliers.len() > labelled.len() * 2 + 16 {
+            st.outliers.retain(|n, _| view.peers.contains_key(n));
+        }
+        let live: Vec<NodeName> = labelled
+            .iter()
+            .filter(|n| !st.outliers.get(*n).is_some_and(|o| o.ejected(now)))
+            .cloned()
+            .collect();
+        if live.is_empty() {
+            labelled
+        } else {
+            live
+        }
+    }
+
+    /// Records a try's result on `peer`'s outlier state.
+    fn record(&self, peer: &NodeName, ok: bool, in_service: usize) {
+        let Some(policy) = &self.up.http.ejection else {
+            return;
+        };
+        let now = Instant::now();
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        let o = st.outliers.entry(peer.clone()).or_default();
+        match o.record(ok, policy, in_service.saturating_sub(1), now) {
+            Ejected::No => {}
+            Ejected::For(span) => {
+                tracing::warn!(%peer, ?span, "instance ejected after consecutive failures");
+                self.node
+                    .metrics
+                    .instance_ejected(self.up.service.as_str(), false);
+            }
+            Ejected::KeptAsLast => {
+                tracing::warn!(%peer, "instance failing but kept: it is the last one in service");
+                self.node
+                    .metrics
+                    .instance_ejected(self.up.service.as_str(), true);
+            }
+        }
+    }
+
+    /// Whether the retry budget allows one more try.
+    fn may_retry(&self) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|mut s| s.budget.withdraw(Instant::now()))
+    }
+
+    /// Tries instances in `order` until one answers in a way that is not retried. An
+    /// instance that cannot be reached, or whose service is down, passes the request to
+    /// the next (nothing was delivered); a failure after delivery is retried only when
+    /// the route allows it, the request is safe to repeat, its body was kept and the
+    /// budget allows.
+    async fn tries(
+        &self,
+        view: &crate::state::View,
+        order: &[NodeName],
+        parts: &hyper::http::request::Parts,
+        body: &mut Replay,
+        judged: &Judged<'_>,
+    ) -> Result<
+        (Response<Incoming>, watch::Receiver<Option<CloseReason>>),
+        (RequestRefusal, StatusCode, Option<String>),
+    > {
+        let (src, dst) = (self.up.source.as_str(), self.up.service.as_str());
+        let node = &self.node;
+        let route = judged.route;
+        if let Ok(mut s) = self.state.lock() {
+            s.budget.request(Instant::now());
+        }
+        let mut retries_left = route.retries;
+        // Passing on undelivered requests is bounded by the instances; retries by the route.
+        let mut moves_left = order.len();
+        let mut last: (RequestRefusal, StatusCode) =
+            (RequestRefusal::Unreachable, StatusCode::BAD_GATEWAY);
+        let mut i = 0usize;
+        loop {
+            let Some(name) = order.get(i % order.len()) else {
+                return Err((last.0, last.1, None));
+            };
+            i += 1;
             let Some(peer) = view.peers.get(name) else {
                 continue;
             };
-            if node.cfg.check_egress {
-                let values: Vec<(&str, std::borrow::Cow<'_, str>)> = parts
-                    .headers
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v.as_bytes())))
-                    .collect();
-                let pairs: Vec<(&str, &str)> =
-                    values.iter().map(|(n, v)| (*n, v.as_ref())).collect();
-                let request = policy::Request {
-                    method: &method,
-                    path: &target.path,
-                    headers: &pairs,
-                };
-                if let Err(rule) =
-                    authz::egress_request(&view, &self.up.source, &self.up.service, name, &request)
-                {
-                    node.metrics
-                        .egress_rejected(EgressRefusal::PolicyDenied, src, dst);
-                    return answer(
-                        RequestRefusal::PolicyDenied,
-                        StatusCode::FORBIDDEN,
-                        Some(&rule),
-                    );
-                }
+            if !body.available() {
+                return Err((last.0, last.1, None));
             }
-            let Some(body) = outgoing.take() else {
-                break;
+            let attempt = self.attempt(peer, parts, body);
+            let result = match route.per_try_timeout {
+                Some(t) => tokio::time::timeout(t, attempt)
+                    .await
+                    .unwrap_or(Try::TimedOut),
+                None => attempt.await,
             };
-            let request = Request::from_parts(parts.clone(), body);
-            match self.attempt(peer, request).await {
-                Try::Answered(mut resp, closed) => {
-                    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                    if let (true, Some(client_side)) = (switched, client_side) {
-                        let service_side = hyper::upgrade::on(&mut resp);
-                        tokio::spawn(super::ingress::splice(client_side, service_side, closed));
+            let retry = |this: &Self, retries_left: &mut u32| {
+                if *retries_left > 0 && body.available() && this.may_retry() {
+                    *retries_left -= 1;
+                    node.metrics.request_retried(src, dst);
+                    true
+                } else {
+                    false
+                }
+            };
+            match result {
+                Try::Answered(resp, closed) => {
+                    let status = resp.status().as_u16();
+                    let grpc_status = resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok());
+                    let failed =
+                        status >= 500 || grpc_status.is_some_and(|g| route.retry_grpc.contains(&g));
+                    self.record(name, !failed, order.len());
+                    if route.retryable(judged.method, status, grpc_status)
+                        && retry(self, &mut retries_left)
+                    {
+                        tracing::info!(peer = %name, status, ?grpc_status, "retrying");
+                        continue;
                     }
-                    strip_hop_by_hop(resp.headers_mut(), switched);
-                    node.metrics.http_request(outcome(resp.status()));
-                    return resp.map(boxed);
+                    return Ok((resp, closed));
                 }
                 Try::Rejected(code, rule) => {
                     node.metrics.egress_rejected(code, src, dst);
                     tracing::info!(peer = %name, reason = code.as_str(), rule = rule.as_deref().unwrap_or("-"), "rejected by peer ingress");
                     if code == RejectCode::ServiceUnavailable {
-                        continue;
+                        self.record(name, false, order.len());
+                        last = (RequestRefusal::ServiceUnavailable, StatusCode::BAD_GATEWAY);
+                        if moves_left > 1 {
+                            moves_left -= 1;
+                            continue;
+                        }
+                        return Err((last.0, last.1, None));
                     }
                     let (reason, status) = match code {
                         RejectCode::PolicyDenied => {
@@ -252,24 +469,48 @@ impl Upstream {
                         ),
                         _ => (RequestRefusal::PeerNotStanding, StatusCode::FORBIDDEN),
                     };
-                    return answer(reason, status, rule.as_deref());
+                    return Err((reason, status, rule));
+                }
+                Try::Unreached(e) => {
+                    tracing::warn!(peer = %name, error = %e, "instance unreachable, trying the next");
+                    self.record(name, false, order.len());
+                    last = (RequestRefusal::Unreachable, StatusCode::BAD_GATEWAY);
+                    if moves_left > 1 {
+                        moves_left -= 1;
+                        continue;
+                    }
+                    return Err((last.0, last.1, None));
                 }
                 Try::Failed(e) => {
-                    tracing::warn!(peer = %name, error = %e, "instance failed, trying the next");
+                    tracing::warn!(peer = %name, error = %e, "request failed after it was sent");
+                    self.record(name, false, order.len());
+                    last = (RequestRefusal::Unreachable, StatusCode::BAD_GATEWAY);
+                    if idempotent(judged.method) && retry(self, &mut retries_left) {
+                        continue;
+                    }
+                    return Err((last.0, last.1, None));
+                }
+                Try::TimedOut => {
+                    tracing::warn!(peer = %name, "no response within the per-try timeout");
+                    self.record(name, false, order.len());
+                    last = (RequestRefusal::Timeout, StatusCode::GATEWAY_TIMEOUT);
+                    if idempotent(judged.method) && retry(self, &mut retries_left) {
+                        continue;
+                    }
+                    return Err((last.0, last.1, None));
                 }
             }
         }
-        node.metrics
-            .egress_rejected(EgressRefusal::Unreachable, src, dst);
-        answer(
-            RequestRefusal::ServiceUnavailable,
-            StatusCode::BAD_GATEWAY,
-            None,
-        )
     }
 
-    /// Sends `req` to `peer` on a fresh stream of its tunnel.
-    async fn attempt(&self, peer: &PeerInfo, req: Request<Body>) -> Try {
+    /// Sends the request to `peer` on a fresh stream of its tunnel; the body is taken
+    /// only once the stream is open.
+    async fn attempt(
+        &self,
+        peer: &PeerInfo,
+        parts: &hyper::http::request::Parts,
+        body: &mut Replay,
+    ) -> Try {
         let node = &self.node;
         let id = node.flows.next_id();
         let header = StreamHeader {
@@ -279,21 +520,26 @@ impl Upstream {
         };
         let (conn, _) = match tunnel::connection(node, peer).await {
             Ok(c) => c,
-            Err(e) => return Try::Failed(e.to_string()),
+            Err(e) => return Try::Unreached(e.to_string()),
         };
         let (mut send, recv) = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => {
                 tunnel::forget(node, &peer.node, &conn);
-                return Try::Failed(e.to_string());
+                return Try::Unreached(e.to_string());
             }
         };
         if let Err(e) = write_frame(&mut send, &header).await {
-            return Try::Failed(e.to_string());
+            tunnel::forget(node, &peer.node, &conn);
+            return Try::Unreached(e.to_string());
         }
         let Some(peer_id) = node.tunnels.identity(&conn) else {
-            return Try::Failed("tunnel gone".into());
+            return Try::Unreached("tunnel gone".into());
         };
+        let Some(body) = body.take() else {
+            return Try::Failed("the body cannot be sent again".into());
+        };
+        let req = Request::from_parts(parts.clone(), body);
         let (recv, answered) = AfterAnswer::new(recv);
         let stream = TokioIo::new(io::duplex(recv, send));
         let (guard, kill) = node.flows.register(
@@ -314,7 +560,7 @@ impl Upstream {
         // registration and the instance's load until the response body and any upgraded
         // connection are done, or the flow is closed.
         let (closed_tx, closed) = watch::channel(None);
-        let hold = move |c| async move {
+        let hold = move |c: Driven| async move {
             let _hold = (guard, load);
             if let Some(reason) = super::ingress::hold_until_closed(c, closed_tx, kill).await {
                 tracing::info!(%reason, "request flow closed by node");
@@ -325,7 +571,7 @@ impl Upstream {
                 Ok((mut s, c)) => {
                     tokio::spawn(hold(Box::pin(async move {
                         let _ = c.await;
-                    }) as Driven));
+                    })));
                     s.send_request(req).await
                 }
                 Err(e) => Err(e),
@@ -335,7 +581,7 @@ impl Upstream {
                 Ok((mut s, c)) => {
                     tokio::spawn(hold(Box::pin(async move {
                         let _ = c.with_upgrades().await;
-                    }) as Driven));
+                    })));
                     s.send_request(req).await
                 }
                 Err(e) => Err(e),

@@ -169,6 +169,22 @@ async fn handle(
             return refuse(reason, status, rule.as_deref(), "denied");
         }
     };
+    let limits = node
+        .cfg
+        .service(&conn.dst)
+        .map_or(&[][..], |s| &s.rate_limits[..]);
+    if let Err(wait) = node.l7.admit(&conn.dst, &conn.src, limits, Instant::now()) {
+        let mut r = refuse(
+            RequestRefusal::RateLimited,
+            StatusCode::TOO_MANY_REQUESTS,
+            None,
+            "rate limit",
+        );
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return r;
+    }
     let upgrade = wants_upgrade(req.headers());
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();

@@ -16,6 +16,7 @@
 pub mod egress;
 pub mod ingress;
 pub mod io;
+pub mod replay;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
