@@ -7,6 +7,7 @@
 //! thread panics, and the failure message says where.
 
 pub mod browser;
+pub mod grpc;
 pub mod harness;
 pub mod http;
 pub mod net;
