@@ -2,7 +2,8 @@
 //! one port), and curl as the real client.
 //!
 //! The service answers every request with one line naming itself and what it was asked:
-//! `<name> <method> <path?query> src=<x-quicmesh-source> version=<HTTP/1.1|HTTP/2.0>`,
+//! `<name> <method> <path?query> src=<x-quicmesh-source> version=<HTTP/1.1|HTTP/2.0>
+//! tp=<traceparent>`,
 //! and records every path it saw, so a test can assert a request never reached it.
 //! `/status/<code>` answers with that status; `/sleep/<ms>` answers after that long; an
 //! `Upgrade: echo` request is switched (101) and its bytes echoed. A flaky service
@@ -118,8 +119,14 @@ async fn answer(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_string();
+    let tp = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
     let line = format!(
-        "{name} {} {pq} src={src} version={:?}\n",
+        "{name} {} {pq} src={src} version={:?} tp={tp}\n",
         req.method(),
         req.version()
     );
@@ -331,4 +338,112 @@ impl Default for Load {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// One span a collector received.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    /// The `quicmesh.node` resource attribute of the node that sent it.
+    pub node: String,
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: String,
+    /// 2 server, 3 client (OTLP's SpanKind).
+    pub kind: i32,
+    pub name: String,
+}
+
+/// A stand-in OTLP/HTTP collector: accepts `POST /v1/traces` (protobuf) and keeps the
+/// spans, decoded with the OpenTelemetry proto types.
+#[derive(Debug, Clone)]
+pub struct Collector {
+    pub addr: SocketAddr,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+}
+
+impl Collector {
+    pub fn start() -> std::io::Result<Self> {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message as _;
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.set_nonblocking(true)?;
+        let addr = l.local_addr()?;
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let keep = spans.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(l).expect("listener");
+                loop {
+                    let Ok((tcp, _)) = l.accept().await else {
+                        continue;
+                    };
+                    let keep = keep.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let keep = keep.clone();
+                            async move {
+                                let ok = req.uri().path() == "/v1/traces";
+                                let body = http_body_util::BodyExt::collect(req.into_body())
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let status = match (ok, ExportTraceServiceRequest::decode(body)) {
+                                    (true, Ok(r)) => {
+                                        let mut k = keep.lock().expect("lock");
+                                        for rs in r.resource_spans {
+                                            let node = rs
+                                                .resource
+                                                .iter()
+                                                .flat_map(|r| r.attributes.iter())
+                                                .find(|a| a.key == "quicmesh.node")
+                                                .and_then(|a| a.value.as_ref())
+                                                .and_then(|v| match &v.value {
+                                                    Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => Some(s.clone()),
+                                                    _ => None,
+                                                })
+                                                .unwrap_or_default();
+                                            for ss in rs.scope_spans {
+                                                for s in ss.spans {
+                                                    k.push(ReceivedSpan {
+                                                        node: node.clone(),
+                                                        trace_id: hex(&s.trace_id),
+                                                        span_id: hex(&s.span_id),
+                                                        parent_span_id: hex(&s.parent_span_id),
+                                                        kind: s.kind,
+                                                        name: s.name,
+                                                    });
+                                                }
+                                            }
+                                        }
+                                        StatusCode::OK
+                                    }
+                                    _ => StatusCode::BAD_REQUEST,
+                                };
+                                let mut r = Response::new(Full::new(Bytes::new()));
+                                *r.status_mut() = status;
+                                Ok::<_, Infallible>(r)
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tcp), svc)
+                            .await;
+                    });
+                }
+            });
+        });
+        Ok(Self { addr, spans })
+    }
+
+    /// The spans received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -313,3 +313,106 @@ paths = ["/test.Echo/Secret"]
     }
     Ok(())
 }
+
+#[test]
+fn spans_from_both_nodes_arrive_with_one_trace_id_and_the_service_continues_it(
+) -> anyhow::Result<()> {
+    use quicmesh_netns_tests::http::Collector;
+    let collector = Collector::start()?;
+    let telemetry = format!(
+        "telemetry = {{ otlp_endpoint = \"http://{}\", access_log = true }}",
+        collector.addr
+    );
+    let mesh = Mesh::new("l7_traces");
+    let coord = CoordinatorProc::start(&mesh, "1h")?;
+    let out = coord.apply_policy(&mesh, POLICY)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let service = HttpService::start("api-1")?;
+    let api = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("api-1")
+            .service_with("api", service.addr, &["protocol = \"http\""])
+            .config_line(&telemetry),
+    )?;
+    let web = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("web-1")
+            .service("web", echo_server()?)
+            .upstream_with("api", &["protocol = \"http\""])
+            .config_line(&telemetry),
+    )?;
+    coord.wait_all_acked(2, std::time::Duration::from_secs(15));
+    let up = web.upstream_at(0);
+    // Started by the mesh: no traceparent from the client.
+    let r = curl(&format!("http://{up}/traced"), &[])?;
+    ensure!(r.status == 200, "{r:?}");
+    let tp = r.body.split("tp=").nth(1).unwrap_or("-").trim().to_string();
+    let parts: Vec<&str> = tp.split('-').collect();
+    ensure!(parts.len() == 4, "the service got a traceparent: {r:?}");
+    let (trace, parent) = (parts[1].to_string(), parts[2].to_string());
+    // Continued: the client's trace.
+    let given = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let r = curl(
+        &format!("http://{up}/continued"),
+        &["-H", &format!("traceparent: {given}")],
+    )?;
+    ensure!(
+        r.body.contains("tp=00-0af7651916cd43dd8448eb211c80319c-"),
+        "{r:?}"
+    );
+    let (spans, _) = quicmesh_netns_tests::assert_eventually(
+        "spans of both requests from both nodes",
+        std::time::Duration::from_secs(20),
+        || {
+            let s = collector.spans();
+            ensure!(s.len() >= 4, "{} spans", s.len());
+            Ok(s)
+        },
+    );
+    let of = |t: &str| {
+        spans
+            .iter()
+            .filter(|s| s.trace_id == t)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let first = of(&trace);
+    let client = first.iter().find(|s| s.node == "web-1" && s.kind == 3);
+    let server = first.iter().find(|s| s.node == "api-1" && s.kind == 2);
+    let (Some(client), Some(server)) = (client, server) else {
+        anyhow::bail!("one trace id across both nodes: {spans:?}");
+    };
+    ensure!(
+        server.parent_span_id == client.span_id,
+        "the server span is the client span's child"
+    );
+    ensure!(
+        server.span_id == parent,
+        "the service's parent is the server span: {tp}"
+    );
+    ensure!(
+        client.parent_span_id.is_empty(),
+        "started here: a root span"
+    );
+    let second = of("0af7651916cd43dd8448eb211c80319c");
+    ensure!(second.len() == 2, "continued on both nodes: {spans:?}");
+    let c = second.iter().find(|s| s.kind == 3).expect("client span");
+    ensure!(
+        c.parent_span_id == "b7ad6b7169203331",
+        "child of the client's span"
+    );
+    // The access log names the request and its trace.
+    let log = std::fs::read_to_string(&api.log)?;
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("quicmesh::access") && l.contains("/traced") && l.contains(&trace)),
+        "an access log line with the trace id"
+    );
+    Ok(())
+}

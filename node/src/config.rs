@@ -24,6 +24,27 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// `[telemetry]`: where spans go, how many traces to start, the access log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP collector (`http://host:4318`); spans are made only when set.
+    pub otlp_endpoint: Option<hyper::Uri>,
+    /// Share of requests without a sampled `traceparent` that start a trace (0 to 1).
+    pub sample_rate: f64,
+    /// One log line per HTTP request (target `quicmesh::access`).
+    pub access_log: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sample_rate: 1.0,
+            access_log: false,
+        }
+    }
+}
+
 /// A local service offered to the mesh.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
@@ -280,6 +301,8 @@ pub struct NodeConfig {
     pub overlay: Option<OverlayConfig>,
     /// DNS server, when `[dns] enabled = true`.
     pub dns: Option<DnsConfig>,
+    /// Spans and the access log of HTTP requests (`[telemetry]`).
+    pub telemetry: TelemetryConfig,
     /// Prometheus metrics listener (loopback only); `None` turns metrics off.
     pub metrics: Option<SocketAddr>,
     /// Also check policy at the sending side, to fail fast (ingress always checks).
@@ -319,6 +342,7 @@ struct Raw {
     upstream: Vec<RawUpstream>,
     overlay: Option<RawOverlay>,
     dns: Option<RawDns>,
+    telemetry: Option<RawTelemetry>,
     policy: Option<RawPolicy>,
     flow_idle_timeout: Option<String>,
     status_interval: Option<String>,
@@ -350,6 +374,14 @@ struct RawCheck {
     timeout: Option<String>,
     rise: Option<i64>,
     fall: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    otlp_endpoint: Option<String>,
+    sample_rate: Option<f64>,
+    access_log: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -776,6 +808,37 @@ impl NodeConfig {
                 ));
             }
         }
+        let telemetry = match raw.telemetry {
+            None => TelemetryConfig::default(),
+            Some(t) => {
+                let otlp_endpoint = t
+                    .otlp_endpoint
+                    .map(|e| {
+                        let bad = |why: &str| err("telemetry.otlp_endpoint", format!("{e:?} {why}"));
+                        let u: hyper::Uri = e.parse().map_err(|_| bad("is not a URL"))?;
+                        if u.scheme_str() != Some("http") || u.authority().is_none() {
+                            return Err(bad("is not an http://host:port URL (OTLP/HTTP; put a local collector in front of a TLS one)"));
+                        }
+                        if u.path_and_query().is_some_and(|p| p.as_str() != "/") {
+                            return Err(bad("has a path: give the collector's base URL (spans go to /v1/traces)"));
+                        }
+                        Ok(u)
+                    })
+                    .transpose()?;
+                let sample_rate = t.sample_rate.unwrap_or(1.0);
+                if !(0.0..=1.0).contains(&sample_rate) {
+                    return Err(err(
+                        "telemetry.sample_rate",
+                        format!("{sample_rate} is not a share (0 to 1)"),
+                    ));
+                }
+                TelemetryConfig {
+                    otlp_endpoint,
+                    sample_rate,
+                    access_log: t.access_log.unwrap_or(false),
+                }
+            }
+        };
         let dns = match raw.dns {
             Some(d) if d.enabled.unwrap_or(true) => {
                 let listen = addr(
@@ -824,6 +887,7 @@ impl NodeConfig {
             upstreams,
             overlay,
             dns,
+            telemetry,
             metrics,
             check_egress: raw.policy.and_then(|p| p.check_egress).unwrap_or(true),
             flow_idle_timeout: dur(

@@ -40,6 +40,7 @@ pub mod registry;
 pub mod run;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod traffic;
 pub mod tunnel;
@@ -63,7 +64,7 @@ mod layers {
             "traffic",
             "local_http",
         ],
-        &["metrics", "tls", "registry"],
+        &["metrics", "tls", "registry", "telemetry"],
         &["flow", "path"],
         &["state"],
         // `l7` is the HTTP ingress (and what it shares with the egress), which tunnel
@@ -95,6 +96,7 @@ mod layers {
         ("frame", include_str!("frame.rs")),
         ("traffic", include_str!("traffic.rs")),
         ("metrics", include_str!("metrics.rs")),
+        ("telemetry", include_str!("telemetry.rs")),
         ("tls", include_str!("tls.rs")),
         ("registry", include_str!("registry.rs")),
         ("flow", include_str!("flow.rs")),

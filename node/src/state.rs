@@ -86,6 +86,8 @@ pub struct Node {
     view_tx: watch::Sender<Arc<View>>,
     /// Pooled connections to the local `http` services.
     pub l7: crate::local_http::Pools,
+    /// Spans and the access log of HTTP requests.
+    pub telemetry: crate::telemetry::Telemetry,
     /// Per peer, the turn to dial it: flows that find no tunnel wait for one dial instead
     /// of each dialling its own (which the peer's tunnel limit would then cut).
     dialing: Mutex<HashMap<NodeName, Arc<tokio::sync::Mutex<()>>>>,
@@ -152,6 +154,7 @@ impl Node {
     ) -> Arc<Self> {
         metrics.set_cert_not_after(identity.not_after);
         let (view_tx, _) = watch::channel(Arc::new(View::default()));
+        let telemetry = crate::telemetry::Telemetry::start(&cfg.telemetry, cfg.name.as_str());
         Arc::new(Self {
             cfg,
             data,
@@ -172,6 +175,7 @@ impl Node {
             path_status: Mutex::new(HashMap::new()),
             view_tx,
             l7: Default::default(),
+            telemetry,
             dialing: Mutex::new(HashMap::new()),
         })
     }

@@ -38,7 +38,6 @@ use crate::authz::{self, Direction};
 use crate::config::UpstreamConfig;
 use crate::flow::FlowInfo;
 use crate::frame::write_frame;
-use crate::metrics::RequestOutcome;
 use crate::proxy::{instances, Load};
 use crate::reason::{CloseReason, EgressRefusal, RequestRefusal};
 use crate::state::Node;
@@ -133,26 +132,34 @@ struct Judged<'a> {
 }
 
 impl Upstream {
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+    /// One request: routed and sent ([`Self::route_request`]), then counted, its span
+    /// ended and its access log line written, whoever answered.
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
+        let mut ctx = super::Exchange::new(&req);
+        let resp = self.route_request(req, &mut ctx).await;
+        ctx.done(
+            &self.node,
+            Direction::Egress,
+            (self.up.source.as_str(), self.up.service.as_str()),
+            &resp,
+            started,
+        );
+        resp
+    }
+
+    async fn route_request(
+        &self,
+        mut req: Request<Incoming>,
+        ctx: &mut super::Exchange,
+    ) -> Response<Body> {
         let node = &self.node;
         let (src, dst) = (self.up.source.as_str(), self.up.service.as_str());
         let grpc = is_grpc(req.headers());
         let mut route_name = "default";
-        let outcome = |route: &str, status: StatusCode| {
-            node.metrics.http_request(RequestOutcome {
-                direction: Direction::Egress,
-                src,
-                dst,
-                route,
-                status: status.as_u16(),
-                elapsed: started.elapsed(),
-            })
-        };
         let answer =
             |route: &str, reason: RequestRefusal, status: StatusCode, rule: Option<&str>| {
                 node.metrics.request_refused(reason, src, dst);
-                outcome(route, status);
                 tracing::info!(
                     reason = reason.as_str(),
                     rule = rule.unwrap_or("-"),
@@ -182,6 +189,7 @@ impl Upstream {
                 );
             }
         };
+        ctx.path = target.path.clone();
         let values: Vec<(String, String)> = req
             .headers()
             .iter()
@@ -200,6 +208,23 @@ impl Upstream {
         let route =
             select(routes, &target.path, &pairs).unwrap_or_else(|| &routes[routes.len() - 1]);
         route_name = &route.name;
+        ctx.route = route.name.clone();
+        ctx.hop = Some(
+            node.telemetry.hop(
+                req.headers()
+                    .get(super::TRACEPARENT)
+                    .and_then(|v| v.to_str().ok()),
+                crate::telemetry::HopInfo {
+                    egress: true,
+                    method: &method,
+                    path: &target.path,
+                    src,
+                    dst,
+                    route: &route.name,
+                    peer: "",
+                },
+            ),
+        );
         let view = node.view();
         if node.cfg.check_egress {
             let request = policy::Request {
@@ -271,6 +296,7 @@ impl Upstream {
             }
         };
         strip_hop_by_hop(&mut parts.headers, upgrade);
+        ctx.forward_trace(&mut parts.headers);
         let judged = Judged {
             method: &method,
             route,
@@ -298,7 +324,6 @@ impl Upstream {
             tokio::spawn(super::ingress::splice(client_side, service_side, closed));
         }
         strip_hop_by_hop(resp.headers_mut(), switched);
-        outcome(route_name, resp.status());
         resp.map(boxed)
     }
 

@@ -32,7 +32,6 @@ use tokio::sync::{oneshot, watch};
 use super::{boxed, io, is_grpc, refusal, strip_hop_by_hop, wants_h2c, wants_upgrade, Body};
 use crate::authz::{self, Direction, StreamRequest};
 use crate::clock;
-use crate::metrics::RequestOutcome;
 use crate::reason::{CloseReason, RequestRefusal};
 use crate::state::Node;
 
@@ -101,19 +100,35 @@ pub(super) async fn hold_until_closed(
     killed
 }
 
+/// One request: judged and forwarded ([`judge_and_forward`]), then counted, its span
+/// ended and its access log line written, whoever answered.
 async fn handle(
+    node: &Arc<Node>,
+    conn: &Conn,
+    req: Request<Incoming>,
+    closed: watch::Receiver<Option<CloseReason>>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let mut ctx = super::Exchange::new(&req);
+    ctx.peer = conn.peer.node.to_string();
+    let resp = judge_and_forward(node, conn, req, closed, &mut ctx).await;
+    let pair = (conn.src.as_str(), conn.dst.as_str());
+    ctx.done(node, Direction::Ingress, pair, &resp, started);
+    resp
+}
+
+async fn judge_and_forward(
     node: &Arc<Node>,
     conn: &Conn,
     mut req: Request<Incoming>,
     closed: watch::Receiver<Option<CloseReason>>,
+    ctx: &mut super::Exchange,
 ) -> Response<Body> {
-    let started = Instant::now();
     let grpc = is_grpc(req.headers());
     let (src, dst) = (conn.src.as_str(), conn.dst.as_str());
     let method = req.method().clone();
     let refuse = |reason: RequestRefusal, status: StatusCode, rule: Option<&str>, why: &str| {
         node.metrics.request_refused(reason, src, dst);
-        node.metrics.http_request(outcome(conn, status, started));
         tracing::info!(reason = reason.as_str(), rule = rule.unwrap_or("-"), why, %method, "request refused");
         refusal(status, reason.as_str(), rule, grpc)
     };
@@ -137,6 +152,23 @@ async fn handle(
             )
         }
     };
+    ctx.path = target.path.clone();
+    ctx.hop = Some(
+        node.telemetry.hop(
+            req.headers()
+                .get(super::TRACEPARENT)
+                .and_then(|v| v.to_str().ok()),
+            crate::telemetry::HopInfo {
+                egress: false,
+                method: &method,
+                path: &target.path,
+                src,
+                dst,
+                route: "default",
+                peer: conn.peer.node.as_str(),
+            },
+        ),
+    );
     let verdict = {
         let values: Vec<(&str, std::borrow::Cow<'_, str>)> = req
             .headers()
@@ -205,6 +237,7 @@ async fn handle(
         }
     };
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    ctx.forward_trace(&mut parts.headers);
     parts.headers.remove(super::SOURCE_HEADER);
     if let Ok(v) = HeaderValue::from_str(src) {
         parts.headers.insert(super::SOURCE_HEADER, v);
@@ -243,20 +276,7 @@ async fn handle(
         tokio::spawn(splice(client_side, service_side, closed));
     }
     strip_hop_by_hop(resp.headers_mut(), switched);
-    node.metrics
-        .http_request(outcome(conn, resp.status(), started));
     resp.map(boxed)
-}
-
-fn outcome(conn: &Conn, status: StatusCode, started: Instant) -> RequestOutcome<'_> {
-    RequestOutcome {
-        direction: Direction::Ingress,
-        src: conn.src.as_str(),
-        dst: conn.dst.as_str(),
-        route: "default",
-        status: status.as_u16(),
-        elapsed: started.elapsed(),
-    }
 }
 
 /// The URI a request to the local service is sent with: the service's address (the

@@ -33,6 +33,89 @@ pub const REASON_HEADER: &str = "x-quicmesh-reason";
 /// The header on a policy refusal naming the deciding rule.
 pub const RULE_HEADER: &str = "x-quicmesh-rule";
 
+/// The W3C trace context header.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// What one exchange (request and response) leaves behind: its route, its span; ended
+/// at the one exit point of each side ([`Exchange::done`]).
+#[derive(Debug)]
+pub struct Exchange {
+    pub method: String,
+    pub path: String,
+    pub route: String,
+    pub hop: Option<crate::telemetry::Hop>,
+    /// The other node, when known.
+    pub peer: String,
+}
+
+impl Exchange {
+    pub fn new<B>(req: &hyper::Request<B>) -> Self {
+        Self {
+            method: req.method().as_str().to_string(),
+            path: req.uri().path().to_string(),
+            route: "default".into(),
+            hop: None,
+            peer: String::new(),
+        }
+    }
+
+    /// Sets the `traceparent` the next hop continues: this hop's, or the incoming one.
+    pub fn forward_trace(&self, h: &mut HeaderMap) {
+        if let Some(tp) = self.hop.as_ref().and_then(|hop| hop.traceparent) {
+            if let Ok(v) = HeaderValue::from_str(&tp.to_header()) {
+                h.insert(TRACEPARENT, v);
+            }
+        }
+    }
+
+    /// Counts the exchange, ends its span, writes its access log line.
+    pub fn done(
+        mut self,
+        node: &crate::state::Node,
+        direction: crate::authz::Direction,
+        (src, dst): (&str, &str),
+        resp: &Response<Body>,
+        started: std::time::Instant,
+    ) {
+        let status = resp.status().as_u16();
+        let elapsed = started.elapsed();
+        let reason = resp
+            .headers()
+            .get(REASON_HEADER)
+            .and_then(|v| v.to_str().ok());
+        node.metrics.http_request(crate::metrics::RequestOutcome {
+            direction,
+            src,
+            dst,
+            route: &self.route,
+            status,
+            elapsed,
+        });
+        let hop = self.hop.take();
+        let trace = hop.as_ref().and_then(|h| h.trace_id());
+        if node.telemetry.access_log {
+            tracing::info!(
+                target: "quicmesh::access",
+                direction = ?direction,
+                src,
+                dst,
+                method = %self.method,
+                path = %self.path,
+                route = %self.route,
+                status,
+                duration_us = elapsed.as_micros() as u64,
+                reason = reason.unwrap_or("-"),
+                peer = %self.peer,
+                trace_id = trace.as_deref().unwrap_or("-"),
+                "request"
+            );
+        }
+        if let Some(h) = hop {
+            h.finish(status, reason);
+        }
+    }
+}
+
 /// A body the proxy wrote.
 pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|e| match e {}).boxed()
