@@ -1,5 +1,5 @@
 //! Installs the peers quicmesh is measured against, at pinned versions: Debian packages
-//! (iperf3, ping, wireguard-go + wg, Nebula, stunnel) and crates (quincy, boringtun).
+//! (iperf3, ping, wireguard-go + wg, Nebula, stunnel, HAProxy) and crates (quincy, boringtun).
 //! Needs root and the package registries; what is already installed is kept.
 
 use std::process::Command;
@@ -15,6 +15,7 @@ pub const APT: &[&str] = &[
     "wireguard-tools",
     "nebula",
     "stunnel4",
+    "haproxy",
 ];
 /// Crates, pinned.
 pub const CRATES: &[(&str, &str, &str)] = &[

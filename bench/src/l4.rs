@@ -99,7 +99,7 @@ impl Drop for Stunnel {
 }
 
 /// Makes a CA and two leaves for the stunnel pair; writes PEM files into `dir`.
-fn stunnel_pki(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn stunnel_pki(dir: &Path) -> anyhow::Result<()> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let ca_key = KeyPair::generate()?;
     let mut p = CertificateParams::default();

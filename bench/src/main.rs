@@ -17,6 +17,10 @@
 //!   two namespaces, and the overlay through a relay: iperf3 throughput, RTT, CPU seconds
 //!   per GB, RSS.
 //!
+//! - `l7`: HTTP/1.1 keep-alive and gRPC unary directly, through quicmesh (a stream per
+//!   request, and an L4 upstream beside it) and through an mTLS HAProxy pair: added
+//!   latency at fixed rates, requests/s at saturation, CPU per 100k requests, RSS.
+//!
 //! - `footprint`: node and coordinator memory, idle and under load.
 //!
 //! - `dns`: a node's DNS server's query latency, against a bare UDP round trip.
@@ -28,6 +32,7 @@ mod footprint;
 mod install;
 mod l3;
 mod l4;
+mod l7;
 mod load;
 mod plot;
 mod stat;
@@ -110,6 +115,18 @@ enum Scenario {
         /// Queries per name.
         #[arg(long, default_value_t = 20_000)]
         queries: u64,
+    },
+    /// HTTP and gRPC: direct, quicmesh, quicmesh's L4 path, an HAProxy pair (needs root).
+    L7 {
+        /// Open-loop request rates (requests per second).
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        rates: Vec<u64>,
+        /// Seconds per rate (and at saturation).
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        /// Requests in flight at saturation.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
     },
     /// L4 path vs direct TCP vs stunnel (needs root: network namespaces).
     L4 {
@@ -347,6 +364,18 @@ fn main() -> anyhow::Result<()> {
                 &[("daemon CPU s/GB", "CPU s/GB")],
                 &tunnels,
             ));
+        }
+        Scenario::L7 {
+            rates,
+            secs,
+            concurrency,
+        } => {
+            let v = l7::run(&l7::L7Opts {
+                rates,
+                secs,
+                concurrency,
+            })?;
+            write(&cli.results, "l7", &v)?;
         }
         Scenario::L4 {
             rates,

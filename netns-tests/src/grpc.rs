@@ -64,7 +64,12 @@ impl tower_service::Service<Request<Streaming<Msg>>> for Chat {
 
 /// Starts the service `name` on a free loopback port (its own thread and runtime).
 pub fn serve(name: &str) -> std::io::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    serve_on("127.0.0.1:0", name)
+}
+
+/// Starts the service `name` on `bind` (call inside a namespace to serve that host).
+pub fn serve_on(bind: &str, name: &str) -> std::io::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind(bind)?;
     l.set_nonblocking(true)?;
     let addr = l.local_addr()?;
     let name = name.to_string();
@@ -195,5 +200,42 @@ impl Client {
             }
             Ok(got)
         })
+    }
+}
+
+/// A gRPC client of `test.Echo` for the caller's runtime (cloned per call: one HTTP/2
+/// connection, calls multiplexed on it).
+#[derive(Debug, Clone)]
+pub struct AsyncClient {
+    grpc: tonic::client::Grpc<Channel>,
+}
+
+impl AsyncClient {
+    pub fn new(addr: SocketAddr) -> anyhow::Result<Self> {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        let channel: Channel = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector);
+        let origin: hyper::Uri = format!("http://{addr}").parse()?;
+        Ok(Self {
+            grpc: tonic::client::Grpc::with_origin(channel, origin),
+        })
+    }
+
+    /// A unary `Say`.
+    pub async fn say(&self, text: &str) -> Result<String, Status> {
+        let mut grpc = self.grpc.clone();
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let r = grpc
+            .unary(
+                Request::new(Msg { text: text.into() }),
+                hyper::http::uri::PathAndQuery::from_static("/test.Echo/Say"),
+                ProstCodec::<Msg, Msg>::default(),
+            )
+            .await?;
+        Ok(r.into_inner().text)
     }
 }

@@ -54,8 +54,17 @@ impl HttpService {
         self.behaviour.failing.store(failing, Ordering::SeqCst);
     }
 
+    /// Starts `name` on `bind` (call inside a namespace to serve that host).
+    pub fn start_on(bind: &str, name: &str) -> std::io::Result<Self> {
+        Self::start_at(bind, name, false)
+    }
+
     fn start_with(name: &str, flaky: bool) -> std::io::Result<Self> {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        Self::start_at("127.0.0.1:0", name, flaky)
+    }
+
+    fn start_at(bind: &str, name: &str, flaky: bool) -> std::io::Result<Self> {
+        let l = std::net::TcpListener::bind(bind)?;
         l.set_nonblocking(true)?;
         let addr = l.local_addr()?;
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -100,12 +109,18 @@ impl HttpService {
     }
 }
 
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    http_body_util::BodyExt::boxed(Full::new(b.into()))
+}
+
 async fn answer(
     name: String,
     log: Arc<Mutex<Vec<String>>>,
     b: Arc<Behaviour>,
     mut req: Request<hyper::body::Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Body>, Infallible> {
     let pq = req
         .uri()
         .path_and_query()
@@ -125,10 +140,12 @@ async fn answer(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_string();
+    let names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
     let line = format!(
-        "{name} {} {pq} src={src} version={:?} tp={tp}\n",
+        "{name} {} {pq} src={src} version={:?} tp={tp} hdrs={}\n",
         req.method(),
-        req.version()
+        req.version(),
+        names.join(",")
     );
     if req
         .headers()
@@ -143,7 +160,7 @@ async fn answer(
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             }
         });
-        let mut resp = Response::new(Full::new(Bytes::new()));
+        let mut resp = Response::new(full(Bytes::new()));
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         resp.headers_mut()
             .insert("upgrade", hyper::header::HeaderValue::from_static("echo"));
@@ -173,7 +190,32 @@ async fn answer(
     {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let mut resp = Response::new(Full::new(Bytes::from(line)));
+    if let Some(n) = path
+        .strip_prefix("/drip/")
+        .and_then(|n| n.parse::<u32>().ok())
+    {
+        // n chunks, 100 ms apart: a long streaming answer.
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, Infallible>>(1);
+        tokio::spawn(async move {
+            for i in 0..n {
+                if tx
+                    .send(Ok(hyper::body::Frame::data(Bytes::from(format!(
+                        "drip {i}\n"
+                    )))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let stream = tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx);
+        let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(stream));
+        return Ok(Response::new(body));
+    }
+    let mut resp = Response::new(full(line));
     *resp.status_mut() = status;
     Ok(resp)
 }

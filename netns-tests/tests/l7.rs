@@ -78,6 +78,16 @@ fn mesh(test: &str) -> L7 {
     }
 }
 
+fn apply(m: &L7, policy: &str) -> anyhow::Result<()> {
+    let out = m._coord.apply_policy(&m._mesh, policy)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 fn refused(node: &NodeProc, reason: &str) -> f64 {
     node.metrics()
         .map(|m| {
@@ -352,7 +362,13 @@ fn spans_from_both_nodes_arrive_with_one_trace_id_and_the_service_continues_it(
     // Started by the mesh: no traceparent from the client.
     let r = curl(&format!("http://{up}/traced"), &[])?;
     ensure!(r.status == 200, "{r:?}");
-    let tp = r.body.split("tp=").nth(1).unwrap_or("-").trim().to_string();
+    let tp = r
+        .body
+        .split("tp=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or("-")
+        .to_string();
     let parts: Vec<&str> = tp.split('-').collect();
     ensure!(parts.len() == 4, "the service got a traceparent: {r:?}");
     let (trace, parent) = (parts[1].to_string(), parts[2].to_string());
@@ -413,6 +429,126 @@ fn spans_from_both_nodes_arrive_with_one_trace_id_and_the_service_continues_it(
         log.lines()
             .any(|l| l.contains("quicmesh::access") && l.contains("/traced") && l.contains(&trace)),
         "an access log line with the trace id"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_policy_change_closes_an_upgraded_connection_and_a_streaming_answer_it_denies(
+) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let m = mesh("l7_recheck");
+    let (http, l4) = (m.web.upstream_at(0), m.web.upstream_at(1));
+    // Two upgraded connections (through each kind of upstream) and a streaming answer.
+    let open = |addr| -> anyhow::Result<std::net::TcpStream> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        write!(
+            s,
+            "GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+        )?;
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            ensure!(s.read(&mut b)? == 1, "closed in the head");
+            head.push(b[0]);
+        }
+        ensure!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        s.write_all(b"ping")?;
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got)?;
+        ensure!(&got == b"ping");
+        Ok(s)
+    };
+    let mut ws = [open(http)?, open(l4)?];
+    let mut drip = std::net::TcpStream::connect(http)?;
+    drip.set_read_timeout(Some(Duration::from_secs(15)))?;
+    write!(drip, "GET /drip/300 HTTP/1.1\r\nHost: api\r\n\r\n")?;
+    let mut first = [0u8; 64];
+    ensure!(drip.read(&mut first)? > 0, "the answer streams");
+    // The twin that stays allowed: an upgrade on another path.
+    let mut kept = std::net::TcpStream::connect(http)?;
+    kept.set_read_timeout(Some(Duration::from_secs(15)))?;
+    write!(
+        kept,
+        "GET /chat HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+    )?;
+    let mut head = [0u8; 256];
+    let _ = kept.read(&mut head)?;
+    let started = Instant::now();
+    apply(
+        &m,
+        &POLICY.replace(
+            r#"paths = ["/admin", "/admin/*"]"#,
+            r#"paths = ["/admin", "/admin/*", "/ws", "/drip/*"]"#,
+        ),
+    )?;
+    for (i, s) in ws.iter_mut().enumerate() {
+        // Reads end (EOF or reset) once the flow is closed; echoes stop.
+        let _ = s.write_all(b"more");
+        let mut buf = [0u8; 64];
+        let mut total = 0;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+            ensure!(total <= 4, "upgraded connection {i} still carries bytes");
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(8),
+            "connection {i} closed in time: {:?}",
+            started.elapsed()
+        );
+    }
+    let mut rest = Vec::new();
+    let _ = drip.read_to_end(&mut rest);
+    let drips = String::from_utf8_lossy(&rest).matches("drip ").count();
+    println!(
+        "closed {:?} after the change; the stream stopped after {drips} more chunks",
+        started.elapsed()
+    );
+    ensure!(
+        drips < 150,
+        "the streaming answer stopped early ({drips} of 300 chunks)"
+    );
+    // The allowed twin still echoes.
+    kept.write_all(b"still")?;
+    let mut got = [0u8; 5];
+    kept.read_exact(&mut got)?;
+    ensure!(&got == b"still", "the allowed upgrade goes on");
+
+    // Allows are exact and judge what is forwarded: a header a client names in
+    // `Connection` is gone before the judging, and `x_tenant` is not `x-tenant`.
+    apply(
+        &m,
+        r#"
+default = "deny"
+[[rule]]
+from = "web"
+to = "api"
+action = "allow"
+headers = { x-tenant = "web" }
+"#,
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let url = format!("http://{http}/t");
+    let ok = curl(&url, &["-H", "x-tenant: web"])?;
+    ensure!(ok.status == 200, "{ok:?}");
+    let hop = curl(&url, &["-H", "x-tenant: web", "-H", "Connection: x-tenant"])?;
+    ensure!(
+        hop.status == 403,
+        "a hop-by-hop header is not judged: {hop:?}"
+    );
+    let under = curl(&url, &["-H", "x_tenant: web"])?;
+    ensure!(
+        under.status == 403,
+        "an allow matches its header exactly: {under:?}"
     );
     Ok(())
 }

@@ -197,13 +197,18 @@ pub fn http_request(
 
 /// Egress: may local `src` reach `dst` on `peer` (the sending side's fast refusal; the
 /// peer's ingress is authoritative). The allowing rule, or the denying one.
+///
+/// The sender does not know whether the destination reads requests (`protocol = "http"`
+/// is the destination's setting), so it refuses only what no request could be allowed
+/// ([`Traffic::HttpConnection`]); the destination judges an opaque flow as opaque and
+/// each request of an HTTP one.
 pub fn egress(
     view: &View,
     src: &ServiceName,
     dst: &ServiceName,
     peer: &NodeName,
 ) -> Result<String, String> {
-    decide(view, src, None, dst, Some(peer), Traffic::Opaque)
+    decide(view, src, None, dst, Some(peer), Traffic::HttpConnection)
 }
 
 /// Egress for one HTTP request of an `http` upstream (its target normalised): the sending
@@ -295,6 +300,78 @@ pub fn recheck_stream(
         Direction::Egress => http || !check_egress || egress(view, src, dst, &peer.node).is_ok(),
     };
     (!allowed).then_some(CloseReason::PolicyChanged)
+}
+
+/// A request as it was judged, kept to judge it again while its answer lasts.
+#[derive(Debug, Clone)]
+pub struct JudgedRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    /// False when the headers were too many to keep: then a policy with header conditions
+    /// closes the request on re-check (it cannot be judged again).
+    pub all_headers: bool,
+}
+
+/// Most header bytes kept per judged request.
+pub const MAX_KEPT_HEADER_BYTES: usize = 16 * 1024;
+
+impl JudgedRequest {
+    /// Keeps what a re-judging needs.
+    pub fn new(method: &str, path: &str, headers: &[(&str, &str)]) -> Self {
+        let mut kept = Vec::new();
+        let mut bytes = 0;
+        let mut all_headers = true;
+        for (n, v) in headers {
+            bytes += n.len() + v.len();
+            if bytes > MAX_KEPT_HEADER_BYTES {
+                all_headers = false;
+                break;
+            }
+            kept.push((n.to_string(), v.to_string()));
+        }
+        Self {
+            method: method.into(),
+            path: path.into(),
+            headers: kept,
+            all_headers,
+        }
+    }
+}
+
+/// A request still being answered (a streaming response, an upgraded connection),
+/// re-judged as it was judged ([`http_request`]): why it must close.
+pub fn recheck_request(
+    view: &View,
+    conn: StreamRequest<'_>,
+    req: &JudgedRequest,
+    now: i64,
+) -> Option<CloseReason> {
+    if let Err(s) = standing(view, conn.peer, now) {
+        return s.close_reason();
+    }
+    // Headers that were too many to keep cannot be judged again by a header rule.
+    let header_rules = view
+        .policy
+        .rules
+        .iter()
+        .any(|r| r.http.as_ref().is_some_and(|h| !h.headers.is_empty()));
+    if !req.all_headers && header_rules {
+        return Some(CloseReason::PolicyChanged);
+    }
+    let headers: Vec<(&str, &str)> = req
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let request = Request {
+        method: &req.method,
+        path: &req.path,
+        headers: &headers,
+    };
+    http_request(view, conn, &request, now)
+        .err()
+        .map(|_| CloseReason::PolicyChanged)
 }
 
 /// A live overlay flow, re-checked: why it must be forgotten.

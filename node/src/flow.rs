@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use crate::metrics::Metrics;
 use crate::reason::CloseReason;
 
-pub use crate::authz::Direction;
+pub use crate::authz::{Direction, JudgedRequest};
 
 /// What the table knows about a live flow.
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +35,10 @@ pub struct FlowInfo {
     /// The flow carries HTTP (an `http` service's connection, or one request of an `http`
     /// upstream): re-checked as such.
     pub http: bool,
+    /// One request at an `http` service's ingress (its response or upgraded connection
+    /// still going): re-judged as that request.
+    #[serde(skip)]
+    pub request: Option<Arc<JudgedRequest>>,
 }
 
 struct Entry {

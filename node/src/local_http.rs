@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -97,14 +97,35 @@ impl Clients {
 /// Most (service, source) buckets kept; past it, unnamed sources share one bucket.
 const MAX_BUCKETS: usize = 4096;
 
-/// Every local service's clients (made on first use) and rate limit buckets.
-#[derive(Debug, Default)]
+/// Most requests the node's local services have in flight from the mesh at once; more
+/// are answered 503 (`overloaded`) at once rather than queued.
+pub const MAX_IN_FLIGHT: usize = 4096;
+
+/// Every local service's clients (made on first use), rate limit buckets, and the bound on
+/// requests in flight.
+#[derive(Debug)]
 pub struct Pools {
     clients: Mutex<HashMap<SocketAddr, Clients>>,
     buckets: Mutex<HashMap<(ServiceName, Option<ServiceName>), Bucket>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Pools {
+    fn default() -> Self {
+        Self {
+            clients: Mutex::default(),
+            buckets: Mutex::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+        }
+    }
 }
 
 impl Pools {
+    /// A place for one more request in flight, or `None` when all are taken.
+    pub fn try_request(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.in_flight.clone().try_acquire_owned().ok()
+    }
+
     /// The clients for `addr`.
     pub fn get(&self, addr: SocketAddr) -> Clients {
         let mut m = self.clients.lock().unwrap_or_else(|e| e.into_inner());

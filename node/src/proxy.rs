@@ -193,6 +193,7 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
                 dst: up.service.clone(),
                 rule: String::new(),
                 http: false,
+                request: None,
             },
             &node.metrics,
         );

@@ -275,8 +275,16 @@ reasons! {
         RepeatedHeader => "repeated_header",
         /// An upgrade this node cannot judge the requests of (`h2c`), or CONNECT (400).
         Unjudgeable => "unjudgeable",
-        /// The local service could not be reached or failed (502).
+        /// The local service could not be reached (502; gRPC UNAVAILABLE, retryable).
         ServiceUnavailable => "service_unavailable",
+        /// The local service failed after the request reached it (502; gRPC INTERNAL,
+        /// not retried: it may have had its effect).
+        ServiceFailed => "service_failed",
+        /// The node holds its most requests in flight (503), or its most client
+        /// connections (closed).
+        Overloaded => "overloaded",
+        /// The client's request body failed on the way (400).
+        BadRequestBody => "bad_request_body",
         /// No healthy instance (in the route's subset and localities) (503).
         NoInstance => "no_instance",
         /// No instance could be reached, or the request failed on the way (502).

@@ -246,6 +246,16 @@ impl Node {
         let now = unix_now();
         let check_egress = self.cfg.check_egress;
         let closed = self.flows.recheck(|f| {
+            if let Some(req) = &f.request {
+                let conn = authz::StreamRequest {
+                    peer: &f.peer_id,
+                    src: &f.src,
+                    dst: &f.dst,
+                    hosted: true,
+                    http: true,
+                };
+                return authz::recheck_request(view, conn, req, now);
+            }
             authz::recheck_stream(
                 view,
                 f.direction,

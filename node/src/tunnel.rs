@@ -463,6 +463,7 @@ async fn ingress_stream(
                 dst: dst.clone(),
                 rule: rule.clone(),
                 http,
+                request: None,
             },
             &node.metrics,
         );

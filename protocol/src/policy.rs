@@ -130,7 +130,7 @@ impl fmt::Display for PathMatch {
 
 /// Header names as servers fold them: case-insensitive, and `_` as `-` (CGI and WSGI
 /// servers turn both into `HTTP_X_TENANT`).
-fn same_header(a: &str, b: &str) -> bool {
+pub fn same_header(a: &str, b: &str) -> bool {
     let fold = |c: u8| {
         if c == b'_' {
             b'-'
@@ -141,12 +141,22 @@ fn same_header(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
 }
 
+/// Headers some frameworks read as the request's method (a POST "overriding" to DELETE).
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 impl HttpMatch {
     /// Whether `req` meets every condition. For a deny (`wide`), whatever a server might
     /// take for the same thing matches too, so a deny can only err towards denying: paths
     /// in any case (some servers route case-insensitively), an exact path with a trailing
-    /// slash (`/admin/` is `/admin` to many), and HEAD where GET is named (servers answer
-    /// HEAD with the GET handler).
+    /// slash (`/admin/` is `/admin` to many) and a prefix's bare path (`/admin/*` covers
+    /// `/admin`, which routers mounted at `/admin` serve), HEAD where GET is named (servers
+    /// answer HEAD with the GET handler), a method named in a method-override header,
+    /// header names folded as servers fold them (any case, `_` as `-`) and header values in
+    /// any case. An allow matches exactly: header names in any case only, values as written.
     fn matches(&self, req: &Request<'_>, wide: bool) -> bool {
         let eq = |a: &str, b: &str| {
             if wide {
@@ -156,20 +166,37 @@ impl HttpMatch {
             }
         };
         let head = |x: &str| req.path.get(..x.len()).is_some_and(|h| eq(x, h));
-        let method = |m: &String| m == req.method || (wide && m == "GET" && req.method == "HEAD");
+        let name_eq = |a: &str, b: &str| {
+            if wide {
+                same_header(a, b)
+            } else {
+                a.eq_ignore_ascii_case(b)
+            }
+        };
+        let overridden = |m: &str| {
+            wide && req.headers.iter().any(|(n, v)| {
+                METHOD_OVERRIDES.iter().any(|o| same_header(n, o))
+                    && v.trim().eq_ignore_ascii_case(m)
+            })
+        };
+        let method = |m: &String| {
+            m == req.method || (wide && m == "GET" && req.method == "HEAD") || overridden(m)
+        };
         let path = |p: &PathMatch| match p {
             PathMatch::Exact(x) => {
                 eq(x, req.path)
                     || (wide && req.path.len() == x.len() + 1 && req.path.ends_with('/') && head(x))
             }
-            PathMatch::Prefix(x) => head(x),
+            PathMatch::Prefix(x) => {
+                head(x) || (wide && x.len() > 1 && eq(&x[..x.len() - 1], req.path))
+            }
         };
         (self.methods.is_empty() || self.methods.iter().any(method))
             && (self.paths.is_empty() || self.paths.iter().any(path))
             && self.headers.iter().all(|(name, value)| {
                 req.headers
                     .iter()
-                    .any(|(n, v)| same_header(n, name) && v.trim() == value)
+                    .any(|(n, v)| name_eq(n, name) && eq(v.trim(), value))
             })
     }
 }
@@ -1374,12 +1401,80 @@ paths = ["/ops/*"]
             headers: &folded,
         };
         assert_eq!(p.repeated_header(&req), Some("x-tenant"));
-        let spaced = [("X_TENANT", " blue ")];
+        let spaced = [("X-TENANT", " blue ")];
         let req = Request {
             headers: &spaced,
             ..req
         };
         assert!(judge(&p, "ops", Traffic::Http(req)).is_allow());
+        // An allow is exact: `X_Tenant` is not a header most servers show as `x-tenant`.
+        let underscored = [("X_Tenant", "blue")];
+        let req = Request {
+            headers: &underscored,
+            ..req
+        };
+        assert!(!judge(&p, "ops", Traffic::Http(req)).is_allow());
+    }
+
+    #[test]
+    fn a_deny_covers_what_servers_take_for_it() {
+        let p = Policy::parse(
+            r#"
+[[rule]]
+from = "web"
+to = "api"
+action = "allow"
+[[rule]]
+from = "web"
+to = "api"
+action = "deny"
+paths = ["/admin/*"]
+[[rule]]
+from = "web"
+to = "api"
+action = "deny"
+methods = ["DELETE"]
+[[rule]]
+from = "web"
+to = "api"
+action = "deny"
+headers = { x-role = "root" }
+"#,
+        )
+        .unwrap();
+        let judged = |method: &str, path: &str, headers: &[(&str, &str)]| {
+            let req = Request {
+                method,
+                path,
+                headers,
+            };
+            judge(&p, "web", Traffic::Http(req)).is_allow()
+        };
+        assert!(judged("GET", "/x", &[]), "the allowed twin");
+        assert!(
+            !judged("GET", "/admin", &[]),
+            "a prefix's bare path (a router mounted there)"
+        );
+        assert!(!judged("GET", "/Admin", &[]));
+        assert!(
+            judged("GET", "/administrator", &[]),
+            "not a segment of /admin"
+        );
+        assert!(
+            !judged("POST", "/x", &[("X-HTTP-Method-Override", "delete")]),
+            "method override"
+        );
+        assert!(!judged("POST", "/x", &[("x_method_override", "DELETE")]));
+        assert!(judged("POST", "/x", &[("X-HTTP-Method-Override", "PUT")]));
+        assert!(
+            !judged("GET", "/x", &[("X-Role", "Root")]),
+            "values in any case"
+        );
+        assert!(
+            !judged("GET", "/x", &[("x_role", "root")]),
+            "names as servers fold them"
+        );
+        assert!(judged("GET", "/x", &[("x-role", "user")]));
     }
 
     #[test]

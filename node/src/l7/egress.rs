@@ -45,6 +45,8 @@ use crate::tunnel;
 
 /// How long the HTTP/1.1 request head may take to arrive.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Client connections one upstream listener holds at once; more are closed at once.
+const MAX_CLIENT_CONNECTIONS: usize = 4096;
 /// Retries allowed a window regardless of traffic (a quiet upstream can still retry).
 const RETRY_FLOOR: u32 = 10;
 /// The retry budget's window.
@@ -61,6 +63,7 @@ pub async fn serve(node: Arc<Node>, up: UpstreamConfig, listener: TcpListener) {
         up,
         load: Arc::new(Load::default()),
     });
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENT_CONNECTIONS));
     loop {
         let (tcp, client) = match listener.accept().await {
             Ok(x) => x,
@@ -70,12 +73,23 @@ pub async fn serve(node: Arc<Node>, up: UpstreamConfig, listener: TcpListener) {
                 continue;
             }
         };
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
+            // Closed at once: a client over the limit gets a reset, not a queue.
+            shared.node.metrics.request_refused(
+                RequestRefusal::Overloaded,
+                shared.up.source.as_str(),
+                shared.up.service.as_str(),
+            );
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let span =
             tracing::info_span!("http", %client, src = %shared.up.source, dst = %shared.up.service);
         tokio::spawn(
             async move {
+                let _slot = slot;
                 let svc = hyper::service::service_fn(move |req| {
                     let shared = shared.clone();
                     async move { Ok::<_, std::convert::Infallible>(shared.handle(req).await) }
@@ -176,6 +190,9 @@ impl Upstream {
                 None,
             );
         }
+        // This hop's headers go first: routes and the egress check see what is sent.
+        let upgrade = wants_upgrade(req.headers());
+        strip_hop_by_hop(req.headers_mut(), upgrade);
         let target = req.uri().path_and_query().map_or("", |p| p.as_str());
         let (method, target) = match parse_request(req.method().as_str(), target) {
             Ok(x) => x,
@@ -281,7 +298,6 @@ impl Upstream {
                 None,
             );
         }
-        let upgrade = wants_upgrade(req.headers());
         let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         parts.uri = match local_target(&parts.uri, &target) {
@@ -295,7 +311,6 @@ impl Upstream {
                 )
             }
         };
-        strip_hop_by_hop(&mut parts.headers, upgrade);
         ctx.forward_trace(&mut parts.headers);
         let judged = Judged {
             method: &method,
@@ -321,7 +336,12 @@ impl Upstream {
         let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if let (true, Some(client_side)) = (switched, client_side) {
             let service_side = hyper::upgrade::on(&mut resp);
-            tokio::spawn(super::ingress::splice(client_side, service_side, closed));
+            tokio::spawn(super::ingress::splice(
+                client_side,
+                service_side,
+                closed,
+                None,
+            ));
         }
         strip_hop_by_hop(resp.headers_mut(), switched);
         resp.map(boxed)
@@ -361,8 +381,11 @@ impl Upstream {
         }
     }
 
-    /// Records a try's result on `peer`'s outlier state.
-    fn record(&self, peer: &NodeName, ok: bool, in_service: usize) {
+    /// Records a try's result on `peer`'s outlier state; `instances` are the request's
+    /// candidates, of which those not ejected now are in service (the last one in service
+    /// is never ejected, counted now: an earlier try of the same request may have ejected
+    /// another).
+    fn record(&self, peer: &NodeName, ok: bool, instances: &[NodeName]) {
         let Some(policy) = &self.up.http.ejection else {
             return;
         };
@@ -370,8 +393,12 @@ impl Upstream {
         let Ok(mut st) = self.state.lock() else {
             return;
         };
+        let others = instances
+            .iter()
+            .filter(|n| *n != peer && !st.outliers.get(*n).is_some_and(|o| o.ejected(now)))
+            .count();
         let o = st.outliers.entry(peer.clone()).or_default();
-        match o.record(ok, policy, in_service.saturating_sub(1), now) {
+        match o.record(ok, policy, others, now) {
             Ejected::No => {}
             Ejected::For(span) => {
                 tracing::warn!(%peer, ?span, "instance ejected after consecutive failures");
@@ -460,7 +487,7 @@ impl Upstream {
                         .and_then(|v| v.parse().ok());
                     let failed =
                         status >= 500 || grpc_status.is_some_and(|g| route.retry_grpc.contains(&g));
-                    self.record(name, !failed, order.len());
+                    self.record(name, !failed, order);
                     if route.retryable(judged.method, status, grpc_status)
                         && retry(self, &mut retries_left)
                     {
@@ -473,7 +500,7 @@ impl Upstream {
                     node.metrics.egress_rejected(code, src, dst);
                     tracing::info!(peer = %name, reason = code.as_str(), rule = rule.as_deref().unwrap_or("-"), "rejected by peer ingress");
                     if code == RejectCode::ServiceUnavailable {
-                        self.record(name, false, order.len());
+                        self.record(name, false, order);
                         last = (RequestRefusal::ServiceUnavailable, StatusCode::BAD_GATEWAY);
                         if moves_left > 1 {
                             moves_left -= 1;
@@ -498,7 +525,7 @@ impl Upstream {
                 }
                 Try::Unreached(e) => {
                     tracing::warn!(peer = %name, error = %e, "instance unreachable, trying the next");
-                    self.record(name, false, order.len());
+                    self.record(name, false, order);
                     last = (RequestRefusal::Unreachable, StatusCode::BAD_GATEWAY);
                     if moves_left > 1 {
                         moves_left -= 1;
@@ -508,7 +535,17 @@ impl Upstream {
                 }
                 Try::Failed(e) => {
                     tracing::warn!(peer = %name, error = %e, "request failed after it was sent");
-                    self.record(name, false, order.len());
+                    if body.client_failed() {
+                        // The client's own body broke: not the instance's fault.
+                        return Err((
+                            RequestRefusal::BadRequestBody,
+                            StatusCode::BAD_REQUEST,
+                            None,
+                        ));
+                    }
+                    if body.whole() {
+                        self.record(name, false, order);
+                    }
                     last = (RequestRefusal::Unreachable, StatusCode::BAD_GATEWAY);
                     if idempotent(judged.method) && retry(self, &mut retries_left) {
                         continue;
@@ -517,7 +554,10 @@ impl Upstream {
                 }
                 Try::TimedOut => {
                     tracing::warn!(peer = %name, "no response within the per-try timeout");
-                    self.record(name, false, order.len());
+                    // A client still sending its body holds the try up, not the instance.
+                    if body.whole() {
+                        self.record(name, false, order);
+                    }
                     last = (RequestRefusal::Timeout, StatusCode::GATEWAY_TIMEOUT);
                     if idempotent(judged.method) && retry(self, &mut retries_left) {
                         continue;
@@ -577,6 +617,7 @@ impl Upstream {
                 dst: self.up.service.clone(),
                 rule: String::new(),
                 http: true,
+                request: None,
             },
             &node.metrics,
         );

@@ -13,6 +13,7 @@
 //! that asks for it; the bytes after are the service's protocol, carried as they come and
 //! closed with the flow when a policy or revocation change closes it.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,7 +22,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::http::uri::{Authority, Scheme};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::http::parse_request;
@@ -30,8 +31,9 @@ use quicmesh_protocol::policy;
 use tokio::sync::{oneshot, watch};
 
 use super::{boxed, io, is_grpc, refusal, strip_hop_by_hop, wants_h2c, wants_upgrade, Body};
-use crate::authz::{self, Direction, StreamRequest};
+use crate::authz::{self, Direction, JudgedRequest, StreamRequest};
 use crate::clock;
+use crate::flow::FlowInfo;
 use crate::reason::{CloseReason, RequestRefusal};
 use crate::state::Node;
 
@@ -57,20 +59,40 @@ pub async fn serve(
     // Upgraded connections hold a receiver each: they close when the flow is closed, and
     // the flow stays registered (re-checked) while any of them lives.
     let (closed_tx, closed) = watch::channel(None);
+    let idle = node.cfg.flow_idle_timeout;
     let conn = Arc::new(conn);
     let svc = hyper::service::service_fn(move |req| {
         let (node, conn, closed) = (node.clone(), conn.clone(), closed.clone());
         async move { Ok::<_, std::convert::Infallible>(handle(&node, &conn, req, closed).await) }
     });
-    let io = TokioIo::new(io::duplex(recv, send));
+    let (stream, activity) = io::Active::new(io::duplex(recv, send));
+    let io = TokioIo::new(stream);
     let serving: Driven = Box::pin(async move {
-        let builder = auto::Builder::new(TokioExecutor::new());
-        if let Err(e) = builder.serve_connection_with_upgrades(io, svc).await {
-            tracing::debug!(error = %e, "http connection ended");
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
+        tokio::select! {
+            r = builder.serve_connection_with_upgrades(io, svc) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "http connection ended");
+                }
+            }
+            _ = activity.idle_for(idle) => tracing::info!(?idle, "http connection idle: closed"),
         }
     });
     hold_until_closed(serving, closed_tx, kill).await
 }
+
+/// How long a request head may take to arrive (HTTP/1.1).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Requests one HTTP/2 connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
 /// A connection's driver, boxed (the server's and the clients' are distinct types).
 pub(super) type Driven = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -153,6 +175,10 @@ async fn judge_and_forward(
         }
     };
     ctx.path = target.path.clone();
+    // What is judged is what is forwarded: the headers of this hop go first (a
+    // `Connection: x-tenant` would otherwise remove a judged header after the judging).
+    let upgrade = wants_upgrade(req.headers());
+    strip_hop_by_hop(req.headers_mut(), upgrade);
     ctx.hop = Some(
         node.telemetry.hop(
             req.headers()
@@ -169,13 +195,14 @@ async fn judge_and_forward(
             },
         ),
     );
-    let verdict = {
+    let (verdict, judged) = {
         let values: Vec<(&str, std::borrow::Cow<'_, str>)> = req
             .headers()
             .iter()
             .map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v.as_bytes())))
             .collect();
         let pairs: Vec<(&str, &str)> = values.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+        let judged = JudgedRequest::new(&method, &target.path, &pairs);
         let request = policy::Request {
             method: &method,
             path: &target.path,
@@ -188,7 +215,8 @@ async fn judge_and_forward(
             hosted: true,
             http: true,
         };
-        authz::http_request(&node.view(), stream, &request, clock::unix_now())
+        let verdict = authz::http_request(&node.view(), stream, &request, clock::unix_now());
+        (verdict, judged)
     };
     let rule = match verdict {
         Ok(rule) => rule,
@@ -217,7 +245,14 @@ async fn judge_and_forward(
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         return r;
     }
-    let upgrade = wants_upgrade(req.headers());
+    let Some(_permit) = node.l7.try_request() else {
+        return refuse(
+            RequestRefusal::Overloaded,
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "requests in flight",
+        );
+    };
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let path = match &target.query {
@@ -236,9 +271,8 @@ async fn judge_and_forward(
             )
         }
     };
-    strip_hop_by_hop(&mut parts.headers, upgrade);
     ctx.forward_trace(&mut parts.headers);
-    parts.headers.remove(super::SOURCE_HEADER);
+    super::remove_folded(&mut parts.headers, super::SOURCE_HEADER);
     if let Ok(v) = HeaderValue::from_str(src) {
         parts.headers.insert(super::SOURCE_HEADER, v);
     }
@@ -262,21 +296,89 @@ async fn judge_and_forward(
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(address = %conn.address, error = %e, "local service failed");
-            return refuse(
-                RequestRefusal::ServiceUnavailable,
-                StatusCode::BAD_GATEWAY,
-                None,
-                "local service",
-            );
+            // Not reached: safe to try elsewhere. Reached: it may have had its effect.
+            let reason = if e.is_connect() {
+                RequestRefusal::ServiceUnavailable
+            } else {
+                RequestRefusal::ServiceFailed
+            };
+            return refuse(reason, StatusCode::BAD_GATEWAY, None, "local service");
         }
     };
+    // Only the mesh names its own refusals.
+    super::remove_folded(resp.headers_mut(), super::REASON_HEADER);
+    super::remove_folded(resp.headers_mut(), super::RULE_HEADER);
+    // The answer goes on as a flow of its own, re-judged as this request on every policy
+    // or revocation change: a streaming response or an upgraded connection is closed when
+    // the request would no longer be allowed.
+    let (guard, kill) = node.flows.register(
+        FlowInfo {
+            id: node.flows.next_id(),
+            direction: Direction::Ingress,
+            peer: conn.peer.node.clone(),
+            peer_id: conn.peer.clone(),
+            src: conn.src.clone(),
+            dst: conn.dst.clone(),
+            rule,
+            http: true,
+            request: Some(Arc::new(judged)),
+        },
+        &node.metrics,
+    );
     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(resp.headers_mut(), switched);
     if let (true, Some(client_side)) = (switched, client_side) {
         let service_side = hyper::upgrade::on(&mut resp);
-        tokio::spawn(splice(client_side, service_side, closed));
+        tokio::spawn(async move {
+            let _guard = guard;
+            splice(client_side, service_side, closed, Some(kill)).await
+        });
+        return resp.map(boxed);
     }
-    strip_hop_by_hop(resp.headers_mut(), switched);
-    resp.map(boxed)
+    resp.map(|b| {
+        boxed(Killable {
+            inner: b,
+            kill,
+            _guard: guard,
+        })
+    })
+}
+
+/// A response body that ends with an error when its request's flow is closed.
+struct Killable<B> {
+    inner: B,
+    kill: oneshot::Receiver<CloseReason>,
+    _guard: crate::flow::FlowGuard,
+}
+
+impl<B> hyper::body::Body for Killable<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<super::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, super::BoxError>>> {
+        if let std::task::Poll::Ready(Ok(reason)) = std::pin::Pin::new(&mut self.kill).poll(cx) {
+            tracing::info!(%reason, "response closed with its request's flow");
+            return std::task::Poll::Ready(Some(Err(format!("closed: {reason}").into())));
+        }
+        std::pin::Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The URI a request to the local service is sent with: the service's address (the
@@ -296,7 +398,18 @@ pub(super) async fn splice(
     a: hyper::upgrade::OnUpgrade,
     b: hyper::upgrade::OnUpgrade,
     mut closed: watch::Receiver<Option<CloseReason>>,
+    kill: Option<oneshot::Receiver<CloseReason>>,
 ) {
+    let killed = async {
+        match kill {
+            Some(k) => {
+                if k.await.is_err() {
+                    std::future::pending::<()>().await
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
     let (a, b) = match tokio::try_join!(a, b) {
         Ok(x) => x,
         Err(e) => {
@@ -311,6 +424,9 @@ pub(super) async fn splice(
         }
         _ = closed.wait_for(|c| c.is_some()) => {
             tracing::info!("upgraded connection closed with its flow");
+        }
+        _ = killed => {
+            tracing::info!("upgraded connection closed: its request is no longer allowed");
         }
     }
 }

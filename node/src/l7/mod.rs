@@ -148,13 +148,15 @@ pub fn refusal(status: StatusCode, reason: &str, rule: Option<&str>, grpc: bool)
     };
     let mut resp = if grpc {
         let code = match status {
-            StatusCode::FORBIDDEN => "7",         // PERMISSION_DENIED
-            StatusCode::NOT_FOUND => "12",        // UNIMPLEMENTED
-            StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
-            StatusCode::GATEWAY_TIMEOUT => "4",   // DEADLINE_EXCEEDED
+            // Failed after the service had the request: not a status clients retry.
+            _ if reason == "service_failed" => "13", // INTERNAL
+            StatusCode::FORBIDDEN => "7",            // PERMISSION_DENIED
+            StatusCode::NOT_FOUND => "12",           // UNIMPLEMENTED
+            StatusCode::TOO_MANY_REQUESTS => "8",    // RESOURCE_EXHAUSTED
+            StatusCode::GATEWAY_TIMEOUT => "4",      // DEADLINE_EXCEEDED
             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => "14", // UNAVAILABLE
-            StatusCode::BAD_REQUEST => "3",       // INVALID_ARGUMENT
-            _ => "2",                             // UNKNOWN
+            StatusCode::BAD_REQUEST => "3",          // INVALID_ARGUMENT
+            _ => "2",                                // UNKNOWN
         };
         let mut r = Response::new(full(Bytes::new()));
         let h = r.headers_mut();
@@ -184,6 +186,19 @@ pub fn refusal(status: StatusCode, reason: &str, rule: Option<&str>, grpc: bool)
         h.insert(RULE_HEADER, v);
     }
     resp
+}
+
+/// Removes every header that names `name` as servers read names (any case, `_` as `-`):
+/// what only the mesh may write.
+pub fn remove_folded(h: &mut HeaderMap, name: &str) {
+    let found: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| quicmesh_protocol::policy::same_header(k.as_str(), name))
+        .cloned()
+        .collect();
+    for k in found {
+        h.remove(k);
+    }
 }
 
 /// Headers that belong to one hop: never forwarded.
@@ -283,6 +298,19 @@ mod tests {
         assert!(h.get("keep-alive").is_none());
         assert_eq!(h.get("te").unwrap(), "trailers", "gRPC's TE stays");
         assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn every_spelling_of_a_mesh_header_is_removed() {
+        let mut h = map(&[
+            ("x-quicmesh-source", "admin"),
+            ("x_quicmesh_source", "admin"),
+            ("X_QuicMesh-Source", "admin"),
+            ("x-quicmesh-sources", "kept"),
+        ]);
+        remove_folded(&mut h, SOURCE_HEADER);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-quicmesh-sources"));
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct Shared {
     /// Too long, or trailers: what was read cannot be sent again.
     spoilt: bool,
     ended: bool,
+    /// The client's body failed (reset, bad chunking): its fault, not an instance's.
+    client_failed: bool,
     /// The try allowed to read: an older try's body reads nothing more.
     generation: u64,
 }
@@ -42,6 +44,7 @@ impl Replay {
             copy: BytesMut::new(),
             spoilt: false,
             ended,
+            client_failed: false,
             generation: 0,
         })))
     }
@@ -49,6 +52,16 @@ impl Replay {
     /// Whether the body can be sent (again): nothing of it was lost.
     pub fn available(&self) -> bool {
         self.0.lock().is_ok_and(|s| !s.spoilt)
+    }
+
+    /// Whether the whole body was read (sent whole by the last try that read it).
+    pub fn whole(&self) -> bool {
+        self.0.lock().is_ok_and(|s| s.ended)
+    }
+
+    /// Whether the client's body failed while a try read it.
+    pub fn client_failed(&self) -> bool {
+        self.0.lock().is_ok_and(|s| s.client_failed)
     }
 
     /// The body for the next try (what earlier tries read, then the rest); `None` when it
@@ -108,7 +121,10 @@ impl hyper::body::Body for Tee {
                 }
             },
             Poll::Ready(None) => s.ended = true,
-            Poll::Ready(Some(Err(_))) => s.spoilt = true,
+            Poll::Ready(Some(Err(_))) => {
+                s.spoilt = true;
+                s.client_failed = true;
+            }
             Poll::Pending => {}
         }
         // A body of known length is not polled past its last byte.
