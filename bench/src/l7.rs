@@ -49,6 +49,10 @@ pub struct L7Opts {
     pub secs: u64,
     /// Concurrent requests at saturation.
     pub concurrency: usize,
+    /// Systems to run (`direct`, `quicmesh`, `quicmesh-l4`, `haproxy`); empty: all.
+    pub systems: Vec<String>,
+    /// Protocols to run (`http1`, `grpc`); empty: both.
+    pub protos: Vec<String>,
 }
 
 /// What the client talks: HTTP/1.1 keep-alive, or gRPC unary over HTTP/2.
@@ -367,7 +371,7 @@ pub fn run(opts: &L7Opts) -> anyhow::Result<Value> {
     coord.wait_all_acked(2, Duration::from_secs(15));
     let node_pids: Vec<u32> = [web.pid(), svc.pid()].into_iter().flatten().collect();
     let haproxy = start_haproxy(&net, mesh.path());
-    let mut systems = vec![
+    let mut systems: Vec<System> = vec![
         System {
             name: "direct",
             http: ([198, 18, 0, 2], HTTP_PORT).into(),
@@ -407,7 +411,12 @@ pub fn run(opts: &L7Opts) -> anyhow::Result<Value> {
     // (proto, test) -> system -> (p50, p99, req/s, cpu s per 100k)
     let mut table: std::collections::BTreeMap<(String, String), Vec<(String, Value)>> =
         Default::default();
-    for proto in [Proto::Http1, Proto::Grpc] {
+    systems.retain(|s| opts.systems.is_empty() || opts.systems.iter().any(|x| x == s.name));
+    let protos: Vec<Proto> = [Proto::Http1, Proto::Grpc]
+        .into_iter()
+        .filter(|p| opts.protos.is_empty() || opts.protos.iter().any(|x| x == p.name()))
+        .collect();
+    for proto in protos {
         for s in &systems {
             let addr = match proto {
                 Proto::Http1 => s.http,

@@ -127,6 +127,12 @@ enum Scenario {
         /// Requests in flight at saturation.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Systems to run (direct, quicmesh, quicmesh-l4, haproxy); default all.
+        #[arg(long, value_delimiter = ',')]
+        systems: Vec<String>,
+        /// Protocols to run (http1, grpc); default both.
+        #[arg(long, value_delimiter = ',')]
+        protos: Vec<String>,
     },
     /// L4 path vs direct TCP vs stunnel (needs root: network namespaces).
     L4 {
@@ -369,11 +375,15 @@ fn main() -> anyhow::Result<()> {
             rates,
             secs,
             concurrency,
+            systems,
+            protos,
         } => {
             let v = l7::run(&l7::L7Opts {
                 rates,
                 secs,
                 concurrency,
+                systems,
+                protos,
             })?;
             write(&cli.results, "l7", &v)?;
         }

@@ -147,6 +147,46 @@ async fn answer(
         req.version(),
         names.join(",")
     );
+    let websocket_key = req
+        .headers()
+        .get("upgrade")
+        .filter(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        .and(req.headers().get("sec-websocket-key"))
+        .map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes()));
+    if let Some(accept) = websocket_key {
+        // A real WebSocket: every message echoed.
+        let up = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            use futures_util::{SinkExt, StreamExt};
+            let Ok(io) = up.await else { return };
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(io),
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
+                None,
+            )
+            .await;
+            while let Some(Ok(m)) = ws.next().await {
+                if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(
+            "upgrade",
+            hyper::header::HeaderValue::from_static("websocket"),
+        );
+        h.insert(
+            "connection",
+            hyper::header::HeaderValue::from_static("upgrade"),
+        );
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&accept) {
+            h.insert("sec-websocket-accept", v);
+        }
+        return Ok(resp);
+    }
     if req
         .headers()
         .get("upgrade")
@@ -488,4 +528,36 @@ impl Collector {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A WebSocket round trip through `addr` (a real client): sends `text` and 64 KiB of
+/// binary on `path`, returns what came back; `Err` with the status when refused.
+pub fn websocket_echo(addr: SocketAddr, path: &str, text: &str) -> anyhow::Result<(String, bool)> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let (mut ws, _) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::client_async(format!("ws://api{path}"), tcp),
+        )
+        .await??;
+        ws.send(Message::text(text)).await?;
+        let blob: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
+        ws.send(Message::binary(blob.clone())).await?;
+        let mut got_text = String::new();
+        let mut got_blob = false;
+        for _ in 0..2 {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await? {
+                Some(Ok(Message::Text(t))) => got_text = t.to_string(),
+                Some(Ok(Message::Binary(b))) => got_blob = b[..] == blob[..],
+                other => anyhow::bail!("unexpected {other:?}"),
+            }
+        }
+        let _ = ws.close(None).await;
+        Ok((got_text, got_blob))
+    })
 }

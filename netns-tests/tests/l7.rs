@@ -220,6 +220,23 @@ fn http2_prior_knowledge_and_an_upgrade_pass_and_l4_beside_is_untouched() -> any
         let (head, _) = upgrade(up, "/admin", b"")?;
         ensure!(head.starts_with("HTTP/1.1 403"), "{way}: {head}");
     }
+    // A real WebSocket (tungstenite's client and server) passes both ways; its denied
+    // twin on /admin is refused at the handshake.
+    for (way, up) in [("http", m.web.upstream_at(0)), ("l4", m.web.upstream_at(1))] {
+        let (text, blob) = quicmesh_netns_tests::http::websocket_echo(up, "/ws", "hello")
+            .map_err(|e| anyhow::anyhow!("{way}: {e}"))?;
+        ensure!(
+            text == "hello" && blob,
+            "{way}: the WebSocket echoed both messages"
+        );
+        let denied = quicmesh_netns_tests::http::websocket_echo(up, "/admin", "x");
+        ensure!(
+            denied
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("403")),
+            "{way}: {denied:?}"
+        );
+    }
     // The L4 service beside the HTTP one: every byte as sent.
     let (sent, got, n) = echo_transfer(m.web.upstream_at(2), 4 << 20)?;
     ensure!(sent == got && n == 4 << 20, "L4 bytes changed: {n}");
