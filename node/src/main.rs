@@ -1,5 +1,8 @@
 //! `quicmesh-node`: run the daemon, or ask a running one for its status.
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
