@@ -476,7 +476,13 @@ async fn ingress_stream(
             return;
         }
         node.metrics.ingress_accepted(src.as_str(), dst.as_str());
-        tracing::info!(rule = %rule, http, "ingress accepted");
+        if http {
+            // A stream per request: the access log (`[telemetry] access_log`) is where
+            // requests are logged, not one INFO line per stream.
+            tracing::debug!(rule = %rule, "ingress accepted (http)");
+        } else {
+            tracing::info!(rule = %rule, "ingress accepted");
+        }
         let end = match tcp {
             Some(tcp) => {
                 let _ = tcp.set_nodelay(true);
