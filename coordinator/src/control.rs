@@ -486,6 +486,14 @@ async fn session(
     });
     let result = match started {
         Ok(_) => {
+            // A node that reports HTTP route traffic is asked to (an older node is never
+            // sent a message it does not know).
+            if quicmesh_protocol::wire::announces(
+                &hello.agent_version,
+                quicmesh_protocol::wire::HTTP_TRAFFIC,
+            ) {
+                write_session(&mut send, &ControlDown::Features { http_traffic: true }).await?;
+            }
             run_session(
                 &mesh,
                 &id,
@@ -644,6 +652,7 @@ async fn run_session(
                         };
                         write_session(send, &reply).await?;
                     }
+                    ControlUp::HttpTraffic(routes) => mesh.report_http_traffic(&name, routes),
                     ControlUp::Hello(_) | ControlUp::Enroll(_) => anyhow::bail!("unexpected message in session"),
                 }
             }

@@ -159,6 +159,8 @@ pub struct Mesh {
     reader_hash: String,
     /// The last traffic report of each node.
     traffic: Mutex<HashMap<String, Vec<quicmesh_protocol::wire::PairTraffic>>>,
+    /// Each node's last HTTP route report.
+    http_traffic: Mutex<HashMap<String, Vec<quicmesh_protocol::wire::RouteTraffic>>>,
     /// Bumped when a traffic report changed something.
     traffic_tx: watch::Sender<u64>,
     policy: ArcSwap<(u64, Policy)>,
@@ -332,6 +334,24 @@ pub struct PairView {
     pub reporters: Vec<String>,
 }
 
+/// One HTTP route's requests across the mesh (the traffic page's HTTP table).
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteView {
+    /// `egress`: counted by the sending nodes' `http` upstreams; `ingress`: by the
+    /// destination nodes (every request that reached them, from any kind of upstream).
+    pub side: &'static str,
+    pub src: String,
+    pub dst: String,
+    pub route: String,
+    pub requests: u64,
+    /// Requests by status class (`2xx`...).
+    pub classes: BTreeMap<String, u64>,
+    /// Latency to the response head (ms), from the merged buckets.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub reporters: Vec<String>,
+}
+
 /// Checks a label map from API input.
 pub fn labels_from(map: &BTreeMap<String, String>) -> Result<Labels, MeshError> {
     let mut m = BTreeMap::new();
@@ -462,6 +482,7 @@ impl Mesh {
             admin_hash,
             reader_hash,
             traffic: Mutex::new(HashMap::new()),
+            http_traffic: Mutex::new(HashMap::new()),
             traffic_tx: watch::channel(0).0,
             policy: ArcSwap::from_pointee(policy),
             version_tx,

@@ -402,9 +402,10 @@ pub async fn events(State(web): State<Arc<Web>>) -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-/// `GET /api/v1/traffic`: per service pair flows, bytes, denials and setup latency.
+/// `GET /api/v1/traffic`: per service pair flows, bytes, denials and setup latency; per
+/// HTTP route requests by status class and latency.
 pub async fn traffic(State(web): State<Arc<Web>>) -> Json<serde_json::Value> {
-    Json(json!({ "pairs": web.mesh.traffic() }))
+    Json(json!({ "pairs": web.mesh.traffic(), "http": web.mesh.http_traffic() }))
 }
 
 /// `GET /api/v1/topology`: services and, per ordered pair, whether policy allows it,

@@ -269,7 +269,17 @@ async function traffic() {
         el("td", { class: "denials" }, Object.entries(p.denials).map(([k, v]) => k + ": " + v).join(", ") || "-"),
         el("td", { class: "ingress" }, Object.entries(p.ingress_denials).map(([k, v]) => k + ": " + v).join(", ") || "-"),
         el("td", { class: "p50" }, ms(p.setup_p50_ms)),
-        el("td", { class: "p99" }, ms(p.setup_p99_ms))))));
+        el("td", { class: "p99" }, ms(p.setup_p99_ms))))),
+    el("h2", {}, "HTTP routes"),
+    el("p", { class: "muted" }, "Requests to services with protocol = \"http\": egress as the sending nodes' http upstreams count them (per route), ingress as the destinations do (every request that reached them)."),
+    el("table", { id: "http-traffic" },
+      el("tr", {}, ["side", "from", "to", "route", "requests", "by status", "p50", "p99"].map(h => el("th", {}, h))),
+      (r.body.http || []).map(h => el("tr", { "data-route": h.side + ":" + h.src + "->" + h.dst + ":" + h.route },
+        el("td", {}, h.side), el("td", {}, h.src), el("td", {}, h.dst), el("td", {}, h.route),
+        el("td", { class: "requests" }, h.requests),
+        el("td", { class: "classes " + ((h.classes["5xx"] || 0) > 0 ? "bad" : "") }, Object.entries(h.classes).map(([k, v]) => k + ": " + v).join(", ") || "-"),
+        el("td", { class: "p50" }, ms(h.p50_ms)),
+        el("td", { class: "p99" }, ms(h.p99_ms))))));
 }
 
 async function topology() {

@@ -321,9 +321,10 @@ async fn session(
         have_version: node.view().version,
         // The version, and the wire layouts this node decodes beyond the first.
         agent_version: format!(
-            "{}; {}",
+            "{}; {}; {}",
             env!("CARGO_PKG_VERSION"),
-            quicmesh_protocol::policy::POLICY_LAYOUT_2
+            quicmesh_protocol::policy::POLICY_LAYOUT_2,
+            quicmesh_protocol::wire::HTTP_TRAFFIC
         ),
     };
     write_frame(&mut send, &ControlUp::Hello(hello))
@@ -360,6 +361,9 @@ async fn session(
     let mut renew_tick = tokio::time::interval(Duration::from_millis(500));
     let jitter: f64 = rand::thread_rng().gen_range(0.0..1.0);
     let mut renewing = false;
+    // Whether the coordinator asked for HTTP route reports (a coordinator that does not
+    // know them never asks, and is never sent one).
+    let mut http_traffic_wanted = false;
     // The snapshot this session last applied: the base of the next delta.
     let mut base: Option<Snapshot> = None;
     loop {
@@ -407,6 +411,7 @@ async fn session(
                             c.last_error = Some(format!("relay refused: {detail}"));
                         }
                     }
+                    ControlDown::Features { http_traffic } => http_traffic_wanted = http_traffic,
                     ControlDown::Goodbye { revoked: true, detail } => return Ok(SessionEnd::Revoked(detail)),
                     ControlDown::Goodbye { revoked: false, detail } => return Err(format!("coordinator said goodbye: {detail}")),
                     other => return Err(format!("unexpected control message {other:?}")),
@@ -423,6 +428,12 @@ async fn session(
             }
             _ = status_tick.tick() => {
                 write_frame(&mut send, &ControlUp::Status(status(node))).await.map_err(|e| e.to_string())?;
+                if http_traffic_wanted {
+                    let routes = node.metrics.traffic.http_report();
+                    if !routes.is_empty() {
+                        write_frame(&mut send, &ControlUp::HttpTraffic(routes)).await.map_err(|e| e.to_string())?;
+                    }
+                }
             }
             _ = renew_tick.tick() => {
                 let id = node.identity.load();

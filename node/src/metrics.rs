@@ -530,10 +530,10 @@ impl Metrics {
 
     /// An HTTP request answered (by the service, or by the mesh for it).
     pub fn http_request(&self, o: RequestOutcome<'_>) {
-        let direction = match o.direction {
-            crate::authz::Direction::Egress => "egress",
-            crate::authz::Direction::Ingress => "ingress",
-        };
+        let egress = o.direction == crate::authz::Direction::Egress;
+        self.traffic
+            .request(egress, o.src, o.dst, o.route, o.status, o.elapsed);
+        let direction = if egress { "egress" } else { "ingress" };
         let class = match o.status {
             100..=199 => "1xx",
             200..=299 => "2xx",

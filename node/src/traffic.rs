@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use quicmesh_protocol::ident::ServiceName;
-use quicmesh_protocol::wire::PairTraffic;
+use quicmesh_protocol::wire::{
+    latency_bucket, PairTraffic, RouteTraffic, LATENCY_BUCKETS, MAX_ROUTE_REPORTS,
+};
 
 /// Most service pairs tracked (a peer may name any source service at ingress).
 const MAX_PAIRS: usize = 1024;
@@ -27,10 +29,20 @@ struct Pair {
     setup: Option<Histogram<u64>>,
 }
 
+/// One route's requests: by status class, and latency buckets.
+struct RouteStat {
+    classes: [u64; 5],
+    latency: [u64; LATENCY_BUCKETS],
+}
+
+/// Most routes tracked (direction, source, destination, route).
+const MAX_ROUTES: usize = 512;
+
 /// The node's per pair counters.
 #[derive(Default)]
 pub struct Traffic {
     pairs: Mutex<BTreeMap<(String, String), Pair>>,
+    routes: Mutex<BTreeMap<(bool, String, String, String), RouteStat>>,
 }
 
 impl std::fmt::Debug for Traffic {
@@ -80,6 +92,56 @@ impl Traffic {
             };
             *m.entry(reason.to_string()).or_default() += 1;
         });
+    }
+
+    /// An HTTP request answered with `status` after `elapsed`, at this node's egress or
+    /// ingress.
+    pub fn request(
+        &self,
+        egress: bool,
+        src: &str,
+        dst: &str,
+        route: &str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let Ok(mut m) = self.routes.lock() else {
+            return;
+        };
+        let key = (egress, src.to_string(), dst.to_string(), route.to_string());
+        if !m.contains_key(&key) && m.len() >= MAX_ROUTES {
+            return;
+        }
+        let r = m.entry(key).or_insert_with(|| RouteStat {
+            classes: [0; 5],
+            latency: [0; LATENCY_BUCKETS],
+        });
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        r.classes[class] += 1;
+        r.latency[latency_bucket(elapsed.as_micros() as u64)] += 1;
+    }
+
+    /// The routes so far (the busiest first, at most [`MAX_ROUTE_REPORTS`]).
+    pub fn http_report(&self) -> Vec<RouteTraffic> {
+        let Ok(m) = self.routes.lock() else {
+            return Vec::new();
+        };
+        let mut v: Vec<RouteTraffic> = m
+            .iter()
+            .filter_map(|((egress, src, dst, route), r)| {
+                Some(RouteTraffic {
+                    egress: *egress,
+                    src: ServiceName::new(src.as_str()).ok()?,
+                    dst: ServiceName::new(dst.as_str()).ok()?,
+                    route: route.clone(),
+                    classes: r.classes,
+                    latency: r.latency.to_vec(),
+                })
+            })
+            .collect();
+        v.sort_by_key(|r| std::cmp::Reverse(r.classes.iter().sum::<u64>()));
+        v.truncate(MAX_ROUTE_REPORTS);
+        v
     }
 
     /// Everything so far, for the status report.
@@ -141,6 +203,57 @@ mod tests {
             vec![("policy_denied".to_string(), 1)]
         );
         assert_eq!(batch.flows, 0);
+    }
+
+    #[test]
+    fn routes_count_requests_by_class_and_latency_and_stay_bounded() {
+        let t = Traffic::default();
+        t.request(
+            true,
+            "web",
+            "api",
+            "canary",
+            200,
+            Duration::from_micros(500),
+        );
+        t.request(true, "web", "api", "canary", 503, Duration::from_millis(20));
+        t.request(
+            false,
+            "web",
+            "api",
+            "default",
+            403,
+            Duration::from_micros(80),
+        );
+        let r = t.http_report();
+        let canary = r.iter().find(|x| x.route == "canary").unwrap();
+        assert_eq!(canary.classes, [0, 1, 0, 0, 1]);
+        assert!(canary.egress);
+        assert_eq!(canary.latency.iter().sum::<u64>(), 2);
+        for i in 0..MAX_ROUTES + 10 {
+            t.request(
+                false,
+                "web",
+                "api",
+                &format!("r{i}"),
+                200,
+                Duration::from_micros(1),
+            );
+        }
+        assert_eq!(t.routes.lock().unwrap().len(), MAX_ROUTES);
+        assert_eq!(
+            t.http_report().len(),
+            MAX_ROUTE_REPORTS,
+            "a report stays within its size"
+        );
+        let bytes = quicmesh_protocol::wire::encode(
+            &quicmesh_protocol::wire::ControlUp::HttpTraffic(t.http_report()),
+        );
+        assert!(
+            bytes.len() < 64 * 1024,
+            "within a control frame: {}",
+            bytes.len()
+        );
     }
 
     #[test]

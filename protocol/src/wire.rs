@@ -209,6 +209,69 @@ pub enum ControlUp {
     Punch {
         peer: NodeName,
     },
+    /// HTTP requests per route as this node saw them (cumulative since it started); sent
+    /// only to a coordinator that asked for them ([`ControlDown::Features`]).
+    HttpTraffic(Vec<RouteTraffic>),
+}
+
+/// A node's `Hello` agent version carries this when the node reports HTTP traffic; the
+/// coordinator then answers [`ControlDown::Features`]. Neither side sends the other a
+/// message it does not know.
+pub const HTTP_TRAFFIC: &str = "http-traffic=1";
+
+/// Whether `agent_version` announces `feature` (`"0.1.0; policy=2; http-traffic=1"`).
+pub fn announces(agent_version: &str, feature: &str) -> bool {
+    agent_version.split(';').any(|p| p.trim() == feature)
+}
+
+/// Most routes one report carries (the busiest first).
+pub const MAX_ROUTE_REPORTS: usize = 128;
+/// Latency buckets of a route report: bucket `i` holds requests that took up to
+/// `64 µs x 2^((i+1)/2)` (about 90 µs to 67 s); the last takes the rest.
+pub const LATENCY_BUCKETS: usize = 40;
+
+/// The bucket of a request that took `us` microseconds.
+pub fn latency_bucket(us: u64) -> usize {
+    (0..LATENCY_BUCKETS)
+        .find(|i| us <= bucket_upper_us(*i))
+        .unwrap_or(LATENCY_BUCKETS - 1)
+}
+
+/// The upper bound of bucket `i`, microseconds.
+pub fn bucket_upper_us(i: usize) -> u64 {
+    let half = (i + 1) as f64 / 2.0;
+    (64.0 * 2f64.powf(half)) as u64
+}
+
+/// The `q` quantile of bucket counts (the upper bound of its bucket), milliseconds.
+pub fn bucket_quantile_ms(counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = (q * total as f64).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= want {
+            return Some(bucket_upper_us(i) as f64 / 1e3);
+        }
+    }
+    None
+}
+
+/// One route's requests as a node saw them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteTraffic {
+    /// `true`: at the sending node (its `http` upstream); `false`: at the destination.
+    pub egress: bool,
+    pub src: ServiceName,
+    pub dst: ServiceName,
+    pub route: String,
+    /// Requests answered, by status class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub classes: [u64; 5],
+    /// Latency to the response head, [`LATENCY_BUCKETS`] counts.
+    pub latency: Vec<u64>,
 }
 
 impl Message for ControlUp {
@@ -359,6 +422,12 @@ pub enum ControlDown {
     /// peers are not told it relays. Sent once per session; the session goes on.
     RelayRefused {
         detail: String,
+    },
+    /// What this coordinator takes beyond the first layout; sent at session start only to
+    /// a node that announced it understands it (`HTTP_TRAFFIC` in its agent version).
+    Features {
+        /// Send [`ControlUp::HttpTraffic`] with status reports.
+        http_traffic: bool,
     },
 }
 
@@ -555,6 +624,29 @@ impl DownRef<'_> {
         out.extend_from_slice(&[WIRE_VERSION, ControlDown::KIND]);
         out.extend_from_slice(&body);
         out
+    }
+}
+
+#[cfg(test)]
+mod route_traffic_tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_cover_microseconds_to_minutes_and_quantiles_read_back() {
+        assert_eq!(latency_bucket(1), 0);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+        assert!(bucket_upper_us(LATENCY_BUCKETS - 1) > 60_000_000);
+        let mut counts = vec![0u64; LATENCY_BUCKETS];
+        for us in [500u64; 90].iter().chain([20_000u64; 10].iter()) {
+            counts[latency_bucket(*us)] += 1;
+        }
+        let p50 = bucket_quantile_ms(&counts, 0.5).unwrap();
+        let p99 = bucket_quantile_ms(&counts, 0.99).unwrap();
+        assert!((0.5..=0.75).contains(&p50), "{p50}");
+        assert!((20.0..=29.0).contains(&p99), "{p99}");
+        assert_eq!(bucket_quantile_ms(&[0; LATENCY_BUCKETS], 0.5), None);
+        assert!(announces("0.1.0; policy=2; http-traffic=1", HTTP_TRAFFIC));
+        assert!(!announces("0.1.0; policy=2", HTTP_TRAFFIC));
     }
 }
 

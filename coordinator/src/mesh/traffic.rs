@@ -14,6 +14,73 @@ impl Mesh {
         self.traffic_tx.send_modify(|v| *v += 1);
     }
 
+    /// Records a node's HTTP route report; wakes traffic watchers when it changed.
+    pub fn report_http_traffic(
+        &self,
+        node: &str,
+        routes: Vec<quicmesh_protocol::wire::RouteTraffic>,
+    ) {
+        let mut m = self.http_traffic.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(node) == Some(&routes) {
+            return;
+        }
+        m.insert(node.to_string(), routes);
+        drop(m);
+        self.traffic_tx.send_modify(|v| *v += 1);
+    }
+
+    /// HTTP requests per (side, source, destination, route), summed over the nodes'
+    /// reports, with latency quantiles from the merged buckets.
+    pub fn http_traffic(&self) -> Vec<RouteView> {
+        let m = self.http_traffic.lock().unwrap_or_else(|p| p.into_inner());
+        type Key = (bool, String, String, String);
+        let mut routes: BTreeMap<Key, (RouteView, Vec<u64>)> = BTreeMap::new();
+        for (node, report) in m.iter() {
+            for r in report {
+                let key = (
+                    r.egress,
+                    r.src.to_string(),
+                    r.dst.to_string(),
+                    r.route.clone(),
+                );
+                let (v, buckets) = routes.entry(key).or_insert_with(|| {
+                    (
+                        RouteView {
+                            side: if r.egress { "egress" } else { "ingress" },
+                            src: r.src.to_string(),
+                            dst: r.dst.to_string(),
+                            route: r.route.clone(),
+                            requests: 0,
+                            classes: BTreeMap::new(),
+                            p50_ms: None,
+                            p99_ms: None,
+                            reporters: Vec::new(),
+                        },
+                        vec![0; quicmesh_protocol::wire::LATENCY_BUCKETS],
+                    )
+                });
+                for (i, n) in r.classes.iter().enumerate() {
+                    if *n > 0 {
+                        *v.classes.entry(format!("{}xx", i + 1)).or_default() += n;
+                        v.requests += n;
+                    }
+                }
+                for (b, n) in buckets.iter_mut().zip(&r.latency) {
+                    *b += n;
+                }
+                v.reporters.push(node.clone());
+            }
+        }
+        routes
+            .into_values()
+            .map(|(mut v, buckets)| {
+                v.p50_ms = quicmesh_protocol::wire::bucket_quantile_ms(&buckets, 0.5);
+                v.p99_ms = quicmesh_protocol::wire::bucket_quantile_ms(&buckets, 0.99);
+                v
+            })
+            .collect()
+    }
+
     /// Follows traffic report changes.
     pub fn subscribe_traffic(&self) -> watch::Receiver<u64> {
         self.traffic_tx.subscribe()
