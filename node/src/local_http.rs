@@ -160,3 +160,64 @@ impl Pools {
             .take(now)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(s: &str) -> ServiceName {
+        ServiceName::new(s).unwrap()
+    }
+
+    #[test]
+    fn each_source_has_its_bucket_and_the_table_is_bounded() {
+        let p = Pools::default();
+        let limits = [
+            RateLimit {
+                source: Some(svc("web")),
+                per_second: 2.0,
+            },
+            RateLimit {
+                source: None,
+                per_second: 1.0,
+            },
+        ];
+        let (api, now) = (svc("api"), Instant::now());
+        assert!(p.admit(&api, &svc("web"), &limits, now).is_ok());
+        assert!(p.admit(&api, &svc("web"), &limits, now).is_ok());
+        assert!(
+            p.admit(&api, &svc("web"), &limits, now).is_err(),
+            "web's 2/s"
+        );
+        assert!(
+            p.admit(&api, &svc("batch"), &limits, now).is_ok(),
+            "its own bucket"
+        );
+        assert!(
+            p.admit(&api, &svc("batch"), &limits, now).is_err(),
+            "the '*' 1/s"
+        );
+        assert!(
+            p.admit(&api, &svc("batch"), &[], now).is_ok(),
+            "no limit: no bucket"
+        );
+        for i in 0..MAX_BUCKETS + 100 {
+            let _ = p.admit(&api, &svc(&format!("s{i}")), &limits, now);
+        }
+        let n = p.buckets.lock().unwrap().len();
+        assert!(n <= MAX_BUCKETS + 1, "bounded: {n}");
+        // Past the bound, unnamed sources share one bucket (drained by the sources past
+        // the bound in the loop above): still limited, never free.
+        let r: Vec<bool> = (0..3)
+            .map(|i| {
+                p.admit(&api, &svc(&format!("late{i}")), &limits, now)
+                    .is_ok()
+            })
+            .collect();
+        assert_eq!(r, [false, false, false], "{r:?}");
+        // Named sources keep their own buckets whatever the table holds.
+        assert!(p
+            .admit(&api, &svc("web"), &limits, now + Duration::from_secs(1))
+            .is_ok());
+    }
+}

@@ -18,8 +18,8 @@ pub const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// The body and what the tries have read of it.
 #[derive(Debug)]
-pub struct Shared {
-    inner: Incoming,
+pub struct Shared<B = Incoming> {
+    inner: B,
     /// Everything read so far, while it fits.
     copy: BytesMut,
     /// Too long, or trailers: what was read cannot be sent again.
@@ -33,10 +33,14 @@ pub struct Shared {
 
 /// A request's body across its tries.
 #[derive(Debug)]
-pub struct Replay(Arc<Mutex<Shared>>);
+pub struct Replay<B = Incoming>(Arc<Mutex<Shared<B>>>);
 
-impl Replay {
-    pub fn new(inner: Incoming) -> Self {
+impl<B> Replay<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    pub fn new(inner: B) -> Self {
         // An empty body is never polled: it is whole already.
         let ended = inner.is_end_stream();
         Self(Arc::new(Mutex::new(Shared {
@@ -82,13 +86,17 @@ impl Replay {
 }
 
 /// One try's view of the body.
-struct Tee {
-    shared: Arc<Mutex<Shared>>,
+struct Tee<B> {
+    shared: Arc<Mutex<Shared<B>>>,
     generation: u64,
     prefix: Option<Bytes>,
 }
 
-impl hyper::body::Body for Tee {
+impl<B> hyper::body::Body for Tee<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -131,7 +139,7 @@ impl hyper::body::Body for Tee {
         if s.inner.is_end_stream() {
             s.ended = true;
         }
-        polled.map_err(Into::into)
+        polled.map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -154,5 +162,80 @@ impl hyper::body::Body for Tee {
             h.set_upper(prefix + u);
         }
         h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use hyper::body::Frame;
+
+    /// A body of `chunks`, then optional trailers.
+    fn body(chunks: &[&[u8]], trailers: bool) -> Body {
+        let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        if trailers {
+            frames.push(Ok(Frame::trailers(hyper::HeaderMap::new())));
+        }
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
+    }
+
+    async fn read(b: Body) -> Result<Vec<u8>, BoxError> {
+        Ok(b.collect().await?.to_bytes().to_vec())
+    }
+
+    #[tokio::test]
+    async fn a_small_body_is_sent_again_whole_and_a_long_one_only_once() {
+        let mut r = Replay::new(body(&[b"ab", b"cd"], false));
+        assert!(r.available());
+        assert_eq!(read(r.take().unwrap()).await.unwrap(), b"abcd");
+        assert!(r.whole() && r.available(), "kept: it can go again");
+        assert_eq!(
+            read(r.take().unwrap()).await.unwrap(),
+            b"abcd",
+            "the retry sends the copy"
+        );
+        let big = vec![7u8; REPLAY_LIMIT];
+        let mut r = Replay::new(body(&[&big, b"x"], false));
+        assert_eq!(
+            read(r.take().unwrap()).await.unwrap().len(),
+            REPLAY_LIMIT + 1
+        );
+        assert!(!r.available(), "over the limit: not kept");
+        assert!(r.take().is_none());
+        let mut r = Replay::new(body(&[b"ab"], true));
+        let _ = read(r.take().unwrap()).await;
+        assert!(!r.available(), "trailers are not kept");
+    }
+
+    #[tokio::test]
+    async fn a_try_that_read_half_leaves_the_rest_for_the_next_and_the_old_one_reads_nothing() {
+        let mut r = Replay::new(body(&[b"one", b"two"], false));
+        let mut first = r.take().unwrap();
+        let f = first.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), Bytes::from_static(b"one"));
+        // The try failed here; the next one gets what was read, then the rest.
+        let second = r.take().unwrap();
+        assert!(
+            first.frame().await.unwrap().is_err(),
+            "the old try reads no more"
+        );
+        assert_eq!(read(second).await.unwrap(), b"onetwo");
+    }
+
+    #[tokio::test]
+    async fn a_broken_client_body_is_the_client_s_fault() {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"a"))),
+            Err("reset".into()),
+        ];
+        let mut r = Replay::new(
+            http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed(),
+        );
+        assert!(read(r.take().unwrap()).await.is_err());
+        assert!(r.client_failed() && !r.available());
     }
 }
