@@ -488,22 +488,31 @@ async fn session(
         Ok(_) => {
             // A node that reports HTTP route traffic is asked to (an older node is never
             // sent a message it does not know).
-            if quicmesh_protocol::wire::announces(
+            // A failed write is the session's result: the registered session still ends
+            // below (never `?` here).
+            let features = if quicmesh_protocol::wire::announces(
                 &hello.agent_version,
                 quicmesh_protocol::wire::HTTP_TRAFFIC,
             ) {
-                write_session(&mut send, &ControlDown::Features { http_traffic: true }).await?;
+                write_session(&mut send, &ControlDown::Features { http_traffic: true }).await
+            } else {
+                Ok(())
+            };
+            match features {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    run_session(
+                        &mesh,
+                        &id,
+                        hello.have_version,
+                        quicmesh_protocol::policy::speaks_layout_2(&hello.agent_version),
+                        &mut send,
+                        recv,
+                        &mut kick_rx,
+                    )
+                    .await
+                }
             }
-            run_session(
-                &mesh,
-                &id,
-                hello.have_version,
-                quicmesh_protocol::policy::speaks_layout_2(&hello.agent_version),
-                &mut send,
-                recv,
-                &mut kick_rx,
-            )
-            .await
         }
         // Fenced or the store failed: the registered session ends here, not later.
         Err(e) => Err(e.into()),
@@ -652,7 +661,7 @@ async fn run_session(
                         };
                         write_session(send, &reply).await?;
                     }
-                    ControlUp::HttpTraffic(routes) => mesh.report_http_traffic(&name, routes),
+                    ControlUp::HttpTraffic(routes) => mesh.report_http_traffic(&name, &services, routes),
                     ControlUp::Hello(_) | ControlUp::Enroll(_) => anyhow::bail!("unexpected message in session"),
                 }
             }

@@ -35,6 +35,9 @@ struct RouteStat {
     latency: [u64; LATENCY_BUCKETS],
 }
 
+/// The most a route report may take on the wire (the control frame's limit is 64 KiB).
+const REPORT_BYTES: usize = 48 * 1024;
+
 /// Most routes tracked (direction, source, destination, route).
 const MAX_ROUTES: usize = 512;
 
@@ -141,6 +144,17 @@ impl Traffic {
             .collect();
         v.sort_by_key(|r| std::cmp::Reverse(r.classes.iter().sum::<u64>()));
         v.truncate(MAX_ROUTE_REPORTS);
+        // Within a control frame whatever the names and counts: the quietest go first.
+        while !v.is_empty()
+            && quicmesh_protocol::wire::encode(&quicmesh_protocol::wire::ControlUp::HttpTraffic(
+                v.clone(),
+            ))
+            .len()
+                > REPORT_BYTES
+        {
+            let keep = v.len() * 3 / 4;
+            v.truncate(keep);
+        }
         v
     }
 

@@ -128,14 +128,15 @@ impl fmt::Display for PathMatch {
     }
 }
 
-/// Header names as servers fold them: case-insensitive, and `_` as `-` (CGI and WSGI
-/// servers turn both into `HTTP_X_TENANT`).
+/// Header names as servers fold them: case-insensitive, and every other byte than a
+/// letter or digit as `-` (CGI and WSGI servers turn `x-tenant`, `x_tenant` and `x.tenant`
+/// all into `HTTP_X_TENANT`).
 pub fn same_header(a: &str, b: &str) -> bool {
     let fold = |c: u8| {
-        if c == b'_' {
-            b'-'
-        } else {
+        if c.is_ascii_alphanumeric() {
             c.to_ascii_lowercase()
+        } else {
+            b'-'
         }
     };
     a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
@@ -179,9 +180,24 @@ impl HttpMatch {
                     && v.trim().eq_ignore_ascii_case(m)
             })
         };
+        // An allow names the methods it allows: a request a framework would run as
+        // another method (an override header naming one not listed) is not among them.
+        let override_listed = || {
+            req.headers
+                .iter()
+                .filter(|(n, _)| METHOD_OVERRIDES.iter().any(|o| same_header(n, o)))
+                .all(|(_, v)| {
+                    self.methods
+                        .iter()
+                        .any(|m| v.trim().eq_ignore_ascii_case(m))
+                })
+        };
         let method = |m: &String| {
             m == req.method || (wide && m == "GET" && req.method == "HEAD") || overridden(m)
         };
+        if !wide && !self.methods.is_empty() && !override_listed() {
+            return false;
+        }
         let path = |p: &PathMatch| match p {
             PathMatch::Exact(x) => {
                 eq(x, req.path)
@@ -1417,6 +1433,28 @@ paths = ["/ops/*"]
     }
 
     #[test]
+    fn an_allow_of_some_methods_does_not_allow_an_override_to_another() {
+        let p = Policy::parse(
+            "[[rule]]\nfrom = \"web\"\nto = \"api\"\naction = \"allow\"\nmethods = [\"POST\"]\n",
+        )
+        .unwrap();
+        let judged = |headers: &[(&str, &str)]| {
+            let req = Request {
+                method: "POST",
+                path: "/items/7",
+                headers,
+            };
+            judge(&p, "web", Traffic::Http(req)).is_allow()
+        };
+        assert!(judged(&[]), "the allowed twin");
+        assert!(!judged(&[("X-HTTP-Method-Override", "DELETE")]));
+        assert!(
+            judged(&[("x-http-method-override", "post")]),
+            "an override to a listed method"
+        );
+    }
+
+    #[test]
     fn a_deny_covers_what_servers_take_for_it() {
         let p = Policy::parse(
             r#"
@@ -1466,6 +1504,10 @@ headers = { x-role = "root" }
         );
         assert!(!judged("POST", "/x", &[("x_method_override", "DELETE")]));
         assert!(judged("POST", "/x", &[("X-HTTP-Method-Override", "PUT")]));
+        assert!(
+            !judged("GET", "/x", &[("x.role", "root")]),
+            "any separator folds"
+        );
         assert!(
             !judged("GET", "/x", &[("X-Role", "Root")]),
             "values in any case"

@@ -245,14 +245,14 @@ pub fn bucket_upper_us(i: usize) -> u64 {
 
 /// The `q` quantile of bucket counts (the upper bound of its bucket), milliseconds.
 pub fn bucket_quantile_ms(counts: &[u64], q: f64) -> Option<f64> {
-    let total: u64 = counts.iter().sum();
+    let total: u64 = counts.iter().fold(0u64, |a, c| a.saturating_add(*c));
     if total == 0 {
         return None;
     }
     let want = (q * total as f64).ceil().max(1.0) as u64;
     let mut seen = 0;
     for (i, c) in counts.iter().enumerate() {
-        seen += c;
+        seen = c.saturating_add(seen);
         if seen >= want {
             return Some(bucket_upper_us(i) as f64 / 1e3);
         }

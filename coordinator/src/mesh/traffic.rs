@@ -14,12 +14,22 @@ impl Mesh {
         self.traffic_tx.send_modify(|v| *v += 1);
     }
 
-    /// Records a node's HTTP route report; wakes traffic watchers when it changed.
+    /// Records a node's HTTP route report; wakes traffic watchers when it changed. Only
+    /// what the node may have seen is kept: routes of its own services (the source at its
+    /// egress, the destination at its ingress), whole latency arrays, at most
+    /// [`quicmesh_protocol::wire::MAX_ROUTE_REPORTS`] of them.
     pub fn report_http_traffic(
         &self,
         node: &str,
-        routes: Vec<quicmesh_protocol::wire::RouteTraffic>,
+        services: &[String],
+        mut routes: Vec<quicmesh_protocol::wire::RouteTraffic>,
     ) {
+        use quicmesh_protocol::wire::{LATENCY_BUCKETS, MAX_ROUTE_REPORTS};
+        routes.truncate(MAX_ROUTE_REPORTS);
+        routes.retain(|r| {
+            let own = if r.egress { &r.src } else { &r.dst };
+            r.latency.len() == LATENCY_BUCKETS && services.iter().any(|s| s == own.as_str())
+        });
         let mut m = self.http_traffic.lock().unwrap_or_else(|p| p.into_inner());
         if m.get(node) == Some(&routes) {
             return;
@@ -61,12 +71,13 @@ impl Mesh {
                 });
                 for (i, n) in r.classes.iter().enumerate() {
                     if *n > 0 {
-                        *v.classes.entry(format!("{}xx", i + 1)).or_default() += n;
-                        v.requests += n;
+                        let c = v.classes.entry(format!("{}xx", i + 1)).or_default();
+                        *c = c.saturating_add(*n);
+                        v.requests = v.requests.saturating_add(*n);
                     }
                 }
                 for (b, n) in buckets.iter_mut().zip(&r.latency) {
-                    *b += n;
+                    *b = b.saturating_add(*n);
                 }
                 v.reporters.push(node.clone());
             }

@@ -341,6 +341,7 @@ impl Upstream {
                 service_side,
                 closed,
                 None,
+                node.cfg.flow_idle_timeout,
             ));
         }
         strip_hop_by_hop(resp.headers_mut(), switched);

@@ -195,6 +195,32 @@ async fn judge_and_forward(
             },
         ),
     );
+    // Over HTTP/2 the authority is `:authority`; a service reads it as `Host`. It is
+    // judged as the `host` header the service will see, and two that differ are refused.
+    if req.version() == Version::HTTP_2 {
+        if let Some(a) = req.uri().authority().map(|a| a.as_str().to_string()) {
+            match req
+                .headers()
+                .get(header::HOST)
+                .map(|h| h.as_bytes().to_vec())
+            {
+                Some(h) if !h.eq_ignore_ascii_case(a.as_bytes()) => {
+                    return refuse(
+                        RequestRefusal::BadTarget,
+                        StatusCode::BAD_REQUEST,
+                        None,
+                        "host and :authority differ",
+                    )
+                }
+                Some(_) => {}
+                None => {
+                    if let Ok(v) = HeaderValue::from_str(&a) {
+                        req.headers_mut().insert(header::HOST, v);
+                    }
+                }
+            }
+        }
+    }
     let (verdict, judged) = {
         let values: Vec<(&str, std::borrow::Cow<'_, str>)> = req
             .headers()
@@ -245,7 +271,7 @@ async fn judge_and_forward(
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         return r;
     }
-    let Some(_permit) = node.l7.try_request() else {
+    let Some(permit) = node.l7.try_request() else {
         return refuse(
             RequestRefusal::Overloaded,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -259,7 +285,6 @@ async fn judge_and_forward(
         Some(q) => format!("{}?{q}", target.path),
         None => target.path.clone(),
     };
-    let original = parts.uri.authority().cloned();
     parts.uri = match local_uri(conn.address, &path) {
         Some(u) => u,
         None => {
@@ -278,21 +303,37 @@ async fn judge_and_forward(
     }
     let clients = node.l7.get(conn.address);
     let client = if parts.version == Version::HTTP_2 {
-        // An HTTP/2 request names its authority in the URI; the service still sees it.
-        if let Some(a) = original.filter(|_| !parts.headers.contains_key(header::HOST)) {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
         clients.http2
     } else {
         clients.http1
     };
     tracing::debug!(%rule, path = %target.path, "request allowed");
-    let mut resp = match client
-        .request(Request::from_parts(parts, boxed(body)))
-        .await
-    {
+    // From here the request is a flow of its own, re-judged as this request on every
+    // policy or revocation change: while it waits for its answer, while the answer
+    // streams, and as an upgraded connection; closed when it would no longer be allowed.
+    let (guard, mut kill) = node.flows.register(
+        FlowInfo {
+            id: node.flows.next_id(),
+            direction: Direction::Ingress,
+            peer: conn.peer.node.clone(),
+            peer_id: conn.peer.clone(),
+            src: conn.src.clone(),
+            dst: conn.dst.clone(),
+            rule,
+            http: true,
+            request: Some(Arc::new(judged)),
+        },
+        &node.metrics,
+    );
+    let sent = tokio::select! {
+        r = client.request(Request::from_parts(parts, boxed(body))) => r,
+        reason = &mut kill => {
+            let reason = reason.unwrap_or(CloseReason::NodeShutdown);
+            tracing::info!(%reason, "request closed while waiting for its answer");
+            return refuse(RequestRefusal::PolicyDenied, StatusCode::FORBIDDEN, None, "closed while waiting");
+        }
+    };
+    let mut resp = match sent {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(address = %conn.address, error = %e, "local service failed");
@@ -308,30 +349,15 @@ async fn judge_and_forward(
     // Only the mesh names its own refusals.
     super::remove_folded(resp.headers_mut(), super::REASON_HEADER);
     super::remove_folded(resp.headers_mut(), super::RULE_HEADER);
-    // The answer goes on as a flow of its own, re-judged as this request on every policy
-    // or revocation change: a streaming response or an upgraded connection is closed when
-    // the request would no longer be allowed.
-    let (guard, kill) = node.flows.register(
-        FlowInfo {
-            id: node.flows.next_id(),
-            direction: Direction::Ingress,
-            peer: conn.peer.node.clone(),
-            peer_id: conn.peer.clone(),
-            src: conn.src.clone(),
-            dst: conn.dst.clone(),
-            rule,
-            http: true,
-            request: Some(Arc::new(judged)),
-        },
-        &node.metrics,
-    );
+    let idle = node.cfg.flow_idle_timeout;
     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(resp.headers_mut(), switched);
     if let (true, Some(client_side)) = (switched, client_side) {
         let service_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
-            let _guard = guard;
-            splice(client_side, service_side, closed, Some(kill)).await
+            // The place among the requests in flight is held while the connection lives.
+            let _held = (guard, permit);
+            splice(client_side, service_side, closed, Some(kill), idle).await
         });
         return resp.map(boxed);
     }
@@ -339,16 +365,17 @@ async fn judge_and_forward(
         boxed(Killable {
             inner: b,
             kill,
-            _guard: guard,
+            _held: (guard, permit),
         })
     })
 }
 
-/// A response body that ends with an error when its request's flow is closed.
+/// A response body that ends with an error when its request's flow is closed; it holds
+/// the request's flow and its place among the requests in flight until it is done.
 struct Killable<B> {
     inner: B,
     kill: oneshot::Receiver<CloseReason>,
-    _guard: crate::flow::FlowGuard,
+    _held: (crate::flow::FlowGuard, tokio::sync::OwnedSemaphorePermit),
 }
 
 impl<B> hyper::body::Body for Killable<B>
@@ -399,6 +426,7 @@ pub(super) async fn splice(
     b: hyper::upgrade::OnUpgrade,
     mut closed: watch::Receiver<Option<CloseReason>>,
     kill: Option<oneshot::Receiver<CloseReason>>,
+    idle: std::time::Duration,
 ) {
     let killed = async {
         match kill {
@@ -417,8 +445,12 @@ pub(super) async fn splice(
             return;
         }
     };
-    let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+    let (a, activity) = io::Active::new(TokioIo::new(a));
+    let (mut a, mut b) = (a, TokioIo::new(b));
     tokio::select! {
+        _ = activity.idle_for(idle) => {
+            tracing::info!(?idle, "upgraded connection idle: closed");
+        }
         r = tokio::io::copy_bidirectional(&mut a, &mut b) => {
             tracing::debug!(result = ?r, "upgraded connection ended");
         }
