@@ -164,13 +164,8 @@ pub fn http_request(
     request: &Request<'_>,
     now: i64,
 ) -> Result<String, Denied<RequestRefusal>> {
-    let refuse = |code: RejectCode| match code {
-        RejectCode::PolicyDenied => RequestRefusal::PolicyDenied,
-        RejectCode::UnknownService => RequestRefusal::UnknownService,
-        RejectCode::SourceNotInCertificate => RequestRefusal::SourceNotInCertificate,
-        _ => RequestRefusal::PeerNotStanding,
-    };
-    standing(view, conn.peer, now).map_err(|s| Denied::bare(refuse(s.reject_code())))?;
+    standing(view, conn.peer, now)
+        .map_err(|s| Denied::bare(RequestRefusal::from_reject(s.reject_code())))?;
     if !conn.hosted {
         return Err(Denied::bare(RequestRefusal::UnknownService));
     }

@@ -133,6 +133,8 @@ fn main() -> ExitCode {
                     _ = term.recv() => {}
                 }
                 tracing::info!("shutting down");
+                // Spans of the last second go out before the node does.
+                node.telemetry.flush().await;
                 node.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
                 let _ = std::fs::remove_file(node.data.admin_socket());
                 ExitCode::SUCCESS

@@ -180,6 +180,8 @@ pub struct Metrics {
     request_seconds: LatencyFamily,
     requests_refused: Family<RejectLabels, Counter>,
     retries: Family<FlowLabels, Counter>,
+    /// Spans the OTLP export queue had no room for.
+    pub spans_dropped: Counter,
     ejections: Family<EjectionLabels, Counter>,
     dns_dropped: Family<ReasonLabels, Counter>,
     service_passing: Family<ServiceLabels, Gauge>,
@@ -232,6 +234,7 @@ impl Metrics {
             request_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             requests_refused: Family::default(),
             retries: Family::default(),
+            spans_dropped: Counter::default(),
             ejections: Family::default(),
             dns_dropped: Family::default(),
             service_passing: Family::default(),
@@ -348,6 +351,11 @@ impl Metrics {
             "http_retries",
             "HTTP requests tried again, by service pair",
             m.retries.clone(),
+        );
+        registry.register(
+            "spans_dropped",
+            "Spans dropped because the OTLP export queue was full",
+            m.spans_dropped.clone(),
         );
         registry.register(
             "http_ejections",

@@ -298,6 +298,24 @@ reasons! {
     }
 }
 
+impl RequestRefusal {
+    /// A stream refusal (the peer's ingress, or this node's standing check) as the
+    /// refusal of the request it carried.
+    pub fn from_reject(code: RejectCode) -> Self {
+        match code {
+            RejectCode::PolicyDenied => Self::PolicyDenied,
+            RejectCode::UnknownService => Self::UnknownService,
+            RejectCode::SourceNotInCertificate => Self::SourceNotInCertificate,
+            RejectCode::ServiceUnavailable => Self::ServiceUnavailable,
+            RejectCode::Malformed => Self::BadTarget,
+            RejectCode::NotReady
+            | RejectCode::PeerUnknown
+            | RejectCode::PeerRevoked
+            | RejectCode::PeerExpired => Self::PeerNotStanding,
+        }
+    }
+}
+
 reasons! {
     /// Why a DNS query was not served as asked.
     pub enum DnsDrop {

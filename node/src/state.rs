@@ -154,7 +154,11 @@ impl Node {
     ) -> Arc<Self> {
         metrics.set_cert_not_after(identity.not_after);
         let (view_tx, _) = watch::channel(Arc::new(View::default()));
-        let telemetry = crate::telemetry::Telemetry::start(&cfg.telemetry, cfg.name.as_str());
+        let telemetry = crate::telemetry::Telemetry::start(
+            &cfg.telemetry,
+            cfg.name.as_str(),
+            metrics.spans_dropped.clone(),
+        );
         Arc::new(Self {
             cfg,
             data,

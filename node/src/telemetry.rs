@@ -12,8 +12,6 @@
 //! task of the node's runtime. The export queue is bounded: spans are dropped, and
 //! counted, rather than held when the collector is slow or away.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,6 +40,8 @@ use crate::config::TelemetryConfig;
 const QUEUE: usize = 64;
 /// How often finished spans are sent.
 const EXPORT_EVERY: Duration = Duration::from_secs(1);
+/// How long a node stopping waits for its last spans to be posted.
+const FLUSH_GRACE: Duration = Duration::from_millis(500);
 /// How long one export may take.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -100,8 +100,8 @@ impl TraceParent {
 pub struct Telemetry {
     tracer: Option<(SdkTracerProvider, SdkTracer)>,
     pub access_log: bool,
-    /// Spans dropped because the export queue was full.
-    pub dropped: Arc<AtomicU64>,
+    /// Spans dropped because the export queue was full (`quicmesh_spans_dropped_total`).
+    pub dropped: prometheus_client::metrics::counter::Counter,
 }
 
 /// One hop's span (`None` inside when no tracer, or not sampled and so not recorded).
@@ -151,8 +151,11 @@ pub struct HopInfo<'a> {
 
 impl Telemetry {
     /// Builds the tracer for `cfg` (a task of the current runtime posts the spans).
-    pub fn start(cfg: &TelemetryConfig, node: &str) -> Self {
-        let dropped = Arc::new(AtomicU64::new(0));
+    pub fn start(
+        cfg: &TelemetryConfig,
+        node: &str,
+        dropped: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         let tracer = cfg.otlp_endpoint.as_ref().map(|endpoint| {
             let (tx, rx) = mpsc::channel(QUEUE);
             tokio::spawn(post(endpoint.clone(), rx));
@@ -247,10 +250,12 @@ impl Telemetry {
         }
     }
 
-    /// Exports what is buffered (at shutdown).
-    pub fn flush(&self) {
+    /// Exports what is buffered (at shutdown): hands the last spans to the posting task
+    /// and gives it a moment to send them.
+    pub async fn flush(&self) {
         if let Some((p, _)) = &self.tracer {
             let _ = p.force_flush();
+            tokio::time::sleep(FLUSH_GRACE).await;
         }
     }
 }
@@ -260,7 +265,7 @@ impl Telemetry {
 struct OtlpHttp {
     tx: mpsc::Sender<Vec<u8>>,
     resource: ResourceAttributesWithSchema,
-    dropped: Arc<AtomicU64>,
+    dropped: prometheus_client::metrics::counter::Counter,
 }
 
 impl SpanExporter for OtlpHttp {
@@ -273,7 +278,7 @@ impl SpanExporter for OtlpHttp {
             resource_spans: group_spans_by_resource_and_scope(batch, &self.resource),
         };
         if self.tx.try_send(req.encode_to_vec()).is_err() {
-            self.dropped.fetch_add(n, Ordering::Relaxed);
+            self.dropped.inc_by(n);
         }
         std::future::ready(Ok(()))
     }

@@ -286,12 +286,6 @@ impl Outlier {
         self.until = Some(now + span);
         Ejected::For(span)
     }
-
-    /// Forgets ejections after a long good spell (an instance that recovered starts over
-    /// from the base interval): called when it has served well for `max`.
-    pub fn forgive(&mut self) {
-        self.ejections = 0;
-    }
 }
 
 /// A token bucket: `rate` requests per second, bursts of `burst`.

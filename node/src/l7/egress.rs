@@ -207,41 +207,23 @@ impl Upstream {
             }
         };
         ctx.path = target.path.clone();
-        let values: Vec<(String, String)> = req
-            .headers()
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        let pairs: Vec<(&str, &str)> = values
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
+        let values = super::header_values(req.headers());
+        let pairs = super::header_pairs(&values);
         let routes = &self.up.http.routes;
         let route =
             select(routes, &target.path, &pairs).unwrap_or_else(|| &routes[routes.len() - 1]);
         route_name = &route.name;
         ctx.route = route.name.clone();
-        ctx.hop = Some(
-            node.telemetry.hop(
-                req.headers()
-                    .get(super::TRACEPARENT)
-                    .and_then(|v| v.to_str().ok()),
-                crate::telemetry::HopInfo {
-                    egress: true,
-                    method: &method,
-                    path: &target.path,
-                    src,
-                    dst,
-                    route: &route.name,
-                    peer: "",
-                },
-            ),
-        );
+        let hop = crate::telemetry::HopInfo {
+            egress: true,
+            method: &method,
+            path: &target.path,
+            src,
+            dst,
+            route: &route.name,
+            peer: "",
+        };
+        ctx.start_hop(node, req.headers(), hop);
         let view = node.view();
         if node.cfg.check_egress {
             let request = policy::Request {
@@ -509,20 +491,8 @@ impl Upstream {
                         }
                         return Err((last.0, last.1, None));
                     }
-                    let (reason, status) = match code {
-                        RejectCode::PolicyDenied => {
-                            (RequestRefusal::PolicyDenied, StatusCode::FORBIDDEN)
-                        }
-                        RejectCode::UnknownService => {
-                            (RequestRefusal::UnknownService, StatusCode::NOT_FOUND)
-                        }
-                        RejectCode::SourceNotInCertificate => (
-                            RequestRefusal::SourceNotInCertificate,
-                            StatusCode::FORBIDDEN,
-                        ),
-                        _ => (RequestRefusal::PeerNotStanding, StatusCode::FORBIDDEN),
-                    };
-                    return Err((reason, status, rule));
+                    let reason = RequestRefusal::from_reject(code);
+                    return Err((reason, super::denial_status(reason), rule));
                 }
                 Try::Unreached(e) => {
                     tracing::warn!(peer = %name, error = %e, "instance unreachable, trying the next");

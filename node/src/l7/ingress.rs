@@ -179,22 +179,16 @@ async fn judge_and_forward(
     // `Connection: x-tenant` would otherwise remove a judged header after the judging).
     let upgrade = wants_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    ctx.hop = Some(
-        node.telemetry.hop(
-            req.headers()
-                .get(super::TRACEPARENT)
-                .and_then(|v| v.to_str().ok()),
-            crate::telemetry::HopInfo {
-                egress: false,
-                method: &method,
-                path: &target.path,
-                src,
-                dst,
-                route: "default",
-                peer: conn.peer.node.as_str(),
-            },
-        ),
-    );
+    let hop = crate::telemetry::HopInfo {
+        egress: false,
+        method: &method,
+        path: &target.path,
+        src,
+        dst,
+        route: "default",
+        peer: conn.peer.node.as_str(),
+    };
+    ctx.start_hop(node, req.headers(), hop);
     // Over HTTP/2 the authority is `:authority`; a service reads it as `Host`. It is
     // judged as the `host` header the service will see, and two that differ are refused.
     if req.version() == Version::HTTP_2 {
@@ -222,12 +216,8 @@ async fn judge_and_forward(
         }
     }
     let (verdict, judged) = {
-        let values: Vec<(&str, std::borrow::Cow<'_, str>)> = req
-            .headers()
-            .iter()
-            .map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v.as_bytes())))
-            .collect();
-        let pairs: Vec<(&str, &str)> = values.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+        let values = super::header_values(req.headers());
+        let pairs = super::header_pairs(&values);
         let judged = JudgedRequest::new(&method, &target.path, &pairs);
         let request = policy::Request {
             method: &method,
@@ -247,11 +237,7 @@ async fn judge_and_forward(
     let rule = match verdict {
         Ok(rule) => rule,
         Err(authz::Denied { reason, rule }) => {
-            let status = match reason {
-                RequestRefusal::UnknownService => StatusCode::NOT_FOUND,
-                RequestRefusal::RepeatedHeader => StatusCode::BAD_REQUEST,
-                _ => StatusCode::FORBIDDEN,
-            };
+            let status = super::denial_status(reason);
             return refuse(reason, status, rule.as_deref(), "denied");
         }
     };

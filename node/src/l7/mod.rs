@@ -23,6 +23,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
 
+use crate::reason::RequestRefusal;
+
 pub use crate::local_http::{Body, BoxError};
 
 /// The header that names the source service to the destination service. Whatever a
@@ -57,6 +59,17 @@ impl Exchange {
             hop: None,
             peer: String::new(),
         }
+    }
+
+    /// Starts this hop's span for a request that came with `headers`.
+    pub fn start_hop(
+        &mut self,
+        node: &crate::state::Node,
+        headers: &HeaderMap,
+        info: crate::telemetry::HopInfo<'_>,
+    ) {
+        let incoming = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok());
+        self.hop = Some(node.telemetry.hop(incoming, info));
     }
 
     /// Sets the `traceparent` the next hop continues: this hop's, or the incoming one.
@@ -199,6 +212,31 @@ pub fn remove_folded(h: &mut HeaderMap, name: &str) {
     for k in found {
         h.remove(k);
     }
+}
+
+/// The status of a request the authorization core (here or at the peer) refused.
+pub fn denial_status(reason: RequestRefusal) -> StatusCode {
+    match reason {
+        RequestRefusal::UnknownService => StatusCode::NOT_FOUND,
+        RequestRefusal::RepeatedHeader | RequestRefusal::BadTarget => StatusCode::BAD_REQUEST,
+        RequestRefusal::ServiceUnavailable => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::FORBIDDEN,
+    }
+}
+
+/// A request's headers as policy and routes read them: names, and values (not UTF-8
+/// ones in lossy form, which no rule's value can equal).
+pub fn header_values(h: &HeaderMap) -> Vec<(&str, std::borrow::Cow<'_, str>)> {
+    h.iter()
+        .map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v.as_bytes())))
+        .collect()
+}
+
+/// [`header_values`] as the pairs policy takes.
+pub fn header_pairs<'a>(
+    values: &'a [(&'a str, std::borrow::Cow<'a, str>)],
+) -> Vec<(&'a str, &'a str)> {
+    values.iter().map(|(n, v)| (*n, v.as_ref())).collect()
 }
 
 /// Headers that belong to one hop: never forwarded.
