@@ -73,43 +73,31 @@ pub fn serve_on(bind: &str, name: &str) -> std::io::Result<SocketAddr> {
     l.set_nonblocking(true)?;
     let addr = l.local_addr()?;
     let name = name.to_string();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(l).expect("listener");
-            loop {
-                let Ok((tcp, _)) = l.accept().await else {
-                    continue;
-                };
+    crate::http::serve_in_thread(l, move |tcp| {
+        let name = name.clone();
+        async move {
+            let svc = hyper::service::service_fn(move |req| {
                 let name = name.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let name = name.clone();
-                        async move {
-                            let codec = || ProstCodec::<Msg, Msg>::default();
-                            let resp = match req.uri().path() {
-                                "/test.Echo/Say" | "/test.Echo/Secret" => {
-                                    tonic::server::Grpc::new(codec())
-                                        .unary(Say(name), req)
-                                        .await
-                                }
-                                "/test.Echo/Chat" => {
-                                    tonic::server::Grpc::new(codec()).streaming(Chat, req).await
-                                }
-                                _ => Status::unimplemented("no such method").into_http(),
-                            };
-                            Ok::<_, Infallible>(resp)
+                async move {
+                    let codec = || ProstCodec::<Msg, Msg>::default();
+                    let resp = match req.uri().path() {
+                        "/test.Echo/Say" | "/test.Echo/Secret" => {
+                            tonic::server::Grpc::new(codec())
+                                .unary(Say(name), req)
+                                .await
                         }
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
-                });
-            }
-        });
+                        "/test.Echo/Chat" => {
+                            tonic::server::Grpc::new(codec()).streaming(Chat, req).await
+                        }
+                        _ => Status::unimplemented("no such method").into_http(),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        }
     });
     Ok(addr)
 }

@@ -73,28 +73,16 @@ impl HttpService {
             ..Behaviour::default()
         });
         let (name, log, b) = (name.to_string(), seen.clone(), behaviour.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(l).expect("listener");
-                loop {
-                    let Ok((tcp, _)) = l.accept().await else {
-                        continue;
-                    };
-                    let (name, log, b) = (name.clone(), log.clone(), b.clone());
-                    tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |req| {
-                            answer(name.clone(), log.clone(), b.clone(), req)
-                        });
-                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                            .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-                            .await;
-                    });
-                }
-            });
+        serve_in_thread(l, move |tcp| {
+            let (name, log, b) = (name.clone(), log.clone(), b.clone());
+            async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    answer(name.clone(), log.clone(), b.clone(), req)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                    .await;
+            }
         });
         Ok(Self {
             addr,
@@ -452,32 +440,22 @@ impl Collector {
         let addr = l.local_addr()?;
         let spans = Arc::new(Mutex::new(Vec::new()));
         let keep = spans.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(l).expect("listener");
-                loop {
-                    let Ok((tcp, _)) = l.accept().await else {
-                        continue;
-                    };
+        serve_in_thread(l, move |tcp| {
+            let keep = keep.clone();
+            async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let keep = keep.clone();
-                    tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            let keep = keep.clone();
-                            async move {
-                                let ok = req.uri().path() == "/v1/traces";
-                                let body = http_body_util::BodyExt::collect(req.into_body())
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
-                                let status = match (ok, ExportTraceServiceRequest::decode(body)) {
-                                    (true, Ok(r)) => {
-                                        let mut k = keep.lock().expect("lock");
-                                        for rs in r.resource_spans {
-                                            let node = rs
+                    async move {
+                        let ok = req.uri().path() == "/v1/traces";
+                        let body = http_body_util::BodyExt::collect(req.into_body())
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let status = match (ok, ExportTraceServiceRequest::decode(body)) {
+                            (true, Ok(r)) => {
+                                let mut k = keep.lock().expect("lock");
+                                for rs in r.resource_spans {
+                                    let node = rs
                                                 .resource
                                                 .iter()
                                                 .flat_map(|r| r.attributes.iter())
@@ -488,34 +466,32 @@ impl Collector {
                                                     _ => None,
                                                 })
                                                 .unwrap_or_default();
-                                            for ss in rs.scope_spans {
-                                                for s in ss.spans {
-                                                    k.push(ReceivedSpan {
-                                                        node: node.clone(),
-                                                        trace_id: hex(&s.trace_id),
-                                                        span_id: hex(&s.span_id),
-                                                        parent_span_id: hex(&s.parent_span_id),
-                                                        kind: s.kind,
-                                                        name: s.name,
-                                                    });
-                                                }
-                                            }
+                                    for ss in rs.scope_spans {
+                                        for s in ss.spans {
+                                            k.push(ReceivedSpan {
+                                                node: node.clone(),
+                                                trace_id: hex(&s.trace_id),
+                                                span_id: hex(&s.span_id),
+                                                parent_span_id: hex(&s.parent_span_id),
+                                                kind: s.kind,
+                                                name: s.name,
+                                            });
                                         }
-                                        StatusCode::OK
                                     }
-                                    _ => StatusCode::BAD_REQUEST,
-                                };
-                                let mut r = Response::new(Full::new(Bytes::new()));
-                                *r.status_mut() = status;
-                                Ok::<_, Infallible>(r)
+                                }
+                                StatusCode::OK
                             }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(tcp), svc)
-                            .await;
-                    });
-                }
-            });
+                            _ => StatusCode::BAD_REQUEST,
+                        };
+                        let mut r = Response::new(Full::new(Bytes::new()));
+                        *r.status_mut() = status;
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            }
         });
         Ok(Self { addr, spans })
     }
@@ -560,4 +536,27 @@ pub fn websocket_echo(addr: SocketAddr, path: &str, text: &str) -> anyhow::Resul
         let _ = ws.close(None).await;
         Ok((got_text, got_blob))
     })
+}
+
+/// Serves `l` from a thread and a runtime of its own (until the process exits): every
+/// accepted connection goes to `conn`, on a task of its own.
+pub fn serve_in_thread<F, Fut>(l: std::net::TcpListener, conn: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).expect("listener");
+            loop {
+                if let Ok((tcp, _)) = l.accept().await {
+                    tokio::spawn(conn(tcp));
+                }
+            }
+        });
+    });
 }
