@@ -176,12 +176,24 @@ fn a_normalised_path_is_what_the_service_receives() -> anyhow::Result<()> {
     let r = curl(&format!("http://{up}//a/./b/../c/%7Euser?q=%2F"), &[])?;
     ensure!(r.status == 200, "{r:?}");
     ensure!(r.body.starts_with("api-1 GET /a/c/~user?q=%2F "), "{r:?}");
-    // A client's claim to be another service is dropped: only the mesh names the source.
+    // A client's claim to be another service is dropped in every spelling a server might
+    // read as the same name: only the mesh names the source.
     let r = curl(
         &format!("http://{up}/who"),
-        &["-H", "x-quicmesh-source: admin"],
+        &[
+            "-H",
+            "x-quicmesh-source: admin",
+            "-H",
+            "x_quicmesh_source: admin",
+            "-H",
+            "X.QUICMESH_SOURCE: admin",
+        ],
     )?;
     ensure!(r.body.contains("src=web "), "{r:?}");
+    ensure!(
+        r.body.matches("quicmesh").count() == 1 && r.body.contains("x-quicmesh-source"),
+        "another spelling of the source header reached the service: {r:?}"
+    );
     Ok(())
 }
 
