@@ -1,5 +1,6 @@
 //! Length-prefixed frames of [`quicmesh_protocol::wire`] messages over async streams.
 
+use quicmesh_protocol::http_wire::Opening;
 use quicmesh_protocol::wire::{self, DecodeError, Message, FRAME_HEADER_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -23,6 +24,26 @@ pub async fn read_frame<M: Message, R: AsyncRead + Unpin>(
 pub async fn read_frame_sized<M: Message, R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<(M, usize)>, FrameError> {
+    match read_body(r, wire::frame_len::<M>).await? {
+        Some(body) => Ok(Some((wire::decode(&body)?, body.len()))),
+        None => Ok(None),
+    }
+}
+
+/// Reads the frame that opens a tunnel stream ([`Opening`]); `Ok(None)` on a clean end of
+/// stream before it starts.
+pub async fn read_opening<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Opening>, FrameError> {
+    match read_body(r, Opening::frame_len).await? {
+        Some(body) => Ok(Some(Opening::decode(&body)?)),
+        None => Ok(None),
+    }
+}
+
+/// Reads one frame's body, its length checked by `frame_len` before it is read.
+async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    frame_len: fn([u8; FRAME_HEADER_LEN]) -> Result<usize, DecodeError>,
+) -> Result<Option<Vec<u8>>, FrameError> {
     let mut prefix = [0u8; FRAME_HEADER_LEN];
     let mut got = 0;
     while got < FRAME_HEADER_LEN {
@@ -35,7 +56,7 @@ pub async fn read_frame_sized<M: Message, R: AsyncRead + Unpin>(
         }
         got += n;
     }
-    let len = wire::frame_len::<M>(prefix)?;
+    let len = frame_len(prefix)?;
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -44,7 +65,7 @@ pub async fn read_frame_sized<M: Message, R: AsyncRead + Unpin>(
             FrameError::Io(e)
         }
     })?;
-    Ok(Some((wire::decode(&body)?, len)))
+    Ok(Some(body))
 }
 
 /// Writes one frame.

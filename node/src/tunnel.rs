@@ -6,15 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quicmesh_protocol::cert::PeerIdentity;
+use quicmesh_protocol::http_wire::Opening;
 use quicmesh_protocol::ident::NodeName;
 use quicmesh_protocol::path::PeerId;
-use quicmesh_protocol::wire::{PeerInfo, RejectCode, StreamHeader, StreamReply};
+use quicmesh_protocol::wire::{PeerInfo, RejectCode, StreamReply};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::config::Protocol;
 use crate::flow::{pump, Direction, FlowEnd, FlowInfo};
-use crate::frame::{read_frame, write_frame};
+use crate::frame::{read_opening, write_frame};
 use crate::reason::{CloseReason, HandshakeRefusal};
 use crate::state::{Node, View};
 use crate::tls::{self, MeshServerVerifier, ServerExpect};
@@ -387,13 +388,8 @@ async fn ingress_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let header = match tokio::time::timeout(
-        HEADER_TIMEOUT,
-        read_frame::<StreamHeader, _>(&mut recv),
-    )
-    .await
-    {
-        Ok(Ok(Some(h))) => h,
+    let opening = match tokio::time::timeout(HEADER_TIMEOUT, read_opening(&mut recv)).await {
+        Ok(Ok(Some(o))) => o,
         other => {
             tracing::info!(peer = %peer.node, result = ?other.map(|r| r.map(|_| ())), "stream header refused");
             node.metrics.ingress_rejected(RejectCode::Malformed, "", "");
@@ -401,8 +397,15 @@ async fn ingress_stream(
             return;
         }
     };
+    let header = opening.header();
     let (src, dst) = (header.src_service.clone(), header.dst_service.clone());
     let span = tracing::info_span!("flow", flow = header.flow_id, peer = %peer.node, src = %src, dst = %dst);
+    // A request carried framed (from an `http` upstream) is an HTTP request whatever the
+    // service speaks; bytes are HTTP only to an `http` service.
+    let request = match opening {
+        Opening::Request(r) => Some(r.head),
+        Opening::Stream(_) => None,
+    };
     async move {
         let view = node.view();
         let refuse = |code: RejectCode, rule: Option<String>| {
@@ -438,7 +441,7 @@ async fn ingress_stream(
             return;
         };
         // An HTTP service's requests go over pooled connections, dialled per request.
-        let tcp = if http {
+        let tcp = if http || request.is_some() {
             None
         } else {
             match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(address)).await {
@@ -472,11 +475,12 @@ async fn ingress_stream(
             reject(&mut send, code, rule).await;
             return;
         }
-        if write_frame(&mut send, &StreamReply::Accept).await.is_err() {
+        // A framed request's acceptance goes out with its response head.
+        if request.is_none() && write_frame(&mut send, &StreamReply::Accept).await.is_err() {
             return;
         }
         node.metrics.ingress_accepted(src.as_str(), dst.as_str());
-        if http {
+        if http || request.is_some() {
             // A stream per request: the access log (`[telemetry] access_log`) is where
             // requests are logged, not one INFO line per stream.
             tracing::debug!(rule = %rule, "ingress accepted (http)");
@@ -489,8 +493,12 @@ async fn ingress_stream(
                 pump(tcp, send, recv, kill, node.cfg.flow_idle_timeout, &node.metrics, None).await
             }
             None => {
-                let conn = l7::ingress::Conn { peer: peer.clone(), src: src.clone(), dst: dst.clone(), address };
-                match l7::ingress::serve(node.clone(), conn, send, recv, kill).await {
+                let conn = l7::ingress::Conn { peer: peer.clone(), src: src.clone(), dst: dst.clone(), address, http, rule };
+                let closed = match request {
+                    Some(head) => l7::ingress::serve_request(node.clone(), conn, head, send, recv, kill).await,
+                    None => l7::ingress::serve(node.clone(), conn, send, recv, kill).await,
+                };
+                match closed {
                     Some(reason) => FlowEnd::Killed(reason),
                     None => FlowEnd::Done,
                 }

@@ -7,6 +7,7 @@ pub mod delta;
 pub mod health;
 pub mod http;
 pub mod http_route;
+pub mod http_wire;
 pub mod ident;
 pub mod overlay;
 pub mod packet;

@@ -14,30 +14,30 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hyper::body::Body as _;
 use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use quicmesh_protocol::http::parse_request;
 use quicmesh_protocol::http_route::{
     idempotent, in_subset, select, Budget, Ejected, Outlier, Route, Split,
 };
+use quicmesh_protocol::http_wire::{Chunk, RequestOpen};
 use quicmesh_protocol::ident::NodeName;
 use quicmesh_protocol::policy;
-use quicmesh_protocol::wire::{PeerInfo, RejectCode, StreamHeader};
+use quicmesh_protocol::wire::{encode_frame, PeerInfo, RejectCode, StreamHeader};
 use rand::Rng;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use super::ingress::Driven;
-use super::io::{self, AfterAnswer, Answer};
 use super::replay::Replay;
 use super::{boxed, is_grpc, refusal, strip_hop_by_hop, wants_h2c, wants_upgrade, Body};
+use super::{framed, io};
 use crate::authz::{self, Direction};
 use crate::config::UpstreamConfig;
 use crate::flow::FlowInfo;
-use crate::frame::write_frame;
 use crate::proxy::{instances, Load};
 use crate::reason::{CloseReason, EgressRefusal, RequestRefusal};
 use crate::state::Node;
@@ -127,8 +127,8 @@ struct State {
 
 /// How one try ended.
 enum Try {
-    /// With the receiver an upgraded connection holds (closed with the flow).
-    Answered(Response<Incoming>, watch::Receiver<Option<CloseReason>>),
+    /// With the stream of a request switched to another protocol.
+    Answered(Response<Body>, Option<Box<Upgraded>>),
     /// Refused by the peer's ingress.
     Rejected(RejectCode, Option<String>),
     /// The instance could not be reached: nothing was sent.
@@ -143,6 +143,8 @@ enum Try {
 struct Judged<'a> {
     method: &'a str,
     route: &'a Route,
+    /// It asks to switch protocols.
+    upgrade: bool,
 }
 
 impl Upstream {
@@ -297,10 +299,11 @@ impl Upstream {
         let judged = Judged {
             method: &method,
             route,
+            upgrade,
         };
         let mut body = Replay::new(body);
         let tries = self.tries(&view, &order, &parts, &mut body, &judged);
-        let (resp, closed) = match tokio::time::timeout(route.timeout, tries).await {
+        let (resp, upgraded) = match tokio::time::timeout(route.timeout, tries).await {
             Ok(Ok(x)) => x,
             Ok(Err((reason, status, rule))) => {
                 return answer(route_name, reason, status, rule.as_deref())
@@ -316,18 +319,21 @@ impl Upstream {
         };
         let mut resp = resp;
         let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if let (true, Some(client_side)) = (switched, client_side) {
-            let service_side = hyper::upgrade::on(&mut resp);
-            tokio::spawn(super::ingress::splice(
-                client_side,
-                service_side,
-                closed,
-                None,
-                node.cfg.flow_idle_timeout,
-            ));
+        if let (Some(up), Some(client_side)) = (upgraded, client_side) {
+            let idle = node.cfg.flow_idle_timeout;
+            tokio::spawn(async move {
+                let _held = up.held;
+                match client_side.await {
+                    Ok(client) => {
+                        let client = TokioIo::new(client);
+                        super::ingress::splice(client, up.stream, None, Some(up.kill), idle).await
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
         }
         strip_hop_by_hop(resp.headers_mut(), switched);
-        resp.map(boxed)
+        resp
     }
 
     /// The instances for a request: healthy, in the subset when the route split names
@@ -417,10 +423,8 @@ impl Upstream {
         parts: &hyper::http::request::Parts,
         body: &mut Replay,
         judged: &Judged<'_>,
-    ) -> Result<
-        (Response<Incoming>, watch::Receiver<Option<CloseReason>>),
-        (RequestRefusal, StatusCode, Option<String>),
-    > {
+    ) -> Result<(Response<Body>, Option<Box<Upgraded>>), (RequestRefusal, StatusCode, Option<String>)>
+    {
         let (src, dst) = (self.up.source.as_str(), self.up.service.as_str());
         let node = &self.node;
         let route = judged.route;
@@ -444,7 +448,7 @@ impl Upstream {
             if !body.available() {
                 return Err((last.0, last.1, None));
             }
-            let attempt = self.attempt(peer, parts, body);
+            let attempt = self.attempt(peer, parts, body, judged.upgrade);
             let result = match route.per_try_timeout {
                 Some(t) => tokio::time::timeout(t, attempt)
                     .await
@@ -461,7 +465,7 @@ impl Upstream {
                 }
             };
             match result {
-                Try::Answered(resp, closed) => {
+                Try::Answered(resp, upgraded) => {
                     let status = resp.status().as_u16();
                     let grpc_status = resp
                         .headers()
@@ -477,7 +481,7 @@ impl Upstream {
                         tracing::info!(peer = %name, status, ?grpc_status, "retrying");
                         continue;
                     }
-                    return Ok((resp, closed));
+                    return Ok((resp, upgraded));
                 }
                 Try::Rejected(code, rule) => {
                     node.metrics.egress_rejected(code, src, dst);
@@ -539,46 +543,60 @@ impl Upstream {
         }
     }
 
-    /// Sends the request to `peer` on a fresh stream of its tunnel; the body is taken
-    /// only once the stream is open.
+    /// Sends the request to `peer` on a fresh stream of its tunnel, framed
+    /// ([`super::framed`]): the stream header and the request head in one frame, the body
+    /// taken only once the stream is open and sent while the answer is awaited (a service
+    /// may answer before the whole body).
     async fn attempt(
         &self,
         peer: &PeerInfo,
         parts: &hyper::http::request::Parts,
         body: &mut Replay,
+        upgrade: bool,
     ) -> Try {
         let node = &self.node;
         let id = node.flows.next_id();
-        let header = StreamHeader {
-            src_service: self.up.source.clone(),
-            dst_service: self.up.service.clone(),
-            flow_id: id,
-        };
         let (conn, _) = match tunnel::connection(node, peer).await {
             Ok(c) => c,
             Err(e) => return Try::Unreached(e.to_string()),
         };
-        let (mut send, recv) = match conn.open_bi().await {
+        let (mut send, mut recv) = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => {
                 tunnel::forget(node, &peer.node, &conn);
                 return Try::Unreached(e.to_string());
             }
         };
-        if let Err(e) = write_frame(&mut send, &header).await {
-            tunnel::forget(node, &peer.node, &conn);
-            return Try::Unreached(e.to_string());
-        }
         let Some(peer_id) = node.tunnels.identity(&conn) else {
             return Try::Unreached("tunnel gone".into());
         };
-        let Some(body) = body.take() else {
+        let Some(mut body) = body.take() else {
             return Try::Failed("the body cannot be sent again".into());
         };
-        let req = Request::from_parts(parts.clone(), body);
-        let (recv, answered) = AfterAnswer::new(recv);
-        let stream = TokioIo::new(io::duplex(recv, send));
-        let (guard, kill) = node.flows.register(
+        // Only a request without a body switches protocols: the stream goes on with the
+        // new protocol's bytes.
+        let empty = body.is_end_stream();
+        let upgrade = upgrade && empty;
+        let open = RequestOpen {
+            stream: StreamHeader {
+                src_service: self.up.source.clone(),
+                dst_service: self.up.service.clone(),
+                flow_id: id,
+            },
+            head: framed::request_head(parts, upgrade),
+        };
+        let mut first = encode_frame(&open);
+        if empty {
+            first.extend_from_slice(&Chunk::End.prefix());
+        }
+        if let Err(e) = send.write_all(&first).await {
+            tunnel::forget(node, &peer.node, &conn);
+            return Try::Unreached(e.to_string());
+        }
+        if empty && !upgrade {
+            let _ = send.finish();
+        }
+        let (guard, mut kill) = node.flows.register(
             FlowInfo {
                 id,
                 direction: Direction::Egress,
@@ -593,48 +611,89 @@ impl Upstream {
             &node.metrics,
         );
         let load = self.load.start(&peer.node);
-        // The connection (one request) is driven by its own task, which holds the flow's
-        // registration and the instance's load until the response body and any upgraded
-        // connection are done, or the flow is closed.
-        let (closed_tx, closed) = watch::channel(None);
-        let hold = move |c: Driven| async move {
-            let _hold = (guard, load);
-            if let Some(reason) = super::ingress::hold_until_closed(c, closed_tx, kill).await {
-                tracing::info!(%reason, "request flow closed by node");
-            }
-        };
-        let sent = if req.version() == Version::HTTP_2 {
-            match hyper::client::conn::http2::handshake(TokioExecutor::new(), stream).await {
-                Ok((mut s, c)) => {
-                    tokio::spawn(hold(Box::pin(async move {
-                        let _ = c.await;
-                    })));
-                    s.send_request(req).await
-                }
-                Err(e) => Err(e),
-            }
+        let (mut kept, mut sending) = if empty {
+            (Some(send), None)
         } else {
-            match hyper::client::conn::http1::handshake(stream).await {
-                Ok((mut s, c)) => {
-                    tokio::spawn(hold(Box::pin(async move {
-                        let _ = c.with_upgrades().await;
-                    })));
-                    s.send_request(req).await
+            let rest = async move {
+                framed::send_body(&mut body, &mut send, Vec::new(), None).await?;
+                let _ = send.finish();
+                Ok::<_, framed::SendError>(())
+            };
+            (None, Some(Box::pin(rest)))
+        };
+        let answer = {
+            let answered = framed::read_answer(&mut recv);
+            tokio::pin!(answered);
+            loop {
+                tokio::select! {
+                    a = &mut answered => break a,
+                    r = async { sending.as_mut().expect("guarded").await }, if sending.is_some() => {
+                        sending = None;
+                        match r {
+                            Ok(()) => {}
+                            Err(framed::SendError::Body(e)) => {
+                                return Try::Failed(format!("the client's body failed: {e}"))
+                            }
+                            // Stopped by the destination (it may have answered without
+                            // reading it all): its answer says how the request ended.
+                            Err(e) => tracing::debug!(error = %e, "request body not sent whole"),
+                        }
+                    }
+                    reason = &mut kill => {
+                        let reason = reason.unwrap_or(CloseReason::NodeShutdown);
+                        return Try::Failed(format!("closed: {reason}"));
+                    }
                 }
-                Err(e) => Err(e),
             }
         };
-        match (sent, answered.get()) {
-            (_, Some(Answer::Rejected(code, rule))) => Try::Rejected(*code, rule.clone()),
-            (Ok(resp), _) => {
-                node.metrics
-                    .egress_accepted(self.up.source.as_str(), self.up.service.as_str());
-                Try::Answered(resp, closed)
-            }
-            (Err(e), Some(Answer::Failed(why))) => Try::Failed(format!("{why} ({e})")),
-            (Err(e), _) => Try::Failed(e.to_string()),
+        if let Some(rest) = sending {
+            // Answered while the body still streams (a bidirectional stream): the rest
+            // goes on beside the answer.
+            tokio::spawn(async move {
+                if let Err(e) = rest.await {
+                    tracing::debug!(error = %e, "request body not sent whole");
+                }
+            });
+        }
+        let head = match answer {
+            Ok(framed::Answer::Response(head)) => head,
+            Ok(framed::Answer::Rejected(code, rule)) => return Try::Rejected(code, rule),
+            Err(e) => return Try::Failed(e.to_string()),
+        };
+        node.metrics
+            .egress_accepted(self.up.source.as_str(), self.up.service.as_str());
+        let switched = head.status == StatusCode::SWITCHING_PROTOCOLS.as_u16();
+        if let (true, true, Some(send)) = (switched, upgrade, kept.take()) {
+            return match framed::response(head, super::full(bytes::Bytes::new())) {
+                Ok(resp) => Try::Answered(
+                    resp,
+                    Some(Box::new(Upgraded {
+                        stream: io::duplex(recv, send),
+                        kill,
+                        held: (guard, load),
+                    })),
+                ),
+                Err(e) => Try::Failed(e),
+            };
+        }
+        let body = super::ingress::Killable {
+            inner: framed::ChunkBody::new(recv, None),
+            kill,
+            _held: (guard, load),
+        };
+        match framed::response(head, boxed(body)) {
+            Ok(resp) => Try::Answered(resp, None),
+            Err(e) => Try::Failed(e),
         }
     }
+}
+
+/// A request the destination switched to another protocol (101): the stream, carrying
+/// the new protocol's bytes, and what the request holds while it lives.
+struct Upgraded {
+    stream: io::StreamIo<quinn::RecvStream>,
+    kill: oneshot::Receiver<CloseReason>,
+    held: (crate::flow::FlowGuard, crate::proxy::LoadGuard),
 }
 
 /// The URI sent through the tunnel: the normalised path and query, the authority kept

@@ -30,12 +30,15 @@ use quicmesh_protocol::ident::ServiceName;
 use quicmesh_protocol::policy;
 use tokio::sync::{oneshot, watch};
 
-use super::{boxed, io, is_grpc, refusal, strip_hop_by_hop, wants_h2c, wants_upgrade, Body};
+use super::{
+    boxed, framed, io, is_grpc, refusal, strip_hop_by_hop, wants_h2c, wants_upgrade, Body,
+};
 use crate::authz::{self, Direction, JudgedRequest, StreamRequest};
 use crate::clock;
 use crate::flow::FlowInfo;
 use crate::reason::{CloseReason, RequestRefusal};
 use crate::state::Node;
+use quicmesh_protocol::wire::{encode_frame, StreamReply};
 
 /// One admitted stream to a local `http` service.
 #[derive(Debug)]
@@ -45,6 +48,11 @@ pub struct Conn {
     pub dst: ServiceName,
     /// The service's address.
     pub address: SocketAddr,
+    /// The service is `protocol = "http"`: each request is judged. Otherwise (a request
+    /// from an `http` upstream to an L4 service) the stream's verdict is the request's.
+    pub http: bool,
+    /// The rule that admitted the stream.
+    pub rule: String,
 }
 
 /// Serves the stream's requests until the peer ends it or the flow is closed (then every
@@ -127,32 +135,171 @@ pub(super) async fn hold_until_closed(
 async fn handle(
     node: &Arc<Node>,
     conn: &Conn,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     closed: watch::Receiver<Option<CloseReason>>,
 ) -> Response<Body> {
     let started = Instant::now();
     let mut ctx = super::Exchange::new(&req);
     ctx.peer = conn.peer.node.to_string();
-    let resp = judge_and_forward(node, conn, req, closed, &mut ctx).await;
+    let client_side = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (resp, switched) = judge_and_forward(node, conn, req.map(boxed), true, &mut ctx).await;
+    if let (Some(sw), Some(client_side)) = (switched, client_side) {
+        let idle = node.cfg.flow_idle_timeout;
+        tokio::spawn(async move {
+            // The place among the requests in flight is held while the connection lives.
+            let _held = sw.held;
+            let (a, b) = match tokio::try_join!(client_side, sw.service) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            splice(
+                TokioIo::new(a),
+                TokioIo::new(b),
+                Some(closed),
+                Some(sw.kill),
+                idle,
+            )
+            .await
+        });
+    }
     let pair = (conn.src.as_str(), conn.dst.as_str());
     ctx.done(node, Direction::Ingress, pair, &resp, started);
     resp
 }
 
+/// A request the service switched to another protocol (101): the service's side of the
+/// new protocol, and what the request holds while it lives.
+pub(super) struct Switched {
+    service: hyper::upgrade::OnUpgrade,
+    kill: oneshot::Receiver<CloseReason>,
+    held: (crate::flow::FlowGuard, tokio::sync::OwnedSemaphorePermit),
+}
+
+/// One request carried framed on its own stream ([`super::framed`]), from an `http`
+/// upstream: judged and forwarded as a request of an HTTP connection is; the answer goes
+/// back on the stream, and a 101 turns the stream into the new protocol's bytes. The
+/// reason, when the flow was closed.
+pub async fn serve_request(
+    node: Arc<Node>,
+    conn: Conn,
+    head: quicmesh_protocol::http_wire::RequestHead,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut kill: oneshot::Receiver<CloseReason>,
+) -> Option<CloseReason> {
+    let started = Instant::now();
+    let idle = node.cfg.flow_idle_timeout;
+    let activity = io::Activity::new();
+    let upgrade = head.upgrade;
+    // A request that asks to switch protocols has no body: the stream goes on with the
+    // new protocol's bytes, so it is kept here.
+    let (body, mut kept) = if upgrade {
+        match tokio::time::timeout(HEADER_TIMEOUT, framed::read_empty_body(&mut recv)).await {
+            Ok(Ok(())) => (super::full(bytes::Bytes::new()), Some(recv)),
+            other => {
+                tracing::info!(result = ?other.map(|r| r.map_err(|e| e.to_string())), "upgrade request with a body: refused");
+                let _ = send.reset(quinn::VarInt::from_u32(super::STREAM_ABORTED));
+                return None;
+            }
+        }
+    } else {
+        let body = framed::ChunkBody::new(recv, Some(activity.clone()));
+        (boxed(body), None)
+    };
+    let (method, target) = (head.method.clone(), head.target.clone());
+    let mut ctx = super::Exchange::named(&method, &target);
+    ctx.peer = conn.peer.node.to_string();
+    let judged = async {
+        match framed::request(head, body) {
+            Ok(req) => judge_and_forward(&node, &conn, req, upgrade, &mut ctx).await,
+            Err(why) => {
+                node.metrics.request_refused(
+                    RequestRefusal::BadTarget,
+                    conn.src.as_str(),
+                    conn.dst.as_str(),
+                );
+                tracing::info!(why, "request head refused");
+                let r = refusal(
+                    StatusCode::BAD_REQUEST,
+                    RequestRefusal::BadTarget.as_str(),
+                    None,
+                    false,
+                );
+                (r, None)
+            }
+        }
+    };
+    let (resp, switched) = tokio::select! {
+        r = judged => r,
+        reason = &mut kill => return Some(reason.unwrap_or(CloseReason::NodeShutdown)),
+    };
+    let pair = (conn.src.as_str(), conn.dst.as_str());
+    let mut first = encode_frame(&StreamReply::Accept);
+    first.extend_from_slice(&encode_frame(&framed::response_head(&resp)));
+    ctx.done(&node, Direction::Ingress, pair, &resp, started);
+    if let (Some(sw), Some(recv)) = (switched, kept.take()) {
+        if send.write_all(&first).await.is_err() {
+            return None;
+        }
+        let _held = sw.held;
+        let service = match sw.service.await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return None;
+            }
+        };
+        let stream = io::duplex(recv, send);
+        tokio::select! {
+            _ = splice(stream, TokioIo::new(service), None, Some(sw.kill), idle) => return None,
+            reason = kill => return Some(reason.unwrap_or(CloseReason::NodeShutdown)),
+        }
+    }
+    let (_, mut body) = resp.into_parts();
+    let sent = tokio::select! {
+        r = framed::send_body(&mut body, &mut send, first, Some(&activity)) => r,
+        reason = &mut kill => {
+            let _ = send.reset(quinn::VarInt::from_u32(super::STREAM_ABORTED));
+            return Some(reason.unwrap_or(CloseReason::NodeShutdown));
+        }
+        _ = activity.idle_for(idle) => {
+            tracing::info!(?idle, "request idle: closed");
+            let _ = send.reset(quinn::VarInt::from_u32(super::STREAM_ABORTED));
+            return None;
+        }
+    };
+    match sent {
+        Ok(()) => {
+            let _ = send.finish();
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "response not sent whole");
+            let _ = send.reset(quinn::VarInt::from_u32(super::STREAM_ABORTED));
+        }
+    }
+    None
+}
+
+/// Judges one request and forwards it to the service: the answer (the service's, or the
+/// mesh's refusal), and the service's side when it switched protocols (`may_upgrade`:
+/// the request asked to, and the client side can follow).
 async fn judge_and_forward(
     node: &Arc<Node>,
     conn: &Conn,
-    mut req: Request<Incoming>,
-    closed: watch::Receiver<Option<CloseReason>>,
+    mut req: Request<Body>,
+    may_upgrade: bool,
     ctx: &mut super::Exchange,
-) -> Response<Body> {
+) -> (Response<Body>, Option<Switched>) {
     let grpc = is_grpc(req.headers());
     let (src, dst) = (conn.src.as_str(), conn.dst.as_str());
     let method = req.method().clone();
     let refuse = |reason: RequestRefusal, status: StatusCode, rule: Option<&str>, why: &str| {
         node.metrics.request_refused(reason, src, dst);
         tracing::info!(reason = reason.as_str(), rule = rule.unwrap_or("-"), why, %method, "request refused");
-        refusal(status, reason.as_str(), rule, grpc)
+        (refusal(status, reason.as_str(), rule, grpc), None)
     };
     if method == Method::CONNECT || wants_h2c(req.headers()) {
         return refuse(
@@ -177,7 +324,7 @@ async fn judge_and_forward(
     ctx.path = target.path.clone();
     // What is judged is what is forwarded: the headers of this hop go first (a
     // `Connection: x-tenant` would otherwise remove a judged header after the judging).
-    let upgrade = wants_upgrade(req.headers());
+    let upgrade = may_upgrade && wants_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
     let hop = crate::telemetry::HopInfo {
         egress: false,
@@ -231,7 +378,12 @@ async fn judge_and_forward(
             hosted: true,
             http: true,
         };
-        let verdict = authz::http_request(&node.view(), stream, &request, clock::unix_now());
+        let verdict = if conn.http {
+            authz::http_request(&node.view(), stream, &request, clock::unix_now())
+        } else {
+            // An L4 service: the stream's verdict (judged as opaque bytes) is the request's.
+            Ok(conn.rule.clone())
+        };
         (verdict, judged)
     };
     let rule = match verdict {
@@ -246,7 +398,7 @@ async fn judge_and_forward(
         .service(&conn.dst)
         .map_or(&[][..], |s| &s.rate_limits[..]);
     if let Err(wait) = node.l7.admit(&conn.dst, &conn.src, limits, Instant::now()) {
-        let mut r = refuse(
+        let (mut r, _) = refuse(
             RequestRefusal::RateLimited,
             StatusCode::TOO_MANY_REQUESTS,
             None,
@@ -255,7 +407,7 @@ async fn judge_and_forward(
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        return r;
+        return (r, None);
     }
     let Some(permit) = node.l7.try_request() else {
         return refuse(
@@ -265,7 +417,6 @@ async fn judge_and_forward(
             "requests in flight",
         );
     };
-    let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let path = match &target.query {
         Some(q) => format!("{}?{q}", target.path),
@@ -306,13 +457,13 @@ async fn judge_and_forward(
             src: conn.src.clone(),
             dst: conn.dst.clone(),
             rule,
-            http: true,
-            request: Some(Arc::new(judged)),
+            http: conn.http,
+            request: conn.http.then(|| Arc::new(judged)),
         },
         &node.metrics,
     );
     let sent = tokio::select! {
-        r = client.request(Request::from_parts(parts, boxed(body))) => r,
+        r = client.request(Request::from_parts(parts, body)) => r,
         reason = &mut kill => {
             let reason = reason.unwrap_or(CloseReason::NodeShutdown);
             tracing::info!(%reason, "request closed while waiting for its answer");
@@ -335,36 +486,36 @@ async fn judge_and_forward(
     // Only the mesh names its own refusals.
     super::remove_folded(resp.headers_mut(), super::REASON_HEADER);
     super::remove_folded(resp.headers_mut(), super::RULE_HEADER);
-    let idle = node.cfg.flow_idle_timeout;
     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(resp.headers_mut(), switched);
-    if let (true, Some(client_side)) = (switched, client_side) {
-        let service_side = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            // The place among the requests in flight is held while the connection lives.
-            let _held = (guard, permit);
-            splice(client_side, service_side, closed, Some(kill), idle).await
-        });
-        return resp.map(boxed);
+    if switched && upgrade {
+        let service = hyper::upgrade::on(&mut resp);
+        let sw = Switched {
+            service,
+            kill,
+            held: (guard, permit),
+        };
+        return (resp.map(boxed), Some(sw));
     }
-    resp.map(|b| {
+    let resp = resp.map(|b| {
         boxed(Killable {
             inner: b,
             kill,
             _held: (guard, permit),
         })
-    })
+    });
+    (resp, None)
 }
 
 /// A response body that ends with an error when its request's flow is closed; it holds
 /// the request's flow and its place among the requests in flight until it is done.
-struct Killable<B> {
-    inner: B,
-    kill: oneshot::Receiver<CloseReason>,
-    _held: (crate::flow::FlowGuard, tokio::sync::OwnedSemaphorePermit),
+pub(super) struct Killable<B, H> {
+    pub(super) inner: B,
+    pub(super) kill: oneshot::Receiver<CloseReason>,
+    pub(super) _held: H,
 }
 
-impl<B> hyper::body::Body for Killable<B>
+impl<B, H: Unpin> hyper::body::Body for Killable<B, H>
 where
     B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
     B::Error: Into<super::BoxError>,
@@ -405,15 +556,18 @@ fn local_uri(address: SocketAddr, path_and_query: &str) -> Option<Uri> {
         .ok()
 }
 
-/// Carries an upgraded connection's bytes both ways until either side ends or the flow
-/// is closed.
-pub(super) async fn splice(
-    a: hyper::upgrade::OnUpgrade,
-    b: hyper::upgrade::OnUpgrade,
-    mut closed: watch::Receiver<Option<CloseReason>>,
+/// Carries an upgraded connection's bytes both ways until either side ends, nothing
+/// moves for `idle`, or the flow is closed.
+pub(super) async fn splice<A, B>(
+    a: A,
+    mut b: B,
+    closed: Option<watch::Receiver<Option<CloseReason>>>,
     kill: Option<oneshot::Receiver<CloseReason>>,
     idle: std::time::Duration,
-) {
+) where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let killed = async {
         match kill {
             Some(k) => {
@@ -424,15 +578,7 @@ pub(super) async fn splice(
             None => std::future::pending::<()>().await,
         }
     };
-    let (a, b) = match tokio::try_join!(a, b) {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
-        }
-    };
-    let (a, activity) = io::Active::new(TokioIo::new(a));
-    let (mut a, mut b) = (a, TokioIo::new(b));
+    let (mut a, activity) = io::Active::new(a);
     tokio::select! {
         _ = activity.idle_for(idle) => {
             tracing::info!(?idle, "upgraded connection idle: closed");
@@ -440,7 +586,14 @@ pub(super) async fn splice(
         r = tokio::io::copy_bidirectional(&mut a, &mut b) => {
             tracing::debug!(result = ?r, "upgraded connection ended");
         }
-        _ = closed.wait_for(|c| c.is_some()) => {
+        _ = async {
+            match closed {
+                Some(mut c) => {
+                    let _ = c.wait_for(|c| c.is_some()).await;
+                }
+                None => std::future::pending().await,
+            }
+        } => {
             tracing::info!("upgraded connection closed with its flow");
         }
         _ = killed => {

@@ -14,6 +14,7 @@
 //! Both sides are built on hyper; nothing here parses HTTP by hand.
 
 pub mod egress;
+pub mod framed;
 pub mod ingress;
 pub mod io;
 pub mod replay;
@@ -35,6 +36,9 @@ pub const REASON_HEADER: &str = "x-quicmesh-reason";
 /// The header on a policy refusal naming the deciding rule.
 pub const RULE_HEADER: &str = "x-quicmesh-rule";
 
+/// The stream error code of an exchange given up before its end (a body cut short).
+pub const STREAM_ABORTED: u32 = 0x51;
+
 /// The W3C trace context header.
 pub const TRACEPARENT: &str = "traceparent";
 
@@ -52,9 +56,14 @@ pub struct Exchange {
 
 impl Exchange {
     pub fn new<B>(req: &hyper::Request<B>) -> Self {
+        Self::named(req.method().as_str(), req.uri().path())
+    }
+
+    /// An exchange of a request known by its method and path (as received).
+    pub fn named(method: &str, path: &str) -> Self {
         Self {
-            method: req.method().as_str().to_string(),
-            path: req.uri().path().to_string(),
+            method: method.to_string(),
+            path: path.to_string(),
             route: "default".into(),
             hop: None,
             peer: String::new(),
