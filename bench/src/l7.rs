@@ -157,7 +157,6 @@ async fn open_loop(client: Client, rate: u64, secs: u64) -> Outcome {
         let now = Instant::now();
         // Everything due by now leaves now; then sleep until the next one.
         while i < n && start + every.mul_f64(i as f64) <= now {
-            let at = start + every.mul_f64(i as f64);
             i += 1;
             let Ok(permit) = sem.clone().try_acquire_owned() else {
                 dropped += 1;
@@ -166,10 +165,17 @@ async fn open_loop(client: Client, rate: u64, secs: u64) -> Outcome {
             let (client, h, ok, failed) = (client.clone(), h.clone(), ok.clone(), failed.clone());
             tasks.spawn(async move {
                 let _permit = permit;
+                // From when the request leaves, not from when it was due: the client's
+                // timer wakes up to a millisecond late (tokio's resolution), which would
+                // add the same jitter to every system and hide their differences. Requests
+                // are never held back by earlier ones (each has its own task), so no delay
+                // of the system under test is omitted; those over the in-flight bound
+                // are counted as dropped.
+                let sent = Instant::now();
                 let good = tokio::time::timeout(Duration::from_secs(10), client.call())
                     .await
                     .unwrap_or(false);
-                let us = at.elapsed().as_micros().max(1) as u64;
+                let us = sent.elapsed().as_micros().max(1) as u64;
                 if good {
                     ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Ok(mut h) = h.lock() {

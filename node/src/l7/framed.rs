@@ -9,7 +9,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::{Body as _, Frame, SizeHint};
+use hyper::body::{Frame, SizeHint};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use quicmesh_protocol::http_wire::{
@@ -199,11 +199,8 @@ pub async fn send_body<W: AsyncWrite + Unpin>(
     activity: Option<&Activity>,
 ) -> Result<(), SendError> {
     loop {
-        if body.is_end_stream() {
-            first.extend_from_slice(&Chunk::End.prefix());
-            send.write_all(&first).await?;
-            return Ok(());
-        }
+        // Polled to its end even when it says it is complete: a pooled connection goes
+        // back to its pool only once its answer was read to the end.
         match body.frame().await {
             None => {
                 first.extend_from_slice(&Chunk::End.prefix());
@@ -247,20 +244,22 @@ enum Phase {
     Data(usize),
     /// Reading a trailers chunk: what came, of how much.
     Trailers(Vec<u8>, usize),
+    /// After the end chunk: the stream's own end, when it is already there.
+    Fin,
     Done,
 }
 
 /// A body read from a stream's chunks, up to its end chunk. The stream ending or being
 /// reset before it is an error: a truncated body is never taken for a whole one.
 #[derive(Debug)]
-pub struct ChunkBody<R = quinn::RecvStream> {
+pub struct ChunkBody<R: ChunkSource = quinn::RecvStream> {
     recv: R,
     phase: Phase,
     trailers_seen: bool,
     activity: Option<Arc<Activity>>,
 }
 
-impl<R> ChunkBody<R> {
+impl<R: ChunkSource> ChunkBody<R> {
     pub fn new(recv: R, activity: Option<Arc<Activity>>) -> Self {
         Self {
             recv,
@@ -272,6 +271,44 @@ impl<R> ChunkBody<R> {
 
     fn truncated() -> BoxError {
         "the stream ended before the body's end".into()
+    }
+
+    /// Reads what is already there of the end chunk and the stream's end, without
+    /// waiting. HTTP clients and servers stop reading a body once they have the length
+    /// its head declared (or when a GET declares none); the stream would then be dropped
+    /// unread and stopped: a STOP_SENDING the peer acknowledges, two packets per request,
+    /// each waking the other node.
+    fn finish_now(&mut self) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for _ in 0..4 {
+            match &mut self.phase {
+                Phase::Prefix(buf, got) => match self.recv.poll_bytes(&mut cx, &mut buf[*got..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        *got += n;
+                        if *got == CHUNK_PREFIX_LEN {
+                            if Chunk::parse(*buf) != Ok(Chunk::End) {
+                                return;
+                            }
+                            self.phase = Phase::Fin;
+                        }
+                    }
+                    _ => return,
+                },
+                Phase::Fin => {
+                    let mut one = [0u8; 1];
+                    let _ = self.recv.poll_bytes(&mut cx, &mut one);
+                    self.phase = Phase::Done;
+                    return;
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
+impl<R: ChunkSource> Drop for ChunkBody<R> {
+    fn drop(&mut self) {
+        self.finish_now();
     }
 }
 
@@ -287,6 +324,22 @@ impl<R: ChunkSource> hyper::body::Body for ChunkBody<R> {
         loop {
             match &mut me.phase {
                 Phase::Done => return Poll::Ready(None),
+                Phase::Fin => {
+                    // The stream's end normally comes with the end chunk: read it, so the
+                    // stream closes quietly. Dropped unread, it would be stopped (a
+                    // STOP_SENDING the peer must acknowledge: two more packets per request,
+                    // each waking the other node). Not there yet: the body ends anyway.
+                    let mut one = [0u8; 1];
+                    let extra = match me.recv.poll_bytes(cx, &mut one) {
+                        Poll::Ready(Ok(n)) => n,
+                        Poll::Ready(Err(_)) | Poll::Pending => 0,
+                    };
+                    me.phase = Phase::Done;
+                    if extra > 0 {
+                        return Poll::Ready(Some(Err("bytes after the body's end".into())));
+                    }
+                    return Poll::Ready(None);
+                }
                 Phase::Prefix(buf, got) => {
                     let n = match ready!(me.recv.poll_bytes(cx, &mut buf[*got..])) {
                         Ok(n) => n,
@@ -310,10 +363,7 @@ impl<R: ChunkSource> hyper::body::Body for ChunkBody<R> {
                         }
                         Ok(Chunk::Data(len)) => Phase::Data(len),
                         Ok(Chunk::Trailers(len)) => Phase::Trailers(Vec::with_capacity(len), len),
-                        Ok(Chunk::End) => {
-                            me.phase = Phase::Done;
-                            return Poll::Ready(None);
-                        }
+                        Ok(Chunk::End) => Phase::Fin,
                         Err(e) => {
                             me.phase = Phase::Done;
                             return Poll::Ready(Some(Err(e.into())));
@@ -391,6 +441,8 @@ mod tests {
     struct Wire {
         bytes: Bytes,
         reset: bool,
+        /// Reads that found the stream's end.
+        ends_read: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl ChunkSource for Wire {
@@ -404,6 +456,10 @@ mod tests {
             }
             let n = buf.len().min(self.bytes.len()).min(3);
             buf[..n].copy_from_slice(&self.bytes.split_to(n));
+            if n == 0 {
+                self.ends_read
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             Poll::Ready(Ok(n))
         }
 
@@ -442,16 +498,63 @@ mod tests {
         bytes: Vec<u8>,
         reset: bool,
     ) -> Result<(Vec<u8>, Option<HeaderMap>), BoxError> {
-        let body = ChunkBody::new(
-            Wire {
+        read_counting(bytes, reset).await.0
+    }
+
+    type Read = Result<(Vec<u8>, Option<HeaderMap>), BoxError>;
+
+    /// What the body read, and how many reads found the stream's end.
+    async fn read_counting(bytes: Vec<u8>, reset: bool) -> (Read, usize) {
+        let ends = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let wire = Wire {
+            bytes: bytes.into(),
+            reset,
+            ends_read: ends.clone(),
+        };
+        let read = match ChunkBody::new(wire, None).collect().await {
+            Ok(got) => {
+                let trailers = got.trailers().cloned();
+                Ok((got.to_bytes().to_vec(), trailers))
+            }
+            Err(e) => Err(e),
+        };
+        (read, ends.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    #[tokio::test]
+    async fn the_stream_s_end_after_the_body_is_read_and_nothing_may_follow() {
+        // Read to the stream's end: a stream dropped before it is stopped, which costs a
+        // round of packets per request.
+        let whole = written(frames(vec![Frame::data(Bytes::from_static(b"ok"))])).await;
+        let (read, ends) = read_counting(whole.clone(), false).await;
+        assert_eq!(read.unwrap().0, b"ok");
+        assert_eq!(ends, 1, "the stream's end was read");
+        // A reader that stops at the length it expected, or never reads an empty body:
+        // dropped, the body still reads its end chunk and the stream's end.
+        for (taken, bytes) in [(1, whole.clone()), (0, written(frames(vec![])).await)] {
+            let ends = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let wire = Wire {
                 bytes: bytes.into(),
-                reset,
-            },
-            None,
+                reset: false,
+                ends_read: ends.clone(),
+            };
+            let mut body = ChunkBody::new(wire, None);
+            for _ in 0..taken {
+                assert!(body.frame().await.unwrap().unwrap().is_data());
+            }
+            drop(body);
+            assert_eq!(
+                ends.load(std::sync::atomic::Ordering::Relaxed),
+                1,
+                "taken {taken}"
+            );
+        }
+        let mut more = whole;
+        more.push(b'x');
+        assert!(
+            read_back(more, false).await.is_err(),
+            "a byte after the end chunk"
         );
-        let got = body.collect().await?;
-        let trailers = got.trailers().cloned();
-        Ok((got.to_bytes().to_vec(), trailers))
     }
 
     #[tokio::test]
