@@ -662,6 +662,7 @@ async fn run_session(
                         write_session(send, &reply).await?;
                     }
                     ControlUp::HttpTraffic(routes) => mesh.report_http_traffic(&name, &services, routes),
+                    ControlUp::HttpRoutes(routes) => mesh.report_http_routes(&name, &services, routes),
                     ControlUp::Hello(_) | ControlUp::Enroll(_) => anyhow::bail!("unexpected message in session"),
                 }
             }

@@ -161,6 +161,8 @@ pub struct Mesh {
     traffic: Mutex<HashMap<String, Vec<quicmesh_protocol::wire::PairTraffic>>>,
     /// Each node's last HTTP route report.
     http_traffic: Mutex<HashMap<String, Vec<quicmesh_protocol::wire::RouteTraffic>>>,
+    /// The route settings each node's `http` upstreams reported (its TOML).
+    http_routes: Mutex<HashMap<String, Vec<quicmesh_protocol::wire::RouteSettings>>>,
     /// Bumped when a traffic report changed something.
     traffic_tx: watch::Sender<u64>,
     policy: ArcSwap<(u64, Policy)>,
@@ -483,6 +485,7 @@ impl Mesh {
             reader_hash,
             traffic: Mutex::new(HashMap::new()),
             http_traffic: Mutex::new(HashMap::new()),
+            http_routes: Mutex::new(HashMap::new()),
             traffic_tx: watch::channel(0).0,
             policy: ArcSwap::from_pointee(policy),
             version_tx,
@@ -816,6 +819,11 @@ impl Mesh {
         if let Some(s) = self.sessions.lock().ok().and_then(|mut m| m.remove(name)) {
             s.end_revoked();
         }
+        // Its traffic stays (what happened, happened); its routes no longer route.
+        self.http_routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         tracing::info!(node = name, serials = serials.len(), "node revoked");
         Ok(serials)
     }

@@ -405,7 +405,11 @@ pub async fn events(State(web): State<Arc<Web>>) -> Response {
 /// `GET /api/v1/traffic`: per service pair flows, bytes, denials and setup latency; per
 /// HTTP route requests by status class and latency.
 pub async fn traffic(State(web): State<Arc<Web>>) -> Json<serde_json::Value> {
-    Json(json!({ "pairs": web.mesh.traffic(), "http": web.mesh.http_traffic() }))
+    Json(json!({
+        "pairs": web.mesh.traffic(),
+        "http": web.mesh.http_traffic(),
+        "http_routes": web.mesh.http_routes(),
+    }))
 }
 
 /// `GET /api/v1/topology`: services and, per ordered pair, whether policy allows it,

@@ -279,7 +279,19 @@ async function traffic() {
         el("td", { class: "requests" }, h.requests),
         el("td", { class: "classes " + ((h.classes["5xx"] || 0) > 0 ? "bad" : "") }, Object.entries(h.classes).map(([k, v]) => k + ": " + v).join(", ") || "-"),
         el("td", { class: "p50" }, ms(h.p50_ms)),
-        el("td", { class: "p99" }, ms(h.p99_ms))))));
+        el("td", { class: "p99" }, ms(h.p99_ms))))),
+    el("h2", {}, "Route settings"),
+    el("p", { class: "muted" }, "How each node's http upstreams route, as set in its node config (changed by restarting the node)."),
+    el("table", { id: "http-routes" },
+      el("tr", {}, ["node", "from", "to", "route", "match", "split", "timeout", "per try", "retries", "fault"].map(h => el("th", {}, h))),
+      (r.body.http_routes || []).map(h => el("tr", { "data-route-setting": h.node + ":" + h.src + "->" + h.dst + ":" + h.route },
+        el("td", {}, h.node), el("td", {}, h.src), el("td", {}, h.dst), el("td", {}, h.route),
+        el("td", { class: "match" }, [h.path_prefix ? "prefix " + h.path_prefix : "", ...h.headers].filter(x => x).join(", ") || "any"),
+        el("td", { class: "split" }, h.split.map(s => Object.entries(s.labels).map(([k, v]) => k + "=" + v).join(",") + " " + s.weight).join(", ") || "all instances"),
+        el("td", {}, h.timeout_ms + " ms"),
+        el("td", {}, h.per_try_timeout_ms == null ? "-" : h.per_try_timeout_ms + " ms"),
+        el("td", {}, h.retries),
+        el("td", { class: "fault" }, h.fault || "-")))));
 }
 
 async function topology() {

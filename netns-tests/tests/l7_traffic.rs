@@ -191,6 +191,37 @@ fn splits_header_routes_retries_timeouts_and_faults() -> anyhow::Result<()> {
         (140..=260).contains(&aborted) && aborted + ok == 400,
         "{aborted} aborted, {ok} ok"
     );
+
+    // The coordinator's dashboard API shows how web-1 routes, as its TOML sets it.
+    let routes = m._coord.api_get("traffic")?["http_routes"].clone();
+    let find = |name: &str| {
+        routes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["node"] == "web-1" && r["route"] == name)
+            .cloned()
+    };
+    let split = find("split").ok_or_else(|| anyhow::anyhow!("no split route: {routes}"))?;
+    ensure!(
+        split["src"] == "web" && split["dst"] == "api" && split["path_prefix"] == "/split",
+        "{split}"
+    );
+    ensure!(
+        split["split"][1]["labels"]["version"] == "v2" && split["split"][1]["weight"] == 10,
+        "{split}"
+    );
+    let chaos = find("chaos").ok_or_else(|| anyhow::anyhow!("no chaos route: {routes}"))?;
+    ensure!(
+        chaos["fault"]
+            .as_str()
+            .is_some_and(|f| f.contains("abort 503 on 50%")),
+        "{chaos}"
+    );
+    ensure!(
+        find("default").is_some_and(|d| d["retries"] == 3),
+        "{routes}"
+    );
     Ok(())
 }
 

@@ -411,7 +411,15 @@ async fn session(
                             c.last_error = Some(format!("relay refused: {detail}"));
                         }
                     }
-                    ControlDown::Features { http_traffic } => http_traffic_wanted = http_traffic,
+                    ControlDown::Features { http_traffic } => {
+                        http_traffic_wanted = http_traffic;
+                        // Routes are set in this node's TOML and change with a restart
+                        // (a new session): told once.
+                        let routes = crate::l7::route_settings(&node.cfg.upstreams);
+                        if http_traffic && !routes.is_empty() {
+                            write_frame(&mut send, &ControlUp::HttpRoutes(routes)).await.map_err(|e| e.to_string())?;
+                        }
+                    }
                     ControlDown::Goodbye { revoked: true, detail } => return Ok(SessionEnd::Revoked(detail)),
                     ControlDown::Goodbye { revoked: false, detail } => return Err(format!("coordinator said goodbye: {detail}")),
                     other => return Err(format!("unexpected control message {other:?}")),

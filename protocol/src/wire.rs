@@ -212,6 +212,29 @@ pub enum ControlUp {
     /// HTTP requests per route as this node saw them (cumulative since it started); sent
     /// only to a coordinator that asked for them ([`ControlDown::Features`]).
     HttpTraffic(Vec<RouteTraffic>),
+    /// How the routes of this node's `http` upstreams are set (its TOML); sent once per
+    /// session to a coordinator that asked for HTTP traffic ([`ControlDown::Features`]),
+    /// at most [`MAX_ROUTE_REPORTS`] of them.
+    HttpRoutes(Vec<RouteSettings>),
+}
+
+/// One route of a node's `http` upstream as configured, for the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteSettings {
+    /// The upstream's source service (one of the node's own).
+    pub src: ServiceName,
+    pub dst: ServiceName,
+    pub route: String,
+    pub path_prefix: Option<String>,
+    /// Header names with the value each must have.
+    pub headers: Vec<(String, String)>,
+    /// Weighted subsets: the labels an instance must carry, and the weight.
+    pub split: Vec<(std::collections::BTreeMap<String, String>, u32)>,
+    pub timeout_ms: u64,
+    pub per_try_timeout_ms: Option<u64>,
+    pub retries: u32,
+    /// Faults injected, in words (`delay 100ms on 10%, abort 503 on 5%`).
+    pub fault: Option<String>,
 }
 
 /// A node's `Hello` agent version carries this when the node reports HTTP traffic; the

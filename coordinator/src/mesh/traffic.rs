@@ -39,6 +39,53 @@ impl Mesh {
         self.traffic_tx.send_modify(|v| *v += 1);
     }
 
+    /// Records how a node's `http` upstreams route (sent once per session). Only routes
+    /// whose source is one of the node's own services are kept, at most
+    /// [`quicmesh_protocol::wire::MAX_ROUTE_REPORTS`].
+    pub fn report_http_routes(
+        &self,
+        node: &str,
+        services: &[String],
+        mut routes: Vec<quicmesh_protocol::wire::RouteSettings>,
+    ) {
+        routes.truncate(quicmesh_protocol::wire::MAX_ROUTE_REPORTS);
+        routes.retain(|r| services.iter().any(|s| s == r.src.as_str()));
+        let mut m = self.http_routes.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(node) == Some(&routes) {
+            return;
+        }
+        m.insert(node.to_string(), routes);
+        drop(m);
+        self.traffic_tx.send_modify(|v| *v += 1);
+    }
+
+    /// The routes every node reported, by node name.
+    pub fn http_routes(&self) -> Vec<serde_json::Value> {
+        let m = self.http_routes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut nodes: Vec<&String> = m.keys().collect();
+        nodes.sort();
+        nodes
+            .into_iter()
+            .flat_map(|n| {
+                m[n].iter().map(move |r| {
+                    serde_json::json!({
+                        "node": n,
+                        "src": r.src.as_str(),
+                        "dst": r.dst.as_str(),
+                        "route": r.route,
+                        "path_prefix": r.path_prefix,
+                        "headers": r.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>(),
+                        "split": r.split.iter().map(|(labels, weight)| serde_json::json!({"labels": labels, "weight": weight})).collect::<Vec<_>>(),
+                        "timeout_ms": r.timeout_ms,
+                        "per_try_timeout_ms": r.per_try_timeout_ms,
+                        "retries": r.retries,
+                        "fault": r.fault,
+                    })
+                })
+            })
+            .collect()
+    }
+
     /// HTTP requests per (side, source, destination, route), summed over the nodes'
     /// reports, with latency quantiles from the merged buckets.
     pub fn http_traffic(&self) -> Vec<RouteView> {

@@ -138,6 +138,48 @@ impl Exchange {
     }
 }
 
+/// How the routes of the `http` upstreams are set, as the coordinator's dashboard shows
+/// them (at most [`quicmesh_protocol::wire::MAX_ROUTE_REPORTS`]).
+pub fn route_settings(
+    upstreams: &[crate::config::UpstreamConfig],
+) -> Vec<quicmesh_protocol::wire::RouteSettings> {
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    upstreams
+        .iter()
+        .filter(|u| u.protocol == crate::config::Protocol::Http)
+        .flat_map(|u| {
+            u.http
+                .routes
+                .iter()
+                .map(move |r| quicmesh_protocol::wire::RouteSettings {
+                    src: u.source.clone(),
+                    dst: u.service.clone(),
+                    route: r.name.clone(),
+                    path_prefix: r.matches.path_prefix.clone(),
+                    headers: r.matches.headers.clone(),
+                    split: r
+                        .split
+                        .iter()
+                        .map(|s| (s.labels.clone(), s.weight))
+                        .collect(),
+                    timeout_ms: ms(r.timeout),
+                    per_try_timeout_ms: r.per_try_timeout.map(ms),
+                    retries: r.retries,
+                    fault: r.fault.as_ref().map(|f| {
+                        format!(
+                            "delay {}ms on {}%, abort {} on {}%",
+                            ms(f.delay),
+                            f.delay_percent,
+                            f.abort_status,
+                            f.abort_percent
+                        )
+                    }),
+                })
+        })
+        .take(quicmesh_protocol::wire::MAX_ROUTE_REPORTS)
+        .collect()
+}
+
 /// A body the proxy wrote.
 pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|e| match e {}).boxed()
