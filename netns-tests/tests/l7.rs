@@ -581,3 +581,58 @@ headers = { x-tenant = "web" }
     );
     Ok(())
 }
+
+#[test]
+fn an_http_upstream_reaches_a_plain_l4_service_as_its_stream_verdict_says() -> anyhow::Result<()> {
+    // The client's node sends every request framed; the destination's service is plain
+    // L4 (no `protocol = "http"`): the stream's verdict (judged as opaque bytes) is the
+    // request's, and the request reaches the service as HTTP/1.1.
+    let mesh = Mesh::new("l7_to_l4");
+    let coord = CoordinatorProc::start(&mesh, "1h")?;
+    let policy =
+        "default = \"deny\"\n[[rule]]\nfrom = \"web\"\nto = \"plain\"\naction = \"allow\"\n";
+    let out = coord.apply_policy(&mesh, policy)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (plain, closed) = (HttpService::start("plain")?, HttpService::start("closed")?);
+    let _api = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("api-1")
+            .service("plain", plain.addr)
+            .service("closed", closed.addr),
+    )?;
+    let http = ["protocol = \"http\""];
+    let web = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("web-1")
+            .service("web", echo_server()?)
+            .upstream_with("plain", &http)
+            .upstream_with("closed", &http)
+            .no_egress_check(),
+    )?;
+    coord.wait_all_acked(2, std::time::Duration::from_secs(15));
+    let ok = curl(
+        &format!("http://{}/a/../hello?x=1", web.upstream_at(0)),
+        &["-X", "POST", "-d", "body"],
+    )?;
+    ensure!(ok.status == 200, "{ok:?}");
+    ensure!(
+        ok.body.starts_with("plain POST /hello?x=1 src=web"),
+        "{}",
+        ok.body
+    );
+    // The denied twin: no rule allows web -> closed; refused at the stream, named.
+    let no = curl(&format!("http://{}/hello", web.upstream_at(1)), &[])?;
+    ensure!(no.status == 403, "{no:?}");
+    ensure!(
+        no.header("x-quicmesh-reason") == Some("policy_denied"),
+        "{no:?}"
+    );
+    ensure!(closed.seen().is_empty(), "the closed service saw nothing");
+    Ok(())
+}
