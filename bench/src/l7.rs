@@ -326,12 +326,23 @@ fn start_haproxy(net: &Net, dir: &Path) -> anyhow::Result<HaProxy> {
     Ok(HaProxy { children })
 }
 
-/// CPU ticks and peak resident kB of `pids`, summed.
-fn usage(pids: &[u32]) -> (u64, u64) {
-    pids.iter().fold((0, 0), |(cpu, rss), p| {
-        let (_, hwm, c) = stat::proc_usage_full(*p);
-        (cpu + c, rss + hwm)
-    })
+/// CPU ticks of `pids`, summed.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| stat::proc_usage_full(*p).2).sum()
+}
+
+/// Starts a new peak-memory window for `pids`: each one's peak resident size (VmHWM)
+/// goes back to its resident size now, so a row's peak is its own, not an earlier
+/// system's on the same nodes.
+fn reset_peaks(pids: &[u32]) {
+    for p in pids {
+        let _ = std::fs::write(format!("/proc/{p}/clear_refs"), "5");
+    }
+}
+
+/// Peak resident kB of each of `pids` since its window started.
+fn peaks(pids: &[u32]) -> Vec<u64> {
+    pids.iter().map(|p| stat::proc_usage_full(*p).1).collect()
 }
 
 /// Runs the scenario and returns its JSON.
@@ -415,6 +426,9 @@ pub fn run(opts: &L7Opts) -> anyhow::Result<Value> {
     );
     let mut runs = Vec::new();
     // (proto, test) -> system -> (p50, p99, req/s, cpu s per 100k)
+    // Per system, each proxy's peak resident kB over its rows (web-1 / svc-1 for the
+    // quicmesh systems, client / server side for HAProxy).
+    let mut peak: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     let mut table: std::collections::BTreeMap<(String, String), Vec<(String, Value)>> =
         Default::default();
     systems.retain(|s| opts.systems.is_empty() || opts.systems.iter().any(|x| x == s.name));
@@ -447,7 +461,8 @@ pub fn run(opts: &L7Opts) -> anyhow::Result<Value> {
             tests.push(("saturation".into(), None));
             for (test, rate) in tests {
                 let (secs, conc) = (opts.secs, opts.concurrency);
-                let (cpu0, _) = usage(&s.pids);
+                let cpu0 = cpu_ticks(&s.pids);
+                reset_peaks(&s.pids);
                 let before = stat::cpu_jiffies();
                 let o = in_client(&ns_client, move || {
                     Box::pin(async move {
@@ -464,7 +479,18 @@ pub fn run(opts: &L7Opts) -> anyhow::Result<Value> {
                     bail!("{}: no client for {addr}", s.name);
                 };
                 let steal = stat::steal_pct(before, stat::cpu_jiffies());
-                let (cpu1, rss_kb) = usage(&s.pids);
+                let cpu1 = cpu_ticks(&s.pids);
+                let rss_kb = peaks(&s.pids);
+                let rss_mb: Vec<String> = rss_kb
+                    .iter()
+                    .map(|k| format!("{:.1}", *k as f64 / 1024.0))
+                    .collect();
+                let top = peak
+                    .entry(s.name.to_string())
+                    .or_insert_with(|| vec![0; rss_kb.len()]);
+                for (t, k) in top.iter_mut().zip(&rss_kb) {
+                    *t = (*t).max(*k);
+                }
                 let cpu_s = (cpu1.saturating_sub(cpu0)) as f64 / stat::TICKS_PER_SEC;
                 let per_100k = if o.ok > 0 && !s.pids.is_empty() {
                     cpu_s * 100_000.0 / o.ok as f64
@@ -474,8 +500,8 @@ pub fn run(opts: &L7Opts) -> anyhow::Result<Value> {
                 let rps = o.ok as f64 / o.secs.max(1e-9);
                 let (p50, p99) = (o.h.value_at_quantile(0.5), o.h.value_at_quantile(0.99));
                 println!(
-                    "  {:<6} {:<11} {:<10} p50 {:>7} us  p99 {:>7} us  {:>8.0} req/s  ok {} failed {} dropped {}  cpu {:.2} s/100k  rss {} kB  steal {:.1}%",
-                    proto.name(), s.name, test, p50, p99, rps, o.ok, o.failed, o.dropped, per_100k, rss_kb, steal
+                    "  {:<6} {:<11} {:<10} p50 {:>7} us  p99 {:>7} us  {:>8.0} req/s  ok {} failed {} dropped {}  cpu {:.2} s/100k  peak rss per proxy {} MB  steal {:.1}%",
+                    proto.name(), s.name, test, p50, p99, rps, o.ok, o.failed, o.dropped, per_100k, rss_mb.join(" / "), steal
                 );
                 let v = json!({"proto": proto.name(), "system": s.name, "test": test, "p50_us": p50, "p99_us": p99, "p999_us": o.h.value_at_quantile(0.999), "req_per_s": rps, "ok": o.ok, "failed": o.failed, "dropped": o.dropped, "cpu_s_per_100k": per_100k, "peak_rss_kb": rss_kb, "steal_pct": steal});
                 table
@@ -517,14 +543,17 @@ pub fn run(opts: &L7Opts) -> anyhow::Result<Value> {
         println!("{line}");
         summary.push(row);
     }
-    // Memory of each node under load, as the target is per node.
-    let web_rss = web.pid().map(|p| stat::proc_usage_full(p).1).unwrap_or(0);
-    let svc_rss = svc.pid().map(|p| stat::proc_usage_full(p).1).unwrap_or(0);
-    println!(
-        "node peak RSS under load: web-1 {:.1} MB, svc-1 {:.1} MB",
-        web_rss as f64 / 1024.0,
-        svc_rss as f64 / 1024.0
-    );
+    // Memory of each proxy under load (the target is per node), each system's own rows.
+    let mb = |k: &u64| format!("{:.1} MB", *k as f64 / 1024.0);
+    for (name, kb) in &peak {
+        if !kb.is_empty() {
+            let each: Vec<String> = kb.iter().map(mb).collect();
+            println!(
+                "peak RSS per proxy under load, {name}: {}",
+                each.join(" / ")
+            );
+        }
+    }
     if let Some(why) = &haproxy_note {
         println!("haproxy: not run: {why}");
     }
@@ -536,7 +565,7 @@ pub fn run(opts: &L7Opts) -> anyhow::Result<Value> {
         "scenario": "l7",
         "opts": {"rates": opts.rates, "secs": opts.secs, "concurrency": opts.concurrency},
         "summary": summary,
-        "node_peak_rss_kb": {"web-1": web_rss, "svc-1": svc_rss},
+        "peak_rss_kb_per_proxy": peak,
         "haproxy": haproxy_note.unwrap_or_else(|| "ran".into()),
         "runs": runs,
     }))

@@ -367,14 +367,22 @@ async function start() {
     await api("/session", { method: "DELETE" });
     location.href = "/ui/login";
   });
-  await PAGES[page]();
-  document.body.dataset.ready = "1";
   const es = new EventSource("/api/v1/events");
   const dot = document.getElementById("live");
-  es.onopen = () => dot.classList.add("on");
+  // The page loads once the event stream is open: a change between the load and the
+  // subscription would send no event of its own. A reconnect loads it again (changes
+  // while disconnected sent none either).
+  let opened = false;
+  const open = new Promise(resolve => {
+    es.onopen = () => { dot.classList.add("on"); if (opened) refresh(); opened = true; resolve(); };
+    setTimeout(resolve, 2000);
+  });
   es.onerror = () => dot.classList.remove("on");
   es.addEventListener("mesh", refresh);
   es.addEventListener("traffic", () => { if (page === "traffic" || page === "topology" || page === "overview") refresh(); });
+  await open;
+  await PAGES[page]();
+  document.body.dataset.ready = "1";
 }
 
 start();

@@ -57,14 +57,13 @@ async fn read_body<R: AsyncRead + Unpin>(
         got += n;
     }
     let len = frame_len(prefix)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameError::Decode(DecodeError::Truncated)
-        } else {
-            FrameError::Io(e)
-        }
-    })?;
+    // Grown as the bytes come, not sized by the prefix: a peer that names a long frame
+    // and sends nothing holds little.
+    let mut body = Vec::with_capacity(len.min(1024));
+    (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(DecodeError::Truncated.into());
+    }
     Ok(Some(body))
 }
 
@@ -75,4 +74,43 @@ pub async fn write_frame<M: Message, W: AsyncWrite + Unpin>(
 ) -> Result<(), FrameError> {
     w.write_all(&wire::encode_frame(msg)).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quicmesh_protocol::http_wire::RequestOpen;
+    use quicmesh_protocol::wire::StreamHeader;
+
+    fn header() -> StreamHeader {
+        StreamHeader {
+            src_service: quicmesh_protocol::ident::ServiceName::new("web").unwrap(),
+            dst_service: quicmesh_protocol::ident::ServiceName::new("api").unwrap(),
+            flow_id: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_opening_is_read_whole_or_refused() {
+        let f = wire::encode_frame(&header());
+        let got = read_opening(&mut &f[..]).await.unwrap().unwrap();
+        assert_eq!(got.header(), &header());
+        assert!(
+            read_opening(&mut &[][..]).await.unwrap().is_none(),
+            "a clean end"
+        );
+        // A prefix naming a long frame, then too few bytes: truncated, however long
+        // the prefix said it would be.
+        let mut short = (RequestOpen::MAX_LEN as u32).to_be_bytes().to_vec();
+        short.extend_from_slice(&[1, 5, 0]);
+        assert!(matches!(
+            read_opening(&mut &short[..]).await,
+            Err(FrameError::Decode(DecodeError::Truncated))
+        ));
+        let long = ((RequestOpen::MAX_LEN + 1) as u32).to_be_bytes();
+        assert!(matches!(
+            read_opening(&mut &long[..]).await,
+            Err(FrameError::Decode(DecodeError::TooLong { .. }))
+        ));
+    }
 }

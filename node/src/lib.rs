@@ -111,6 +111,7 @@ mod layers {
         ("l7", include_str!("l7/mod.rs")),
         ("l7", include_str!("l7/ingress.rs")),
         ("l7", include_str!("l7/io.rs")),
+        ("l7", include_str!("l7/framed.rs")),
         ("l7", include_str!("l7/replay.rs")),
         ("local_http", include_str!("local_http.rs")),
         ("l7_egress", include_str!("l7/egress.rs")),

@@ -19,7 +19,7 @@ use hyper::Uri;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use quicmesh_protocol::http_route::Bucket;
-use quicmesh_protocol::ident::ServiceName;
+use quicmesh_protocol::ident::{NodeName, ServiceName};
 use tokio::net::TcpStream;
 
 use crate::config::RateLimit;
@@ -101,13 +101,21 @@ const MAX_BUCKETS: usize = 4096;
 /// are answered 503 (`overloaded`) at once rather than queued.
 pub const MAX_IN_FLIGHT: usize = 4096;
 
-/// Every local service's clients (made on first use), rate limit buckets, and the bound on
-/// requests in flight.
+/// Most requests one peer has in flight at this node's services at once: no peer takes
+/// every place of the node's [`MAX_IN_FLIGHT`].
+pub const MAX_IN_FLIGHT_PER_PEER: usize = MAX_IN_FLIGHT / 4;
+
+/// Requests in flight per peer (entries leave at zero: bounded by the peers).
+type PeerCounts = Arc<Mutex<HashMap<NodeName, usize>>>;
+
+/// Every local service's clients (made on first use), rate limit buckets, and the bounds
+/// on requests in flight.
 #[derive(Debug)]
 pub struct Pools {
     clients: Mutex<HashMap<SocketAddr, Clients>>,
     buckets: Mutex<HashMap<(ServiceName, Option<ServiceName>), Bucket>>,
     in_flight: Arc<tokio::sync::Semaphore>,
+    per_peer: PeerCounts,
 }
 
 impl Default for Pools {
@@ -116,14 +124,48 @@ impl Default for Pools {
             clients: Mutex::default(),
             buckets: Mutex::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            per_peer: PeerCounts::default(),
+        }
+    }
+}
+
+/// A request's place among those in flight: the node's and its peer's, given back when
+/// dropped.
+#[derive(Debug)]
+pub struct RequestPermit {
+    _node: tokio::sync::OwnedSemaphorePermit,
+    peer: NodeName,
+    counts: PeerCounts,
+}
+
+impl Drop for RequestPermit {
+    fn drop(&mut self) {
+        let mut m = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
         }
     }
 }
 
 impl Pools {
-    /// A place for one more request in flight, or `None` when all are taken.
-    pub fn try_request(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.in_flight.clone().try_acquire_owned().ok()
+    /// A place for one more request from `peer`, or `None` when the node's or the
+    /// peer's are all taken.
+    pub fn try_request(&self, peer: &NodeName) -> Option<RequestPermit> {
+        let mut m = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.get(peer).copied().unwrap_or(0);
+        if n >= MAX_IN_FLIGHT_PER_PEER {
+            return None;
+        }
+        let node = self.in_flight.clone().try_acquire_owned().ok()?;
+        m.insert(peer.clone(), n + 1);
+        Some(RequestPermit {
+            _node: node,
+            peer: peer.clone(),
+            counts: self.per_peer.clone(),
+        })
     }
 
     /// The clients for `addr`.
@@ -164,6 +206,23 @@ impl Pools {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_peer_cannot_take_every_place_and_places_come_back() {
+        let p = Pools::default();
+        let (a, b) = (NodeName::new("a").unwrap(), NodeName::new("b").unwrap());
+        let held: Vec<RequestPermit> = (0..MAX_IN_FLIGHT_PER_PEER)
+            .map(|_| p.try_request(&a).unwrap())
+            .collect();
+        assert!(p.try_request(&a).is_none(), "a's share is taken");
+        assert!(p.try_request(&b).is_some(), "b still gets in");
+        drop(held);
+        assert!(p.try_request(&a).is_some(), "given back");
+        assert!(
+            p.per_peer.lock().unwrap().is_empty(),
+            "no entry left at zero"
+        );
+    }
 
     fn svc(s: &str) -> ServiceName {
         ServiceName::new(s).unwrap()

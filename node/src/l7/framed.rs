@@ -107,6 +107,20 @@ pub fn request(head: RequestHead, body: Body) -> Result<Request<Body>, String> {
     let uri = Uri::try_from(head.target.as_str())
         .map_err(|_| format!("request target {:?} is not a URI", head.target))?;
     let headers = header_map(head.headers)?;
+    // A request that switches protocols carries no body: a length would make the service
+    // read the next request on its connection as this one's body.
+    if head.upgrade {
+        if !super::wants_upgrade(&headers) {
+            return Err("an upgrade without `Connection: upgrade` and `Upgrade`".into());
+        }
+        let has_length = headers
+            .get_all(hyper::header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v != "0");
+        if has_length || headers.contains_key(hyper::header::TRANSFER_ENCODING) {
+            return Err("an upgrade request with a body length".into());
+        }
+    }
     let lengths = headers.get_all(hyper::header::CONTENT_LENGTH);
     let mut n = 0;
     for v in lengths {
@@ -655,6 +669,29 @@ mod tests {
         let mut h = head(vec![]);
         h.method = "GE T".into();
         assert!(request(h, empty()).is_err());
+        // An upgrade must ask for it, and declare no body (a length would make the
+        // service take the next request on its connection for this one's body).
+        let upgrade = |extra: Vec<(&str, &[u8])>| {
+            let mut h = head(
+                [
+                    vec![("connection", &b"upgrade"[..]), ("upgrade", b"websocket")],
+                    extra,
+                ]
+                .concat(),
+            );
+            h.upgrade = true;
+            request(h, empty())
+        };
+        assert!(upgrade(vec![]).is_ok());
+        assert!(upgrade(vec![("content-length", b"0")]).is_ok());
+        assert!(
+            upgrade(vec![("content-length", b"40")]).is_err(),
+            "smuggling length"
+        );
+        assert!(upgrade(vec![("transfer-encoding", b"chunked")]).is_err());
+        let mut h = head(vec![]);
+        h.upgrade = true;
+        assert!(request(h, empty()).is_err(), "the flag without the headers");
     }
 
     #[test]

@@ -36,6 +36,7 @@ use super::{
 use crate::authz::{self, Direction, JudgedRequest, StreamRequest};
 use crate::clock;
 use crate::flow::FlowInfo;
+use crate::local_http::RequestPermit;
 use crate::reason::{CloseReason, RequestRefusal};
 use crate::state::Node;
 use quicmesh_protocol::wire::{encode_frame, StreamReply};
@@ -142,46 +143,131 @@ async fn handle(
     let mut ctx = super::Exchange::new(&req);
     ctx.peer = conn.peer.node.to_string();
     let client_side = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
-    let (resp, switched) = judge_and_forward(node, conn, req.map(boxed), true, &mut ctx).await;
-    if let (Some(sw), Some(client_side)) = (switched, client_side) {
-        let idle = node.cfg.flow_idle_timeout;
-        tokio::spawn(async move {
-            // The place among the requests in flight is held while the connection lives.
-            let _held = sw.held;
-            let (a, b) = match tokio::try_join!(client_side, sw.service) {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(error = %e, "upgrade failed");
-                    return;
-                }
-            };
-            splice(
-                TokioIo::new(a),
-                TokioIo::new(b),
-                Some(closed),
-                Some(sw.kill),
-                idle,
-            )
-            .await
-        });
-    }
+    let (resp, held) = judge_and_forward(node, conn, req.map(boxed), true, &mut ctx).await;
+    let resp = match held {
+        None => resp,
+        Some(Held {
+            kill,
+            flow,
+            permit,
+            upgrade: Some(service),
+        }) => {
+            if let Some(client_side) = client_side {
+                let idle = node.cfg.flow_idle_timeout;
+                tokio::spawn(async move {
+                    // The request's flow and place are held while the connection lives.
+                    let _held = (flow, permit);
+                    let (a, b) = match tokio::try_join!(client_side, service) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "upgrade failed");
+                            return;
+                        }
+                    };
+                    splice(
+                        TokioIo::new(a),
+                        TokioIo::new(b),
+                        Some(closed),
+                        Some(kill),
+                        idle,
+                    )
+                    .await
+                });
+            }
+            resp
+        }
+        Some(Held {
+            kill, flow, permit, ..
+        }) => resp.map(|b| {
+            boxed(Killable {
+                inner: b,
+                kill,
+                _held: (flow, permit),
+            })
+        }),
+    };
     let pair = (conn.src.as_str(), conn.dst.as_str());
     ctx.done(node, Direction::Ingress, pair, &resp, started);
     resp
 }
 
-/// A request the service switched to another protocol (101): the service's side of the
-/// new protocol, and what the request holds while it lives.
-pub(super) struct Switched {
-    service: hyper::upgrade::OnUpgrade,
+/// What an allowed request holds while any part of it lives (its answer, its upload, a
+/// connection it switched to): its flow, re-judged as this request on every policy or
+/// revocation change (`kill` fires when it would no longer be allowed), and its place
+/// among the requests in flight.
+pub(super) struct Held {
     kill: oneshot::Receiver<CloseReason>,
-    held: (crate::flow::FlowGuard, tokio::sync::OwnedSemaphorePermit),
+    flow: crate::flow::FlowGuard,
+    permit: RequestPermit,
+    /// The service switched protocols (101): its side of the new protocol.
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// Resolves when `held`'s request is closed; never for a request that holds nothing
+/// (refused) or whose flow went away without a verdict.
+async fn closed_by_node(held: &mut Option<Held>) -> CloseReason {
+    match held {
+        Some(h) => match (&mut h.kill).await {
+            Ok(reason) => reason,
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// A framed request's body on its way to the service: its end (or drop) told to the
+/// stream's task, and cut off when that task lets go of it (the stream was closed).
+struct Upload<B> {
+    inner: B,
+    done: Option<oneshot::Sender<()>>,
+    abort: oneshot::Receiver<()>,
+    aborted: bool,
+}
+
+impl<B> hyper::body::Body for Upload<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes, Error = super::BoxError> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, super::BoxError>>> {
+        use std::task::Poll;
+        if !self.aborted && std::pin::Pin::new(&mut self.abort).poll(cx).is_ready() {
+            self.aborted = true;
+        }
+        if self.aborted {
+            self.done.take();
+            return Poll::Ready(Some(Err("the request's stream was closed".into())));
+        }
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            if let Some(d) = self.done.take() {
+                let _ = d.send(());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+/// The node's answer when the stream is given up: reset (the peer sees a failed answer).
+fn abort(send: &mut quinn::SendStream) {
+    let _ = send.reset(quinn::VarInt::from_u32(super::STREAM_ABORTED));
 }
 
 /// One request carried framed on its own stream ([`super::framed`]), from an `http`
 /// upstream: judged and forwarded as a request of an HTTP connection is; the answer goes
-/// back on the stream, and a 101 turns the stream into the new protocol's bytes. The
-/// reason, when the flow was closed.
+/// back on the stream, and a 101 turns the stream into the new protocol's bytes. Every
+/// wait is bounded by the flow idle timeout and ends when the stream's or the request's
+/// flow is closed; the request's flow and place stay held until its answer is sent and
+/// its upload is done. The reason, when closed by the node.
 pub async fn serve_request(
     node: Arc<Node>,
     conn: Conn,
@@ -196,25 +282,34 @@ pub async fn serve_request(
     let upgrade = head.upgrade;
     // A request that asks to switch protocols has no body: the stream goes on with the
     // new protocol's bytes, so it is kept here.
-    let (body, mut kept) = if upgrade {
+    let (body, mut kept, uploaded, _abort) = if upgrade {
         match tokio::time::timeout(HEADER_TIMEOUT, framed::read_empty_body(&mut recv)).await {
-            Ok(Ok(())) => (super::full(bytes::Bytes::new()), Some(recv)),
+            Ok(Ok(())) => (super::full(bytes::Bytes::new()), Some(recv), None, None),
             other => {
                 tracing::info!(result = ?other.map(|r| r.map_err(|e| e.to_string())), "upgrade request with a body: refused");
-                let _ = send.reset(quinn::VarInt::from_u32(super::STREAM_ABORTED));
+                abort(&mut send);
                 return None;
             }
         }
     } else {
-        let body = framed::ChunkBody::new(recv, Some(activity.clone()));
-        (boxed(body), None)
+        let (done, uploaded) = oneshot::channel();
+        let (abort_tx, abort) = oneshot::channel();
+        let body = Upload {
+            inner: boxed(framed::ChunkBody::new(recv, Some(activity.clone()))),
+            done: Some(done),
+            abort,
+            aborted: false,
+        };
+        (boxed(body), None, Some(uploaded), Some(abort_tx))
     };
-    let (method, target) = (head.method.clone(), head.target.clone());
-    let mut ctx = super::Exchange::named(&method, &target);
-    ctx.peer = conn.peer.node.to_string();
     let judged = async {
         match framed::request(head, body) {
-            Ok(req) => judge_and_forward(&node, &conn, req, upgrade, &mut ctx).await,
+            Ok(req) => {
+                let mut ctx = super::Exchange::new(&req);
+                ctx.peer = conn.peer.node.to_string();
+                let (resp, held) = judge_and_forward(&node, &conn, req, upgrade, &mut ctx).await;
+                (resp, held, ctx)
+            }
             Err(why) => {
                 node.metrics.request_refused(
                     RequestRefusal::BadTarget,
@@ -228,46 +323,62 @@ pub async fn serve_request(
                     None,
                     false,
                 );
-                (r, None)
+                let mut ctx = super::Exchange::named("-", "-");
+                ctx.peer = conn.peer.node.to_string();
+                (r, None, ctx)
             }
         }
     };
-    let (resp, switched) = tokio::select! {
+    let (resp, mut held, ctx) = tokio::select! {
         r = judged => r,
         reason = &mut kill => return Some(reason.unwrap_or(CloseReason::NodeShutdown)),
+        _ = activity.idle_for(idle) => {
+            tracing::info!(?idle, "request idle while waiting for its answer: closed");
+            abort(&mut send);
+            return None;
+        }
     };
     let pair = (conn.src.as_str(), conn.dst.as_str());
     let mut first = encode_frame(&StreamReply::Accept);
     first.extend_from_slice(&encode_frame(&framed::response_head(&resp)));
     ctx.done(&node, Direction::Ingress, pair, &resp, started);
-    if let (Some(sw), Some(recv)) = (switched, kept.take()) {
-        if send.write_all(&first).await.is_err() {
-            return None;
-        }
-        let _held = sw.held;
-        let service = match sw.service.await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade failed");
-                return None;
-            }
+    let service = held.as_mut().and_then(|h| h.upgrade.take());
+    if let (Some(service), Some(recv)) = (service, kept.take()) {
+        let switched = async {
+            send.write_all(&first).await.ok()?;
+            service.await.ok()
         };
+        let service = tokio::select! {
+            s = switched => s,
+            _ = tokio::time::sleep(HEADER_TIMEOUT) => None,
+        };
+        let Some(service) = service else {
+            tracing::debug!("upgrade failed");
+            return None;
+        };
+        let h = held?;
+        let _held = (h.flow, h.permit);
         let stream = io::duplex(recv, send);
         tokio::select! {
-            _ = splice(stream, TokioIo::new(service), None, Some(sw.kill), idle) => return None,
+            _ = splice(stream, TokioIo::new(service), None, Some(h.kill), idle) => return None,
             reason = kill => return Some(reason.unwrap_or(CloseReason::NodeShutdown)),
         }
     }
     let (_, mut body) = resp.into_parts();
     let sent = tokio::select! {
         r = framed::send_body(&mut body, &mut send, first, Some(&activity)) => r,
+        reason = closed_by_node(&mut held) => {
+            tracing::info!(%reason, "answer closed with its request's flow");
+            abort(&mut send);
+            return Some(reason);
+        }
         reason = &mut kill => {
-            let _ = send.reset(quinn::VarInt::from_u32(super::STREAM_ABORTED));
+            abort(&mut send);
             return Some(reason.unwrap_or(CloseReason::NodeShutdown));
         }
         _ = activity.idle_for(idle) => {
             tracing::info!(?idle, "request idle: closed");
-            let _ = send.reset(quinn::VarInt::from_u32(super::STREAM_ABORTED));
+            abort(&mut send);
             return None;
         }
     };
@@ -276,8 +387,21 @@ pub async fn serve_request(
             let _ = send.finish();
         }
         Err(e) => {
-            tracing::debug!(error = %e, "response not sent whole");
-            let _ = send.reset(quinn::VarInt::from_u32(super::STREAM_ABORTED));
+            tracing::debug!(error = %e, "answer not sent whole");
+            abort(&mut send);
+        }
+    }
+    // A service may answer before it has read the whole upload: the upload goes on under
+    // the request's flow and place until it ends (then `_abort` lets go of nothing).
+    if let Some(uploaded) = uploaded {
+        tokio::select! {
+            _ = uploaded => {}
+            reason = closed_by_node(&mut held) => {
+                tracing::info!(%reason, "upload closed with its request's flow");
+                return Some(reason);
+            }
+            reason = &mut kill => return Some(reason.unwrap_or(CloseReason::NodeShutdown)),
+            _ = activity.idle_for(idle) => tracing::info!(?idle, "upload idle: closed"),
         }
     }
     None
@@ -292,7 +416,7 @@ async fn judge_and_forward(
     mut req: Request<Body>,
     may_upgrade: bool,
     ctx: &mut super::Exchange,
-) -> (Response<Body>, Option<Switched>) {
+) -> (Response<Body>, Option<Held>) {
     let grpc = is_grpc(req.headers());
     let (src, dst) = (conn.src.as_str(), conn.dst.as_str());
     let method = req.method().clone();
@@ -409,7 +533,7 @@ async fn judge_and_forward(
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         return (r, None);
     }
-    let Some(permit) = node.l7.try_request() else {
+    let Some(permit) = node.l7.try_request(&conn.peer.node) else {
         return refuse(
             RequestRefusal::Overloaded,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -462,6 +586,9 @@ async fn judge_and_forward(
         },
         &node.metrics,
     );
+    // Request trailers are left out: headers the policy never judged (and the mesh's own
+    // names) could ride in them.
+    let body = boxed(NoTrailers(body));
     let sent = tokio::select! {
         r = client.request(Request::from_parts(parts, body)) => r,
         reason = &mut kill => {
@@ -488,23 +615,47 @@ async fn judge_and_forward(
     super::remove_folded(resp.headers_mut(), super::RULE_HEADER);
     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(resp.headers_mut(), switched);
-    if switched && upgrade {
-        let service = hyper::upgrade::on(&mut resp);
-        let sw = Switched {
-            service,
-            kill,
-            held: (guard, permit),
-        };
-        return (resp.map(boxed), Some(sw));
+    let upgrade = (switched && upgrade).then(|| hyper::upgrade::on(&mut resp));
+    let held = Held {
+        kill,
+        flow: guard,
+        permit,
+        upgrade,
+    };
+    (resp.map(boxed), Some(held))
+}
+
+/// A request body without its trailers.
+struct NoTrailers<B>(B);
+
+impl<B> hyper::body::Body for NoTrailers<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes, Error = super::BoxError> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, super::BoxError>>> {
+        loop {
+            match std::task::ready!(std::pin::Pin::new(&mut self.0).poll_frame(cx)) {
+                Some(Ok(f)) if f.is_trailers() => {
+                    tracing::debug!("request trailers left out");
+                }
+                other => return std::task::Poll::Ready(other),
+            }
+        }
     }
-    let resp = resp.map(|b| {
-        boxed(Killable {
-            inner: b,
-            kill,
-            _held: (guard, permit),
-        })
-    });
-    (resp, None)
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0.size_hint()
+    }
 }
 
 /// A response body that ends with an error when its request's flow is closed; it holds
