@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -273,9 +274,10 @@ pub fn chromium() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("QUICMESH_CHROMIUM") {
         return Some(PathBuf::from(p));
     }
+    // The binary before Debian's wrapper script, which runs it as a child.
     [
-        "/usr/bin/chromium-headless-shell",
         "/usr/lib/chromium/chromium-headless-shell",
+        "/usr/bin/chromium-headless-shell",
         "/usr/bin/chromium",
     ]
     .iter()
@@ -308,6 +310,9 @@ impl Browser {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
+            // Its own process group: the browser's helpers (and the browser itself when a
+            // wrapper script started it) end with it.
+            .process_group(0)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
@@ -423,7 +428,12 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // A process this harness started, by PID.
+        // The process group this harness started (the browser's own, by its PID).
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.child.id())])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

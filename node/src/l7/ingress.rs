@@ -222,7 +222,16 @@ struct Upload<B> {
     done: Option<oneshot::Sender<()>>,
     abort: oneshot::Receiver<()>,
     aborted: bool,
+    /// [`UPLOAD_IDLE`], [`UPLOAD_STARTED`] or [`UPLOAD_DONE`], for the stream's task.
+    state: Arc<std::sync::atomic::AtomicU8>,
 }
+
+/// The service's client has not read the body (a GET's never is).
+const UPLOAD_IDLE: u8 = 0;
+/// The body is being read.
+const UPLOAD_STARTED: u8 = 1;
+/// The body was read to its end, or failed.
+const UPLOAD_DONE: u8 = 2;
 
 impl<B> hyper::body::Body for Upload<B>
 where
@@ -239,12 +248,21 @@ where
         if !self.aborted && std::pin::Pin::new(&mut self.abort).poll(cx).is_ready() {
             self.aborted = true;
         }
+        use std::sync::atomic::Ordering;
         if self.aborted {
+            self.state.store(UPLOAD_DONE, Ordering::Relaxed);
             self.done.take();
             return Poll::Ready(Some(Err("the request's stream was closed".into())));
         }
+        let _ = self.state.compare_exchange(
+            UPLOAD_IDLE,
+            UPLOAD_STARTED,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.state.store(UPLOAD_DONE, Ordering::Relaxed);
             if let Some(d) = self.done.take() {
                 let _ = d.send(());
             }
@@ -282,6 +300,7 @@ pub async fn serve_request(
     let upgrade = head.upgrade;
     // A request that asks to switch protocols has no body: the stream goes on with the
     // new protocol's bytes, so it is kept here.
+    let upload = Arc::new(std::sync::atomic::AtomicU8::new(UPLOAD_IDLE));
     let (body, mut kept, uploaded, _abort) = if upgrade {
         match tokio::time::timeout(HEADER_TIMEOUT, framed::read_empty_body(&mut recv)).await {
             Ok(Ok(())) => (super::full(bytes::Bytes::new()), Some(recv), None, None),
@@ -299,6 +318,7 @@ pub async fn serve_request(
             done: Some(done),
             abort,
             aborted: false,
+            state: upload.clone(),
         };
         (boxed(body), None, Some(uploaded), Some(abort_tx))
     };
@@ -391,9 +411,11 @@ pub async fn serve_request(
             abort(&mut send);
         }
     }
-    // A service may answer before it has read the whole upload: the upload goes on under
-    // the request's flow and place until it ends (then `_abort` lets go of nothing).
-    if let Some(uploaded) = uploaded {
+    // A service may answer before it has read the whole upload: an upload under way goes
+    // on under the request's flow and place until it ends. One not started (a GET's, or
+    // one the service never read) is cut off from here on (`_abort` is let go of).
+    let under_way = upload.load(std::sync::atomic::Ordering::Relaxed) == UPLOAD_STARTED;
+    if let Some(uploaded) = uploaded.filter(|_| under_way) {
         tokio::select! {
             _ = uploaded => {}
             reason = closed_by_node(&mut held) => {
