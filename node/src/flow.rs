@@ -59,6 +59,64 @@ impl std::fmt::Debug for Flows {
     }
 }
 
+/// A flow's close signal that several parts of one request wait on (its answer, its
+/// upload): the first to see it fire tells the others.
+#[derive(Debug)]
+pub struct SharedKill(Mutex<KillState>);
+
+#[derive(Debug)]
+struct KillState {
+    rx: Option<oneshot::Receiver<CloseReason>>,
+    reason: Option<CloseReason>,
+    wakers: Vec<std::task::Waker>,
+}
+
+impl SharedKill {
+    pub fn new(rx: oneshot::Receiver<CloseReason>) -> Arc<Self> {
+        Arc::new(Self(Mutex::new(KillState {
+            rx: Some(rx),
+            reason: None,
+            wakers: Vec::new(),
+        })))
+    }
+
+    /// Ready with the reason once the flow is closed; never when its registration went
+    /// away without one.
+    pub fn poll_closed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<CloseReason> {
+        use std::future::Future;
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = st.reason {
+            return std::task::Poll::Ready(r);
+        }
+        let polled = st.rx.as_mut().map(|rx| std::pin::Pin::new(rx).poll(cx));
+        match polled {
+            Some(std::task::Poll::Ready(Ok(r))) => {
+                st.reason = Some(r);
+                st.rx = None;
+                for w in st.wakers.drain(..) {
+                    w.wake();
+                }
+                std::task::Poll::Ready(r)
+            }
+            Some(std::task::Poll::Ready(Err(_))) => {
+                st.rx = None;
+                std::task::Poll::Pending
+            }
+            _ => {
+                if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                    st.wakers.push(cx.waker().clone());
+                }
+                std::task::Poll::Pending
+            }
+        }
+    }
+
+    /// Resolves with the reason once the flow is closed.
+    pub async fn closed(&self) -> CloseReason {
+        std::future::poll_fn(|cx| self.poll_closed(cx)).await
+    }
+}
+
 /// Removes its flow from the table when dropped.
 #[derive(Debug)]
 pub struct FlowGuard {
@@ -241,4 +299,35 @@ pub async fn pump(
         let _ = recv.stop(code);
     }
     end
+}
+
+#[cfg(test)]
+mod shared_kill_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_waiter_hears_the_close_and_a_dropped_sender_is_no_close() {
+        let (tx, rx) = oneshot::channel();
+        let kill = SharedKill::new(rx);
+        let (a, b) = (kill.clone(), kill.clone());
+        let first = tokio::spawn(async move { a.closed().await });
+        let second = tokio::spawn(async move { b.closed().await });
+        tokio::task::yield_now().await;
+        tx.send(CloseReason::PolicyChanged).unwrap();
+        assert_eq!(first.await.unwrap(), CloseReason::PolicyChanged);
+        assert_eq!(second.await.unwrap(), CloseReason::PolicyChanged);
+        assert_eq!(
+            kill.closed().await,
+            CloseReason::PolicyChanged,
+            "and later ones"
+        );
+        let (tx, rx) = oneshot::channel::<CloseReason>();
+        let kill = SharedKill::new(rx);
+        drop(tx);
+        let waited = tokio::time::timeout(Duration::from_millis(50), kill.closed()).await;
+        assert!(
+            waited.is_err(),
+            "a registration gone without a reason closes nothing"
+        );
+    }
 }

@@ -326,7 +326,14 @@ impl Upstream {
                 match client_side.await {
                     Ok(client) => {
                         let client = TokioIo::new(client);
-                        super::ingress::splice(client, up.stream, None, Some(up.kill), idle).await
+                        super::ingress::splice(
+                            client,
+                            up.stream,
+                            None,
+                            Some(crate::flow::SharedKill::new(up.kill)),
+                            idle,
+                        )
+                        .await
                     }
                     Err(e) => tracing::debug!(error = %e, "upgrade failed"),
                 }
@@ -678,7 +685,7 @@ impl Upstream {
         }
         let body = super::ingress::Killable {
             inner: framed::ChunkBody::new(recv, None),
-            kill,
+            kill: crate::flow::SharedKill::new(kill),
             _held: (guard, load),
         };
         match framed::response(head, boxed(body)) {

@@ -113,11 +113,7 @@ pub fn request(head: RequestHead, body: Body) -> Result<Request<Body>, String> {
         if !super::wants_upgrade(&headers) {
             return Err("an upgrade without `Connection: upgrade` and `Upgrade`".into());
         }
-        let has_length = headers
-            .get_all(hyper::header::CONTENT_LENGTH)
-            .iter()
-            .any(|v| v != "0");
-        if has_length || headers.contains_key(hyper::header::TRANSFER_ENCODING) {
+        if declares_body(&headers) {
             return Err("an upgrade request with a body length".into());
         }
     }
@@ -139,6 +135,14 @@ pub fn request(head: RequestHead, body: Body) -> Result<Request<Body>, String> {
     };
     *req.headers_mut() = headers;
     Ok(req)
+}
+
+/// Whether request headers declare a body: a length other than 0, or a transfer coding.
+pub fn declares_body(h: &HeaderMap) -> bool {
+    h.get_all(hyper::header::CONTENT_LENGTH)
+        .iter()
+        .any(|v| v != "0")
+        || h.contains_key(hyper::header::TRANSFER_ENCODING)
 }
 
 /// The head of a response as it is sent on the stream.

@@ -35,7 +35,7 @@ use super::{
 };
 use crate::authz::{self, Direction, JudgedRequest, StreamRequest};
 use crate::clock;
-use crate::flow::FlowInfo;
+use crate::flow::{FlowInfo, SharedKill};
 use crate::local_http::RequestPermit;
 use crate::reason::{CloseReason, RequestRefusal};
 use crate::state::Node;
@@ -148,15 +148,14 @@ async fn handle(
         None => resp,
         Some(Held {
             kill,
-            flow,
-            permit,
+            place,
             upgrade: Some(service),
         }) => {
             if let Some(client_side) = client_side {
                 let idle = node.cfg.flow_idle_timeout;
                 tokio::spawn(async move {
                     // The request's flow and place are held while the connection lives.
-                    let _held = (flow, permit);
+                    let _held = place;
                     let (a, b) = match tokio::try_join!(client_side, service) {
                         Ok(x) => x,
                         Err(e) => {
@@ -176,13 +175,11 @@ async fn handle(
             }
             resp
         }
-        Some(Held {
-            kill, flow, permit, ..
-        }) => resp.map(|b| {
+        Some(Held { kill, place, .. }) => resp.map(|b| {
             boxed(Killable {
                 inner: b,
                 kill,
-                _held: (flow, permit),
+                _held: place,
             })
         }),
     };
@@ -196,21 +193,18 @@ async fn handle(
 /// revocation change (`kill` fires when it would no longer be allowed), and its place
 /// among the requests in flight.
 pub(super) struct Held {
-    kill: oneshot::Receiver<CloseReason>,
-    flow: crate::flow::FlowGuard,
-    permit: RequestPermit,
+    kill: Arc<SharedKill>,
+    /// Shared with the upload (which may outlive the answer).
+    place: Arc<(crate::flow::FlowGuard, RequestPermit)>,
     /// The service switched protocols (101): its side of the new protocol.
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
 /// Resolves when `held`'s request is closed; never for a request that holds nothing
 /// (refused) or whose flow went away without a verdict.
-async fn closed_by_node(held: &mut Option<Held>) -> CloseReason {
+async fn closed_by_node(held: &Option<Held>) -> CloseReason {
     match held {
-        Some(h) => match (&mut h.kill).await {
-            Ok(reason) => reason,
-            Err(_) => std::future::pending().await,
-        },
+        Some(h) => h.kill.closed().await,
         None => std::future::pending().await,
     }
 }
@@ -377,7 +371,7 @@ pub async fn serve_request(
             return None;
         };
         let h = held?;
-        let _held = (h.flow, h.permit);
+        let _held = h.place;
         let stream = io::duplex(recv, send);
         tokio::select! {
             _ = splice(stream, TokioIo::new(service), None, Some(h.kill), idle) => return None,
@@ -387,7 +381,7 @@ pub async fn serve_request(
     let (_, mut body) = resp.into_parts();
     let sent = tokio::select! {
         r = framed::send_body(&mut body, &mut send, first, Some(&activity)) => r,
-        reason = closed_by_node(&mut held) => {
+        reason = closed_by_node(&held) => {
             tracing::info!(%reason, "answer closed with its request's flow");
             abort(&mut send);
             return Some(reason);
@@ -418,7 +412,7 @@ pub async fn serve_request(
     if let Some(uploaded) = uploaded.filter(|_| under_way) {
         tokio::select! {
             _ = uploaded => {}
-            reason = closed_by_node(&mut held) => {
+            reason = closed_by_node(&held) => {
                 tracing::info!(%reason, "upload closed with its request's flow");
                 return Some(reason);
             }
@@ -471,6 +465,16 @@ async fn judge_and_forward(
     // What is judged is what is forwarded: the headers of this hop go first (a
     // `Connection: x-tenant` would otherwise remove a judged header after the judging).
     let upgrade = may_upgrade && wants_upgrade(req.headers());
+    if upgrade && framed::declares_body(req.headers()) {
+        // A service that refuses the switch would read the body as the next request on
+        // its (pooled, shared) connection.
+        return refuse(
+            RequestRefusal::BadTarget,
+            StatusCode::BAD_REQUEST,
+            None,
+            "an upgrade request with a body",
+        );
+    }
     strip_hop_by_hop(req.headers_mut(), upgrade);
     let hop = crate::telemetry::HopInfo {
         egress: false,
@@ -594,7 +598,7 @@ async fn judge_and_forward(
     // From here the request is a flow of its own, re-judged as this request on every
     // policy or revocation change: while it waits for its answer, while the answer
     // streams, and as an upgraded connection; closed when it would no longer be allowed.
-    let (guard, mut kill) = node.flows.register(
+    let (guard, kill) = node.flows.register(
         FlowInfo {
             id: node.flows.next_id(),
             direction: Direction::Ingress,
@@ -608,13 +612,19 @@ async fn judge_and_forward(
         },
         &node.metrics,
     );
-    // Request trailers are left out: headers the policy never judged (and the mesh's own
-    // names) could ride in them.
-    let body = boxed(NoTrailers(body));
+    let kill = SharedKill::new(kill);
+    let place = Arc::new((guard, permit));
+    // The upload holds the request's flow and place too, and ends when the flow is
+    // closed: a service may answer before it has read it all. Its trailers are left out:
+    // headers the policy never judged (and the mesh's own names) could ride in them.
+    let body = boxed(Killable {
+        inner: NoTrailers(body),
+        kill: kill.clone(),
+        _held: place.clone(),
+    });
     let sent = tokio::select! {
         r = client.request(Request::from_parts(parts, body)) => r,
-        reason = &mut kill => {
-            let reason = reason.unwrap_or(CloseReason::NodeShutdown);
+        reason = kill.closed() => {
             tracing::info!(%reason, "request closed while waiting for its answer");
             return refuse(RequestRefusal::PolicyDenied, StatusCode::FORBIDDEN, None, "closed while waiting");
         }
@@ -640,8 +650,7 @@ async fn judge_and_forward(
     let upgrade = (switched && upgrade).then(|| hyper::upgrade::on(&mut resp));
     let held = Held {
         kill,
-        flow: guard,
-        permit,
+        place,
         upgrade,
     };
     (resp.map(boxed), Some(held))
@@ -684,7 +693,7 @@ where
 /// the request's flow and its place among the requests in flight until it is done.
 pub(super) struct Killable<B, H> {
     pub(super) inner: B,
-    pub(super) kill: oneshot::Receiver<CloseReason>,
+    pub(super) kill: Arc<SharedKill>,
     pub(super) _held: H,
 }
 
@@ -700,7 +709,7 @@ where
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, super::BoxError>>> {
-        if let std::task::Poll::Ready(Ok(reason)) = std::pin::Pin::new(&mut self.kill).poll(cx) {
+        if let std::task::Poll::Ready(reason) = self.kill.poll_closed(cx) {
             tracing::info!(%reason, "response closed with its request's flow");
             return std::task::Poll::Ready(Some(Err(format!("closed: {reason}").into())));
         }
@@ -735,7 +744,7 @@ pub(super) async fn splice<A, B>(
     a: A,
     mut b: B,
     closed: Option<watch::Receiver<Option<CloseReason>>>,
-    kill: Option<oneshot::Receiver<CloseReason>>,
+    kill: Option<Arc<SharedKill>>,
     idle: std::time::Duration,
 ) where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -744,9 +753,7 @@ pub(super) async fn splice<A, B>(
     let killed = async {
         match kill {
             Some(k) => {
-                if k.await.is_err() {
-                    std::future::pending::<()>().await
-                }
+                k.closed().await;
             }
             None => std::future::pending::<()>().await,
         }
