@@ -5,11 +5,21 @@ use super::*;
 impl Mesh {
     /// Records a node's status report's traffic; wakes traffic watchers when it changed.
     pub fn report_traffic(&self, node: &str, traffic: Vec<quicmesh_protocol::wire::PairTraffic>) {
-        let mut m = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
-        if m.get(node) == Some(&traffic) {
+        self.store_report(&self.traffic, node, traffic);
+    }
+
+    /// Keeps `node`'s latest report in `reports`; wakes traffic watchers when it changed.
+    fn store_report<T: PartialEq>(
+        &self,
+        reports: &Mutex<HashMap<String, T>>,
+        node: &str,
+        report: T,
+    ) {
+        let mut m = reports.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(node) == Some(&report) {
             return;
         }
-        m.insert(node.to_string(), traffic);
+        m.insert(node.to_string(), report);
         drop(m);
         self.traffic_tx.send_modify(|v| *v += 1);
     }
@@ -30,13 +40,7 @@ impl Mesh {
             let own = if r.egress { &r.src } else { &r.dst };
             r.latency.len() == LATENCY_BUCKETS && services.iter().any(|s| s == own.as_str())
         });
-        let mut m = self.http_traffic.lock().unwrap_or_else(|p| p.into_inner());
-        if m.get(node) == Some(&routes) {
-            return;
-        }
-        m.insert(node.to_string(), routes);
-        drop(m);
-        self.traffic_tx.send_modify(|v| *v += 1);
+        self.store_report(&self.http_traffic, node, routes);
     }
 
     /// Records how a node's `http` upstreams route (sent once per session). Only routes
@@ -50,13 +54,7 @@ impl Mesh {
     ) {
         routes.truncate(quicmesh_protocol::wire::MAX_ROUTE_REPORTS);
         routes.retain(|r| services.iter().any(|s| s == r.src.as_str()));
-        let mut m = self.http_routes.lock().unwrap_or_else(|p| p.into_inner());
-        if m.get(node) == Some(&routes) {
-            return;
-        }
-        m.insert(node.to_string(), routes);
-        drop(m);
-        self.traffic_tx.send_modify(|v| *v += 1);
+        self.store_report(&self.http_routes, node, routes);
     }
 
     /// The routes every node reported, by node name.

@@ -291,6 +291,12 @@ impl<R: ChunkSource> ChunkBody<R> {
         "the stream ended before the body's end".into()
     }
 
+    /// Ends the body with `e`: nothing more is read.
+    fn fail(&mut self, e: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.phase = Phase::Done;
+        Poll::Ready(Some(Err(e)))
+    }
+
     /// Reads what is already there of the end chunk and the stream's end, without
     /// waiting. HTTP clients and servers stop reading a body once they have the length
     /// its head declared (or when a GET declares none); the stream would then be dropped
@@ -352,54 +358,38 @@ impl<R: ChunkSource> hyper::body::Body for ChunkBody<R> {
                         Poll::Ready(Ok(n)) => n,
                         Poll::Ready(Err(_)) | Poll::Pending => 0,
                     };
-                    me.phase = Phase::Done;
                     if extra > 0 {
-                        return Poll::Ready(Some(Err("bytes after the body's end".into())));
+                        return me.fail("bytes after the body's end".into());
                     }
+                    me.phase = Phase::Done;
                     return Poll::Ready(None);
                 }
                 Phase::Prefix(buf, got) => {
                     let n = match ready!(me.recv.poll_bytes(cx, &mut buf[*got..])) {
+                        Ok(0) => return me.fail(Self::truncated()),
                         Ok(n) => n,
-                        Err(e) => {
-                            me.phase = Phase::Done;
-                            return Poll::Ready(Some(Err(e)));
-                        }
+                        Err(e) => return me.fail(e),
                     };
-                    if n == 0 {
-                        me.phase = Phase::Done;
-                        return Poll::Ready(Some(Err(Self::truncated())));
-                    }
                     *got += n;
                     if *got < CHUNK_PREFIX_LEN {
                         continue;
                     }
                     me.phase = match Chunk::parse(*buf) {
                         Ok(Chunk::Data(_) | Chunk::Trailers(_)) if me.trailers_seen => {
-                            me.phase = Phase::Done;
-                            return Poll::Ready(Some(Err("a chunk after the trailers".into())));
+                            return me.fail("a chunk after the trailers".into());
                         }
                         Ok(Chunk::Data(len)) => Phase::Data(len),
                         Ok(Chunk::Trailers(len)) => Phase::Trailers(Vec::with_capacity(len), len),
                         Ok(Chunk::End) => Phase::Fin,
-                        Err(e) => {
-                            me.phase = Phase::Done;
-                            return Poll::Ready(Some(Err(e.into())));
-                        }
+                        Err(e) => return me.fail(e.into()),
                     };
                 }
                 Phase::Data(left) => {
                     let max = (*left).min(DATA_CHUNK);
                     let chunk = match ready!(me.recv.poll_piece(cx, max)) {
                         Ok(Some(c)) => c,
-                        Ok(None) => {
-                            me.phase = Phase::Done;
-                            return Poll::Ready(Some(Err(Self::truncated())));
-                        }
-                        Err(e) => {
-                            me.phase = Phase::Done;
-                            return Poll::Ready(Some(Err(e)));
-                        }
+                        Ok(None) => return me.fail(Self::truncated()),
+                        Err(e) => return me.fail(e),
                     };
                     *left -= chunk.len();
                     if *left == 0 {
@@ -414,16 +404,10 @@ impl<R: ChunkSource> hyper::body::Body for ChunkBody<R> {
                     let mut tmp = [0u8; 4096];
                     let room = (*want - buf.len()).min(tmp.len());
                     let n = match ready!(me.recv.poll_bytes(cx, &mut tmp[..room])) {
+                        Ok(0) => return me.fail(Self::truncated()),
                         Ok(n) => n,
-                        Err(e) => {
-                            me.phase = Phase::Done;
-                            return Poll::Ready(Some(Err(e)));
-                        }
+                        Err(e) => return me.fail(e),
                     };
-                    if n == 0 {
-                        me.phase = Phase::Done;
-                        return Poll::Ready(Some(Err(Self::truncated())));
-                    }
                     buf.extend_from_slice(&tmp[..n]);
                     if buf.len() < *want {
                         continue;
