@@ -972,13 +972,18 @@ impl NodeProc {
     pub fn restart_on_new_port(&mut self) -> anyhow::Result<()> {
         self.kill();
         let old = self.listen_port;
-        self.listen_port = 0;
-        self.write_config()?;
-        self.restart()?;
-        if self.listen_port == old {
-            bail!("the node came back on its old port {old}");
+        // Port 0: the kernel picks, and may hand back the port just freed (seen in CI);
+        // the scenario needs another one, so it asks again.
+        for _ in 0..5 {
+            self.listen_port = 0;
+            self.write_config()?;
+            self.restart()?;
+            if self.listen_port != old {
+                return Ok(());
+            }
+            self.kill();
         }
-        Ok(())
+        bail!("the node came back on its old port {old} five times")
     }
 
     /// Runs `f` inside this node's host (loopback there reaches its upstreams).
