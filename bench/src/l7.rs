@@ -366,11 +366,16 @@ pub fn run(opts: &L7Opts) -> anyhow::Result<Value> {
     let http_local: SocketAddr = ([127, 0, 0, 1], HTTP_PORT).into();
     let grpc_local: SocketAddr = ([127, 0, 0, 1], GRPC_PORT).into();
     let http = ["protocol = \"http\""];
+    let threads = format!(
+        "worker_threads = {}",
+        std::env::var("QUICMESH_BENCH_THREADS").unwrap_or_else(|_| "0".into())
+    );
     let svc = NodeProc::start(
         &mesh,
         &coord,
         &NodeSpec::new("svc-1")
             .on(&ns_svc)
+            .config_line(&threads)
             .service_with("api", http_local, &http)
             .service_with("echo", grpc_local, &http),
     )?;
@@ -379,6 +384,7 @@ pub fn run(opts: &L7Opts) -> anyhow::Result<Value> {
         &coord,
         &NodeSpec::new("web-1")
             .on(&ns_client)
+            .config_line(&threads)
             .service("web", http_local)
             .upstream_with("api", &http)
             .upstream_with("echo", &http)
