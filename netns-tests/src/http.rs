@@ -8,7 +8,9 @@
 //! `/status/<code>` answers with that status; `/sleep/<ms>` answers after that long; an
 //! `Upgrade: echo` request is switched (101) and its bytes echoed. A flaky service
 //! answers 503 to every fifth request for `/flaky` (20 %); a failing one answers 503 to
-//! everything until told otherwise.
+//! everything until told otherwise. `/trailers` reads the whole body and answers with the
+//! names of the trailers it came with; `/sink/...` answers at once and goes on reading
+//! the body, counting its bytes ([`HttpService::sunk`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,6 +37,8 @@ struct Behaviour {
     flaky: bool,
     flaky_count: AtomicU64,
     failing: AtomicBool,
+    /// Bytes read from `/sink/...` uploads, by path.
+    sunk: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl HttpService {
@@ -95,6 +99,14 @@ impl HttpService {
     pub fn seen(&self) -> Vec<String> {
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()
     }
+
+    /// Bytes of the upload to `path` (`/sink/...`) read so far.
+    pub fn sunk(&self, path: &str) -> u64 {
+        self.behaviour
+            .sunk
+            .lock()
+            .map_or(0, |m| m.get(path).copied().unwrap_or(0))
+    }
 }
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -128,6 +140,36 @@ async fn answer(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_string();
+    let path = req.uri().path().to_string();
+    match path.as_str() {
+        "/trailers" => {
+            let body = http_body_util::BodyExt::collect(req.into_body()).await;
+            let line = match body {
+                Ok(b) => {
+                    let names: Vec<String> = b
+                        .trailers()
+                        .map(|t| t.keys().map(|k| k.to_string()).collect())
+                        .unwrap_or_default();
+                    format!("{name} body={} trailers={}\n", b.to_bytes().len(), names.join(","))
+                }
+                Err(e) => format!("{name} body error: {e}\n"),
+            };
+            return Ok(Response::new(full(line)));
+        }
+        p if p.starts_with("/sink/") => {
+            let mut body = req.into_body();
+            let p = p.to_string();
+            tokio::spawn(async move {
+                while let Some(Ok(f)) = http_body_util::BodyExt::frame(&mut body).await {
+                    if let (Some(d), Ok(mut m)) = (f.data_ref(), b.sunk.lock()) {
+                        *m.entry(p.clone()).or_default() += d.len() as u64;
+                    }
+                }
+            });
+            return Ok(Response::new(full(format!("{name} sinking\n"))));
+        }
+        _ => {}
+    }
     let names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
     let line = format!(
         "{name} {} {pq} src={src} version={:?} tp={tp} hdrs={}\n",
@@ -198,7 +240,6 @@ async fn answer(
         );
         return Ok(resp);
     }
-    let path = req.uri().path().to_string();
     let mut status = StatusCode::OK;
     let fail = b.failing.load(Ordering::SeqCst)
         || (b.flaky && path == "/flaky" && b.flaky_count.fetch_add(1, Ordering::SeqCst) % 5 == 4);
@@ -402,6 +443,50 @@ impl Load {
             out
         })
     }
+}
+
+/// POSTs `body` then `trailers` to `path` over HTTP/2 with prior knowledge (curl cannot
+/// send request trailers); the status and the answer's body.
+pub fn h2_post_with_trailers(
+    addr: SocketAddr,
+    path: &str,
+    body: &[u8],
+    trailers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String)> {
+    let mut t = hyper::HeaderMap::new();
+    for (k, v) in trailers {
+        t.insert(
+            hyper::header::HeaderName::from_bytes(k.as_bytes())?,
+            hyper::header::HeaderValue::from_str(v)?,
+        );
+    }
+    let frames: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> = vec![
+        Ok(hyper::body::Frame::data(Bytes::copy_from_slice(body))),
+        Ok(hyper::body::Frame::trailers(t)),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let path = path.to_string();
+    rt.block_on(async move {
+        tokio::time::timeout(Duration::from_secs(15), async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let (mut send, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                    .await?;
+            tokio::spawn(conn);
+            let req = Request::post(format!("http://api{path}")).body(
+                http_body_util::StreamBody::new(futures_util::stream::iter(frames)),
+            )?;
+            let resp = send.send_request(req).await?;
+            let status = resp.status().as_u16();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await?
+                .to_bytes();
+            Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        })
+        .await?
+    })
 }
 
 impl Default for Load {

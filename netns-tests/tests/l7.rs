@@ -7,7 +7,7 @@
 //! either way.
 
 use anyhow::ensure;
-use quicmesh_netns_tests::http::{curl, HttpService};
+use quicmesh_netns_tests::http::{curl, h2_post_with_trailers, HttpService};
 use quicmesh_netns_tests::net::{echo_server, echo_transfer, metric};
 use quicmesh_netns_tests::{CoordinatorProc, Mesh, NodeProc, NodeSpec};
 
@@ -495,6 +495,44 @@ fn a_policy_change_closes_an_upgraded_connection_and_a_streaming_answer_it_denie
         Ok(s)
     };
     let mut ws = [open(http)?, open(l4)?];
+    // Uploads the service answered before reading them (through each kind of upstream):
+    // while allowed, they go on after their answer.
+    let upload = |addr, path: &str| -> anyhow::Result<()> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )?;
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            ensure!(s.read(&mut b)? == 1, "closed in the head");
+            head.push(b[0]);
+        }
+        ensure!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "{path}: {}",
+            String::from_utf8_lossy(&head)
+        );
+        std::thread::spawn(move || {
+            let chunk = format!("400\r\n{}\r\n", "u".repeat(1024));
+            let until = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < until && s.write_all(chunk.as_bytes()).is_ok() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Ok(())
+    };
+    let sinks = ["/sink/http", "/sink/l4"];
+    upload(http, sinks[0])?;
+    upload(l4, sinks[1])?;
+    let before: Vec<u64> = sinks.iter().map(|p| m.service.sunk(p)).collect();
+    std::thread::sleep(Duration::from_millis(600));
+    for (p, b) in sinks.iter().zip(&before) {
+        let now = m.service.sunk(p);
+        ensure!(now > *b, "{p}: the allowed upload goes on after its answer ({b} -> {now})");
+    }
     let mut drip = std::net::TcpStream::connect(http)?;
     drip.set_read_timeout(Some(Duration::from_secs(15)))?;
     write!(drip, "GET /drip/300 HTTP/1.1\r\nHost: api\r\n\r\n")?;
@@ -514,7 +552,7 @@ fn a_policy_change_closes_an_upgraded_connection_and_a_streaming_answer_it_denie
         &m,
         &POLICY.replace(
             r#"paths = ["/admin", "/admin/*"]"#,
-            r#"paths = ["/admin", "/admin/*", "/ws", "/drip/*"]"#,
+            r#"paths = ["/admin", "/admin/*", "/ws", "/drip/*", "/sink/*"]"#,
         ),
     )?;
     for (i, s) in ws.iter_mut().enumerate() {
@@ -534,6 +572,14 @@ fn a_policy_change_closes_an_upgraded_connection_and_a_streaming_answer_it_denie
             "connection {i} closed in time: {:?}",
             started.elapsed()
         );
+    }
+    // The uploads are cut with their request's flow: nothing more reaches the service.
+    std::thread::sleep(Duration::from_millis(300));
+    let cut: Vec<u64> = sinks.iter().map(|p| m.service.sunk(p)).collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    for (p, c) in sinks.iter().zip(&cut) {
+        let now = m.service.sunk(p);
+        ensure!(now == *c, "{p}: the denied upload still reaches the service ({c} -> {now})");
     }
     let mut rest = Vec::new();
     let _ = drip.read_to_end(&mut rest);
@@ -578,6 +624,59 @@ headers = { x-tenant = "web" }
     ensure!(
         under.status == 403,
         "an allow matches its header exactly: {under:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn request_trailers_and_an_upgrade_that_declares_a_body_never_reach_the_service(
+) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let m = mesh("l7_smuggling");
+    let trailers = [("x-quicmesh-source", "admin"), ("x-tenant", "other")];
+    // The client and the service do carry trailers: straight to the service they arrive.
+    let (status, body) = h2_post_with_trailers(m.service.addr, "/trailers", b"hello", &trailers)?;
+    ensure!(
+        status == 200 && body.contains("body=5 trailers=x-quicmesh-source,x-tenant"),
+        "direct: {status} {body}"
+    );
+    for (way, up) in [("http", m.web.upstream_at(0)), ("l4", m.web.upstream_at(1))] {
+        // Through the mesh the body arrives whole and the trailers are left out: they are
+        // headers the policy never judged (an allow may name `x-tenant`), and one could
+        // carry the mesh's own `x-quicmesh-source`.
+        let (status, body) = h2_post_with_trailers(up, "/trailers", b"hello", &trailers)?;
+        ensure!(
+            status == 200 && body.contains("body=5 trailers=\n"),
+            "{way}: {status} {body}"
+        );
+        // An upgrade that declares a body: the body would be read by the service as the
+        // next request on its connection, one the policy never saw. Refused. (The same
+        // upgrade without a body passes: `http2_prior_knowledge_and_an_upgrade_pass...`.)
+        let smuggled = "GET /admin HTTP/1.1\r\nHost: api\r\n\r\n";
+        let mut s = std::net::TcpStream::connect(up)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        write!(
+            s,
+            "GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\
+             Content-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        )?;
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            ensure!(s.read(&mut b)? == 1, "{way}: closed in the head: {head:?}");
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        ensure!(
+            head.starts_with("http/1.1 400") && head.contains("x-quicmesh-reason: bad_target"),
+            "{way}: {head}"
+        );
+    }
+    let seen = m.service.seen();
+    ensure!(
+        !seen.iter().any(|p| p == "/admin" || p == "/ws"),
+        "the service saw {seen:?}"
     );
     Ok(())
 }

@@ -44,13 +44,23 @@ async fn read_body<R: AsyncRead + Unpin>(
     r: &mut R,
     frame_len: fn([u8; FRAME_HEADER_LEN]) -> Result<usize, DecodeError>,
 ) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut body = Vec::new();
+    Ok(read_body_into(r, frame_len, &mut body).await?.then_some(body))
+}
+
+/// [`read_body`] into `body`; `false` on a clean end of stream before the frame starts.
+async fn read_body_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    frame_len: fn([u8; FRAME_HEADER_LEN]) -> Result<usize, DecodeError>,
+    body: &mut Vec<u8>,
+) -> Result<bool, FrameError> {
     let mut prefix = [0u8; FRAME_HEADER_LEN];
     let mut got = 0;
     while got < FRAME_HEADER_LEN {
         let n = r.read(&mut prefix[got..]).await?;
         if n == 0 {
             if got == 0 {
-                return Ok(None);
+                return Ok(false);
             }
             return Err(DecodeError::Truncated.into());
         }
@@ -59,12 +69,13 @@ async fn read_body<R: AsyncRead + Unpin>(
     let len = frame_len(prefix)?;
     // Grown as the bytes come, not sized by the prefix: a peer that names a long frame
     // and sends nothing holds little.
-    let mut body = Vec::with_capacity(len.min(1024));
-    (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    body.clear();
+    body.reserve(len.min(1024));
+    (&mut *r).take(len as u64).read_to_end(body).await?;
     if body.len() < len {
         return Err(DecodeError::Truncated.into());
     }
-    Ok(Some(body))
+    Ok(true)
 }
 
 /// Writes one frame.
@@ -112,5 +123,40 @@ mod tests {
             read_opening(&mut &long[..]).await,
             Err(FrameError::Decode(DecodeError::TooLong { .. }))
         ));
+    }
+
+    /// Every tunnel stream may open with a prefix naming the longest frame and then send
+    /// nothing: memory held must follow the bytes received, not the length claimed (a
+    /// tunnel has thousands of streams).
+    #[tokio::test]
+    async fn a_frame_s_buffer_grows_with_the_bytes_received_not_the_length_claimed() {
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 20);
+        let mut claim = (RequestOpen::MAX_LEN as u32).to_be_bytes().to_vec();
+        claim.extend_from_slice(&[1, 5, 0]);
+        tx.write_all(&claim).await.unwrap();
+        let mut body = Vec::new();
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            read_body_into(&mut rx, Opening::frame_len, &mut body),
+        )
+        .await;
+        assert!(waited.is_err(), "still waiting for the rest: {waited:?}");
+        assert_eq!(body, [1, 5, 0]);
+        assert!(
+            body.capacity() <= 4096,
+            "{} bytes held for 3 received (claimed {})",
+            body.capacity(),
+            RequestOpen::MAX_LEN
+        );
+        // Allowed twin: a whole long frame is read whole.
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 20);
+        let mut whole = (60_000u32).to_be_bytes().to_vec();
+        whole.extend_from_slice(&[7u8; 60_000]);
+        tx.write_all(&whole).await.unwrap();
+        let mut body = Vec::new();
+        assert!(read_body_into(&mut rx, Opening::frame_len, &mut body)
+            .await
+            .unwrap());
+        assert_eq!(body.len(), 60_000);
     }
 }

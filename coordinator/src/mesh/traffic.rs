@@ -204,3 +204,97 @@ impl Mesh {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quicmesh_protocol::wire::{RouteSettings, RouteTraffic, LATENCY_BUCKETS};
+
+    fn mesh() -> (tempfile::TempDir, Arc<Mesh>) {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), TrustDomain::new("t.test").unwrap()).unwrap();
+        let mesh = Mesh::open(dir.path(), 3600).unwrap();
+        (dir, mesh)
+    }
+
+    fn svc(s: &str) -> ServiceName {
+        ServiceName::new(s).unwrap()
+    }
+
+    fn settings(src: &str, route: &str) -> RouteSettings {
+        RouteSettings {
+            src: svc(src),
+            dst: svc("api"),
+            route: route.into(),
+            path_prefix: Some("/".into()),
+            headers: vec![],
+            split: vec![],
+            timeout_ms: 1000,
+            per_try_timeout_ms: None,
+            retries: 0,
+            fault: None,
+        }
+    }
+
+    /// A node names the services it hosts at enrollment; a report about another node's
+    /// upstreams would let it paint routes the operator never configured on the dashboard.
+    #[test]
+    fn a_node_s_route_report_keeps_only_its_own_services_routes() {
+        let (_d, m) = mesh();
+        let own = ["web".to_string()];
+        m.report_http_routes(
+            "web-1",
+            &own,
+            vec![settings("web", "canary"), settings("billing", "forged")],
+        );
+        let routes = m.http_routes();
+        let names: Vec<&str> = routes.iter().filter_map(|r| r["route"].as_str()).collect();
+        assert_eq!(names, ["canary"], "{routes:?}");
+        assert_eq!(routes[0]["node"], "web-1");
+        // No more than MAX_ROUTE_REPORTS are kept, however many are sent.
+        let many = (0..1000).map(|i| settings("web", &format!("r{i}"))).collect();
+        m.report_http_routes("web-1", &own, many);
+        assert_eq!(
+            m.http_routes().len(),
+            quicmesh_protocol::wire::MAX_ROUTE_REPORTS
+        );
+    }
+
+    #[test]
+    fn a_node_s_http_traffic_keeps_only_what_its_own_side_saw() {
+        let (_d, m) = mesh();
+        let route = |egress, src: &str, dst: &str, buckets| RouteTraffic {
+            egress,
+            src: svc(src),
+            dst: svc(dst),
+            route: "default".into(),
+            classes: [0, 5, 0, 0, 0],
+            latency: vec![0; buckets],
+        };
+        m.report_http_traffic(
+            "web-1",
+            &["web".to_string()],
+            vec![
+                // Its own egress (source web) and its own ingress (destination web).
+                route(true, "web", "api", LATENCY_BUCKETS),
+                route(false, "api", "web", LATENCY_BUCKETS),
+                // Another node's egress, another node's ingress, a malformed histogram.
+                route(true, "billing", "api", LATENCY_BUCKETS),
+                route(false, "web", "api", LATENCY_BUCKETS),
+                route(true, "web", "db", 3),
+            ],
+        );
+        let seen: Vec<(&str, String, String)> = m
+            .http_traffic()
+            .into_iter()
+            .map(|r| (r.side, r.src, r.dst))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("ingress", "api".to_string(), "web".to_string()),
+                ("egress", "web".to_string(), "api".to_string()),
+            ]
+        );
+    }
+}
