@@ -194,6 +194,17 @@ impl Upstream {
         }
         // This hop's headers go first: routes and the egress check see what is sent.
         let upgrade = wants_upgrade(req.headers());
+        if upgrade && framed::declares_body(req.headers()) {
+            // Refused here as at the destination (where an L4 upstream's requests meet the
+            // same check): a service that refuses the switch would read the body as the
+            // next request on its connection.
+            return answer(
+                route_name,
+                RequestRefusal::BadTarget,
+                StatusCode::BAD_REQUEST,
+                None,
+            );
+        }
         strip_hop_by_hop(req.headers_mut(), upgrade);
         let target = req.uri().path_and_query().map_or("", |p| p.as_str());
         let (method, target) = match parse_request(req.method().as_str(), target) {
