@@ -150,7 +150,11 @@ async fn answer(
                         .trailers()
                         .map(|t| t.keys().map(|k| k.to_string()).collect())
                         .unwrap_or_default();
-                    format!("{name} body={} trailers={}\n", b.to_bytes().len(), names.join(","))
+                    format!(
+                        "{name} body={} trailers={}\n",
+                        b.to_bytes().len(),
+                        names.join(",")
+                    )
                 }
                 Err(e) => format!("{name} body error: {e}\n"),
             };

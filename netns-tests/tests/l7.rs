@@ -531,7 +531,10 @@ fn a_policy_change_closes_an_upgraded_connection_and_a_streaming_answer_it_denie
     std::thread::sleep(Duration::from_millis(600));
     for (p, b) in sinks.iter().zip(&before) {
         let now = m.service.sunk(p);
-        ensure!(now > *b, "{p}: the allowed upload goes on after its answer ({b} -> {now})");
+        ensure!(
+            now > *b,
+            "{p}: the allowed upload goes on after its answer ({b} -> {now})"
+        );
     }
     let mut drip = std::net::TcpStream::connect(http)?;
     drip.set_read_timeout(Some(Duration::from_secs(15)))?;
@@ -579,7 +582,10 @@ fn a_policy_change_closes_an_upgraded_connection_and_a_streaming_answer_it_denie
     std::thread::sleep(Duration::from_millis(1000));
     for (p, c) in sinks.iter().zip(&cut) {
         let now = m.service.sunk(p);
-        ensure!(now == *c, "{p}: the denied upload still reaches the service ({c} -> {now})");
+        ensure!(
+            now == *c,
+            "{p}: the denied upload still reaches the service ({c} -> {now})"
+        );
     }
     let mut rest = Vec::new();
     let _ = drip.read_to_end(&mut rest);

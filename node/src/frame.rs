@@ -45,7 +45,9 @@ async fn read_body<R: AsyncRead + Unpin>(
     frame_len: fn([u8; FRAME_HEADER_LEN]) -> Result<usize, DecodeError>,
 ) -> Result<Option<Vec<u8>>, FrameError> {
     let mut body = Vec::new();
-    Ok(read_body_into(r, frame_len, &mut body).await?.then_some(body))
+    Ok(read_body_into(r, frame_len, &mut body)
+        .await?
+        .then_some(body))
 }
 
 /// [`read_body`] into `body`; `false` on a clean end of stream before the frame starts.

@@ -252,7 +252,9 @@ mod tests {
         assert_eq!(names, ["canary"], "{routes:?}");
         assert_eq!(routes[0]["node"], "web-1");
         // No more than MAX_ROUTE_REPORTS are kept, however many are sent.
-        let many = (0..1000).map(|i| settings("web", &format!("r{i}"))).collect();
+        let many = (0..1000)
+            .map(|i| settings("web", &format!("r{i}")))
+            .collect();
         m.report_http_routes("web-1", &own, many);
         assert_eq!(
             m.http_routes().len(),
