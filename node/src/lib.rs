@@ -45,6 +45,7 @@ pub mod tls;
 pub mod traffic;
 pub mod tunnel;
 pub mod view;
+pub mod wg;
 
 #[cfg(test)]
 mod layers {
@@ -63,6 +64,7 @@ mod layers {
             "frame",
             "traffic",
             "local_http",
+            "wg",
         ],
         &["metrics", "tls", "registry", "telemetry"],
         &["flow", "path"],
@@ -114,6 +116,7 @@ mod layers {
         ("l7", include_str!("l7/framed.rs")),
         ("l7", include_str!("l7/replay.rs")),
         ("local_http", include_str!("local_http.rs")),
+        ("wg", include_str!("wg.rs")),
         ("l7_egress", include_str!("l7/egress.rs")),
         ("overlay", include_str!("overlay/mod.rs")),
         ("overlay", include_str!("overlay/firewall.rs")),

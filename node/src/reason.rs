@@ -328,6 +328,33 @@ reasons! {
     }
 }
 
+reasons! {
+    /// Why a WireGuard gateway dropped a datagram from the network or a packet for one of
+    /// its clients. Nothing dropped is answered.
+    pub enum WgDrop {
+        /// Not a WireGuard message (type, length or reserved bytes wrong).
+        Malformed => "malformed",
+        /// A handshake whose mac1 is not for this gateway's key.
+        BadMac => "bad_mac",
+        /// A handshake from a key that is no client of this gateway (or no longer one).
+        UnknownKey => "unknown_key",
+        /// A message for a session index this gateway never gave out (or has forgotten).
+        UnknownIndex => "unknown_index",
+        /// The client's enrollment has expired.
+        Expired => "expired",
+        /// Failed to decrypt, replayed, or out of the handshake's order.
+        Crypto => "crypto",
+        /// An inner packet whose source is not the client's own address.
+        Spoofed => "spoofed",
+        /// A packet for a client that has never connected to this gateway.
+        NoEndpoint => "no_endpoint",
+        /// Handshakes over the rate limit from a source that has not proven its address.
+        UnderLoad => "under_load",
+        /// A packet for an address that is no client of this gateway.
+        NotAClient => "not_a_client",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,6 +382,7 @@ mod tests {
         distinct::<HttpRefusal>();
         distinct::<RequestRefusal>();
         distinct::<DnsDrop>();
+        distinct::<WgDrop>();
         distinct::<RelayDrop>();
         distinct::<ProbeRefusal>();
         assert_eq!(CloseReason::COUNT, CloseReason::ALL.len());

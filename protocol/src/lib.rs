@@ -15,6 +15,7 @@ pub mod path;
 pub mod policy;
 pub mod routing;
 pub mod token;
+pub mod wg;
 pub mod wire;
 
 pub use cert::{PeerIdentity, Serial};

@@ -1,0 +1,409 @@
+//! A WireGuard gateway's clients, without IO: which client a datagram belongs to, its
+//! Noise session (boringtun's [`Tunn`]), and what comes out of each datagram: an answer
+//! for the network, an inner packet for the mesh, or a counted drop.
+//!
+//! Handshake initiations are matched to a client by the static key inside them (the
+//! gateway's private key opens it); every later message by the receiver index this
+//! gateway gave the client's session (its top 24 bits). One [`RateLimiter`] is shared by
+//! every session: under a handshake flood, sources must prove their address with a
+//! cookie before any Diffie-Hellman is spent on them. A key or index that is not a
+//! client's is dropped and never answered.
+//!
+//! A leaf module: it depends on `protocol` and `reason` only. The socket, the timer tick
+//! and the mesh side live in the gateway shell.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use quicmesh_protocol::wg::{WgClient, WgKey};
+
+use crate::reason::WgDrop;
+
+/// Clients one gateway serves at most: session indexes are 24 bits, and every client
+/// holds a session's worth of memory.
+pub const MAX_CLIENTS: usize = 65_536;
+
+/// Handshakes per second, over all clients, before sources must answer a cookie. Each
+/// handshake is verified twice (once to find its client, once by its session), so this
+/// is twice the handshakes let through.
+pub const HANDSHAKES_PER_SECOND: u64 = 2 * 200;
+
+/// How often [`Gateway::tick`] must run (WireGuard's timers are in whole 250 ms steps).
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// A buffer for [`Gateway`]'s answers: large enough for any datagram and its overhead.
+pub const BUFFER: usize = 65_536 + 148;
+
+const INDEX_SPACE: u32 = 1 << 24;
+
+/// What a datagram from the network comes to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound<'a> {
+    /// Send these bytes back to where the datagram came from (a handshake's answer), then
+    /// [`Gateway::flush`] the client's queued packets.
+    Reply(WgKey, &'a [u8]),
+    /// A cookie: the source must prove its address before its handshake is taken.
+    Cookie(&'a [u8]),
+    /// An inner packet from a client, its source checked to be the client's own.
+    Packet(WgKey, &'a [u8]),
+    /// Taken, nothing to send (a keepalive, a cookie or handshake answer we asked for).
+    Nothing,
+    Drop(WgDrop),
+}
+
+/// What a packet for a client comes to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outbound<'a> {
+    /// Send these bytes to the client's endpoint.
+    Send(SocketAddr, &'a [u8]),
+    /// Queued until the handshake these bytes start completes.
+    Handshake(SocketAddr, &'a [u8]),
+    Drop(WgDrop),
+}
+
+/// One client's session and what the gateway knows of it.
+struct Slot {
+    client: WgClient,
+    index: u32,
+    tunn: Tunn,
+    /// Where its last authenticated datagram came from (it roams).
+    endpoint: Option<SocketAddr>,
+}
+
+/// A client's state for `status` and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientStats {
+    pub name: String,
+    pub public_key: WgKey,
+    pub endpoint: Option<SocketAddr>,
+    /// Time since the last completed handshake.
+    pub since_handshake: Option<Duration>,
+    /// Inner bytes sent to the client and received from it.
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+/// Why the client list could not be taken whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientsError {
+    #[error("{0} clients is more than a gateway serves ({MAX_CLIENTS})")]
+    TooMany(usize),
+    #[error("clients {0} and {1} claim the same address {2}")]
+    SharedAddress(String, String, IpAddr),
+    #[error("two clients share the public key {0}")]
+    SharedKey(WgKey),
+}
+
+/// A gateway's WireGuard side.
+pub struct Gateway {
+    secret: StaticSecret,
+    public: PublicKey,
+    limiter: Arc<RateLimiter>,
+    clients: HashMap<WgKey, Slot>,
+    by_index: HashMap<u32, WgKey>,
+    by_address: HashMap<IpAddr, WgKey>,
+    next_index: u32,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("public", &self.public_key())
+            .field("clients", &self.clients.len())
+            .finish()
+    }
+}
+
+impl Gateway {
+    /// A gateway with the private key `secret` and no clients.
+    pub fn new(secret: [u8; 32]) -> Self {
+        let secret = StaticSecret::from(secret);
+        let public = PublicKey::from(&secret);
+        Self {
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+            secret,
+            public,
+            clients: HashMap::new(),
+            by_index: HashMap::new(),
+            by_address: HashMap::new(),
+            next_index: 1,
+        }
+    }
+
+    /// The gateway's public key, as clients list it.
+    pub fn public_key(&self) -> WgKey {
+        WgKey(*self.public.as_bytes())
+    }
+
+    /// How many clients it serves.
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+
+    /// Serves exactly `clients` from now on. A client that is gone (revoked, expired, no
+    /// longer served here) loses its session at once; one whose key is unchanged keeps
+    /// its session and endpoint, with its name, service, labels and addresses updated.
+    /// Nothing changes when the list is refused.
+    pub fn set_clients(&mut self, clients: Vec<WgClient>) -> Result<(), ClientsError> {
+        if clients.len() > MAX_CLIENTS {
+            return Err(ClientsError::TooMany(clients.len()));
+        }
+        let mut keys: HashMap<WgKey, usize> = HashMap::new();
+        let mut addresses: HashMap<IpAddr, usize> = HashMap::new();
+        for (i, c) in clients.iter().enumerate() {
+            if keys.insert(c.public_key, i).is_some() {
+                return Err(ClientsError::SharedKey(c.public_key));
+            }
+            for a in &c.addresses {
+                if let Some(j) = addresses.insert(*a, i) {
+                    return Err(ClientsError::SharedAddress(
+                        clients[j].name.to_string(),
+                        c.name.to_string(),
+                        *a,
+                    ));
+                }
+            }
+        }
+        self.clients.retain(|k, _| keys.contains_key(k));
+        self.by_index.retain(|_, k| keys.contains_key(k));
+        self.by_address.clear();
+        for client in clients {
+            for a in &client.addresses {
+                self.by_address.insert(*a, client.public_key);
+            }
+            match self.clients.get_mut(&client.public_key) {
+                Some(slot) => slot.client = client,
+                None => {
+                    let index = self.free_index();
+                    let tunn = Tunn::new(
+                        self.secret.clone(),
+                        PublicKey::from(client.public_key.0),
+                        None,
+                        None,
+                        index,
+                        Some(self.limiter.clone()),
+                    );
+                    self.by_index.insert(index, client.public_key);
+                    self.clients.insert(
+                        client.public_key,
+                        Slot {
+                            client,
+                            index,
+                            tunn,
+                            endpoint: None,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A session index no client holds (never 0). There are 2^24 and at most
+    /// [`MAX_CLIENTS`] in use, so the search ends.
+    fn free_index(&mut self) -> u32 {
+        loop {
+            let i = self.next_index;
+            self.next_index = (self.next_index + 1) % INDEX_SPACE;
+            if i != 0 && !self.by_index.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    /// Takes one datagram that came from `from`; `now` is unix seconds, for expiry.
+    pub fn inbound<'a>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: u64,
+        out: &'a mut [u8],
+    ) -> Inbound<'a> {
+        let mut cookie = [0u8; 64];
+        let packet = match self
+            .limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(c)) => {
+                let n = c.len();
+                out[..n].copy_from_slice(c);
+                return Inbound::Cookie(&out[..n]);
+            }
+            Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
+                return Inbound::Drop(WgDrop::BadMac)
+            }
+            Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
+                return Inbound::Drop(WgDrop::UnderLoad)
+            }
+            Err(_) => return Inbound::Drop(WgDrop::Malformed),
+        };
+        let key = match &packet {
+            Packet::HandshakeInit(init) => {
+                match parse_handshake_anon(&self.secret, &self.public, init) {
+                    Ok(half) => {
+                        let key = WgKey(half.peer_static_public);
+                        if !self.clients.contains_key(&key) {
+                            return Inbound::Drop(WgDrop::UnknownKey);
+                        }
+                        key
+                    }
+                    Err(_) => return Inbound::Drop(WgDrop::Crypto),
+                }
+            }
+            Packet::HandshakeResponse(p) => match self.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(k) => *k,
+                None => return Inbound::Drop(WgDrop::UnknownIndex),
+            },
+            Packet::PacketCookieReply(p) => match self.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(k) => *k,
+                None => return Inbound::Drop(WgDrop::UnknownIndex),
+            },
+            Packet::PacketData(p) => match self.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(k) => *k,
+                None => return Inbound::Drop(WgDrop::UnknownIndex),
+            },
+        };
+        let Some(slot) = self.clients.get_mut(&key) else {
+            return Inbound::Drop(WgDrop::UnknownIndex);
+        };
+        if !slot.client.live_at(now) {
+            return Inbound::Drop(WgDrop::Expired);
+        }
+        match slot.tunn.decapsulate(Some(from.ip()), datagram, out) {
+            TunnResult::WriteToNetwork(b) => {
+                slot.endpoint = Some(from);
+                Inbound::Reply(key, b)
+            }
+            TunnResult::WriteToTunnelV4(p, src) => accept(slot, from, key, p, src.into()),
+            TunnResult::WriteToTunnelV6(p, src) => accept(slot, from, key, p, src.into()),
+            TunnResult::Done => Inbound::Nothing,
+            TunnResult::Err(WireGuardError::UnderLoad) => Inbound::Drop(WgDrop::UnderLoad),
+            TunnResult::Err(_) => Inbound::Drop(WgDrop::Crypto),
+        }
+    }
+
+    /// After [`Inbound::Reply`]: the client's next queued packet, ready for its endpoint,
+    /// until `None`.
+    pub fn flush<'a>(&mut self, key: &WgKey, out: &'a mut [u8]) -> Option<(SocketAddr, &'a [u8])> {
+        let slot = self.clients.get_mut(key)?;
+        let to = slot.endpoint?;
+        match slot.tunn.decapsulate(None, &[], out) {
+            TunnResult::WriteToNetwork(b) => Some((to, b)),
+            _ => None,
+        }
+    }
+
+    /// Takes one packet from the mesh for the client that owns `dst`.
+    pub fn outbound<'a>(
+        &mut self,
+        dst: IpAddr,
+        packet: &[u8],
+        now: u64,
+        out: &'a mut [u8],
+    ) -> Outbound<'a> {
+        let Some(key) = self.by_address.get(&dst) else {
+            return Outbound::Drop(WgDrop::NotAClient);
+        };
+        let Some(slot) = self.clients.get_mut(key) else {
+            return Outbound::Drop(WgDrop::NotAClient);
+        };
+        if !slot.client.live_at(now) {
+            return Outbound::Drop(WgDrop::Expired);
+        }
+        let Some(to) = slot.endpoint else {
+            return Outbound::Drop(WgDrop::NoEndpoint);
+        };
+        if out.len() < packet.len() + 32 || out.len() < 148 {
+            return Outbound::Drop(WgDrop::Malformed);
+        }
+        match slot.tunn.encapsulate(packet, out) {
+            // Without a session the packet is queued and a handshake initiation (message
+            // type 1) goes out instead.
+            TunnResult::WriteToNetwork(b) if b.starts_with(&[1, 0, 0, 0]) => {
+                Outbound::Handshake(to, b)
+            }
+            TunnResult::WriteToNetwork(b) => Outbound::Send(to, b),
+            _ => Outbound::Drop(WgDrop::Crypto),
+        }
+    }
+
+    /// Runs every client's timers (keepalives, rekeys, expiring sessions); `send` gets
+    /// what must go out. Call every [`TICK`].
+    pub fn tick(&mut self, out: &mut [u8], mut send: impl FnMut(SocketAddr, &[u8])) {
+        self.limiter.reset_count();
+        for slot in self.clients.values_mut() {
+            if let TunnResult::WriteToNetwork(b) = slot.tunn.update_timers(out) {
+                if let Some(to) = slot.endpoint {
+                    send(to, b);
+                }
+            }
+        }
+    }
+
+    /// Every client's state, by name.
+    pub fn stats(&self) -> Vec<ClientStats> {
+        let mut v: Vec<ClientStats> = self
+            .clients
+            .iter()
+            .map(|(k, s)| {
+                let (since, tx, rx, _, _) = s.tunn.stats();
+                ClientStats {
+                    name: s.client.name.to_string(),
+                    public_key: *k,
+                    endpoint: s.endpoint,
+                    since_handshake: since,
+                    tx_bytes: tx as u64,
+                    rx_bytes: rx as u64,
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The client that owns `addr`, if it is one of this gateway's.
+    pub fn client_at(&self, addr: IpAddr) -> Option<&WgClient> {
+        self.clients
+            .get(self.by_address.get(&addr)?)
+            .map(|s| &s.client)
+    }
+
+    /// The session index a client was given (for tests and `status`).
+    pub fn index_of(&self, key: &WgKey) -> Option<u32> {
+        self.clients.get(key).map(|s| s.index)
+    }
+}
+
+/// An authenticated inner packet: accepted only from the client's own address (WireGuard's
+/// cryptokey routing), and it moves the client's endpoint to where it came from.
+fn accept<'a>(
+    slot: &mut Slot,
+    from: SocketAddr,
+    key: WgKey,
+    packet: &'a [u8],
+    src: IpAddr,
+) -> Inbound<'a> {
+    if !slot.client.owns(src) {
+        return Inbound::Drop(WgDrop::Spoofed);
+    }
+    slot.endpoint = Some(from);
+    if packet.is_empty() {
+        return Inbound::Nothing;
+    }
+    Inbound::Packet(key, packet)
+}
+
+#[cfg(test)]
+mod tests;

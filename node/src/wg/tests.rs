@@ -1,0 +1,396 @@
+use super::*;
+use quicmesh_protocol::ident::{Labels, NodeName, ServiceName};
+
+const NOW: u64 = 1_900_000_000;
+
+/// A stock WireGuard peer (boringtun's own `Tunn`, as `wireguard-go` would behave).
+struct Peer {
+    key: WgKey,
+    tunn: Tunn,
+    addr: SocketAddr,
+}
+
+fn secret(seed: u8) -> [u8; 32] {
+    let mut s = [seed; 32];
+    s[0] &= 248;
+    s[31] = (s[31] & 127) | 64;
+    s
+}
+
+fn peer(gw: &Gateway, seed: u8, addr: &str) -> Peer {
+    let sk = StaticSecret::from(secret(seed));
+    let key = WgKey(*PublicKey::from(&sk).as_bytes());
+    let tunn = Tunn::new(
+        sk,
+        PublicKey::from(gw.public_key().0),
+        None,
+        None,
+        seed as u32,
+        None,
+    );
+    Peer {
+        key,
+        tunn,
+        addr: addr.parse().unwrap(),
+    }
+}
+
+fn client(name: &str, key: WgKey, ip: &str) -> WgClient {
+    WgClient {
+        name: NodeName::new(name).unwrap(),
+        service: ServiceName::new("laptop").unwrap(),
+        labels: Labels::default(),
+        addresses: vec![ip.parse().unwrap()],
+        public_key: key,
+        expires_at: NOW + 3600,
+        gateways: vec![NodeName::new("gw-1").unwrap()],
+    }
+}
+
+/// An IPv4 packet from `src` to `dst` with `payload` (UDP, no checksum: enough for
+/// WireGuard, which checks only the version and the length).
+fn ipv4(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+    let (s, d): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+        (src.parse().unwrap(), dst.parse().unwrap());
+    let len = (20 + payload.len()) as u16;
+    let mut p = vec![
+        0x45,
+        0,
+        (len >> 8) as u8,
+        len as u8,
+        0,
+        0,
+        0,
+        0,
+        64,
+        17,
+        0,
+        0,
+    ];
+    p.extend_from_slice(&s.octets());
+    p.extend_from_slice(&d.octets());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// Runs the client's handshake with the gateway; the gateway's answer to the initiation.
+fn handshake(gw: &mut Gateway, p: &mut Peer) -> Result<(), WgDrop> {
+    let mut buf = vec![0u8; BUFFER];
+    let mut gbuf = vec![0u8; BUFFER];
+    let init = match p.tunn.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(b) => b.to_vec(),
+        other => panic!("no initiation: {other:?}"),
+    };
+    let resp = match gw.inbound(p.addr, &init, NOW, &mut gbuf) {
+        Inbound::Reply(k, b) => {
+            assert_eq!(k, p.key, "answered as the right client");
+            b.to_vec()
+        }
+        Inbound::Drop(r) => return Err(r),
+        other => panic!("unexpected {other:?}"),
+    };
+    match p.tunn.decapsulate(None, &resp, &mut buf) {
+        // The client confirms the session with a keepalive.
+        TunnResult::WriteToNetwork(b) => {
+            let keepalive = b.to_vec();
+            assert_eq!(
+                gw.inbound(p.addr, &keepalive, NOW, &mut gbuf),
+                Inbound::Nothing
+            );
+        }
+        other => panic!("client did not take the answer: {other:?}"),
+    }
+    Ok(())
+}
+
+fn send(gw: &mut Gateway, p: &mut Peer, packet: &[u8]) -> Result<Vec<u8>, WgDrop> {
+    let mut buf = vec![0u8; BUFFER];
+    let mut gbuf = vec![0u8; BUFFER];
+    let wire = match p.tunn.encapsulate(packet, &mut buf) {
+        TunnResult::WriteToNetwork(b) => b.to_vec(),
+        other => panic!("client could not send: {other:?}"),
+    };
+    match gw.inbound(p.addr, &wire, NOW, &mut gbuf) {
+        Inbound::Packet(k, b) => {
+            assert_eq!(k, p.key);
+            Ok(b.to_vec())
+        }
+        Inbound::Drop(r) => Err(r),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_client_s_handshake_and_packets_cross_both_ways() {
+    let mut gw = Gateway::new(secret(1));
+    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
+    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
+        .unwrap();
+    handshake(&mut gw, &mut alice).unwrap();
+    let pkt = ipv4("100.64.0.9", "100.64.0.1", b"hello mesh");
+    assert_eq!(send(&mut gw, &mut alice, &pkt).unwrap(), pkt);
+    // Back to the client, at the endpoint its datagrams came from.
+    let back = ipv4("100.64.0.1", "100.64.0.9", b"hello alice");
+    let mut gbuf = vec![0u8; BUFFER];
+    let wire = match gw.outbound("100.64.0.9".parse().unwrap(), &back, NOW, &mut gbuf) {
+        Outbound::Send(to, b) => {
+            assert_eq!(to, alice.addr);
+            b.to_vec()
+        }
+        other => panic!("{other:?}"),
+    };
+    let mut buf = vec![0u8; BUFFER];
+    match alice.tunn.decapsulate(None, &wire, &mut buf) {
+        TunnResult::WriteToTunnelV4(p, src) => {
+            assert_eq!(p, &back[..]);
+            assert_eq!(src.to_string(), "100.64.0.1");
+        }
+        other => panic!("{other:?}"),
+    }
+    let stats = gw.stats();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0].endpoint, Some(alice.addr));
+    assert!(stats[0].since_handshake.is_some());
+    assert_eq!(stats[0].rx_bytes, pkt.len() as u64);
+    assert_eq!(stats[0].tx_bytes, back.len() as u64);
+}
+
+#[test]
+fn an_unknown_key_is_dropped_and_never_answered() {
+    let mut gw = Gateway::new(secret(1));
+    let alice = peer(&gw, 2, "198.18.0.10:40000");
+    let mut mallory = peer(&gw, 3, "198.18.0.66:40000");
+    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
+        .unwrap();
+    assert_eq!(handshake(&mut gw, &mut mallory), Err(WgDrop::UnknownKey));
+    // A handshake meant for another gateway's key fails its mac1 before any work.
+    let other = Gateway::new(secret(9));
+    let mut lost = peer(&other, 4, "198.18.0.67:40000");
+    assert_eq!(handshake(&mut gw, &mut lost), Err(WgDrop::BadMac));
+    // Noise that is no WireGuard message at all.
+    let mut gbuf = vec![0u8; BUFFER];
+    assert_eq!(
+        gw.inbound(mallory.addr, b"GET / HTTP/1.1", NOW, &mut gbuf),
+        Inbound::Drop(WgDrop::Malformed)
+    );
+}
+
+#[test]
+fn data_for_an_index_never_given_out_is_dropped() {
+    let mut gw = Gateway::new(secret(1));
+    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
+    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
+        .unwrap();
+    handshake(&mut gw, &mut alice).unwrap();
+    let mut buf = vec![0u8; BUFFER];
+    let mut wire = match alice
+        .tunn
+        .encapsulate(&ipv4("100.64.0.9", "100.64.0.1", b"x"), &mut buf)
+    {
+        TunnResult::WriteToNetwork(b) => b.to_vec(),
+        other => panic!("{other:?}"),
+    };
+    let given = gw.index_of(&alice.key).unwrap();
+    // The receiver index is bytes 4..8; its top 24 bits name the session.
+    let forged = ((given + 1000) << 8).to_le_bytes();
+    wire[4..8].copy_from_slice(&forged);
+    let mut gbuf = vec![0u8; BUFFER];
+    assert_eq!(
+        gw.inbound(alice.addr, &wire, NOW, &mut gbuf),
+        Inbound::Drop(WgDrop::UnknownIndex)
+    );
+}
+
+#[test]
+fn an_inner_packet_from_another_address_is_dropped_as_spoofed() {
+    let mut gw = Gateway::new(secret(1));
+    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
+    let bob = peer(&gw, 5, "198.18.0.11:40000");
+    gw.set_clients(vec![
+        client("alice", alice.key, "100.64.0.9"),
+        client("bob", bob.key, "100.64.0.10"),
+    ])
+    .unwrap();
+    handshake(&mut gw, &mut alice).unwrap();
+    // Alice's session, bob's address as the source: cryptokey routing refuses it.
+    assert_eq!(
+        send(
+            &mut gw,
+            &mut alice,
+            &ipv4("100.64.0.10", "100.64.0.1", b"as bob")
+        ),
+        Err(WgDrop::Spoofed)
+    );
+    assert!(send(
+        &mut gw,
+        &mut alice,
+        &ipv4("100.64.0.9", "100.64.0.1", b"as alice")
+    )
+    .is_ok());
+}
+
+#[test]
+fn a_removed_or_expired_client_is_cut_at_once_and_the_others_keep_their_sessions() {
+    let mut gw = Gateway::new(secret(1));
+    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
+    let mut bob = peer(&gw, 5, "198.18.0.11:40000");
+    let (a, b) = (
+        client("alice", alice.key, "100.64.0.9"),
+        client("bob", bob.key, "100.64.0.10"),
+    );
+    gw.set_clients(vec![a.clone(), b.clone()]).unwrap();
+    handshake(&mut gw, &mut alice).unwrap();
+    handshake(&mut gw, &mut bob).unwrap();
+    // Alice revoked: her live session carries nothing more; bob's goes on untouched.
+    gw.set_clients(vec![b.clone()]).unwrap();
+    assert_eq!(
+        send(&mut gw, &mut alice, &ipv4("100.64.0.9", "100.64.0.1", b"x")),
+        Err(WgDrop::UnknownIndex)
+    );
+    assert!(send(&mut gw, &mut bob, &ipv4("100.64.0.10", "100.64.0.1", b"y")).is_ok());
+    let mut gbuf = vec![0u8; BUFFER];
+    assert_eq!(
+        gw.outbound("100.64.0.9".parse().unwrap(), b"x", NOW, &mut gbuf),
+        Outbound::Drop(WgDrop::NotAClient)
+    );
+    // Bob expires: refused both ways, from the second of his expiry.
+    let expired = WgClient {
+        expires_at: NOW,
+        ..b
+    };
+    gw.set_clients(vec![expired]).unwrap();
+    let mut buf = vec![0u8; BUFFER];
+    let wire = match bob
+        .tunn
+        .encapsulate(&ipv4("100.64.0.10", "100.64.0.1", b"z"), &mut buf)
+    {
+        TunnResult::WriteToNetwork(b) => b.to_vec(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        gw.inbound(bob.addr, &wire, NOW, &mut gbuf),
+        Inbound::Drop(WgDrop::Expired)
+    );
+}
+
+#[test]
+fn a_client_that_roams_is_answered_at_its_new_address() {
+    let mut gw = Gateway::new(secret(1));
+    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
+    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
+        .unwrap();
+    handshake(&mut gw, &mut alice).unwrap();
+    alice.addr = "198.18.1.20:51000".parse().unwrap();
+    send(
+        &mut gw,
+        &mut alice,
+        &ipv4("100.64.0.9", "100.64.0.1", b"moved"),
+    )
+    .unwrap();
+    let mut gbuf = vec![0u8; BUFFER];
+    match gw.outbound(
+        "100.64.0.9".parse().unwrap(),
+        &ipv4("100.64.0.1", "100.64.0.9", b"r"),
+        NOW,
+        &mut gbuf,
+    ) {
+        Outbound::Send(to, _) => assert_eq!(to, alice.addr),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn session_indexes_are_unique_never_zero_and_freed_with_their_client() {
+    let mut gw = Gateway::new(secret(1));
+    let keys: Vec<WgKey> = (0..300u32)
+        .map(|i| {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&(i + 1).to_le_bytes());
+            WgKey(k)
+        })
+        .collect();
+    let clients: Vec<WgClient> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| client(&format!("c{i}"), *k, &format!("100.64.1.{}", i % 250 + 1)).clone())
+        .map(|mut c| {
+            // Distinct addresses beyond 250.
+            let n = c.name.as_str()[1..].parse::<u32>().unwrap();
+            c.addresses = vec![std::net::Ipv4Addr::from(0x6440_0000 + 256 + n).into()];
+            c
+        })
+        .collect();
+    gw.set_clients(clients.clone()).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for k in &keys {
+        let i = gw.index_of(k).unwrap();
+        assert!(i != 0 && i < INDEX_SPACE, "{i}");
+        assert!(seen.insert(i), "index {i} given twice");
+    }
+    // Kept clients keep their index; a new one never takes a live one.
+    let kept = gw.index_of(&keys[5]).unwrap();
+    gw.set_clients(clients[..10].to_vec()).unwrap();
+    assert_eq!(gw.index_of(&keys[5]), Some(kept));
+    assert_eq!(gw.index_of(&keys[20]), None, "freed with its client");
+    // The counter wraps around the 24-bit space and skips what is in use.
+    gw.next_index = INDEX_SPACE - 1;
+    let mut more = clients[..10].to_vec();
+    more.extend(clients[10..13].iter().cloned());
+    gw.set_clients(more).unwrap();
+    let live: std::collections::HashSet<u32> =
+        keys[..13].iter().map(|k| gw.index_of(k).unwrap()).collect();
+    assert_eq!(live.len(), 13);
+    assert!(live.iter().all(|i| *i != 0 && *i < INDEX_SPACE));
+}
+
+#[test]
+fn a_client_list_that_would_be_ambiguous_is_refused_whole() {
+    let mut gw = Gateway::new(secret(1));
+    let alice = peer(&gw, 2, "198.18.0.10:40000");
+    let bob = peer(&gw, 5, "198.18.0.11:40000");
+    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
+        .unwrap();
+    let before = gw.stats();
+    assert!(matches!(
+        gw.set_clients(vec![
+            client("alice", alice.key, "100.64.0.9"),
+            client("bob", bob.key, "100.64.0.9"),
+        ]),
+        Err(ClientsError::SharedAddress(..))
+    ));
+    assert!(matches!(
+        gw.set_clients(vec![
+            client("alice", alice.key, "100.64.0.9"),
+            client("bob", alice.key, "100.64.0.10"),
+        ]),
+        Err(ClientsError::SharedKey(_))
+    ));
+    assert_eq!(gw.stats(), before, "nothing changed");
+}
+
+#[test]
+fn a_handshake_flood_is_met_with_cookies_not_diffie_hellman() {
+    let mut gw = Gateway::new(secret(1));
+    let alice = peer(&gw, 2, "198.18.0.10:40000");
+    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
+        .unwrap();
+    // A flooder with no key of ours, from one address: past the limit, every further
+    // initiation gets a cookie (it must prove its address), not a handshake's work.
+    let mut flooder = peer(&gw, 7, "198.18.0.99:5555");
+    let mut buf = vec![0u8; BUFFER];
+    let mut gbuf = vec![0u8; BUFFER];
+    let (mut cookies, mut unknown) = (0, 0);
+    for _ in 0..(HANDSHAKES_PER_SECOND + 50) {
+        let init = match flooder.tunn.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(b) => b.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        match gw.inbound(flooder.addr, &init, NOW, &mut gbuf) {
+            Inbound::Cookie(_) => cookies += 1,
+            Inbound::Drop(WgDrop::UnknownKey) => unknown += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(unknown, HANDSHAKES_PER_SECOND as usize);
+    assert_eq!(cookies, 50);
+}
