@@ -22,7 +22,8 @@ impl IntoResponse for MeshError {
     fn into_response(self) -> Response {
         let status = match &self {
             MeshError::Invalid { .. } => StatusCode::BAD_REQUEST,
-            MeshError::NoSuchNode(_) => StatusCode::NOT_FOUND,
+            MeshError::NoSuchNode(_) | MeshError::NoSuchWgClient(_) => StatusCode::NOT_FOUND,
+            MeshError::WgClientExists(_) => StatusCode::CONFLICT,
             MeshError::Policy(_) | MeshError::PolicyTests(_) => StatusCode::UNPROCESSABLE_ENTITY,
             MeshError::Fenced | MeshError::Store(crate::store::StoreError::Unavailable(_)) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -65,6 +66,8 @@ pub fn router(
         .route("/nodes/{name}/relay", post(relay))
         .route("/services", get(services))
         .route("/tokens", post(create_token))
+        .route("/wg", get(wg_list).post(wg_add))
+        .route("/wg/{name}/revoke", post(wg_revoke))
         .route("/policy", get(policy_show).post(policy_apply))
         .route("/policy/history", get(policy_history))
         .route("/policy/explain", get(policy_explain))
@@ -247,6 +250,33 @@ async fn create_token(
     Ok(Json(
         json!({ "token": token, "node": req.node, "relay": req.relay, "expires_at": expires_at }),
     ))
+}
+
+async fn wg_list(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {
+    Ok(Json(json!({ "clients": mesh.wg_clients()? })))
+}
+
+/// Enrolls a WireGuard client; the answer carries its `wg-quick` configuration, with the
+/// private key when the coordinator made it: shown this once, stored nowhere.
+async fn wg_add(
+    State(mesh): State<Arc<Mesh>>,
+    Json(req): Json<crate::mesh::WgRequest>,
+) -> Result<Json<serde_json::Value>, MeshError> {
+    let added = mesh.wg_add(&req)?;
+    let config = mesh.wg_config(&added.client, added.private_key.as_deref())?;
+    Ok(Json(json!({
+        "client": added.client,
+        "private_key": added.private_key,
+        "config": config,
+    })))
+}
+
+async fn wg_revoke(
+    State(mesh): State<Arc<Mesh>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, MeshError> {
+    mesh.wg_revoke(&name)?;
+    Ok(Json(json!({ "client": name, "revoked": true })))
 }
 
 async fn policy_show(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {

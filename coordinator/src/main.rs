@@ -116,6 +116,9 @@ enum Cmd {
     /// The service catalog.
     #[command(subcommand)]
     Services(ServicesCmd),
+    /// WireGuard clients: stock WireGuard clients that reach the mesh through gateway nodes.
+    #[command(subcommand)]
+    Wg(WgCmd),
     /// The coordinator replicas sharing this mesh's database.
     #[command(subcommand)]
     Replicas(ReplicasCmd),
@@ -189,6 +192,35 @@ enum NodesCmd {
         #[arg(long)]
         withdraw: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum WgCmd {
+    /// Enroll a client; prints its wg-quick configuration (with a private key made here,
+    /// shown only this once, unless --public-key brings the device's own).
+    Add {
+        #[arg(long)]
+        name: String,
+        /// The service policy sees the client as.
+        #[arg(long)]
+        service: String,
+        /// A label the client carries, key=value (repeat).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// How long it stays enrolled (e.g. 30d); default: until revoked.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// The device's own public key (its private key never leaves it).
+        #[arg(long)]
+        public_key: Option<String>,
+        /// A gateway node that serves the client (repeat; the first is the one used).
+        #[arg(long = "gateway", required = true)]
+        gateways: Vec<String>,
+    },
+    /// List clients.
+    List,
+    /// Revoke a client: gateways drop it at once, live flows included.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -458,6 +490,18 @@ impl From<ClientError> for AdminError {
     }
 }
 
+/// `--label key=value` arguments as a map.
+fn label_map(labels: &[String]) -> Result<BTreeMap<String, String>, AdminError> {
+    let mut lm = BTreeMap::new();
+    for l in labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| AdminError::Usage(format!("--label {l:?}: expected key=value")))?;
+        lm.insert(k.to_string(), v.to_string());
+    }
+    Ok(lm)
+}
+
 fn s(v: &Value) -> String {
     v.as_str()
         .map(str::to_string)
@@ -475,13 +519,7 @@ async fn admin(client: &ApiClient, cmd: Cmd, raw: bool) -> Result<(), AdminError
             ttl,
         }) => {
             let ttl = duration_secs(&ttl, "ttl").map_err(AdminError::Usage)?;
-            let mut lm = BTreeMap::new();
-            for l in labels {
-                let (k, v) = l.split_once('=').ok_or_else(|| {
-                    AdminError::Usage(format!("--label {l:?}: expected key=value"))
-                })?;
-                lm.insert(k.to_string(), v.to_string());
-            }
+            let lm = label_map(&labels)?;
             let v = client
                 .post(
                     "/tokens",
@@ -674,6 +712,88 @@ async fn admin(client: &ApiClient, cmd: Cmd, raw: bool) -> Result<(), AdminError
                 println!("{name} is no longer a relay")
             } else {
                 println!("{name} may relay (advertised while its config says relay = true)")
+            }
+        }
+        Cmd::Wg(WgCmd::Add {
+            name,
+            service,
+            labels,
+            ttl,
+            public_key,
+            gateways,
+        }) => {
+            let ttl_secs = match ttl {
+                Some(t) => Some(duration_secs(&t, "ttl").map_err(AdminError::Usage)?),
+                None => None,
+            };
+            let v = client
+                .post(
+                    "/wg",
+                    json!({
+                        "name": name,
+                        "service": service,
+                        "labels": label_map(&labels)?,
+                        "ttl_secs": ttl_secs,
+                        "public_key": public_key,
+                        "gateways": gateways,
+                    }),
+                )
+                .await?;
+            if raw {
+                print(&v)
+            } else {
+                print!("{}", v["config"].as_str().unwrap_or_default());
+                if !v["private_key"].is_null() {
+                    eprintln!(
+                        "the private key above is shown only this once: it is stored nowhere"
+                    );
+                }
+            }
+        }
+        Cmd::Wg(WgCmd::List) => {
+            let v = client.get("/wg").await?;
+            if raw {
+                print(&v)
+            } else {
+                println!(
+                    "{:<20} {:<8} {:<14} {:<18} {:<16} KEY",
+                    "CLIENT", "STATE", "SERVICE", "ADDRESS", "GATEWAYS"
+                );
+                let now = quicmesh_coordinator::mesh::now();
+                for c in v["clients"].as_array().into_iter().flatten() {
+                    let expires = c["expires_at"].as_i64().unwrap_or(0);
+                    let state = if !c["revoked_at"].is_null() {
+                        "revoked"
+                    } else if expires != 0 && now >= expires {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    let first = |k: &str| {
+                        c[k].as_array()
+                            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+                            .unwrap_or_default()
+                    };
+                    println!(
+                        "{:<20} {:<8} {:<14} {:<18} {:<16} {}",
+                        s(&c["name"]),
+                        state,
+                        s(&c["service"]),
+                        c["addresses"].get(0).map(s).unwrap_or_default(),
+                        first("gateways"),
+                        s(&c["public_key"])
+                    );
+                }
+            }
+        }
+        Cmd::Wg(WgCmd::Revoke { name }) => {
+            let v = client
+                .post(&format!("/wg/{}/revoke", enc(&name)), json!({}))
+                .await?;
+            if raw {
+                print(&v)
+            } else {
+                println!("revoked WireGuard client {name}: its gateways drop it at once")
             }
         }
         Cmd::Services(ServicesCmd::List) => {

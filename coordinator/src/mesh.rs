@@ -38,6 +38,9 @@ use crate::store::{NodeRecord, PolicyRecord, ReplicaRecord, Store, StoreError};
 mod enroll;
 mod sessions;
 mod traffic;
+mod wg;
+
+pub use wg::{WgAdded, WgClientView, WgRequest, MAX_WG_TTL_SECS};
 
 /// How many versions before the last one read a replica reads liveness rows again from.
 /// A change committed after a higher version was read is read by its own notification
@@ -66,6 +69,10 @@ pub enum MeshError {
     Invalid { field: &'static str, reason: String },
     #[error("node {0} not found")]
     NoSuchNode(String),
+    #[error("WireGuard client {0} not found (or already revoked)")]
+    NoSuchWgClient(String),
+    #[error("a WireGuard client named {0} or with that public key exists (names and keys are never reused)")]
+    WgClientExists(String),
     #[error("policy: {0}")]
     Policy(#[from] PolicyError),
     #[error("policy tests failed: {}", .0.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("; "))]
@@ -163,6 +170,8 @@ pub struct Mesh {
     http_traffic: Mutex<HashMap<String, Vec<quicmesh_protocol::wire::RouteTraffic>>>,
     /// The route settings each node's `http` upstreams reported (its TOML).
     http_routes: Mutex<HashMap<String, Vec<quicmesh_protocol::wire::RouteSettings>>>,
+    /// What each gateway node last reported of its WireGuard side (key, port, clients).
+    gateways: Mutex<HashMap<String, quicmesh_protocol::wire::GatewayReport>>,
     /// Bumped when a traffic report changed something.
     traffic_tx: watch::Sender<u64>,
     policy: ArcSwap<(u64, Policy)>,
@@ -486,6 +495,7 @@ impl Mesh {
             traffic: Mutex::new(HashMap::new()),
             http_traffic: Mutex::new(HashMap::new()),
             http_routes: Mutex::new(HashMap::new()),
+            gateways: Mutex::new(HashMap::new()),
             traffic_tx: watch::channel(0).0,
             policy: ArcSwap::from_pointee(policy),
             version_tx,
@@ -819,8 +829,13 @@ impl Mesh {
         if let Some(s) = self.sessions.lock().ok().and_then(|mut m| m.remove(name)) {
             s.end_revoked();
         }
-        // Its traffic stays (what happened, happened); its routes no longer route.
+        // Its traffic stays (what happened, happened); its routes no longer route, and
+        // it serves no WireGuard client.
         self.http_routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.gateways
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);

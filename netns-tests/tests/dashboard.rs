@@ -344,8 +344,15 @@ fn d1_dashboard_end_to_end_in_headless_chromium() {
 }
 
 /// Every API route, with a body where it takes one.
-const ROUTES: [(&str, &str, Option<&str>); 14] = [
+const ROUTES: [(&str, &str, Option<&str>); 17] = [
     ("GET", "/api/v1/status", None),
+    ("GET", "/api/v1/wg", None),
+    (
+        "POST",
+        "/api/v1/wg",
+        Some(r#"{"name":"x","service":"laptop","gateways":["web-1"]}"#),
+    ),
+    ("POST", "/api/v1/wg/x/revoke", Some("{}")),
     ("GET", "/api/v1/nodes", None),
     ("POST", "/api/v1/nodes/web-1/revoke", Some("{}")),
     ("GET", "/api/v1/services", None),

@@ -386,6 +386,21 @@ impl Gateway {
     }
 }
 
+/// A new key pair: the private key (clamped, as `wg genkey` writes it) and its public key.
+pub fn generate_key_pair() -> ([u8; 32], WgKey) {
+    use rand::RngCore;
+    let mut secret = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut secret);
+    secret[0] &= 248;
+    secret[31] = (secret[31] & 127) | 64;
+    (secret, public_of(secret))
+}
+
+/// The public key of a private key.
+pub fn public_of(secret: [u8; 32]) -> WgKey {
+    WgKey(*PublicKey::from(&StaticSecret::from(secret)).as_bytes())
+}
+
 /// An authenticated inner packet: accepted only from the client's own address (WireGuard's
 /// cryptokey routing), and it moves the client's endpoint to where it came from.
 fn accept<'a>(

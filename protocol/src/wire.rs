@@ -216,7 +216,25 @@ pub enum ControlUp {
     /// session to a coordinator that asked for HTTP traffic ([`ControlDown::Features`]),
     /// at most [`MAX_ROUTE_REPORTS`] of them.
     HttpRoutes(Vec<RouteSettings>),
+    /// This node serves WireGuard clients: its gateway's public key and the UDP port it
+    /// listens on (the coordinator prints both in the clients' configurations), and each
+    /// client's state. Sent only to a coordinator that announced [`WG_CLIENTS`] support
+    /// (it answers a node's [`WG_CLIENTS`] announcement with [`ControlDown::WgClients`]).
+    Gateway(GatewayReport),
 }
+
+/// A WireGuard gateway as its node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayReport {
+    pub public_key: crate::wg::WgKey,
+    pub port: u16,
+    /// Per client: name, seconds since its last handshake, bytes to and from it.
+    pub clients: Vec<(String, Option<u64>, u64, u64)>,
+}
+
+/// A node's `Hello` agent version carries this when it takes [`ControlDown::WgClients`]
+/// (every node that judges overlay packets must know the clients, not only gateways).
+pub const WG_CLIENTS: &str = "wg=1";
 
 /// One route of a node's `http` upstream as configured, for the dashboard.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -452,6 +470,10 @@ pub enum ControlDown {
         /// Send [`ControlUp::HttpTraffic`] with status reports.
         http_traffic: bool,
     },
+    /// Every WireGuard client not revoked or expired, whole: sent at session start and on
+    /// every change, only to a node that announced [`WG_CLIENTS`]. Policy sees a client's
+    /// packets with its service and labels; gateways serve the clients that name them.
+    WgClients(Vec<crate::wg::WgClient>),
 }
 
 impl Message for ControlDown {
@@ -790,6 +812,38 @@ mod tests {
             }));
             assert_eq!(view.encode_frame(), encode_frame(&owned));
         }
+    }
+
+    /// The WireGuard messages are the last of their enums: older peers decode every
+    /// message they knew exactly as before, and are never sent the new ones.
+    #[test]
+    fn wireguard_messages_round_trip_and_an_invalid_client_does_not_decode() {
+        use crate::wg::{WgClient, WgKey};
+        let client = WgClient {
+            name: NodeName::new("alice").unwrap(),
+            service: ServiceName::new("laptop").unwrap(),
+            labels: Labels::default(),
+            addresses: vec!["100.64.0.9".parse().unwrap()],
+            public_key: WgKey([7; 32]),
+            expires_at: 0,
+            gateways: vec![NodeName::new("gw-1").unwrap()],
+        };
+        let down = ControlDown::WgClients(vec![client.clone()]);
+        assert_eq!(decode::<ControlDown>(&encode(&down)).unwrap(), down);
+        let up = ControlUp::Gateway(GatewayReport {
+            public_key: WgKey([9; 32]),
+            port: 51820,
+            clients: vec![("alice".into(), Some(3), 100, 200)],
+        });
+        assert_eq!(decode::<ControlUp>(&encode(&up)).unwrap(), up);
+        // A client whose service name is not a DNS label is refused at the seam.
+        let mut bad = encode(&down);
+        let at = bad
+            .windows(6)
+            .position(|w| w == b"laptop")
+            .expect("service name in the frame");
+        bad[at] = b'L';
+        assert!(decode::<ControlDown>(&bad).is_err());
     }
 
     #[test]

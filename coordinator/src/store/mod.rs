@@ -122,6 +122,31 @@ pub struct NodeRecord {
     pub relay: bool,
 }
 
+/// A WireGuard client: a stock WireGuard client that reaches the mesh through gateway
+/// nodes, with an identity policy sees as it sees a node's. Its private key is never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WgClientRecord {
+    pub name: String,
+    pub service: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The client's public key, as `wg` writes it.
+    pub public_key: String,
+    /// The gateway nodes that serve it.
+    pub gateways: Vec<String>,
+    pub created_at: i64,
+    /// Unix seconds it is refused from; 0: never expires.
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+    /// Overlay address allocation (addresses = pools + index), shared with nodes' and
+    /// never reused.
+    pub overlay_index: Option<u64>,
+}
+
+/// The overlay allocation name of a WireGuard client (a node's name cannot hold `:`).
+pub fn wg_overlay_name(client: &str) -> String {
+    format!("wg:{client}")
+}
+
 /// A stored policy version.
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyRecord {
@@ -214,6 +239,14 @@ pub trait Store: Send + Sync {
     fn set_relay(&self, name: &str, relay: bool) -> Result<bool, StoreError>;
     /// Serials revoked and not yet expired at `now`.
     fn revoked_serials(&self, now: i64) -> Result<Vec<String>, StoreError>;
+    /// Records a new WireGuard client and allocates its overlay index, atomically.
+    /// `Ok(false)` when its name or its key is taken (revoked clients' included: neither
+    /// is ever reused).
+    fn insert_wg_client(&self, c: &WgClientRecord) -> Result<bool, StoreError>;
+    /// Every WireGuard client, revoked ones included, by name.
+    fn wg_clients(&self) -> Result<Vec<WgClientRecord>, StoreError>;
+    /// Revokes a WireGuard client; false when there is no such unrevoked client.
+    fn revoke_wg_client(&self, name: &str, now: i64) -> Result<bool, StoreError>;
     fn insert_policy(&self, source: &str, now: i64) -> Result<u64, StoreError>;
     fn latest_policy(&self) -> Result<Option<PolicyRecord>, StoreError>;
     fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError>;
@@ -332,6 +365,67 @@ mod tests {
             overlay_index: None,
             relay: false,
         }
+    }
+
+    #[test]
+    fn wireguard_clients_never_share_a_name_or_a_key_and_revocation_is_kept() {
+        each_store(|open| {
+            let s = open();
+            let alice = WgClientRecord {
+                name: "alice-laptop".into(),
+                service: "laptop".into(),
+                labels: [("team".to_string(), "ops".to_string())].into(),
+                public_key: "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=".into(),
+                gateways: vec!["gw-1".into()],
+                created_at: 10,
+                expires_at: 0,
+                revoked_at: None,
+                overlay_index: None,
+            };
+            assert!(s.insert_wg_client(&alice).unwrap());
+            // Denied twins: the same name with another key, another name with the same key.
+            assert!(!s
+                .insert_wg_client(&WgClientRecord {
+                    public_key: "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".into(),
+                    ..alice.clone()
+                })
+                .unwrap());
+            assert!(!s
+                .insert_wg_client(&WgClientRecord {
+                    name: "mallory".into(),
+                    ..alice.clone()
+                })
+                .unwrap());
+            // Its overlay allocation is its own, never a node's.
+            let node_idx = s.overlay_index("alice-laptop").unwrap();
+            let got = s.wg_clients().unwrap();
+            assert_eq!(got.len(), 1);
+            let idx = got[0].overlay_index.expect("allocated with the client");
+            assert_ne!(idx, node_idx);
+            assert_eq!(
+                s.overlay_index(&wg_overlay_name("alice-laptop")).unwrap(),
+                idx
+            );
+            assert_eq!(
+                WgClientRecord {
+                    overlay_index: None,
+                    ..got[0].clone()
+                },
+                alice
+            );
+            assert!(s.revoke_wg_client("alice-laptop", 20).unwrap());
+            assert!(!s.revoke_wg_client("alice-laptop", 21).unwrap(), "once");
+            assert!(!s.revoke_wg_client("nobody", 21).unwrap());
+            // Reopened: the revocation stands, and the name stays taken.
+            let s = open();
+            assert_eq!(s.wg_clients().unwrap()[0].revoked_at, Some(20));
+            assert!(!s
+                .insert_wg_client(&WgClientRecord {
+                    public_key: "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".into(),
+                    ..alice.clone()
+                })
+                .unwrap());
+        });
     }
 
     #[test]

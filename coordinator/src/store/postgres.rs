@@ -23,7 +23,7 @@ use super::{
     json_map, json_vec, to_json, LiveRecord, NodeRecord, PolicyRecord, ReplicaRecord, Store,
     StoreError,
 };
-use super::{TokenProblem, TokenRecord};
+use super::{wg_overlay_name, TokenProblem, TokenRecord, WgClientRecord};
 
 /// The longest a store call waits for the database.
 pub const QUERY_DEADLINE: Duration = Duration::from_secs(3);
@@ -76,7 +76,30 @@ ALTER TABLE live ADD COLUMN version BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX live_by_version ON live (version);
 CREATE INDEX nodes_revoked ON nodes (name) WHERE revoked_at IS NOT NULL;
 "#,
+    // WireGuard clients (their public keys only).
+    r#"
+CREATE TABLE wg_clients (
+    name TEXT PRIMARY KEY, service TEXT NOT NULL, labels TEXT NOT NULL,
+    public_key TEXT NOT NULL UNIQUE, gateways TEXT NOT NULL, created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL, revoked_at BIGINT);
+"#,
 ];
+
+const WG_COLS: &str = "name, service, labels, public_key, gateways, created_at, expires_at, revoked_at, (SELECT idx FROM overlay WHERE overlay.name = 'wg:' || wg_clients.name)";
+
+fn wg_row(r: &Row) -> Result<WgClientRecord, StoreError> {
+    Ok(WgClientRecord {
+        name: r.get(0),
+        service: r.get(1),
+        labels: json_map(r.get(2))?,
+        public_key: r.get(3),
+        gateways: json_vec(r.get(4))?,
+        created_at: r.get(5),
+        expires_at: r.get(6),
+        revoked_at: r.get(7),
+        overlay_index: r.get::<_, Option<i64>>(8).map(|i| i.max(0) as u64),
+    })
+}
 
 /// A call's work on one connection.
 type Work<T> = Box<
@@ -647,6 +670,73 @@ impl Store for PgStore {
                 log_change(&tx).await?;
                 tx.commit().await?;
                 Ok(Some(serials))
+            })
+        }))
+    }
+
+    fn insert_wg_client(&self, w: &WgClientRecord) -> Result<bool, StoreError> {
+        let w = w.clone();
+        self.run(Box::new(move |c| {
+            Box::pin(async move {
+                let tx = c.transaction().await?;
+                let n = tx
+                    .execute(
+                        "INSERT INTO wg_clients (name, service, labels, public_key, gateways, created_at, expires_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                        &[
+                            &w.name,
+                            &w.service,
+                            &to_json(&w.labels),
+                            &w.public_key,
+                            &to_json(&w.gateways),
+                            &w.created_at,
+                            &w.expires_at,
+                        ],
+                    )
+                    .await?;
+                if n == 1 {
+                    tx.execute(
+                        "INSERT INTO overlay (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+                        &[&wg_overlay_name(&w.name)],
+                    )
+                    .await?;
+                    log_change(&tx).await?;
+                }
+                tx.commit().await?;
+                Ok(n == 1)
+            })
+        }))
+    }
+
+    fn wg_clients(&self) -> Result<Vec<WgClientRecord>, StoreError> {
+        let rows = self.run(Box::new(move |c| {
+            Box::pin(async move {
+                c.query(
+                    &format!("SELECT {WG_COLS} FROM wg_clients ORDER BY name"),
+                    &[],
+                )
+                .await
+            })
+        }))?;
+        rows.iter().map(wg_row).collect()
+    }
+
+    fn revoke_wg_client(&self, name: &str, now: i64) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.run(Box::new(move |c| {
+            Box::pin(async move {
+                let tx = c.transaction().await?;
+                let n = tx
+                    .execute(
+                        "UPDATE wg_clients SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
+                        &[&now, &name],
+                    )
+                    .await?;
+                if n == 1 {
+                    log_change(&tx).await?;
+                }
+                tx.commit().await?;
+                Ok(n == 1)
             })
         }))
     }

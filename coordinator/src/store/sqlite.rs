@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    json_map, json_vec, to_json, LiveRecord, NodeRecord, PolicyRecord, ReplicaRecord, Store,
-    StoreError, TokenProblem, TokenRecord,
+    json_map, json_vec, to_json, wg_overlay_name, LiveRecord, NodeRecord, PolicyRecord,
+    ReplicaRecord, Store, StoreError, TokenProblem, TokenRecord, WgClientRecord,
 };
 
 /// SQLite, in one file in the data dir.
@@ -62,7 +62,56 @@ CREATE TABLE replicas (
     id TEXT PRIMARY KEY, control TEXT NOT NULL, http TEXT NOT NULL, sessions INTEGER NOT NULL,
     started_at INTEGER NOT NULL, heartbeat_ms INTEGER NOT NULL);
 "#,
+    // WireGuard clients (their public keys only).
+    r#"
+CREATE TABLE wg_clients (
+    name TEXT PRIMARY KEY, service TEXT NOT NULL, labels TEXT NOT NULL,
+    public_key TEXT NOT NULL UNIQUE, gateways TEXT NOT NULL, created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL, revoked_at INTEGER);
+"#,
 ];
+
+const WG_COLS: &str = "name, service, labels, public_key, gateways, created_at, expires_at, revoked_at, (SELECT idx FROM overlay WHERE overlay.name = 'wg:' || wg_clients.name)";
+
+type RawWg = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    Option<i64>,
+    Option<i64>,
+);
+
+fn raw_wg(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawWg> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+    ))
+}
+
+fn wg_from(raw: RawWg) -> Result<WgClientRecord, StoreError> {
+    Ok(WgClientRecord {
+        name: raw.0,
+        service: raw.1,
+        labels: json_map(raw.2)?,
+        public_key: raw.3,
+        gateways: json_vec(raw.4)?,
+        created_at: raw.5,
+        expires_at: raw.6,
+        revoked_at: raw.7,
+        overlay_index: raw.8.map(|i| i.max(0) as u64),
+    })
+}
 
 const NODE_COLS: &str = "name, services, labels, endpoint, serial, cert_not_after, enrolled_at, last_seen, acked_version, agent_version, revoked_at, (SELECT idx FROM overlay WHERE overlay.name = nodes.name), relay";
 
@@ -403,6 +452,51 @@ impl Store for SqliteStore {
             }
             tx.commit()?;
             Ok(Some(serials.into_iter().map(|(s, _)| s).collect()))
+        })
+    }
+
+    fn insert_wg_client(&self, w: &WgClientRecord) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO wg_clients (name, service, labels, public_key, gateways, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    w.name,
+                    w.service,
+                    to_json(&w.labels),
+                    w.public_key,
+                    to_json(&w.gateways),
+                    w.created_at,
+                    w.expires_at
+                ],
+            )?;
+            if n == 1 {
+                tx.execute(
+                    "INSERT OR IGNORE INTO overlay (name) VALUES (?1)",
+                    params![wg_overlay_name(&w.name)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(n == 1)
+        })
+    }
+
+    fn wg_clients(&self) -> Result<Vec<WgClientRecord>, StoreError> {
+        let raws = self.with(|c| {
+            let mut st = c.prepare(&format!("SELECT {WG_COLS} FROM wg_clients ORDER BY name"))?;
+            let rows = st.query_map([], raw_wg)?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })?;
+        raws.into_iter().map(wg_from).collect()
+    }
+
+    fn revoke_wg_client(&self, name: &str, now: i64) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE wg_clients SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
+                params![now, name],
+            )?;
+            Ok(n == 1)
         })
     }
 
