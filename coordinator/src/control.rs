@@ -663,7 +663,7 @@ async fn run_session(
                     }
                     ControlUp::HttpTraffic(routes) => mesh.report_http_traffic(&name, &services, routes),
                     ControlUp::HttpRoutes(routes) => mesh.report_http_routes(&name, &services, routes),
-                    ControlUp::Gateway(report) => mesh.report_gateway(&name, report),
+                    ControlUp::Gateway(report) => crate::mesh::blocking(|| mesh.report_gateway(&name, report)),
                     ControlUp::Hello(_) | ControlUp::Enroll(_) => anyhow::bail!("unexpected message in session"),
                 }
             }

@@ -219,7 +219,7 @@ enum WgCmd {
     },
     /// List clients.
     List,
-    /// Revoke a client: gateways drop it at once, live flows included.
+    /// Revoke a client (its name and key are never used again).
     Revoke { name: String },
 }
 
@@ -793,7 +793,7 @@ async fn admin(client: &ApiClient, cmd: Cmd, raw: bool) -> Result<(), AdminError
             if raw {
                 print(&v)
             } else {
-                println!("revoked WireGuard client {name}: its gateways drop it at once")
+                println!("revoked WireGuard client {name}")
             }
         }
         Cmd::Services(ServicesCmd::List) => {

@@ -76,5 +76,5 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let mut sent = 0;
-    gw.tick(&mut gbuf, |_, _| sent += 1);
+    gw.tick(NOW, &mut gbuf, |_, _| sent += 1);
 });

@@ -352,6 +352,8 @@ reasons! {
         UnderLoad => "under_load",
         /// A packet for an address that is no client of this gateway.
         NotAClient => "not_a_client",
+        /// More handshakes from one source address in a second than it may send.
+        SourceLimit => "source_limit",
     }
 }
 

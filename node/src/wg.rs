@@ -35,6 +35,15 @@ pub const MAX_CLIENTS: usize = 65_536;
 /// is twice the handshakes let through.
 pub const HANDSHAKES_PER_SECOND: u64 = 2 * 200;
 
+/// Handshake messages one source address may send per second, cookie or not (as Linux
+/// WireGuard's per-address limit): a host that answers cookies from its real address
+/// still cannot make the gateway spend a Diffie-Hellman on every datagram it sends.
+pub const HANDSHAKES_PER_SOURCE: u32 = 20;
+
+/// Source addresses tracked for [`HANDSHAKES_PER_SOURCE`]; beyond, the count starts over
+/// (sources that cannot receive are held off by cookies instead).
+const MAX_SOURCES: usize = 16_384;
+
 /// How often [`Gateway::tick`] must run (WireGuard's timers are in whole 250 ms steps).
 pub const TICK: Duration = Duration::from_millis(250);
 
@@ -58,6 +67,13 @@ pub enum Inbound<'a> {
     Drop(WgDrop),
 }
 
+/// Handshakes per source address in the current second.
+#[derive(Debug, Default)]
+struct SourceCounts {
+    counts: HashMap<IpAddr, u32>,
+    ticks: u32,
+}
+
 /// What a packet for a client comes to.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outbound<'a> {
@@ -65,6 +81,8 @@ pub enum Outbound<'a> {
     Send(SocketAddr, &'a [u8]),
     /// Queued until the handshake these bytes start completes.
     Handshake(SocketAddr, &'a [u8]),
+    /// Queued behind a handshake already under way.
+    Queued,
     Drop(WgDrop),
 }
 
@@ -110,6 +128,7 @@ pub struct Gateway {
     by_index: HashMap<u32, WgKey>,
     by_address: HashMap<IpAddr, WgKey>,
     next_index: u32,
+    sources: SourceCounts,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -134,6 +153,7 @@ impl Gateway {
             by_index: HashMap::new(),
             by_address: HashMap::new(),
             next_index: 1,
+            sources: SourceCounts::default(),
         }
     }
 
@@ -230,6 +250,11 @@ impl Gateway {
         now: u64,
         out: &'a mut [u8],
     ) -> Inbound<'a> {
+        // boringtun writes into `out` up to the datagram's length (and 148 bytes for a
+        // handshake answer): a short buffer is the caller's bug, never a panic here.
+        if out.len() < datagram.len().max(148) {
+            return Inbound::Drop(WgDrop::Malformed);
+        }
         let mut cookie = [0u8; 64];
         let packet = match self
             .limiter
@@ -249,6 +274,13 @@ impl Gateway {
             }
             Err(_) => return Inbound::Drop(WgDrop::Malformed),
         };
+        if matches!(
+            packet,
+            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
+        ) && !self.sources.admit(from.ip())
+        {
+            return Inbound::Drop(WgDrop::SourceLimit);
+        }
         let key = match &packet {
             Packet::HandshakeInit(init) => {
                 match parse_handshake_anon(&self.secret, &self.public, init) {
@@ -282,6 +314,10 @@ impl Gateway {
             return Inbound::Drop(WgDrop::Expired);
         }
         match slot.tunn.decapsulate(Some(from.ip()), datagram, out) {
+            // The session's own rate check (a second one) can answer a cookie: that is no
+            // proof of anything, and must not move the client's endpoint.
+            TunnResult::WriteToNetwork(b) if b.starts_with(&[3, 0, 0, 0]) => Inbound::Cookie(b),
+            // A handshake answer (or what it released): the datagram was authenticated.
             TunnResult::WriteToNetwork(b) => {
                 slot.endpoint = Some(from);
                 Inbound::Reply(key, b)
@@ -299,6 +335,9 @@ impl Gateway {
     pub fn flush<'a>(&mut self, key: &WgKey, out: &'a mut [u8]) -> Option<(SocketAddr, &'a [u8])> {
         let slot = self.clients.get_mut(key)?;
         let to = slot.endpoint?;
+        if out.len() < BUFFER {
+            return None;
+        }
         match slot.tunn.decapsulate(None, &[], out) {
             TunnResult::WriteToNetwork(b) => Some((to, b)),
             _ => None,
@@ -335,15 +374,20 @@ impl Gateway {
                 Outbound::Handshake(to, b)
             }
             TunnResult::WriteToNetwork(b) => Outbound::Send(to, b),
+            TunnResult::Done => Outbound::Queued,
             _ => Outbound::Drop(WgDrop::Crypto),
         }
     }
 
-    /// Runs every client's timers (keepalives, rekeys, expiring sessions); `send` gets
-    /// what must go out. Call every [`TICK`].
-    pub fn tick(&mut self, out: &mut [u8], mut send: impl FnMut(SocketAddr, &[u8])) {
+    /// Runs every live client's timers (keepalives, rekeys, expiring sessions); `send`
+    /// gets what must go out. Call every [`TICK`]; `now` is unix seconds.
+    pub fn tick(&mut self, now: u64, out: &mut [u8], mut send: impl FnMut(SocketAddr, &[u8])) {
         self.limiter.reset_count();
+        self.sources.tick();
         for slot in self.clients.values_mut() {
+            if !slot.client.live_at(now) {
+                continue;
+            }
             if let TunnResult::WriteToNetwork(b) = slot.tunn.update_timers(out) {
                 if let Some(to) = slot.endpoint {
                     send(to, b);
@@ -383,6 +427,27 @@ impl Gateway {
     /// The session index a client was given (for tests and `status`).
     pub fn index_of(&self, key: &WgKey) -> Option<u32> {
         self.clients.get(key).map(|s| s.index)
+    }
+}
+
+impl SourceCounts {
+    /// Counts a handshake from `ip`; false past [`HANDSHAKES_PER_SOURCE`] this second.
+    fn admit(&mut self, ip: IpAddr) -> bool {
+        if self.counts.len() >= MAX_SOURCES && !self.counts.contains_key(&ip) {
+            self.counts.clear();
+        }
+        let n = self.counts.entry(ip).or_default();
+        *n += 1;
+        *n <= HANDSHAKES_PER_SOURCE
+    }
+
+    /// Called every [`TICK`]: the counts start over each second.
+    fn tick(&mut self) {
+        self.ticks += 1;
+        if self.ticks * TICK.as_millis() as u32 >= 1000 {
+            self.ticks = 0;
+            self.counts.clear();
+        }
     }
 }
 

@@ -15,8 +15,64 @@ use serde::{Deserialize, Serialize};
 use crate::ident::{Labels, NodeName, ServiceName};
 
 /// A Curve25519 public key, written as `wg` writes it (standard base64, 44 characters).
+/// Keys of small order are refused wherever one is read: with such a key the handshake's
+/// static Diffie-Hellman is all zeros, and anyone could pass for its holder.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "[u8; 32]", into = "[u8; 32]")]
 pub struct WgKey(pub [u8; 32]);
+
+/// The points of small order on Curve25519 (their canonical encodings; the top bit is
+/// ignored when comparing, as X25519 ignores it), as libsodium lists them.
+const SMALL_ORDER: [[u8; 32]; 7] = [
+    [0; 32],
+    [
+        1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0,
+    ],
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ],
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ],
+    [
+        0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+    [
+        0xed, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+    [
+        0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+];
+
+impl TryFrom<[u8; 32]> for WgKey {
+    type Error = WgKeyError;
+    fn try_from(k: [u8; 32]) -> Result<Self, WgKeyError> {
+        let mut masked = k;
+        masked[31] &= 0x7f;
+        if SMALL_ORDER.contains(&masked) {
+            return Err(WgKeyError::SmallOrder);
+        }
+        Ok(Self(k))
+    }
+}
+
+impl From<WgKey> for [u8; 32] {
+    fn from(k: WgKey) -> [u8; 32] {
+        k.0
+    }
+}
 
 /// Why text is not a WireGuard key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,8 +81,8 @@ pub enum WgKeyError {
     Length(usize),
     #[error("a WireGuard key is base64 ({0})")]
     Base64(String),
-    #[error("the all-zero key is not a public key")]
-    Zero,
+    #[error("a key of small order is no public key (anyone could pass for its holder)")]
+    SmallOrder,
 }
 
 impl FromStr for WgKey {
@@ -42,10 +98,7 @@ impl FromStr for WgKey {
         let key: [u8; 32] = bytes
             .try_into()
             .map_err(|b: Vec<u8>| WgKeyError::Length(b.len()))?;
-        if key == [0; 32] {
-            return Err(WgKeyError::Zero);
-        }
-        Ok(Self(key))
+        Self::try_from(key)
     }
 }
 
@@ -111,8 +164,20 @@ mod tests {
         ));
         assert_eq!(
             "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".parse::<WgKey>(),
-            Err(WgKeyError::Zero)
+            Err(WgKeyError::SmallOrder)
         );
+        // Every small-order point, with the top bit either way, in text and on the wire.
+        for p in SMALL_ORDER {
+            for top in [0u8, 0x80] {
+                let mut k = p;
+                k[31] |= top;
+                assert_eq!(WgKey::try_from(k), Err(WgKeyError::SmallOrder));
+                let text = base64::engine::general_purpose::STANDARD.encode(k);
+                assert_eq!(text.parse::<WgKey>(), Err(WgKeyError::SmallOrder));
+                let wire = postcard::to_allocvec(&k).unwrap();
+                assert!(postcard::from_bytes::<WgKey>(&wire).is_err());
+            }
+        }
         // 33 bytes of base64 in 44 characters.
         assert!("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
             .parse::<WgKey>()

@@ -158,8 +158,8 @@ impl Mesh {
             .collect()
     }
 
-    /// Revokes a WireGuard client: gateways drop it, live flows included, with the next
-    /// push, which goes out at once.
+    /// Revokes a WireGuard client: it is left out of what nodes are told from now on
+    /// ([`Mesh::wg_clients_for_nodes`]), published at once.
     pub fn wg_revoke(&self, name: &str) -> Result<(), MeshError> {
         if !self.store.revoke_wg_client(name, now())? {
             return Err(MeshError::NoSuchWgClient(name.to_string()));
@@ -213,15 +213,20 @@ impl Mesh {
     /// Records what a gateway node reports of its WireGuard side. Only the clients that
     /// name this node as a gateway are kept (a node reports for itself only).
     pub fn report_gateway(&self, node: &str, mut report: quicmesh_protocol::wire::GatewayReport) {
-        let served: Vec<String> = self
-            .store
-            .wg_clients()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|c| c.gateways.iter().any(|g| g == node))
-            .map(|c| c.name)
-            .collect();
-        report.clients.retain(|(name, ..)| served.contains(name));
+        if !report.clients.is_empty() {
+            let served: std::collections::HashSet<String> = self
+                .store
+                .wg_clients()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|c| c.revoked_at.is_none() && c.gateways.iter().any(|g| g == node))
+                .map(|c| c.name)
+                .collect();
+            let mut seen = std::collections::HashSet::new();
+            report
+                .clients
+                .retain(|(name, ..)| served.contains(name) && seen.insert(name.clone()));
+        }
         self.gateways
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -249,6 +254,12 @@ impl Mesh {
             .store
             .node(g)?
             .ok_or_else(|| MeshError::NoSuchNode(g.to_string()))?;
+        if rec.revoked_at.is_some() {
+            return Err(MeshError::Invalid {
+                field: "gateways",
+                reason: format!("{g} is revoked"),
+            });
+        }
         let host = rec
             .endpoint
             .as_deref()

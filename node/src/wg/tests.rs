@@ -369,17 +369,18 @@ fn a_client_list_that_would_be_ambiguous_is_refused_whole() {
 }
 
 #[test]
-fn a_handshake_flood_is_met_with_cookies_not_diffie_hellman() {
+fn a_handshake_flood_is_met_with_cookies_and_a_per_source_limit_and_the_client_still_gets_in() {
     let mut gw = Gateway::new(secret(1));
-    let alice = peer(&gw, 2, "198.18.0.10:40000");
+    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
     gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
         .unwrap();
-    // A flooder with no key of ours, from one address: past the limit, every further
-    // initiation gets a cookie (it must prove its address), not a handshake's work.
+    // A flooder with no key of ours, from one address: a few handshakes a second are
+    // looked at, the rest refused before any Diffie-Hellman; past the shared limit, every
+    // initiation gets a cookie (prove your address first).
     let mut flooder = peer(&gw, 7, "198.18.0.99:5555");
     let mut buf = vec![0u8; BUFFER];
     let mut gbuf = vec![0u8; BUFFER];
-    let (mut cookies, mut unknown) = (0, 0);
+    let (mut cookies, mut unknown, mut limited) = (0, 0, 0);
     for _ in 0..(HANDSHAKES_PER_SECOND + 50) {
         let init = match flooder.tunn.format_handshake_initiation(&mut buf, true) {
             TunnResult::WriteToNetwork(b) => b.to_vec(),
@@ -388,9 +389,77 @@ fn a_handshake_flood_is_met_with_cookies_not_diffie_hellman() {
         match gw.inbound(flooder.addr, &init, NOW, &mut gbuf) {
             Inbound::Cookie(_) => cookies += 1,
             Inbound::Drop(WgDrop::UnknownKey) => unknown += 1,
+            Inbound::Drop(WgDrop::SourceLimit) => limited += 1,
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(unknown, HANDSHAKES_PER_SECOND as usize);
+    assert_eq!(unknown, HANDSHAKES_PER_SOURCE as usize);
+    assert_eq!(
+        limited,
+        (HANDSHAKES_PER_SECOND - HANDSHAKES_PER_SOURCE as u64) as usize
+    );
     assert_eq!(cookies, 50);
+    // The real client, under the same load: answered with a cookie, it proves its
+    // address and its next initiation is taken.
+    let init = match alice.tunn.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(b) => b.to_vec(),
+        other => panic!("{other:?}"),
+    };
+    let cookie = match gw.inbound(alice.addr, &init, NOW, &mut gbuf) {
+        Inbound::Cookie(c) => c.to_vec(),
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(
+        alice.tunn.decapsulate(None, &cookie, &mut buf),
+        TunnResult::Done
+    ));
+    let init = match alice.tunn.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(b) => b.to_vec(),
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        matches!(gw.inbound(alice.addr, &init, NOW, &mut gbuf), Inbound::Reply(k, _) if k == alice.key),
+        "the client is answered under load"
+    );
+}
+
+/// The session's own rate check can answer a cookie to a datagram that passed the first:
+/// an attacker replaying (or guessing) a client's handshake from its own address at the
+/// right moment must not move the client's endpoint (found by review: it did).
+#[test]
+fn a_cookie_never_moves_a_client_s_endpoint() {
+    let mut gw = Gateway::new(secret(1));
+    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
+    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
+        .unwrap();
+    // Counted twice: once to find its client, once by its session.
+    handshake(&mut gw, &mut alice).unwrap();
+    let mut buf = vec![0u8; BUFFER];
+    let mut gbuf = vec![0u8; BUFFER];
+    // Fill the shared count to one below its limit, from many sources (each within its
+    // own allowance).
+    let mut flooder = peer(&gw, 7, "198.18.0.99:5555");
+    for i in 0..(HANDSHAKES_PER_SECOND - 3) {
+        let init = match flooder.tunn.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(b) => b.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        let src = SocketAddr::from(([198, 18, 1, (i % 250) as u8], 6000));
+        assert_eq!(
+            gw.inbound(src, &init, NOW, &mut gbuf),
+            Inbound::Drop(WgDrop::UnknownKey)
+        );
+    }
+    let init = match alice.tunn.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(b) => b.to_vec(),
+        other => panic!("{other:?}"),
+    };
+    let attacker: SocketAddr = "198.18.0.66:9999".parse().unwrap();
+    let r = gw.inbound(attacker, &init, NOW, &mut gbuf);
+    assert!(matches!(r, Inbound::Cookie(_)), "{r:?}");
+    assert_eq!(
+        gw.stats()[0].endpoint,
+        Some(alice.addr),
+        "the client's endpoint stayed"
+    );
 }
