@@ -255,6 +255,22 @@ fn http2_prior_knowledge_and_an_upgrade_pass_and_l4_beside_is_untouched() -> any
     Ok(())
 }
 
+/// Reads a response head, up to and including its blank line.
+fn read_head(s: &mut std::net::TcpStream) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ensure!(
+            s.read(&mut b)? == 1,
+            "closed in the head: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    Ok(head)
+}
+
 /// Asks for `Upgrade: echo` on `path`; the response head, and what came back for `data`
 /// after a 101.
 fn upgrade(
@@ -269,13 +285,7 @@ fn upgrade(
         s,
         "GET {path} HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
     )?;
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        ensure!(s.read(&mut b)? == 1, "closed in the head: {head:?}");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_string();
+    let head = String::from_utf8_lossy(&read_head(&mut s)?).to_string();
     if !head.starts_with("HTTP/1.1 101") {
         return Ok((head, Vec::new()));
     }
@@ -477,12 +487,7 @@ fn a_policy_change_closes_an_upgraded_connection_and_a_streaming_answer_it_denie
             s,
             "GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
         )?;
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            ensure!(s.read(&mut b)? == 1, "closed in the head");
-            head.push(b[0]);
-        }
+        let head = read_head(&mut s)?;
         ensure!(
             head.starts_with(b"HTTP/1.1 101"),
             "{}",
@@ -504,12 +509,7 @@ fn a_policy_change_closes_an_upgraded_connection_and_a_streaming_answer_it_denie
             s,
             "POST {path} HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n"
         )?;
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            ensure!(s.read(&mut b)? == 1, "closed in the head");
-            head.push(b[0]);
-        }
+        let head = read_head(&mut s)?;
         ensure!(
             head.starts_with(b"HTTP/1.1 200"),
             "{path}: {}",
@@ -637,7 +637,7 @@ headers = { x-tenant = "web" }
 #[test]
 fn request_trailers_and_an_upgrade_that_declares_a_body_never_reach_the_service(
 ) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let m = mesh("l7_smuggling");
     let trailers = [("x-quicmesh-source", "admin"), ("x-tenant", "other")];
     // The client and the service do carry trailers: straight to the service they arrive.
@@ -667,12 +667,7 @@ fn request_trailers_and_an_upgrade_that_declares_a_body_never_reach_the_service(
              Content-Length: {}\r\n\r\n{smuggled}",
             smuggled.len()
         )?;
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            ensure!(s.read(&mut b)? == 1, "{way}: closed in the head: {head:?}");
-            head.push(b[0]);
-        }
+        let head = read_head(&mut s).map_err(|e| anyhow::anyhow!("{way}: {e}"))?;
         let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
         ensure!(
             head.starts_with("http/1.1 400") && head.contains("x-quicmesh-reason: bad_target"),

@@ -73,14 +73,20 @@ fn ipv4(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
     p
 }
 
+/// The peer's next handshake initiation (`force`: even while one is under way).
+fn initiation(p: &mut Peer, force: bool) -> Vec<u8> {
+    let mut buf = vec![0u8; BUFFER];
+    match p.tunn.format_handshake_initiation(&mut buf, force) {
+        TunnResult::WriteToNetwork(b) => b.to_vec(),
+        other => panic!("no initiation: {other:?}"),
+    }
+}
+
 /// Runs the client's handshake with the gateway; the gateway's answer to the initiation.
 fn handshake(gw: &mut Gateway, p: &mut Peer) -> Result<(), WgDrop> {
     let mut buf = vec![0u8; BUFFER];
     let mut gbuf = vec![0u8; BUFFER];
-    let init = match p.tunn.format_handshake_initiation(&mut buf, false) {
-        TunnResult::WriteToNetwork(b) => b.to_vec(),
-        other => panic!("no initiation: {other:?}"),
-    };
+    let init = initiation(p, false);
     let resp = match gw.inbound(p.addr, &init, NOW, &mut gbuf) {
         Inbound::Reply(k, b) => {
             assert_eq!(k, p.key, "answered as the right client");
@@ -382,10 +388,7 @@ fn a_handshake_flood_is_met_with_cookies_and_a_per_source_limit_and_the_client_s
     let mut gbuf = vec![0u8; BUFFER];
     let (mut cookies, mut unknown, mut limited) = (0, 0, 0);
     for _ in 0..(HANDSHAKES_PER_SECOND + 50) {
-        let init = match flooder.tunn.format_handshake_initiation(&mut buf, true) {
-            TunnResult::WriteToNetwork(b) => b.to_vec(),
-            other => panic!("{other:?}"),
-        };
+        let init = initiation(&mut flooder, true);
         match gw.inbound(flooder.addr, &init, NOW, &mut gbuf) {
             Inbound::Cookie(_) => cookies += 1,
             Inbound::Drop(WgDrop::UnknownKey) => unknown += 1,
@@ -401,10 +404,7 @@ fn a_handshake_flood_is_met_with_cookies_and_a_per_source_limit_and_the_client_s
     assert_eq!(cookies, 50);
     // The real client, under the same load: answered with a cookie, it proves its
     // address and its next initiation is taken.
-    let init = match alice.tunn.format_handshake_initiation(&mut buf, false) {
-        TunnResult::WriteToNetwork(b) => b.to_vec(),
-        other => panic!("{other:?}"),
-    };
+    let init = initiation(&mut alice, false);
     let cookie = match gw.inbound(alice.addr, &init, NOW, &mut gbuf) {
         Inbound::Cookie(c) => c.to_vec(),
         other => panic!("{other:?}"),
@@ -413,10 +413,7 @@ fn a_handshake_flood_is_met_with_cookies_and_a_per_source_limit_and_the_client_s
         alice.tunn.decapsulate(None, &cookie, &mut buf),
         TunnResult::Done
     ));
-    let init = match alice.tunn.format_handshake_initiation(&mut buf, true) {
-        TunnResult::WriteToNetwork(b) => b.to_vec(),
-        other => panic!("{other:?}"),
-    };
+    let init = initiation(&mut alice, true);
     assert!(
         matches!(gw.inbound(alice.addr, &init, NOW, &mut gbuf), Inbound::Reply(k, _) if k == alice.key),
         "the client is answered under load"
@@ -434,26 +431,19 @@ fn a_cookie_never_moves_a_client_s_endpoint() {
         .unwrap();
     // Counted twice: once to find its client, once by its session.
     handshake(&mut gw, &mut alice).unwrap();
-    let mut buf = vec![0u8; BUFFER];
     let mut gbuf = vec![0u8; BUFFER];
     // Fill the shared count to one below its limit, from many sources (each within its
     // own allowance).
     let mut flooder = peer(&gw, 7, "198.18.0.99:5555");
     for i in 0..(HANDSHAKES_PER_SECOND - 3) {
-        let init = match flooder.tunn.format_handshake_initiation(&mut buf, true) {
-            TunnResult::WriteToNetwork(b) => b.to_vec(),
-            other => panic!("{other:?}"),
-        };
+        let init = initiation(&mut flooder, true);
         let src = SocketAddr::from(([198, 18, 1, (i % 250) as u8], 6000));
         assert_eq!(
             gw.inbound(src, &init, NOW, &mut gbuf),
             Inbound::Drop(WgDrop::UnknownKey)
         );
     }
-    let init = match alice.tunn.format_handshake_initiation(&mut buf, true) {
-        TunnResult::WriteToNetwork(b) => b.to_vec(),
-        other => panic!("{other:?}"),
-    };
+    let init = initiation(&mut alice, true);
     let attacker: SocketAddr = "198.18.0.66:9999".parse().unwrap();
     let r = gw.inbound(attacker, &init, NOW, &mut gbuf);
     assert!(matches!(r, Inbound::Cookie(_)), "{r:?}");
