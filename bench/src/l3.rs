@@ -12,6 +12,15 @@
 //! (198.18.1.0/24) and `b` (198.18.2.0/24) that does not forward IP, with one address
 //! (198.18.3.1) both reach it at, running the coordinator and a node with `relay = true`.
 //! Its CPU figure counts the relay too.
+//!
+//! The WireGuard gateway's rows put a stock client (`wireguard-go`, configured from the
+//! text `quicmesh-coordinator wg add` prints) on a third namespace `c`, joined to `a` by
+//! 198.18.4.0/24, reaching the same services on `b`:
+//! - `quicmesh-gateway`: client -> quicmesh gateway node on `a` -> overlay -> node on `b`;
+//! - `wg-server-boringtun` and `wg-server-wireguard-go`: the same client -> a plain
+//!   WireGuard server (boringtun-cli, wireguard-go) on `a`, which forwards to `b`.
+//!
+//! Their CPU figures count every daemon on the path (the client's too).
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -36,7 +45,15 @@ pub const SYSTEMS: &[&str] = &[
     "boringtun",
     "nebula",
     "quincy",
+    "quicmesh-gateway",
+    "wg-server-boringtun",
+    "wg-server-wireguard-go",
 ];
+
+/// Systems measured from the client namespace `c` (module doc).
+fn from_client_ns(sys: &str) -> bool {
+    sys == "quicmesh-gateway" || sys.starts_with("wg-server-")
+}
 const ECHO_PORT: u16 = 7000;
 const IPERF_PORT: u16 = 5201;
 /// Runs with more CPU steal than this are left out of the "low steal" medians.
@@ -230,6 +247,130 @@ fn wireguard(
     Ok(tunnel)
 }
 
+/// A plain WireGuard server (`daemon`) on `ns.0` for a `wireguard-go` client on `c`: the
+/// client reaches `b` (198.18.0.2) through it, forwarded in clear from `a`.
+fn wg_server(ns: (&str, &str), c: &str, dir: &Path, daemon: &[&str]) -> anyhow::Result<Tunnel> {
+    need("wg", "apt-get install wireguard-tools")?;
+    need("wireguard-go", "apt-get install wireguard-go")?;
+    let genkey = || -> anyhow::Result<(String, String)> {
+        let private = String::from_utf8(Command::new("wg").arg("genkey").output()?.stdout)?;
+        let public = quicmesh_protocol::wg::WgKey(
+            quicmesh_node::wg::public_of(private.trim().parse::<quicmesh_protocol::wg::WgKey>()?.0)
+                .0,
+        )
+        .to_string();
+        Ok((private.trim().to_string(), public))
+    };
+    let (server_key, server_pub) = genkey()?;
+    let (client_key, client_pub) = genkey()?;
+    let sock = Path::new("/var/run/wireguard").join("wgsrv.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut args = daemon.to_vec();
+    args.push("wgsrv");
+    let server = spawn_in(ns.0, &args, &dir.join("wgsrv.log"))?;
+    let t = Instant::now();
+    while !sock.exists() {
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("{} did not create its control socket", daemon[0]);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let key_file = dir.join("wgsrv.key");
+    std::fs::write(&key_file, &server_key)?;
+    run_in(
+        ns.0,
+        &[
+            "wg",
+            "set",
+            "wgsrv",
+            "private-key",
+            &key_file.display().to_string(),
+            "listen-port",
+            "51820",
+            "peer",
+            &client_pub,
+            "allowed-ips",
+            "100.64.5.2/32",
+        ],
+    )?;
+    addr_up(ns.0, "wgsrv", "100.64.5.1/24", 1420)?;
+    let config = format!(
+        "[Interface]\nPrivateKey = {client_key}\nAddress = 100.64.5.2/24\nMTU = 1280\n\n[Peer]\nPublicKey = {server_pub}\nEndpoint = 198.18.4.1:51820\nAllowedIPs = 198.18.0.2/32\nPersistentKeepalive = 25\n"
+    );
+    let client = quicmesh_netns_tests::wg::stock_client(c, dir, "wgcli", &config)?;
+    Ok(Tunnel {
+        target: Ipv4Addr::new(198, 18, 0, 2),
+        daemons: vec![server],
+        files: vec![sock, Path::new("/var/run/wireguard").join("wgcli.sock")],
+        other_pids: vec![client.pid()],
+        keep: Some(Box::new(client)),
+    })
+}
+
+/// The quicmesh WireGuard gateway on `ns.0` for a `wireguard-go` client on `c`, reaching
+/// a node on `ns.1` through the overlay.
+fn quicmesh_gateway(ns: (&str, &str), c: &str, dir: &Path) -> anyhow::Result<Tunnel> {
+    use quicmesh_netns_tests::{CoordinatorProc, NodeProc, NodeSpec};
+    need("wg", "apt-get install wireguard-tools")?;
+    need("wireguard-go", "apt-get install wireguard-go")?;
+    let mesh = Mesh::new("bench-l3-quicmesh-gateway");
+    let coord = CoordinatorProc::start_in(&mesh, "24h", ns.0, [198, 18, 0, 1].into())?;
+    let policy = "[[rule]]\nfrom = \"laptop\"\nto = \"side-b\"\naction = \"allow\"\n";
+    let out = coord.apply_policy(&mesh, policy)?;
+    if !out.status.success() {
+        bail!("policy apply: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let threads = threads_line();
+    let gw = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("gw")
+            .on(ns.0)
+            .overlay("qm0")
+            .overlay_service("gateway", &["udp/9"])
+            .config_line(&threads)
+            .section("[gateway.wireguard]\nlisten = \"0.0.0.0:51820\""),
+    )?;
+    let b = side_b(&mesh, &coord, ns.1)?;
+    let t = Instant::now();
+    let config = loop {
+        let out = coord.cli(&[
+            "wg",
+            "add",
+            "--name",
+            "bench",
+            "--service",
+            "laptop",
+            "--gateway",
+            "gw",
+        ])?;
+        if out.status.success() {
+            break String::from_utf8(out.stdout)?;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "wg add: {} (logs in {})",
+                String::from_utf8_lossy(&out.stderr),
+                mesh.path().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let target = overlay_v4(&b)?;
+    let client = quicmesh_netns_tests::wg::stock_client(c, dir, "wgcli", &config)?;
+    let other_pids = [gw.pid(), b.pid(), Some(client.pid())]
+        .into_iter()
+        .flatten()
+        .collect();
+    Ok(Tunnel {
+        target,
+        daemons: vec![],
+        files: vec![Path::new("/var/run/wireguard").join("wgcli.sock")],
+        other_pids,
+        keep: Some(Box::new((client, b, gw, coord, mesh))),
+    })
+}
+
 fn nebula(ns: (&str, &str), dir: &Path) -> anyhow::Result<Tunnel> {
     need("nebula", "apt-get install nebula")?;
     need("nebula-cert", "apt-get install nebula")?;
@@ -377,6 +518,42 @@ fn quincy(ns: (&str, &str), dir: &Path) -> anyhow::Result<Tunnel> {
 /// (default MTU 1400), a service on each taking any TCP/UDP port and ping, and a policy
 /// letting each reach the other. With `relay` (the relay host's namespace, see the module
 /// doc), the coordinator and a relay node run there and the tunnel must be relayed.
+/// A quicmesh node's overlay IPv4 address, once its device is up.
+fn overlay_v4(n: &quicmesh_netns_tests::NodeProc) -> anyhow::Result<Ipv4Addr> {
+    n.overlay_addrs(Duration::from_secs(20))?
+        .into_iter()
+        .find_map(|a| match a {
+            std::net::IpAddr::V4(v4) => Some(v4),
+            _ => None,
+        })
+        .with_context(|| format!("{} has no overlay IPv4 address", n.name))
+}
+
+/// The node on host `b` that the overlay rows reach: service `side-b`, every port.
+fn side_b(
+    mesh: &Mesh,
+    coord: &quicmesh_netns_tests::CoordinatorProc,
+    ns: &str,
+) -> anyhow::Result<quicmesh_netns_tests::NodeProc> {
+    quicmesh_netns_tests::NodeProc::start(
+        mesh,
+        coord,
+        &quicmesh_netns_tests::NodeSpec::new("node-b")
+            .on(ns)
+            .overlay("qm0")
+            .overlay_service("side-b", &["icmp", "tcp/1-65535", "udp/1-65535"])
+            .config_line(&threads_line()),
+    )
+}
+
+/// The nodes' `worker_threads` line (`QUICMESH_BENCH_THREADS`, else automatic).
+fn threads_line() -> String {
+    format!(
+        "worker_threads = {}",
+        std::env::var("QUICMESH_BENCH_THREADS").unwrap_or_else(|_| "0".into())
+    )
+}
+
 fn quicmesh(ns: (&str, &str), relay: Option<&str>) -> anyhow::Result<Tunnel> {
     use quicmesh_netns_tests::{CoordinatorProc, NodeProc, NodeSpec};
     let mut mesh = Mesh::new(if relay.is_some() {
@@ -402,10 +579,7 @@ fn quicmesh(ns: (&str, &str), relay: Option<&str>) -> anyhow::Result<Tunnel> {
         None => None,
     };
     let ports = ["icmp", "tcp/1-65535", "udp/1-65535"];
-    let threads = format!(
-        "worker_threads = {}",
-        std::env::var("QUICMESH_BENCH_THREADS").unwrap_or_else(|_| "0".into())
-    );
+    let threads = threads_line();
     let a = NodeProc::start(
         &mesh,
         &coord,
@@ -415,34 +589,8 @@ fn quicmesh(ns: (&str, &str), relay: Option<&str>) -> anyhow::Result<Tunnel> {
             .overlay_service("side-a", &ports)
             .config_line(&threads),
     )?;
-    let b = NodeProc::start(
-        &mesh,
-        &coord,
-        &NodeSpec::new("node-b")
-            .on(ns.1)
-            .overlay("qm0")
-            .overlay_service("side-b", &ports)
-            .config_line(&threads),
-    )?;
-    let t = Instant::now();
-    let target = loop {
-        let st = b.status().unwrap_or_default();
-        let v4 = st["overlay"]["addresses"].as_array().and_then(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str()?.parse::<Ipv4Addr>().ok())
-                .next()
-        });
-        if let Some(v4) = v4 {
-            break v4;
-        }
-        if t.elapsed() > Duration::from_secs(20) {
-            bail!(
-                "node-b's overlay did not come up (logs in {})",
-                mesh.path().display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let b = side_b(&mesh, &coord, ns.1)?;
+    let target = overlay_v4(&b)?;
     if relay.is_some() {
         let up = wait_reachable(ns.0, target, Duration::from_secs(20));
         let path = a.path_to("node-b")?;
@@ -470,6 +618,21 @@ fn quicmesh(ns: (&str, &str), relay: Option<&str>) -> anyhow::Result<Tunnel> {
         other_pids,
         keep: Some(Box::new((b, a, relay_node, coord, mesh))),
     })
+}
+
+/// The client host `c` of the WireGuard rows (module doc): joined to `a` by
+/// 198.18.4.0/24, its default route through `a`, which forwards (for the plain servers)
+/// and `b` routing their tunnel's addresses back through `a`.
+fn client_host(net: &mut Net, ns: (&str, &str)) -> anyhow::Result<String> {
+    let c = net.bare("c")?;
+    net.link((ns.0, "eth2"), (&c, "eth0"), "198.18.4")?;
+    run_in(&c, &["ip", "route", "add", "default", "via", "198.18.4.1"])?;
+    run_in(ns.0, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+    run_in(
+        ns.1,
+        &["ip", "route", "add", "100.64.5.0/24", "via", "198.18.0.1"],
+    )?;
+    Ok(c)
 }
 
 /// The relay host of `quicmesh-relayed` (module doc): `r` wired to `a` and `b`, not
@@ -512,9 +675,25 @@ fn start(
     sys: &str,
     ns: (&str, &str),
     relay: Option<&str>,
+    client: Option<&str>,
     dir: &Path,
 ) -> anyhow::Result<Option<Tunnel>> {
+    let c = || client.context("the client host was not set up (internal error)");
     let t = match sys {
+        "quicmesh-gateway" => quicmesh_gateway(ns, c()?, dir)?,
+        "wg-server-boringtun" => {
+            need(
+                "boringtun-cli",
+                "cargo install --locked boringtun-cli@0.7.1",
+            )?;
+            wg_server(
+                ns,
+                c()?,
+                dir,
+                &["boringtun-cli", "--foreground", "--disable-drop-privileges"],
+            )?
+        }
+        "wg-server-wireguard-go" => wg_server(ns, c()?, dir, &["wireguard-go", "-f"])?,
         "veth" => return Ok(None),
         "quicmesh" => quicmesh(ns, None)?,
         "quicmesh-relayed" => quicmesh(
@@ -542,7 +721,8 @@ fn start(
         "quincy" => quincy(ns, dir)?,
         other => bail!("unknown system {other} (known: {})", SYSTEMS.join(", ")),
     };
-    wait_reachable(ns.0, t.target, Duration::from_secs(20)).with_context(|| {
+    let from = if from_client_ns(sys) { c()? } else { ns.0 };
+    wait_reachable(from, t.target, Duration::from_secs(20)).with_context(|| {
         format!(
             "{sys} started but the tunnel did not come up (logs in {})",
             dir.display()
@@ -724,6 +904,11 @@ pub fn run(opts: &L3Opts) -> anyhow::Result<Value> {
     } else {
         None
     };
+    let client_host = if systems.iter().any(|s| from_client_ns(s)) {
+        Some(client_host(&mut net, (&na, &nb))?)
+    } else {
+        None
+    };
     let mut samples = Samples::new();
     let mut runs = Vec::new();
     let mut reasons: std::collections::BTreeMap<String, String> = Default::default();
@@ -733,11 +918,22 @@ pub fn run(opts: &L3Opts) -> anyhow::Result<Value> {
             if reasons.contains_key(sys) {
                 continue;
             }
-            let r = start(sys, (&na, &nb), relay.as_deref(), &dir).and_then(|t| {
+            let client = match (&client_host, from_client_ns(sys)) {
+                (Some(c), true) => c.as_str(),
+                _ => na.as_str(),
+            };
+            let r = start(
+                sys,
+                (&na, &nb),
+                relay.as_deref(),
+                client_host.as_deref(),
+                &dir,
+            )
+            .and_then(|t| {
                 measure(
                     sys,
                     t.as_ref(),
-                    &na,
+                    client,
                     opts.secs,
                     &mut samples,
                     &mut runs,
@@ -850,7 +1046,7 @@ pub fn run(opts: &L3Opts) -> anyhow::Result<Value> {
             let mut line = format!("  {m:<24}");
             for s in systems
                 .iter()
-                .filter(|s| !s.starts_with("quicmesh") && *s != "veth")
+                .filter(|s| !s.starts_with("quicmesh") && *s != "veth" && !from_client_ns(s))
             {
                 let p = samples
                     .get(&(s.clone(), m.into()))
@@ -886,6 +1082,50 @@ pub fn run(opts: &L3Opts) -> anyhow::Result<Value> {
                 let (md, _, _) = stat::median_spread(&r);
                 line.push_str(&format!("\n  {m:<24} {md:.2}x"));
                 ratios.push(json!({"metric": m, "relayed_over_direct": md}));
+            }
+        }
+        println!("{line}");
+    }
+    // The gateway against the plain WireGuard servers, round by round: throughput and
+    // CPU as ratios, latency as the difference of medians.
+    for peer in ["wg-server-boringtun", "wg-server-wireguard-go"] {
+        if !(has("quicmesh-gateway") && has(peer)) {
+            continue;
+        }
+        let mut line = format!("quicmesh-gateway / {peer} (median of per-round ratios):");
+        for m in [
+            "tcp 1 stream Mbit/s",
+            "tcp 4 streams Mbit/s",
+            "daemon CPU s/GB",
+        ] {
+            let get = |s: &str| {
+                samples
+                    .get(&(s.to_string(), m.to_string()))
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let r: Vec<f64> = get("quicmesh-gateway")
+                .iter()
+                .zip(&get(peer))
+                .map(|(a, b)| a.0 / b.0)
+                .collect();
+            if !r.is_empty() {
+                let (md, _, _) = stat::median_spread(&r);
+                line.push_str(&format!("\n  {m:<24} {md:.2}x"));
+                ratios.push(json!({"metric": m, "peer": peer, "gateway_over_peer": md}));
+            }
+        }
+        for m in ["ping p50 us", "echo 1k/s p50 us"] {
+            let med = |s: &str| {
+                let v: Vec<f64> = samples
+                    .get(&(s.to_string(), m.to_string()))
+                    .map(|v| v.iter().map(|x| x.0).collect())
+                    .unwrap_or_default();
+                (!v.is_empty()).then(|| stat::median_spread(&v).0)
+            };
+            if let (Some(g), Some(p)) = (med("quicmesh-gateway"), med(peer)) {
+                line.push_str(&format!("\n  {m:<24} {:+.0} us", g - p));
+                ratios.push(json!({"metric": m, "peer": peer, "gateway_minus_peer_us": g - p}));
             }
         }
         println!("{line}");

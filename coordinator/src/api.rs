@@ -133,6 +133,13 @@ async fn status(State(web): State<Arc<Web>>) -> Result<Json<serde_json::Value>, 
         "drops": {
             "control": mesh.drops.control.all(),
             "punch": mesh.drops.punch.all(),
+            "relay": mesh.drops.relay.all(),
+        },
+        // The relay of last resort on the control listener (off with --no-relay).
+        "relay": {
+            "enabled": mesh.relay.enabled(),
+            "forwarded_datagrams": mesh.relay.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+            "forwarded_bytes": mesh.relay.forwarded_bytes.load(std::sync::atomic::Ordering::Relaxed),
         },
     })))
 }
@@ -153,6 +160,12 @@ async fn metrics(State(mesh): State<Arc<Mesh>>) -> Response {
                 flag(mesh.fenced.load(Relaxed)),
                 flag(mesh.leader.load(Relaxed)),
                 mesh.session_count(),
+                r = mesh.replica,
+            ));
+            out.push_str(&format!(
+                "# HELP quicmesh_coordinator_relayed_datagrams_total Datagrams this replica forwarded between nodes as the relay of last resort.\n# TYPE quicmesh_coordinator_relayed_datagrams_total counter\nquicmesh_coordinator_relayed_datagrams_total{{replica=\"{r}\"}} {}\n# HELP quicmesh_coordinator_relayed_bytes_total Bytes this replica forwarded between nodes as the relay of last resort.\n# TYPE quicmesh_coordinator_relayed_bytes_total counter\nquicmesh_coordinator_relayed_bytes_total{{replica=\"{r}\"}} {}\n",
+                mesh.relay.forwarded.load(Relaxed),
+                mesh.relay.forwarded_bytes.load(Relaxed),
                 r = mesh.replica,
             ));
             out
@@ -253,7 +266,31 @@ async fn create_token(
 }
 
 async fn wg_list(State(mesh): State<Arc<Mesh>>) -> Result<Json<serde_json::Value>, MeshError> {
-    Ok(Json(json!({ "clients": mesh.wg_clients()? })))
+    let stats = mesh.wg_client_stats();
+    let clients: Vec<serde_json::Value> = mesh
+        .wg_clients()?
+        .into_iter()
+        .map(|c| {
+            let s = stats.get(&c.name).cloned().unwrap_or_default();
+            let mut v = json!(c);
+            v["last_handshake"] = json!(s.last_handshake);
+            v["tx_bytes"] = json!(s.tx_bytes);
+            v["rx_bytes"] = json!(s.rx_bytes);
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "clients": clients })))
+}
+
+/// `text` as a QR code's modules, row by row (`1` dark), for the dashboard to draw.
+fn qr_modules(text: &str) -> Option<serde_json::Value> {
+    let code = qrcode::QrCode::with_error_correction_level(text, qrcode::EcLevel::L).ok()?;
+    let modules: String = code
+        .to_colors()
+        .iter()
+        .map(|c| if *c == qrcode::Color::Dark { '1' } else { '0' })
+        .collect();
+    Some(json!({ "width": code.width(), "modules": modules }))
 }
 
 /// Enrolls a WireGuard client; the answer carries its `wg-quick` configuration, with the
@@ -267,6 +304,7 @@ async fn wg_add(
     Ok(Json(json!({
         "client": added.client,
         "private_key": added.private_key,
+        "config_qr": qr_modules(&config),
         "config": config,
     })))
 }

@@ -54,6 +54,7 @@ impl Catalog {
                 // Only a node its token made a relay is advertised as one, whatever its
                 // config says.
                 relay: n.relay && reach.is_some_and(|r| r.relay),
+                nat: reach.is_some_and(|r| r.nat),
                 online: !health.is_offline(&n.name),
                 critical: health
                     .critical(&n.name)

@@ -87,8 +87,19 @@ pub fn bind(mesh: &Arc<Mesh>, addr: SocketAddr) -> anyhow::Result<quinn::Endpoin
     ep_cfg.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    let ep = quinn::Endpoint::new(ep_cfg, Some(cfg), socket, Arc::new(quinn::TokioRuntime))
+    // The control socket is also the relay of last resort ([`crate::relay`]).
+    use quinn::Runtime;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let inner = runtime
+        .wrap_udp_socket(socket)
         .map_err(|e| anyhow::anyhow!("bind control listener {addr}: {e}"))?;
+    let ep = quinn::Endpoint::new_with_abstract_socket(
+        ep_cfg,
+        Some(cfg),
+        crate::relay::CoordSocket::new(inner, mesh.relay.clone()),
+        runtime,
+    )
+    .map_err(|e| anyhow::anyhow!("bind control listener {addr}: {e}"))?;
     Ok(ep)
 }
 
@@ -252,6 +263,15 @@ pub async fn serve(mesh: Arc<Mesh>, endpoint: quinn::Endpoint) {
         mesh.clone(),
         crate::catalog::interval,
     )));
+    // A session's address moves with its node (NAT rebinding, a new network).
+    let m = mesh.clone();
+    let _relay_table = Abort(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            m.refresh_relay();
+        }
+    }));
     let slots = Arc::new(EnrollSlots::default());
     while let Some(incoming) = endpoint.accept().await {
         let mesh = mesh.clone();
@@ -443,21 +463,28 @@ async fn session(
         )
         .await?;
     }
+    let observed = SocketAddr::new(
+        conn.remote_address().ip().to_canonical(),
+        conn.remote_address().port(),
+    );
+    let nat = behind_nat(&hello, observed);
     // Whether it moved or not, the session start below is recorded as one change.
     mesh.set_candidates(
         &name,
         crate::mesh::Reach {
             candidates,
             relay,
-            observed: Some(SocketAddr::new(
-                conn.remote_address().ip().to_canonical(),
-                conn.remote_address().port(),
-            )),
+            observed: Some(observed),
+            nat,
         },
     );
     let (kick_tx, mut kick_rx) = mpsc::channel::<ControlDown>(4);
+    let relayed = quicmesh_protocol::wire::announces(
+        &hello.agent_version,
+        quicmesh_protocol::wire::SESSION_INFO,
+    );
     let (sid, revoked_meanwhile) = crate::mesh::blocking(|| {
-        let sid = mesh.register_session(&name, conn.clone(), kick_tx);
+        let sid = mesh.register_session(&name, conn.clone(), kick_tx, relayed);
         // Revoked (on any replica) between the check above and the registration: the
         // kick of that revocation may have missed this session, so look again now.
         let revoked = mesh
@@ -498,6 +525,18 @@ async fn session(
             } else {
                 Ok(())
             };
+            // Whether this replica relays for it (the relay of last resort), and whether
+            // it is behind a NAT (a dialer behind none sends no openers).
+            let features = match features {
+                Ok(()) if relayed => {
+                    let info = ControlDown::SessionInfo {
+                        relay: mesh.relay.enabled(),
+                        nat,
+                    };
+                    write_session(&mut send, &info).await
+                }
+                other => other,
+            };
             match features {
                 Err(e) => Err(e),
                 Ok(()) => {
@@ -505,7 +544,7 @@ async fn session(
                         &mesh,
                         &id,
                         hello.have_version,
-                        quicmesh_protocol::policy::speaks_layout_2(&hello.agent_version),
+                        Speaks::from_agent(&hello.agent_version),
                         &mut send,
                         recv,
                         &mut kick_rx,
@@ -523,6 +562,19 @@ async fn session(
     });
     tracing::info!(node = %name, "node session down");
     result
+}
+
+/// A NAT is in front of the node: its session comes from an address that is none of the
+/// addresses it reports as its own, and it advertises none. A node that reports no
+/// address of its own, or reaches the coordinator over loopback, is not judged.
+fn behind_nat(hello: &Hello, observed: SocketAddr) -> bool {
+    hello.advertise.is_none()
+        && !observed.ip().is_loopback()
+        && !hello.local.is_empty()
+        && !hello
+            .local
+            .iter()
+            .any(|l| l.ip().to_canonical() == observed.ip())
 }
 
 /// Publishes catalogs to the sessions: at once after a quiet spell, then at most once per
@@ -561,12 +613,32 @@ async fn publish_catalogs(mesh: Arc<Mesh>, interval: fn(usize, usize) -> Duratio
     }
 }
 
+/// What a node's agent version says it decodes beyond the first layouts.
+#[derive(Debug, Clone, Copy)]
+struct Speaks {
+    /// Policy layout 2 (else it is sent layout 1).
+    layout_2: bool,
+    /// `ControlDown::WgClients`.
+    wg: bool,
+}
+
+impl Speaks {
+    fn from_agent(agent_version: &str) -> Self {
+        Self {
+            layout_2: quicmesh_protocol::policy::speaks_layout_2(agent_version),
+            wg: quicmesh_protocol::wire::announces(
+                agent_version,
+                quicmesh_protocol::wire::WG_CLIENTS,
+            ),
+        }
+    }
+}
+
 async fn run_session(
     mesh: &Arc<Mesh>,
     id: &PeerIdentity,
     have: u64,
-    // The node decodes policy layout 2 (else it is sent layout 1).
-    layout_2: bool,
+    speaks: Speaks,
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
     kick_rx: &mut mpsc::Receiver<ControlDown>,
@@ -579,6 +651,8 @@ async fn run_session(
     let mut last: Option<Sent> = None;
     // The version last sent whole: a node refusing that is not sent it again and again.
     let mut whole_version = 0u64;
+    // The WireGuard clients last sent.
+    let mut wg_sent: Option<Arc<Vec<quicmesh_protocol::wg::WgClient>>> = None;
     // Frames are read in their own task: reading is not cancel-safe inside select!.
     let (tx, mut rx) = mpsc::channel(8);
     let reader = tokio::spawn(async move {
@@ -600,8 +674,16 @@ async fn run_session(
             current = current.max(have.min(mesh.version_now()));
         }
         if last.as_ref().is_none_or(|l| current > l.version()) {
+            // The WireGuard clients as of this version, when they changed since last sent.
+            if speaks.wg {
+                let list = crate::mesh::blocking(|| mesh.wg_clients_at_version(current))?;
+                if wg_sent.as_ref().is_none_or(|s| **s != *list) {
+                    write_session(send, &ControlDown::WgClients((*list).clone())).await?;
+                    wg_sent = Some(list);
+                }
+            }
             let (update, sent) = crate::mesh::blocking(|| {
-                mesh.update_for(&id.node, last.as_ref(), current, layout_2)
+                mesh.update_for(&id.node, last.as_ref(), current, speaks.layout_2)
             })?;
             if update.whole {
                 whole_version = sent.version();
@@ -695,6 +777,41 @@ impl Drop for Abort {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_is_behind_a_nat_when_its_session_comes_from_none_of_its_own_addresses() {
+        let hello = |advertise: Option<&str>, local: &[&str]| Hello {
+            node: quicmesh_protocol::ident::NodeName::new("a").unwrap(),
+            tunnel_port: 7800,
+            advertise: advertise.map(|a| a.parse().unwrap()),
+            local: local.iter().map(|a| a.parse().unwrap()).collect(),
+            relay: false,
+            services: Vec::new(),
+            labels: Default::default(),
+            have_version: 0,
+            agent_version: String::new(),
+        };
+        let seen: SocketAddr = "198.18.50.1:7800".parse().unwrap();
+        assert!(behind_nat(&hello(None, &["198.18.60.11:7800"]), seen));
+        // Its own address (any port: a NAT keeps ports when it can, so ports prove
+        // nothing), an advertised address, nothing reported, loopback: not judged NATed.
+        assert!(!behind_nat(&hello(None, &["198.18.50.1:7800"]), seen));
+        assert!(!behind_nat(&hello(None, &["198.18.50.1:9000"]), seen));
+        assert!(!behind_nat(
+            &hello(Some("198.18.50.1:7800"), &["198.18.60.11:7800"]),
+            seen
+        ));
+        assert!(!behind_nat(&hello(None, &[]), seen));
+        assert!(!behind_nat(
+            &hello(None, &["198.18.60.11:7800"]),
+            "127.0.0.1:7800".parse().unwrap()
+        ));
+        // An IPv4-mapped IPv6 session address is the IPv4 address.
+        assert!(!behind_nat(
+            &hello(None, &["[::ffff:198.18.50.1]:7800"]),
+            seen
+        ));
+    }
 
     #[test]
     fn enrollment_slots_are_bounded_per_source_and_in_total_and_freed_on_drop() {
@@ -857,6 +974,7 @@ mod tests {
                     candidates: vec![SocketAddr::from(([127, 0, 0, 1], 7800 + i))],
                     relay: false,
                     observed: None,
+                    nat: false,
                 },
             );
             let _ = mesh.punch(

@@ -154,6 +154,7 @@ pub async fn run(http: SocketAddr) -> anyhow::Result<()> {
         3600,
         serve::HttpOptions::default(),
         None,
+        true,
     )
     .await?;
     let mesh = running.mesh.clone();

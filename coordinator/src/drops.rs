@@ -95,6 +95,48 @@ impl Reason for PunchDrop {
     }
 }
 
+/// Why a datagram sent to the coordinator as a relay ([`crate::relay`]) was not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayDrop {
+    /// The coordinator was started with `--no-relay`.
+    Disabled,
+    /// Its source is no node's control session on this replica.
+    SenderNotInSession,
+    /// Its destination has no control session on this replica.
+    DestinationNotInSession,
+    /// A node asked to have its datagram sent back to itself.
+    ToItself,
+    /// The sender is over its rate (`relay::SENDER_RATE`).
+    SenderOverRate,
+    /// A path packet other than a relay request (or an undecodable one).
+    NotRelaySend,
+    /// The socket refused the send (buffer full).
+    SendFailed,
+}
+
+impl Reason for RelayDrop {
+    const ALL: &'static [Self] = &[
+        Self::Disabled,
+        Self::SenderNotInSession,
+        Self::DestinationNotInSession,
+        Self::ToItself,
+        Self::SenderOverRate,
+        Self::NotRelaySend,
+        Self::SendFailed,
+    ];
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::SenderNotInSession => "sender_not_in_session",
+            Self::DestinationNotInSession => "destination_not_in_session",
+            Self::ToItself => "to_itself",
+            Self::SenderOverRate => "sender_over_rate",
+            Self::NotRelaySend => "not_relay_send",
+            Self::SendFailed => "send_failed",
+        }
+    }
+}
+
 /// One counter per value of `R`.
 #[derive(Debug)]
 pub struct Counters<R: Reason> {
@@ -147,6 +189,7 @@ impl<R: Reason + PartialEq> Counters<R> {
 pub struct Drops {
     pub control: Counters<ControlDrop>,
     pub punch: Counters<PunchDrop>,
+    pub relay: Counters<RelayDrop>,
 }
 
 impl Drops {
@@ -161,6 +204,11 @@ impl Drops {
         self.punch.prometheus(
             "quicmesh_coordinator_punch_dropped_total",
             "Punch requests not passed on, by reason.",
+            &mut out,
+        );
+        self.relay.prometheus(
+            "quicmesh_coordinator_relay_dropped_total",
+            "Datagrams sent to the coordinator as a relay and not forwarded, by reason.",
             &mut out,
         );
         out

@@ -40,6 +40,10 @@ pub struct Reach {
     pub relay: bool,
     /// The address its control connection comes from (one of the candidates).
     pub observed: Option<SocketAddr>,
+    /// A NAT is in front of it: `observed` is none of its own addresses and it advertises
+    /// none (see `PeerInfo::nat`).
+    #[serde(default)]
+    pub nat: bool,
 }
 
 /// One node's row, parsed.
@@ -470,6 +474,7 @@ mod tests {
                     candidates: vec![old, lan],
                     relay: false,
                     observed: Some(old),
+                    nat: false,
                 },
             )
             .is_some());

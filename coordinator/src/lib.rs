@@ -11,6 +11,7 @@ pub mod drops;
 pub mod health;
 pub mod mesh;
 pub mod punch;
+pub mod relay;
 pub mod replica;
 pub mod serve;
 pub mod store;

@@ -98,6 +98,11 @@ enum Cmd {
         /// held only to --http-max-connections).
         #[arg(long, default_value_t = quicmesh_node::admin::http::DEFAULT_MAX_PER_SOURCE)]
         http_max_connections_per_source: usize,
+        /// Do not relay for nodes. By default the control listener is also the relay of
+        /// last resort: two nodes that cannot reach each other directly, with no relay
+        /// node answering, send their tunnel's (end-to-end encrypted) datagrams through it.
+        #[arg(long)]
+        no_relay: bool,
     },
     /// A whole mesh in one process, for trying quicmesh: no root, temporary data.
     Dev {
@@ -387,6 +392,7 @@ async fn run(cli: Cli) -> ExitCode {
             http_header_timeout,
             http_max_connections,
             http_max_connections_per_source,
+            no_relay,
         } => {
             let Some(dir) = &opts.data_dir else {
                 return fail(64, "serve needs --data-dir");
@@ -418,6 +424,7 @@ async fn run(cli: Cli) -> ExitCode {
                 ttl,
                 http_opts,
                 store.as_deref(),
+                !no_relay,
             )
             .await
             {

@@ -150,6 +150,9 @@ pub struct SessionHandle {
     pub id: u64,
     pub conn: quinn::Connection,
     pub kick: tokio::sync::mpsc::Sender<ControlDown>,
+    /// The node takes relayed datagrams from the coordinator (it announced
+    /// `SESSION_INFO`): only such nodes are in the relay's tables.
+    pub relayed: bool,
 }
 
 /// The coordinator.
@@ -171,7 +174,11 @@ pub struct Mesh {
     /// The route settings each node's `http` upstreams reported (its TOML).
     http_routes: Mutex<HashMap<String, Vec<quicmesh_protocol::wire::RouteSettings>>>,
     /// What each gateway node last reported of its WireGuard side (key, port, clients).
-    gateways: Mutex<HashMap<String, quicmesh_protocol::wire::GatewayReport>>,
+    /// Each gateway node's last report, and when it came (Unix seconds).
+    gateways: Mutex<HashMap<String, (quicmesh_protocol::wire::GatewayReport, i64)>>,
+    /// The WireGuard clients nodes were last told about, and the catalog version they
+    /// were read at: read once per published version, not once per session.
+    wg_published: Mutex<Option<(u64, Arc<Vec<quicmesh_protocol::wg::WgClient>>)>>,
     /// Bumped when a traffic report changed something.
     traffic_tx: watch::Sender<u64>,
     policy: ArcSwap<(u64, Policy)>,
@@ -207,6 +214,8 @@ pub struct Mesh {
     punches: Mutex<PunchLimiter>,
     /// What the control listener refused or dropped, by reason.
     pub drops: Drops,
+    /// The relay of last resort on the control socket ([`crate::relay`]).
+    pub relay: Arc<crate::relay::Relay>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -496,6 +505,7 @@ impl Mesh {
             http_traffic: Mutex::new(HashMap::new()),
             http_routes: Mutex::new(HashMap::new()),
             gateways: Mutex::new(HashMap::new()),
+            wg_published: Mutex::new(None),
             traffic_tx: watch::channel(0).0,
             policy: ArcSwap::from_pointee(policy),
             version_tx,
@@ -514,6 +524,7 @@ impl Mesh {
             fenced: std::sync::atomic::AtomicBool::new(false),
             punches: Mutex::new(PunchLimiter::default()),
             drops: Drops::default(),
+            relay: Arc::default(),
         }))
     }
 
@@ -1159,6 +1170,7 @@ mod tests {
                         candidates: vec![addr],
                         relay: true,
                         observed: Some(addr),
+                        nat: false,
                     },
                 ) {
                     m.changed().unwrap();
@@ -1558,6 +1570,7 @@ mod tests {
                     candidates: vec!["198.18.0.9:7800".parse().unwrap()],
                     relay: true,
                     observed: None,
+                    nat: false,
                 },
             );
         }
@@ -1622,7 +1635,7 @@ mod tests {
             ep.accept().await.unwrap().await.unwrap()
         });
         let (kick, mut pushed) = tokio::sync::mpsc::channel(4);
-        mesh.register_session("db-1", server, kick);
+        mesh.register_session("db-1", server, kick, true);
         // The flooder points its candidates at a victim and asks again and again.
         mesh.set_candidates(
             "evil",
@@ -1630,6 +1643,7 @@ mod tests {
                 candidates: vec!["198.18.7.7:443".parse().unwrap()],
                 relay: false,
                 observed: None,
+                nat: false,
             },
         );
         let evil = NodeName::new("evil").unwrap();
@@ -1653,6 +1667,7 @@ mod tests {
                 candidates: vec!["198.18.0.5:7800".parse().unwrap()],
                 relay: false,
                 observed: None,
+                nat: false,
             },
         );
         assert_eq!(mesh.punch(&NodeName::new("web-1").unwrap(), "db-1"), Ok(()));

@@ -59,8 +59,10 @@ pub async fn start(
     cert_ttl_secs: i64,
     opts: HttpOptions,
     store_url: Option<&str>,
+    relay: bool,
 ) -> anyhow::Result<Running> {
     let mesh = Mesh::open_store(data_dir, store_url, cert_ttl_secs)?;
+    mesh.relay.set_enabled(relay);
     let endpoint = control::bind(&mesh, listen)?;
     let http_l = tokio::net::TcpListener::bind(http)
         .await

@@ -47,8 +47,8 @@ const MAX_SOURCES: usize = 4096;
 const MAX_SESSIONS: usize = 10_000;
 
 /// The pages (each at `/ui/<name>`).
-pub const PAGES: [&str; 6] = [
-    "overview", "nodes", "services", "policy", "traffic", "topology",
+pub const PAGES: [&str; 7] = [
+    "overview", "nodes", "services", "policy", "traffic", "topology", "clients",
 ];
 
 #[derive(Debug, Clone)]
@@ -435,7 +435,23 @@ pub async fn topology(State(web): State<Arc<Web>>) -> Result<Json<serde_json::Va
             }
         }
     }
-    Ok(Json(json!({ "services": services, "edges": edges })))
+    // Node pairs this replica relays as the relay of last resort (pairs on relay nodes
+    // show in those nodes' `status`).
+    let relayed: Vec<serde_json::Value> = web
+        .mesh
+        .relay
+        .relayed_pairs(std::time::Instant::now())
+        .into_iter()
+        .map(|p| {
+            json!({
+                "from": p.from, "to": p.to, "by": "coordinator", "replica": web.mesh.replica,
+                "datagrams": p.datagrams, "bytes": p.bytes, "idle_secs": p.idle_secs,
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({ "services": services, "edges": edges, "relayed": relayed }),
+    ))
 }
 
 /// `GET /api/v1/openapi.json`: the API's description.

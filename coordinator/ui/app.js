@@ -70,6 +70,23 @@ function bytes(n) {
   return (i ? n.toFixed(1) : n) + " " + u[i];
 }
 
+// A revoke button's handler: asks in `box` (with `question(name)`), then POSTs
+// `<base><name>/revoke` and says how it went.
+function revoker(box, base, question) {
+  return (name) => {
+    box.replaceChildren(el("div", { class: "confirm" },
+      question(name),
+      el("button", { class: "danger", id: "confirm-yes", type: "button", onclick: async () => {
+        const res = await api(base + encodeURIComponent(name) + "/revoke", { method: "POST" });
+        box.replaceChildren(el("p", { class: res.ok ? "ok" : "bad", id: "revoke-result" },
+          res.ok ? "revoked " + name : (res.body && res.body.error) || "failed"));
+        refresh();
+      } }, "Yes, revoke"),
+      " ",
+      el("button", { type: "button", onclick: () => box.replaceChildren() }, "Cancel")));
+  };
+}
+
 // ---- pages -----------------------------------------------------------------------------
 
 async function overview() {
@@ -116,18 +133,8 @@ async function nodes() {
   const r = await api("/nodes");
   const list = r.body.nodes.filter(n => !n.revoked_at);
   const confirmBox = el("div", { id: "confirm-box" });
-  const ask = (name) => {
-    confirmBox.replaceChildren(el("div", { class: "confirm" },
-      "Revoke node " + name + "? Its certificate stops working at once and it leaves the mesh. ",
-      el("button", { class: "danger", id: "confirm-yes", type: "button", onclick: async () => {
-        const res = await api("/nodes/" + encodeURIComponent(name) + "/revoke", { method: "POST" });
-        confirmBox.replaceChildren(el("p", { class: res.ok ? "ok" : "bad", id: "revoke-result" },
-          res.ok ? "revoked " + name : (res.body && res.body.error) || "failed"));
-        refresh();
-      } }, "Yes, revoke"),
-      " ",
-      el("button", { type: "button", onclick: () => confirmBox.replaceChildren() }, "Cancel")));
-  };
+  const ask = revoker(confirmBox, "/nodes/",
+    (name) => "Revoke node " + name + "? Its certificate stops working at once and it leaves the mesh. ");
   show(
     el("h1", {}, "Nodes"),
     confirmBox,
@@ -297,6 +304,7 @@ async function traffic() {
 async function topology() {
   const r = await api("/topology");
   const { services, edges } = r.body;
+  const relayed = r.body.relayed || [];
   const W = 760, H = 520, cx = W / 2, cy = H / 2, R = Math.min(W, H) / 2 - 70;
   const pos = {};
   services.forEach((s, i) => {
@@ -323,7 +331,16 @@ async function topology() {
       svg("defs", {}, ["allowed", "used", "denied"].map(k =>
         svg("marker", { id: "arrow-" + k, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse" },
           svg("path", { d: "M 0 0 L 10 5 L 0 10 z", class: "arrow " + k })))),
-      lines, dots));
+      lines, dots),
+    // Node pairs whose tunnel runs through the coordinator (the relay of last resort).
+    el("h2", {}, "Relayed by the coordinator"),
+    relayed.length
+      ? el("table", { id: "relayed" },
+          el("tr", {}, ["from", "to", "replica", "datagrams", "bytes", "idle"].map(h => el("th", {}, h))),
+          relayed.map(p => el("tr", { "data-pair": p.from + "->" + p.to },
+            el("td", {}, p.from), el("td", {}, p.to), el("td", {}, p.replica),
+            el("td", {}, p.datagrams), el("td", {}, p.bytes), el("td", {}, p.idle_secs + " s"))))
+      : el("p", { class: "muted", id: "relayed" }, "None: every tunnel is direct or on a relay node."));
 }
 
 function login() {
@@ -345,7 +362,92 @@ function login() {
     err));
 }
 
-const PAGES = { overview, nodes, services, policy, traffic, topology };
+// A QR code from the API's modules ("1" dark, row by row), with a quiet zone.
+function qrSvg(qr) {
+  const n = qr.width, q = 4, size = n + 2 * q;
+  const s = svg("svg", { id: "wg-qr", viewBox: "0 0 " + size + " " + size, width: "260", height: "260", "shape-rendering": "crispEdges" });
+  s.append(svg("rect", { width: String(size), height: String(size), fill: "#fff" }));
+  for (let y = 0; y < n; y++) {
+    for (let x = 0; x < n; x++) {
+      if (qr.modules[y * n + x] === "1") s.append(svg("rect", { x: String(x + q), y: String(y + q), width: "1", height: "1", fill: "#000" }));
+    }
+  }
+  return s;
+}
+
+// The add form and what it answered survive the page's live refreshes: the configuration
+// (its private key) is shown once and must not vanish when the list updates.
+const wg = { form: null, result: el("div", { id: "wg-result" }) };
+
+function wgForm() {
+  const f = (id, label, hint) => el("label", {}, label, " ", el("input", { type: "text", id, placeholder: hint || "" }), " ");
+  const val = (id) => document.getElementById(id).value.trim();
+  const list = (text) => text.split(",").map(x => x.trim()).filter(Boolean);
+  return el("form", { id: "wg-add", onsubmit: async (ev) => {
+      ev.preventDefault();
+      const labels = {};
+      for (const kv of list(val("wg-labels"))) {
+        const i = kv.indexOf("=");
+        if (i > 0) labels[kv.slice(0, i)] = kv.slice(i + 1);
+      }
+      const days = val("wg-ttl");
+      const body = { name: val("wg-name"), service: val("wg-service"), labels, gateways: list(val("wg-gateways")) };
+      if (days) body.ttl_secs = Math.round(Number(days) * 86400);
+      if (val("wg-key")) body.public_key = val("wg-key");
+      const res = await api("/wg", { method: "POST", body });
+      if (!res.ok) {
+        wg.result.replaceChildren(el("p", { class: "bad", id: "wg-error" }, (res.body && res.body.error) || "failed"));
+        return;
+      }
+      wg.result.replaceChildren(
+        el("h2", {}, "Configuration of " + res.body.client.name),
+        el("p", { class: "warn" }, res.body.private_key
+          ? "Shown this once: the private key in it is stored nowhere. Scan the code with the WireGuard app, or save the text as a .conf file."
+          : "The device keeps its own private key: fill it in where the text says so."),
+        res.body.config_qr ? qrSvg(res.body.config_qr) : el("p", { class: "muted" }, "(too long for a QR code)"),
+        el("pre", { id: "wg-config" }, res.body.config),
+        el("button", { type: "button", onclick: () => wg.result.replaceChildren() }, "Done: forget it"));
+      refresh();
+    } },
+    el("h2", {}, "Add a client"),
+    f("wg-name", "name", "alice-phone"), f("wg-service", "service", "laptop"),
+    f("wg-labels", "labels", "owner=alice, team=ops"), f("wg-gateways", "gateways", "gw-1"),
+    f("wg-ttl", "days", "(none: until revoked)"), f("wg-key", "public key", "(none: make a key pair)"),
+    el("button", { class: "primary", type: "submit" }, "Add"));
+}
+
+async function clients() {
+  const r = await api("/wg");
+  const now = Date.now() / 1000;
+  const confirmBox = el("div", { id: "confirm-box" });
+  const ask = revoker(confirmBox, "/wg/",
+    (name) => "Revoke WireGuard client " + name + "? It is cut at once, live flows included, and its name and key are never used again. ");
+  if (role === "admin" && !wg.form) wg.form = wgForm();
+  const state = (c) => c.revoked_at ? "revoked" : (c.expires_at && now >= c.expires_at ? "expired" : "active");
+  show(
+    el("h1", {}, "WireGuard clients"),
+    confirmBox,
+    el("table", { id: "wg-clients" },
+      el("tr", {}, ["client", "state", "service", "labels", "address", "gateways", "last handshake", "to / from", "expires", ""].map(h => el("th", {}, h))),
+      r.body.clients.map(c => el("tr", { "data-client": c.name },
+        el("td", {}, c.name),
+        el("td", { class: state(c) === "active" ? "ok" : "bad" }, state(c)),
+        el("td", {}, c.service),
+        el("td", {}, Object.entries(c.labels || {}).map(([k, v]) => k + "=" + v).join(", ")),
+        el("td", {}, (c.addresses || []).join(", ")),
+        el("td", {}, (c.gateways || []).join(", ")),
+        el("td", {}, ago(c.last_handshake)),
+        el("td", {}, bytes(c.tx_bytes || 0) + " / " + bytes(c.rx_bytes || 0)),
+        el("td", {}, c.expires_at ? inDays(c.expires_at) : "never"),
+        el("td", {}, role === "admin" && state(c) === "active"
+          ? el("button", { class: "danger revoke", "data-client": c.name, type: "button", onclick: () => ask(c.name) }, "Revoke")
+          : "")))),
+    wg.form,
+    wg.result,
+  );
+}
+
+const PAGES = { overview, nodes, services, policy, traffic, topology, clients };
 let pending = null;
 
 function refresh() {

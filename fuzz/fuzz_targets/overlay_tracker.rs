@@ -77,6 +77,7 @@ fuzz_target!(|data: &[u8]| {
             critical: Vec::new(),
             candidates: Vec::new(),
             relay: false,
+            nat: false,
         },
     );
     let local = [IpAddr::from(ME4), IpAddr::from(ME6)];

@@ -354,6 +354,17 @@ impl CoordinatorProc {
         Self::start_at(mesh, cert_ttl, Some(ns.to_string()), ip, 7700, 7780)
     }
 
+    /// [`CoordinatorProc::start_in`] with extra `serve` arguments (e.g. `--no-relay`).
+    pub fn start_in_with(
+        mesh: &Mesh,
+        cert_ttl: &str,
+        ns: &str,
+        ip: std::net::IpAddr,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_full(mesh, cert_ttl, Some(ns.to_string()), ip, 7700, 7780, args)
+    }
+
     fn start_at(
         mesh: &Mesh,
         cert_ttl: &str,
@@ -640,6 +651,10 @@ pub struct NodeSpec {
     pub service_lines: Vec<(String, String)>,
     /// Extra lines for an `[[upstream]]` (index in `upstreams`, line).
     pub upstream_lines: Vec<(usize, String)>,
+    /// Whole tables appended to the config (e.g. `[gateway.wireguard]` and its keys).
+    pub sections: Vec<String>,
+    /// The tunnel port (default: a free one the node picks).
+    pub listen_port: Option<u16>,
 }
 
 impl NodeSpec {
@@ -650,6 +665,11 @@ impl NodeSpec {
             check_egress: true,
             ..Default::default()
         }
+    }
+    /// Appends a table (its header and keys) to the config.
+    pub fn section(mut self, text: &str) -> Self {
+        self.sections.push(text.into());
+        self
     }
     /// Adds a hosted service.
     pub fn service(mut self, name: &str, addr: SocketAddr) -> Self {
@@ -732,6 +752,11 @@ impl NodeSpec {
         self.dns_forward = Some(resolver);
         self
     }
+    /// Listens for tunnels on `port` (e.g. to advertise it).
+    pub fn listen_port(mut self, port: u16) -> Self {
+        self.listen_port = Some(port);
+        self
+    }
     /// Relays for other nodes: `relay = true`, and a join token granting the role.
     pub fn relay(mut self) -> Self {
         self.relay = true;
@@ -783,7 +808,7 @@ impl NodeProc {
             // tests) and reports them in `status`; they are then pinned in the config so
             // a restart keeps them, as in production.
             metrics_port: 0,
-            listen_port: 0,
+            listen_port: spec.listen_port.unwrap_or(0),
             upstreams: spec.upstreams.iter().map(|s| (s.clone(), 0)).collect(),
             dns_port: 0,
             spec: spec.clone(),
@@ -868,6 +893,9 @@ impl NodeProc {
             t.push_str(&format!(
                 "\n[overlay]\nenabled = true\ndevice = \"{dev}\"\n"
             ));
+        }
+        for section in &self.spec.sections {
+            t.push_str(&format!("\n{section}\n"));
         }
         fs::write(&self.config, t)?;
         Ok(())
@@ -962,7 +990,8 @@ impl NodeProc {
                 status_of(&self.config).map(|_| ())
             },
         );
-        if self.listen_port == 0 {
+        // First start (some port still 0, the tunnel's unless given): pin what it picked.
+        if self.listen_port == 0 || self.metrics_port == 0 {
             self.pin_ports()?;
         }
         Ok(())
@@ -1024,6 +1053,34 @@ impl NodeProc {
     /// The node's `status --json`.
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
         status_of(&self.config)
+    }
+
+    /// The node's overlay addresses from `status`, once its device is up (IPv4 first),
+    /// waiting at most `within`; the error names the node and where its log is.
+    pub fn overlay_addrs(&self, within: Duration) -> anyhow::Result<Vec<std::net::IpAddr>> {
+        let t = std::time::Instant::now();
+        loop {
+            let mut addrs: Vec<std::net::IpAddr> = self
+                .status()
+                .ok()
+                .and_then(|st| st["overlay"]["addresses"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|v| v.as_str()?.parse().ok())
+                .collect();
+            if !addrs.is_empty() {
+                addrs.sort_by_key(|a: &std::net::IpAddr| a.is_ipv6());
+                return Ok(addrs);
+            }
+            if t.elapsed() > within {
+                bail!(
+                    "{}'s overlay did not come up within {within:?} (log {})",
+                    self.name,
+                    self.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// The path this node's status reports to `peer` (`{via, remote, relay, rtt_ms,

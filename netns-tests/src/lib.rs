@@ -14,6 +14,7 @@ pub mod net;
 pub mod pg;
 pub mod rogue;
 pub mod topo;
+pub mod wg;
 
 pub use harness::{
     assert_eventually, patience, Bins, CoordinatorProc, Mesh, NodeProc, NodeSpec, Place,

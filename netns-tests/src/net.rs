@@ -369,7 +369,11 @@ pub fn dns_query(
     q.set_id(rand::random())
         .set_recursion_desired(true)
         .add_query(Query::query(Name::from_ascii(name).map_err(bad)?, qtype));
-    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    let sock = UdpSocket::bind(if server.ip().is_loopback() {
+        "127.0.0.1:0"
+    } else {
+        "0.0.0.0:0"
+    })?;
     sock.set_read_timeout(Some(Duration::from_secs(2)))?;
     let start = std::time::Instant::now();
     sock.send_to(&q.to_vec().map_err(bad)?, server)?;

@@ -371,6 +371,59 @@ impl Net {
         )
     }
 
+    /// Makes router `nat` a Linux NAT with the default INPUT policy, as a Linux box or a
+    /// cloud NAT instance set up by the book is: MASQUERADE out of eth1, unsolicited
+    /// packets from outside not forwarded, but those addressed to the router itself
+    /// accepted (and their conntrack entries kept). INPUT counts what it takes from eth1.
+    pub fn linux_nat(&self, nat: &str) -> anyhow::Result<()> {
+        self.masquerade(nat, "eth1", false)?;
+        self.iptables(
+            nat,
+            &[
+                "-A",
+                "FORWARD",
+                "-i",
+                "eth1",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW,INVALID",
+                "-j",
+                "DROP",
+            ],
+        )?;
+        self.iptables(
+            nat,
+            &["-A", "INPUT", "-i", "eth1", "-p", "udp", "-j", "ACCEPT"],
+        )
+    }
+
+    /// UDP packets router `nat` took for itself from outside (see [`Net::linux_nat`]).
+    pub fn nat_input_udp(&self, nat: &str) -> u64 {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", nat, "iptables", "-n", "-v", "-x", "-L", "INPUT",
+            ])
+            .output();
+        out.ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    // The protocol shows as `udp` or `17`, by iptables version.
+                    .find(|l| l.contains("ACCEPT") && l.contains("eth1"))
+                    .and_then(|l| l.split_whitespace().next().map(str::to_string))
+            })
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Router `nat` stops (`add`) or resumes forwarding packets to `dst`.
+    pub fn drop_forward_to(&self, nat: &str, dst: &str, add: bool) {
+        let op = if add { "-I" } else { "-D" };
+        self.iptables(nat, &[op, "FORWARD", "-d", dst, "-j", "DROP"])
+            .unwrap_or_else(|e| panic!("{nat}: {e:#}"));
+    }
+
     /// Runs `iptables ARGS` in `ns` (e.g. a firewall rule).
     pub fn iptables(&self, ns: &str, args: &[&str]) -> anyhow::Result<()> {
         let mut a = vec!["iptables"];
@@ -486,6 +539,55 @@ impl Drop for Net {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
+}
+
+/// Pings `to` from `ns` until one answer arrives (the first packets may dial a tunnel) or
+/// `within` passes.
+pub fn ping_until(ns: &str, to: std::net::IpAddr, within: std::time::Duration) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed() < within {
+        if exec(ns, &["ping", "-c", "1", "-W", "1", &to.to_string()]).is_ok() {
+            return true;
+        }
+    }
+    false
+}
+
+/// A TCP echo service on `bind` in namespace `ns`.
+pub fn tcp_echo_in(ns: &str, bind: std::net::SocketAddr) {
+    in_ns(ns, move || {
+        crate::net::echo_server_on(&bind.to_string()).unwrap()
+    })
+    .unwrap();
+}
+
+/// A UDP echo service on `bind` in namespace `ns`.
+pub fn udp_echo_in(ns: &str, bind: std::net::SocketAddr) {
+    in_ns(ns, move || {
+        let s = std::net::UdpSocket::bind(bind).unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(&buf[..n], from);
+            }
+        });
+    })
+    .unwrap();
+}
+
+/// One TCP round trip to an echo service at `addr` from namespace `ns` (3 s deadline).
+pub fn echo_round_trip(ns: &str, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    in_ns(ns, move || -> std::io::Result<()> {
+        let timeout = std::time::Duration::from_secs(3);
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"round trip")?;
+        let mut b = [0u8; 10];
+        s.read_exact(&mut b)?;
+        Ok(())
+    })
+    .map_err(std::io::Error::other)?
 }
 
 /// Runs `f` on a thread inside namespace `ns`: sockets it creates belong to that host.

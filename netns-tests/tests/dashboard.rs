@@ -285,6 +285,13 @@ fn d1_dashboard_end_to_end_in_headless_chromium() {
         Duration::from_secs(5),
     )
     .unwrap();
+    // On loopback nothing is relayed through the coordinator: the page says so.
+    b.wait(
+        "the topology says which pairs the coordinator relays",
+        "(document.querySelector('#relayed') || {}).textContent === 'None: every tunnel is direct or on a relay node.'",
+        Duration::from_secs(5),
+    )
+    .unwrap();
     b.screenshot(&shots.join("topology.png")).unwrap();
 
     // 6. Revoke a node: asked to confirm, then gone from the mesh.
@@ -339,6 +346,38 @@ fn d1_dashboard_end_to_end_in_headless_chromium() {
             Ok(())
         },
     );
+    // 7. WireGuard clients: the page lists none; adding one for a node that runs no
+    // gateway is refused with the reason, and nothing is stored. (A client added through
+    // a real gateway, its configuration and QR code, and its traffic in the list: the
+    // netns WireGuard test.)
+    b.goto(&format!("{base}/ui/clients")).unwrap();
+    b.wait(
+        "the clients page",
+        "document.getElementById('wg-clients') && document.getElementById('wg-add')",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    b.eval(
+        "for (const [id, v] of [['wg-name', 'alice-phone'], ['wg-service', 'laptop'], ['wg-labels', 'owner=alice'], ['wg-gateways', 'web-1']]) document.getElementById(id).value = v; document.querySelector('#wg-add button[type=submit]').click(); true",
+    )
+    .unwrap();
+    b.wait(
+        "the refusal, with its reason",
+        "(document.getElementById('wg-error') || {}).textContent?.includes('web-1 has not reported a WireGuard gateway')",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    b.screenshot(&shots.join("wireguard-refused.png")).unwrap();
+    let listed = http(
+        api_addr(&coord),
+        "GET",
+        "/api/v1/wg",
+        &[("Authorization", &admin)],
+        None,
+    )
+    .unwrap()
+    .json();
+    assert_eq!(listed["clients"], serde_json::json!([]), "nothing stored");
     println!("screenshots in {}", shots.display());
     drop((b, api1, web1, batch1, coord, mesh));
 }
@@ -387,7 +426,7 @@ fn d2_every_route_and_page_refuses_strangers_csrf_and_read_only_changes() {
         assert_eq!(r.status, 401, "{m} {p} with a wrong token");
     }
     for page in [
-        "overview", "nodes", "services", "policy", "traffic", "topology",
+        "overview", "nodes", "services", "policy", "traffic", "topology", "clients",
     ] {
         let r = http(addr, "GET", &format!("/ui/{page}"), &[], None).unwrap();
         assert_eq!(r.status, 303, "/ui/{page} without a session");

@@ -164,8 +164,9 @@ impl World {
     }
 }
 
-/// Each request's completion time and answer (the serving node's name, or the error).
-type Log = Arc<Mutex<Vec<(Instant, Result<String, String>)>>>;
+/// Each request's completion time and answer (the serving node's name, or the error),
+/// and how long it took.
+type Log = Arc<Mutex<Vec<(Instant, Result<String, String>, Duration)>>>;
 
 /// A steady request stream from the client's host through its upstream.
 struct Stream {
@@ -176,6 +177,11 @@ struct Stream {
 
 impl Stream {
     fn start(client: &NodeProc) -> Stream {
+        Self::every(client, Duration::from_millis(50))
+    }
+
+    /// A request, then a pause of `pause`, and so on.
+    fn every(client: &NodeProc, pause: Duration) -> Stream {
         let addr = client.upstream("api");
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -186,9 +192,12 @@ impl Stream {
                 // Bounded: at most 10 minutes of 20 requests a second.
                 let end = Instant::now() + Duration::from_secs(600);
                 while !s.load(Ordering::Relaxed) && Instant::now() < end {
+                    let started = Instant::now();
                     let r = ask_name(addr, Duration::from_secs(3)).map_err(|e| e.to_string());
-                    l.lock().unwrap().push((Instant::now(), r));
-                    std::thread::sleep(Duration::from_millis(50));
+                    l.lock()
+                        .unwrap()
+                        .push((Instant::now(), r, started.elapsed()));
+                    std::thread::sleep(pause);
                 }
             })
             .unwrap();
@@ -205,23 +214,34 @@ impl Stream {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(at, _)| *at >= t)
-            .map(|(_, r)| r.clone())
+            .filter(|(at, ..)| *at >= t)
+            .map(|(_, r, _)| r.clone())
+            .collect()
+    }
+
+    /// Every request completed after `t`: (completion, answer, duration).
+    fn log_since(&self, t: Instant) -> Vec<(Instant, Result<String, String>, Duration)> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, ..)| *at >= t)
+            .cloned()
             .collect()
     }
 
     /// First request after `t` answered by one of `names`, and every later one too.
     fn settled_on(&self, t: Instant, names: &[&str]) -> Option<Instant> {
         let log = self.log.lock().unwrap();
-        let after: Vec<_> = log.iter().filter(|(at, _)| *at >= t).collect();
+        let after: Vec<_> = log.iter().filter(|(at, ..)| *at >= t).collect();
         let good =
             |r: &Result<String, String>| r.as_ref().is_ok_and(|n| names.contains(&n.as_str()));
-        let last_bad = after.iter().rposition(|(_, r)| !good(r));
+        let last_bad = after.iter().rposition(|(_, r, _)| !good(r));
         let first_settled = match last_bad {
             None => after.first(),
             Some(i) => after.get(i + 1),
         };
-        first_settled.map(|(at, _)| *at)
+        first_settled.map(|(at, ..)| *at)
     }
 }
 
@@ -512,4 +532,77 @@ fn h3_dns_answers_follow_the_catalog_and_health_and_foreign_names_go_to_the_reso
         .unwrap()
         .clone();
     assert_eq!(n["online"], false, "{n}");
+}
+
+/// Issue 19: a node that dies without a goodbye (SIGKILL) fails no request. The data path
+/// notices its silent tunnel within a bound from the tunnel's RTT (300 ms at least), tries
+/// the next instance before the client's first byte is read, and tries the silent one last
+/// until it answers again; the coordinator taking it offline comes seconds later.
+#[test]
+fn h4_an_instance_node_killed_without_a_goodbye_fails_no_request() {
+    let mut w = world("h4");
+    let stream = Stream::every(&w.client, Duration::from_millis(25));
+    let t0 = Instant::now();
+    assert_eventually("api-1 serves its share", Duration::from_secs(15), || {
+        let n = count(&stream.since(t0), "api-1");
+        anyhow::ensure!(n >= 5, "api-1 served {n}");
+        Ok(())
+    });
+    let killed = Instant::now();
+    w.apis[0].kill();
+    let offline_after = w.wait_routable(&["api-2", "api-3"], Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    let after = stream.log_since(killed);
+    drop(stream);
+    let failed: Vec<_> = after.iter().filter(|(_, r, _)| r.is_err()).collect();
+    let longest = after
+        .iter()
+        .map(|(.., took)| *took)
+        .max()
+        .unwrap_or_default();
+    let mut gap = Duration::ZERO;
+    let mut prev = killed;
+    for (at, ..) in &after {
+        gap = gap.max(at.saturating_duration_since(prev));
+        prev = *at;
+    }
+    let silent = metric(
+        &w.client.metrics().unwrap_or_default(),
+        "quicmesh_peer_silent_total",
+        &[],
+    );
+    eprintln!(
+        "h4: {} requests after the kill, {} failed, longest {longest:?}, longest gap between answers {gap:?}, {silent} flows moved off the silent tunnel, coordinator took api-1 offline {offline_after:?} after the kill",
+        after.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed after the kill: {failed:?}");
+    assert!(
+        longest < Duration::from_secs(1),
+        "a request took {longest:?}"
+    );
+    assert!(gap < Duration::from_secs(1), "answers stalled for {gap:?}");
+    assert!(silent >= 1.0, "no flow found api-1's tunnel silent");
+    assert!(
+        count(
+            &after.iter().map(|(_, r, _)| r.clone()).collect::<Vec<_>>(),
+            "api-2"
+        ) > 10,
+        "api-2 took the load"
+    );
+    // Its twin: the node back, it takes flows again (the silent mark does not outlive
+    // the dead tunnel).
+    w.apis[0].restart().unwrap();
+    w.wait_routable(&["api-1", "api-2", "api-3"], Duration::from_secs(30));
+    let stream = Stream::every(&w.client, Duration::from_millis(25));
+    let back = Instant::now();
+    assert_eventually("api-1 serves again", Duration::from_secs(15), || {
+        let n = count(&stream.since(back), "api-1");
+        anyhow::ensure!(n >= 5, "api-1 served {n}");
+        Ok(())
+    });
+    assert!(
+        stream.since(back).iter().all(|r| r.is_ok()),
+        "a request failed after the node came back"
+    );
 }

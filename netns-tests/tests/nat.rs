@@ -167,6 +167,319 @@ fn n1_nodes_behind_nats_reach_each_other_directly_by_punching() {
     drop((a, a2, b, open, coord, net));
 }
 
+/// Two Linux NATs with the default INPUT policy, a router between them, no relay:
+///
+/// ```text
+///   home-a 198.18.80/24 -- nat-a .2 (edge-a 198.18.81/24) --+
+///   home-b 198.18.82/24 -- nat-b .2 (edge-b 198.18.83/24) --+-- core .1 -- dc 198.18.84/24: coordinator .10
+/// ```
+///
+/// A first packet from one side reaching the other's NAT before that side's own packet
+/// left is taken by the NAT for itself, and its conntrack entry holds the tuple the other
+/// side's mapping needs: the dialer's openers (TTL 2) open its own NAT and die at `core`,
+/// and the peer's dial-back crosses first.
+#[test]
+fn n3_linux_nats_that_accept_packets_for_themselves_connect_directly() {
+    let mesh = Mesh::new("n3");
+    let mut net = Net::new("n3", mesh.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    let home_a = net.lan("home-a", "198.18.80").unwrap();
+    let edge_a = net.lan("edge-a", "198.18.81").unwrap();
+    let home_b = net.lan("home-b", "198.18.82").unwrap();
+    let edge_b = net.lan("edge-b", "198.18.83").unwrap();
+    let dc = net.lan("dc", "198.18.84").unwrap();
+    net.router("core", &[(&dc, 1), (&edge_a, 1), (&edge_b, 1)])
+        .unwrap();
+    let mut nats = Vec::new();
+    for (name, home, edge) in [("nat-a", &home_a, &edge_a), ("nat-b", &home_b, &edge_b)] {
+        let nat = net.router(name, &[(home, 1), (edge, 2)]).unwrap();
+        net.linux_nat(&nat).unwrap();
+        net.route(&nat, "default", &edge.addr(1)).unwrap();
+        nats.push(nat);
+    }
+    let ns_coord = net.host("coord", &dc, 10, Some(1)).unwrap();
+    let ns_a = net.host("a", &home_a, 11, Some(1)).unwrap();
+    let ns_b = net.host("b", &home_b, 11, Some(1)).unwrap();
+    let coord =
+        CoordinatorProc::start_in(&mesh, "1h", &ns_coord, IpAddr::from([198, 18, 84, 10])).unwrap();
+    assert!(coord.apply_policy(&mesh, POLICY).unwrap().status.success());
+    let node = |name: &str, ns: &str, other: &str| {
+        let echo = in_ns(ns, || echo_server().unwrap()).unwrap();
+        let spec = NodeSpec::new(name)
+            .on(ns)
+            .service(&format!("svc-{name}"), echo)
+            .upstream(&format!("svc-{other}"));
+        NodeProc::start(&mesh, &coord, &spec).unwrap()
+    };
+    let a = node("a", &ns_a, "b");
+    let b = node("b", &ns_b, "a");
+    coord.wait_all_acked(2, Duration::from_secs(20));
+    let before: Vec<u64> = nats.iter().map(|n| net.nat_input_udp(n)).collect();
+
+    // Both ways, each the first flow of its direction; no relay exists, so a flow that
+    // opens crossed the NATs directly.
+    let t_ab = first_byte(&a, "svc-b");
+    let p_ab = path(&a, "b");
+    let t_ba = first_byte(&b, "svc-a");
+    let p_ba = path(&b, "a");
+    let taken: Vec<u64> = nats
+        .iter()
+        .zip(&before)
+        .map(|(n, b)| net.nat_input_udp(n) - b)
+        .collect();
+    let metric = |n: &NodeProc, name: &str| {
+        quicmesh_netns_tests::net::metric(&n.metrics().unwrap(), name, &[])
+    };
+    println!(
+        "a -> b first byte {:.1} ms path {p_ab}; b -> a first byte {:.1} ms path {p_ba}; \
+         UDP packets the NATs took for themselves meanwhile: nat-a {}, nat-b {}; \
+         openers sent a {} b {}, received a {} b {}",
+        t_ab.as_secs_f64() * 1e3,
+        t_ba.as_secs_f64() * 1e3,
+        taken[0],
+        taken[1],
+        metric(&a, "quicmesh_path_openers_sent_total"),
+        metric(&b, "quicmesh_path_openers_sent_total"),
+        metric(&a, "quicmesh_path_openers_received_total"),
+        metric(&b, "quicmesh_path_openers_received_total"),
+    );
+    for (p, nat_public) in [(&p_ab, "198.18.83.2:"), (&p_ba, "198.18.81.2:")] {
+        assert_eq!(p["via"], "direct", "{p}");
+        assert!(
+            p["remote"].as_str().unwrap().starts_with(nat_public),
+            "the peer at its NAT's address: {p}"
+        );
+    }
+    assert!(
+        metric(&a, "quicmesh_path_openers_sent_total") >= 1.0,
+        "a opened its NAT before dialling"
+    );
+    // Why it worked: no first packet reached the other side's NAT before that side's own
+    // left (with the openers and the lead off, the NATs took 1 and 4 and the pair ended
+    // relayed through the coordinator).
+    assert_eq!(taken, vec![0, 0], "packets the NATs took for themselves");
+    drop((a, b, coord, net));
+}
+
+/// No relay node in the mesh: the coordinator, which every node reaches, relays a pair
+/// whose NATs cannot be punched, and a pair relayed through it only while their NATs block
+/// each other moves direct once they do not.
+///
+/// ```text
+///   wan 198.18.85/24: coordinator .10
+///   nat-c1 .3, nat-c2 .4 MASQUERADE --random-fully (port-dependent) -- c1, c2 (.11 of 198.18.86, .87)
+///   nat-b1 .5, nat-b2 .6 MASQUERADE (endpoint-independent)          -- b1, b2 (.11 of 198.18.88, .89)
+/// ```
+#[test]
+fn n4_without_a_relay_node_the_coordinator_relays_and_steps_aside_for_a_direct_path() {
+    let (mesh, net, coord, nodes) = relay_world("n4", &[]);
+    let [c1, _c2, b1, b2] = &nodes[..] else {
+        unreachable!()
+    };
+    // Both port-dependent: no direct path exists; the coordinator relays.
+    let t = first_byte(c1, "svc-c2");
+    let p = path(c1, "c2");
+    println!(
+        "c1 -> c2 first byte {:.1} ms, path {p}",
+        t.as_secs_f64() * 1e3
+    );
+    assert_eq!(
+        (p["via"].as_str(), p["relay"].as_str()),
+        (Some("relay"), Some("coordinator")),
+        "{p}"
+    );
+
+    // b1 and b2 could punch, but nat-b1 drops what goes to nat-b2: relayed at first...
+    net.drop_forward_to(&net.ns("nat-b1"), "198.18.85.6", true);
+    let t = first_byte(b1, "svc-b2");
+    let p = path(b1, "b2");
+    println!(
+        "b1 -> b2 (blocked) first byte {:.1} ms, path {p}",
+        t.as_secs_f64() * 1e3
+    );
+    assert_eq!(p["relay"].as_str(), Some("coordinator"), "{p}");
+    // ... and direct once the block is lifted, the flow going on.
+    net.drop_forward_to(&net.ns("nat-b1"), "198.18.85.6", false);
+    let start = Instant::now();
+    let mut flow = b1
+        .on_host({
+            let addr = b1.upstream("svc-b2");
+            move || LiveFlow::open(addr)
+        })
+        .unwrap()
+        .unwrap();
+    let settled = loop {
+        let p = path(b1, "b2");
+        if p["via"] == "direct" || start.elapsed() > Duration::from_secs(20) {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "b1 -> b2 after the block is lifted: {settled} after {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(settled["via"], "direct", "{settled}");
+    b1.on_host(move || flow.ping())
+        .unwrap()
+        .expect("the flow goes on");
+    assert_eq!(path(b2, "b1")["via"], "direct");
+
+    // The coordinator says whom it relays.
+    let topo = coord.api_get("topology").unwrap();
+    let relayed = topo["relayed"].as_array().unwrap();
+    assert!(
+        relayed
+            .iter()
+            .any(|r| r["from"] == "c1" && r["to"] == "c2" && r["by"] == "coordinator"),
+        "{topo}"
+    );
+    let st = coord.api_get("status").unwrap();
+    println!(
+        "coordinator relay: {} drops {}",
+        st["relay"], st["drops"]["relay"]
+    );
+    assert!(st["relay"]["forwarded_datagrams"].as_u64().unwrap() > 0);
+    drop((nodes, coord, net, mesh));
+}
+
+/// The twin: a coordinator started with `--no-relay` relays nothing, and a pair whose
+/// NATs cannot be punched does not connect.
+#[test]
+fn n5_a_coordinator_with_no_relay_leaves_an_unpunchable_pair_unconnected() {
+    let (mesh, net, coord, nodes) = relay_world("n5", &["--no-relay"]);
+    let c1 = &nodes[0];
+    let addr = c1.upstream("svc-c2");
+    let r = c1
+        .on_host(move || LiveFlow::open(addr).and_then(|mut f| f.ping()))
+        .unwrap();
+    assert!(r.is_err(), "c1 reached c2 with no relay anywhere");
+    assert_ne!(path(c1, "c2")["relay"], "coordinator");
+    let st = coord.api_get("status").unwrap();
+    assert_eq!(st["relay"]["enabled"], false, "{st}");
+    assert_eq!(st["relay"]["forwarded_datagrams"], 0, "{st}");
+    drop((nodes, coord, net, mesh));
+}
+
+/// A relay with two addresses on one network, peers told the second (`advertise`): it
+/// answers and forwards from the address each node sends to, not the kernel's choice
+/// (the first), and two nodes whose NATs cannot be punched talk through it. The
+/// coordinator does not relay here, so the relay is the only way.
+#[test]
+fn n6_a_relay_with_two_addresses_relays_from_the_one_its_nodes_send_to() {
+    let mesh = Mesh::new("n6");
+    let mut net = Net::new("n6", mesh.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    let wan = net.lan("wan", "198.18.93").unwrap();
+    let ns_coord = net.host("coord", &wan, 10, None).unwrap();
+    let coord = CoordinatorProc::start_in_with(
+        &mesh,
+        "1h",
+        &ns_coord,
+        IpAddr::from([198, 18, 93, 10]),
+        &["--no-relay"],
+    )
+    .unwrap();
+    assert!(coord.apply_policy(&mesh, POLICY).unwrap().status.success());
+    let ns_r = net.host("r1", &wan, 30, None).unwrap();
+    exec(
+        &ns_r,
+        &["ip", "addr", "add", "198.18.93.31/24", "dev", "eth0"],
+    )
+    .unwrap();
+    let r1 = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("r1")
+            .on(&ns_r)
+            .relay()
+            .listen_port(7900)
+            .config_line("advertise = \"198.18.93.31:7900\""),
+    )
+    .unwrap();
+    let mut nodes = Vec::new();
+    for (i, (name, other)) in [("c1", "c2"), ("c2", "c1")].into_iter().enumerate() {
+        let home = net
+            .lan(&format!("home-{name}"), &format!("198.18.{}", 94 + i))
+            .unwrap();
+        let nat = net
+            .router(&format!("nat-{name}"), &[(&home, 1), (&wan, 3 + i as u8)])
+            .unwrap();
+        net.nat_gateway(&nat, true).unwrap();
+        let ns = net.host(name, &home, 11, Some(1)).unwrap();
+        let echo = in_ns(&ns, || echo_server().unwrap()).unwrap();
+        let spec = NodeSpec::new(name)
+            .on(&ns)
+            .service(&format!("svc-{name}"), echo)
+            .upstream(&format!("svc-{other}"));
+        nodes.push(NodeProc::start(&mesh, &coord, &spec).unwrap());
+    }
+    coord.wait_all_acked(3, Duration::from_secs(20));
+    let c1 = &nodes[0];
+    let t = first_byte(c1, "svc-c2");
+    let p = path(c1, "c2");
+    let to_relay = path(c1, "r1");
+    println!(
+        "c1 -> c2 first byte {:.1} ms, path {p}; c1's tunnel to r1 {to_relay}",
+        t.as_secs_f64() * 1e3
+    );
+    assert_eq!(p["relay"], "r1", "{p}");
+    assert_eq!(p["remote"], "198.18.93.31:7900", "{p}");
+    let m = r1.metrics().unwrap();
+    let forwarded =
+        quicmesh_netns_tests::net::metric(&m, "quicmesh_relay_forwarded_datagrams_total", &[]);
+    assert!(forwarded > 0.0, "r1 forwarded {forwarded}");
+    drop((nodes, r1, coord, net, mesh));
+}
+
+/// The WAN and four NATed nodes of `n4`, the coordinator started with `args`.
+fn relay_world(test: &str, args: &[&str]) -> (Mesh, Net, CoordinatorProc, Vec<NodeProc>) {
+    let mesh = Mesh::new(test);
+    let mut net = Net::new(test, mesh.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    let wan = net.lan("wan", "198.18.85").unwrap();
+    let ns_coord = net.host("coord", &wan, 10, None).unwrap();
+    let coord = CoordinatorProc::start_in_with(
+        &mesh,
+        "1h",
+        &ns_coord,
+        IpAddr::from([198, 18, 85, 10]),
+        args,
+    )
+    .unwrap();
+    assert!(coord.apply_policy(&mesh, POLICY).unwrap().status.success());
+    let mut hosts = Vec::new();
+    for (i, (name, random_fully)) in [("c1", true), ("c2", true), ("b1", false), ("b2", false)]
+        .into_iter()
+        .enumerate()
+    {
+        let home = net
+            .lan(&format!("home-{name}"), &format!("198.18.{}", 86 + i))
+            .unwrap();
+        let nat = net
+            .router(&format!("nat-{name}"), &[(&home, 1), (&wan, 3 + i as u8)])
+            .unwrap();
+        net.nat_gateway(&nat, random_fully).unwrap();
+        hosts.push((name, net.host(name, &home, 11, Some(1)).unwrap()));
+    }
+    let peer = |n: &str| match n {
+        "c1" => "c2",
+        "c2" => "c1",
+        "b1" => "b2",
+        _ => "b1",
+    };
+    let nodes: Vec<NodeProc> = hosts
+        .iter()
+        .map(|(name, ns)| {
+            let echo = in_ns(ns, || echo_server().unwrap()).unwrap();
+            let spec = NodeSpec::new(name)
+                .on(ns)
+                .service(&format!("svc-{name}"), echo)
+                .upstream(&format!("svc-{}", peer(name)));
+            NodeProc::start(&mesh, &coord, &spec).unwrap()
+        })
+        .collect();
+    coord.wait_all_acked(nodes.len(), Duration::from_secs(20));
+    (mesh, net, coord, nodes)
+}
+
 /// How many tunnels a node's log says came up.
 fn tunnels_up(n: &NodeProc) -> usize {
     std::fs::read_to_string(&n.log)

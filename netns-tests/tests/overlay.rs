@@ -14,8 +14,10 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use quicmesh_netns_tests::net::{echo_server_on, metric, sink_server, sink_transfer};
-use quicmesh_netns_tests::topo::{exec, in_ns, Net};
+use quicmesh_netns_tests::net::{metric, sink_server, sink_transfer};
+use quicmesh_netns_tests::topo::{
+    echo_round_trip, exec, in_ns, ping_until, tcp_echo_in, udp_echo_in, Net,
+};
 use quicmesh_netns_tests::{CoordinatorProc, Mesh, NodeProc, NodeSpec};
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -65,73 +67,17 @@ impl World {
     }
 }
 
-/// The node's overlay addresses from `status` (IPv4, IPv6), waiting for the device.
+/// The node's overlay addresses (IPv4, IPv6), waiting for the device.
 fn overlay_addrs(n: &NodeProc) -> (IpAddr, IpAddr) {
-    let t = Instant::now();
-    loop {
-        if let Ok(st) = n.status() {
-            let addrs: Vec<IpAddr> = st["overlay"]["addresses"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str()?.parse().ok()).collect())
-                .unwrap_or_default();
-            if let (Some(v4), Some(v6)) = (
-                addrs.iter().find(|a| a.is_ipv4()),
-                addrs.iter().find(|a| a.is_ipv6()),
-            ) {
-                return (*v4, *v6);
-            }
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{}: overlay device not up: {}",
-            n.name,
-            std::fs::read_to_string(&n.log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    let addrs = n
+        .overlay_addrs(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let v4 = addrs.iter().find(|a| a.is_ipv4()).copied();
+    let v6 = addrs.iter().find(|a| a.is_ipv6()).copied();
+    match (v4, v6) {
+        (Some(v4), Some(v6)) => (v4, v6),
+        _ => panic!("{}: overlay addresses {addrs:?}", n.name),
     }
-}
-
-/// Pings until one answer arrives (the first packets dial the tunnel) or `within`.
-fn ping(ns: &str, to: IpAddr, within: Duration) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < within {
-        if exec(ns, &["ping", "-c", "1", "-W", "1", &to.to_string()]).is_ok() {
-            return true;
-        }
-    }
-    false
-}
-
-/// A TCP echo service on `bind` in namespace `ns`.
-fn tcp_echo(ns: &str, bind: SocketAddr) {
-    in_ns(ns, move || echo_server_on(&bind.to_string()).unwrap()).unwrap();
-}
-
-/// A UDP echo service on `bind` in namespace `ns`.
-fn udp_echo(ns: &str, bind: SocketAddr) {
-    in_ns(ns, move || {
-        let s = UdpSocket::bind(bind).unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while let Ok((n, from)) = s.recv_from(&mut buf) {
-                let _ = s.send_to(&buf[..n], from);
-            }
-        });
-    })
-    .unwrap();
-}
-
-/// A TCP round trip through `addr` from namespace `ns`, with a 3 s deadline.
-fn tcp_round_trip(ns: &str, addr: SocketAddr) -> std::io::Result<()> {
-    in_ns(ns, move || -> std::io::Result<()> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        s.write_all(b"overlay!")?;
-        let mut b = [0u8; 8];
-        s.read_exact(&mut b)?;
-        Ok(())
-    })
-    .map_err(std::io::Error::other)?
 }
 
 fn drops(n: &NodeProc, reason: &str) -> f64 {
@@ -179,7 +125,7 @@ fn overlay_ping_tcp_and_udp_across_a_router_ipv4_and_ipv6() {
     // Ping both ways, IPv4 and IPv6.
     for (ns, to) in [(&w.ns_a, b4), (&w.ns_a, b6), (&w.ns_b, a4), (&w.ns_b, a6)] {
         assert!(
-            ping(ns, to, Duration::from_secs(10)),
+            ping_until(ns, to, Duration::from_secs(10)),
             "no ping reply from {to}"
         );
     }
@@ -199,7 +145,7 @@ fn overlay_ping_tcp_and_udp_across_a_router_ipv4_and_ipv6() {
     );
     // A UDP exchange: 100 datagrams, each answered.
     let ubind = SocketAddr::new(b4, 5353);
-    udp_echo(&w.ns_b, ubind);
+    udp_echo_in(&w.ns_b, ubind);
     let answered = in_ns(&w.ns_a, move || {
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();
         s.set_read_timeout(Some(Duration::from_millis(500)))
@@ -260,14 +206,14 @@ fn overlay_ingress_drops_spoofed_unowned_and_denied_packets_and_policy_removal_s
     let (b4, _) = overlay_addrs(&b);
     let (c4, _) = overlay_addrs(&c);
     for port in [5201, 6000, 7000] {
-        tcp_echo(&w.ns_b, SocketAddr::new(b4, port));
+        tcp_echo_in(&w.ns_b, SocketAddr::new(b4, port));
     }
-    udp_echo(&w.ns_b, SocketAddr::new(b4, 5353));
+    udp_echo_in(&w.ns_b, SocketAddr::new(b4, 5353));
 
     // The allowed port passes (after the tunnel is dialled by the first SYN).
     let allowed = SocketAddr::new(b4, 5201);
     let t = Instant::now();
-    while tcp_round_trip(&w.ns_a, allowed).is_err() {
+    while echo_round_trip(&w.ns_a, allowed).is_err() {
         assert!(
             t.elapsed() < Duration::from_secs(15),
             "allowed port never passed"
@@ -275,14 +221,14 @@ fn overlay_ingress_drops_spoofed_unowned_and_denied_packets_and_policy_removal_s
     }
     // Its denied twin: b-admin's port; policy allows a-svc to reach b-svc only.
     let before = drops(&b, "policy_denied");
-    assert!(tcp_round_trip(&w.ns_a, SocketAddr::new(b4, 6000)).is_err());
+    assert!(echo_round_trip(&w.ns_a, SocketAddr::new(b4, 6000)).is_err());
     assert!(
         drops(&b, "policy_denied") > before,
         "denied SYN not counted at node-b"
     );
     // A port no service owns.
     let before = drops(&b, "no_service");
-    assert!(tcp_round_trip(&w.ns_a, SocketAddr::new(b4, 7000)).is_err());
+    assert!(echo_round_trip(&w.ns_a, SocketAddr::new(b4, 7000)).is_err());
     assert!(drops(&b, "no_service") > before, "unowned port not counted");
 
     // Spoofing: node-a's host sends with node-c's overlay address as source (an extra
@@ -386,7 +332,7 @@ fn overlay_tcp_completes_over_a_1280_byte_underlay_path() {
     w.coord.wait_all_acked(2, Duration::from_secs(20));
     let (_, _) = overlay_addrs(&a);
     let (b4, _) = overlay_addrs(&b);
-    assert!(ping(&w.ns_a, b4, Duration::from_secs(10)));
+    assert!(ping_until(&w.ns_a, b4, Duration::from_secs(10)));
     let bind = SocketAddr::new(b4, 5201);
     in_ns(&w.ns_b, move || sink_server(&bind.to_string()).unwrap()).unwrap();
     let (sent, got, secs) = in_ns(&w.ns_a, move || {
@@ -439,9 +385,9 @@ fn overlay_ipv6_extension_headers_and_fragments_do_not_bypass_the_firewall() {
     let (IpAddr::V6(a6), IpAddr::V6(b6)) = (a6, b6) else {
         unreachable!()
     };
-    udp_echo(&w.ns_b, SocketAddr::new(b6.into(), 5353));
+    udp_echo_in(&w.ns_b, SocketAddr::new(b6.into(), 5353));
     for port in [5201, 6000] {
-        tcp_echo(&w.ns_b, SocketAddr::new(b6.into(), port));
+        tcp_echo_in(&w.ns_b, SocketAddr::new(b6.into(), port));
     }
 
     // node-b's host sends node-a a fragmented datagram (2000 bytes at the 1400-byte

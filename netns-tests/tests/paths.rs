@@ -9,6 +9,8 @@
 //!   nat-c1 .3 MASQUERADE --random-fully -- home-c1 198.18.72.0/24: c1 .11
 //!   nat-c2 .4 MASQUERADE --random-fully -- home-c2 198.18.73.0/24: c2 .11
 //!   nat-d2 .5 MASQUERADE -- mid 198.18.74.0/24 -- nat-d1 MASQUERADE -- home-d 198.18.75.0/24: d .11
+//!   core-e .6 (a router) -- edge-e 198.18.76.0/24 -- nat-e .2 MASQUERADE, INPUT accepting
+//!       (a Linux NAT by the book) -- home-e 198.18.77.0/24: e .11
 //!   attacker m .40 (p5)
 //! ```
 
@@ -147,8 +149,22 @@ fn p1_nat_matrix_every_pair_connects_direct_unless_both_sides_are_port_dependent
     let nat_d1 = w.net.router("nat-d1", &[(&home_d, 1), (&mid, 2)]).unwrap();
     w.net.nat_gateway(&nat_d1, false).unwrap();
     w.net.route(&nat_d1, "default", "198.18.74.1").unwrap();
+    // A Linux NAT that takes unsolicited packets for itself, one router off the WAN (a NAT
+    // straight on the WAN would see the others' openers, which expire one router on).
+    let edge_e = w.net.lan("edge-e", "198.18.76").unwrap();
+    let home_e = w.net.lan("home-e", "198.18.77").unwrap();
+    w.net
+        .router("core-e", &[(&w.wan, 6), (&edge_e, 1)])
+        .unwrap();
+    let nat_e = w
+        .net
+        .router("nat-e", &[(&home_e, 1), (&edge_e, 2)])
+        .unwrap();
+    w.net.linux_nat(&nat_e).unwrap();
+    w.net.route(&nat_e, "default", "198.18.76.1").unwrap();
 
-    // (name, kind, namespace): a none, b endpoint-independent, c port-dependent, d double.
+    // (name, kind, namespace): a none, b endpoint-independent, c port-dependent, d double,
+    // e a Linux NAT accepting packets for itself.
     let hosts = [
         ("a", 'a', w.net.host("a", &w.wan, 20, None).unwrap()),
         ("b1", 'b', w.net.host("b1", &home_b, 11, Some(1)).unwrap()),
@@ -156,7 +172,14 @@ fn p1_nat_matrix_every_pair_connects_direct_unless_both_sides_are_port_dependent
         ("c1", 'c', w.net.host("c1", &home_c1, 11, Some(1)).unwrap()),
         ("c2", 'c', w.net.host("c2", &home_c2, 11, Some(1)).unwrap()),
         ("d", 'd', w.net.host("d", &home_d, 11, Some(1)).unwrap()),
+        ("e", 'e', w.net.host("e", &home_e, 11, Some(1)).unwrap()),
     ];
+    // The WAN reaches nat-e through core-e.
+    for ns in ["coord", "r1", "a", "nat-b", "nat-c1", "nat-c2", "nat-d2"] {
+        w.net
+            .route(&w.net.ns(ns), "198.18.76.0/24", "198.18.70.6")
+            .unwrap();
+    }
     let names: Vec<&str> = hosts.iter().map(|h| h.0).collect();
     let nodes: Vec<NodeProc> = hosts
         .iter()
@@ -263,21 +286,6 @@ fn start_transfer(
     })
 }
 
-fn drop_between(net: &Net, nat: &str, other_public: &str, add: bool) {
-    net.iptables(
-        nat,
-        &[
-            if add { "-I" } else { "-D" },
-            "FORWARD",
-            "-d",
-            other_public,
-            "-j",
-            "DROP",
-        ],
-    )
-    .unwrap();
-}
-
 #[test]
 fn p2_a_flow_on_a_relay_moves_to_the_direct_path_once_punching_works_losing_nothing() {
     let mut w = World::new("p2", &["r1"]);
@@ -286,8 +294,8 @@ fn p2_a_flow_on_a_relay_moves_to_the_direct_path_once_punching_works_losing_noth
     let nat_x = w.nat("nat-x", &home_x, 2, false);
     let nat_y = w.nat("nat-y", &home_y, 3, false);
     // The NATs cannot reach each other yet: only the relay path works.
-    drop_between(&w.net, &nat_x, "198.18.70.3", true);
-    drop_between(&w.net, &nat_y, "198.18.70.2", true);
+    w.net.drop_forward_to(&nat_x, "198.18.70.3", true);
+    w.net.drop_forward_to(&nat_y, "198.18.70.2", true);
     let ns_x = w.net.host("x", &home_x, 11, Some(1)).unwrap();
     let ns_y = w.net.host("y", &home_y, 11, Some(1)).unwrap();
     let x = w.node("x", &ns_x, &["y"]);
@@ -299,8 +307,8 @@ fn p2_a_flow_on_a_relay_moves_to_the_direct_path_once_punching_works_losing_noth
     assert_eq!(p["via"], "relay", "only the relay works: {p}");
     assert_eq!(p["relay"], "r1", "{p}");
     std::thread::sleep(Duration::from_secs(3));
-    drop_between(&w.net, &nat_x, "198.18.70.3", false);
-    drop_between(&w.net, &nat_y, "198.18.70.2", false);
+    w.net.drop_forward_to(&nat_x, "198.18.70.3", false);
+    w.net.drop_forward_to(&nat_y, "198.18.70.2", false);
     let opened = Instant::now();
     let (p, took) = wait_path(&x, "y", "direct", Duration::from_secs(10));
     let r = transfer.join().unwrap().unwrap();

@@ -46,16 +46,28 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                             "switches": s.switches,
                         }),
                         // The path manager has not looked at a brand-new tunnel yet.
-                        None => json!({
-                            "via": if node.paths.route(c.remote_address()).is_relay() { "relay" } else { "direct" },
-                            "remote": match node.paths.route(c.remote_address()) {
+                        None => {
+                            let route = node.paths.route(c.remote_address());
+                            let relay = match route {
+                                crate::path::Route::Relay { relay, .. } => node
+                                    .paths
+                                    .live_relays()
+                                    .iter()
+                                    .find(|(_, a)| *a == relay)
+                                    .map(|(n, _)| n.to_string()),
+                                _ => None,
+                            };
+                            json!({
+                            "via": if route.is_relay() { "relay" } else { "direct" },
+                            "remote": match route {
                                 crate::path::Route::Relay { relay, .. } => relay,
                                 r => r.direct_addr().unwrap_or(c.remote_address()),
                             }.to_string(),
-                            "relay": null,
+                            "relay": relay,
                             "rtt_ms": c.rtt().as_secs_f64() * 1e3,
                             "switches": 0,
-                        }),
+                        })
+                        }
                     }
                 }),
                 "tried": tried.get(&p.node).map(|t| t.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
@@ -110,6 +122,8 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         "flows": node.flows.list(),
         "counters": node.metrics.reasons(),
         "overlay": node.overlay.get().map(|ov| ov.status()),
+        "gateway": node.gateway.get().map(|g| g.status()),
+        "wireguard_clients_known": view.wg.len(),
     })
 }
 

@@ -20,10 +20,11 @@ use std::collections::BTreeSet;
 use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::ident::{Labels, NodeName, ServiceName};
 use quicmesh_protocol::policy::{Destination, Request, Source, Traffic};
+use quicmesh_protocol::wg::WgClient;
 use quicmesh_protocol::wire::RejectCode;
 use serde::Serialize;
 
-use crate::reason::{CloseReason, RequestRefusal, Standing};
+use crate::reason::{ClientStanding, CloseReason, RequestRefusal, Standing};
 use crate::view::View;
 
 /// Which side of the tunnel a flow was opened from.
@@ -83,14 +84,30 @@ fn decide(
         None => &view.labels,
         Some(n) => view.peers.get(n).map_or(&*NONE, |p| &p.labels),
     };
+    decide_labeled(
+        view,
+        (src, labels(src_node)),
+        (dst, labels(dst_node)),
+        traffic,
+    )
+}
+
+/// [`decide`] with both ends' labels given: a WireGuard client's are its own, not a
+/// node's.
+fn decide_labeled(
+    view: &View,
+    (src, src_labels): (&ServiceName, &Labels),
+    (dst, dst_labels): (&ServiceName, &Labels),
+    traffic: Traffic<'_>,
+) -> Result<String, String> {
     let d = view.policy.evaluate_traffic(
         Source {
             service: src,
-            labels: labels(src_node),
+            labels: src_labels,
         },
         Destination {
             service: dst,
-            labels: labels(dst_node),
+            labels: dst_labels,
         },
         traffic,
     );
@@ -225,6 +242,8 @@ pub enum FlowDenied {
     Standing(Standing),
     /// No service of the sender may reach the local service; the last denying rule.
     Policy(String),
+    /// The WireGuard client at either end does not stand.
+    Client(ClientStanding),
 }
 
 /// A new overlay flow from `peer` (whose certificate carries `peer_services`) to local
@@ -259,6 +278,124 @@ pub fn packet_policy(
         }
     }
     Err(denied)
+}
+
+/// Whether WireGuard client `client`, its packets carried by gateway node `gateway`,
+/// still stands: it is in the view (not revoked), unexpired, served by `gateway` as the
+/// view has it; and the gateway stands itself. The client as the view has it now (its
+/// service and labels are what policy judges, not those of an older view).
+pub fn client_standing<'v>(
+    view: &'v View,
+    gateway: &PeerIdentity,
+    client: &WgClient,
+    now: i64,
+) -> Result<&'v WgClient, FlowDenied> {
+    standing(view, gateway, now).map_err(FlowDenied::Standing)?;
+    let known = known_client(view, client)?;
+    if !known.gateways.contains(&gateway.node) {
+        return Err(FlowDenied::Client(ClientStanding::NotItsGateway));
+    }
+    live_client(known, now)?;
+    Ok(known)
+}
+
+/// `client` as the view has it now: the same name, key and addresses (a client's record
+/// held from an older view is judged by the current one's service and labels).
+fn known_client<'v>(view: &'v View, client: &WgClient) -> Result<&'v WgClient, FlowDenied> {
+    view.wg
+        .by_name
+        .get(&client.name)
+        .filter(|c| c.public_key == client.public_key && c.addresses == client.addresses)
+        .map(|c| &**c)
+        .ok_or(FlowDenied::Client(ClientStanding::Unknown))
+}
+
+/// Whether `client`'s enrollment still runs at `now`.
+fn live_client(client: &WgClient, now: i64) -> Result<(), FlowDenied> {
+    if client.live_at(now.max(0) as u64) {
+        Ok(())
+    } else {
+        Err(FlowDenied::Client(ClientStanding::Expired))
+    }
+}
+
+/// May any of `services` (with `labels`) reach `client`'s service and labels? The
+/// allowing rule, or the last denying one.
+fn policy_to_client(
+    view: &View,
+    services: &BTreeSet<ServiceName>,
+    labels: &Labels,
+    client: &WgClient,
+) -> Result<String, FlowDenied> {
+    let mut denied = String::from("default");
+    for src in services {
+        match decide_labeled(
+            view,
+            (src, labels),
+            (&client.service, &client.labels),
+            Traffic::Opaque,
+        ) {
+            Ok(rule) => return Ok(rule),
+            Err(rule) => denied = rule,
+        }
+    }
+    Err(FlowDenied::Policy(denied))
+}
+
+/// A new overlay flow from WireGuard client `client` (through gateway node `gateway`) to
+/// local `service`: allowed when both stand and the client's service, with the client's
+/// labels, may reach `service` (exactly as a node's would be judged).
+pub fn client_packet_flow(
+    view: &View,
+    gateway: &PeerIdentity,
+    client: &WgClient,
+    service: &ServiceName,
+    now: i64,
+) -> Result<String, FlowDenied> {
+    let client = client_standing(view, gateway, client, now)?;
+    decide_labeled(
+        view,
+        (&client.service, &client.labels),
+        (service, &view.labels),
+        Traffic::Opaque,
+    )
+    .map_err(FlowDenied::Policy)
+}
+
+/// A new overlay flow from a node (`peer`, with `peer_services`) to WireGuard client
+/// `client`, judged at the client's gateway (the client's ingress): allowed only when
+/// policy lets one of the peer's services reach the client's service and labels. Flows
+/// the client opened pass as tracked flows without this.
+pub fn packet_flow_to_client(
+    view: &View,
+    peer: &PeerIdentity,
+    peer_services: &BTreeSet<ServiceName>,
+    client: &WgClient,
+    now: i64,
+) -> Result<String, FlowDenied> {
+    standing(view, peer, now).map_err(FlowDenied::Standing)?;
+    let client = known_client(view, client)?;
+    live_client(client, now)?;
+    policy_to_client(view, peer_services, &view.peer_labels(&peer.node), client)
+}
+
+/// A new overlay flow this node opens to WireGuard client `client`, this node's
+/// `services` its sources: allowed when the client stands (known, unexpired) and policy
+/// lets one of them reach the client's service and labels. Judged here as well as at the
+/// client's gateway, so a flow the gateway refused (or later closed) is never this node's
+/// to keep open: the client's answer on it would otherwise pass here as established.
+pub fn own_flow_to_client(
+    view: &View,
+    services: &BTreeSet<ServiceName>,
+    client: &WgClient,
+    now: i64,
+) -> Result<String, FlowDenied> {
+    if view.version == 0 {
+        return Err(FlowDenied::Standing(Standing::NotReady));
+    }
+    let client = known_client(view, client)?;
+    live_client(client, now)?;
+    policy_to_client(view, services, &view.labels, client)
 }
 
 /// A live L4 flow, re-checked against a new view or a later `now`: why it must close.
@@ -369,18 +506,14 @@ pub fn recheck_request(
         .map(|_| CloseReason::PolicyChanged)
 }
 
-/// A live overlay flow, re-checked: why it must be forgotten.
-pub fn recheck_packet_flow(
-    view: &View,
-    peer: &PeerIdentity,
-    peer_services: &BTreeSet<ServiceName>,
-    service: &ServiceName,
-    now: i64,
-) -> Option<CloseReason> {
-    match packet_flow(view, peer, peer_services, service, now) {
+/// Why a packet flow judged afresh (a live overlay flow re-checked with the same
+/// function that let it in) must close, if it must.
+pub fn flow_close_reason(r: Result<String, FlowDenied>) -> Option<CloseReason> {
+    match r {
         Ok(_) => None,
         Err(FlowDenied::Standing(s)) => s.close_reason(),
         Err(FlowDenied::Policy(_)) => Some(CloseReason::PolicyChanged),
+        Err(FlowDenied::Client(_)) => Some(CloseReason::ClientGone),
     }
 }
 
@@ -437,6 +570,7 @@ mod tests {
             critical: vec![],
             candidates: vec![],
             relay: false,
+            nat: false,
         };
         let mut v = View {
             version: 3,

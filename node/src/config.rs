@@ -144,6 +144,13 @@ pub struct OverlayConfig {
     pub max_flows_per_peer: usize,
 }
 
+/// `[gateway.wireguard]`: serve stock WireGuard clients (needs `[overlay]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgGatewayConfig {
+    /// The UDP address clients reach the gateway at (`0.0.0.0:51820`).
+    pub listen: SocketAddr,
+}
+
 /// Default TUN device name.
 pub const DEFAULT_OVERLAY_DEVICE: &str = "quicmesh0";
 /// Default overlay MTU: fits a QUIC datagram on a 1500-byte underlay, IPv4 or IPv6.
@@ -299,6 +306,8 @@ pub struct NodeConfig {
     pub upstreams: Vec<UpstreamConfig>,
     /// Overlay mode, when `[overlay] enabled = true`.
     pub overlay: Option<OverlayConfig>,
+    /// A WireGuard gateway, when `[gateway.wireguard]` is set.
+    pub wireguard: Option<WgGatewayConfig>,
     /// DNS server, when `[dns] enabled = true`.
     pub dns: Option<DnsConfig>,
     /// Spans and the access log of HTTP requests (`[telemetry]`).
@@ -341,6 +350,7 @@ struct Raw {
     #[serde(default)]
     upstream: Vec<RawUpstream>,
     overlay: Option<RawOverlay>,
+    gateway: Option<RawGateway>,
     dns: Option<RawDns>,
     telemetry: Option<RawTelemetry>,
     policy: Option<RawPolicy>,
@@ -422,6 +432,18 @@ struct RawOverlay {
     mtu: Option<i64>,
     max_flows: Option<i64>,
     max_flows_per_peer: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    wireguard: Option<RawWireGuard>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWireGuard {
+    listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -799,6 +821,33 @@ impl NodeConfig {
             }
             _ => None,
         };
+        let wireguard = match raw.gateway.and_then(|g| g.wireguard) {
+            None => None,
+            Some(w) => {
+                let listen = w.listen.ok_or_else(|| {
+                    err(
+                        "gateway.wireguard.listen",
+                        "missing: the UDP address WireGuard clients reach (\"0.0.0.0:51820\")"
+                            .into(),
+                    )
+                })?;
+                let listen = addr("gateway.wireguard.listen", &listen)?;
+                if listen.port() == 0 {
+                    return Err(err(
+                        "gateway.wireguard.listen",
+                        "needs a fixed port: clients' configurations name it".into(),
+                    ));
+                }
+                if overlay.is_none() {
+                    return Err(err(
+                        "gateway.wireguard",
+                        "needs [overlay] enabled = true: clients' packets travel the overlay"
+                            .into(),
+                    ));
+                }
+                Some(WgGatewayConfig { listen })
+            }
+        };
         if overlay.is_none() {
             if let Some(i) = services.iter().position(|s| s.address.is_none()) {
                 return Err(err(
@@ -886,6 +935,7 @@ impl NodeConfig {
             services,
             upstreams,
             overlay,
+            wireguard,
             dns,
             telemetry,
             metrics,
@@ -1318,5 +1368,51 @@ fault = { delay = "100ms", delay_percent = 5 }"#,
         assert_eq!(e.key, "dns.listen");
         let e = parse(&GOOD.replace("data_dir = \"/var/lib/quicmesh\"", "")).unwrap_err();
         assert_eq!(e.to_string(), "config node.toml: data_dir: missing");
+    }
+    #[test]
+    fn a_wireguard_gateway_needs_the_overlay_and_a_fixed_listen_address() {
+        let ov = "[overlay]\nenabled = true\n";
+        let c = parse(&format!(
+            "{GOOD}\n{ov}[gateway.wireguard]\nlisten = \"0.0.0.0:51820\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.wireguard,
+            Some(WgGatewayConfig {
+                listen: "0.0.0.0:51820".parse().unwrap()
+            })
+        );
+        assert_eq!(parse(&format!("{GOOD}\n{ov}")).unwrap().wireguard, None);
+        for (text, key, says) in [
+            (
+                "[gateway.wireguard]\nlisten = \"0.0.0.0:51820\"\n",
+                "gateway.wireguard",
+                "needs [overlay]",
+            ),
+            (
+                "[overlay]\nenabled = true\n[gateway.wireguard]\n",
+                "gateway.wireguard.listen",
+                "missing",
+            ),
+            (
+                "[overlay]\nenabled = true\n[gateway.wireguard]\nlisten = \"0.0.0.0:0\"\n",
+                "gateway.wireguard.listen",
+                "fixed port",
+            ),
+            (
+                "[overlay]\nenabled = true\n[gateway.wireguard]\nlisten = \"nowhere\"\n",
+                "gateway.wireguard.listen",
+                "",
+            ),
+            (
+                "[overlay]\nenabled = true\n[gateway.wireguard]\nport = 51820\n",
+                "",
+                "unknown field",
+            ),
+        ] {
+            let e = parse(&format!("{GOOD}\n{text}")).unwrap_err();
+            assert!(e.key.starts_with(key), "{text}: {e}");
+            assert!(e.to_string().contains(says), "{text}: {e}");
+        }
     }
 }

@@ -228,6 +228,7 @@ pub async fn session_loop(node: Arc<Node>) {
                 node.cfg.coordinator
             )),
         };
+        node.paths.set_coordinator_relay(None);
         if let Ok(mut c) = node.control.lock() {
             c.connected = false;
             c.coordinator = None;
@@ -321,10 +322,12 @@ async fn session(
         have_version: node.view().version,
         // The version, and the wire layouts this node decodes beyond the first.
         agent_version: format!(
-            "{}; {}; {}",
+            "{}; {}; {}; {}; {}",
             env!("CARGO_PKG_VERSION"),
             quicmesh_protocol::policy::POLICY_LAYOUT_2,
-            quicmesh_protocol::wire::HTTP_TRAFFIC
+            quicmesh_protocol::wire::HTTP_TRAFFIC,
+            quicmesh_protocol::wire::WG_CLIENTS,
+            quicmesh_protocol::wire::SESSION_INFO
         ),
     };
     write_frame(&mut send, &ControlUp::Hello(hello))
@@ -364,6 +367,10 @@ async fn session(
     // Whether the coordinator asked for HTTP route reports (a coordinator that does not
     // know them never asks, and is never sent one).
     let mut http_traffic_wanted = false;
+    // Whether the coordinator knows WireGuard clients (it sent them), and whether this
+    // session told it about this node's gateway yet.
+    let mut wg_coordinator = false;
+    let mut gateway_reported = false;
     // The snapshot this session last applied: the base of the next delta.
     let mut base: Option<Snapshot> = None;
     loop {
@@ -411,6 +418,18 @@ async fn session(
                             c.last_error = Some(format!("relay refused: {detail}"));
                         }
                     }
+                    ControlDown::WgClients(clients) => {
+                        // A coordinator that sends clients takes gateway reports.
+                        wg_coordinator = true;
+                        node.apply_wg_clients(clients, true);
+                    }
+                    ControlDown::SessionInfo { relay, nat } => {
+                        // Relayed datagrams go to the address this session runs to: the
+                        // one this node's NAT already maps for it.
+                        tracing::debug!(relay, nat, %coordinator, "session info");
+                        node.paths.set_coordinator_relay(relay.then_some(coordinator));
+                        node.paths.set_behind_nat(nat);
+                    }
                     ControlDown::Features { http_traffic } => {
                         http_traffic_wanted = http_traffic;
                         // Routes are set in this node's TOML and change with a restart
@@ -436,6 +455,10 @@ async fn session(
             }
             _ = status_tick.tick() => {
                 write_frame(&mut send, &ControlUp::Status(status(node))).await.map_err(|e| e.to_string())?;
+                if let (true, Some(g)) = (wg_coordinator, node.gateway.get()) {
+                    write_frame(&mut send, &ControlUp::Gateway(g.report())).await.map_err(|e| e.to_string())?;
+                    gateway_reported = true;
+                }
                 if http_traffic_wanted {
                     let routes = node.metrics.traffic.http_report();
                     if !routes.is_empty() {
@@ -444,6 +467,12 @@ async fn session(
                 }
             }
             _ = renew_tick.tick() => {
+                // A gateway that came up since the session did is told at once (clients
+                // cannot be given a configuration before the coordinator knows its key).
+                if let (true, false, Some(g)) = (wg_coordinator, gateway_reported, node.gateway.get()) {
+                    write_frame(&mut send, &ControlUp::Gateway(g.report())).await.map_err(|e| e.to_string())?;
+                    gateway_reported = true;
+                }
                 let id = node.identity.load();
                 if !renewing && unix_now() >= renew_at(id.not_before, id.not_after, jitter) {
                     let key = rcgen::KeyPair::from_pem(&node.key_pem).map_err(|e| e.to_string())?;

@@ -263,24 +263,29 @@ pub async fn bind(cfg: &DnsConfig) -> std::io::Result<(UdpSocket, TcpListener)> 
     Ok((udp, tcp))
 }
 
-fn reply_for(node: &Node, query: &[u8]) -> Reply {
+/// `for_clients`: the asker is a WireGuard client, which reaches services only through
+/// the overlay (never this node's local upstream listeners).
+fn reply_for(node: &Node, query: &[u8], for_clients: bool) -> Reply {
     let Some(cfg) = node.cfg.dns.as_ref() else {
         return Reply::Drop;
     };
     let view = node.view();
     let td = node.trust.load().trust_domain.to_string();
-    let upstreams = node
-        .bound
-        .lock()
-        .map(|b| b.upstreams.clone())
-        .unwrap_or_default();
+    let upstreams = if for_clients {
+        Vec::new()
+    } else {
+        node.bound
+            .lock()
+            .map(|b| b.upstreams.clone())
+            .unwrap_or_default()
+    };
     let id = node.identity.load();
     let cx = Context {
         trust_domain: &td,
         me: &node.cfg.name,
         my_overlay: &id.ips,
         upstreams: &upstreams,
-        overlay: node.overlay.get().is_some(),
+        overlay: for_clients || node.overlay.get().is_some(),
         ttl: u32::try_from(cfg.ttl.as_secs()).unwrap_or(u32::MAX),
         forwarding: cfg.forward.is_some(),
     };
@@ -307,26 +312,54 @@ async fn forward(to: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
 
 /// Serves DNS over UDP and TCP until the node stops.
 pub async fn serve(node: Arc<Node>, udp: UdpSocket, tcp: TcpListener) {
-    let forwarder = node
-        .cfg
-        .dns
-        .as_ref()
-        .and_then(|d| d.forward)
-        .map(|to| Forwarder::new(to, MAX_FORWARDS));
-    let m = node.metrics.clone();
-    let dropped = Arc::new(move |d: DnsDrop| m.dns_dropped(d));
+    let forwarder = forwarder(&node, MAX_FORWARDS);
+    let dropped = counted(&node);
     let n = node.clone();
     tokio::spawn(serve_tcp_listener(
         tcp,
         forwarder.clone(),
-        Arc::new(move |q: &[u8]| reply_for(&n, q)),
+        Arc::new(move |q: &[u8]| reply_for(&n, q, false)),
         dropped.clone(),
         MAX_TCP_CONNECTIONS,
     ));
     serve_udp(
         Arc::new(udp),
         forwarder,
-        move |q: &[u8]| reply_for(&node, q),
+        move |q: &[u8]| reply_for(&node, q, false),
+        dropped,
+    )
+    .await
+}
+
+/// The forwarder to `[dns] forward`, at most `limit` queries in flight; none without it.
+fn forwarder(node: &Node, limit: usize) -> Option<Forwarder> {
+    node.cfg
+        .dns
+        .as_ref()
+        .and_then(|d| d.forward)
+        .map(|to| Forwarder::new(to, limit))
+}
+
+/// Counts a query not served as asked in the node's metrics.
+fn counted(node: &Node) -> Arc<dyn Fn(DnsDrop) + Send + Sync> {
+    let m = node.metrics.clone();
+    Arc::new(move |d: DnsDrop| m.dns_dropped(d))
+}
+
+/// Forwarded queries in flight for a WireGuard gateway's clients, on their own bound (the
+/// node's own apps keep [`MAX_FORWARDS`] whatever the clients ask).
+pub const MAX_CLIENT_FORWARDS: usize = 64;
+
+/// Serves DNS over UDP on one more socket (a WireGuard gateway's overlay address, for
+/// its clients), with the same answers as the node's own server and forwarding on a
+/// bound of its own ([`MAX_CLIENT_FORWARDS`]).
+pub async fn serve_udp_for_clients(node: Arc<Node>, udp: UdpSocket) {
+    let forwarder = forwarder(&node, MAX_CLIENT_FORWARDS);
+    let dropped = counted(&node);
+    serve_udp(
+        Arc::new(udp),
+        forwarder,
+        move |q: &[u8]| reply_for(&node, q, true),
         dropped,
     )
     .await
@@ -484,6 +517,7 @@ mod tests {
             critical: if critical { vec![api] } else { vec![] },
             candidates: vec![],
             relay: false,
+            nat: false,
         }
     }
 

@@ -28,6 +28,7 @@ pub mod control;
 pub mod dns;
 pub mod flow;
 pub mod frame;
+pub mod gateway;
 pub mod health;
 pub mod l7;
 pub mod local_http;
@@ -81,6 +82,8 @@ mod layers {
             "dns",
             "health",
         ],
+        // The WireGuard gateway: a shell over `wg`, handed clients' packets by `overlay`.
+        &["gateway"],
         &["control"],
         &["admin"],
         &["run"],
@@ -125,6 +128,7 @@ mod layers {
         ("path_manager", include_str!("path/manager.rs")),
         ("dns", include_str!("dns.rs")),
         ("health", include_str!("health.rs")),
+        ("gateway", include_str!("gateway.rs")),
         ("control", include_str!("control.rs")),
         ("admin", include_str!("admin.rs")),
         ("admin", include_str!("admin/http.rs")),

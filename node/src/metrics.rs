@@ -106,6 +106,59 @@ pub struct OverlayMetrics {
     pub dropped: [Counter; DropReason::COUNT],
 }
 
+/// The WireGuard gateway's counters.
+#[derive(Debug, Clone, Default)]
+pub struct WgMetrics {
+    /// Datagrams from the network the gateway dropped, and packets for clients it could
+    /// not send, by reason.
+    dropped: Family<ReasonLabels, Counter>,
+    /// Cookies sent (handshakes refused under load until their source proves itself).
+    pub cookies: Counter,
+    /// Handshakes completed (answered).
+    pub handshakes: Counter,
+    /// Inner bytes to and from each client (read from the sessions every tick).
+    client_bytes: Family<ClientDirLabels, Gauge>,
+    pub clients: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientDirLabels {
+    client: String,
+    direction: String,
+}
+
+impl WgMetrics {
+    pub fn dropped(&self, reason: crate::reason::WgDrop) {
+        self.dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// Sets a client's byte gauges (to the client, from it).
+    pub fn client_bytes(&self, client: &str, tx: u64, rx: u64) {
+        for (d, v) in [("to_client", tx), ("from_client", rx)] {
+            self.client_bytes
+                .get_or_create(&ClientDirLabels {
+                    client: client.into(),
+                    direction: d.into(),
+                })
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Forgets a client's gauges (it is no longer served).
+    pub fn forget_client(&self, client: &str) {
+        for d in ["to_client", "from_client"] {
+            self.client_bytes.remove(&ClientDirLabels {
+                client: client.into(),
+                direction: d.into(),
+            });
+        }
+    }
+}
+
 /// The path layer's counters (relaying, probes, route changes).
 #[derive(Debug, Clone, Default)]
 pub struct PathMetrics {
@@ -115,6 +168,10 @@ pub struct PathMetrics {
     /// Datagrams this node forwarded as a relay, and their bytes.
     pub relay_forwarded: Counter,
     pub relay_forwarded_bytes: Counter,
+    /// Openers sent (small-TTL datagrams that open this node's NAT toward a peer), and
+    /// openers that reached this node (their TTL outlived the path: harmless, counted).
+    pub openers_sent: Counter,
+    pub openers_received: Counter,
     relay_dropped: Family<ReasonLabels, Counter>,
     probes_refused: Family<ReasonLabels, Counter>,
     switches: Family<ReasonLabels, Counter>,
@@ -171,9 +228,11 @@ pub struct Metrics {
     snapshot_version: Gauge,
     cert_not_after: Gauge,
     peers_connected: Gauge,
+    peers_silent: Counter,
     overlay_packets: Family<DirLabels, Counter>,
     overlay_bytes: Family<DirLabels, Counter>,
     overlay_dropped: Family<ReasonLabels, Counter>,
+    wg: WgMetrics,
     health_transitions: Family<HealthLabels, Counter>,
     http_refused: Family<ReasonLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
@@ -225,9 +284,11 @@ impl Metrics {
             snapshot_version: Gauge::default(),
             cert_not_after: Gauge::default(),
             peers_connected: Gauge::default(),
+            peers_silent: Counter::default(),
             overlay_packets: Family::default(),
             overlay_bytes: Family::default(),
             overlay_dropped: Family::default(),
+            wg: WgMetrics::default(),
             health_transitions: Family::default(),
             http_refused: Family::default(),
             requests: Family::default(),
@@ -313,6 +374,11 @@ impl Metrics {
             m.peers_connected.clone(),
         );
         registry.register(
+            "peer_silent",
+            "Flows that found a peer's tunnel silent (nothing back within a bound from its RTT) and moved to the next instance",
+            m.peers_silent.clone(),
+        );
+        registry.register(
             "overlay_packets",
             "IP packets carried by the overlay, by direction",
             m.overlay_packets.clone(),
@@ -389,6 +455,42 @@ impl Metrics {
             p.relay_forwarded_bytes.clone(),
         );
         registry.register(
+            "path_openers_sent",
+            "Small-TTL openers sent to open this node's NAT toward a peer before dialling it",
+            p.openers_sent.clone(),
+        );
+        registry.register(
+            "path_openers_received",
+            "Openers that reached this node (their TTL outlived the way here; ignored)",
+            p.openers_received.clone(),
+        );
+        let w = &m.wg;
+        registry.register(
+            "wg_dropped",
+            "WireGuard gateway: datagrams and packets for clients dropped, by reason",
+            w.dropped.clone(),
+        );
+        registry.register(
+            "wg_cookies_sent",
+            "WireGuard gateway: cookies sent to handshakes under load",
+            w.cookies.clone(),
+        );
+        registry.register(
+            "wg_handshakes",
+            "WireGuard gateway: handshakes answered",
+            w.handshakes.clone(),
+        );
+        registry.register(
+            "wg_client_bytes",
+            "WireGuard gateway: inner bytes per client and direction",
+            w.client_bytes.clone(),
+        );
+        registry.register(
+            "wg_clients",
+            "WireGuard gateway: clients served",
+            w.clients.clone(),
+        );
+        registry.register(
             "relay_dropped",
             "Relay datagrams dropped, by reason",
             p.relay_dropped.clone(),
@@ -414,6 +516,11 @@ impl Metrics {
             bytes_from_tunnel,
             ..m
         }
+    }
+
+    /// The WireGuard gateway's counters.
+    pub fn wg(&self) -> WgMetrics {
+        self.wg.clone()
     }
 
     /// The path layer's counters.
@@ -637,6 +744,12 @@ impl Metrics {
                 reason: reason.as_str().into(),
             })
             .inc();
+    }
+
+    /// A flow found a peer's tunnel silent and moved to the next instance.
+    pub fn peer_silent(&self) {
+        self.reason("egress_retried", "peer_silent");
+        self.peers_silent.inc();
     }
 
     /// A tunnel closed by the node (its peer no longer stands).

@@ -28,6 +28,18 @@ use crate::tunnel;
 /// How long to wait for the ingress's accept or reject.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The least a flow waits for a first sign of life from the peer before trying the next
+/// instance: covers a lost packet or two and a busy host's scheduling on a LAN.
+const SILENCE_FLOOR: Duration = Duration::from_millis(300);
+
+/// How long a flow waits for any datagram back on the tunnel (an ACK of its header, the
+/// answer) before it takes the peer for dead: three round trips and a margin, at least
+/// [`SILENCE_FLOOR`], at most [`REPLY_TIMEOUT`]. A peer that answers anything but whose
+/// service is slow gets the whole [`REPLY_TIMEOUT`].
+pub fn silence_bound(rtt: Duration) -> Duration {
+    (rtt * 3 + Duration::from_millis(50)).clamp(SILENCE_FLOOR, REPLY_TIMEOUT)
+}
+
 /// Binds every upstream listener (before any is served, so a bad bind fails startup whole).
 pub async fn bind_all(node: &Arc<Node>) -> std::io::Result<Vec<(UpstreamConfig, TcpListener)>> {
     let mut out = Vec::new();
@@ -103,8 +115,14 @@ impl Drop for LoadGuard {
     }
 }
 
-/// The instances of `up`'s service to try, in order.
-pub fn instances(view: &crate::state::View, up: &UpstreamConfig, load: &Load) -> Vec<NodeName> {
+/// The instances of `up`'s service to try, in order: silent peers (their tunnel sent
+/// nothing back to a recent flow) last, kept as a last resort.
+pub fn instances(
+    view: &crate::state::View,
+    up: &UpstreamConfig,
+    load: &Load,
+    silent: impl Fn(&NodeName) -> bool,
+) -> Vec<NodeName> {
     let candidates: Vec<Candidate> = view
         .healthy(&up.service)
         .map(|p| Candidate {
@@ -114,7 +132,7 @@ pub fn instances(view: &crate::state::View, up: &UpstreamConfig, load: &Load) ->
         })
         .collect();
     let mut rng = rand::thread_rng();
-    routing::order(
+    let order = routing::order(
         &view.labels,
         &candidates,
         up.locality,
@@ -122,13 +140,16 @@ pub fn instances(view: &crate::state::View, up: &UpstreamConfig, load: &Load) ->
     )
     .into_iter()
     .cloned()
-    .collect()
+    .collect::<Vec<_>>();
+    let (mut answering, quiet): (Vec<_>, Vec<_>) = order.into_iter().partition(|n| !silent(n));
+    answering.extend(quiet);
+    answering
 }
 
 async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, load: Arc<Load>) {
     let (src, dst) = (up.source.as_str(), up.service.as_str());
     let view = node.view();
-    let order = instances(&view, &up, &load);
+    let order = instances(&view, &up, &load, |n| node.tunnels.is_silent(n));
     if order.is_empty() {
         node.metrics
             .egress_rejected(EgressRefusal::NoInstance, src, dst);
@@ -140,10 +161,13 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
         );
         return;
     }
-    for name in &order {
+    for (i, name) in order.iter().enumerate() {
         let Some(peer) = view.peers.get(name) else {
             continue;
         };
+        // With no instance left to try, a silent tunnel is waited on as before (the
+        // path layer closes it if the peer moved; it may only be slow).
+        let last_resort = i + 1 == order.len();
         if node.cfg.check_egress {
             if let Err(rule) = authz::egress(&view, &up.source, &up.service, &peer.node) {
                 node.metrics
@@ -158,7 +182,10 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
             flow_id: id,
         };
         let opening = std::time::Instant::now();
-        let (conn, send, recv) = match open_stream(&node, peer, &header).await {
+        // Counted from the first try: a dead instance's pending tries must not make it
+        // look idle to the next flow's choice.
+        let load_guard = load.start(&peer.node);
+        let (conn, send, recv) = match open_stream(&node, peer, &header, last_resort).await {
             Ok(x) => x,
             Err(Attempt::Rejected(code, rule)) => {
                 node.metrics.egress_rejected(code, src, dst);
@@ -172,6 +199,11 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
                 tracing::warn!(peer = %peer.node, error = %e, "instance unreachable, trying the next");
                 continue;
             }
+            Err(Attempt::Silent(waited)) => {
+                node.metrics.peer_silent();
+                tracing::warn!(peer = %peer.node, ?waited, "instance's tunnel silent, trying the next");
+                continue;
+            }
         };
         let Some(peer_id) = node.tunnels.identity(&conn) else {
             // The tunnel closed between the answer and here (revoked, expired).
@@ -180,7 +212,7 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
         };
         node.metrics.egress_accepted(src, dst);
         node.metrics.traffic.flow(src, dst, opening.elapsed());
-        let _load = load.start(&peer.node);
+        let _load = load_guard;
         tracing::debug!(peer = %peer.node, "instance chosen");
         let _ = tcp.set_nodelay(true);
         let (_guard, kill) = node.flows.register(
@@ -221,34 +253,55 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
 enum Attempt {
     Rejected(RejectCode, Option<String>),
     Failed(String),
+    /// Nothing came back on the tunnel for this long: the peer is taken for dead (marked
+    /// silent), its tunnel kept for it to answer again.
+    Silent(Duration),
 }
 
 /// Opens a stream to `peer`, sends the header and waits for the ingress's answer. A cached
-/// tunnel that fails is forgotten and the peer dialled afresh once.
+/// tunnel that fails is forgotten and the peer dialled afresh once. A tunnel that stays
+/// silent past [`silence_bound`] gives up the peer for the next instance, unless this is
+/// the `last_resort`: then it gets the whole reply timeout, as any tunnel.
 async fn open_stream(
     node: &Arc<Node>,
     peer: &quicmesh_protocol::wire::PeerInfo,
     header: &StreamHeader,
+    last_resort: bool,
 ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), Attempt> {
     let mut peer = peer.clone();
     for _ in 0..2 {
         let (conn, fresh) = tunnel::connection(node, &peer)
             .await
             .map_err(|e| Attempt::Failed(e.to_string()))?;
-        let result = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let rx0 = conn.stats().udp_rx.datagrams;
+        let bound = silence_bound(conn.rtt());
+        let opened = conn.clone();
+        let answer = async move {
+            let (mut send, mut recv) = opened.open_bi().await.map_err(|e| e.to_string())?;
             write_frame(&mut send, header)
                 .await
                 .map_err(|e| e.to_string())?;
-            match tokio::time::timeout(REPLY_TIMEOUT, read_frame::<StreamReply, _>(&mut recv)).await
-            {
-                Ok(Ok(Some(reply))) => Ok((send, recv, reply)),
-                Ok(Ok(None)) => Err("stream closed before an answer".to_string()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("no answer in time".to_string()),
+            match read_frame::<StreamReply, _>(&mut recv).await {
+                Ok(Some(reply)) => Ok((send, recv, reply)),
+                Ok(None) => Err("stream closed before an answer".to_string()),
+                Err(e) => Err(e.to_string()),
             }
-        }
-        .await;
+        };
+        let mut answer = std::pin::pin!(answer);
+        // First the bound for any sign of life; then, if the tunnel answered anything,
+        // the rest of the reply timeout (the peer lives, its service may be slow).
+        let result = match tokio::time::timeout(bound, &mut answer).await {
+            Ok(r) => r,
+            Err(_) if conn.stats().udp_rx.datagrams == rx0 && !last_resort => {
+                node.tunnels.mark_silent(&peer.node, &conn);
+                return Err(Attempt::Silent(bound));
+            }
+            Err(_) => match tokio::time::timeout(REPLY_TIMEOUT.saturating_sub(bound), answer).await
+            {
+                Ok(r) => r,
+                Err(_) => Err("no answer in time".to_string()),
+            },
+        };
         match result {
             Ok((send, recv, StreamReply::Accept)) => return Ok((conn, send, recv)),
             Ok((_, _, StreamReply::Reject { code, rule })) => {
@@ -266,4 +319,22 @@ async fn open_stream(
         }
     }
     Err(Attempt::Failed("tunnel failed twice".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_silence_bound_follows_the_rtt_between_a_floor_and_the_reply_timeout() {
+        // A LAN: the floor (a lost packet or two, a busy host).
+        assert_eq!(silence_bound(Duration::from_micros(200)), SILENCE_FLOOR);
+        // A WAN: three round trips and a margin.
+        assert_eq!(
+            silence_bound(Duration::from_millis(150)),
+            Duration::from_millis(500)
+        );
+        // Never longer than the reply timeout.
+        assert_eq!(silence_bound(Duration::from_secs(30)), REPLY_TIMEOUT);
+    }
 }

@@ -93,6 +93,8 @@ reasons! {
         SendFailed => "send_failed",
         /// Relayed datagrams from a relay this node does not know.
         UnknownRelay => "unknown_relay",
+        /// Relayed datagrams from a node not in this node's view.
+        UnknownPeer => "unknown_peer",
         /// A path packet that does not decode.
         Malformed => "malformed",
         /// A registration refused: another node holds the address and is alive (a
@@ -112,6 +114,18 @@ reasons! {
         PeerRevoked => "peer_revoked",
         /// The peer's certificate has expired (or is not valid yet).
         PeerExpired => "peer_expired",
+    }
+}
+
+reasons! {
+    /// Why a WireGuard client's packets no longer (or never) pass.
+    pub enum ClientStanding {
+        /// Not among the clients the node knows: revoked, removed, or never enrolled.
+        Unknown => "client_unknown",
+        /// The client's enrollment has expired.
+        Expired => "client_expired",
+        /// The node that carried the packet is not one of the client's gateways.
+        NotItsGateway => "client_not_via_its_gateway",
     }
 }
 
@@ -188,6 +202,16 @@ reasons! {
         PeerUnknown => "peer_unknown",
         /// The sending peer's certificate has expired.
         PeerExpired => "peer_expired",
+        /// A WireGuard client's packet: the client is not (or no longer) known here.
+        ClientUnknown => "client_unknown",
+        /// A WireGuard client's packet: its enrollment has expired.
+        ClientExpired => "client_expired",
+        /// At a gateway: a packet for a WireGuard client this gateway does not serve or
+        /// has no session with.
+        NoClient => "no_client",
+        /// Outbound at a gateway: a client's packet for a peer whose datagram queue is
+        /// full (dropped rather than pushing out what others queued).
+        QueueFull => "queue_full",
     }
 }
 
@@ -222,6 +246,8 @@ reasons! {
         Stale => "stale",
         /// A peer opened more tunnels than the registry keeps; its oldest was closed.
         TooManyTunnels => "too_many_tunnels",
+        /// A WireGuard client's flow: the client was revoked, expired or removed.
+        ClientGone => "client_gone",
     }
 }
 

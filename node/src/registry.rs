@@ -57,6 +57,16 @@ struct Tables {
     selected: HashMap<NodeName, quinn::Connection>,
     /// Per peer, the addresses the last successful dial tried.
     tried: HashMap<NodeName, Vec<SocketAddr>>,
+    /// Peers whose tunnel went silent under a flow (nothing came back within a bound
+    /// derived from its RTT): new flows try them last until they answer again.
+    silent: HashMap<NodeName, Silent>,
+}
+
+/// A silent peer: the tunnel that fell silent, and what it had received by then.
+#[derive(Debug, Clone, Copy)]
+struct Silent {
+    conn: usize,
+    rx: u64,
 }
 
 /// Most seconds before a peer certificate's expiry that its tunnel stops taking new flows.
@@ -133,6 +143,8 @@ impl Tunnels {
                 tb.all.remove(&e.conn.stable_id());
             }
             tb.all.insert(conn.stable_id(), t.clone());
+            // A handshake just completed: the peer answers.
+            tb.silent.remove(&t.peer.node);
             evicted
         };
         if let Some(e) = &evicted {
@@ -142,6 +154,44 @@ impl Tunnels {
         }
         let _ = self.events.send(TunnelEvent::Up(t));
         evicted
+    }
+
+    /// Records that `peer`, on tunnel `conn`, sent nothing back within the bound a flow
+    /// waited: new flows try it last until it answers again ([`Tunnels::is_silent`]).
+    pub fn mark_silent(&self, peer: &NodeName, conn: &quinn::Connection) {
+        let rx = conn.stats().udp_rx.datagrams;
+        self.tables().silent.insert(
+            peer.clone(),
+            Silent {
+                conn: conn.stable_id(),
+                rx,
+            },
+        );
+    }
+
+    /// Whether `peer` is silent: marked, and since then neither has a datagram arrived on
+    /// the tunnel that fell silent, nor has another tunnel to it come up, nor has that
+    /// tunnel closed.
+    pub fn is_silent(&self, peer: &NodeName) -> bool {
+        let mut tb = self.tables();
+        let Some(mark) = tb.silent.get(peer).copied() else {
+            return false;
+        };
+        let answered = match tb.all.get(&mark.conn) {
+            Some(t) => t.conn.stats().udp_rx.datagrams > mark.rx,
+            // That tunnel is gone (its idle timeout ran out long after the coordinator
+            // took a dead peer offline): a peer still listed gets a fresh dial.
+            None => true,
+        };
+        let replaced = tb
+            .selected
+            .get(peer)
+            .is_some_and(|c| c.stable_id() != mark.conn && c.close_reason().is_none());
+        if answered || replaced {
+            tb.silent.remove(peer);
+            return false;
+        }
+        true
     }
 
     /// A tunnel ended (its serving loop returned): forgets it everywhere.

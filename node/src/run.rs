@@ -84,6 +84,7 @@ fn tunnel_endpoint(
     // Best effort: the kernel caps these at net.core.{r,w}mem_max.
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    paths.set_opener_socket(sock.try_clone()?);
     let runtime = Arc::new(quinn::TokioRuntime);
     let inner = runtime.wrap_udp_socket(sock)?;
     let mut ep = quinn::EndpointConfig::default();
@@ -188,6 +189,11 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
             Err(e) => tracing::warn!(error = %e, "stored snapshot not applied"),
         }
     }
+    match node.data.wg_clients() {
+        Ok(c) if c.is_empty() => {}
+        Ok(c) => node.apply_wg_clients(c, false),
+        Err(e) => tracing::warn!(error = %e, "ignoring unreadable stored WireGuard clients"),
+    }
     let m = node.metrics.clone();
     let verifier = MeshClientVerifier::new(
         node.trust.clone(),
@@ -281,10 +287,21 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
         // run); a node told to run it that cannot is useless, so it stops.
         let n = node.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::overlay::start(n, ov).await {
-                tracing::error!(error = %e, "overlay mode could not start");
-                eprintln!("quicmesh-node: overlay: {e}");
-                std::process::exit(1);
+            let overlay = match crate::overlay::start(n.clone(), ov).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!(error = %e, "overlay mode could not start");
+                    eprintln!("quicmesh-node: overlay: {e}");
+                    std::process::exit(1);
+                }
+            };
+            // A gateway asked for that cannot run stops the node, as the overlay does.
+            if let Some(wg) = n.cfg.wireguard.clone() {
+                if let Err(e) = crate::gateway::start(n, overlay, wg).await {
+                    tracing::error!(error = %e, "WireGuard gateway could not start");
+                    eprintln!("quicmesh-node: gateway: {e}");
+                    std::process::exit(1);
+                }
             }
         });
     }

@@ -36,6 +36,13 @@ pub trait Status: Send + Sync {
     fn status(&self) -> serde_json::Value;
 }
 
+/// A running WireGuard gateway, as the control session and `status` see it.
+pub trait Gateway: Send + Sync {
+    /// What the coordinator is told: the gateway's key, port and clients.
+    fn report(&self) -> quicmesh_protocol::wire::GatewayReport;
+    fn status(&self) -> serde_json::Value;
+}
+
 /// Control-session state shown by `status`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ControlState {
@@ -77,6 +84,8 @@ pub struct Node {
     pub bound: Mutex<Bound>,
     /// Overlay mode's part of `status`, once its device is up.
     pub overlay: std::sync::OnceLock<Arc<dyn Status>>,
+    /// The WireGuard gateway, once it runs.
+    pub gateway: std::sync::OnceLock<Arc<dyn Gateway>>,
     /// The checked services' health (the health checker publishes it).
     pub health: watch::Receiver<Vec<ServiceCheck>>,
     /// Route tables under the tunnels (read by the socket, edited by the path manager).
@@ -174,6 +183,7 @@ impl Node {
             control: Mutex::new(ControlState::default()),
             bound: Mutex::new(Bound::default()),
             overlay: std::sync::OnceLock::new(),
+            gateway: std::sync::OnceLock::new(),
             health,
             paths,
             path_status: Mutex::new(HashMap::new()),
@@ -229,7 +239,10 @@ impl Node {
             }
         }
         self.trust.store(Arc::new(trust));
-        let view = Arc::new(View::from_snapshot(snap));
+        let mut view = View::from_snapshot(snap);
+        // WireGuard clients come apart from snapshots: the new view keeps them.
+        view.wg = self.view().wg.clone();
+        let view = Arc::new(view);
         // A peer that moved keeps its tunnel: the path manager follows it to its new
         // address, or closes the tunnel when nothing answers.
         self.view_tx.send_replace(view.clone());
@@ -242,6 +255,24 @@ impl Node {
             "snapshot applied"
         );
         Ok(true)
+    }
+
+    /// Applies the mesh's WireGuard clients (the whole list): a new view with them, on
+    /// disk when `persist`, then live flows re-checked (a client revoked or gone loses its
+    /// flows; the gateway follows the view and cuts its session).
+    pub fn apply_wg_clients(&self, clients: Vec<quicmesh_protocol::wg::WgClient>, persist: bool) {
+        if persist {
+            if let Err(e) = self.data.save_wg_clients(&clients) {
+                tracing::warn!(error = %e, "could not store WireGuard clients; applying them anyway");
+            }
+        }
+        let count = clients.len();
+        let mut view = (*self.view()).clone();
+        view.wg = Arc::new(crate::view::WgIndex::new(clients));
+        let view = Arc::new(view);
+        self.view_tx.send_replace(view.clone());
+        self.recheck(&view);
+        tracing::info!(clients = count, "WireGuard clients applied");
     }
 
     /// Closes flows and tunnels the new view no longer allows, by the same [`authz`]

@@ -160,6 +160,57 @@ impl DataDir {
         )
     }
 
+    /// The WireGuard gateway's private key (`wg.key`, base64 as `wg genkey` writes it,
+    /// mode 0600), made on first use. A key file that does not read as a key is an
+    /// error: it is never silently replaced (clients' configurations name its public key).
+    pub fn wg_key(&self) -> Result<quicmesh_protocol::wg::WgKey, StoreError> {
+        let path = self.root.join("wg.key");
+        match fs::read_to_string(&path) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map_err(|e: quicmesh_protocol::wg::WgKeyError| StoreError::Corrupt {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = quicmesh_protocol::wg::WgKey(crate::wg::generate_key_pair().0);
+                write_private(&path, format!("{key}\n").as_bytes())?;
+                Ok(key)
+            }
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// The WireGuard clients the node last applied (none stored: empty).
+    pub fn wg_clients(&self) -> Result<Vec<quicmesh_protocol::wg::WgClient>, StoreError> {
+        let path = self.root.join("wg_clients.bin");
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        match wire::decode::<ControlDown>(&bytes) {
+            Ok(ControlDown::WgClients(c)) => Ok(c),
+            Ok(_) => Err(StoreError::Corrupt {
+                path: path.display().to_string(),
+                reason: "not a list of WireGuard clients".into(),
+            }),
+            Err(e) => Err(StoreError::Corrupt {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    pub fn save_wg_clients(
+        &self,
+        clients: &[quicmesh_protocol::wg::WgClient],
+    ) -> Result<(), StoreError> {
+        let bytes = wire::encode(&ControlDown::WgClients(clients.to_vec()));
+        write_private(&self.root.join("wg_clients.bin"), &bytes)
+    }
+
     /// The last snapshot the node applied, if any.
     pub fn snapshot(&self) -> Result<Option<Snapshot>, StoreError> {
         let path = self.root.join("snapshot.bin");

@@ -70,7 +70,26 @@ pub async fn connection(
     // When the handshake is not done quickly, ask the peer (through the coordinator) to
     // dial back: behind NATs, each side's outgoing packets open the mapping the other
     // side's packets come in by. Reachable peers answer first and are not asked.
+    // A peer behind a NAT is asked at once, and its dial-back goes first: this side's
+    // packets reaching the peer's NAT before the peer's own left would, at a NAT that
+    // takes unsolicited packets for itself (Linux's default), hold the very tuple the
+    // peer's mapping needs (and Linux then maps the peer's socket to another port for
+    // every destination after). Small-TTL openers open this side's NAT, when there is
+    // one, for the dial-back without reaching the peer's; a dialer with no NAT sends
+    // none (its opener would reach a NAT one router away).
     let dial = async {
+        if peer.nat {
+            if node.paths.behind_nat() {
+                let sent = node.paths.send_openers(&targets);
+                node.paths.metrics.openers_sent.inc_by(sent as u64);
+            }
+            node.request_punch(&peer.node);
+            if let Some(c) = wait_tunnel(node, &peer.node, DIAL_BACK_LEAD).await {
+                tracing::debug!(peer = %peer.node, addr = %c.remote_address(), "the peer's dial-back came through");
+                return Ok((c, false));
+            }
+            return dial_any(node, &peer.node, &targets).await;
+        }
         let dial = dial_any(node, &peer.node, &targets);
         tokio::pin!(dial);
         tokio::select! {
@@ -150,7 +169,7 @@ async fn dial_relay(
     let deadline = tokio::time::Instant::now() + RELAY_WAIT;
     let (name, relay) = loop {
         let live = node.paths.live_relays();
-        if let Some(r) = live.iter().find(|(n, _)| n != &peer.node) {
+        if let Some(r) = live.iter().find(|(n, _)| !n.is(&peer.node)) {
             break r.clone();
         }
         if tokio::time::Instant::now() >= deadline {
@@ -179,6 +198,23 @@ async fn dial_relay(
 
 /// A dial still without a handshake after this asks the peer to dial back.
 const PUNCH_AFTER: Duration = Duration::from_millis(250);
+/// How long a dialer gives a peer behind a NAT to dial back before it sends its own
+/// handshake at full TTL.
+const DIAL_BACK_LEAD: Duration = Duration::from_secs(1);
+
+/// The tunnel to `peer` once one is up (its dial-back), or `None` after `within`.
+async fn wait_tunnel(node: &Node, peer: &NodeName, within: Duration) -> Option<quinn::Connection> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(c) = node.live_tunnel(peer) {
+            return Some(c);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 /// Gap between starting handshakes to successive candidates.
 const CANDIDATE_STAGGER: Duration = Duration::from_millis(150);
 /// How long a dial to all candidates may take.
@@ -199,15 +235,14 @@ async fn dial_any(
     let cfg = peer_client_config(node).map_err(|e| err(e.to_string()))?;
     let mut attempts = tokio::task::JoinSet::new();
     for (i, addr) in addrs.iter().copied().enumerate() {
-        let connecting = node
-            .endpoint
-            .connect_with(cfg.clone(), addr, peer.as_str())
-            .map_err(|e| err(format!("{addr}: {e}")));
+        let (endpoint, cfg, name) = (node.endpoint.clone(), cfg.clone(), peer.to_string());
+        // The handshake starts after the sleep: quinn sends a connection's Initial as soon
+        // as it is created.
         attempts.spawn(async move {
             tokio::time::sleep(CANDIDATE_STAGGER * i as u32).await;
-            let r = match connecting {
+            let r = match endpoint.connect_with(cfg, addr, &name) {
                 Ok(c) => c.await.map_err(|e| format!("{addr}: {e}")),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(format!("{addr}: {e}")),
             };
             (addr, r)
         });

@@ -10,10 +10,12 @@ use quicmesh_protocol::cert::Serial;
 use quicmesh_protocol::ident::{Labels, NodeName, ServiceName};
 use quicmesh_protocol::overlay::Pools;
 use quicmesh_protocol::policy::Policy;
+use quicmesh_protocol::wg::WgClient;
 use quicmesh_protocol::wire::{PeerInfo, Snapshot};
+use std::sync::Arc;
 
 /// What the data plane reads: the applied snapshot, indexed.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct View {
     pub version: u64,
     pub policy_version: u64,
@@ -27,6 +29,53 @@ pub struct View {
     pub routes: HashMap<IpAddr, NodeName>,
     /// The mesh's overlay prefixes (`None` before the first snapshot).
     pub pools: Option<Pools>,
+    /// The mesh's WireGuard clients (sent apart from snapshots; kept across them).
+    pub wg: Arc<WgIndex>,
+}
+
+/// The WireGuard clients a node knows, indexed by name and by address.
+#[derive(Debug, Default)]
+pub struct WgIndex {
+    pub by_name: HashMap<NodeName, Arc<WgClient>>,
+    pub by_addr: HashMap<IpAddr, Arc<WgClient>>,
+}
+
+impl WgIndex {
+    /// Indexes `clients`; a later client claiming an address or a name already taken is
+    /// left out (the coordinator never sends such a list).
+    pub fn new(clients: Vec<WgClient>) -> Self {
+        let mut ix = Self::default();
+        for c in clients {
+            if ix.by_name.contains_key(&c.name)
+                || c.addresses.iter().any(|a| ix.by_addr.contains_key(a))
+            {
+                tracing::warn!(client = %c.name, "WireGuard client repeats a name or an address: left out");
+                continue;
+            }
+            let c = Arc::new(c);
+            for a in &c.addresses {
+                ix.by_addr.insert(*a, c.clone());
+            }
+            ix.by_name.insert(c.name.clone(), c);
+        }
+        ix
+    }
+
+    /// The client owning `addr`, when `gateway` is one of its gateways: the only way a
+    /// packet whose source is not its sender's own is accepted.
+    pub fn via(&self, addr: IpAddr, gateway: &NodeName) -> Option<&Arc<WgClient>> {
+        self.by_addr
+            .get(&addr)
+            .filter(|c| c.gateways.contains(gateway))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
 }
 
 impl View {
@@ -62,6 +111,7 @@ impl View {
             revoked: s.revoked.iter().cloned().collect(),
             routes,
             pools: Some(s.pools),
+            wg: Arc::default(),
         }
     }
 

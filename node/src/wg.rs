@@ -71,7 +71,12 @@ pub enum Inbound<'a> {
 #[derive(Debug, Default)]
 struct SourceCounts {
     counts: HashMap<IpAddr, u32>,
-    ticks: u32,
+    /// The shared limiter's count, mirrored: handshake checks with a valid MAC1 since its
+    /// last reset (it resets at most once a second, on the same ticks). At or past
+    /// [`HANDSHAKES_PER_SECOND`] the limiter checks MAC2: what then passes has proven its
+    /// source address.
+    checks: u64,
+    last_reset: Option<std::time::Instant>,
 }
 
 /// What a packet for a client comes to.
@@ -127,7 +132,6 @@ pub struct Gateway {
     clients: HashMap<WgKey, Slot>,
     by_index: HashMap<u32, WgKey>,
     by_address: HashMap<IpAddr, WgKey>,
-    next_index: u32,
     sources: SourceCounts,
 }
 
@@ -152,8 +156,10 @@ impl Gateway {
             clients: HashMap::new(),
             by_index: HashMap::new(),
             by_address: HashMap::new(),
-            next_index: 1,
-            sources: SourceCounts::default(),
+            sources: SourceCounts {
+                last_reset: Some(std::time::Instant::now()),
+                ..SourceCounts::default()
+            },
         }
     }
 
@@ -230,13 +236,15 @@ impl Gateway {
         Ok(())
     }
 
-    /// A session index no client holds (never 0). There are 2^24 and at most
-    /// [`MAX_CLIENTS`] in use, so the search ends.
+    /// A session index no client holds (never 0), chosen at random: a sender cannot aim
+    /// at live sessions by counting. There are 2^24 and at most [`MAX_CLIENTS`] in use,
+    /// so a free one is found at the first or second try, and the search ends.
     fn free_index(&mut self) -> u32 {
+        use rand::Rng;
+        let mut rng = rand::thread_rng();
         loop {
-            let i = self.next_index;
-            self.next_index = (self.next_index + 1) % INDEX_SPACE;
-            if i != 0 && !self.by_index.contains_key(&i) {
+            let i = rng.gen_range(1..INDEX_SPACE);
+            if !self.by_index.contains_key(&i) {
                 return i;
             }
         }
@@ -256,10 +264,16 @@ impl Gateway {
             return Inbound::Drop(WgDrop::Malformed);
         }
         let mut cookie = [0u8; 64];
-        let packet = match self
+        let handshake = matches!(datagram.first(), Some(1) | Some(2));
+        // Whether the limiter will check this one's MAC2 (its count before this check).
+        let under_load = self.sources.checks >= HANDSHAKES_PER_SECOND;
+        let verified = self
             .limiter
-            .verify_packet(Some(from.ip()), datagram, &mut cookie)
-        {
+            .verify_packet(Some(from.ip()), datagram, &mut cookie);
+        if handshake && !matches!(verified, Err(TunnResult::Err(WireGuardError::InvalidMac))) {
+            self.sources.checks += 1;
+        }
+        let packet = match verified {
             Ok(p) => p,
             Err(TunnResult::WriteToNetwork(c)) => {
                 let n = c.len();
@@ -274,11 +288,15 @@ impl Gateway {
             }
             Err(_) => return Inbound::Drop(WgDrop::Malformed),
         };
-        if matches!(
+        // A source is held to its own limit only once it has proven its address (a MAC2
+        // under load), as WireGuard does: below the load, anyone could spoof a client's
+        // address and spend its allowance, locking it out; what gets through then is
+        // bounded by the shared limit.
+        let is_handshake = matches!(
             packet,
             Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
-        ) && !self.sources.admit(from.ip())
-        {
+        );
+        if is_handshake && under_load && !self.sources.admit(from.ip()) {
             return Inbound::Drop(WgDrop::SourceLimit);
         }
         let key = match &packet {
@@ -312,6 +330,10 @@ impl Gateway {
         };
         if !slot.client.live_at(now) {
             return Inbound::Drop(WgDrop::Expired);
+        }
+        if is_handshake {
+            // The session checks it with the limiter again: counted twice.
+            self.sources.checks += 1;
         }
         match slot.tunn.decapsulate(Some(from.ip()), datagram, out) {
             // The session's own rate check (a second one) can answer a cookie: that is no
@@ -441,12 +463,15 @@ impl SourceCounts {
         *n <= HANDSHAKES_PER_SOURCE
     }
 
-    /// Called every [`TICK`]: the counts start over each second.
+    /// Called every [`TICK`], right after the limiter's own reset: the counts start over
+    /// when a second has passed since they last did, as the limiter's.
     fn tick(&mut self) {
-        self.ticks += 1;
-        if self.ticks * TICK.as_millis() as u32 >= 1000 {
-            self.ticks = 0;
+        let now = std::time::Instant::now();
+        let last = *self.last_reset.get_or_insert(now);
+        if now.duration_since(last) >= Duration::from_secs(1) {
+            self.last_reset = Some(now);
             self.counts.clear();
+            self.checks = 0;
         }
     }
 }

@@ -163,6 +163,7 @@ mod tests {
             critical: Vec::new(),
             candidates: Vec::new(),
             relay: false,
+            nat: false,
         }
     }
 

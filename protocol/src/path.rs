@@ -18,6 +18,9 @@
 //!   [`signed`] (type, version, direction, link, counter, ...) with the link's key:
 //!   nothing here holds keys. Version 1 probes (types 3 and 4: no counter, no direction)
 //!   are told apart by their type and refused.
+//! - `Open` ([`OPENER`], 4 bytes): sent with a small TTL so that it opens the sender's own
+//!   NAT toward a peer and dies before the peer's; it carries nothing and a node that
+//!   receives one ignores it.
 //!
 //! Probe layout (69 bytes): magic (3), type (1), version (1), dir (1), link (8), seq (8),
 //! tx (12), address or padding (19: family 4|6, 16 address bytes, port), tag (16).
@@ -43,6 +46,10 @@ const T_PING_V1: u8 = 3;
 const T_PONG_V1: u8 = 4;
 const T_PING: u8 = 5;
 const T_PONG: u8 = 6;
+const T_OPEN: u8 = 7;
+
+/// An opener: the whole datagram.
+pub const OPENER: [u8; 4] = [MAGIC[0], MAGIC[1], MAGIC[2], T_OPEN];
 
 /// Offsets in a probe.
 const O_VERSION: usize = 4;
@@ -135,10 +142,21 @@ pub struct Probe {
 /// A decoded path packet (borrowing the datagram).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathPacket<'a> {
-    RelaySend { to: PeerId, payload: &'a [u8] },
-    RelayRecv { from: PeerId, payload: &'a [u8] },
+    RelaySend {
+        to: PeerId,
+        payload: &'a [u8],
+    },
+    RelayRecv {
+        from: PeerId,
+        payload: &'a [u8],
+    },
     Ping(Probe),
-    Pong { probe: Probe, observed: SocketAddr },
+    Pong {
+        probe: Probe,
+        observed: SocketAddr,
+    },
+    /// An opener ([`OPENER`]): nothing to do.
+    Open,
 }
 
 /// Why a path packet was refused.
@@ -365,6 +383,12 @@ pub fn decode(d: &[u8]) -> Result<Option<PathPacket<'_>>, PathError> {
             }))
         }
         T_PING_V1 | T_PONG_V1 => Err(PathError::OldProbe(ty)),
+        T_OPEN if d.len() == OPENER.len() => Ok(Some(PathPacket::Open)),
+        T_OPEN => Err(PathError::Length {
+            ty,
+            len: d.len(),
+            want: OPENER.len(),
+        }),
         T_PING | T_PONG => {
             if d.len() <= O_VERSION {
                 return Err(PathError::Short(d.len()));
@@ -427,6 +451,33 @@ pub fn decode(d: &[u8]) -> Result<Option<PathPacket<'_>>, PathError> {
         }
         t => Err(PathError::UnknownType(t)),
     }
+}
+
+/// Takes the path packets out of a received buffer: `len` bytes in segments of `stride`
+/// (several when the kernel coalesced datagrams of one source). Each path packet goes to
+/// `take` (in place: it may rewrite it); the QUIC segments are packed to the front, in
+/// order. Returns the length kept.
+pub fn take_path_segments(
+    buf: &mut [u8],
+    len: usize,
+    stride: usize,
+    mut take: impl FnMut(&mut [u8]),
+) -> usize {
+    let len = len.min(buf.len());
+    let stride = stride.max(1);
+    let mut kept = 0;
+    let mut at = 0;
+    while at < len {
+        let end = (at + stride).min(len);
+        if buf[at] == 0 {
+            take(&mut buf[at..end]);
+        } else {
+            buf.copy_within(at..end, kept);
+            kept += end - at;
+        }
+        at = end;
+    }
+    kept
 }
 
 /// The bytes a probe's tag covers (everything before the tag).
@@ -752,5 +803,37 @@ mod tests {
         let mut q = pong(&head(1, Dir::Low), "198.18.0.1:1".parse().unwrap(), tag);
         q[O_ADDR] = 5;
         assert_eq!(decode(&q), Err(PathError::Family(5)));
+    }
+
+    #[test]
+    fn path_segments_are_taken_out_and_quic_segments_packed_in_order() {
+        // Three segments of 4 bytes and a short last one: QUIC, path, QUIC, path.
+        let mut buf = vec![
+            0x41, 1, 1, 1, 0, b'q', b'm', 7, 0x42, 2, 2, 2, 0, b'q', 0, 0,
+        ];
+        let mut taken = Vec::new();
+        let kept = take_path_segments(&mut buf, 15, 4, |s| taken.push(s.to_vec()));
+        assert_eq!(kept, 8);
+        assert_eq!(&buf[..8], &[0x41, 1, 1, 1, 0x42, 2, 2, 2]);
+        assert_eq!(taken, vec![vec![0, b'q', b'm', 7], vec![0, b'q', 0]]);
+        // A stride of 0 is one segment; a length past the buffer is cut to it.
+        let mut one = vec![0x40, 9];
+        assert_eq!(take_path_segments(&mut one, 99, 0, |_| panic!()), 2);
+    }
+
+    #[test]
+    fn an_opener_is_exactly_four_bytes() {
+        assert_eq!(decode(&OPENER).unwrap(), Some(PathPacket::Open));
+        assert!(is_path_packet(&OPENER));
+        let mut long = OPENER.to_vec();
+        long.push(0);
+        assert_eq!(
+            decode(&long),
+            Err(PathError::Length {
+                ty: T_OPEN,
+                len: 5,
+                want: 4
+            })
+        );
     }
 }

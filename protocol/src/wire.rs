@@ -230,7 +230,13 @@ pub struct GatewayReport {
     pub port: u16,
     /// Per client: name, seconds since its last handshake, bytes to and from it.
     pub clients: Vec<(String, Option<u64>, u64, u64)>,
+    /// The gateway answers DNS for its clients on its overlay IPv4 address.
+    pub dns: bool,
 }
+
+/// Most clients one [`GatewayReport`] carries (the most recent handshakes first): the
+/// report fits a control frame whatever the names.
+pub const MAX_GATEWAY_REPORT_CLIENTS: usize = 512;
 
 /// A node's `Hello` agent version carries this when it takes [`ControlDown::WgClients`]
 /// (every node that judges overlay packets must know the clients, not only gateways).
@@ -259,6 +265,10 @@ pub struct RouteSettings {
 /// coordinator then answers [`ControlDown::Features`]. Neither side sends the other a
 /// message it does not know.
 pub const HTTP_TRAFFIC: &str = "http-traffic=1";
+
+/// A node's `Hello` agent version carries this when it takes [`ControlDown::SessionInfo`]
+/// (and relays through the coordinator when told so).
+pub const SESSION_INFO: &str = "session-info=1";
 
 /// Whether `agent_version` announces `feature` (`"0.1.0; policy=2; http-traffic=1"`).
 pub fn announces(agent_version: &str, feature: &str) -> bool {
@@ -385,6 +395,11 @@ pub struct PeerInfo {
     pub candidates: Vec<SocketAddr>,
     /// The peer relays packets between nodes that cannot reach each other directly.
     pub relay: bool,
+    /// The coordinator sees the peer's packets come from an address that is not one of its
+    /// own, and it advertises none: a NAT is in front of it. A dialer then opens its own
+    /// NAT toward the peer with small-TTL openers and lets the peer's dial-back cross first
+    /// (a NAT that takes unsolicited packets for itself would otherwise keep the tuple).
+    pub nat: bool,
 }
 
 impl PeerInfo {
@@ -474,6 +489,14 @@ pub enum ControlDown {
     /// every change, only to a node that announced [`WG_CLIENTS`]. Policy sees a client's
     /// packets with its service and labels; gateways serve the clients that name them.
     WgClients(Vec<crate::wg::WgClient>),
+    /// What the coordinator knows of the session, sent at its start only to a node that
+    /// announced [`SESSION_INFO`]: whether it relays the node's tunnels (the relay of last
+    /// resort, on the address the session runs to), and whether the node is behind a NAT
+    /// (its packets come from an address that is none of its own: [`PeerInfo::nat`]).
+    SessionInfo {
+        relay: bool,
+        nat: bool,
+    },
 }
 
 impl Message for ControlDown {
@@ -723,6 +746,7 @@ mod tests {
             critical: Vec::new(),
             candidates: vec![SocketAddr::from(([198, 18, 1, i], 7800))],
             relay: i == 3,
+            nat: false,
         }
     }
 
@@ -834,6 +858,7 @@ mod tests {
             public_key: WgKey([9; 32]),
             port: 51820,
             clients: vec![("alice".into(), Some(3), 100, 200)],
+            dns: true,
         });
         assert_eq!(decode::<ControlUp>(&encode(&up)).unwrap(), up);
         // A client whose service name is not a DNS label is refused at the seam.
@@ -844,6 +869,21 @@ mod tests {
             .expect("service name in the frame");
         bad[at] = b'L';
         assert!(decode::<ControlDown>(&bad).is_err());
+    }
+
+    #[test]
+    fn a_full_gateway_report_fits_a_control_frame() {
+        let name = "x".repeat(63);
+        let up = ControlUp::Gateway(GatewayReport {
+            public_key: crate::wg::WgKey([9; 32]),
+            port: 51820,
+            clients: (0..MAX_GATEWAY_REPORT_CLIENTS)
+                .map(|_| (name.clone(), Some(u64::MAX), u64::MAX, u64::MAX))
+                .collect(),
+            dns: true,
+        });
+        let len = encode(&up).len();
+        assert!(len <= ControlUp::MAX_LEN, "{len} bytes");
     }
 
     #[test]

@@ -124,6 +124,7 @@ fn peers() -> impl Strategy<Value = Vec<PeerInfo>> {
                 // Offline and failing services vary with the port, so deltas carry them.
                 online: port.is_none_or(|p| p % 3 != 0),
                 relay: port.is_some_and(|p| p % 5 == 0),
+                nat: false,
                 critical: services
                     .iter()
                     .filter(|_| port.is_some_and(|p| p % 2 == 0))

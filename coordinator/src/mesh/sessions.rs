@@ -11,12 +11,21 @@ impl Mesh {
         node: &str,
         conn: quinn::Connection,
         kick: tokio::sync::mpsc::Sender<ControlDown>,
+        relayed: bool,
     ) -> u64 {
         let id = self
             .next_session
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut m) = self.sessions.lock() {
-            if let Some(old) = m.insert(node.to_string(), SessionHandle { id, conn, kick }) {
+            if let Some(old) = m.insert(
+                node.to_string(),
+                SessionHandle {
+                    id,
+                    conn,
+                    kick,
+                    relayed,
+                },
+            ) {
                 old.conn
                     .close(quinn::VarInt::from_u32(0), b"replaced by a newer session");
             }
@@ -266,6 +275,23 @@ impl Mesh {
     }
 
     /// Live control sessions on this replica.
+    /// Rebuilds the relay's tables from the sessions, every second (their addresses move
+    /// with their nodes; rebuilding per session start would cost a join storm N²).
+    pub fn refresh_relay(&self) {
+        let members: Vec<_> = match self.sessions.lock() {
+            Ok(m) => m
+                .iter()
+                .filter(|(_, s)| s.relayed)
+                .filter_map(|(n, s)| {
+                    let name = NodeName::new(n.as_str()).ok()?;
+                    Some((name, s.conn.remote_address(), s.conn.local_ip()))
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        self.relay.set_members(members);
+    }
+
     pub fn session_count(&self) -> usize {
         self.sessions.lock().map(|m| m.len()).unwrap_or(0)
     }

@@ -42,6 +42,16 @@ pub struct WgClientView {
     pub revoked_at: Option<i64>,
 }
 
+/// A client's traffic as its gateways report it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WgClientStats {
+    /// When its latest handshake with any gateway completed (Unix seconds).
+    pub last_handshake: Option<i64>,
+    /// Inner bytes sent to it and received from it.
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
 /// What `wg add` gives back.
 #[derive(Debug, Clone, Serialize)]
 pub struct WgAdded {
@@ -210,9 +220,26 @@ impl Mesh {
 }
 
 impl Mesh {
+    /// The clients nodes are told about at catalog version `version` (read from the store
+    /// once per version; the sessions share it). Expiry is enforced by the nodes too.
+    pub fn wg_clients_at_version(&self, version: u64) -> Result<Arc<Vec<WgClient>>, MeshError> {
+        let mut cached = self.wg_published.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((v, list)) = cached.as_ref() {
+            if *v == version {
+                return Ok(list.clone());
+            }
+        }
+        let list = Arc::new(self.wg_clients_for_nodes(now())?);
+        *cached = Some((version, list.clone()));
+        Ok(list)
+    }
+
     /// Records what a gateway node reports of its WireGuard side. Only the clients that
     /// name this node as a gateway are kept (a node reports for itself only).
     pub fn report_gateway(&self, node: &str, mut report: quicmesh_protocol::wire::GatewayReport) {
+        report
+            .clients
+            .truncate(quicmesh_protocol::wire::MAX_GATEWAY_REPORT_CLIENTS);
         if !report.clients.is_empty() {
             let served: std::collections::HashSet<String> = self
                 .store
@@ -230,19 +257,37 @@ impl Mesh {
         self.gateways
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_string(), report);
+            .insert(node.to_string(), (report, now()));
+    }
+
+    /// Per client, what its gateways last reported: the latest handshake (Unix seconds)
+    /// and the bytes to and from it, summed over its gateways.
+    pub fn wg_client_stats(&self) -> HashMap<String, WgClientStats> {
+        let mut out: HashMap<String, WgClientStats> = HashMap::new();
+        let gateways = self.gateways.lock().unwrap_or_else(|p| p.into_inner());
+        for (report, at) in gateways.values() {
+            for (name, since, tx, rx) in &report.clients {
+                let s = out.entry(name.clone()).or_default();
+                let handshake = since.map(|d| at - i64::try_from(d).unwrap_or(i64::MAX).min(*at));
+                s.last_handshake = s.last_handshake.max(handshake);
+                s.tx_bytes = s.tx_bytes.saturating_add(*tx);
+                s.rx_bytes = s.rx_bytes.saturating_add(*rx);
+            }
+        }
+        out
     }
 
     /// A gateway's WireGuard key and the address clients reach it at (its node's address,
     /// its gateway's port); an error naming what is not known yet.
-    fn gateway_peer(&self, g: &str) -> Result<(WgKey, std::net::SocketAddr), MeshError> {
+    /// Also whether it answers DNS for its clients.
+    fn gateway_peer(&self, g: &str) -> Result<(WgKey, std::net::SocketAddr, bool), MeshError> {
         let report = self
             .gateways
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(g)
-            .map(|r| (r.public_key, r.port));
-        let Some((key, port)) = report else {
+            .map(|(r, _)| (r.public_key, r.port, r.dns));
+        let Some((key, port, dns)) = report else {
             return Err(MeshError::Invalid {
                 field: "gateways",
                 reason: format!(
@@ -269,7 +314,7 @@ impl Mesh {
                 field: "gateways",
                 reason: format!("{g} has no known address yet"),
             })?;
-        Ok((key, std::net::SocketAddr::new(host, port)))
+        Ok((key, std::net::SocketAddr::new(host, port), dns))
     }
 
     /// The `wg-quick` configuration of `client`: its address, the gateways that reported
@@ -284,8 +329,9 @@ impl Mesh {
         let mut peers = String::new();
         let mut dns = None;
         for g in &client.gateways {
-            let (public_key, endpoint) = self.gateway_peer(g)?;
-            if dns.is_none() {
+            let (public_key, endpoint, answers_dns) = self.gateway_peer(g)?;
+            // The DNS of the gateway the client uses (the first), when it answers DNS.
+            if peers.is_empty() && answers_dns {
                 dns = self.overlay_addresses(g)?.into_iter().find(IpAddr::is_ipv4);
             }
             let allowed = [self.pools.v4.to_string(), self.pools.v6.to_string()].join(", ");
@@ -373,6 +419,7 @@ mod tests {
                 public_key: quicmesh_node::wg::generate_key_pair().1,
                 port: 51820,
                 clients: vec![],
+                dns: true,
             },
         );
         (d, m)
@@ -458,6 +505,7 @@ mod tests {
                     ("alice".into(), None, 0, 0),
                     ("someone-else".into(), None, 0, 0),
                 ],
+                dns: true,
             },
         );
         let added = m.wg_add(&request("alice")).unwrap();
@@ -470,6 +518,7 @@ mod tests {
                     ("alice".into(), None, 0, 0),
                     ("someone-else".into(), None, 0, 0),
                 ],
+                dns: true,
             },
         );
         let text = m
@@ -501,8 +550,24 @@ mod tests {
             );
         }
         // A gateway's report keeps only the clients that name it.
-        let kept = m.gateways.lock().unwrap()["gw-1"].clients.clone();
+        let kept = m.gateways.lock().unwrap()["gw-1"].0.clients.clone();
         assert_eq!(kept, [("alice".to_string(), None, 0, 0)]);
+        // A gateway that answers no DNS for its clients is not named as their resolver.
+        m.report_gateway(
+            "gw-1",
+            quicmesh_protocol::wire::GatewayReport {
+                public_key: gw_key,
+                port: 51820,
+                clients: vec![],
+                dns: false,
+            },
+        );
+        let text = m.wg_config(&added.client, None).unwrap();
+        assert!(!text.contains("DNS ="), "{text}");
+        assert!(
+            text.contains("PrivateKey = <this device's private key>"),
+            "{text}"
+        );
     }
 
     #[test]

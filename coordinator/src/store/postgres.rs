@@ -205,6 +205,30 @@ impl PgStore {
     }
 
     /// Runs `work` on a pooled connection (made again if it broke), within the deadline.
+    /// Runs an `UPDATE` of at most one row; when it changed one, the change is logged in
+    /// the same transaction (replicas follow it). Whether a row changed.
+    fn update_one_logged(
+        &self,
+        sql: &'static str,
+        params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>,
+    ) -> Result<bool, StoreError> {
+        self.run(Box::new(move |c| {
+            Box::pin(async move {
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                    .iter()
+                    .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                let tx = c.transaction().await?;
+                let n = tx.execute(sql, &refs).await?;
+                if n == 1 {
+                    log_change(&tx).await?;
+                }
+                tx.commit().await?;
+                Ok(n == 1)
+            })
+        }))
+    }
+
     fn run<T: Send + 'static>(&self, work: Work<T>) -> Result<T, StoreError> {
         let rt = self
             .rt
@@ -722,43 +746,17 @@ impl Store for PgStore {
     }
 
     fn revoke_wg_client(&self, name: &str, now: i64) -> Result<bool, StoreError> {
-        let name = name.to_string();
-        self.run(Box::new(move |c| {
-            Box::pin(async move {
-                let tx = c.transaction().await?;
-                let n = tx
-                    .execute(
-                        "UPDATE wg_clients SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
-                        &[&now, &name],
-                    )
-                    .await?;
-                if n == 1 {
-                    log_change(&tx).await?;
-                }
-                tx.commit().await?;
-                Ok(n == 1)
-            })
-        }))
+        self.update_one_logged(
+            "UPDATE wg_clients SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
+            vec![Box::new(now), Box::new(name.to_string())],
+        )
     }
 
     fn set_relay(&self, name: &str, relay: bool) -> Result<bool, StoreError> {
-        let name = name.to_string();
-        self.run(Box::new(move |c| {
-            Box::pin(async move {
-                let tx = c.transaction().await?;
-                let n = tx
-                    .execute(
-                        "UPDATE nodes SET relay = $1 WHERE name = $2 AND revoked_at IS NULL",
-                        &[&relay, &name],
-                    )
-                    .await?;
-                if n == 1 {
-                    log_change(&tx).await?;
-                }
-                tx.commit().await?;
-                Ok(n == 1)
-            })
-        }))
+        self.update_one_logged(
+            "UPDATE nodes SET relay = $1 WHERE name = $2 AND revoked_at IS NULL",
+            vec![Box::new(relay), Box::new(name.to_string())],
+        )
     }
 
     fn revoked_serials(&self, now: i64) -> Result<Vec<String>, StoreError> {

@@ -357,7 +357,9 @@ impl Upstream {
     /// The instances for a request: healthy, in the subset when the route split names
     /// one, ejected ones left out unless that leaves none; nearest and least loaded first.
     fn candidates(&self, view: &crate::state::View, subset: Option<&Split>) -> Vec<NodeName> {
-        let all = instances(view, &self.up, &self.load);
+        let all = instances(view, &self.up, &self.load, |n| {
+            self.node.tunnels.is_silent(n)
+        });
         let labelled: Vec<NodeName> = all
             .into_iter()
             .filter(|n| {

@@ -33,9 +33,10 @@ use std::time::Duration;
 use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::ident::{NodeName, ServiceName};
 use quicmesh_protocol::packet::{self, Echo, PacketError, PacketInfo, PortSpec, Quoted, Transport};
+use quicmesh_protocol::wg::WgClient;
 
 use crate::authz::{self, FlowDenied};
-use crate::reason::Standing;
+use crate::reason::{ClientStanding, Standing};
 use crate::view::View;
 use fragments::Fragments;
 
@@ -122,6 +123,18 @@ struct Grant {
     rule: String,
     /// The peer's flows in the table (one counter per peer, shared by its grants).
     flows: Arc<AtomicUsize>,
+    /// The WireGuard client the grant is about: on a node's tracker, the client that
+    /// opened the flow through gateway `peer`; on a gateway's clients tracker, the client
+    /// `peer`'s flow goes to.
+    client: Option<Arc<WgClient>>,
+}
+
+/// Who opened flows to this node, each with a limit of its own: a node, or a WireGuard
+/// client (whichever gateway carried it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Opener {
+    Node(NodeName),
+    Client(NodeName),
 }
 
 #[derive(Debug)]
@@ -137,6 +150,8 @@ struct Entry {
     replied: bool,
     /// (A peer's TCP flow) this node answered without a reset.
     answered: bool,
+    /// (A WireGuard client's own flow, at its gateway) the client's flow count.
+    counter: Option<Arc<AtomicUsize>>,
 }
 
 /// A local service's overlay ports.
@@ -145,6 +160,11 @@ pub struct LocalService {
     pub name: ServiceName,
     pub ports: Vec<PortSpec>,
 }
+
+/// At a gateway, how long a flow of the mesh's toward a client that a re-check closed is
+/// kept from re-opening as the client's own (and for as long as the client keeps sending
+/// into it).
+pub const CLOSED_MEMORY: Duration = Duration::from_secs(120);
 
 /// Idle time after which an unreplied flow (TCP SYN only, one-way UDP) is forgotten.
 pub const UNREPLIED_IDLE: Duration = Duration::from_secs(30);
@@ -238,9 +258,14 @@ pub struct Tracker {
     shards: Vec<Mutex<Shard>>,
     services: Vec<LocalService>,
     limits: Limits,
+    /// A gateway's tracker of its WireGuard clients' flows: "local" are the clients.
+    for_clients: bool,
+    /// This node's services (its certificate's): the sources of the flows it opens to
+    /// WireGuard clients, judged by policy like any.
+    own_services: BTreeSet<ServiceName>,
     /// Flows in all shards (reserved before an insert, so the cap is exact).
     total: AtomicUsize,
-    peers: Mutex<HashMap<NodeName, PeerFlows>>,
+    peers: Mutex<HashMap<Opener, PeerFlows>>,
     fragments: Mutex<Fragments>,
     start: std::time::Instant,
     /// Unix seconds at `start` (certificate expiry is in Unix time).
@@ -250,6 +275,9 @@ pub struct Tracker {
     evictions: AtomicU64,
     /// The version of the view the last recheck enforced.
     enforced: AtomicU64,
+    /// (At a gateway) flows of the mesh's toward clients that a re-check closed, until
+    /// when they may not re-open as the client's own; at most `max_flows` of them.
+    closed: Mutex<HashMap<FlowKey, u64, FxBuild>>,
 }
 
 impl std::fmt::Debug for Tracker {
@@ -289,6 +317,8 @@ impl Tracker {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             services,
             limits,
+            for_clients: false,
+            own_services: BTreeSet::new(),
             total: AtomicUsize::new(0),
             peers: Mutex::new(HashMap::new()),
             fragments: Mutex::new(Fragments::default()),
@@ -297,7 +327,57 @@ impl Tracker {
             skew: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             enforced: AtomicU64::new(0),
+            closed: Mutex::new(HashMap::default()),
         }
+    }
+
+    /// A gateway's tracker for the flows of its WireGuard clients: a client's own packets
+    /// are recorded as outbound (their replies pass), a node's packets to a client are
+    /// inbound, and a node's new flow to a client passes only when policy lets the node's
+    /// service reach the client's.
+    pub fn for_clients(limits: Limits) -> Self {
+        Self {
+            for_clients: true,
+            ..Self::with_limits(Vec::new(), limits)
+        }
+    }
+
+    /// This node's services (its certificate's), the sources of the flows it opens to
+    /// WireGuard clients.
+    pub fn with_own_services(self, own_services: BTreeSet<ServiceName>) -> Self {
+        Self {
+            own_services,
+            ..self
+        }
+    }
+
+    /// Records a packet this node sends to WireGuard client `client` (through one of its
+    /// gateways): a new flow of this node's own is judged first
+    /// ([`authz::own_flow_to_client`]), so that one policy does not allow is never kept
+    /// here (the client could otherwise open it from its side and pass as an answer).
+    pub fn outbound_to_client(
+        &self,
+        p: &PacketInfo,
+        view: &View,
+        client: &WgClient,
+    ) -> Result<(), DropReason> {
+        let judge =
+            || match authz::own_flow_to_client(view, &self.own_services, client, self.unix_now()) {
+                Ok(_) => Ok(()),
+                Err(FlowDenied::Client(c)) => Err(client_drop(c)),
+                Err(FlowDenied::Standing(s)) => Err(standing_drop(s)),
+                Err(FlowDenied::Policy(_)) => Err(DropReason::PolicyDenied),
+            };
+        self.outbound_judged(p, None, &judge)
+    }
+
+    /// The gateway a packet this node sends to a WireGuard client's address goes through:
+    /// the one the client's flow came in by, when the client opened it.
+    pub fn reply_via(&self, p: &PacketInfo) -> Option<NodeName> {
+        let k = FlowKey::outbound(p);
+        let s = lock(self.shard(&k));
+        let g = s.flows.get(&k)?.grant.as_ref()?;
+        g.client.as_ref().map(|_| g.peer.node.clone())
     }
 
     /// Unix seconds now, on the tracker's clock.
@@ -344,7 +424,14 @@ impl Tracker {
     /// Flows `node` has open to this node.
     pub fn peer_flows(&self, node: &NodeName) -> usize {
         lock(&self.peers)
-            .get(node)
+            .get(&Opener::Node(node.clone()))
+            .map_or(0, |p| p.flows.load(Ordering::Relaxed))
+    }
+
+    /// Flows WireGuard client `client` has open to this node (through any gateway).
+    pub fn client_flows(&self, client: &NodeName) -> usize {
+        lock(&self.peers)
+            .get(&Opener::Client(client.clone()))
             .map_or(0, |p| p.flows.load(Ordering::Relaxed))
     }
 
@@ -364,6 +451,27 @@ impl Tracker {
     /// not pass. Non-first fragments, ICMP errors and other non-echo ICMP are not
     /// tracked: replies to them never pass.
     pub fn outbound(&self, p: &PacketInfo) -> Result<(), DropReason> {
+        self.outbound_judged(p, None, &|| Ok(()))
+    }
+
+    /// At a gateway (a [`Tracker::for_clients`] tracker): records a packet WireGuard
+    /// client `client` sends into the mesh, so the answers pass. A new flow counts against
+    /// the client's limit ([`Limits::max_flows_per_peer`]); it opens only with a TCP SYN,
+    /// or for other protocols when it is not a flow of the mesh's that a re-check closed
+    /// in the last [`CLOSED_MEMORY`] (so a client cannot keep alive a flow toward it that
+    /// policy no longer allows: its next segment would otherwise re-open it as its own).
+    pub fn client_outbound(&self, p: &PacketInfo, client: &NodeName) -> Result<(), DropReason> {
+        self.outbound_judged(p, Some(client), &|| Ok(()))
+    }
+
+    /// Records an outbound packet; `judge` decides about a new flow (after the rules
+    /// every new flow follows), `client` is the WireGuard client sending it (at a gateway).
+    fn outbound_judged(
+        &self,
+        p: &PacketInfo,
+        client: Option<&NodeName>,
+        judge: &dyn Fn() -> Result<(), DropReason>,
+    ) -> Result<(), DropReason> {
         if let Transport::Fragment { .. }
         | Transport::IcmpError { .. }
         | Transport::Icmp { echo: None, .. } = p.transport
@@ -412,6 +520,11 @@ impl Tracker {
             }
             _ => {}
         }
+        judge()?;
+        let counter = match client {
+            None => None,
+            Some(c) => Some(self.client_flow(p, &k, c, now)?),
+        };
         self.insert(
             k,
             Entry {
@@ -419,9 +532,47 @@ impl Tracker {
                 last: now,
                 replied: false,
                 answered: false,
+                counter,
             },
             None,
         )
+    }
+
+    /// The rules for a client's new flow at its gateway ([`Tracker::client_outbound`]);
+    /// the client's flow count, taken.
+    fn client_flow(
+        &self,
+        p: &PacketInfo,
+        k: &FlowKey,
+        client: &NodeName,
+        now: u64,
+    ) -> Result<Arc<AtomicUsize>, DropReason> {
+        if let Transport::Ports {
+            proto: packet::TCP,
+            syn: false,
+            ..
+        } = p.transport
+        {
+            return Err(DropReason::FlowClosed);
+        }
+        {
+            let mut closed = lock(&self.closed);
+            if let Some(until) = closed.get_mut(k) {
+                if *until > now {
+                    // Still sending into it: remembered for as long as it does.
+                    *until = now + CLOSED_MEMORY.as_secs();
+                    return Err(DropReason::FlowClosed);
+                }
+                closed.remove(k);
+            }
+        }
+        let mut peers = lock(&self.peers);
+        let pf = peers.entry(Opener::Client(client.clone())).or_default();
+        if pf.flows.load(Ordering::Relaxed) >= self.limits.max_flows_per_peer {
+            return Err(DropReason::PeerFlowLimit);
+        }
+        pf.flows.fetch_add(1, Ordering::Relaxed);
+        Ok(pf.flows.clone())
     }
 
     /// Whether `p`, a TCP or UDP packet this node sends, comes from a port a local service
@@ -429,6 +580,10 @@ impl Tracker {
     /// clients send from such a port, as NTP does from 123 to 123, opens UDP flows from it
     /// only while a peer's flow to it is tracked; TCP always opens with a SYN.)
     fn sent_from_service_port(&self, p: &PacketInfo) -> bool {
+        if self.for_clients {
+            // A client's packets: it has no services here; every flow it sends opens.
+            return false;
+        }
         let Transport::Ports {
             proto, src, dst, ..
         } = p.transport
@@ -462,9 +617,20 @@ impl Tracker {
         if view.version == 0 {
             return drop(DropReason::NotReady);
         }
-        if !peer.owns_address(p.src) {
-            return drop(DropReason::Spoofed);
-        }
+        // A source that is not the peer's own is a WireGuard client's only when the peer
+        // is one of that client's gateways.
+        let client = if peer.owns_address(p.src) {
+            None
+        } else {
+            match view.wg.via(p.src, &peer.node) {
+                Some(c) => Some(c.clone()),
+                None => return drop(DropReason::Spoofed),
+            }
+        };
+        let sender_owns = |a: IpAddr| match &client {
+            None => peer.owns_address(a),
+            Some(c) => c.owns(a),
+        };
         if !local.contains(&p.dst) {
             return drop(DropReason::NotForUs);
         }
@@ -487,7 +653,7 @@ impl Tracker {
                 let matched = quoted.is_some_and(|q| {
                     let k = FlowKey::quoted(&q);
                     q.src == p.dst
-                        && peer.owns_address(q.dst)
+                        && sender_owns(q.dst)
                         && lock(self.shard(&k)).flows.contains_key(&k)
                 });
                 return if matched {
@@ -501,7 +667,7 @@ impl Tracker {
             _ => {}
         }
         let k = FlowKey::inbound(p);
-        let verdict = self.inbound_flow(p, k, now, peer, peer_services, view);
+        let verdict = self.inbound_flow(p, k, now, peer, peer_services, client, view);
         if matches!(verdict, Verdict::Drop { .. }) {
             return verdict;
         }
@@ -514,6 +680,7 @@ impl Tracker {
         verdict
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn inbound_flow(
         &self,
         p: &PacketInfo,
@@ -521,6 +688,7 @@ impl Tracker {
         now: u64,
         peer: &PeerIdentity,
         peer_services: &Arc<BTreeSet<ServiceName>>,
+        client: Option<Arc<WgClient>>,
         view: &View,
     ) -> Verdict {
         let drop = |reason| Verdict::Drop { reason, rule: None };
@@ -543,16 +711,34 @@ impl Tracker {
         {
             return drop(DropReason::NotTracked);
         }
-        let Some(svc) = self
-            .services
-            .iter()
-            .find(|s| s.ports.iter().any(|ps| ps.matches(&p.transport)))
-        else {
-            return drop(DropReason::NoService);
+        let unix_now = self.unix_now();
+        // The local service the flow is for, the client the grant is about, the decision.
+        let (service, client, decided) = if self.for_clients {
+            // A node's new flow to one of this gateway's clients (a client's flow to
+            // another client is not carried).
+            let Some(to) = view.wg.by_addr.get(&p.dst).filter(|_| client.is_none()) else {
+                return drop(DropReason::NoClient);
+            };
+            let decided = authz::packet_flow_to_client(view, peer, peer_services, to, unix_now);
+            (to.service.clone(), Some(to.clone()), decided)
+        } else {
+            let Some(svc) = self
+                .services
+                .iter()
+                .find(|s| s.ports.iter().any(|ps| ps.matches(&p.transport)))
+            else {
+                return drop(DropReason::NoService);
+            };
+            let decided = match &client {
+                Some(c) => authz::client_packet_flow(view, peer, c, &svc.name, unix_now),
+                None => authz::packet_flow(view, peer, peer_services, &svc.name, unix_now),
+            };
+            (svc.name.clone(), client, decided)
         };
-        let rule = match authz::packet_flow(view, peer, peer_services, &svc.name, self.unix_now()) {
+        let rule = match decided {
             Ok(rule) => rule,
             Err(FlowDenied::Standing(s)) => return drop(standing_drop(s)),
+            Err(FlowDenied::Client(c)) => return drop(client_drop(c)),
             Err(FlowDenied::Policy(rule)) => {
                 return Verdict::Drop {
                     reason: DropReason::PolicyDenied,
@@ -560,7 +746,7 @@ impl Tracker {
                 }
             }
         };
-        let grant = match self.grant(peer, peer_services, &svc.name, &rule) {
+        let grant = match self.grant(peer, peer_services, &service, &rule, client) {
             Ok(g) => g,
             Err(reason) => return drop(reason),
         };
@@ -569,12 +755,10 @@ impl Tracker {
             last: now,
             replied: false,
             answered: false,
+            counter: None,
         };
         match self.insert(k, entry, Some(view.version)) {
-            Ok(()) => Verdict::New {
-                service: svc.name.clone(),
-                rule,
-            },
+            Ok(()) => Verdict::New { service, rule },
             Err(reason) => drop(reason),
         }
     }
@@ -587,12 +771,19 @@ impl Tracker {
         services: &Arc<BTreeSet<ServiceName>>,
         service: &ServiceName,
         rule: &str,
+        client: Option<Arc<WgClient>>,
     ) -> Result<Arc<Grant>, DropReason> {
+        // On a node's tracker a client's flows count against the client, whichever
+        // gateway carries them; on a gateway's, against the node sending to clients.
+        let opener = match &client {
+            Some(c) if !self.for_clients => Opener::Client(c.name.clone()),
+            _ => Opener::Node(peer.node.clone()),
+        };
         let mut peers = lock(&self.peers);
-        if !peers.contains_key(&peer.node) {
-            peers.insert(peer.node.clone(), PeerFlows::default());
+        if !peers.contains_key(&opener) {
+            peers.insert(opener.clone(), PeerFlows::default());
         }
-        let Some(pf) = peers.get_mut(&peer.node) else {
+        let Some(pf) = peers.get_mut(&opener) else {
             return Err(DropReason::TableFull);
         };
         if pf.flows.load(Ordering::Relaxed) >= self.limits.max_flows_per_peer {
@@ -603,6 +794,11 @@ impl Tracker {
             g.service == *service
                 && g.rule == rule
                 && g.peer.serial == peer.serial
+                && match (&g.client, &client) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                }
                 && (Arc::ptr_eq(&g.services, services) || g.services == *services)
         });
         Ok(match found {
@@ -614,6 +810,7 @@ impl Tracker {
                     service: service.clone(),
                     rule: rule.to_string(),
                     flows: pf.flows.clone(),
+                    client,
                 });
                 pf.grants.push(g.clone());
                 g
@@ -624,8 +821,16 @@ impl Tracker {
     /// Forgets a flow's share of the counters.
     fn release(&self, e: &Entry) {
         self.total.fetch_sub(1, Ordering::Relaxed);
+        Self::unclaim(e);
+    }
+
+    /// Gives back the flow count an entry took (its peer's, or its client's).
+    fn unclaim(e: &Entry) {
         if let Some(g) = &e.grant {
             g.flows.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(c) = &e.counter {
+            c.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -639,16 +844,12 @@ impl Tracker {
         let mut guard = lock(self.shard(&k));
         let s = &mut *guard;
         if view.is_some_and(|v| v < self.enforced.load(Ordering::SeqCst)) {
-            if let Some(g) = &e.grant {
-                g.flows.fetch_sub(1, Ordering::Relaxed);
-            }
+            Self::unclaim(&e);
             return Err(DropReason::ViewChanged);
         }
         if s.flows.contains_key(&k) {
             // Opened meanwhile by another path: that entry stands.
-            if let Some(g) = &e.grant {
-                g.flows.fetch_sub(1, Ordering::Relaxed);
-            }
+            Self::unclaim(&e);
             return Ok(());
         }
         // Peers' flows may fill seven eighths of the table: the rest is kept for flows
@@ -680,9 +881,7 @@ impl Tracker {
             };
             if !evicted {
                 self.total.fetch_sub(1, Ordering::Relaxed);
-                if let Some(g) = &e.grant {
-                    g.flows.fetch_sub(1, Ordering::Relaxed);
-                }
+                Self::unclaim(&e);
                 return Err(DropReason::TableFull);
             }
         }
@@ -706,7 +905,14 @@ impl Tracker {
         let now = self.now();
         let unix_now = self.unix_now();
         let judge = |g: &Grant| {
-            authz::recheck_packet_flow(view, &g.peer, &g.services, &g.service, unix_now).is_none()
+            let decided = match &g.client {
+                None => authz::packet_flow(view, &g.peer, &g.services, &g.service, unix_now),
+                Some(c) if self.for_clients => {
+                    authz::packet_flow_to_client(view, &g.peer, &g.services, c, unix_now)
+                }
+                Some(c) => authz::client_packet_flow(view, &g.peer, c, &g.service, unix_now),
+            };
+            authz::flow_close_reason(decided).is_none()
         };
         let mut verdicts: HashMap<usize, bool, FxBuild> = HashMap::default();
         {
@@ -721,20 +927,31 @@ impl Tracker {
             }
         }
         let mut removed = 0;
+        // (At a gateway) the mesh's flows toward clients closed by this re-check.
+        let mut closed_now = Vec::new();
         for s in &self.shards {
             let mut guard = lock(s);
             let Shard { flows, unreplied } = &mut *guard;
             let before = flows.len();
             flows.retain(|k, e| {
-                let keep = now.saturating_sub(e.last) <= idle_limit(k.proto, e.replied).as_secs()
+                let fresh = now.saturating_sub(e.last) <= idle_limit(k.proto, e.replied).as_secs();
+                let keep = fresh
                     && match &e.grant {
-                        None => true,
+                        // A client's own flows at its gateway end with the client.
+                        None if self.for_clients => client_stands(view, k.local.0, unix_now),
+                        // This node's own flows to a client: while policy allows them.
+                        None => view.wg.by_addr.get(&k.remote.0).is_none_or(|c| {
+                            authz::own_flow_to_client(view, &self.own_services, c, unix_now).is_ok()
+                        }),
                         Some(g) => *verdicts
                             .entry(Arc::as_ptr(g) as usize)
                             .or_insert_with(|| judge(g)),
                     };
                 if !keep {
                     self.release(e);
+                    if self.for_clients && fresh && e.grant.is_some() {
+                        closed_now.push(*k);
+                    }
                 }
                 keep
             });
@@ -742,7 +959,34 @@ impl Tracker {
             unreplied.retain(|k| flows.get(k).is_some_and(|e| !e.replied));
         }
         lock(&self.fragments).expire(now);
+        if self.for_clients {
+            let mut closed = lock(&self.closed);
+            closed.retain(|_, until| *until > now);
+            for k in closed_now {
+                if closed.len() >= self.limits.max_flows {
+                    break;
+                }
+                closed.insert(k, now + CLOSED_MEMORY.as_secs());
+            }
+        }
         removed
+    }
+}
+
+/// Whether the WireGuard client owning `addr` is known and unexpired.
+fn client_stands(view: &View, addr: IpAddr, now: i64) -> bool {
+    view.wg
+        .by_addr
+        .get(&addr)
+        .is_some_and(|c| c.live_at(now.max(0) as u64))
+}
+
+/// The drop reason of a packet from or to a WireGuard client that does not stand.
+fn client_drop(c: ClientStanding) -> DropReason {
+    match c {
+        ClientStanding::Unknown => DropReason::ClientUnknown,
+        ClientStanding::Expired => DropReason::ClientExpired,
+        ClientStanding::NotItsGateway => DropReason::Spoofed,
     }
 }
 
@@ -758,3 +1002,5 @@ fn standing_drop(s: Standing) -> DropReason {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wg_tests;

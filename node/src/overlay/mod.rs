@@ -83,6 +83,72 @@ pub struct Overlay {
     dialling: Mutex<HashSet<NodeName>>,
     /// Buffers for the receive paths' TUN writes.
     write_pool: WritePool,
+    /// This node's WireGuard clients' side, when it is a gateway.
+    pub clients: std::sync::OnceLock<Arc<dyn ClientPath>>,
+    /// Packets of WireGuard clients dropped here, by client and reason (bounded: the
+    /// clients are the coordinator's list, and a client gone is forgotten on recheck).
+    client_drops: ClientDrops,
+}
+
+/// Packets of WireGuard clients dropped, by client and reason (for `status`). Bounded by
+/// the clients the coordinator lists: a client gone is forgotten ([`ClientDrops::retain`]).
+#[derive(Debug, Default)]
+pub struct ClientDrops(Mutex<HashMap<NodeName, std::collections::BTreeMap<&'static str, u64>>>);
+
+impl ClientDrops {
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<NodeName, std::collections::BTreeMap<&'static str, u64>>>
+    {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts one drop of `client`'s by `reason`: how many of that kind so far.
+    pub fn count(&self, client: &NodeName, reason: DropReason) -> u64 {
+        let mut m = self.map();
+        if !m.contains_key(client) {
+            m.insert(client.clone(), Default::default());
+        }
+        let Some(by_reason) = m.get_mut(client) else {
+            return 0;
+        };
+        let n = by_reason.entry(reason.as_str()).or_default();
+        *n += 1;
+        *n
+    }
+
+    /// Forgets the clients no longer in `view`.
+    pub fn retain(&self, view: &View) {
+        self.map().retain(|c, _| view.wg.by_name.contains_key(c));
+    }
+
+    /// One client's drops by reason.
+    pub fn of(&self, client: &str) -> std::collections::BTreeMap<&'static str, u64> {
+        self.map()
+            .iter()
+            .find(|(c, _)| c.as_str() == client)
+            .map(|(_, d)| d.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every client's drops by reason.
+    pub fn all(&self) -> HashMap<NodeName, std::collections::BTreeMap<&'static str, u64>> {
+        self.map().clone()
+    }
+}
+
+/// Where packets for the WireGuard clients a gateway serves go (the gateway shell).
+pub trait ClientPath: Send + Sync {
+    /// A packet for one of this gateway's clients, from peer node `from` (this node
+    /// itself for its own packets): judged at the client's ingress, then sent to it.
+    fn deliver(
+        &self,
+        info: &packet::PacketInfo,
+        pkt: &[u8],
+        from: &PeerIdentity,
+        services: &Arc<BTreeSet<quicmesh_protocol::ident::ServiceName>>,
+        view: &View,
+    ) -> Result<(), DropReason>;
 }
 
 impl std::fmt::Debug for Overlay {
@@ -110,6 +176,7 @@ impl Overlay {
         addrs: Vec<IpAddr>,
         pools: Pools,
         services: Vec<LocalService>,
+        own_services: BTreeSet<quicmesh_protocol::ident::ServiceName>,
         metrics: OverlayMetrics,
     ) -> Result<Self, OverlayError> {
         let v4 = addrs.iter().find(|a| a.is_ipv4()).copied();
@@ -154,12 +221,15 @@ impl Overlay {
                     max_flows: cfg.max_flows,
                     max_flows_per_peer: cfg.max_flows_per_peer,
                 },
-            ),
+            )
+            .with_own_services(own_services),
             metrics,
             peers: Mutex::new(HashMap::new()),
             reading: Mutex::new(HashSet::new()),
             dialling: Mutex::new(HashSet::new()),
             write_pool: WritePool::new(4),
+            clients: std::sync::OnceLock::new(),
+            client_drops: ClientDrops::default(),
         })
     }
 
@@ -168,7 +238,7 @@ impl Overlay {
         m.entry(peer.clone()).or_default().clone()
     }
 
-    fn dropped(&self, reason: DropReason, peer: Option<&PeerCounters>) {
+    pub(crate) fn dropped(&self, reason: DropReason, peer: Option<&PeerCounters>) {
         self.metrics.dropped[reason.index()].inc();
         if let Some(p) = peer {
             p.dropped[reason.index()].fetch_add(1, Ordering::Relaxed);
@@ -209,7 +279,7 @@ impl Overlay {
     }
 
     /// Writes packets to the TUN (buffers hold `VIRTIO_NET_HDR_LEN` bytes of headroom).
-    async fn write(&self, gro: &mut GROTable, bufs: &mut [BytesMut]) {
+    pub(crate) async fn write(&self, gro: &mut GROTable, bufs: &mut [BytesMut]) {
         if bufs.is_empty() {
             return;
         }
@@ -251,6 +321,7 @@ pub async fn start(node: Arc<Node>, cfg: OverlayConfig) -> Result<Arc<Overlay>, 
         addrs,
         pools,
         services,
+        node.identity.load().services.clone(),
         node.metrics.overlay(),
     )?);
     node.set_overlay(ov.clone());
@@ -290,6 +361,7 @@ pub async fn start(node: Arc<Node>, cfg: OverlayConfig) -> Result<Arc<Overlay>, 
             }
             let view = n.view();
             let removed = o.tracker.recheck(&view);
+            o.client_drops.retain(&view);
             if removed > 0 {
                 tracing::info!(
                     removed,
@@ -313,6 +385,7 @@ impl crate::state::Status for Overlay {
             "tracked_flows": self.tracker.len(),
             "dropped": self.drop_totals(),
             "peers": self.peer_status(),
+            "wireguard_clients_dropped": self.client_drops.all(),
         })
     }
 }
@@ -380,13 +453,46 @@ async fn receive_path(
                     continue;
                 }
             };
+            // For a WireGuard client this gateway serves: judged at the client's ingress.
+            if let Some(g) = ov.clients.get() {
+                if !ov.addrs.contains(&info.dst) && view.wg.via(info.dst, &node.cfg.name).is_some()
+                {
+                    match g.deliver(&info, &d, &id, &services, &view) {
+                        Ok(()) => {
+                            packets += 1;
+                            bytes += d.len() as u64;
+                        }
+                        Err(reason) => {
+                            tracing::debug!(peer = %id.node, reason = reason.as_str(), src = %info.src, dst = %info.dst, "packet for a WireGuard client dropped");
+                            ov.dropped(reason, Some(&counters));
+                        }
+                    }
+                    continue;
+                }
+            }
             match ov.tracker.inbound(&info, &id, &services, &ov.addrs, &view) {
                 Verdict::Established => {}
                 Verdict::New { service, rule } => {
                     tracing::debug!(peer = %id.node, %service, %rule, src = %info.src, dst = %info.dst, "overlay flow accepted");
                 }
                 Verdict::Drop { reason, rule } => {
-                    tracing::debug!(peer = %id.node, reason = reason.as_str(), rule = rule.as_deref().unwrap_or("-"), src = %info.src, dst = %info.dst, "overlay packet dropped");
+                    // A WireGuard client's packet is counted with the client's name too.
+                    let client = (!id.owns_address(info.src))
+                        .then(|| view.wg.via(info.src, &id.node))
+                        .flatten();
+                    match client {
+                        Some(c) => {
+                            // Logged at the 1st, 2nd, 4th, 8th... drop of its kind: a
+                            // client sending what is refused cannot flood the log.
+                            let n = ov.client_drops.count(&c.name, reason);
+                            if n.is_power_of_two() {
+                                tracing::info!(peer = %id.node, client = %c.name, service = %c.service, reason = reason.as_str(), rule = rule.as_deref().unwrap_or("-"), src = %info.src, dst = %info.dst, drops = n, "WireGuard client's packet dropped");
+                            }
+                        }
+                        None => {
+                            tracing::debug!(peer = %id.node, reason = reason.as_str(), rule = rule.as_deref().unwrap_or("-"), src = %info.src, dst = %info.dst, "overlay packet dropped")
+                        }
+                    }
                     ov.dropped(reason, Some(&counters));
                     continue;
                 }
@@ -411,13 +517,121 @@ struct Route {
     counters: Arc<PeerCounters>,
 }
 
+/// Sends packets to peers as datagrams: the tunnels in use, and buffers to send from.
+pub struct Sender {
+    routes: HashMap<NodeName, Route>,
+    arena: Arena,
+}
+
+impl Default for Sender {
+    fn default() -> Self {
+        Self {
+            routes: HashMap::new(),
+            // 16 x 256 KiB: more than the datagram send queue (1 MiB) holds in flight.
+            arena: Arena::new(256 * 1024, 16),
+        }
+    }
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("routes", &self.routes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why [`Sender::send`] did not send a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotSent {
+    /// Dropped and counted.
+    Dropped,
+    /// Larger than the path carries: the largest that fits.
+    TooBig(u16),
+}
+
+impl Sender {
+    /// Sends `pkt` (already routed to `peer`) on its tunnel, recording its flow with
+    /// `record` first (so its replies pass); dials the peer when no tunnel is up. `wait`:
+    /// wait for room in the tunnel's datagram queue (this node's own packets: TCP then
+    /// slows down), else the queue drops its oldest (a gateway's loop serving every client
+    /// must never wait on one slow peer).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send(
+        &mut self,
+        node: &Arc<Node>,
+        ov: &Arc<Overlay>,
+        view: &View,
+        peer: &NodeName,
+        info: &packet::PacketInfo,
+        pkt: &[u8],
+        record: &(dyn Fn(&packet::PacketInfo) -> Result<(), DropReason> + Sync),
+        wait: bool,
+    ) -> Result<(), NotSent> {
+        // A cached route is used until a send on it fails (checking the connection's
+        // state per packet would take its lock twice).
+        if !self.routes.contains_key(peer) {
+            let Some(conn) = node.live_tunnel(peer) else {
+                dial(node, ov, view, peer);
+                ov.dropped(DropReason::NoTunnel, Some(&ov.counters(peer)));
+                return Err(NotSent::Dropped);
+            };
+            self.routes.insert(
+                peer.clone(),
+                Route {
+                    conn,
+                    counters: ov.counters(peer),
+                },
+            );
+        }
+        let Some(route) = self.routes.get(peer) else {
+            return Err(NotSent::Dropped);
+        };
+        if let Err(reason) = record(info) {
+            ov.dropped(reason, Some(&route.counters));
+            return Err(NotSent::Dropped);
+        }
+        if !wait && route.conn.datagram_send_buffer_space() < pkt.len() {
+            ov.dropped(DropReason::QueueFull, Some(&route.counters));
+            return Err(NotSent::Dropped);
+        }
+        let data = self.arena.carve(pkt);
+        let sent = if wait {
+            route.conn.send_datagram_wait(data).await
+        } else {
+            route.conn.send_datagram(data)
+        };
+        match sent {
+            Ok(()) => {
+                route.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                route
+                    .counters
+                    .tx_bytes
+                    .fetch_add(pkt.len() as u64, Ordering::Relaxed);
+                ov.metrics.tx_packets.inc();
+                ov.metrics.tx_bytes.inc_by(pkt.len() as u64);
+                Ok(())
+            }
+            Err(quinn::SendDatagramError::TooLarge) => {
+                let fits = route.conn.max_datagram_size().unwrap_or(1200);
+                ov.dropped(DropReason::TooBig, Some(&route.counters));
+                Err(NotSent::TooBig(u16::try_from(fits).unwrap_or(u16::MAX)))
+            }
+            Err(e) => {
+                tracing::debug!(peer = %peer, error = %e, "datagram not sent");
+                ov.dropped(DropReason::NoTunnel, Some(&route.counters));
+                self.routes.remove(peer);
+                Err(NotSent::Dropped)
+            }
+        }
+    }
+}
+
 async fn send_path(node: Arc<Node>, ov: Arc<Overlay>) {
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
     let mut bufs = vec![vec![0u8; usize::from(ov.mtu) + 64]; IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-    // 16 x 256 KiB: more than the datagram send queue (1 MiB) holds in flight.
-    let mut arena = Arena::new(256 * 1024, 16);
-    let mut routes: HashMap<NodeName, Route> = HashMap::new();
+    let mut sender = Sender::default();
     let mut gro = GROTable::default();
     loop {
         let n = match ov
@@ -434,19 +648,17 @@ async fn send_path(node: Arc<Node>, ov: Arc<Overlay>) {
         let view = node.view();
         for i in 0..n {
             let pkt = &bufs[i][..sizes[i]];
-            send_one(&node, &ov, &view, pkt, &mut routes, &mut arena, &mut gro).await;
+            send_one(&node, &ov, &view, pkt, &mut sender, &mut gro).await;
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn send_one(
     node: &Arc<Node>,
     ov: &Arc<Overlay>,
     view: &View,
     pkt: &[u8],
-    routes: &mut HashMap<NodeName, Route>,
-    arena: &mut Arena,
+    sender: &mut Sender,
     gro: &mut GROTable,
 ) {
     let info = match packet::parse(pkt) {
@@ -456,60 +668,60 @@ async fn send_one(
             return;
         }
     };
-    let Some(peer) = view.routes.get(&info.dst) else {
-        ov.dropped(DropReason::NoRoute, None);
-        return;
-    };
-    // A cached route is used until a send on it fails (checking the connection's state
-    // per packet would take its lock twice).
-    if !routes.contains_key(peer) {
-        let Some(conn) = node.live_tunnel(peer) else {
-            dial(node, ov, view, peer);
-            ov.dropped(DropReason::NoTunnel, Some(&ov.counters(peer)));
-            return;
-        };
-        routes.insert(
-            peer.clone(),
-            Route {
-                conn,
-                counters: ov.counters(peer),
-            },
-        );
-    }
-    let Some(route) = routes.get(peer) else {
-        return;
-    };
-    if let Err(reason) = ov.tracker.outbound(&info) {
-        ov.dropped(reason, Some(&route.counters));
-        return;
-    }
-    let data = arena.carve(pkt);
-    match route.conn.send_datagram_wait(data).await {
-        Ok(()) => {
-            route.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
-            route
-                .counters
-                .tx_bytes
-                .fetch_add(pkt.len() as u64, Ordering::Relaxed);
-            ov.metrics.tx_packets.inc();
-            ov.metrics.tx_bytes.inc_by(pkt.len() as u64);
-        }
-        Err(quinn::SendDatagramError::TooLarge) => {
-            let fits = route.conn.max_datagram_size().unwrap_or(1200);
-            let mtu = u16::try_from(fits).unwrap_or(u16::MAX);
-            ov.dropped(DropReason::TooBig, Some(&route.counters));
-            if let Some(icmp) = packet::too_big(pkt, mtu) {
-                let mut b = BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + icmp.len());
-                b.resize(VIRTIO_NET_HDR_LEN, 0);
-                b.extend_from_slice(&icmp);
-                ov.write(gro, &mut [b]).await;
+    let via;
+    // Set when the destination is another node's WireGuard client.
+    let mut to_client = None;
+    let peer = match view.routes.get(&info.dst) {
+        Some(p) => p,
+        None => match view.wg.by_addr.get(&info.dst) {
+            // One of this gateway's own clients: this node's packet to it (its answers to
+            // the client's DNS queries), judged by the clients' tracker alone.
+            Some(c) if c.gateways.contains(&node.cfg.name) && ov.clients.get().is_some() => {
+                let id = node.identity.load();
+                let services = Arc::new(id.services.clone());
+                if let Some(g) = ov.clients.get() {
+                    if let Err(reason) = g.deliver(&info, pkt, &id, &services, view) {
+                        ov.dropped(reason, None);
+                    }
+                }
+                return;
             }
-        }
-        Err(e) => {
-            tracing::debug!(peer = %peer, error = %e, "datagram not sent");
-            ov.dropped(DropReason::NoTunnel, Some(&route.counters));
-            let peer = peer.clone();
-            routes.remove(&peer);
+            // Another node's client: through the gateway its flow came in by, else the
+            // first of its gateways.
+            Some(c) => match ov
+                .tracker
+                .reply_via(&info)
+                .or_else(|| c.gateways.first().cloned())
+            {
+                Some(g) => {
+                    to_client = Some(c);
+                    via = g;
+                    &via
+                }
+                None => {
+                    ov.dropped(DropReason::NoRoute, None);
+                    return;
+                }
+            },
+            None => {
+                ov.dropped(DropReason::NoRoute, None);
+                return;
+            }
+        },
+    };
+    let record = |i: &packet::PacketInfo| match to_client {
+        Some(c) => ov.tracker.outbound_to_client(i, view, c),
+        None => ov.tracker.outbound(i),
+    };
+    if let Err(NotSent::TooBig(mtu)) = sender
+        .send(node, ov, view, peer, &info, pkt, &record, true)
+        .await
+    {
+        if let Some(icmp) = packet::too_big(pkt, mtu) {
+            let mut b = BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + icmp.len());
+            b.resize(VIRTIO_NET_HDR_LEN, 0);
+            b.extend_from_slice(&icmp);
+            ov.write(gro, &mut [b]).await;
         }
     }
 }

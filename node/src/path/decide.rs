@@ -52,6 +52,8 @@ pub struct PathState {
     moved: Option<Instant>,
     /// Last pong on any route.
     last_pong: Option<Instant>,
+    /// The relay of last resort as the last tick said.
+    last_resort: Option<SocketAddr>,
 }
 
 /// What the manager knows of a link at a tick.
@@ -63,6 +65,9 @@ pub struct TickIn {
     pub idle_every: Duration,
     /// The peer's addresses in the current view (None: not in the view).
     pub reach: Option<Reach>,
+    /// The relay of last resort (the coordinator's), when there is one: a link on it moves
+    /// to any other relay that answers, as to a direct path.
+    pub last_resort: Option<SocketAddr>,
 }
 
 /// What to do for a link after a tick.
@@ -89,7 +94,21 @@ impl PathState {
             reach: None,
             moved: None,
             last_pong: None,
+            last_resort: None,
         }
+    }
+
+    /// The route goes through the relay of last resort.
+    fn is_last_resort(&self, route: &Route) -> bool {
+        matches!(route, Route::Relay { relay, .. } if Some(*relay) == self.last_resort)
+    }
+
+    /// `route` is better than the current route whatever their round trips: direct over
+    /// any relay, another relay over the relay of last resort.
+    fn outranks(&self, route: &Route) -> bool {
+        self.route.is_relay()
+            && (route.direct_addr().is_some()
+                || (self.is_last_resort(&self.route) && !self.is_last_resort(route)))
     }
 
     /// True while the current route answered within its dead time.
@@ -124,6 +143,7 @@ impl PathState {
         if input.reach.is_some() {
             self.reach = input.reach;
         }
+        self.last_resort = input.last_resort;
         if let Some(at) = self.moved {
             if self.last_pong.is_some_and(|p| p > at) {
                 self.moved = None;
@@ -161,7 +181,7 @@ impl PathState {
             }
         }
         if upgrade && alive {
-            pings.extend(options.iter().filter(|r| !r.is_relay()));
+            pings.extend(options.iter().filter(|r| *r != &route && self.outranks(r)));
         }
         TickOut::Probe { pings, suspect }
     }
@@ -183,7 +203,7 @@ impl PathState {
             .get(&self.route)
             .is_some_and(|t| now.duration_since(*t) > STALE_AFTER)
             && self.dead_after == DEAD_AFTER;
-        let better = (route.direct_addr().is_some() && self.route.is_relay())
+        let better = self.outranks(&route)
             || current_dead
             || (current_stale
                 && route.direct_addr().is_some() == self.route.direct_addr().is_some());
@@ -221,6 +241,7 @@ mod tests {
             busy: true,
             idle_every: Duration::from_secs(15),
             reach,
+            last_resort: None,
         }
     }
 
@@ -266,6 +287,40 @@ mod tests {
         let now = t0 + Duration::from_millis(1100);
         assert_eq!(s.pong(relay(1), now, MS), None);
         assert_eq!((s.route, s.switches), (relay(0), 0));
+    }
+
+    #[test]
+    fn a_link_on_the_relay_of_last_resort_moves_to_a_relay_of_the_mesh_and_not_back() {
+        let t0 = Instant::now();
+        let mut s = relayed(t0);
+        let coordinator = match relay(0) {
+            Route::Relay { relay, .. } => relay,
+            _ => unreachable!(),
+        };
+        let input = TickIn {
+            last_resort: Some(coordinator),
+            ..busy(None)
+        };
+        let options = || vec![relay(1), relay(0)];
+        let now = t0 + UPGRADE_EVERY;
+        s.pong(relay(0), now, MS);
+        // Upgrade round: the mesh's relay is asked as a direct path would be...
+        assert_eq!(
+            pings(s.tick(now, input.clone(), options)),
+            vec![relay(0), relay(1)]
+        );
+        // ... and taken once it answers, though the coordinator answers faster.
+        assert_eq!(s.pong(relay(1), now + MS, 5 * MS), Some(relay(0)));
+        assert_eq!(s.route, relay(1));
+        // On the mesh's relay, the coordinator answering is no reason to go back.
+        s.tick(now + MS, input, options);
+        assert_eq!(s.pong(relay(0), now + 2 * MS, MS), None);
+        assert_eq!(s.route, relay(1));
+        // Without a relay of last resort, one relay does not outrank another (the twin).
+        let mut plain = relayed(t0);
+        plain.pong(relay(0), now, MS);
+        assert_eq!(pings(plain.tick(now, busy(None), options)), vec![relay(0)]);
+        assert_eq!(plain.pong(relay(1), now + MS, MS), None);
     }
 
     #[test]
@@ -363,6 +418,7 @@ mod tests {
             busy: false,
             idle_every: Duration::from_secs(15),
             reach: None,
+            last_resort: None,
         };
         assert_eq!(pings(s.tick(t0, idle.clone(), Vec::new)), vec![direct(11)]);
         s.pong(direct(11), t0, MS);

@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 
 use super::decide::{PathState, TickIn, TickOut, SEARCH_EVERY};
 use super::probe::Prober;
-use super::{punch, Incoming, Paths, Route, Source};
+use super::{punch, Incoming, Paths, RelayName, Route, Source};
 use crate::state::{Node, View};
 
 /// A link is active when it carried datagrams within this.
@@ -139,6 +139,8 @@ struct Manager {
     adopted: HashMap<u16, Instant>,
     /// When a probe for an unknown link last made us look for new tunnels.
     resynced: Option<Instant>,
+    /// The view version the socket's known peers were taken from.
+    known_version: Option<u64>,
 }
 
 /// What this node's NAT does to its mappings, from the addresses peers saw.
@@ -180,6 +182,7 @@ pub async fn run(node: Arc<Node>, mut incoming: mpsc::Receiver<Incoming>) {
         links: HashMap::new(),
         sent: HashMap::new(),
         relays: HashMap::new(),
+        known_version: None,
         observed: HashMap::new(),
         won_tx,
         adopted: HashMap::new(),
@@ -216,7 +219,7 @@ fn options(paths: &Paths, visible: SocketAddr, peer: &NodeName, view: &View) -> 
     if !view.peers.get(peer).is_some_and(|p| p.relay) {
         let to = PeerId::of(peer);
         for (name, relay) in paths.live_relays().iter() {
-            if name != peer {
+            if !name.is(peer) {
                 out.push(Route::Relay { relay: *relay, to });
             }
         }
@@ -227,6 +230,11 @@ fn options(paths: &Paths, visible: SocketAddr, peer: &NodeName, view: &View) -> 
 impl Manager {
     fn tick(&mut self, now: Instant) {
         let view = self.node.view();
+        if self.known_version != Some(view.version) {
+            self.known_version = Some(view.version);
+            self.paths
+                .set_known_peers(view.peers.keys().map(PeerId::of).collect());
+        }
         self.sync_links(now);
         self.sync_relays(&view, now);
         self.sent
@@ -313,6 +321,7 @@ impl Manager {
                             socket,
                         },
                         datagram: w.datagram,
+                        local: None,
                     },
                     now,
                 );
@@ -415,7 +424,7 @@ impl Manager {
                     st.addr = Some(addr);
                     addrs.insert(addr);
                     if l.path.current_alive(now) && l.path.alive.contains_key(&l.path.route) {
-                        order.push((p.node.clone(), addr));
+                        order.push((RelayName::Node(p.node.clone()), addr));
                     }
                 }
                 None => {
@@ -435,6 +444,11 @@ impl Manager {
                     }
                 }
             }
+        }
+        // The coordinator last: a relay of the mesh is preferred whenever one answers.
+        if let Some(c) = self.paths.coordinator_relay() {
+            addrs.insert(c);
+            order.push((RelayName::Coordinator, c));
         }
         self.paths.set_relays(addrs);
         self.paths.set_live_relays(order);
@@ -471,6 +485,7 @@ impl Manager {
                 .peers
                 .get(&l.peer)
                 .map(|p| (p.endpoint, p.candidates.clone())),
+            last_resort: self.paths.coordinator_relay(),
         };
         let paths = &self.paths;
         let (visible, peer) = (l.visible, &l.peer);
@@ -536,11 +551,13 @@ impl Manager {
             // A relay forwards to one address per node: only the newest ping moves it (an
             // older one, reordered on another route, must not move it back).
             if self.paths.is_relay && fresh == Fresh::Newest {
-                self.paths.register(PeerId::of(&l.peer), from, now);
+                self.paths.register(PeerId::of(&l.peer), from, p.local, now);
             }
         }
         let d = l.prober.pong(probe.tx, observed);
-        let r = self.paths.send_probe(p.source.route(), &d);
+        // From the address the ping arrived at (a host with several answers from the one
+        // the peer knows).
+        let r = self.paths.send_probe_from(p.source.route(), &d, p.local);
         tracing::trace!(peer = %l.peer, source = ?p.source, sent = ?r, "ping answered");
         // Punching: a ping from an address we do not send to is answered by one of ours.
         if let Some(from) = p.source.direct_addr() {
@@ -604,11 +621,14 @@ impl Manager {
     }
 
     fn publish(&self, view: &View) {
-        let relay_names: HashMap<SocketAddr, NodeName> = self
+        let mut relay_names: HashMap<SocketAddr, RelayName> = self
             .relays
             .iter()
-            .filter_map(|(n, s)| s.addr.map(|a| (a, n.clone())))
+            .filter_map(|(n, s)| s.addr.map(|a| (a, RelayName::Node(n.clone()))))
             .collect();
+        if let Some(c) = self.paths.coordinator_relay() {
+            relay_names.insert(c, RelayName::Coordinator);
+        }
         let mut out = HashMap::new();
         for l in self.links.values() {
             // The tunnel `status` shows is the one flows use.

@@ -21,7 +21,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
-use quicmesh_protocol::path::{PeerId, RELAY_HEADER};
+use quicmesh_protocol::path::{self as pp, PeerId, RELAY_HEADER};
 use tokio::sync::mpsc;
 
 use crate::metrics::PathMetrics;
@@ -81,6 +81,8 @@ impl Source {
 pub struct Incoming {
     pub source: Source,
     pub datagram: Vec<u8>,
+    /// The local address it arrived at (main socket, when the kernel says).
+    pub local: Option<std::net::IpAddr>,
 }
 
 /// Most relayed datagrams waiting for QUIC to read them; more are dropped (QUIC
@@ -116,7 +118,15 @@ pub struct Paths {
     /// Relays whose relayed packets this node takes.
     relays: ArcSwap<HashSet<SocketAddr>>,
     /// Relays answering this node's pings, nearest first: (name, address).
-    live_relays: ArcSwap<Vec<(quicmesh_protocol::ident::NodeName, SocketAddr)>>,
+    live_relays: ArcSwap<Vec<(RelayName, SocketAddr)>>,
+    /// The peers of the view, by id: relayed datagrams from anyone else are dropped (a
+    /// forged relay source cannot grow the synthetic address tables).
+    known: ArcSwap<HashSet<PeerId>>,
+    /// What the coordinator says of this node's NAT: 0 nothing yet (an older coordinator,
+    /// or before the session), 1 none, 2 behind one. Openers are sent unless it said none.
+    behind_nat: std::sync::atomic::AtomicU8,
+    /// The coordinator's address while its session is up and it relays (last resort).
+    coordinator_relay: ArcSwap<Option<SocketAddr>>,
     /// When this node is a relay: the nodes registered with it, by id and by address.
     registry: ArcSwap<Registry>,
     /// When each registered node last proved its address with a fresh ping.
@@ -128,6 +138,8 @@ pub struct Paths {
     probes: mpsc::Sender<Incoming>,
     /// The real socket (set once the endpoint is built).
     inner: OnceLock<Arc<dyn quinn::AsyncUdpSocket>>,
+    /// The same socket (a duplicate descriptor), for openers.
+    opener: OnceLock<std::net::UdpSocket>,
     /// Tunnels whose route stopped answering: their last datagrams are kept, to be sent
     /// again on the route that replaces it (see [`Paths::take_replay`]).
     suspect: ArcSwap<HashSet<SocketAddr>>,
@@ -167,6 +179,10 @@ impl Extra {
 pub struct Registry {
     pub by_id: HashMap<PeerId, SocketAddr>,
     pub by_addr: HashMap<SocketAddr, PeerId>,
+    /// The local address each node's registering pings arrive at: what is forwarded to it
+    /// leaves from there (a relay with several addresses on one network would otherwise
+    /// send from the kernel's choice, which the node does not recognise).
+    pub locals: HashMap<PeerId, std::net::IpAddr>,
 }
 
 /// A relay registration refreshed within this long holds its address: another node's
@@ -188,6 +204,9 @@ impl Paths {
                 relay_from: ArcSwap::from_pointee(HashMap::new()),
                 relays: ArcSwap::from_pointee(HashSet::new()),
                 live_relays: ArcSwap::from_pointee(Vec::new()),
+                coordinator_relay: ArcSwap::from_pointee(None),
+                behind_nat: std::sync::atomic::AtomicU8::new(0),
+                known: ArcSwap::from_pointee(HashSet::new()),
                 registry: ArcSwap::from_pointee(Registry::default()),
                 reg_seen: Mutex::new(HashMap::new()),
                 is_relay,
@@ -195,6 +214,7 @@ impl Paths {
                 pending: Mutex::new(VecDeque::new()),
                 probes: tx,
                 inner: OnceLock::new(),
+                opener: OnceLock::new(),
                 suspect: ArcSwap::from_pointee(HashSet::new()),
                 replay: Mutex::new(HashMap::new()),
                 extras: ArcSwap::from_pointee(HashMap::new()),
@@ -344,14 +364,46 @@ impl Paths {
     }
 
     /// Records the relays answering pings, nearest first.
-    pub fn set_live_relays(&self, relays: Vec<(quicmesh_protocol::ident::NodeName, SocketAddr)>) {
+    pub fn set_behind_nat(&self, nat: bool) {
+        self.behind_nat.store(
+            if nat { 2 } else { 1 },
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// This node may be behind a NAT: the coordinator did not say it is not.
+    pub fn behind_nat(&self) -> bool {
+        self.behind_nat.load(std::sync::atomic::Ordering::Relaxed) != 1
+    }
+
+    /// The peers of the current view (relayed datagrams are taken from them only).
+    pub fn set_known_peers(&self, ids: HashSet<PeerId>) {
+        self.known.store(Arc::new(ids));
+    }
+
+    /// `peer` is in the current view.
+    pub fn is_known(&self, peer: PeerId) -> bool {
+        self.known.load().contains(&peer)
+    }
+
+    /// The coordinator relays for this node at `addr` (its session's address), or no
+    /// longer (`None`: its session ended, or it does not relay).
+    pub fn set_coordinator_relay(&self, addr: Option<SocketAddr>) {
+        self.coordinator_relay.store(Arc::new(addr));
+    }
+
+    pub fn coordinator_relay(&self) -> Option<SocketAddr> {
+        **self.coordinator_relay.load()
+    }
+
+    pub fn set_live_relays(&self, relays: Vec<(RelayName, SocketAddr)>) {
         if **self.live_relays.load() != relays {
             self.live_relays.store(Arc::new(relays));
         }
     }
 
     /// The relays answering pings, nearest first.
-    pub fn live_relays(&self) -> Arc<Vec<(quicmesh_protocol::ident::NodeName, SocketAddr)>> {
+    pub fn live_relays(&self) -> Arc<Vec<(RelayName, SocketAddr)>> {
         self.live_relays.load_full()
     }
 
@@ -360,12 +412,21 @@ impl Paths {
     /// `address_taken`) when another node registered from `addr` within
     /// [`REGISTRATION_HOLD`]: a node's own valid ping sent with a forged source address
     /// must not take over another node's registration.
-    pub fn register(&self, peer: PeerId, addr: SocketAddr, now: std::time::Instant) -> bool {
+    pub fn register(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+        local: Option<std::net::IpAddr>,
+        now: std::time::Instant,
+    ) -> bool {
         let _g = self.lock();
         let mut seen = self.reg_seen.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.registry.load();
         let holder = cur.by_addr.get(&addr).copied();
-        if holder == Some(peer) && cur.by_id.get(&peer) == Some(&addr) {
+        if holder == Some(peer)
+            && cur.by_id.get(&peer) == Some(&addr)
+            && cur.locals.get(&peer).copied() == local
+        {
             seen.insert(peer, now);
             return true;
         }
@@ -383,6 +444,7 @@ impl Paths {
         if let Some(other) = holder.filter(|o| *o != peer) {
             // A stale holder loses the address (and its registration with it).
             r.by_id.remove(&other);
+            r.locals.remove(&other);
             seen.remove(&other);
         }
         if let Some(old) = r.by_id.insert(peer, addr) {
@@ -391,6 +453,10 @@ impl Paths {
             }
         }
         r.by_addr.insert(addr, peer);
+        match local {
+            Some(ip) => r.locals.insert(peer, ip),
+            None => r.locals.remove(&peer),
+        };
         seen.insert(peer, now);
         self.registry.store(Arc::new(r));
         true
@@ -403,6 +469,7 @@ impl Paths {
         r.by_id.retain(|id, _| keep(id));
         let ids: HashSet<PeerId> = r.by_id.keys().copied().collect();
         r.by_addr.retain(|_, id| ids.contains(id));
+        r.locals.retain(|id, _| ids.contains(id));
         self.reg_seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -501,8 +568,36 @@ impl Paths {
         self.extras.load_full()
     }
 
+    /// Gives the tunnel socket (a duplicate of its descriptor) for openers.
+    pub fn set_opener_socket(&self, sock: std::net::UdpSocket) {
+        let _ = self.opener.set(sock);
+    }
+
+    /// Sends an opener ([`pp::OPENER`]) to each of `targets` from the tunnel socket with
+    /// a TTL (hop limit) of [`OPENER_TTL`]: it opens this node's NAT toward each target
+    /// and expires before a NAT further along. Returns how many left.
+    pub fn send_openers(&self, targets: &[SocketAddr]) -> usize {
+        self.opener.get().map_or(0, |s| {
+            targets
+                .iter()
+                .filter(|t| send_opener(s, **t).is_ok())
+                .count()
+        })
+    }
+
     /// Sends one path packet (a probe) on `route`.
     pub fn send_probe(&self, route: Route, datagram: &[u8]) -> std::io::Result<()> {
+        self.send_probe_from(route, datagram, None)
+    }
+
+    /// [`Paths::send_probe`] from local address `src` (a pong leaves from where its ping
+    /// arrived), or the kernel's choice.
+    pub fn send_probe_from(
+        &self,
+        route: Route,
+        datagram: &[u8],
+        src: Option<std::net::IpAddr>,
+    ) -> std::io::Result<()> {
         let Some(inner) = self.inner.get() else {
             return Ok(());
         };
@@ -526,9 +621,70 @@ impl Paths {
             ecn: None,
             contents: &contents,
             segment_size: None,
-            src_ip: None,
+            src_ip: src,
         })
     }
+}
+
+/// Who relays: a relay node of the mesh, or the coordinator (the relay of last resort).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayName {
+    Node(quicmesh_protocol::ident::NodeName),
+    Coordinator,
+}
+
+impl RelayName {
+    /// The relay is node `n` (a tunnel is never relayed through its own peer).
+    pub fn is(&self, n: &quicmesh_protocol::ident::NodeName) -> bool {
+        matches!(self, Self::Node(m) if m == n)
+    }
+}
+
+impl std::fmt::Display for RelayName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Node(n) => n.fmt(f),
+            Self::Coordinator => f.write_str("coordinator"),
+        }
+    }
+}
+
+/// TTL of openers: one hop to this node's NAT, where it is forwarded (and its mapping
+/// made) with one left; the next router drops it. A NAT further than one router away
+/// never sees it.
+pub const OPENER_TTL: u8 = 2;
+
+/// Sends [`pp::OPENER`] to `to` from `sock` with [`OPENER_TTL`], the socket's own TTL
+/// untouched (the TTL rides with this one datagram, as a control message).
+fn send_opener(sock: &std::net::UdpSocket, to: SocketAddr) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let ttl = i32::from(OPENER_TTL);
+    let local_v6 = sock.local_addr()?.is_ipv6();
+    let (to, cmsg) = match (to, local_v6) {
+        (SocketAddr::V4(a), false) => (SocketAddr::V4(a), ControlMessage::Ipv4Ttl(&ttl)),
+        // An IPv4 datagram from a dual-stack socket takes IPv4's TTL control message
+        // (the kernel ignores IPv6's hop limit for it).
+        (SocketAddr::V4(a), true) => (
+            SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
+            ControlMessage::Ipv4Ttl(&ttl),
+        ),
+        (SocketAddr::V6(a), true) => (SocketAddr::V6(a), ControlMessage::Ipv6HopLimit(&ttl)),
+        (SocketAddr::V6(_), false) => {
+            return Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+        }
+    };
+    let iov = [std::io::IoSlice::new(&pp::OPENER)];
+    let addr = SockaddrStorage::from(to);
+    sendmsg(
+        sock.as_raw_fd(),
+        &iov,
+        &[cmsg],
+        MsgFlags::MSG_DONTWAIT,
+        Some(&addr),
+    )
+    .map(|_| ())
+    .map_err(std::io::Error::from)
 }
 
 /// A tunnel's path state, shown by `status`.
@@ -619,8 +775,8 @@ mod tests {
         let a: SocketAddr = "198.18.0.3:1".parse().unwrap();
         let b: SocketAddr = "198.18.0.3:2".parse().unwrap();
         let t = std::time::Instant::now();
-        assert!(p.register(PeerId(7), a, t));
-        assert!(p.register(PeerId(7), b, t));
+        assert!(p.register(PeerId(7), a, None, t));
+        assert!(p.register(PeerId(7), b, None, t));
         let r = p.registry.load();
         assert_eq!(r.by_id.get(&PeerId(7)), Some(&b));
         assert_eq!(r.by_addr.get(&a), None);
@@ -636,18 +792,23 @@ mod tests {
         let v: SocketAddr = "198.18.0.3:1".parse().unwrap();
         let x: SocketAddr = "198.18.0.4:1".parse().unwrap();
         let t = std::time::Instant::now();
-        assert!(p.register(PeerId(1), v, t), "the victim registers");
-        assert!(p.register(PeerId(2), x, t), "the attacker registers");
+        assert!(p.register(PeerId(1), v, None, t), "the victim registers");
+        assert!(p.register(PeerId(2), x, None, t), "the attacker registers");
         // The attacker's ping, forged to come from the victim's address.
-        assert!(!p.register(PeerId(2), v, t + std::time::Duration::from_millis(600)));
+        assert!(!p.register(
+            PeerId(2),
+            v,
+            None,
+            t + std::time::Duration::from_millis(600)
+        ));
         let r = p.registry.load();
         assert_eq!(r.by_addr.get(&v), Some(&PeerId(1)));
         assert_eq!(r.by_id.get(&PeerId(2)), Some(&x));
         // The victim's heartbeat keeps it; once it has been silent past the hold, the
         // address is free (the victim moved away or died).
-        assert!(p.register(PeerId(1), v, t + std::time::Duration::from_secs(1)));
+        assert!(p.register(PeerId(1), v, None, t + std::time::Duration::from_secs(1)));
         let later = t + std::time::Duration::from_secs(1) + REGISTRATION_HOLD;
-        assert!(p.register(PeerId(2), v, later));
+        assert!(p.register(PeerId(2), v, None, later));
         let r = p.registry.load();
         assert_eq!(r.by_addr.get(&v), Some(&PeerId(2)));
         assert_eq!(

@@ -9,6 +9,13 @@
 //! spare socket is answered from it; that socket joins the tunnel socket
 //! ([`super::Paths::add_extra`]) and carries the tunnel from then on; the rest close.
 //!
+//! The spare sockets' pings leave with a TTL of [`super::OPENER_TTL`]: they need to open
+//! this side's NAT only, and one that reached the peer's NAT, where that NAT takes
+//! unsolicited packets for itself (Linux's default INPUT policy), would leave a conntrack
+//! entry on the very tuple the peer's spray needs. For the second half of the attempt they
+//! ping at the system's TTL (a NAT two hops away, behind another NAT, is opened then); the
+//! socket that wins gets its TTL back.
+//!
 //! Every probe is authenticated with the tunnel's key and numbered from the link's counter
 //! ([`super::probe::Prober`]): a stranger's packets arriving on a spare socket are
 //! ignored, and the manager refuses a replayed one.
@@ -44,9 +51,15 @@ pub struct Won {
 pub async fn spare_sockets(prober: Prober, targets: Vec<SocketAddr>) -> Option<Won> {
     let link = prober.link();
     let mut socks = Vec::with_capacity(SPARE_SOCKETS);
+    // A new socket's TTL (the system default), for the socket that wins.
+    let mut own_ttl = 64;
     for _ in 0..SPARE_SOCKETS {
         match tokio::net::UdpSocket::bind(("0.0.0.0", 0)).await {
-            Ok(s) => socks.push(s),
+            Ok(s) => {
+                own_ttl = s.ttl().unwrap_or(own_ttl);
+                let _ = s.set_ttl(u32::from(super::OPENER_TTL));
+                socks.push(s)
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "spare socket");
                 break;
@@ -57,12 +70,20 @@ pub async fn spare_sockets(prober: Prober, targets: Vec<SocketAddr>) -> Option<W
         return None;
     }
     let deadline = tokio::time::Instant::now() + ATTEMPT_FOR;
+    let full_ttl_at = deadline - ATTEMPT_FOR / 2;
+    let mut full_ttl = false;
     let mut resend = tokio::time::interval(RESEND);
     let mut buf = vec![0u8; 2048];
     loop {
         let got = tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return None,
             _ = resend.tick() => {
+                if !full_ttl && tokio::time::Instant::now() >= full_ttl_at {
+                    full_ttl = true;
+                    for s in &socks {
+                        let _ = s.set_ttl(own_ttl);
+                    }
+                }
                 for s in &socks {
                     for t in &targets {
                         let d = prober.ping(rand::random());
@@ -90,6 +111,8 @@ pub async fn spare_sockets(prober: Prober, targets: Vec<SocketAddr>) -> Option<W
             continue;
         }
         let socket = socks.swap_remove(i).into_std().ok()?;
+        // The tunnel's datagrams leave at the system's default TTL.
+        socket.set_ttl(own_ttl).ok()?;
         return Some(Won {
             link,
             socket,

@@ -57,7 +57,14 @@ impl MeshSocket {
 
     /// Handles one path packet found in a received datagram; QUIC datagrams unwrapped
     /// from a relay go to the pending queue.
-    fn take_path_packet(&self, from: SocketAddr, socket: u16, seg: &mut [u8]) {
+    fn take_path_packet(
+        &self,
+        from: SocketAddr,
+        socket: u16,
+        local: Option<std::net::IpAddr>,
+        seg: &mut [u8],
+        batch: &mut RelayBatch,
+    ) {
         let m = &self.paths.metrics;
         match pp::decode(seg) {
             Ok(Some(PathPacket::RelaySend { to, .. })) => {
@@ -75,19 +82,12 @@ impl MeshSocket {
                     return;
                 };
                 pp::relay_rewrite(seg, src);
-                let r = self.inner.try_send(&Transmit {
-                    destination: dst,
-                    ecn: None,
-                    contents: seg,
-                    segment_size: None,
-                    src_ip: None,
-                });
-                match r {
-                    Ok(()) => {
-                        m.relay_forwarded.inc();
-                        m.relay_forwarded_bytes.inc_by(seg.len() as u64);
-                    }
-                    Err(_) => m.relay_dropped(RelayDrop::SendFailed),
+                // From the address the destination sends to (a relay with several); with
+                // the datagrams of this read going the same way, in one send.
+                let to = (dst, reg.locals.get(&to).copied());
+                if !batch.append(to, seg) {
+                    self.flush(batch);
+                    batch.append(to, seg);
                 }
             }
             Ok(Some(PathPacket::RelayRecv {
@@ -98,6 +98,10 @@ impl MeshSocket {
                     m.relay_dropped(RelayDrop::UnknownRelay);
                     return;
                 }
+                if !self.paths.is_known(peer) {
+                    m.relay_dropped(RelayDrop::UnknownPeer);
+                    return;
+                }
                 if pp::is_path_packet(payload) {
                     self.to_manager(
                         Source::Relay {
@@ -105,22 +109,11 @@ impl MeshSocket {
                             from: peer,
                         },
                         payload,
+                        None,
                     );
                     return;
                 }
-                let visible = self.paths.relayed_visible(peer);
-                // A tunnel the peer opens through a relay is answered through that relay
-                // until the manager knows better.
-                if Paths::is_synth(&visible) && !self.paths.send.load().contains_key(&visible) {
-                    self.paths.set_route(
-                        visible,
-                        Route::Relay {
-                            relay: from,
-                            to: peer,
-                        },
-                    );
-                }
-                m.relayed_rx.inc();
+                let visible = self.relayed_quic(from, peer, 1);
                 let mut q = self.paths.pending.lock().unwrap_or_else(|p| p.into_inner());
                 if q.len() < PENDING_MAX {
                     q.push_back((visible, payload.to_vec()));
@@ -134,7 +127,10 @@ impl MeshSocket {
                         socket: s,
                     },
                 };
-                self.to_manager(source, seg);
+                self.to_manager(source, seg, local);
+            }
+            Ok(Some(PathPacket::Open)) => {
+                m.openers_received.inc();
             }
             Ok(None) => {}
             Err(e @ (pp::PathError::OldProbe(_) | pp::PathError::Version(_))) => {
@@ -144,35 +140,116 @@ impl MeshSocket {
         }
     }
 
-    fn to_manager(&self, source: Source, datagram: &[u8]) {
+    /// The visible address QUIC datagrams `peer` sent through `relay` are delivered from
+    /// (`count` of them, counted).
+    fn relayed_quic(&self, relay: SocketAddr, peer: pp::PeerId, count: usize) -> SocketAddr {
+        let visible = self.paths.relayed_visible(peer);
+        // A tunnel the peer opens through a relay is answered through that relay until the
+        // manager knows better.
+        if Paths::is_synth(&visible) && !self.paths.send.load().contains_key(&visible) {
+            self.paths
+                .set_route(visible, Route::Relay { relay, to: peer });
+        }
+        self.paths.metrics.relayed_rx.inc_by(count as u64);
+        visible
+    }
+
+    /// A read of QUIC datagrams that one peer sent through a relay this node uses (the
+    /// kernel coalesced them): unwrapped where they lie and handed to QUIC as one entry
+    /// from the tunnel's visible address, rather than copied one by one to the pending
+    /// queue. False, nothing changed, for anything else (the general path takes it).
+    fn unwrap_relayed(&self, buf: &mut [u8], meta: &mut RecvMeta) -> bool {
+        let stride = meta.stride.max(1);
+        let len = meta.len.min(buf.len());
+        if stride <= RELAY_HEADER || len == 0 {
+            return false;
+        }
+        let mut peer = None;
+        for seg in buf[..len].chunks(stride) {
+            match pp::decode(seg) {
+                Ok(Some(PathPacket::RelayRecv { from, payload }))
+                    if !pp::is_path_packet(payload) && peer.is_none_or(|p| p == from) =>
+                {
+                    peer = Some(from)
+                }
+                _ => return false,
+            }
+        }
+        let Some(peer) = peer else {
+            return false;
+        };
+        if !self.paths.relays.load().contains(&meta.addr) || !self.paths.is_known(peer) {
+            return false;
+        }
+        let n = len.div_ceil(stride);
+        let mut out = 0;
+        for i in 0..n {
+            let (start, end) = (i * stride + RELAY_HEADER, ((i + 1) * stride).min(len));
+            buf.copy_within(start..end, out);
+            out += end - start;
+        }
+        meta.len = out;
+        meta.stride = stride - RELAY_HEADER;
+        meta.addr = self.relayed_quic(meta.addr, peer, n);
+        meta.dst_ip = None;
+        true
+    }
+
+    /// Sends what `batch` holds (one GSO send) and empties it.
+    fn flush(&self, batch: &mut RelayBatch) {
+        let Some((destination, src_ip)) = batch.to else {
+            return;
+        };
+        if batch.count > 0 {
+            let m = &self.paths.metrics;
+            let r = self.inner.try_send(&Transmit {
+                destination,
+                src_ip,
+                ecn: None,
+                contents: &batch.buf,
+                segment_size: (batch.count > 1).then_some(batch.seg),
+            });
+            match r {
+                Ok(()) => {
+                    m.relay_forwarded.inc_by(batch.count as u64);
+                    m.relay_forwarded_bytes.inc_by(batch.buf.len() as u64);
+                }
+                Err(_) => {
+                    for _ in 0..batch.count {
+                        m.relay_dropped(RelayDrop::SendFailed);
+                    }
+                }
+            }
+        }
+        batch.reset(self.inner.max_transmit_segments());
+    }
+
+    fn to_manager(&self, source: Source, datagram: &[u8], local: Option<std::net::IpAddr>) {
         let _ = self.paths.probes.try_send(Incoming {
             source,
             datagram: datagram.to_vec(),
+            local,
         });
     }
 
     /// Rewrites one received entry: path packets out, the rest mapped to its tunnel's
     /// visible address.
     fn filter(&self, socket: u16, buf: &mut [u8], meta: &mut RecvMeta) {
+        if socket == 0 && buf.first() == Some(&0) && self.unwrap_relayed(buf, meta) {
+            return;
+        }
         let stride = meta.stride.max(1);
         let len = meta.len.min(buf.len());
         let any_path = buf[..len].chunks(stride).any(|s| s.first() == Some(&0));
         if any_path {
-            // Keep the QUIC segments, in order, packed to the front.
-            let mut kept = 0;
-            let mut at = 0;
-            while at < len {
-                let end = (at + stride).min(len);
-                if buf[at] == 0 {
-                    let mut seg = buf[at..end].to_vec();
-                    self.take_path_packet(meta.addr, socket, &mut seg);
-                } else {
-                    buf.copy_within(at..end, kept);
-                    kept += end - at;
-                }
-                at = end;
-            }
-            meta.len = kept;
+            let from = meta.addr;
+            // Extra sockets are bound to the wildcard and answer from one address.
+            let local = (socket == 0).then_some(meta.dst_ip).flatten();
+            let mut batch = RelayBatch::new(self.inner.max_transmit_segments());
+            meta.len = pp::take_path_segments(buf, len, stride, |seg| {
+                self.take_path_packet(from, socket, local, seg, &mut batch)
+            });
+            self.flush(&mut batch);
         }
         if let Some(v) = self.paths.recv.load().get(&meta.addr) {
             meta.addr = *v;
@@ -199,6 +276,57 @@ impl MeshSocket {
             }
         }
         None
+    }
+}
+
+/// Datagrams a relay forwards from one read (the kernel coalesces a sender's datagrams):
+/// those bound for one destination, of one length (the last may be shorter), go out in
+/// one GSO send rather than one send each.
+#[derive(Debug)]
+struct RelayBatch {
+    to: Option<(SocketAddr, Option<std::net::IpAddr>)>,
+    buf: Vec<u8>,
+    seg: usize,
+    count: usize,
+    max: usize,
+}
+
+impl RelayBatch {
+    fn new(max_segments: usize) -> Self {
+        Self {
+            to: None,
+            buf: Vec::new(),
+            seg: 0,
+            count: 0,
+            max: max_segments.max(1),
+        }
+    }
+
+    fn reset(&mut self, max_segments: usize) {
+        self.to = None;
+        self.buf.clear();
+        self.seg = 0;
+        self.count = 0;
+        self.max = max_segments.max(1);
+    }
+
+    /// Adds `d` for `to`; false when it cannot join what is held (send that first).
+    fn append(&mut self, to: (SocketAddr, Option<std::net::IpAddr>), d: &[u8]) -> bool {
+        if self.count == 0 {
+            self.to = Some(to);
+            self.seg = d.len();
+        } else if self.to != Some(to)
+            || d.len() > self.seg
+            // A shorter datagram ends a batch: nothing may follow it.
+            || self.buf.len() != self.count * self.seg
+            || self.count >= self.max
+            || self.buf.len() + d.len() > u16::MAX as usize
+        {
+            return false;
+        }
+        self.buf.extend_from_slice(d);
+        self.count += 1;
+        true
     }
 }
 
@@ -316,5 +444,28 @@ impl AsyncUdpSocket for MeshSocket {
 
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_batch_holds_one_destination_one_length_and_a_short_last() {
+        let a = ("198.18.0.1:1".parse().unwrap(), None);
+        let b = ("198.18.0.2:1".parse().unwrap(), None);
+        let mut batch = RelayBatch::new(3);
+        assert!(batch.append(a, &[1; 10]));
+        assert!(batch.append(a, &[2; 10]));
+        assert!(!batch.append(b, &[3; 10]), "another destination");
+        assert!(!batch.append(a, &[3; 11]), "a longer datagram");
+        assert!(batch.append(a, &[3; 4]), "a shorter one ends it");
+        assert!(!batch.append(a, &[4; 4]), "nothing after a shorter one");
+        assert_eq!((batch.count, batch.seg, batch.buf.len()), (3, 10, 24));
+        batch.reset(2);
+        assert!(batch.append(b, &[5; 8]));
+        assert!(batch.append(b, &[6; 8]));
+        assert!(!batch.append(b, &[7; 8]), "at most max segments");
     }
 }

@@ -198,7 +198,7 @@ fn data_for_an_index_never_given_out_is_dropped() {
     };
     let given = gw.index_of(&alice.key).unwrap();
     // The receiver index is bytes 4..8; its top 24 bits name the session.
-    let forged = ((given + 1000) << 8).to_le_bytes();
+    let forged = (((given ^ 0x5a5a) & (INDEX_SPACE - 1)) << 8).to_le_bytes();
     wire[4..8].copy_from_slice(&forged);
     let mut gbuf = vec![0u8; BUFFER];
     assert_eq!(
@@ -333,13 +333,17 @@ fn session_indexes_are_unique_never_zero_and_freed_with_their_client() {
         assert!(i != 0 && i < INDEX_SPACE, "{i}");
         assert!(seen.insert(i), "index {i} given twice");
     }
+    // Chosen at random, not counted out: no sender can aim at live sessions by guessing
+    // their neighbours (300 indexes from 2^24 all within 100,000 of each other would
+    // take a chance of about 10^-400).
+    let (lo, hi) = (seen.iter().min().unwrap(), seen.iter().max().unwrap());
+    assert!(hi - lo > 100_000, "indexes {lo}..{hi} look counted");
     // Kept clients keep their index; a new one never takes a live one.
     let kept = gw.index_of(&keys[5]).unwrap();
     gw.set_clients(clients[..10].to_vec()).unwrap();
     assert_eq!(gw.index_of(&keys[5]), Some(kept));
     assert_eq!(gw.index_of(&keys[20]), None, "freed with its client");
-    // The counter wraps around the 24-bit space and skips what is in use.
-    gw.next_index = INDEX_SPACE - 1;
+    // New clients get indexes no live session holds.
     let mut more = clients[..10].to_vec();
     more.extend(clients[10..13].iter().cloned());
     gw.set_clients(more).unwrap();
@@ -380,28 +384,53 @@ fn a_handshake_flood_is_met_with_cookies_and_a_per_source_limit_and_the_client_s
     let mut alice = peer(&gw, 2, "198.18.0.10:40000");
     gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
         .unwrap();
-    // A flooder with no key of ours, from one address: a few handshakes a second are
-    // looked at, the rest refused before any Diffie-Hellman; past the shared limit, every
-    // initiation gets a cookie (prove your address first).
+    // A flooder with no key of ours, from one address: up to the shared limit its
+    // handshakes are looked at (and dropped, unknown); past it, every one gets a cookie
+    // (prove your address first) and no Diffie-Hellman.
     let mut flooder = peer(&gw, 7, "198.18.0.99:5555");
     let mut buf = vec![0u8; BUFFER];
     let mut gbuf = vec![0u8; BUFFER];
-    let (mut cookies, mut unknown, mut limited) = (0, 0, 0);
+    let (mut cookies, mut unknown) = (0, 0);
+    let mut cookie = Vec::new();
     for _ in 0..(HANDSHAKES_PER_SECOND + 50) {
         let init = initiation(&mut flooder, true);
         match gw.inbound(flooder.addr, &init, NOW, &mut gbuf) {
-            Inbound::Cookie(_) => cookies += 1,
+            Inbound::Cookie(c) => {
+                cookies += 1;
+                cookie = c.to_vec();
+            }
             Inbound::Drop(WgDrop::UnknownKey) => unknown += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(unknown, HANDSHAKES_PER_SECOND as usize);
+    assert_eq!(cookies, 50);
+    // Once it answers the cookie from its real address, it is held to the per-source
+    // limit: a few more are looked at, the rest refused before any Diffie-Hellman.
+    assert!(matches!(
+        flooder.tunn.decapsulate(None, &cookie, &mut buf),
+        TunnResult::Done
+    ));
+    let mut limited = 0;
+    for _ in 0..(HANDSHAKES_PER_SOURCE + 30) {
+        let init = initiation(&mut flooder, true);
+        match gw.inbound(flooder.addr, &init, NOW, &mut gbuf) {
+            Inbound::Drop(WgDrop::UnknownKey) => {}
             Inbound::Drop(WgDrop::SourceLimit) => limited += 1,
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(unknown, HANDSHAKES_PER_SOURCE as usize);
-    assert_eq!(
-        limited,
-        (HANDSHAKES_PER_SECOND - HANDSHAKES_PER_SOURCE as u64) as usize
-    );
-    assert_eq!(cookies, 50);
+    assert_eq!(limited, 30);
+    // Spoofing the client's address without answering cookies spends nothing of its
+    // allowance: every such initiation gets a cookie (sent to the client, useless to it).
+    let mut spoofer = peer(&gw, 8, "198.18.0.10:40000");
+    for _ in 0..(HANDSHAKES_PER_SOURCE * 3) {
+        let init = initiation(&mut spoofer, true);
+        assert!(matches!(
+            gw.inbound(alice.addr, &init, NOW, &mut gbuf),
+            Inbound::Cookie(_)
+        ));
+    }
     // The real client, under the same load: answered with a cookie, it proves its
     // address and its next initiation is taken.
     let init = initiation(&mut alice, false);
@@ -451,5 +480,30 @@ fn a_cookie_never_moves_a_client_s_endpoint() {
         gw.stats()[0].endpoint,
         Some(alice.addr),
         "the client's endpoint stayed"
+    );
+}
+
+/// Found by the second review: with the per-source limit applied below the load (where
+/// no cookie proves a source's address), anyone knowing the gateway's public key could
+/// spend a client's allowance by spoofing its address, and lock it out.
+#[test]
+fn spoofing_a_client_s_address_does_not_lock_it_out() {
+    let mut gw = Gateway::new(secret(1));
+    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
+    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
+        .unwrap();
+    let mut spoofer = peer(&gw, 8, "198.18.0.66:1");
+    let mut gbuf = vec![0u8; BUFFER];
+    for _ in 0..(HANDSHAKES_PER_SOURCE * 3) {
+        let init = initiation(&mut spoofer, true);
+        assert_eq!(
+            gw.inbound(alice.addr, &init, NOW, &mut gbuf),
+            Inbound::Drop(WgDrop::UnknownKey)
+        );
+    }
+    let init = initiation(&mut alice, false);
+    assert!(
+        matches!(gw.inbound(alice.addr, &init, NOW, &mut gbuf), Inbound::Reply(k, _) if k == alice.key),
+        "the client is still answered"
     );
 }

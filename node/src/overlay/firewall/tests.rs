@@ -10,7 +10,7 @@ use quicmesh_protocol::wire::PeerInfo;
 const ME: [u8; 4] = [100, 64, 0, 2];
 const PEER: [u8; 4] = [100, 64, 0, 1];
 
-fn svc(s: &str) -> ServiceName {
+pub(super) fn svc(s: &str) -> ServiceName {
     ServiceName::new(s).unwrap()
 }
 
@@ -44,12 +44,13 @@ fn view(policy: &str) -> View {
             critical: Vec::new(),
             candidates: Vec::new(),
             relay: false,
+            nat: false,
         },
     );
     v
 }
 
-fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> PacketInfo {
+pub(super) fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> PacketInfo {
     PacketInfo {
         src: src.into(),
         dst: dst.into(),
@@ -65,7 +66,7 @@ fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> PacketI
     }
 }
 
-fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> PacketInfo {
+pub(super) fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> PacketInfo {
     PacketInfo {
         transport: Transport::Ports {
             proto: packet::UDP,
