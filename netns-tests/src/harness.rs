@@ -142,10 +142,11 @@ impl Mesh {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // QUICMESH_TEST_KEEP=1 keeps them after a pass too (to read a passing run's logs).
+        if std::thread::panicking() || std::env::var_os("QUICMESH_TEST_KEEP").is_some() {
             if let Some(d) = self.dir.take() {
                 let kept = d.keep();
-                eprintln!("test failed: logs and data dirs kept in {}", kept.display());
+                eprintln!("logs and data dirs kept in {}", kept.display());
             }
         }
     }
@@ -655,6 +656,9 @@ pub struct NodeSpec {
     pub sections: Vec<String>,
     /// The tunnel port (default: a free one the node picks).
     pub listen_port: Option<u16>,
+    /// The node's log filter (`QUICMESH_LOG`), when not the default; `QUICMESH_TEST_LOG`
+    /// still wins.
+    pub log_filter: Option<String>,
 }
 
 impl NodeSpec {
@@ -755,6 +759,11 @@ impl NodeSpec {
     /// Listens for tunnels on `port` (e.g. to advertise it).
     pub fn listen_port(mut self, port: u16) -> Self {
         self.listen_port = Some(port);
+        self
+    }
+    /// Logs with this filter (e.g. debug for the modules a test reads back on failure).
+    pub fn log_filter(mut self, filter: &str) -> Self {
+        self.log_filter = Some(filter.into());
         self
     }
     /// Relays for other nodes: `relay = true`, and a join token granting the role.
@@ -970,12 +979,16 @@ impl NodeProc {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         kill_child(&mut self.child);
         let cfg = self.config.display().to_string();
+        let filter = match (&self.spec.log_filter, std::env::var("QUICMESH_TEST_LOG")) {
+            (Some(f), Err(_)) => vec![("QUICMESH_LOG", f.as_str())],
+            _ => vec![],
+        };
         self.child = Some(spawn_logged(
             self.spec.netns.as_deref(),
             &Bins::get().node,
             &["run", "--config", &cfg],
             &self.log,
-            &[],
+            &filter,
         )?);
         let child = &mut self.child;
         assert_eventually(

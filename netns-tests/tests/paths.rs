@@ -122,8 +122,10 @@ impl World {
     /// A node in `ns` serving `svc-<name>` (echo) with upstreams to `svc-<other>`.
     fn node(&self, name: &str, ns: &str, others: &[&str]) -> NodeProc {
         let echo = in_ns(ns, || echo_server().unwrap()).unwrap();
+        // Path decisions at debug: a failing matrix prints them (see `explain`).
         let mut spec = NodeSpec::new(name)
             .on(ns)
+            .log_filter("info,quinn=warn,quicmesh_node::path=debug,quicmesh_node::tunnel=debug")
             .service(&format!("svc-{name}"), echo);
         for o in others {
             spec = spec.upstream(&format!("svc-{o}"));
@@ -196,6 +198,7 @@ fn p1_nat_matrix_every_pair_connects_direct_unless_both_sides_are_port_dependent
         at_first: serde_json::Value,
         settled: serde_json::Value,
         settled_after: Duration,
+        ends: (usize, usize),
     }
     let mut grid = Vec::new();
     for i in 0..hosts.len() {
@@ -220,6 +223,7 @@ fn p1_nat_matrix_every_pair_connects_direct_unless_both_sides_are_port_dependent
                 at_first,
                 settled,
                 settled_after: t + settled_after,
+                ends: (i, j),
             });
         }
     }
@@ -248,6 +252,52 @@ fn p1_nat_matrix_every_pair_connects_direct_unless_both_sides_are_port_dependent
             c.expect
         );
     }
+    // A pair that did not settle as expected: what both ends decided and what the NATs
+    // hold for the two (read now, while their probes keep the entries alive).
+    let nats = ["nat-b", "nat-c1", "nat-c2", "nat-d1", "nat-d2", "nat-e"];
+    for c in grid.iter().filter(|c| c.settled["via"] != c.expect) {
+        let (from, to) = (&nodes[c.ends.0], &nodes[c.ends.1]);
+        println!("\n{} did not settle {}: {}", c.pair, c.expect, c.settled);
+        explain(from, &to.name);
+        explain(to, &from.name);
+        // Both ends' public addresses, as `a` (no NAT) reached them.
+        let publics: Vec<(String, String)> = [&from.name, &to.name]
+            .iter()
+            .filter_map(|n| {
+                grid.iter()
+                    .find(|g| g.pair.starts_with(&format!("a (a) -> {n} ")))
+            })
+            .filter_map(|g| g.settled["remote"].as_str())
+            .filter_map(|r| r.rsplit_once(':'))
+            .map(|(ip, port)| (format!("={ip} "), format!("={port} ")))
+            .collect();
+        for nat in nats {
+            let Ok(out) = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &w.net.ns(nat),
+                    "cat",
+                    "/proc/net/nf_conntrack",
+                ])
+                .output()
+            else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mut lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("udp") && publics.iter().all(|(ip, _)| l.contains(ip)))
+                .collect();
+            // Entries on a public mapping's own port first (a stale one there is the
+            // Linux NAT failure of the module doc).
+            lines.sort_by_key(|l| !publics.iter().any(|(_, port)| l.contains(port)));
+            println!("  {nat}: {} udp entries between the two", lines.len());
+            for l in lines.iter().take(12) {
+                println!("    {l}");
+            }
+        }
+    }
     for c in &grid {
         assert_eq!(c.settled["via"], c.expect, "{}: {}", c.pair, c.settled);
     }
@@ -265,6 +315,20 @@ fn p1_nat_matrix_every_pair_connects_direct_unless_both_sides_are_port_dependent
         same.settled
     );
     drop((nodes, w));
+}
+
+/// Prints what `node` logged about `peer`'s tunnel and its own NAT (the last 30 lines).
+fn explain(node: &NodeProc, peer: &str) {
+    let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+    let needle = format!("peer={peer} ");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&needle) || l.contains("spare socket"))
+        .collect();
+    println!("  {} about {peer}:", node.name);
+    for l in &lines[lines.len().saturating_sub(30)..] {
+        println!("    {l}");
+    }
 }
 
 /// A paced echo transfer of `mib` MiB from `from` to `svc` on its own thread (1.25 MiB/s).
