@@ -451,6 +451,89 @@ impl AsyncUdpSocket for MeshSocket {
 mod tests {
     use super::*;
 
+    /// A mesh socket on a real loopback UDP socket, relaying through `relay`, whose view
+    /// holds peer 1 only.
+    fn socket(relay: SocketAddr) -> (Arc<MeshSocket>, Arc<Paths>, crate::metrics::Metrics) {
+        let metrics = crate::metrics::Metrics::new();
+        let (paths, _) = Paths::new(false, metrics.paths());
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, udp).unwrap();
+        let s = MeshSocket::new(inner, paths.clone());
+        paths.relays.store(Arc::new([relay].into_iter().collect()));
+        paths.set_known_peers([pp::PeerId(1)].into_iter().collect());
+        (s, paths, metrics)
+    }
+
+    /// `n` QUIC datagrams of 100 bytes that peer `from` sent through a relay, as the relay
+    /// forwards them (coalesced, as the kernel hands them over).
+    fn relayed(from: pp::PeerId, n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let mut d = pp::relay_send_header(pp::PeerId(99)).to_vec();
+            d.extend_from_slice(&[0x40; 100]);
+            pp::relay_rewrite(&mut d, from);
+            out.extend_from_slice(&d);
+        }
+        out
+    }
+
+    fn unknown_peer_drops(m: &crate::metrics::Metrics) -> u64 {
+        m.encode()
+            .lines()
+            .find(|l| l.contains("relay_dropped") && l.contains("reason=\"unknown_peer\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Attack: a relay (or whoever can send from its address) hands over datagrams naming a
+    /// peer that is not in this node's view, hoping they reach QUIC as a tunnel (a new
+    /// route and a synthetic address per forged id). Dropped and counted, one datagram or
+    /// a coalesced read alike; the twin from a peer in the view is delivered.
+    #[test]
+    fn relayed_datagrams_from_a_peer_not_in_the_view_are_dropped() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _rt = rt.enter();
+        let relay: SocketAddr = "198.18.0.30:7800".parse().unwrap();
+        let (s, paths, metrics) = socket(relay);
+        let entry = |buf: &[u8]| RecvMeta {
+            addr: relay,
+            len: buf.len(),
+            stride: RELAY_HEADER + 100,
+            ecn: None,
+            dst_ip: None,
+        };
+        for n in [1, 3] {
+            let mut buf = relayed(pp::PeerId(2), n);
+            let mut meta = entry(&buf);
+            let before = unknown_peer_drops(&metrics);
+            s.filter(0, &mut buf, &mut meta);
+            assert_eq!(
+                meta.len, 0,
+                "{n} datagram(s) from an unknown peer reached QUIC"
+            );
+            assert_eq!(unknown_peer_drops(&metrics), before + n as u64);
+            assert!(
+                !paths.synth_rev.load().values().any(|p| *p == pp::PeerId(2)),
+                "no address (nor route) for the forged peer"
+            );
+            assert!(paths.pending.lock().unwrap().is_empty());
+
+            let mut buf = relayed(pp::PeerId(1), n);
+            let mut meta = entry(&buf);
+            s.filter(0, &mut buf, &mut meta);
+            assert_eq!(
+                meta.len,
+                100 * n,
+                "the known peer's datagrams are delivered"
+            );
+            assert_eq!(meta.addr, paths.synth_for(pp::PeerId(1)));
+            assert_eq!(unknown_peer_drops(&metrics), before + n as u64);
+        }
+    }
+
     #[test]
     fn a_relay_batch_holds_one_destination_one_length_and_a_short_last() {
         let a = ("198.18.0.1:1".parse().unwrap(), None);
