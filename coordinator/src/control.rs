@@ -479,12 +479,15 @@ async fn session(
         },
     );
     let (kick_tx, mut kick_rx) = mpsc::channel::<ControlDown>(4);
-    let relayed = quicmesh_protocol::wire::announces(
+    // A node that takes relayed datagrams from the coordinator gets a token its datagrams
+    // to the relay carry (random, never zero: zero is "none").
+    let relay_token = quicmesh_protocol::wire::announces(
         &hello.agent_version,
         quicmesh_protocol::wire::SESSION_INFO,
-    );
+    )
+    .then(|| rand::random::<u64>().max(1));
     let (sid, revoked_meanwhile) = crate::mesh::blocking(|| {
-        let sid = mesh.register_session(&name, conn.clone(), kick_tx, relayed);
+        let sid = mesh.register_session(&name, conn.clone(), kick_tx, relay_token);
         // Revoked (on any replica) between the check above and the registration: the
         // kick of that revocation may have missed this session, so look again now.
         let revoked = mesh
@@ -528,10 +531,12 @@ async fn session(
             // Whether this replica relays for it (the relay of last resort), and whether
             // it is behind a NAT (a dialer behind none sends no openers).
             let features = match features {
-                Ok(()) if relayed => {
+                Ok(()) if relay_token.is_some() => {
+                    let relay = mesh.relay.enabled();
                     let info = ControlDown::SessionInfo {
-                        relay: mesh.relay.enabled(),
+                        relay,
                         nat,
+                        relay_token: if relay { relay_token.unwrap_or(0) } else { 0 },
                     };
                     write_session(&mut send, &info).await
                 }

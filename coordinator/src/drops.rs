@@ -100,7 +100,8 @@ impl Reason for PunchDrop {
 pub enum RelayDrop {
     /// The coordinator was started with `--no-relay`.
     Disabled,
-    /// Its source is no node's control session on this replica.
+    /// Its token is no session's on this replica, or it came from another address than
+    /// that session's.
     SenderNotInSession,
     /// Its destination has no control session on this replica.
     DestinationNotInSession,
@@ -108,7 +109,8 @@ pub enum RelayDrop {
     ToItself,
     /// The sender is over its rate (`relay::SENDER_RATE`).
     SenderOverRate,
-    /// A path packet other than a relay request (or an undecodable one).
+    /// A path packet other than an authenticated relay request (`RelaySendAuth`; a
+    /// relay node's plain `RelaySend` included), or an undecodable one.
     NotRelaySend,
     /// The socket refused the send (buffer full).
     SendFailed,

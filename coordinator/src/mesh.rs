@@ -151,8 +151,9 @@ pub struct SessionHandle {
     pub conn: quinn::Connection,
     pub kick: tokio::sync::mpsc::Sender<ControlDown>,
     /// The node takes relayed datagrams from the coordinator (it announced
-    /// `SESSION_INFO`): only such nodes are in the relay's tables.
-    pub relayed: bool,
+    /// `SESSION_INFO`): only such nodes are in the relay's tables, known by this token
+    /// (sent to the node over the session) and the session's address.
+    pub relay_token: Option<u64>,
 }
 
 /// The coordinator.
@@ -1635,7 +1636,7 @@ mod tests {
             ep.accept().await.unwrap().await.unwrap()
         });
         let (kick, mut pushed) = tokio::sync::mpsc::channel(4);
-        mesh.register_session("db-1", server, kick, true);
+        mesh.register_session("db-1", server, kick, Some(1));
         // The flooder points its candidates at a victim and asks again and again.
         mesh.set_candidates(
             "evil",

@@ -5,13 +5,22 @@
 //! payload opaque (the tunnel is end to end: the coordinator sees no plaintext and holds
 //! no tunnel key).
 //!
-//! A node is known here by its control session: the address that session's packets come
-//! from (QUIC validated that path) is the node's, and the address this replica answered
-//! it on is where relayed datagrams leave from (a multi-homed coordinator answers from
-//! the address the node sends to). No registration, so nothing an outsider can grow: the
-//! tables hold the sessions of this replica and are rebuilt from them. Datagrams whose
-//! source or destination has no session here are dropped and counted; so a pair relayed
-//! through the coordinator must share a replica.
+//! A node is known here by its control session: the session gave it a random token
+//! ([`quicmesh_protocol::wire::ControlDown::SessionInfo`], inside TLS) that its datagrams
+//! to the relay carry (`RelaySendAuth`), and they must come from the address the session
+//! runs from. A source address alone can be forged by anyone; the token cannot be guessed
+//! off the path. Datagrams are delivered to the session's address, from the address this
+//! replica answers it on (a multi-homed coordinator answers from the address the node
+//! sends to). No registration, so nothing an outsider can grow: the tables hold the
+//! sessions of this replica and are rebuilt from them. Datagrams whose sender or
+//! destination has no session here are dropped and counted; so a pair relayed through
+//! the coordinator must share a replica.
+//!
+//! What this does not stop: a node can point its own session's address elsewhere for a
+//! moment (QUIC reports a migrated address before validating it), so datagrams relayed
+//! to it may go to a third address. Those are its peers' QUIC packets to it, which stop
+//! at a congestion window when nothing acknowledges them: a reflection of what others
+//! send to that node, bounded, never amplified, never chosen by the attacker.
 //!
 //! [`CoordSocket`] sits under the control endpoint: path packets (first byte zero, never
 //! QUIC) are taken out before quinn reads, the rest is QUIC as before.
@@ -44,19 +53,23 @@ pub const PAIR_IDLE: Duration = Duration::from_secs(30);
 pub const SENDER_RATE: f64 = 12.5e6;
 pub const SENDER_BURST: f64 = 1024.0 * 1024.0;
 
-/// Where a node in session is, as the relay needs it.
-#[derive(Debug, Clone, Copy)]
-struct Member {
-    addr: SocketAddr,
+/// A node in session, as the relay needs it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub name: NodeName,
+    /// The address its session runs from.
+    pub addr: SocketAddr,
     /// The local address its session is served on (relayed datagrams leave from it).
-    local: Option<IpAddr>,
+    pub local: Option<IpAddr>,
+    /// What its datagrams carry ([`PathPacket::RelaySendAuth`]).
+    pub token: u64,
 }
 
 #[derive(Debug, Default)]
 struct Table {
-    by_addr: HashMap<SocketAddr, PeerId>,
+    /// Senders, by token.
+    by_token: HashMap<u64, PeerId>,
     by_id: HashMap<PeerId, Member>,
-    names: HashMap<PeerId, NodeName>,
 }
 
 /// How much one pair used the relay.
@@ -153,26 +166,13 @@ impl Relay {
         self.enabled.store(on, Ordering::Relaxed);
     }
 
-    /// Rebuilds the tables from this replica's sessions: (node, the address its session
-    /// comes from, the local address it is served on).
-    pub fn set_members(
-        &self,
-        members: impl IntoIterator<Item = (NodeName, SocketAddr, Option<IpAddr>)>,
-    ) {
+    /// Rebuilds the tables from this replica's sessions.
+    pub fn set_members(&self, members: impl IntoIterator<Item = Member>) {
         let mut t = Table::default();
-        let mut shared = std::collections::HashSet::new();
-        for (name, addr, local) in members {
-            let id = PeerId::of(&name);
-            // Two sessions from one address (a dead one and a new node behind the same
-            // NAT mapping): neither is known by it, rather than either by chance.
-            if t.by_addr.insert(addr, id).is_some() {
-                shared.insert(addr);
-            }
-            t.by_id.insert(id, Member { addr, local });
-            t.names.insert(id, name);
-        }
-        for a in shared {
-            t.by_addr.remove(&a);
+        for m in members {
+            let id = PeerId::of(&m.name);
+            t.by_token.insert(m.token, id);
+            t.by_id.insert(id, m);
         }
         // Buckets of senders gone and idle pairs are forgotten here, off the datagram path.
         let now = Instant::now();
@@ -187,8 +187,8 @@ impl Relay {
 
     /// Forwards one path packet received from `from`, or counts why not.
     fn take(&self, from: SocketAddr, seg: &mut [u8], out: &dyn AsyncUdpSocket, now: Instant) {
-        let to = match pp::decode(seg) {
-            Ok(Some(PathPacket::RelaySend { to, .. })) => to,
+        let (to, token) = match pp::decode(seg) {
+            Ok(Some(PathPacket::RelaySendAuth { to, token, .. })) => (to, token),
             // An opener that outlived its way here: nothing to do.
             Ok(Some(PathPacket::Open)) => return,
             _ => return self.drops.count(RelayDrop::NotRelaySend),
@@ -197,10 +197,17 @@ impl Relay {
             return self.drops.count(RelayDrop::Disabled);
         }
         let t = self.table.load();
-        let Some(src) = t.by_addr.get(&from).copied() else {
+        // The token names the sender; the session's address must be where it came from
+        // (a token seen on the wire is no use from elsewhere).
+        let Some(src) = t
+            .by_token
+            .get(&token)
+            .copied()
+            .filter(|id| t.by_id.get(id).is_some_and(|m| m.addr == from))
+        else {
             return self.drops.count(RelayDrop::SenderNotInSession);
         };
-        let Some(dst) = t.by_id.get(&to).copied() else {
+        let Some(dst) = t.by_id.get(&to) else {
             return self.drops.count(RelayDrop::DestinationNotInSession);
         };
         if src == to {
@@ -210,11 +217,11 @@ impl Relay {
         if !usage.charge(src, seg.len(), now) {
             return self.drops.count(RelayDrop::SenderOverRate);
         }
-        pp::relay_rewrite(seg, src);
+        let out_seg = pp::relay_auth_rewrite(seg, src);
         let sent = out.try_send(&Transmit {
             destination: dst.addr,
             ecn: None,
-            contents: seg,
+            contents: out_seg,
             segment_size: None,
             src_ip: dst.local,
         });
@@ -223,17 +230,17 @@ impl Relay {
         }
         self.forwarded.fetch_add(1, Ordering::Relaxed);
         self.forwarded_bytes
-            .fetch_add(seg.len() as u64, Ordering::Relaxed);
-        usage.record((src, to), seg.len(), now);
+            .fetch_add(out_seg.len() as u64, Ordering::Relaxed);
+        usage.record((src, to), out_seg.len(), now);
     }
 
     /// The pairs relayed within [`PAIR_IDLE`], by node name, busiest first.
     pub fn relayed_pairs(&self, now: Instant) -> Vec<RelayedPair> {
         let t = self.table.load();
         let name = |id: &PeerId| {
-            t.names
+            t.by_id
                 .get(id)
-                .map_or_else(|| format!("{:016x}", id.0), |n| n.to_string())
+                .map_or_else(|| format!("{:016x}", id.0), |m| m.name.to_string())
         };
         let usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<RelayedPair> = usage
@@ -338,6 +345,22 @@ mod tests {
         to.recv_from(&mut buf).ok().map(|(n, _)| buf[..n].to_vec())
     }
 
+    fn member(n: &str, addr: SocketAddr, token: u64) -> Member {
+        Member {
+            name: name(n),
+            addr,
+            local: None,
+            token,
+        }
+    }
+
+    /// `RelaySendAuth` to node `to` with `token`.
+    fn datagram(to: &str, token: u64) -> Vec<u8> {
+        let mut d = pp::relay_send_auth_header(PeerId::of(&name(to)), token).to_vec();
+        d.extend_from_slice(b"\x40opaque quic");
+        d
+    }
+
     #[tokio::test]
     async fn forwards_only_between_nodes_in_session_and_says_who_sent() {
         let relay = Relay::default();
@@ -346,16 +369,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let (a, b) = (udp(), udp());
         let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
-        relay.set_members([(name("a"), a_addr, None), (name("b"), b_addr, None)]);
-        // Two sessions from one address: it names neither.
-        let twins = Relay::default();
-        twins.set_members([(name("a"), a_addr, None), (name("c"), a_addr, None)]);
-        assert!(twins.table.load().by_addr.is_empty());
-        let mut datagram = pp::relay_send_header(PeerId::of(&name("b"))).to_vec();
-        datagram.extend_from_slice(b"\x40opaque quic");
+        relay.set_members([member("a", a_addr, 11), member("b", b_addr, 22)]);
         let now = Instant::now();
 
-        relay.take(a_addr, &mut datagram.clone(), &*out, now);
+        relay.take(a_addr, &mut datagram("b", 11), &*out, now);
         let got = read(&b).unwrap_or_else(|| panic!("not forwarded: {:?}", relay.drops.all()));
         assert_eq!(
             pp::decode(&got).unwrap(),
@@ -371,13 +388,11 @@ mod tests {
         // The denied twins: an outsider's source, a destination not in session, a node
         // to itself, and the relay switched off. Nothing reaches b; each has its reason.
         let outsider: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        relay.take(outsider, &mut datagram.clone(), &*out, now);
-        let mut to_c = pp::relay_send_header(PeerId::of(&name("c"))).to_vec();
-        to_c.extend_from_slice(b"\x40x");
-        relay.take(a_addr, &mut to_c, &*out, now);
-        relay.take(b_addr, &mut datagram.clone(), &*out, now);
+        relay.take(outsider, &mut datagram("b", 11), &*out, now);
+        relay.take(a_addr, &mut datagram("c", 11), &*out, now);
+        relay.take(b_addr, &mut datagram("b", 22), &*out, now);
         relay.set_enabled(false);
-        relay.take(a_addr, &mut datagram.clone(), &*out, now);
+        relay.take(a_addr, &mut datagram("b", 11), &*out, now);
         assert_eq!(read(&b), None, "nothing else reached b");
         for reason in [
             RelayDrop::SenderNotInSession,
@@ -388,6 +403,40 @@ mod tests {
             assert_eq!(relay.drops.get(reason), 1, "{reason:?}");
         }
         assert_eq!(relay.forwarded.load(Ordering::Relaxed), 1);
+    }
+
+    /// Attack (review finding): the sender was known by its source address alone, so
+    /// anyone who knew (or guessed) a node's address could forge it and have the
+    /// coordinator send their bytes to that node's peers, spending the node's share. Now
+    /// the session's token is needed too: a forged source without it, with a wrong one, or
+    /// a token seen on the wire sent from another address, is dropped; a node's own
+    /// token from its own address goes through.
+    #[tokio::test]
+    async fn a_forged_source_without_the_sessions_token_is_not_relayed() {
+        let relay = Relay::default();
+        let out = quinn::TokioRuntime.wrap_udp_socket(udp()).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (a, b) = (udp(), udp());
+        let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        relay.set_members([member("a", a_addr, 11), member("b", b_addr, 22)]);
+        let now = Instant::now();
+        // a's address as source: a plain relay request (no token), a wrong token, and
+        // b's token (b is in session, but not at a's address).
+        let mut plain = pp::relay_send_header(PeerId::of(&name("b"))).to_vec();
+        plain.extend_from_slice(b"\x40forged");
+        relay.take(a_addr, &mut plain, &*out, now);
+        relay.take(a_addr, &mut datagram("b", 12), &*out, now);
+        relay.take(a_addr, &mut datagram("a", 22), &*out, now);
+        // a's token from elsewhere.
+        relay.take(b_addr, &mut datagram("b", 11), &*out, now);
+        assert_eq!(read(&b), None, "nothing forged reached b");
+        assert_eq!(read(&a), None, "nothing forged reached a");
+        assert_eq!(relay.drops.get(RelayDrop::NotRelaySend), 1);
+        assert_eq!(relay.drops.get(RelayDrop::SenderNotInSession), 3);
+        assert_eq!(relay.forwarded.load(Ordering::Relaxed), 0);
+        // The twin: a's token from a's address.
+        relay.take(a_addr, &mut datagram("b", 11), &*out, now);
+        assert!(read(&b).is_some(), "{:?}", relay.drops.all());
     }
 
     #[test]

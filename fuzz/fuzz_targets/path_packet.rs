@@ -1,7 +1,7 @@
 //! Path packet decoder (relay framing, probes): never panics; a decoded probe re-encodes
 //! to the same bytes (every field, padding and the address's unused bytes are checked on
-//! decode), a pong is never longer than a ping, and a relay header rewrite keeps the
-//! payload.
+//! decode), a pong is never longer than a ping, and a relay header rewrite (plain or
+//! authenticated) keeps the payload.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use quicmesh_protocol::path::{self as pp, PathPacket, PeerId, ProbeHead};
@@ -30,6 +30,14 @@ fuzz_target!(|data: &[u8]| {
             pp::relay_rewrite(&mut d, PeerId(7));
             assert_eq!(
                 pp::decode(&d).unwrap(),
+                Some(PathPacket::RelayRecv { from: PeerId(7), payload })
+            );
+        }
+        Ok(Some(PathPacket::RelaySendAuth { payload, .. })) => {
+            let mut d = data.to_vec();
+            let out = pp::relay_auth_rewrite(&mut d, PeerId(7)).to_vec();
+            assert_eq!(
+                pp::decode(&out).unwrap(),
                 Some(PathPacket::RelayRecv { from: PeerId(7), payload })
             );
         }

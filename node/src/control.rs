@@ -423,11 +423,17 @@ async fn session(
                         wg_coordinator = true;
                         node.apply_wg_clients(clients, true);
                     }
-                    ControlDown::SessionInfo { relay, nat } => {
+                    ControlDown::SessionInfo {
+                        relay,
+                        nat,
+                        relay_token,
+                    } => {
                         // Relayed datagrams go to the address this session runs to: the
                         // one this node's NAT already maps for it.
                         tracing::debug!(relay, nat, %coordinator, "session info");
-                        node.paths.set_coordinator_relay(relay.then_some(coordinator));
+                        node.paths.set_coordinator_relay(
+                            (relay && relay_token != 0).then_some((coordinator, relay_token)),
+                        );
                         node.paths.set_behind_nat(nat);
                     }
                     ControlDown::Features { http_traffic } => {

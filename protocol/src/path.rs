@@ -18,6 +18,12 @@
 //!   [`signed`] (type, version, direction, link, counter, ...) with the link's key:
 //!   nothing here holds keys. Version 1 probes (types 3 and 4: no counter, no direction)
 //!   are told apart by their type and refused.
+//! - `RelaySendAuth { to, token }` + payload: `RelaySend` to the coordinator's relay (of
+//!   last resort), with the token the coordinator gave the node's control session
+//!   ([`crate::wire::ControlDown::SessionInfo`]): the coordinator has no registration to
+//!   tell a sender by, and a source address alone can be forged. It delivers a plain
+//!   `RelayRecv` (8 bytes shorter: the header moves up over the token,
+//!   [`relay_auth_rewrite`]).
 //! - `Open` ([`OPENER`], 4 bytes): sent with a small TTL so that it opens the sender's own
 //!   NAT toward a peer and dies before the peer's; it carries nothing and a node that
 //!   receives one ignores it.
@@ -33,6 +39,8 @@ use crate::ident::NodeName;
 pub const MAGIC: [u8; 3] = [0x00, b'q', b'm'];
 /// Length of a relay header (magic, type, peer id).
 pub const RELAY_HEADER: usize = 12;
+/// Length of a `RelaySendAuth` header (magic, type, peer id, token).
+pub const RELAY_AUTH_HEADER: usize = RELAY_HEADER + 8;
 /// Length of a probe's authentication tag.
 pub const TAG_LEN: usize = 16;
 
@@ -47,6 +55,7 @@ const T_PONG_V1: u8 = 4;
 const T_PING: u8 = 5;
 const T_PONG: u8 = 6;
 const T_OPEN: u8 = 7;
+const T_RELAY_SEND_AUTH: u8 = 8;
 
 /// An opener: the whole datagram.
 pub const OPENER: [u8; 4] = [MAGIC[0], MAGIC[1], MAGIC[2], T_OPEN];
@@ -148,6 +157,11 @@ pub enum PathPacket<'a> {
     },
     RelayRecv {
         from: PeerId,
+        payload: &'a [u8],
+    },
+    RelaySendAuth {
+        to: PeerId,
+        token: u64,
         payload: &'a [u8],
     },
     Ping(Probe),
@@ -382,6 +396,21 @@ pub fn decode(d: &[u8]) -> Result<Option<PathPacket<'_>>, PathError> {
                 }
             }))
         }
+        T_RELAY_SEND_AUTH => {
+            if d.len() <= RELAY_AUTH_HEADER {
+                return Err(PathError::Short(d.len()));
+            }
+            let token = u64::from_be_bytes(
+                d[RELAY_HEADER..RELAY_AUTH_HEADER]
+                    .try_into()
+                    .unwrap_or_default(),
+            );
+            Ok(Some(PathPacket::RelaySendAuth {
+                to: id(d),
+                token,
+                payload: &d[RELAY_AUTH_HEADER..],
+            }))
+        }
         T_PING_V1 | T_PONG_V1 => Err(PathError::OldProbe(ty)),
         T_OPEN if d.len() == OPENER.len() => Ok(Some(PathPacket::Open)),
         T_OPEN => Err(PathError::Length {
@@ -511,6 +540,30 @@ pub fn relay_send_header(to: PeerId) -> [u8; RELAY_HEADER] {
     h[3] = T_RELAY_SEND;
     h[4..].copy_from_slice(&to.0.to_be_bytes());
     h
+}
+
+/// Writes a `RelaySendAuth { to, token }` header (for the coordinator's relay).
+pub fn relay_send_auth_header(to: PeerId, token: u64) -> [u8; RELAY_AUTH_HEADER] {
+    let mut h = [0u8; RELAY_AUTH_HEADER];
+    h[..3].copy_from_slice(&MAGIC);
+    h[3] = T_RELAY_SEND_AUTH;
+    h[4..RELAY_HEADER].copy_from_slice(&to.0.to_be_bytes());
+    h[RELAY_HEADER..].copy_from_slice(&token.to_be_bytes());
+    h
+}
+
+/// Turns a `RelaySendAuth` datagram into the `RelayRecv` the relay delivers: the header,
+/// rewritten, moves up over the token; returns the datagram to send (empty when
+/// `datagram` is shorter than the header).
+pub fn relay_auth_rewrite(datagram: &mut [u8], from: PeerId) -> &mut [u8] {
+    if datagram.len() < RELAY_AUTH_HEADER {
+        return &mut [];
+    }
+    let out = &mut datagram[RELAY_AUTH_HEADER - RELAY_HEADER..];
+    out[..3].copy_from_slice(&MAGIC);
+    out[3] = T_RELAY_RECV;
+    out[4..RELAY_HEADER].copy_from_slice(&from.0.to_be_bytes());
+    out
 }
 
 /// Turns a `RelaySend` datagram into the `RelayRecv` the relay delivers, in place.
@@ -771,6 +824,36 @@ mod tests {
                 payload: b"\x40quic"
             })
         );
+    }
+
+    #[test]
+    fn an_authenticated_relay_header_carries_its_token_and_delivers_a_plain_one() {
+        let (to, from) = (PeerId(2), PeerId(1));
+        let mut d = relay_send_auth_header(to, 0xfeed_beef).to_vec();
+        d.extend_from_slice(b"\x40quic");
+        assert_eq!(
+            decode(&d).unwrap(),
+            Some(PathPacket::RelaySendAuth {
+                to,
+                token: 0xfeed_beef,
+                payload: b"\x40quic"
+            })
+        );
+        let out = relay_auth_rewrite(&mut d, from).to_vec();
+        assert_eq!(out.len(), RELAY_HEADER + 5);
+        assert_eq!(
+            decode(&out).unwrap(),
+            Some(PathPacket::RelayRecv {
+                from,
+                payload: b"\x40quic"
+            })
+        );
+        // A header with nothing after it, or cut short, is refused; rewriting one gives
+        // nothing to send.
+        let bare = relay_send_auth_header(to, 1);
+        assert_eq!(decode(&bare), Err(PathError::Short(RELAY_AUTH_HEADER)));
+        assert_eq!(decode(&bare[..15]), Err(PathError::Short(15)));
+        assert!(relay_auth_rewrite(&mut bare.clone()[..15], from).is_empty());
     }
 
     #[test]

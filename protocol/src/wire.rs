@@ -496,6 +496,10 @@ pub enum ControlDown {
     SessionInfo {
         relay: bool,
         nat: bool,
+        /// What the node's datagrams to the coordinator's relay carry
+        /// ([`crate::path::PathPacket::RelaySendAuth`]): random per session, known only to
+        /// the two ends of this (TLS) session. Zero when `relay` is false.
+        relay_token: u64,
     },
 }
 

@@ -11,7 +11,7 @@ impl Mesh {
         node: &str,
         conn: quinn::Connection,
         kick: tokio::sync::mpsc::Sender<ControlDown>,
-        relayed: bool,
+        relay_token: Option<u64>,
     ) -> u64 {
         let id = self
             .next_session
@@ -23,7 +23,7 @@ impl Mesh {
                     id,
                     conn,
                     kick,
-                    relayed,
+                    relay_token,
                 },
             ) {
                 old.conn
@@ -281,10 +281,16 @@ impl Mesh {
         let members: Vec<_> = match self.sessions.lock() {
             Ok(m) => m
                 .iter()
-                .filter(|(_, s)| s.relayed)
+                // A closed session's address is no one's any more.
+                .filter(|(_, s)| s.conn.close_reason().is_none())
                 .filter_map(|(n, s)| {
                     let name = NodeName::new(n.as_str()).ok()?;
-                    Some((name, s.conn.remote_address(), s.conn.local_ip()))
+                    Some(crate::relay::Member {
+                        name,
+                        addr: s.conn.remote_address(),
+                        local: s.conn.local_ip(),
+                        token: s.relay_token?,
+                    })
                 })
                 .collect(),
             Err(_) => return,

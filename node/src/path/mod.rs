@@ -21,7 +21,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
-use quicmesh_protocol::path::{self as pp, PeerId, RELAY_HEADER};
+use quicmesh_protocol::path::{self as pp, PeerId, RELAY_AUTH_HEADER, RELAY_HEADER};
 use tokio::sync::mpsc;
 
 use crate::metrics::PathMetrics;
@@ -125,8 +125,9 @@ pub struct Paths {
     /// What the coordinator says of this node's NAT: 0 nothing yet (an older coordinator,
     /// or before the session), 1 none, 2 behind one. Openers are sent unless it said none.
     behind_nat: std::sync::atomic::AtomicU8,
-    /// The coordinator's address while its session is up and it relays (last resort).
-    coordinator_relay: ArcSwap<Option<SocketAddr>>,
+    /// The coordinator's address while its session is up and it relays (last resort),
+    /// and the session's token its relay requests carry.
+    coordinator_relay: ArcSwap<Option<(SocketAddr, u64)>>,
     /// When this node is a relay: the nodes registered with it, by id and by address.
     registry: ArcSwap<Registry>,
     /// When each registered node last proved its address with a fresh ping.
@@ -386,14 +387,32 @@ impl Paths {
         self.known.load().contains(&peer)
     }
 
-    /// The coordinator relays for this node at `addr` (its session's address), or no
-    /// longer (`None`: its session ended, or it does not relay).
-    pub fn set_coordinator_relay(&self, addr: Option<SocketAddr>) {
-        self.coordinator_relay.store(Arc::new(addr));
+    /// The coordinator relays for this node at `addr` (its session's address) for
+    /// datagrams carrying `token`, or no longer (`None`: its session ended, or it does
+    /// not relay).
+    pub fn set_coordinator_relay(&self, relay: Option<(SocketAddr, u64)>) {
+        self.coordinator_relay.store(Arc::new(relay));
     }
 
     pub fn coordinator_relay(&self) -> Option<SocketAddr> {
-        **self.coordinator_relay.load()
+        self.coordinator_relay.load().map(|(a, _)| a)
+    }
+
+    /// The header of a datagram for `to` through `relay`, and its length: the
+    /// coordinator's relay takes its session's token (`RelaySendAuth`), a relay node a
+    /// plain `RelaySend`.
+    pub fn relay_header(&self, relay: SocketAddr, to: PeerId) -> ([u8; RELAY_AUTH_HEADER], usize) {
+        let mut h = [0u8; RELAY_AUTH_HEADER];
+        match **self.coordinator_relay.load() {
+            Some((c, token)) if c == relay => {
+                h = pp::relay_send_auth_header(to, token);
+                (h, RELAY_AUTH_HEADER)
+            }
+            _ => {
+                h[..RELAY_HEADER].copy_from_slice(&pp::relay_send_header(to));
+                (h, RELAY_HEADER)
+            }
+        }
     }
 
     pub fn set_live_relays(&self, relays: Vec<(RelayName, SocketAddr)>) {
@@ -610,8 +629,9 @@ impl Paths {
                 };
             }
             Route::Relay { relay, to } => {
-                let mut v = Vec::with_capacity(RELAY_HEADER + datagram.len());
-                v.extend_from_slice(&quicmesh_protocol::path::relay_send_header(to));
+                let (h, n) = self.relay_header(relay, to);
+                let mut v = Vec::with_capacity(n + datagram.len());
+                v.extend_from_slice(&h[..n]);
                 v.extend_from_slice(datagram);
                 (relay, std::borrow::Cow::Owned(v))
             }

@@ -38,11 +38,11 @@ impl MeshSocket {
     /// Sends `t` wrapped for a relay, segment by segment.
     fn send_relayed(&self, t: &Transmit, relay: SocketAddr, to: pp::PeerId) -> io::Result<()> {
         let seg = t.segment_size.unwrap_or(t.contents.len()).max(1);
-        let header = pp::relay_send_header(to);
+        let (header, hlen) = self.paths.relay_header(relay, to);
         let n = t.contents.len().div_ceil(seg);
-        let mut buf = Vec::with_capacity(t.contents.len() + n * RELAY_HEADER);
+        let mut buf = Vec::with_capacity(t.contents.len() + n * hlen);
         for chunk in t.contents.chunks(seg) {
-            buf.extend_from_slice(&header);
+            buf.extend_from_slice(&header[..hlen]);
             buf.extend_from_slice(chunk);
         }
         self.paths.metrics.relayed_tx.inc_by(n as u64);
@@ -50,7 +50,7 @@ impl MeshSocket {
             destination: relay,
             ecn: None,
             contents: &buf,
-            segment_size: (n > 1).then_some(seg + RELAY_HEADER),
+            segment_size: (n > 1).then_some(seg + hlen),
             src_ip: None,
         })
     }
@@ -132,6 +132,8 @@ impl MeshSocket {
             Ok(Some(PathPacket::Open)) => {
                 m.openers_received.inc();
             }
+            // Meant for the coordinator's relay: a node never takes one.
+            Ok(Some(PathPacket::RelaySendAuth { .. })) => m.relay_dropped(RelayDrop::Malformed),
             Ok(None) => {}
             Err(e @ (pp::PathError::OldProbe(_) | pp::PathError::Version(_))) => {
                 m.probe_refused(e.refusal())
