@@ -226,7 +226,9 @@ impl MeshSocket {
             }
         }
         let n = len.div_ceil(stride);
-        let Some(to) = to.filter(|_| n <= self.inner.max_transmit_segments()) else {
+        // One send carries at most 64 KiB (the general path splits a larger read).
+        let fits = n <= self.inner.max_transmit_segments() && len <= usize::from(u16::MAX);
+        let Some(to) = to.filter(|_| fits) else {
             return false;
         };
         let reg = self.paths.registry.load();
@@ -664,6 +666,17 @@ mod tests {
                     payload: &vec![0x40 | i; n][..]
                 })
             );
+        }
+        // Not taken whole: datagrams for two destinations, or for a node not registered.
+        for segments in [&[1][..], &[0, 1, 2]] {
+            let mut mixed = buf.clone();
+            for i in segments {
+                mixed[i * stride..i * stride + RELAY_HEADER]
+                    .copy_from_slice(&pp::relay_send_header(pp::PeerId(3)));
+            }
+            let mut m = meta(a.local_addr().unwrap());
+            assert!(!s.forward_in_place(&mut mixed.clone(), &mut m));
+            assert_eq!(m.len, RELAY_HEADER * 3 + 240, "left as it came");
         }
         // The twin: the same read from an address no node registered.
         let stranger: SocketAddr = "127.0.0.1:9".parse().unwrap();
