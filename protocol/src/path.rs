@@ -853,7 +853,8 @@ mod tests {
         let bare = relay_send_auth_header(to, 1);
         assert_eq!(decode(&bare), Err(PathError::Short(RELAY_AUTH_HEADER)));
         assert_eq!(decode(&bare[..15]), Err(PathError::Short(15)));
-        assert!(relay_auth_rewrite(&mut bare.clone()[..15], from).is_empty());
+        let mut cut = bare;
+        assert!(relay_auth_rewrite(&mut cut[..15], from).is_empty());
     }
 
     #[test]
