@@ -52,6 +52,21 @@ fn load(path: &std::path::Path) -> Result<NodeConfig, ExitCode> {
     })
 }
 
+/// Raises the soft limit on open files to the hard one (as Go programs do): a node holds a
+/// socket per flow on both sides of a proxy, and a port-dependent NAT attempt opens 256
+/// spare sockets at once; 1,024, a common default soft limit, runs out under load.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "open files limit raised"),
+            Err(e) => tracing::warn!(error = %e, soft, "could not raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the open files limit"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -63,6 +78,9 @@ fn main() -> ExitCode {
         // Colour only on a terminal: logs redirected to files stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Cmd::Run { .. } = &cli.cmd {
+        raise_fd_limit();
+    }
     // `run` sizes the runtime from its config (`worker_threads`); other commands need one.
     let threads = match &cli.cmd {
         Cmd::Run { config } => match load(config) {
