@@ -260,6 +260,177 @@ fn n3_linux_nats_that_accept_packets_for_themselves_connect_directly() {
     drop((a, b, coord, net));
 }
 
+/// The race n3's openers and lead win, lost: a's first packet reached nat-b before any of
+/// b's toward a left, nat-b took it for itself, and its conntrack entry (UNREPLIED,
+/// refreshed by a's every ping) holds the tuple b's mapping toward a needs, so nat-b maps b
+/// to another port for a and each side's packets are dropped at the other's NAT. Both
+/// NATs are endpoint-independent (each node learns so from two open peers), so nothing
+/// about their mappings tells the nodes to do more than ping. The pair must still settle
+/// direct: still relayed at the port-dependent technique's time, both nodes open spare
+/// sockets (fresh ports) as well as spray. b's meet a's spray; a's never hear b's, since
+/// nat-b maps b's socket to the other port for every new destination after the held
+/// tuple. (With none opened, or only a's, the pair stayed relayed through the
+/// coordinator: seen.)
+///
+/// ```text
+///   home-a 198.18.90/24 -- nat-a (Linux, accepts for itself) -- edge-a 198.18.91 --+
+///   home-b 198.18.92/24 -- nat-b (Linux, accepts for itself) -- edge-b 198.18.93 --+- core
+///   dc 198.18.94/24: coordinator .10, open nodes o1 .20, o2 .21 -------------------+
+/// ```
+#[test]
+fn n7_a_nat_holding_the_tuple_its_mapping_needs_is_got_around_with_fresh_ports() {
+    let mesh = Mesh::new("n7");
+    let mut net = Net::new("n7", mesh.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    let home_a = net.lan("home-a", "198.18.90").unwrap();
+    let edge_a = net.lan("edge-a", "198.18.91").unwrap();
+    let home_b = net.lan("home-b", "198.18.92").unwrap();
+    let edge_b = net.lan("edge-b", "198.18.93").unwrap();
+    let dc = net.lan("dc", "198.18.94").unwrap();
+    net.router("core", &[(&dc, 1), (&edge_a, 1), (&edge_b, 1)])
+        .unwrap();
+    for (name, home, edge) in [("nat-a", &home_a, &edge_a), ("nat-b", &home_b, &edge_b)] {
+        let nat = net.router(name, &[(home, 1), (edge, 2)]).unwrap();
+        net.linux_nat(&nat).unwrap();
+        net.route(&nat, "default", &edge.addr(1)).unwrap();
+    }
+    let ns_coord = net.host("coord", &dc, 10, Some(1)).unwrap();
+    let ns_o1 = net.host("o1", &dc, 20, Some(1)).unwrap();
+    let ns_o2 = net.host("o2", &dc, 21, Some(1)).unwrap();
+    let ns_a = net.host("a", &home_a, 11, Some(1)).unwrap();
+    let ns_b = net.host("b", &home_b, 11, Some(1)).unwrap();
+    const PORT: u16 = 7800;
+    let nat_b_public = std::net::SocketAddr::from(([198, 18, 93, 2], PORT));
+
+    // The lost race, staged: a's socket's first datagram reaches nat-b, which takes it.
+    let taken_before = net.nat_input_udp(&net.ns("nat-b"));
+    in_ns(&ns_a, move || {
+        let s = std::net::UdpSocket::bind(("0.0.0.0", PORT))?;
+        s.send_to(b"first", nat_b_public)
+    })
+    .unwrap()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        net.nat_input_udp(&net.ns("nat-b")) - taken_before,
+        1,
+        "nat-b took a's datagram for itself"
+    );
+
+    let coord =
+        CoordinatorProc::start_in(&mesh, "1h", &ns_coord, IpAddr::from([198, 18, 94, 10])).unwrap();
+    assert!(coord.apply_policy(&mesh, POLICY).unwrap().status.success());
+    let node = |name: &str, ns: &str, upstreams: &[&str], port: Option<u16>| {
+        let echo = in_ns(ns, || echo_server().unwrap()).unwrap();
+        let mut spec = NodeSpec::new(name)
+            .on(ns)
+            .service(&format!("svc-{name}"), echo);
+        for u in upstreams {
+            spec = spec.upstream(&format!("svc-{u}"));
+        }
+        if let Some(p) = port {
+            spec = spec.listen_port(p);
+        }
+        NodeProc::start(&mesh, &coord, &spec).unwrap()
+    };
+    let _o1 = node("o1", &ns_o1, &[], None);
+    let _o2 = node("o2", &ns_o2, &[], None);
+    let a = node("a", &ns_a, &["o1", "o2", "b"], Some(PORT));
+    let b = node("b", &ns_b, &["o1", "o2"], Some(PORT));
+    coord.wait_all_acked(4, Duration::from_secs(20));
+    // Two open peers each: both nodes see their NAT keep one port for every destination.
+    for n in [&a, &b] {
+        for o in ["svc-o1", "svc-o2"] {
+            first_byte(n, o);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    // The staged entry still stands (UDP entries live 30 s unanswered).
+    let conntrack = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.ns("nat-b"),
+            "cat",
+            "/proc/net/nf_conntrack",
+        ])
+        .output()
+        .unwrap();
+    let held = format!("src=198.18.91.2 dst=198.18.93.2 sport={PORT} dport={PORT} [UNREPLIED]");
+    assert!(
+        String::from_utf8_lossy(&conntrack.stdout).contains(&held),
+        "nat-b holds {held}"
+    );
+
+    let t = first_byte(&a, "svc-b");
+    let start = Instant::now();
+    let (mut p, mut q) = (path(&a, "b"), path(&b, "a"));
+    while (p["via"] != "direct" || q["via"] != "direct")
+        && start.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        (p, q) = (path(&a, "b"), path(&b, "a"));
+    }
+    let metric = |n: &NodeProc, name: &str| {
+        quicmesh_netns_tests::net::metric(&n.metrics().unwrap(), name, &[])
+    };
+    println!(
+        "a -> b first byte {:.1} ms; a sees b {p} after {:.1} s, b sees a {q}; spare-socket \
+         attempts a {} b {}, won a {} b {}",
+        t.as_secs_f64() * 1e3,
+        start.elapsed().as_secs_f64(),
+        metric(&a, "quicmesh_path_spare_socket_attempts_total"),
+        metric(&b, "quicmesh_path_spare_socket_attempts_total"),
+        metric(&a, "quicmesh_path_spare_sockets_won_total"),
+        metric(&b, "quicmesh_path_spare_sockets_won_total"),
+    );
+    if p["via"] != "direct" {
+        // What the NATs hold between the two public addresses (the mappings and the
+        // entries they took for themselves).
+        for nat in ["nat-a", "nat-b"] {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &net.ns(nat),
+                    "cat",
+                    "/proc/net/nf_conntrack",
+                ])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    l.contains("udp") && l.contains("198.18.91.2") && l.contains("198.18.93.2")
+                })
+                .collect();
+            println!("{nat}: {} udp entries between the two", lines.len());
+            let mut shown: Vec<&&str> = lines.iter().filter(|l| l.contains("=7800 ")).collect();
+            shown.extend(lines.iter().filter(|l| !l.contains("=7800 ")).take(6));
+            for l in shown {
+                println!("  {l}");
+            }
+        }
+    }
+    assert_eq!(p["via"], "direct", "a -> b settled direct: {p}");
+    assert_eq!(q["via"], "direct", "b -> a settled direct: {q}");
+    // How: a spare socket (a port other than the node's own) carries one end.
+    let won = metric(&a, "quicmesh_path_spare_sockets_won_total")
+        + metric(&b, "quicmesh_path_spare_sockets_won_total");
+    assert!(won >= 1.0, "a spare socket got through");
+    let fresh_port = |v: &serde_json::Value| {
+        v["remote"]
+            .as_str()
+            .and_then(|r| r.parse::<std::net::SocketAddr>().ok())
+            .is_some_and(|r| r.port() != PORT)
+    };
+    assert!(
+        fresh_port(&p) || fresh_port(&q),
+        "one end is seen at a fresh port: {p} {q}"
+    );
+    drop((a, b, coord, net));
+}
+
 /// No relay node in the mesh: the coordinator, which every node reaches, relays a pair
 /// whose NATs cannot be punched, and a pair relayed through it only while their NATs block
 /// each other moves direct once they do not.

@@ -172,6 +172,10 @@ pub struct PathMetrics {
     /// openers that reached this node (their TTL outlived the path: harmless, counted).
     pub openers_sent: Counter,
     pub openers_received: Counter,
+    /// Port-dependent NAT attempts ([`crate::path`]'s spare sockets) made, and the
+    /// spare sockets that got through and carry a tunnel.
+    pub spare_attempts: Counter,
+    pub spare_won: Counter,
     relay_dropped: Family<ReasonLabels, Counter>,
     probes_refused: Family<ReasonLabels, Counter>,
     switches: Family<ReasonLabels, Counter>,
@@ -463,6 +467,16 @@ impl Metrics {
             "path_openers_received",
             "Openers that reached this node (their TTL outlived the way here; ignored)",
             p.openers_received.clone(),
+        );
+        registry.register(
+            "path_spare_socket_attempts",
+            "Attempts with spare sockets (a fresh port per socket) for a link still relayed",
+            p.spare_attempts.clone(),
+        );
+        registry.register(
+            "path_spare_sockets_won",
+            "Spare sockets an authenticated probe came through, which then carried the tunnel",
+            p.spare_won.clone(),
         );
         let w = &m.wg;
         registry.register(

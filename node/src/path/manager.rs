@@ -50,7 +50,7 @@ const TICK: Duration = Duration::from_millis(250);
 /// A relayed link still without a direct path this long tries the port-dependent NAT
 /// technique ([`punch`]); again after the backoff, doubling up to [`BIRTHDAY_BACKOFF_MAX`].
 const BIRTHDAY_AFTER: Duration = Duration::from_secs(3);
-const BIRTHDAY_BACKOFF: Duration = Duration::from_secs(30);
+const BIRTHDAY_BACKOFF: Duration = Duration::from_secs(10);
 const BIRTHDAY_BACKOFF_MAX: Duration = Duration::from_secs(600);
 /// Spray probes sent per tick.
 const SPRAY_PER_TICK: usize = 256;
@@ -260,8 +260,8 @@ impl Manager {
         self.publish(&view);
     }
 
-    /// The port-dependent NAT technique for relayed links ([`punch`]): the port-dependent
-    /// side opens spare sockets, the other side sprays; unknown does both.
+    /// The port-dependent NAT technique for relayed links ([`punch`]): both sides open
+    /// spare sockets, and the side whose NAT is not port-dependent sprays.
     fn birthday(&mut self, id: u64, view: &View, now: Instant) {
         let mine = mapping(&self.observed);
         let Some(l) = self.links.get_mut(&id) else {
@@ -290,15 +290,21 @@ impl Manager {
         let Some(public) = targets.first().map(|a| a.ip()) else {
             return;
         };
+        // Every side opens spare sockets, an endpoint-independent one too: still relayed,
+        // a NAT on the way most likely took the peer's first packet for itself and holds
+        // the tuple its own side's mapping needs (a Linux NAT accepting packets for
+        // itself, reached before its side's packets left; the peer's pings keep it
+        // alive). Linux then maps that side's socket to another port for every new
+        // destination, so neither side can tell whose NAT it is; the held side's spare
+        // sockets (fresh ports) meet the other side's spray.
         tracing::debug!(peer = %l.peer, ?mine, "trying the port-dependent NAT technique");
-        if mine != Mapping::EndpointIndependent {
-            let (prober, tx) = (l.prober.clone(), self.won_tx.clone());
-            tokio::spawn(async move {
-                if let Some(w) = punch::spare_sockets(prober, targets).await {
-                    let _ = tx.send(w).await;
-                }
-            });
-        }
+        self.paths.metrics.spare_attempts.inc();
+        let (prober, tx) = (l.prober.clone(), self.won_tx.clone());
+        tokio::spawn(async move {
+            if let Some(w) = punch::spare_sockets(prober, targets).await {
+                let _ = tx.send(w).await;
+            }
+        });
         if mine != Mapping::PortDependent {
             // Give the peer's spare sockets a moment to open their mappings first.
             l.spray = Some((public, punch::SPRAY, now + Duration::from_millis(500)));
@@ -313,6 +319,7 @@ impl Manager {
         match self.paths.add_extra(w.socket) {
             Ok(socket) => {
                 tracing::info!(from = %w.from, socket, "a spare socket got through a port-dependent NAT");
+                self.paths.metrics.spare_won.inc();
                 self.adopted.insert(socket, now);
                 self.incoming(
                     Incoming {
