@@ -172,7 +172,7 @@ pub struct PathMetrics {
     /// openers that reached this node (their TTL outlived the path: harmless, counted).
     pub openers_sent: Counter,
     pub openers_received: Counter,
-    /// Port-dependent NAT attempts ([`crate::path`]'s spare sockets) made, and the
+    /// Port-dependent NAT attempts (the path layer's spare sockets) made, and the
     /// spare sockets that got through and carry a tunnel.
     pub spare_attempts: Counter,
     pub spare_won: Counter,
