@@ -349,7 +349,7 @@ fn a_stock_wireguard_client_reaches_the_mesh_under_its_own_identity_and_policy()
         + st["gateway"]["cookies_sent"].as_u64().unwrap_or(0);
     assert!(refused >= sent * 9 / 10, "the flood was not counted: {st}");
     // Issue 18 asks for 0.9. Earlier VMs met it; the 2-vCPU VMs of 2026-12-01 (about
-    // half as fast) measured medians of 0.87-0.89 in five runs (and one pass), while a
+    // half as fast) measured medians of 0.87-0.89 in four runs of five, while a
     // lower shared handshake limit (100/s) changed nothing measurable, so the cost is the
     // flood's datagrams themselves (a cookie answered per initiation, and the kernel's
     // share), not Diffie-Hellman. Until that cost comes down the test holds 0.85 and
