@@ -90,7 +90,7 @@ async fn sim_node(
     let verifier =
         MeshServerVerifier::new(Some(trust), ServerExpect::Coordinator, Arc::new(|_| {}));
     let slot = CertSlot::with(vec![id.cert_der.clone()], &key.serialize_der())?;
-    let client = tls::client_config(Some(slot), verifier, ALPN_CONTROL)?;
+    let client = tls::client_config(Some(slot), verifier, ALPN_CONTROL, tls::KeyExchange::Hybrid)?;
     // Sessions are made again when they end, as a real node's session loop does (a
     // coordinator under a join storm may give up a handshake the node saw complete);
     // each remake is counted.

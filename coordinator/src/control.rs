@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quicmesh_node::frame::{read_frame, write_frame};
-use quicmesh_node::tls::{self, CertSlot, MeshClientVerifier};
+use quicmesh_node::tls::{self, CertSlot, KeyExchange, MeshClientVerifier};
 use quicmesh_protocol::cert::PeerIdentity;
 use quicmesh_protocol::wire::{ControlDown, ControlUp, Hello, ALPN_CONTROL};
 use tokio::sync::mpsc;
@@ -65,7 +65,8 @@ pub fn bind(mesh: &Arc<Mesh>, addr: SocketAddr) -> anyhow::Result<quinn::Endpoin
         Arc::new(|r| tracing::info!(reason = r.as_str(), "control client certificate refused")),
         EXPIRED_RENEWAL_GRACE_SECS,
     );
-    let mut cfg = tls::server_config(slot, verifier, ALPN_CONTROL)?;
+    // Hybrid: a node from before the hybrid (during an upgrade) still gets in, classically.
+    let mut cfg = tls::server_config(slot, verifier, ALPN_CONTROL, KeyExchange::Hybrid)?;
     cfg.transport_config(tls::control_transport());
     // Unlike tunnels (whose routes the nodes' path layer manages), a control connection
     // follows its node to a new address or NAT mapping: that is how the coordinator
@@ -112,7 +113,7 @@ const RESET_KEY_LEN: usize = 64;
 /// The keys a restarted coordinator needs to end its predecessor's connections.
 struct ResetKeys {
     /// Stateless-reset tokens are derived with it.
-    hmac: ring::hmac::Key,
+    hmac: aws_lc_rs::hmac::Key,
     /// Connection IDs are checked with it.
     cid_key: u64,
 }
@@ -143,7 +144,7 @@ fn reset_key(dir: &std::path::Path) -> anyhow::Result<ResetKeys> {
     let mut cid_key = [0u8; 8];
     cid_key.copy_from_slice(&cid[..8]);
     Ok(ResetKeys {
-        hmac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, hmac),
+        hmac: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, hmac),
         cid_key: u64::from_le_bytes(cid_key),
     })
 }
@@ -934,7 +935,8 @@ mod tests {
         let verifier =
             MeshServerVerifier::new(Some(trust), ServerExpect::Coordinator, Arc::new(|_| {}));
         let slot = CertSlot::with(vec![id.cert_der.clone()], &key.serialize_der()).unwrap();
-        let mut client = tls::client_config(Some(slot), verifier, ALPN_CONTROL).unwrap();
+        let mut client =
+            tls::client_config(Some(slot), verifier, ALPN_CONTROL, KeyExchange::Hybrid).unwrap();
         let mut t = quinn::TransportConfig::default();
         t.stream_receive_window(quinn::VarInt::from_u32(window));
         client.transport_config(Arc::new(t));

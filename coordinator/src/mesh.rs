@@ -1626,8 +1626,13 @@ mod tests {
             ServerExpect::PinnedCoordinator(mesh.ca.fingerprint()),
             Arc::new(|_| {}),
         );
-        let cfg =
-            tls::client_config(None, verifier, quicmesh_protocol::wire::ALPN_CONTROL).unwrap();
+        let cfg = tls::client_config(
+            None,
+            verifier,
+            quicmesh_protocol::wire::ALPN_CONTROL,
+            tls::KeyExchange::Hybrid,
+        )
+        .unwrap();
         let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         let connecting = client
             .connect_with(cfg, ep.local_addr().unwrap(), "coordinator")

@@ -161,7 +161,9 @@ impl RoguePeer {
         let slot = CertSlot::with(vec![cert.0], &cert.1).unwrap();
         // Unlike a node, the rogue resumes TLS sessions when the server lets it: a resumed
         // handshake would skip the server's client-certificate (and deny list) check.
-        let tls = tls::rustls_client_config(Some(slot), verifier, ALPN_TUNNEL).unwrap();
+        let tls =
+            tls::rustls_client_config(Some(slot), verifier, ALPN_TUNNEL, tls::KeyExchange::Hybrid)
+                .unwrap();
         let cfg = quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
         ));
@@ -264,7 +266,9 @@ pub async fn hostile_enrollers(
                     ServerExpect::PinnedCoordinator(ca_fingerprint),
                     Arc::new(|_| {}),
                 );
-                let cfg = tls::client_config(None, verifier, ALPN_CONTROL).unwrap();
+                let cfg =
+                    tls::client_config(None, verifier, ALPN_CONTROL, tls::KeyExchange::Hybrid)
+                        .unwrap();
                 while !*stop.borrow() {
                     let attempt = async {
                         let conn = ep

@@ -14,6 +14,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::control::unix_now;
 use crate::state::Node;
+use crate::tls;
 
 /// The status document `quicmesh-node status` prints.
 pub fn status_json(node: &Node) -> serde_json::Value {
@@ -35,6 +36,8 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "relay": p.relay,
                 "critical": p.critical,
                 "connected": conns.get(&p.node).is_some_and(|c| c.close_reason().is_none()),
+                // The tunnel's key exchange group, read from its handshake.
+                "key_exchange": conns.get(&p.node).filter(|c| c.close_reason().is_none()).and_then(tls::negotiated).map(tls::group_name),
                 "candidates": p.candidates.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
                 "path": conns.get(&p.node).filter(|c| c.close_reason().is_none()).map(|c| {
                     match node.path_status(&p.node) {
@@ -269,12 +272,16 @@ pub fn render_status(v: &serde_json::Value) -> String {
     let ctl = &v["control"];
     let _ = writeln!(
         o,
-        "control    {}{}",
+        "control    {}{}{}",
         if ctl["connected"].as_bool() == Some(true) {
             "connected"
         } else {
             "disconnected"
         },
+        ctl["key_exchange"]
+            .as_str()
+            .map(|k| format!(" (key exchange {k})"))
+            .unwrap_or_default(),
         ctl["last_error"]
             .as_str()
             .map(|e| format!(" ({e})"))
@@ -284,7 +291,7 @@ pub fn render_status(v: &serde_json::Value) -> String {
     for p in v["peers"].as_array().into_iter().flatten() {
         let _ = writeln!(
             o,
-            "  {:<20} {:<24} {:<10} {}",
+            "  {:<20} {:<24} {:<10} {:<15} {}",
             s(&p["node"]),
             s(&p["endpoint"]),
             if p["connected"].as_bool() == Some(true) {
@@ -292,6 +299,7 @@ pub fn render_status(v: &serde_json::Value) -> String {
             } else {
                 "idle"
             },
+            p["key_exchange"].as_str().unwrap_or("-"),
             p["services"]
         );
     }

@@ -291,6 +291,45 @@ fn one_or_many(v: toml::Value) -> Result<Vec<String>, String> {
     }
 }
 
+/// `[tls] key_exchange`: which key exchanges the node's handshakes (tunnels and the
+/// control session) may use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KeyExchange {
+    /// X25519MLKEM768 (post-quantum hybrid) preferred; classical X25519 only with a peer
+    /// that cannot do the hybrid (a node from before it, during an upgrade).
+    #[default]
+    Hybrid,
+    /// X25519MLKEM768 only: a classical handshake is refused, with the reason counted.
+    HybridOnly,
+    /// Classical groups only (X25519, P-256, P-384), as before the hybrid.
+    Classical,
+}
+
+impl KeyExchange {
+    pub const ALL: [KeyExchange; 3] = [Self::Hybrid, Self::HybridOnly, Self::Classical];
+
+    /// The config value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hybrid => "hybrid",
+            Self::HybridOnly => "hybrid-only",
+            Self::Classical => "classical",
+        }
+    }
+}
+
+impl std::str::FromStr for KeyExchange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!("{s:?} is not one of \"hybrid\", \"hybrid-only\", \"classical\"")
+            })
+    }
+}
+
 /// The checked node config.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -329,6 +368,8 @@ pub struct NodeConfig {
     /// everything on one thread (fewer cross-thread wake-ups: lower latency on small
     /// hosts).
     pub worker_threads: Option<usize>,
+    /// Key exchange on tunnels and the control session (`[tls] key_exchange`).
+    pub key_exchange: KeyExchange,
 }
 
 #[derive(Deserialize)]
@@ -360,6 +401,13 @@ struct Raw {
     #[serde(default)]
     relay: bool,
     worker_threads: Option<i64>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    key_exchange: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -971,6 +1019,10 @@ impl NodeConfig {
                     ))
                 }
             },
+            key_exchange: match raw.tls.and_then(|t| t.key_exchange) {
+                None => KeyExchange::default(),
+                Some(s) => s.parse().map_err(|e| err("tls.key_exchange", e))?,
+            },
         })
     }
 
@@ -1256,6 +1308,19 @@ fault = { delay = "100ms", delay_percent = 5 }"#,
         assert_eq!(e.key, "metrics");
         let e = parse(&format!("keepalive = \"30s\"\n{GOOD}")).unwrap_err();
         assert_eq!(e.key, "keepalive");
+        // [tls] key_exchange: hybrid by default; each mode by its name; anything else named.
+        assert_eq!(parse(GOOD).unwrap().key_exchange, KeyExchange::Hybrid);
+        for k in KeyExchange::ALL {
+            let c = parse(&format!(
+                "{GOOD}\n[tls]\nkey_exchange = \"{}\"\n",
+                k.as_str()
+            ));
+            assert_eq!(c.unwrap().key_exchange, k);
+        }
+        let e = parse(&format!("{GOOD}\n[tls]\nkey_exchange = \"kyber\"\n")).unwrap_err();
+        assert_eq!(e.key, "tls.key_exchange");
+        assert!(e.reason.contains("hybrid-only"), "{e}");
+        assert!(parse(&format!("{GOOD}\n[tls]\ngroups = [\"x\"]\n")).is_err());
         let e = parse(&format!("worker_threads = 999\n{GOOD}")).unwrap_err();
         assert_eq!(e.key, "worker_threads");
         assert_eq!(

@@ -136,8 +136,8 @@ async fn enroll_at(
         ServerExpect::PinnedCoordinator(token.ca_fingerprint),
         Arc::new(|_| {}),
     );
-    let client =
-        tls::client_config(None, verifier, ALPN_CONTROL).map_err(|e| transport(e.to_string()))?;
+    let client = tls::client_config(None, verifier, ALPN_CONTROL, cfg.key_exchange)
+        .map_err(|e| transport(e.to_string()))?;
     let conn = tokio::time::timeout(
         handshake,
         endpoint
@@ -232,6 +232,7 @@ pub async fn session_loop(node: Arc<Node>) {
         if let Ok(mut c) = node.control.lock() {
             c.connected = false;
             c.coordinator = None;
+            c.key_exchange = None;
         }
         match result {
             Ok(SessionEnd::Revoked(detail)) => {
@@ -293,8 +294,13 @@ async fn session(
         ServerExpect::Coordinator,
         Arc::new(|_| {}),
     );
-    let mut client = tls::client_config(Some(node.cert.clone()), verifier, ALPN_CONTROL)
-        .map_err(|e| e.to_string())?;
+    let mut client = tls::client_config(
+        Some(node.cert.clone()),
+        verifier,
+        ALPN_CONTROL,
+        node.cfg.key_exchange,
+    )
+    .map_err(|e| e.to_string())?;
     client.transport_config(tls::control_client_transport());
     let connecting = node
         .endpoint
@@ -341,10 +347,13 @@ async fn session(
             .await
             .map_err(|e| e.to_string())?;
     }
+    let group = tls::negotiated(&conn).map(tls::group_name);
+    node.metrics.handshake_completed("control", group);
     if let Ok(mut c) = node.control.lock() {
         c.connected = true;
         c.coordinator = Some(coordinator);
         c.last_error = None;
+        c.key_exchange = group;
     }
     tracing::info!(%coordinator, "control session up");
 

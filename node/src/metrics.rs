@@ -25,6 +25,14 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyExchangeLabels {
+    /// "tunnel" or "control".
+    session: &'static str,
+    /// The negotiated group ("X25519MLKEM768", "X25519", ...; "unknown" if not read).
+    group: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FlowLabels {
     src_service: String,
     dst_service: String,
@@ -221,6 +229,7 @@ pub struct Metrics {
     egress_accepted: Family<FlowLabels, Counter>,
     egress_rejected: Family<RejectLabels, Counter>,
     handshake_refused: Family<ReasonLabels, Counter>,
+    handshakes: Family<KeyExchangeLabels, Counter>,
     flows_closed: Family<ReasonLabels, Counter>,
     tunnels_closed: Family<ReasonLabels, Counter>,
     bytes: Family<DirLabels, Counter>,
@@ -279,6 +288,7 @@ impl Metrics {
             egress_accepted: Family::default(),
             egress_rejected: Family::default(),
             handshake_refused: Family::default(),
+            handshakes: Family::default(),
             flows_closed: Family::default(),
             tunnels_closed: Family::default(),
             bytes: Family::default(),
@@ -331,6 +341,11 @@ impl Metrics {
             "handshake_refused",
             "Peer certificates refused at the tunnel handshake, by reason",
             m.handshake_refused.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "Completed handshakes (tunnels and the control session), by negotiated key exchange group",
+            m.handshakes.clone(),
         );
         registry.register(
             "flows_closed",
@@ -643,6 +658,16 @@ impl Metrics {
             .get_or_create(&ReasonLabels {
                 reason: reason.into(),
             })
+            .inc();
+    }
+
+    /// A handshake completed on a `session` ("tunnel" or "control") with key exchange
+    /// `group` (None: not read from the handshake).
+    pub fn handshake_completed(&self, session: &'static str, group: Option<&'static str>) {
+        let group = group.unwrap_or("unknown");
+        self.reason(&format!("{session}_key_exchange"), group);
+        self.handshakes
+            .get_or_create(&KeyExchangeLabels { session, group })
             .inc();
     }
 

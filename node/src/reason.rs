@@ -265,6 +265,9 @@ reasons! {
         RelaySenderMismatch => "relay_sender_mismatch",
         /// The certificate is valid but its node is not in the applied view.
         PeerUnknown => "peer_unknown",
+        /// A hybrid-only node (`[tls] key_exchange = "hybrid-only"`) was offered no
+        /// post-quantum key exchange (X25519MLKEM768).
+        ClassicalKeyExchange => "classical_key_exchange",
     }
 }
 

@@ -204,6 +204,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>, StartError> {
         node.cert.clone(),
         verifier,
         quicmesh_protocol::wire::ALPN_TUNNEL,
+        node.cfg.key_exchange,
     )?));
 
     // Bind every listener before serving any, so a bad address fails startup whole.

@@ -51,6 +51,8 @@ pub struct ControlState {
     pub coordinator: Option<SocketAddr>,
     pub last_error: Option<String>,
     pub revoked: bool,
+    /// The session's negotiated key exchange group, while connected.
+    pub key_exchange: Option<&'static str>,
 }
 
 /// Addresses the node's listeners bound to.

@@ -20,6 +20,9 @@ use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use sha2::{Digest, Sha256};
 
+mod kx;
+pub use kx::{group_name, is_post_quantum, negotiated, Handshake, KeyExchange};
+
 /// Why a presented certificate was refused. Counted with these labels.
 pub use crate::reason::HandshakeRefusal as Refusal;
 
@@ -40,6 +43,13 @@ impl ToRustls for Refusal {
             | Refusal::WrongPeer
             | Refusal::RelaySenderMismatch
             | Refusal::PeerUnknown => CertificateError::ApplicationVerificationFailure,
+            // Refused by the certificate resolver, before any certificate is looked at;
+            // never reported through a verifier.
+            Refusal::ClassicalKeyExchange => {
+                return rustls::Error::PeerIncompatible(
+                    rustls::PeerIncompatible::NoKxGroupsInCommon,
+                )
+            }
         })
     }
 }
@@ -85,12 +95,15 @@ pub fn fingerprint(der: &[u8]) -> [u8; 32] {
     Sha256::digest(der).into()
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// aws-lc-rs, with the key exchange groups `mode` allows (most preferred first).
+fn provider(mode: KeyExchange) -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.kx_groups = kx::groups(mode);
+    Arc::new(p)
 }
 
 fn algs() -> WebPkiSupportedAlgorithms {
-    rustls::crypto::ring::default_provider().signature_verification_algorithms
+    rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
 }
 
 fn anchors_from(
@@ -405,7 +418,7 @@ impl CertSlot {
     pub fn set(&self, chain: Vec<Vec<u8>>, key_der: &[u8]) -> Result<(), TlsError> {
         let key = PrivateKeyDer::try_from(key_der.to_vec())
             .map_err(|e| TlsError::BadKey(e.to_string()))?;
-        let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
             .map_err(|e| TlsError::BadKey(e.to_string()))?;
         let chain = chain.into_iter().map(CertificateDer::from).collect();
         self.0
@@ -507,16 +520,26 @@ fn base_transport(streams: u32) -> quinn::TransportConfig {
     t
 }
 
-/// A QUIC server config: our certificate, client certificates verified by `verifier`.
+/// A QUIC server config: our certificate, client certificates verified by `verifier`,
+/// key exchange as `mode` allows (a classical client of a hybrid-only server is refused
+/// and reported to the verifier's refusal hook).
 pub fn server_config(
     cert: Arc<CertSlot>,
-    verifier: Arc<dyn ClientCertVerifier>,
+    verifier: Arc<MeshClientVerifier>,
     alpn: &[u8],
+    mode: KeyExchange,
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+    let on_refuse = verifier.on_refuse.clone();
+    let builder = rustls::ServerConfig::builder_with_provider(provider(mode))
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(cert);
+        .with_client_cert_verifier(verifier);
+    let mut tls = match mode {
+        KeyExchange::HybridOnly => builder.with_cert_resolver(Arc::new(kx::HybridOnly {
+            slot: cert,
+            on_refuse,
+        })),
+        _ => builder.with_cert_resolver(cert),
+    };
     tls.alpn_protocols = vec![alpn.to_vec()];
     tls.max_early_data_size = 0;
     // No session resumption: a resumed handshake skips the client certificate check, so a
@@ -526,7 +549,7 @@ pub fn server_config(
     tls.send_tls13_tickets = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(kx::ServerConfig(Arc::new(quic))));
     cfg.transport_config(transport());
     // A tunnel keeps the address it came up on; the path layer (authenticated probes)
     // decides where its datagrams really go, so QUIC must not move it on its own.
@@ -539,8 +562,9 @@ pub fn rustls_client_config(
     cert: Option<Arc<CertSlot>>,
     verifier: Arc<MeshServerVerifier>,
     alpn: &[u8],
+    mode: KeyExchange,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider(mode))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
@@ -552,19 +576,22 @@ pub fn rustls_client_config(
     Ok(tls)
 }
 
-/// A QUIC client config: `verifier` checks the server, `cert` (if any) is presented.
+/// A QUIC client config: `verifier` checks the server, `cert` (if any) is presented, the
+/// key exchange groups are those `mode` allows (the hybrid, X25519MLKEM768, offered first
+/// with an X25519 share beside it, so a classical server answers without a retry).
 pub fn client_config(
     cert: Option<Arc<CertSlot>>,
     verifier: Arc<MeshServerVerifier>,
     alpn: &[u8],
+    mode: KeyExchange,
 ) -> Result<quinn::ClientConfig, TlsError> {
-    let mut tls = rustls_client_config(cert, verifier, alpn)?;
+    let mut tls = rustls_client_config(cert, verifier, alpn, mode)?;
     // No resumption: a resumed handshake skips the server certificate check (see
     // `server_config`).
     tls.resumption = rustls::client::Resumption::disabled();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut cfg = quinn::ClientConfig::new(Arc::new(kx::ClientConfig(Arc::new(quic))));
     cfg.transport_config(transport());
     Ok(cfg)
 }

@@ -47,6 +47,7 @@ pub fn peer_client_config(node: &Arc<Node>) -> Result<quinn::ClientConfig, tls::
         Some(node.cert.clone()),
         verifier,
         quicmesh_protocol::wire::ALPN_TUNNEL,
+        node.cfg.key_exchange,
     )
 }
 
@@ -323,6 +324,8 @@ fn admit(node: &Arc<Node>, conn: &quinn::Connection) -> Option<Arc<PeerIdentity>
         return None;
     };
     let id = Arc::new(id);
+    node.metrics
+        .handshake_completed("tunnel", tls::negotiated(conn).map(tls::group_name));
     if let Some(old) = node.tunnels.register(id.clone(), conn) {
         tracing::info!(peer = %old.peer.node, "too many tunnels from one peer: closed the oldest");
         node.metrics.tunnel_closed(CloseReason::TooManyTunnels);

@@ -31,9 +31,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aws_lc_rs::hmac;
 use quicmesh_protocol::ident::NodeName;
 use quicmesh_protocol::path::{self as pp, Fresh, PathPacket, PeerId, ProbeGuard, ProbeRefusal};
-use ring::hmac;
 use tokio::sync::mpsc;
 
 use super::decide::{PathState, TickIn, TickOut, SEARCH_EVERY};

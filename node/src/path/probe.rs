@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use aws_lc_rs::hmac;
 use quicmesh_protocol::ident::NodeName;
 use quicmesh_protocol::path::{self as pp, Dir, Probe, ProbeHead, TAG_LEN};
-use ring::hmac;
 
 /// Signs and numbers one link's probes.
 #[derive(Debug, Clone)]
