@@ -171,7 +171,7 @@ fn measure(ops: u64, mut f: impl FnMut()) -> anyhow::Result<Histogram<u64>> {
 
 fn row(name: &str, h: &Histogram<u64>) -> serde_json::Value {
     println!(
-        "{name:<34} {:>8} {:>8} {:>8} {:>8}",
+        "{name:<42} {:>8} {:>8} {:>8} {:>8}",
         h.value_at_quantile(0.5),
         h.value_at_quantile(0.99),
         h.value_at_quantile(0.999),
@@ -201,7 +201,7 @@ fn policy_of(n: usize) -> anyhow::Result<Policy> {
 
 fn micro(ops: u64) -> anyhow::Result<Vec<serde_json::Value>> {
     println!(
-        "{:<34} {:>8} {:>8} {:>8} {:>8}   (ns per op)",
+        "{:<42} {:>8} {:>8} {:>8} {:>8}   (ns per op)",
         "case", "p50", "p99", "p99.9", "max"
     );
     let mut rows = Vec::new();
@@ -233,6 +233,60 @@ fn micro(ops: u64) -> anyhow::Result<Vec<serde_json::Value>> {
             ));
         })?;
         rows.push(row(&format!("policy evaluate ({} rules)", n + 1), &h));
+    }
+    // The tunnel's packet cipher (AES-GCM, one full QUIC datagram) in aws-lc-rs and in
+    // ring: the provider takes its cipher suites from the faster one here (node::tls).
+    let mut pkt = vec![0x5au8; 1350];
+    let aad = [0u8; 20];
+    for bits in [128usize, 256] {
+        let key_bytes = vec![7u8; bits / 8];
+        let alg = if bits == 128 {
+            &aws_lc_rs::aead::AES_128_GCM
+        } else {
+            &aws_lc_rs::aead::AES_256_GCM
+        };
+        let key =
+            aws_lc_rs::aead::LessSafeKey::new(aws_lc_rs::aead::UnboundKey::new(alg, &key_bytes)?);
+        let h = measure(ops, || {
+            let tag = key.seal_in_place_separate_tag(
+                aws_lc_rs::aead::Nonce::assume_unique_for_key([1u8; 12]),
+                aws_lc_rs::aead::Aad::from(&aad),
+                &mut pkt,
+            );
+            std::hint::black_box(tag.ok());
+        })?;
+        rows.push(row(&format!("AES-{bits}-GCM seal 1350 B (aws-lc-rs)"), &h));
+        let alg = if bits == 128 {
+            &ring::aead::AES_128_GCM
+        } else {
+            &ring::aead::AES_256_GCM
+        };
+        let key = ring::aead::LessSafeKey::new(
+            ring::aead::UnboundKey::new(alg, &key_bytes)
+                .map_err(|_| anyhow::anyhow!("ring key"))?,
+        );
+        let h = measure(ops, || {
+            let tag = key.seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key([1u8; 12]),
+                ring::aead::Aad::from(&aad),
+                &mut pkt,
+            );
+            std::hint::black_box(tag.ok());
+        })?;
+        rows.push(row(&format!("AES-{bits}-GCM seal 1350 B (ring)"), &h));
+    }
+    // A whole key exchange, both sides (client share, server's answer, client's secret):
+    // what each tunnel handshake computes.
+    use rustls::crypto::aws_lc_rs::kx_group::{X25519, X25519MLKEM768};
+    for (name, g) in [("X25519MLKEM768", X25519MLKEM768), ("X25519", X25519)] {
+        let h = measure((ops / 100).max(64), || {
+            let done = g.start().and_then(|client| {
+                let server = g.start_and_complete(client.pub_key())?;
+                client.complete(&server.pub_key)
+            });
+            std::hint::black_box(done.is_ok());
+        })?;
+        rows.push(row(&format!("key exchange {name} (both sides)"), &h));
     }
     Ok(rows)
 }

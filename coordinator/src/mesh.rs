@@ -407,6 +407,9 @@ pub struct NodeView {
     pub online: bool,
     /// Overlay addresses allocated to the node.
     pub overlay: Vec<IpAddr>,
+    /// The key exchange group of the node's control session with this replica
+    /// ("X25519MLKEM768" post-quantum, "X25519" classical), while it has one here.
+    pub control_key_exchange: Option<&'static str>,
 }
 
 /// A service instance as the API shows it.
@@ -1045,6 +1048,7 @@ impl Mesh {
             })
             .map(|r| NodeView {
                 online: self.online(&r.name),
+                control_key_exchange: self.session_key_exchange(&r.name),
                 overlay: r
                     .overlay_index
                     .and_then(|i| self.pools.addresses(i))

@@ -161,6 +161,13 @@ fn d1_dashboard_end_to_end_in_headless_chromium() {
         )
         .unwrap();
     }
+    // Each node's control session shows the key exchange it negotiated (the hybrid).
+    b.wait(
+        "web-1's control session key exchange shown",
+        "document.querySelector('#nodes tr[data-node=\"web-1\"]').textContent.includes('X25519MLKEM768')",
+        Duration::from_secs(5),
+    )
+    .unwrap();
     b.screenshot(&shots.join("nodes.png")).unwrap();
     b.goto(&format!("{base}/ui/services")).unwrap();
     for (svc, node) in [("api", "api-1"), ("web", "web-1"), ("batch", "batch-1")] {

@@ -140,6 +140,22 @@ fn tunnels_and_control_sessions_negotiate_the_hybrid_and_a_hybrid_only_node_refu
         ),
         1.0
     );
+    // The coordinator reads the same from its side of each session (the dashboard's
+    // node list shows it).
+    let nodes = coord.api_get("nodes").unwrap();
+    for (name, want) in [
+        ("web-1", "X25519MLKEM768"),
+        ("db-1", "X25519MLKEM768"),
+        ("legacy-1", "X25519"),
+    ] {
+        let n = nodes["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {nodes}"));
+        assert_eq!(n["control_key_exchange"], want, "{n}");
+    }
 
     // Mixed versions: the default node reaches the classical one, classically.
     assert_eventually("web -> legacy works", Duration::from_secs(10), || {

@@ -325,6 +325,13 @@ impl Mesh {
     pub fn online(&self, node: &str) -> bool {
         self.book().connected(node, now_ms())
     }
+
+    /// The key exchange group `node`'s control session with this replica negotiated,
+    /// read from its handshake (None: no session here).
+    pub fn session_key_exchange(&self, node: &str) -> Option<&'static str> {
+        let m = self.sessions.lock().ok()?;
+        quicmesh_node::tls::negotiated(&m.get(node)?.conn).map(quicmesh_node::tls::group_name)
+    }
 }
 
 /// How long a revoked node's session has to take its goodbye before its connection is
