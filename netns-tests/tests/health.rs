@@ -552,7 +552,15 @@ fn h4_an_instance_node_killed_without_a_goodbye_fails_no_request() {
     w.apis[0].kill();
     let offline_after = w.wait_routable(&["api-2", "api-3"], Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(2));
-    let after = stream.log_since(killed);
+    // A request api-1 had already taken when it was killed cannot be moved: its bytes went
+    // to the dead process, and L4 replays nothing once the first byte is forwarded. It
+    // fails when the client gives up (3 s; the client sends one request at a time, so the
+    // next one starts then). What must not fail, nor stall, is every request started
+    // after the kill. (CI once saw such an in-flight request: 1 of 576, 3.2 s.)
+    let (in_flight, after): (Vec<_>, Vec<_>) = stream
+        .log_since(killed)
+        .into_iter()
+        .partition(|(at, _, took)| at.checked_sub(*took).is_some_and(|s| s < killed));
     drop(stream);
     let failed: Vec<_> = after.iter().filter(|(_, r, _)| r.is_err()).collect();
     let longest = after
@@ -561,7 +569,12 @@ fn h4_an_instance_node_killed_without_a_goodbye_fails_no_request() {
         .max()
         .unwrap_or_default();
     let mut gap = Duration::ZERO;
-    let mut prev = killed;
+    let mut prev = in_flight
+        .iter()
+        .map(|(at, ..)| *at)
+        .max()
+        .unwrap_or(killed)
+        .max(killed);
     for (at, ..) in &after {
         gap = gap.max(at.saturating_duration_since(prev));
         prev = *at;
@@ -572,9 +585,10 @@ fn h4_an_instance_node_killed_without_a_goodbye_fails_no_request() {
         &[],
     );
     eprintln!(
-        "h4: {} requests after the kill, {} failed, longest {longest:?}, longest gap between answers {gap:?}, {silent} flows moved off the silent tunnel, coordinator took api-1 offline {offline_after:?} after the kill",
+        "h4: {} requests after the kill, {} failed, longest {longest:?}, longest gap between answers {gap:?}, {silent} flows moved off the silent tunnel, coordinator took api-1 offline {offline_after:?} after the kill; in flight at the kill: {:?}",
         after.len(),
-        failed.len()
+        failed.len(),
+        in_flight.iter().map(|(_, r, took)| (r, took)).collect::<Vec<_>>()
     );
     assert!(failed.is_empty(), "failed after the kill: {failed:?}");
     assert!(
@@ -582,7 +596,12 @@ fn h4_an_instance_node_killed_without_a_goodbye_fails_no_request() {
         "a request took {longest:?}"
     );
     assert!(gap < Duration::from_secs(1), "answers stalled for {gap:?}");
-    assert!(silent >= 1.0, "no flow found api-1's tunnel silent");
+    // A request still open on api-1 (in flight at the kill) counts as its load until its
+    // tunnel times out, so new flows go to api-2 without meeting the silent tunnel.
+    assert!(
+        silent >= 1.0 || !in_flight.is_empty(),
+        "no flow found api-1's tunnel silent"
+    );
     assert!(
         count(
             &after.iter().map(|(_, r, _)| r.clone()).collect::<Vec<_>>(),
