@@ -543,6 +543,19 @@ async fn session(
                 }
                 other => other,
             };
+            // A node that reports its tunnels (their key exchange groups, for the
+            // dashboard) is asked to.
+            let features = match features {
+                Ok(())
+                    if quicmesh_protocol::wire::announces(
+                        &hello.agent_version,
+                        quicmesh_protocol::wire::TUNNEL_REPORT,
+                    ) =>
+                {
+                    write_session(&mut send, &ControlDown::ReportTunnels).await
+                }
+                other => other,
+            };
             match features {
                 Err(e) => Err(e),
                 Ok(()) => {
@@ -752,6 +765,7 @@ async fn run_session(
                     ControlUp::HttpTraffic(routes) => mesh.report_http_traffic(&name, &services, routes),
                     ControlUp::HttpRoutes(routes) => mesh.report_http_routes(&name, &services, routes),
                     ControlUp::Gateway(report) => crate::mesh::blocking(|| mesh.report_gateway(&name, report)),
+                    ControlUp::Tunnels(report) => mesh.report_tunnels(&name, report),
                     ControlUp::Hello(_) | ControlUp::Enroll(_) => anyhow::bail!("unexpected message in session"),
                 }
             }

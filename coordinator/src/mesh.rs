@@ -177,6 +177,9 @@ pub struct Mesh {
     /// What each gateway node last reported of its WireGuard side (key, port, clients).
     /// Each gateway node's last report, and when it came (Unix seconds).
     gateways: Mutex<HashMap<String, (quicmesh_protocol::wire::GatewayReport, i64)>>,
+    /// Each node's open tunnels and their key exchange groups, as its session with this
+    /// replica last reported them (gone with the session).
+    tunnels: Mutex<HashMap<String, Vec<TunnelView>>>,
     /// The WireGuard clients nodes were last told about, and the catalog version they
     /// were read at: read once per published version, not once per session.
     wg_published: Mutex<Option<(u64, Arc<Vec<quicmesh_protocol::wg::WgClient>>)>>,
@@ -410,6 +413,17 @@ pub struct NodeView {
     /// The key exchange group of the node's control session with this replica
     /// ("X25519MLKEM768" post-quantum, "X25519" classical), while it has one here.
     pub control_key_exchange: Option<&'static str>,
+    /// The node's open tunnels and the key exchange group of each, as the node reported
+    /// them to this replica (empty when its session is elsewhere or it reports none).
+    pub tunnels: Vec<TunnelView>,
+}
+
+/// One of a node's open tunnels, as the node reported it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TunnelView {
+    pub peer: String,
+    /// "X25519MLKEM768", "X25519", "secp256r1", "secp384r1", or "unknown".
+    pub key_exchange: &'static str,
 }
 
 /// A service instance as the API shows it.
@@ -509,6 +523,7 @@ impl Mesh {
             http_traffic: Mutex::new(HashMap::new()),
             http_routes: Mutex::new(HashMap::new()),
             gateways: Mutex::new(HashMap::new()),
+            tunnels: Mutex::new(HashMap::new()),
             wg_published: Mutex::new(None),
             traffic_tx: watch::channel(0).0,
             policy: ArcSwap::from_pointee(policy),
@@ -1049,6 +1064,7 @@ impl Mesh {
             .map(|r| NodeView {
                 online: self.online(&r.name),
                 control_key_exchange: self.session_key_exchange(&r.name),
+                tunnels: self.tunnels_of(&r.name),
                 overlay: r
                     .overlay_index
                     .and_then(|i| self.pools.addresses(i))

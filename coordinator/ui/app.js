@@ -129,6 +129,22 @@ async function overview() {
   );
 }
 
+// A node's key exchange: its control session's group and its tunnels' (post-quantum
+// X25519MLKEM768, or the classical peers by name), each read from its handshake.
+function kxCell(n) {
+  const t = n.tunnels || [];
+  const pq = t.filter(x => x.key_exchange === "X25519MLKEM768").length;
+  const classical = t.filter(x => x.key_exchange !== "X25519MLKEM768");
+  const parts = ["control " + (n.control_key_exchange || "-")];
+  if (t.length) {
+    parts.push("tunnels: " + pq + " post-quantum" + (classical.length
+      ? ", " + classical.map(x => x.peer + " " + x.key_exchange).join(", ")
+      : ""));
+  }
+  const allPq = n.control_key_exchange === "X25519MLKEM768" && classical.length === 0;
+  return el("td", { class: allPq ? "ok" : "" }, parts.join("; "));
+}
+
 async function nodes() {
   const r = await api("/nodes");
   const list = r.body.nodes.filter(n => !n.revoked_at);
@@ -147,7 +163,7 @@ async function nodes() {
         el("td", {}, n.endpoint || "-"),
         el("td", {}, (n.overlay || []).join(", ")),
         el("td", {}, n.agent_version || "-"),
-        el("td", { class: n.control_key_exchange === "X25519MLKEM768" ? "ok" : "" }, n.control_key_exchange || "-"),
+        kxCell(n),
         el("td", {}, inDays(n.cert_not_after)),
         el("td", {}, n.acked_version),
         el("td", {}, ago(n.last_seen)),

@@ -172,6 +172,32 @@ fn tunnels_and_control_sessions_negotiate_the_hybrid_and_a_hybrid_only_node_refu
         ),
         1.0
     );
+    // Each node reports its tunnels' groups with its status (the dashboard's node list):
+    // web-1 holds a hybrid tunnel to db-1 and a classical one to legacy-1.
+    assert_eventually("web-1's tunnels reported", Duration::from_secs(20), || {
+        let nodes = coord.api_get("nodes")?;
+        let web = nodes["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["name"] == "web-1")
+            .context("web-1 listed")?;
+        let group = |peer: &str| {
+            web["tunnels"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|t| t["peer"] == peer)
+                .map(|t| t["key_exchange"].clone())
+        };
+        ensure!(
+            group("db-1") == Some("X25519MLKEM768".into())
+                && group("legacy-1") == Some("X25519".into()),
+            "web-1 reported {}",
+            web["tunnels"]
+        );
+        Ok(())
+    });
 
     // The classical node to the hybrid-only one: refused at the handshake, counted with
     // its reason at db-1, though policy allows legacy -> db (its twin, web -> db, passed).

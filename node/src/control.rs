@@ -271,6 +271,26 @@ fn retry_delay(failures: usize, addrs: usize, first: Duration, max: Duration) ->
     first.saturating_mul(1 << rounds).min(max)
 }
 
+/// The open tunnels and their key exchange groups, for the coordinator's dashboard.
+fn tunnel_report(node: &Node) -> Vec<quicmesh_protocol::wire::TunnelReport> {
+    let mut v: Vec<_> = node
+        .tunnels
+        .selected()
+        .into_iter()
+        .filter(|(_, c)| c.close_reason().is_none())
+        .map(|(peer, c)| quicmesh_protocol::wire::TunnelReport {
+            peer,
+            key_exchange: tls::negotiated(&c)
+                .map(tls::group_name)
+                .unwrap_or_default()
+                .to_string(),
+        })
+        .collect();
+    v.sort_by(|a, b| a.peer.cmp(&b.peer));
+    v.truncate(quicmesh_protocol::wire::MAX_TUNNEL_REPORTS);
+    v
+}
+
 fn status(node: &Node) -> StatusReport {
     let (accepted, rejected, active) = node.metrics.totals();
     StatusReport {
@@ -328,12 +348,13 @@ async fn session(
         have_version: node.view().version,
         // The version, and the wire layouts this node decodes beyond the first.
         agent_version: format!(
-            "{}; {}; {}; {}; {}",
+            "{}; {}; {}; {}; {}; {}",
             env!("CARGO_PKG_VERSION"),
             quicmesh_protocol::policy::POLICY_LAYOUT_2,
             quicmesh_protocol::wire::HTTP_TRAFFIC,
             quicmesh_protocol::wire::WG_CLIENTS,
-            quicmesh_protocol::wire::SESSION_INFO
+            quicmesh_protocol::wire::SESSION_INFO,
+            quicmesh_protocol::wire::TUNNEL_REPORT
         ),
     };
     write_frame(&mut send, &ControlUp::Hello(hello))
@@ -376,6 +397,7 @@ async fn session(
     // Whether the coordinator asked for HTTP route reports (a coordinator that does not
     // know them never asks, and is never sent one).
     let mut http_traffic_wanted = false;
+    let mut tunnels_wanted = false;
     // Whether the coordinator knows WireGuard clients (it sent them), and whether this
     // session told it about this node's gateway yet.
     let mut wg_coordinator = false;
@@ -454,6 +476,7 @@ async fn session(
                             write_frame(&mut send, &ControlUp::HttpRoutes(routes)).await.map_err(|e| e.to_string())?;
                         }
                     }
+                    ControlDown::ReportTunnels => tunnels_wanted = true,
                     ControlDown::Goodbye { revoked: true, detail } => return Ok(SessionEnd::Revoked(detail)),
                     ControlDown::Goodbye { revoked: false, detail } => return Err(format!("coordinator said goodbye: {detail}")),
                     other => return Err(format!("unexpected control message {other:?}")),
@@ -473,6 +496,9 @@ async fn session(
                 if let (true, Some(g)) = (wg_coordinator, node.gateway.get()) {
                     write_frame(&mut send, &ControlUp::Gateway(g.report())).await.map_err(|e| e.to_string())?;
                     gateway_reported = true;
+                }
+                if tunnels_wanted {
+                    write_frame(&mut send, &ControlUp::Tunnels(tunnel_report(node))).await.map_err(|e| e.to_string())?;
                 }
                 if http_traffic_wanted {
                     let routes = node.metrics.traffic.http_report();

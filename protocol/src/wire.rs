@@ -221,7 +221,26 @@ pub enum ControlUp {
     /// client's state. Sent only to a coordinator that announced [`WG_CLIENTS`] support
     /// (it answers a node's [`WG_CLIENTS`] announcement with [`ControlDown::WgClients`]).
     Gateway(GatewayReport),
+    /// This node's open tunnels and the key exchange group each negotiated, at most
+    /// [`MAX_TUNNEL_REPORTS`]; sent with status reports only to a coordinator that asked
+    /// ([`ControlDown::ReportTunnels`]).
+    Tunnels(Vec<TunnelReport>),
 }
+
+/// One of a node's open tunnels, as the node read it from the tunnel's handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelReport {
+    pub peer: NodeName,
+    /// The key exchange group ("X25519MLKEM768", "X25519", ...); empty when not read.
+    pub key_exchange: String,
+}
+
+/// Most tunnels one [`ControlUp::Tunnels`] carries (the report fits a control frame).
+pub const MAX_TUNNEL_REPORTS: usize = 512;
+
+/// A node's `Hello` agent version carries this when it reports its tunnels
+/// ([`ControlUp::Tunnels`]) to a coordinator that asks ([`ControlDown::ReportTunnels`]).
+pub const TUNNEL_REPORT: &str = "tunnels=1";
 
 /// A WireGuard gateway as its node reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -501,6 +520,9 @@ pub enum ControlDown {
         /// the two ends of this (TLS) session. Zero when `relay` is false.
         relay_token: u64,
     },
+    /// Send [`ControlUp::Tunnels`] with status reports; sent at session start only to a
+    /// node that announced [`TUNNEL_REPORT`].
+    ReportTunnels,
 }
 
 impl Message for ControlDown {
@@ -888,6 +910,21 @@ mod tests {
         });
         let len = encode(&up).len();
         assert!(len <= ControlUp::MAX_LEN, "{len} bytes");
+    }
+
+    #[test]
+    fn a_full_tunnel_report_fits_a_control_frame() {
+        let up = ControlUp::Tunnels(
+            (0..MAX_TUNNEL_REPORTS)
+                .map(|i| TunnelReport {
+                    peer: NodeName::new(format!("{i:0>63}")).unwrap(),
+                    key_exchange: "X25519MLKEM768".into(),
+                })
+                .collect(),
+        );
+        let len = encode(&up).len();
+        assert!(len <= ControlUp::MAX_LEN, "{len} bytes");
+        assert_eq!(decode::<ControlUp>(&encode(&up)).unwrap(), up);
     }
 
     #[test]

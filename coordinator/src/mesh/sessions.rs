@@ -50,6 +50,10 @@ impl Mesh {
         };
         // Store calls (and `changed`, which may read every session) without the lock.
         if ended {
+            self.tunnels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(node);
             let t = now_ms();
             self.book().session_ended(node, t);
             if let Err(e) = self.store.live_ended(node, &self.replica, t) {
@@ -324,6 +328,42 @@ impl Mesh {
     /// True when `node` has a live control session (on any live replica).
     pub fn online(&self, node: &str) -> bool {
         self.book().connected(node, now_ms())
+    }
+
+    /// Keeps what `node` reported of its tunnels (at most
+    /// [`quicmesh_protocol::wire::MAX_TUNNEL_REPORTS`]; a group name outside the known
+    /// ones is kept as "unknown").
+    pub fn report_tunnels(
+        &self,
+        node: &str,
+        mut report: Vec<quicmesh_protocol::wire::TunnelReport>,
+    ) {
+        report.truncate(quicmesh_protocol::wire::MAX_TUNNEL_REPORTS);
+        const KNOWN: [&str; 4] = ["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"];
+        let views = report
+            .into_iter()
+            .map(|t| crate::mesh::TunnelView {
+                peer: t.peer.to_string(),
+                key_exchange: KNOWN
+                    .into_iter()
+                    .find(|k| *k == t.key_exchange)
+                    .unwrap_or("unknown"),
+            })
+            .collect();
+        self.tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), views);
+    }
+
+    /// What `node` last reported of its tunnels to this replica, while its session is here.
+    pub fn tunnels_of(&self, node: &str) -> Vec<crate::mesh::TunnelView> {
+        self.tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The key exchange group `node`'s control session with this replica negotiated,
