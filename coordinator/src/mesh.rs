@@ -856,7 +856,13 @@ impl Mesh {
             self.store.put_live(&row)?;
         }
         self.changed_with(true)?;
-        if let Some(s) = self.sessions.lock().ok().and_then(|mut m| m.remove(name)) {
+        if let Some(s) = self.sessions.lock().ok().and_then(|mut m| {
+            self.tunnels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+            m.remove(name)
+        }) {
             s.end_revoked();
         }
         // Its traffic stays (what happened, happened); its routes no longer route, and
@@ -1635,12 +1641,13 @@ mod tests {
         assert_eq!(mesh.drops.punch.get(PunchDrop::Duplicate), 0);
     }
 
-    #[tokio::test]
-    async fn a_punch_flood_from_one_node_is_passed_on_once_per_window_and_counted() {
+    /// A real loopback control connection to `mesh`'s listener: both endpoints (kept
+    /// open by the caller) and the coordinator's side of the connection.
+    async fn control_connection(
+        mesh: &Arc<Mesh>,
+    ) -> (quinn::Endpoint, quinn::Endpoint, quinn::Connection) {
         use quicmesh_node::tls::{self, MeshServerVerifier, ServerExpect};
-        let (_dir, mesh) = mesh();
-        // A live session for the target, over a real loopback connection.
-        let ep = crate::control::bind(&mesh, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let ep = crate::control::bind(mesh, "127.0.0.1:0".parse().unwrap()).unwrap();
         let verifier = MeshServerVerifier::new(
             None,
             ServerExpect::PinnedCoordinator(mesh.ca.fingerprint()),
@@ -1660,6 +1667,47 @@ mod tests {
         let (_c, server) = tokio::join!(connecting, async {
             ep.accept().await.unwrap().await.unwrap()
         });
+        (ep, client, server)
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_report_is_kept_bounded_and_only_while_its_session_is() {
+        use quicmesh_protocol::wire::{TunnelReport, MAX_TUNNEL_REPORTS};
+        let (_dir, mesh) = mesh();
+        let report = |n: usize| -> Vec<TunnelReport> {
+            (0..n)
+                .map(|i| TunnelReport {
+                    peer: NodeName::new(format!("p{i}")).unwrap(),
+                    key_exchange: if i == 0 { "X25519MLKEM768" } else { "bogus" }.into(),
+                })
+                .collect()
+        };
+        // No session here: nothing kept.
+        mesh.report_tunnels("db-1", report(2));
+        assert!(mesh.tunnels_of("db-1").is_empty());
+        let (_ep, _client, server) = control_connection(&mesh).await;
+        let (kick, _pushed) = tokio::sync::mpsc::channel(4);
+        let sid = mesh.register_session("db-1", server, kick, Some(1));
+        // Kept, cut to the most a node sends, unknown group names named so.
+        mesh.report_tunnels("db-1", report(MAX_TUNNEL_REPORTS * 4));
+        let t = mesh.tunnels_of("db-1");
+        assert_eq!(t.len(), MAX_TUNNEL_REPORTS);
+        assert_eq!(
+            (t[0].key_exchange, t[1].key_exchange),
+            ("X25519MLKEM768", "unknown")
+        );
+        // Gone with the session, and a late frame of it is not kept.
+        mesh.end_session("db-1", sid);
+        assert!(mesh.tunnels_of("db-1").is_empty());
+        mesh.report_tunnels("db-1", report(2));
+        assert!(mesh.tunnels_of("db-1").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_punch_flood_from_one_node_is_passed_on_once_per_window_and_counted() {
+        let (_dir, mesh) = mesh();
+        // A live session for the target, over a real loopback connection.
+        let (ep, _client, server) = control_connection(&mesh).await;
         let (kick, mut pushed) = tokio::sync::mpsc::channel(4);
         mesh.register_session("db-1", server, kick, Some(1));
         // The flooder points its candidates at a victim and asks again and again.

@@ -103,6 +103,7 @@ mod layers {
         ("metrics", include_str!("metrics.rs")),
         ("telemetry", include_str!("telemetry.rs")),
         ("tls", include_str!("tls.rs")),
+        ("tls", include_str!("tls/kx.rs")),
         ("registry", include_str!("registry.rs")),
         ("flow", include_str!("flow.rs")),
         ("path", include_str!("path/mod.rs")),

@@ -45,15 +45,19 @@ impl Mesh {
     /// Removes a session if it is still the registered one.
     pub fn end_session(&self, node: &str, id: u64) {
         let ended = match self.sessions.lock() {
-            Ok(mut m) if m.get(node).is_some_and(|s| s.id == id) => m.remove(node).is_some(),
+            Ok(mut m) if m.get(node).is_some_and(|s| s.id == id) => {
+                // Under the sessions lock (as `report_tunnels` inserts): a report that
+                // arrives late cannot outlive the session.
+                self.tunnels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(node);
+                m.remove(node).is_some()
+            }
             _ => false,
         };
         // Store calls (and `changed`, which may read every session) without the lock.
         if ended {
-            self.tunnels
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(node);
             let t = now_ms();
             self.book().session_ended(node, t);
             if let Err(e) = self.store.live_ended(node, &self.replica, t) {
@@ -330,18 +334,14 @@ impl Mesh {
         self.book().connected(node, now_ms())
     }
 
-    /// Keeps what `node` reported of its tunnels (at most
-    /// [`quicmesh_protocol::wire::MAX_TUNNEL_REPORTS`]; a group name outside the known
-    /// ones is kept as "unknown").
-    pub fn report_tunnels(
-        &self,
-        node: &str,
-        mut report: Vec<quicmesh_protocol::wire::TunnelReport>,
-    ) {
-        report.truncate(quicmesh_protocol::wire::MAX_TUNNEL_REPORTS);
+    /// Keeps what `node` reported of its tunnels while it has a session here (at most
+    /// [`quicmesh_protocol::wire::MAX_TUNNEL_REPORTS`], in a new allocation whatever the
+    /// frame held; a group name outside the known ones is kept as "unknown").
+    pub fn report_tunnels(&self, node: &str, report: Vec<quicmesh_protocol::wire::TunnelReport>) {
         const KNOWN: [&str; 4] = ["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"];
-        let views = report
-            .into_iter()
+        let views: Vec<crate::mesh::TunnelView> = report
+            .iter()
+            .take(quicmesh_protocol::wire::MAX_TUNNEL_REPORTS)
             .map(|t| crate::mesh::TunnelView {
                 peer: t.peer.to_string(),
                 key_exchange: KNOWN
@@ -350,10 +350,15 @@ impl Mesh {
                     .unwrap_or("unknown"),
             })
             .collect();
-        self.tunnels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_string(), views);
+        // A replaced session's late frame, after the node's last session here ended, would
+        // otherwise stay: kept only while a session is registered (see `end_session`).
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions.contains_key(node) {
+            self.tunnels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node.to_string(), views);
+        }
     }
 
     /// What `node` last reported of its tunnels to this replica, while its session is here.
