@@ -37,7 +37,7 @@ pub fn status_json(node: &Node) -> serde_json::Value {
                 "critical": p.critical,
                 "connected": conns.get(&p.node).is_some_and(|c| c.close_reason().is_none()),
                 // The tunnel's key exchange group, read from its handshake.
-                "key_exchange": conns.get(&p.node).filter(|c| c.close_reason().is_none()).and_then(tls::negotiated).map(tls::group_name),
+                "key_exchange": conns.get(&p.node).filter(|c| c.close_reason().is_none()).and_then(tls::negotiated),
                 "candidates": p.candidates.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
                 "path": conns.get(&p.node).filter(|c| c.close_reason().is_none()).map(|c| {
                     match node.path_status(&p.node) {

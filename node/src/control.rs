@@ -280,10 +280,7 @@ fn tunnel_report(node: &Node) -> Vec<quicmesh_protocol::wire::TunnelReport> {
         .filter(|(_, c)| c.close_reason().is_none())
         .map(|(peer, c)| quicmesh_protocol::wire::TunnelReport {
             peer,
-            key_exchange: tls::negotiated(&c)
-                .map(tls::group_name)
-                .unwrap_or_default()
-                .to_string(),
+            key_exchange: tls::negotiated(&c).unwrap_or_default().to_string(),
         })
         .collect();
     v.sort_by(|a, b| a.peer.cmp(&b.peer));
@@ -368,7 +365,7 @@ async fn session(
             .await
             .map_err(|e| e.to_string())?;
     }
-    let group = tls::negotiated(&conn).map(tls::group_name);
+    let group = tls::negotiated(&conn);
     node.metrics.handshake_completed("control", group);
     if let Ok(mut c) = node.control.lock() {
         c.connected = true;

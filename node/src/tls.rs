@@ -21,7 +21,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use sha2::{Digest, Sha256};
 
 mod kx;
-pub use kx::{group_name, is_post_quantum, negotiated, Handshake, KeyExchange};
+pub use kx::{group_name, negotiated, Handshake, KeyExchange, GROUP_NAMES};
 
 /// Why a presented certificate was refused. Counted with these labels.
 pub use crate::reason::HandshakeRefusal as Refusal;

@@ -325,7 +325,7 @@ fn admit(node: &Arc<Node>, conn: &quinn::Connection) -> Option<Arc<PeerIdentity>
     };
     let id = Arc::new(id);
     node.metrics
-        .handshake_completed("tunnel", tls::negotiated(conn).map(tls::group_name));
+        .handshake_completed("tunnel", tls::negotiated(conn));
     if let Some(old) = node.tunnels.register(id.clone(), conn) {
         tracing::info!(peer = %old.peer.node, "too many tunnels from one peer: closed the oldest");
         node.metrics.tunnel_closed(CloseReason::TooManyTunnels);

@@ -338,13 +338,12 @@ impl Mesh {
     /// [`quicmesh_protocol::wire::MAX_TUNNEL_REPORTS`], in a new allocation whatever the
     /// frame held; a group name outside the known ones is kept as "unknown").
     pub fn report_tunnels(&self, node: &str, report: Vec<quicmesh_protocol::wire::TunnelReport>) {
-        const KNOWN: [&str; 4] = ["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"];
         let views: Vec<crate::mesh::TunnelView> = report
             .iter()
             .take(quicmesh_protocol::wire::MAX_TUNNEL_REPORTS)
             .map(|t| crate::mesh::TunnelView {
                 peer: t.peer.to_string(),
-                key_exchange: KNOWN
+                key_exchange: quicmesh_node::tls::GROUP_NAMES
                     .into_iter()
                     .find(|k| *k == t.key_exchange)
                     .unwrap_or("unknown"),
@@ -375,7 +374,7 @@ impl Mesh {
     /// read from its handshake (None: no session here).
     pub fn session_key_exchange(&self, node: &str) -> Option<&'static str> {
         let m = self.sessions.lock().ok()?;
-        quicmesh_node::tls::negotiated(&m.get(node)?.conn).map(quicmesh_node::tls::group_name)
+        quicmesh_node::tls::negotiated(&m.get(node)?.conn)
     }
 }
 

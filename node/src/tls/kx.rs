@@ -104,6 +104,9 @@ pub(super) fn groups(mode: KeyExchange) -> Vec<&'static dyn SupportedKxGroup> {
     }
 }
 
+/// The names [`group_name`] gives the groups any mode offers.
+pub const GROUP_NAMES: [&str; 4] = ["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"];
+
 /// A group's name as status, the dashboard and metric labels show it.
 pub fn group_name(g: NamedGroup) -> &'static str {
     match g {
@@ -113,11 +116,6 @@ pub fn group_name(g: NamedGroup) -> &'static str {
         NamedGroup::secp384r1 => "secp384r1",
         _ => "other",
     }
-}
-
-/// True for the groups that resist a quantum computer's attack on recorded traffic.
-pub fn is_post_quantum(g: NamedGroup) -> bool {
-    g == NamedGroup::X25519MLKEM768
 }
 
 /// What a finished handshake negotiated: `quinn::Connection::handshake_data` of every
@@ -130,16 +128,14 @@ pub struct Handshake {
     pub server_name: Option<String>,
 }
 
-impl Handshake {
-    /// The negotiated group's name ("X25519MLKEM768", "X25519", ...), when known.
-    pub fn group_name(&self) -> Option<&'static str> {
-        self.group.map(group_name)
-    }
-}
-
-/// The negotiated group of `conn`, once its handshake has got that far.
-pub fn negotiated(conn: &quinn::Connection) -> Option<NamedGroup> {
-    conn.handshake_data()?.downcast::<Handshake>().ok()?.group
+/// The name of `conn`'s negotiated group ([`group_name`]), once its handshake has got
+/// that far.
+pub fn negotiated(conn: &quinn::Connection) -> Option<&'static str> {
+    conn.handshake_data()?
+        .downcast::<Handshake>()
+        .ok()?
+        .group
+        .map(group_name)
 }
 
 /// Runs `f`, returning what it returned and the group a key exchange inside it completed.
