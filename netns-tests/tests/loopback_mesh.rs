@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, ensure};
-use quicmesh_netns_tests::net::{echo_server, echo_transfer, metric, LiveFlow};
+use quicmesh_netns_tests::net::{echo_server, echo_transfer, free_tcp_port, metric, LiveFlow};
 use quicmesh_netns_tests::{assert_eventually, CoordinatorProc, Mesh, NodeProc, NodeSpec};
 
 use quicmesh_coordinator::dev::DEMO_POLICY;
@@ -724,4 +724,127 @@ fn a_node_started_before_its_coordinator_enrolls_once_it_is_up() {
     assert!(node.status().unwrap()["certificate"]["serial"].is_string());
     let nodes = coord.json(&["nodes", "list"]).unwrap();
     assert_eq!(nodes["nodes"][0]["name"], "db-1");
+}
+
+/// The first flow on a tunnel it brings up sends the client's first bytes with its header
+/// (a round trip saved); an instance whose service refuses the connection (nothing reached
+/// it) has them sent to the next instance; the policy-denied twin: they reach no service.
+#[test]
+fn a_first_flow_sends_the_clients_bytes_with_its_header_and_only_a_refusal_moves_them() {
+    use std::io::{Read, Write};
+    let mesh = Mesh::new("early-bytes");
+    let coord = CoordinatorProc::start(&mesh, "1h").unwrap();
+    let out = coord.apply_policy(&mesh, DEMO_POLICY).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // db-1, in the client's datacenter, is tried first: its service is down.
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+    let db1 = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("db-1")
+            .label("datacenter", "dc1")
+            .service("db", dead),
+    )
+    .unwrap();
+    let db2 = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("db-2")
+            .label("datacenter", "dc2")
+            .service("db", echo_server().unwrap()),
+    )
+    .unwrap();
+    // payments' service: a listener that must never see a connection.
+    let secret = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    secret.set_nonblocking(true).unwrap();
+    let payments = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("payments-1").service("payments", secret.local_addr().unwrap()),
+    )
+    .unwrap();
+    let web = NodeProc::start(
+        &mesh,
+        &coord,
+        &NodeSpec::new("web-1")
+            .label("datacenter", "dc1")
+            .service("web", echo_server().unwrap())
+            .upstream("db")
+            .upstream("payments")
+            .no_egress_check(),
+    )
+    .unwrap();
+    wait_all_acked(&coord, 4);
+    let with_header = || {
+        web.metrics()
+            .map(|m| metric(&m, "quicmesh_egress_data_with_header_total", &[]))
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(with_header(), 0.0);
+
+    // The client writes at once; the tunnel handshake takes longer, so its bytes are
+    // there when the tunnel comes up.
+    let mut s = std::net::TcpStream::connect(web.upstream("db")).unwrap();
+    s.write_all(b"hello\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = [0u8; 6];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello\n", "db-2 echoed the bytes db-1 refused");
+    let m = db1.metrics().unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_ingress_rejected_total",
+            &[("reason", "service_unavailable"), ("dst_service", "db")]
+        ),
+        1.0,
+        "db-1 refused: its service is down"
+    );
+    let m = db2.metrics().unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_ingress_accepted_total",
+            &[("src_service", "web"), ("dst_service", "db")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        with_header(),
+        2.0,
+        "the bytes went with the header to db-1, then (refused) to db-2"
+    );
+
+    // Denied twin: the bytes go with the header and are dropped at payments-1's ingress.
+    let mut s = std::net::TcpStream::connect(web.upstream("payments")).unwrap();
+    s.write_all(b"secret\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rest = Vec::new();
+    let end = s.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty(),
+        "a denied flow got an answer: {rest:?} ({end:?})"
+    );
+    assert_eventually(
+        "payments-1 counts the denial",
+        Duration::from_secs(5),
+        || {
+            let n = rejected(&payments, "policy_denied");
+            ensure!(n == 1.0, "policy_denied = {n}");
+            Ok(())
+        },
+    );
+    assert_eq!(
+        with_header(),
+        3.0,
+        "the denied flow's bytes went with its header"
+    );
+    match secret.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("payments' service saw a connection: {other:?}"),
+    }
 }

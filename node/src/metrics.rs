@@ -242,6 +242,7 @@ pub struct Metrics {
     cert_not_after: Gauge,
     peers_connected: Gauge,
     peers_silent: Counter,
+    data_with_header: Counter,
     overlay_packets: Family<DirLabels, Counter>,
     overlay_bytes: Family<DirLabels, Counter>,
     overlay_dropped: Family<ReasonLabels, Counter>,
@@ -299,6 +300,7 @@ impl Metrics {
             cert_not_after: Gauge::default(),
             peers_connected: Gauge::default(),
             peers_silent: Counter::default(),
+            data_with_header: Counter::default(),
             overlay_packets: Family::default(),
             overlay_bytes: Family::default(),
             overlay_dropped: Family::default(),
@@ -396,6 +398,11 @@ impl Metrics {
             "peer_silent",
             "Flows that found a peer's tunnel silent (nothing back within a bound from its RTT) and moved to the next instance",
             m.peers_silent.clone(),
+        );
+        registry.register(
+            "egress_data_with_header",
+            "Streams opened with the client's first bytes after the header (a tunnel the flow brought up; counted again when a refusal sends them to the next instance)",
+            m.data_with_header.clone(),
         );
         registry.register(
             "overlay_packets",
@@ -789,6 +796,11 @@ impl Metrics {
     pub fn peer_silent(&self) {
         self.reason("egress_retried", "peer_silent");
         self.peers_silent.inc();
+    }
+
+    /// A stream opened with the client's first bytes after its header.
+    pub fn data_with_header(&self) {
+        self.data_with_header.inc();
     }
 
     /// A tunnel closed by the node (its peer no longer stands).

@@ -4,6 +4,12 @@
 //! header, waits for the ingress's answer, then pumps bytes. An instance that cannot be
 //! reached or whose service refuses the connection is skipped for the next one before the
 //! client's first byte is read, so the client sees no error while any instance works.
+//!
+//! On a tunnel the flow itself just brought up (the peer answered a handshake a moment
+//! ago), the bytes the client has already sent go out with the header instead of a round
+//! trip later. They are kept: an ingress refusal (which delivers nothing to its service)
+//! sends them to the next instance. Any other failure after they went out ends the flow,
+//! because the instance may have delivered them: a request is never sent twice.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,7 +26,7 @@ use tracing::Instrument;
 use crate::authz;
 use crate::config::UpstreamConfig;
 use crate::flow::{pump, Direction, FlowEnd, FlowInfo};
-use crate::frame::{read_frame, write_frame};
+use crate::frame::read_frame;
 use crate::reason::EgressRefusal;
 use crate::state::Node;
 use crate::tunnel;
@@ -161,6 +167,8 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
         );
         return;
     }
+    // The client's first bytes once they have gone out with a header (see the module doc).
+    let mut early = Vec::new();
     for (i, name) in order.iter().enumerate() {
         let Some(peer) = view.peers.get(name) else {
             continue;
@@ -185,7 +193,8 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
         // Counted from the first try: a dead instance's pending tries must not make it
         // look idle to the next flow's choice.
         let load_guard = load.start(&peer.node);
-        let (conn, send, recv) = match open_stream(&node, peer, &header, last_resort).await {
+        let opened = open_stream(&node, peer, &header, last_resort, &tcp, &mut early).await;
+        let (conn, send, recv) = match opened {
             Ok(x) => x,
             Err(Attempt::Rejected(code, rule)) => {
                 node.metrics.egress_rejected(code, src, dst);
@@ -203,6 +212,12 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
                 node.metrics.peer_silent();
                 tracing::warn!(peer = %peer.node, ?waited, "instance's tunnel silent, trying the next");
                 continue;
+            }
+            Err(Attempt::Sent(e)) => {
+                node.metrics
+                    .egress_rejected(EgressRefusal::Unreachable, src, dst);
+                tracing::warn!(peer = %peer.node, error = %e, bytes = early.len(), "instance failed after the client's first bytes went to it: not sent to another");
+                return;
             }
         };
         let Some(peer_id) = node.tunnels.identity(&conn) else {
@@ -256,35 +271,71 @@ enum Attempt {
     /// Nothing came back on the tunnel for this long: the peer is taken for dead (marked
     /// silent), its tunnel kept for it to answer again.
     Silent(Duration),
+    /// Failed after the client's first bytes went out: the instance may have delivered
+    /// them, so they go to no other.
+    Sent(String),
+}
+
+/// At most this much of what the client sent first goes out with the header.
+const EARLY_MAX: usize = 16 * 1024;
+
+/// What the client has sent so far (without waiting for more), at most [`EARLY_MAX`];
+/// empty when it has sent nothing yet, has closed, or the read fails (the pump meets the
+/// same end again).
+fn read_early(tcp: &TcpStream) -> Vec<u8> {
+    let mut buf = vec![0u8; EARLY_MAX];
+    match tcp.try_read(&mut buf) {
+        Ok(n) => buf.truncate(n),
+        Err(_) => buf.clear(),
+    }
+    buf
 }
 
 /// Opens a stream to `peer`, sends the header and waits for the ingress's answer. A cached
 /// tunnel that fails is forgotten and the peer dialled afresh once. A tunnel that stays
 /// silent past [`silence_bound`] gives up the peer for the next instance, unless this is
 /// the `last_resort`: then it gets the whole reply timeout, as any tunnel.
+///
+/// `early` holds the client's first bytes once they have gone out with a header: on a
+/// tunnel this call brings up, what the client has sent is read into it; whenever it is
+/// not empty it is sent after the header, and then only a refusal lets the flow move on.
 async fn open_stream(
     node: &Arc<Node>,
     peer: &quicmesh_protocol::wire::PeerInfo,
     header: &StreamHeader,
     last_resort: bool,
+    tcp: &TcpStream,
+    early: &mut Vec<u8>,
 ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), Attempt> {
     let mut peer = peer.clone();
     for _ in 0..2 {
         let (conn, fresh) = tunnel::connection(node, &peer)
             .await
             .map_err(|e| Attempt::Failed(e.to_string()))?;
+        if fresh && early.is_empty() {
+            *early = read_early(tcp);
+        }
+        let early_now = !early.is_empty();
+        if early_now {
+            node.metrics.data_with_header();
+        }
+        let mut first = quicmesh_protocol::wire::encode_frame(header);
+        first.extend_from_slice(early);
         let rx0 = conn.stats().udp_rx.datagrams;
         let bound = silence_bound(conn.rtt());
         let opened = conn.clone();
+        // Errors say whether the header (and the early bytes with it) may have gone out: a
+        // stream that could not be opened sent nothing.
         let answer = async move {
-            let (mut send, mut recv) = opened.open_bi().await.map_err(|e| e.to_string())?;
-            write_frame(&mut send, header)
+            let (mut send, mut recv) =
+                opened.open_bi().await.map_err(|e| (false, e.to_string()))?;
+            send.write_all(&first)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| (true, e.to_string()))?;
             match read_frame::<StreamReply, _>(&mut recv).await {
                 Ok(Some(reply)) => Ok((send, recv, reply)),
-                Ok(None) => Err("stream closed before an answer".to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(None) => Err((true, "stream closed before an answer".to_string())),
+                Err(e) => Err((true, e.to_string())),
             }
         };
         let mut answer = std::pin::pin!(answer);
@@ -292,14 +343,14 @@ async fn open_stream(
         // the rest of the reply timeout (the peer lives, its service may be slow).
         let result = match tokio::time::timeout(bound, &mut answer).await {
             Ok(r) => r,
-            Err(_) if conn.stats().udp_rx.datagrams == rx0 && !last_resort => {
+            Err(_) if conn.stats().udp_rx.datagrams == rx0 && !last_resort && !early_now => {
                 node.tunnels.mark_silent(&peer.node, &conn);
                 return Err(Attempt::Silent(bound));
             }
             Err(_) => match tokio::time::timeout(REPLY_TIMEOUT.saturating_sub(bound), answer).await
             {
                 Ok(r) => r,
-                Err(_) => Err("no answer in time".to_string()),
+                Err(_) => Err((true, "no answer in time".to_string())),
             },
         };
         match result {
@@ -307,8 +358,9 @@ async fn open_stream(
             Ok((_, _, StreamReply::Reject { code, rule })) => {
                 return Err(Attempt::Rejected(code, rule))
             }
-            Err(e) if fresh => return Err(Attempt::Failed(e)),
-            Err(e) => {
+            Err((true, e)) if early_now => return Err(Attempt::Sent(e)),
+            Err((_, e)) if fresh => return Err(Attempt::Failed(e)),
+            Err((_, e)) => {
                 tracing::info!(peer = %peer.node, error = %e, "cached tunnel failed; dialling afresh");
                 tunnel::forget(node, &peer.node, &conn);
                 // The peer may have moved meanwhile: dial where the latest snapshot says.
