@@ -728,7 +728,9 @@ fn a_node_started_before_its_coordinator_enrolls_once_it_is_up() {
 
 /// The first flow on a tunnel it brings up sends the client's first bytes with its header
 /// (a round trip saved); an instance whose service refuses the connection (nothing reached
-/// it) has them sent to the next instance; the policy-denied twin: they reach no service.
+/// it) has them sent to the next instance, once; the policy-denied twin: with the local
+/// check off, the flow still goes to the ingress, but its bytes stay until a decision (this
+/// node's view denies it) and reach no service.
 #[test]
 fn a_first_flow_sends_the_clients_bytes_with_its_header_and_only_a_refusal_moves_them() {
     use std::io::{Read, Write};
@@ -794,6 +796,10 @@ fn a_first_flow_sends_the_clients_bytes_with_its_header_and_only_a_refusal_moves
     let mut got = [0u8; 6];
     s.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"hello\n", "db-2 echoed the bytes db-1 refused");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "bytes delivered twice: {rest:?}");
     let m = db1.metrics().unwrap();
     assert_eq!(
         metric(
@@ -819,7 +825,7 @@ fn a_first_flow_sends_the_clients_bytes_with_its_header_and_only_a_refusal_moves
         "the bytes went with the header to db-1, then (refused) to db-2"
     );
 
-    // Denied twin: the bytes go with the header and are dropped at payments-1's ingress.
+    // Denied twin: the flow goes on (no local check) but its bytes wait for the answer.
     let mut s = std::net::TcpStream::connect(web.upstream("payments")).unwrap();
     s.write_all(b"secret\n").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -840,8 +846,8 @@ fn a_first_flow_sends_the_clients_bytes_with_its_header_and_only_a_refusal_moves
     );
     assert_eq!(
         with_header(),
-        3.0,
-        "the denied flow's bytes went with its header"
+        2.0,
+        "no byte of a flow this node's view denies goes before the ingress decides"
     );
     match secret.accept() {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

@@ -2,14 +2,16 @@
 //! instance of the destination service (healthy ones only, nearest locality first, power
 //! of two choices on flows in progress: `protocol::routing`), opens a stream with the
 //! header, waits for the ingress's answer, then pumps bytes. An instance that cannot be
-//! reached or whose service refuses the connection is skipped for the next one before the
-//! client's first byte is read, so the client sees no error while any instance works.
+//! reached or whose service refuses the connection is skipped for the next one before any
+//! of the client's bytes went to it, so the client sees no error while any instance works.
 //!
 //! On a tunnel the flow itself just brought up (the peer answered a handshake a moment
-//! ago), the bytes the client has already sent go out with the header instead of a round
-//! trip later. They are kept: an ingress refusal (which delivers nothing to its service)
-//! sends them to the next instance. Any other failure after they went out ends the flow,
-//! because the instance may have delivered them: a request is never sent twice.
+//! ago), to an instance this node's own view of policy allows, the bytes the client has
+//! already sent go out with the header instead of a round trip later. They are kept: an
+//! ingress refusal (which delivers nothing to its service) lets the next instance have
+//! them, after its accept unless its tunnel is also new. Any other failure after they went
+//! out ends the flow, because the instance may have delivered them: a request is never
+//! sent twice.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -176,8 +178,11 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
         // With no instance left to try, a silent tunnel is waited on as before (the
         // path layer closes it if the peer moved; it may only be slow).
         let last_resort = i + 1 == order.len();
+        // The client's bytes go with a header only to an instance this node's view allows
+        // (whether or not a local denial stops the flow): none before a decision otherwise.
+        let allowed_here = authz::egress(&view, &up.source, &up.service, &peer.node);
         if node.cfg.check_egress {
-            if let Err(rule) = authz::egress(&view, &up.source, &up.service, &peer.node) {
+            if let Err(rule) = &allowed_here {
                 node.metrics
                     .egress_rejected(EgressRefusal::PolicyDenied, src, dst);
                 tracing::info!(%rule, peer = %peer.node, "egress denied by local policy");
@@ -193,8 +198,22 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
         // Counted from the first try: a dead instance's pending tries must not make it
         // look idle to the next flow's choice.
         let load_guard = load.start(&peer.node);
-        let opened = open_stream(&node, peer, &header, last_resort, &tcp, &mut early).await;
-        let (conn, send, recv) = match opened {
+        let opened = open_stream(
+            &node,
+            peer,
+            &header,
+            last_resort,
+            &tcp,
+            &mut early,
+            allowed_here.is_ok(),
+        )
+        .await;
+        let Opened {
+            conn,
+            mut send,
+            recv,
+            early_sent,
+        } = match opened {
             Ok(x) => x,
             Err(Attempt::Rejected(code, rule)) => {
                 node.metrics.egress_rejected(code, src, dst);
@@ -219,12 +238,38 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
                 tracing::warn!(peer = %peer.node, error = %e, bytes = early.len(), "instance failed after the client's first bytes went to it: not sent to another");
                 return;
             }
+            Err(Attempt::ClientGone(e)) => {
+                tracing::debug!(error = %e, "the client went away before the flow opened");
+                return;
+            }
         };
         let Some(peer_id) = node.tunnels.identity(&conn) else {
-            // The tunnel closed between the answer and here (revoked, expired).
+            // The tunnel closed between the answer and here (revoked, expired). The
+            // instance accepted: bytes that went with the header may be delivered.
+            if early_sent {
+                node.metrics
+                    .egress_rejected(EgressRefusal::Unreachable, src, dst);
+                tracing::warn!(peer = %peer.node, bytes = early.len(), "tunnel gone after the instance accepted the client's first bytes: not sent to another");
+                return;
+            }
             tracing::info!(peer = %peer.node, "tunnel gone before the flow started");
             continue;
         };
+        // Bytes kept from a refusal, on a tunnel that was up already: they follow the accept.
+        if !early.is_empty() && !early_sent && send.write_all(&early).await.is_err() {
+            node.metrics
+                .egress_rejected(EgressRefusal::Unreachable, src, dst);
+            tracing::warn!(peer = %peer.node, "stream failed with the client's first bytes");
+            return;
+        }
+        let pair_bytes = node.metrics.traffic.bytes(src, dst);
+        if !early.is_empty() {
+            node.metrics.bytes_to_tunnel(early.len() as u64);
+            if let Some(b) = &pair_bytes {
+                b.fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        drop(early);
         node.metrics.egress_accepted(src, dst);
         node.metrics.traffic.flow(src, dst, opening.elapsed());
         let _load = load_guard;
@@ -251,7 +296,7 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
             kill,
             node.cfg.flow_idle_timeout,
             &node.metrics,
-            node.metrics.traffic.bytes(src, dst),
+            pair_bytes,
         )
         .await;
         if let FlowEnd::Killed(reason) = end {
@@ -265,6 +310,15 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
     tracing::warn!("no instance reachable");
 }
 
+/// A stream the instance accepted.
+struct Opened {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    /// The client's first bytes went with the header.
+    early_sent: bool,
+}
+
 enum Attempt {
     Rejected(RejectCode, Option<String>),
     Failed(String),
@@ -274,21 +328,27 @@ enum Attempt {
     /// Failed after the client's first bytes went out: the instance may have delivered
     /// them, so they go to no other.
     Sent(String),
+    /// Reading what the client had sent failed (it reset the connection).
+    ClientGone(String),
 }
 
 /// At most this much of what the client sent first goes out with the header.
 const EARLY_MAX: usize = 16 * 1024;
 
 /// What the client has sent so far (without waiting for more), at most [`EARLY_MAX`];
-/// empty when it has sent nothing yet, has closed, or the read fails (the pump meets the
-/// same end again).
-fn read_early(tcp: &TcpStream) -> Vec<u8> {
+/// empty when it has sent nothing yet or has closed its side (the pump meets that end
+/// again). A failed read (a reset) is the client gone: it is not turned into a clean end.
+fn read_early(tcp: &TcpStream) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; EARLY_MAX];
     match tcp.try_read(&mut buf) {
-        Ok(n) => buf.truncate(n),
-        Err(_) => buf.clear(),
+        Ok(n) => {
+            buf.truncate(n);
+            buf.shrink_to_fit();
+            Ok(buf)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Vec::new()),
+        Err(e) => Err(e),
     }
-    buf
 }
 
 /// Opens a stream to `peer`, sends the header and waits for the ingress's answer. A cached
@@ -296,9 +356,11 @@ fn read_early(tcp: &TcpStream) -> Vec<u8> {
 /// silent past [`silence_bound`] gives up the peer for the next instance, unless this is
 /// the `last_resort`: then it gets the whole reply timeout, as any tunnel.
 ///
-/// `early` holds the client's first bytes once they have gone out with a header: on a
-/// tunnel this call brings up, what the client has sent is read into it; whenever it is
-/// not empty it is sent after the header, and then only a refusal lets the flow move on.
+/// `early` holds the client's first bytes once read. On a tunnel this call brings up, to
+/// an instance `early_ok` (this node's view of policy allows it), what the client has sent
+/// is read into it and sent after the header; then only a refusal lets the flow move on.
+/// On a tunnel that was up already the header goes alone (the caller sends `early` after
+/// the accept), so a silent or failing cached tunnel is left as it was before any byte.
 async fn open_stream(
     node: &Arc<Node>,
     peer: &quicmesh_protocol::wire::PeerInfo,
@@ -306,32 +368,39 @@ async fn open_stream(
     last_resort: bool,
     tcp: &TcpStream,
     early: &mut Vec<u8>,
-) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), Attempt> {
+    early_ok: bool,
+) -> Result<Opened, Attempt> {
     let mut peer = peer.clone();
     for _ in 0..2 {
         let (conn, fresh) = tunnel::connection(node, &peer)
             .await
             .map_err(|e| Attempt::Failed(e.to_string()))?;
-        if fresh && early.is_empty() {
-            *early = read_early(tcp);
+        let with_header = fresh && early_ok;
+        if with_header && early.is_empty() {
+            *early = read_early(tcp).map_err(|e| Attempt::ClientGone(e.to_string()))?;
         }
-        let early_now = !early.is_empty();
-        if early_now {
-            node.metrics.data_with_header();
-        }
+        let early_now = with_header && !early.is_empty();
         let mut first = quicmesh_protocol::wire::encode_frame(header);
-        first.extend_from_slice(early);
+        if early_now {
+            first.extend_from_slice(early);
+        }
         let rx0 = conn.stats().udp_rx.datagrams;
         let bound = silence_bound(conn.rtt());
         let opened = conn.clone();
-        // Errors say whether the header (and the early bytes with it) may have gone out: a
-        // stream that could not be opened sent nothing.
-        let answer = async move {
+        let metrics = node.metrics.clone();
+        // Whether the header (and the early bytes with it) may have gone out: a stream
+        // that could not be opened sent nothing.
+        let wrote = std::sync::atomic::AtomicBool::new(false);
+        let answer = async {
             let (mut send, mut recv) =
                 opened.open_bi().await.map_err(|e| (false, e.to_string()))?;
+            wrote.store(true, std::sync::atomic::Ordering::Relaxed);
             send.write_all(&first)
                 .await
                 .map_err(|e| (true, e.to_string()))?;
+            if early_now {
+                metrics.data_with_header();
+            }
             match read_frame::<StreamReply, _>(&mut recv).await {
                 Ok(Some(reply)) => Ok((send, recv, reply)),
                 Ok(None) => Err((true, "stream closed before an answer".to_string())),
@@ -350,11 +419,21 @@ async fn open_stream(
             Err(_) => match tokio::time::timeout(REPLY_TIMEOUT.saturating_sub(bound), answer).await
             {
                 Ok(r) => r,
-                Err(_) => Err((true, "no answer in time".to_string())),
+                Err(_) => Err((
+                    wrote.load(std::sync::atomic::Ordering::Relaxed),
+                    "no answer in time".to_string(),
+                )),
             },
         };
         match result {
-            Ok((send, recv, StreamReply::Accept)) => return Ok((conn, send, recv)),
+            Ok((send, recv, StreamReply::Accept)) => {
+                return Ok(Opened {
+                    conn,
+                    send,
+                    recv,
+                    early_sent: early_now,
+                })
+            }
             Ok((_, _, StreamReply::Reject { code, rule })) => {
                 return Err(Attempt::Rejected(code, rule))
             }
