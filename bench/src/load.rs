@@ -58,7 +58,8 @@ pub fn sink_server(bind: &str) -> std::io::Result<()> {
 
 /// Open-loop request/response: each of `conns` connections sends a 1-byte request at its
 /// scheduled time whether or not earlier replies came back; latency runs from the
-/// scheduled time to the reply (so a stall is charged to every request it delays).
+/// scheduled time to the reply (so a stall is charged to every request it delays). The
+/// connections' schedules interleave: requests arrive evenly spaced at `rate`.
 pub fn open_loop(
     addr: SocketAddr,
     rate: u64,
@@ -68,9 +69,14 @@ pub fn open_loop(
     let per_conn = (rate as f64 / conns as f64).max(1.0);
     let interval = Duration::from_secs_f64(1.0 / per_conn);
     let n = (per_conn * secs as f64) as u64;
-    let start = Instant::now() + Duration::from_millis(200);
+    let first = Instant::now() + Duration::from_millis(200);
     let mut handles = Vec::new();
-    for _ in 0..conns {
+    for c in 0..conns {
+        // Each connection's schedule is offset by its share of the interval, so the
+        // requests of all connections together arrive evenly spaced at `rate`, as from
+        // independent clients; phase-locked, every connection's request left at the same
+        // instant and each hop met them as one burst.
+        let start = first + interval.mul_f64(c as f64 / conns as f64);
         let s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
