@@ -854,3 +854,51 @@ fn a_first_flow_sends_the_clients_bytes_with_its_header_and_only_a_refusal_moves
         other => panic!("payments' service saw a connection: {other:?}"),
     }
 }
+
+/// A tunnel starts with room for 256 of its peer's streams (quinn allocates each allowed
+/// stream up front) and raises the limit as they are used: 300 flows at once through one
+/// tunnel all answer. The twin: a flow policy denies is still refused among them.
+#[test]
+fn a_tunnel_carries_more_flows_at_once_than_its_first_stream_limit() {
+    use std::io::{Read, Write};
+    let d = demo("stream-limit");
+    const FLOWS: usize = 300;
+    let started = std::time::Instant::now();
+    let mut held = Vec::with_capacity(FLOWS);
+    for i in 0..FLOWS {
+        let mut s = std::net::TcpStream::connect(d.web.upstream("db")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        if let Err(e) = s.read_exact(&mut b) {
+            panic!(
+                "flow {i} of {FLOWS} (all open at once) got no echo after {:?}: {e}",
+                started.elapsed()
+            );
+        }
+        held.push(s);
+    }
+    let m = d.db.metrics().unwrap();
+    assert_eq!(
+        metric(&m, "quicmesh_flows_active", &[]),
+        FLOWS as f64,
+        "db-1 serves every flow at once"
+    );
+    // Denied twin: the raised limit opens no way around policy.
+    let mut s = std::net::TcpStream::connect(d.web.upstream("payments")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(b"x");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "a denied flow got an answer: {rest:?}");
+    assert_eventually(
+        "payments-1 counts the denial",
+        Duration::from_secs(5),
+        || {
+            let n = rejected(&d.payments, "policy_denied");
+            ensure!(n == 1.0, "policy_denied = {n}");
+            Ok(())
+        },
+    );
+    drop(held);
+}

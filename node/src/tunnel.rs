@@ -394,13 +394,27 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, id: Arc<Peer
         tokio::spawn(async move { while c.read_datagram().await.is_ok() {} });
     }
     let span = tracing::info_span!("tunnel", peer = %id.node);
+    // The peer's streams open now, and the limit it was given (raised as they are used).
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut limit = tls::STREAMS_INITIAL;
     async {
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
+                    let open_now = open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    let raised = tls::stream_limit(limit, open_now);
+                    if raised != limit {
+                        limit = raised;
+                        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(limit));
+                        tracing::debug!(open = open_now, limit, "stream limit raised");
+                    }
                     let node = node.clone();
                     let id = id.clone();
-                    tokio::spawn(async move { ingress_stream(node, id, send, recv).await });
+                    let done = OpenStream(open.clone());
+                    tokio::spawn(async move {
+                        ingress_stream(node, id, send, recv).await;
+                        drop(done);
+                    });
                 }
                 Err(e) => {
                     tracing::info!(reason = %e, "tunnel closed");
@@ -413,6 +427,15 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, id: Arc<Peer
     .await;
     node.tunnels.unregister(&conn);
     node.metrics.set_peers_connected(node.tunnels.connected());
+}
+
+/// One of a peer's streams while it is served: counted in its tunnel's open streams.
+struct OpenStream(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 async fn reject(send: &mut quinn::SendStream, code: RejectCode, rule: Option<String>) {
