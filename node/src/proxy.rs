@@ -178,11 +178,8 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
         // With no instance left to try, a silent tunnel is waited on as before (the
         // path layer closes it if the peer moved; it may only be slow).
         let last_resort = i + 1 == order.len();
-        // The client's bytes go with a header only to an instance this node's view allows
-        // (whether or not a local denial stops the flow): none before a decision otherwise.
-        let allowed_here = authz::egress(&view, &up.source, &up.service, &peer.node);
         if node.cfg.check_egress {
-            if let Err(rule) = &allowed_here {
+            if let Err(rule) = authz::egress(&view, &up.source, &up.service, &peer.node) {
                 node.metrics
                     .egress_rejected(EgressRefusal::PolicyDenied, src, dst);
                 tracing::info!(%rule, peer = %peer.node, "egress denied by local policy");
@@ -198,16 +195,7 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
         // Counted from the first try: a dead instance's pending tries must not make it
         // look idle to the next flow's choice.
         let load_guard = load.start(&peer.node);
-        let opened = open_stream(
-            &node,
-            peer,
-            &header,
-            last_resort,
-            &tcp,
-            &mut early,
-            allowed_here.is_ok(),
-        )
-        .await;
+        let opened = open_stream(&node, peer, &header, last_resort, &tcp, &mut early).await;
         let Opened {
             conn,
             mut send,
@@ -255,8 +243,15 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
             tracing::info!(peer = %peer.node, "tunnel gone before the flow started");
             continue;
         };
-        // Bytes kept from a refusal, on a tunnel that was up already: they follow the accept.
-        if !early.is_empty() && !early_sent && send.write_all(&early).await.is_err() {
+        // Bytes kept from a refusal, on a tunnel that was up already: they follow the accept
+        // (bounded as the answer was: a peer that gives no credit does not hold the flow).
+        if !early.is_empty()
+            && !early_sent
+            && !matches!(
+                tokio::time::timeout(REPLY_TIMEOUT, send.write_all(&early)).await,
+                Ok(Ok(()))
+            )
+        {
             node.metrics
                 .egress_rejected(EgressRefusal::Unreachable, src, dst);
             tracing::warn!(peer = %peer.node, "stream failed with the client's first bytes");
@@ -357,8 +352,9 @@ fn read_early(tcp: &TcpStream) -> std::io::Result<Vec<u8>> {
 /// the `last_resort`: then it gets the whole reply timeout, as any tunnel.
 ///
 /// `early` holds the client's first bytes once read. On a tunnel this call brings up, to
-/// an instance `early_ok` (this node's view of policy allows it), what the client has sent
-/// is read into it and sent after the header; then only a refusal lets the flow move on.
+/// an instance this node's view of policy allows (the view as the tunnel comes up, whether
+/// or not a local denial stops flows), what the client has sent is read into it and sent
+/// after the header; then only a refusal lets the flow move on.
 /// On a tunnel that was up already the header goes alone (the caller sends `early` after
 /// the accept), so a silent or failing cached tunnel is left as it was before any byte.
 async fn open_stream(
@@ -368,14 +364,20 @@ async fn open_stream(
     last_resort: bool,
     tcp: &TcpStream,
     early: &mut Vec<u8>,
-    early_ok: bool,
 ) -> Result<Opened, Attempt> {
     let mut peer = peer.clone();
     for _ in 0..2 {
         let (conn, fresh) = tunnel::connection(node, &peer)
             .await
             .map_err(|e| Attempt::Failed(e.to_string()))?;
-        let with_header = fresh && early_ok;
+        let with_header = fresh
+            && authz::egress(
+                &node.view(),
+                &header.src_service,
+                &header.dst_service,
+                &peer.node,
+            )
+            .is_ok();
         if with_header && early.is_empty() {
             *early = read_early(tcp).map_err(|e| Attempt::ClientGone(e.to_string()))?;
         }
@@ -438,6 +440,15 @@ async fn open_stream(
                 return Err(Attempt::Rejected(code, rule))
             }
             Err((true, e)) if early_now => return Err(Attempt::Sent(e)),
+            // No stream came free on a tunnel that is alive (its peer has as many of our
+            // flows open as it allows): this flow fails, the others on it go on.
+            Err((false, e))
+                if conn.close_reason().is_none() && conn.stats().udp_rx.datagrams != rx0 =>
+            {
+                return Err(Attempt::Failed(format!(
+                    "no stream free on the tunnel: {e}"
+                )))
+            }
             Err((_, e)) if fresh => return Err(Attempt::Failed(e)),
             Err((_, e)) => {
                 tracing::info!(peer = %peer.node, error = %e, "cached tunnel failed; dialling afresh");

@@ -394,23 +394,23 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, id: Arc<Peer
         tokio::spawn(async move { while c.read_datagram().await.is_ok() {} });
     }
     let span = tracing::info_span!("tunnel", peer = %id.node);
-    // The peer's streams open now, and the limit it was given (raised as they are used).
-    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The peer's streams in use, and the limit it was given (raised as they are used).
+    let streams = Arc::new(StreamCount::default());
     let mut limit = tls::STREAMS_INITIAL;
     async {
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
-                    let open_now = open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    let raised = tls::stream_limit(limit, open_now);
+                    let in_use = streams.opened(conn.rtt());
+                    let raised = tls::stream_limit(limit, in_use);
                     if raised != limit {
                         limit = raised;
                         conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(limit));
-                        tracing::debug!(open = open_now, limit, "stream limit raised");
+                        tracing::debug!(in_use, limit, "stream limit raised");
                     }
                     let node = node.clone();
                     let id = id.clone();
-                    let done = OpenStream(open.clone());
+                    let done = OpenStream(streams.clone());
                     tokio::spawn(async move {
                         ingress_stream(node, id, send, recv).await;
                         drop(done);
@@ -429,12 +429,42 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, id: Arc<Peer
     node.metrics.set_peers_connected(node.tunnels.connected());
 }
 
-/// One of a peer's streams while it is served: counted in its tunnel's open streams.
-struct OpenStream(Arc<std::sync::atomic::AtomicUsize>);
+/// A tunnel's streams from its peer that count against the limit it was given: those
+/// being served, and those served until a moment ago (quinn frees a stream only once the
+/// peer has acknowledged its end, a round trip and an ACK delay after the serving ends).
+#[derive(Default)]
+struct StreamCount {
+    open: std::sync::atomic::AtomicUsize,
+    /// When recently served streams ended (at most [`tls::STREAMS_MAX`] kept).
+    ended: std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>,
+}
+
+impl StreamCount {
+    /// Counts one more stream; returns how many are in use with it.
+    fn opened(&self, rtt: Duration) -> usize {
+        let open = self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let linger = rtt * 2 + Duration::from_millis(50);
+        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        while ended.front().is_some_and(|t| t.elapsed() > linger) {
+            ended.pop_front();
+        }
+        open + ended.len()
+    }
+}
+
+/// One of a peer's streams while it is served.
+struct OpenStream(Arc<StreamCount>);
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let mut ended = self.0.ended.lock().unwrap_or_else(|e| e.into_inner());
+        if ended.len() >= tls::STREAMS_MAX as usize {
+            ended.pop_front();
+        }
+        ended.push_back(std::time::Instant::now());
     }
 }
 
@@ -600,4 +630,29 @@ async fn wait_for_peer(node: &Node, peer: &NodeName) -> Option<Arc<View>> {
     .await
     .ok()
     .flatten()
+}
+
+#[cfg(test)]
+mod stream_count_tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_served_a_moment_ago_still_counts_until_quinn_has_freed_it() {
+        let streams = Arc::new(StreamCount::default());
+        let rtt = Duration::from_millis(20);
+        assert_eq!(streams.opened(rtt), 1);
+        drop(OpenStream(streams.clone()));
+        // Served and ended, but its end is not acknowledged yet: still in use.
+        assert_eq!(streams.opened(rtt), 2);
+        std::thread::sleep(rtt * 2 + Duration::from_millis(60));
+        // Both ended long enough ago (the second is still open).
+        drop(OpenStream(streams.clone()));
+        assert_eq!(
+            streams.opened(Duration::ZERO),
+            2,
+            "the open one and the one just ended"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(streams.opened(Duration::ZERO), 2, "the two open ones only");
+    }
 }
