@@ -728,9 +728,10 @@ fn a_node_started_before_its_coordinator_enrolls_once_it_is_up() {
 
 /// The first flow on a tunnel it brings up sends the client's first bytes with its header
 /// (a round trip saved); an instance whose service refuses the connection (nothing reached
-/// it) has them sent to the next instance, once; the policy-denied twin: with the local
-/// check off, the flow still goes to the ingress, but its bytes stay until a decision (this
-/// node's view denies it) and reach no service.
+/// it) has them sent to the next instance, once: on a tunnel that was up already, after its
+/// accept. The policy-denied twin: with the local check off, the flow still goes to the
+/// ingress, but its bytes stay until a decision (this node's view denies it) and reach no
+/// service.
 #[test]
 fn a_first_flow_sends_the_clients_bytes_with_its_header_and_only_a_refusal_moves_them() {
     use std::io::{Read, Write};
@@ -757,7 +758,9 @@ fn a_first_flow_sends_the_clients_bytes_with_its_header_and_only_a_refusal_moves
         &coord,
         &NodeSpec::new("db-2")
             .label("datacenter", "dc2")
-            .service("db", echo_server().unwrap()),
+            .service("db", echo_server().unwrap())
+            .upstream("web")
+            .no_egress_check(),
     )
     .unwrap();
     // payments' service: a listener that must never see a connection.
@@ -787,6 +790,20 @@ fn a_first_flow_sends_the_clients_bytes_with_its_header_and_only_a_refusal_moves
             .unwrap_or(-1.0)
     };
     assert_eq!(with_header(), 0.0);
+    // db-2 brings up a tunnel to web-1 (its flow is denied, the tunnel stays): web-1's
+    // flow to db-2 below goes on a tunnel that was up already.
+    let mut warm = std::net::TcpStream::connect(db2.upstream("web")).unwrap();
+    warm.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = warm.write_all(b"x");
+    let _ = warm.read_to_end(&mut Vec::new());
+    assert_eq!(
+        db2.metrics()
+            .map(|m| metric(&m, "quicmesh_egress_data_with_header_total", &[]))
+            .unwrap_or(-1.0),
+        0.0,
+        "db-2's view denies db -> web: its bytes did not go with the header"
+    );
 
     // The client writes at once; the tunnel handshake takes longer, so its bytes are
     // there when the tunnel comes up.
@@ -821,8 +838,8 @@ fn a_first_flow_sends_the_clients_bytes_with_its_header_and_only_a_refusal_moves
     );
     assert_eq!(
         with_header(),
-        2.0,
-        "the bytes went with the header to db-1, then (refused) to db-2"
+        1.0,
+        "the bytes went with the header to db-1; refused there, after db-2's accept on the tunnel that was up"
     );
 
     // Denied twin: the flow goes on (no local check) but its bytes wait for the answer.
@@ -846,7 +863,7 @@ fn a_first_flow_sends_the_clients_bytes_with_its_header_and_only_a_refusal_moves
     );
     assert_eq!(
         with_header(),
-        2.0,
+        1.0,
         "no byte of a flow this node's view denies goes before the ingress decides"
     );
     match secret.accept() {

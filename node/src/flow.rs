@@ -208,9 +208,12 @@ pub enum FlowEnd {
 }
 
 /// Carries bytes both ways between a TCP connection and a tunnel stream, with half-close,
-/// an idle timeout and a kill switch.
+/// an idle timeout and a kill switch. `first` is what was already read from the TCP side
+/// and goes to the tunnel before anything more is read.
+#[allow(clippy::too_many_arguments)]
 pub async fn pump(
     tcp: TcpStream,
+    first: Vec<u8>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     mut kill: oneshot::Receiver<CloseReason>,
@@ -229,6 +232,13 @@ pub async fn pump(
     let (mut tr, mut tw) = tcp.into_split();
     let end = {
         let to_tunnel = async {
+            if !first.is_empty() {
+                touch();
+                send.write_all(&first).await.map_err(|_| ())?;
+                metrics.bytes_to_tunnel(first.len() as u64);
+                count(first.len());
+            }
+            drop(first);
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let n = tr.read(&mut buf).await.map_err(|_| ())?;

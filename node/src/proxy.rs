@@ -198,7 +198,7 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
         let opened = open_stream(&node, peer, &header, last_resort, &tcp, &mut early).await;
         let Opened {
             conn,
-            mut send,
+            send,
             recv,
             early_sent,
         } = match opened {
@@ -243,28 +243,19 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
             tracing::info!(peer = %peer.node, "tunnel gone before the flow started");
             continue;
         };
-        // Bytes kept from a refusal, on a tunnel that was up already: they follow the accept
-        // (bounded as the answer was: a peer that gives no credit does not hold the flow).
-        if !early.is_empty()
-            && !early_sent
-            && !matches!(
-                tokio::time::timeout(REPLY_TIMEOUT, send.write_all(&early)).await,
-                Ok(Ok(()))
-            )
-        {
-            node.metrics
-                .egress_rejected(EgressRefusal::Unreachable, src, dst);
-            tracing::warn!(peer = %peer.node, "stream failed with the client's first bytes");
-            return;
-        }
         let pair_bytes = node.metrics.traffic.bytes(src, dst);
-        if !early.is_empty() {
+        // Bytes that went with the header are counted here; bytes kept from a refusal, on
+        // a tunnel that was up already, are the pump's first (registered, with its kill
+        // switch and idle timeout, so a peer that gives no credit does not hold the flow).
+        let first = if early_sent {
             node.metrics.bytes_to_tunnel(early.len() as u64);
             if let Some(b) = &pair_bytes {
                 b.fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
-        }
-        drop(early);
+            Vec::new()
+        } else {
+            early
+        };
         node.metrics.egress_accepted(src, dst);
         node.metrics.traffic.flow(src, dst, opening.elapsed());
         let _load = load_guard;
@@ -286,6 +277,7 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
         );
         let end = pump(
             tcp,
+            first,
             send,
             recv,
             kill,

@@ -585,7 +585,7 @@ async fn ingress_stream(
         let end = match tcp {
             Some(tcp) => {
                 let _ = tcp.set_nodelay(true);
-                pump(tcp, send, recv, kill, node.cfg.flow_idle_timeout, &node.metrics, None).await
+                pump(tcp, Vec::new(), send, recv, kill, node.cfg.flow_idle_timeout, &node.metrics, None).await
             }
             None => {
                 let conn = l7::ingress::Conn { peer: peer.clone(), src: src.clone(), dst: dst.clone(), address, http, rule };
@@ -645,7 +645,7 @@ mod stream_count_tests {
         // Served and ended, but its end is not acknowledged yet: still in use.
         assert_eq!(streams.opened(rtt), 2);
         std::thread::sleep(rtt * 2 + Duration::from_millis(60));
-        // Both ended long enough ago (the second is still open).
+        // The first ended long enough ago; the second ends now.
         drop(OpenStream(streams.clone()));
         assert_eq!(
             streams.opened(Duration::ZERO),
