@@ -245,8 +245,8 @@ async fn egress(node: Arc<Node>, up: UpstreamConfig, tcp: TcpStream, id: u64, lo
         };
         let pair_bytes = node.metrics.traffic.bytes(src, dst);
         // Bytes that went with the header are counted here; bytes kept from a refusal, on
-        // a tunnel that was up already, are the pump's first (registered, with its kill
-        // switch and idle timeout, so a peer that gives no credit does not hold the flow).
+        // a tunnel that was up already, are the pump's first write (the flow registered:
+        // a policy change or revocation closes it, as does the flow idle timeout).
         let first = if early_sent {
             node.metrics.bytes_to_tunnel(early.len() as u64);
             if let Some(b) = &pair_bytes {
@@ -347,8 +347,9 @@ fn read_early(tcp: &TcpStream) -> std::io::Result<Vec<u8>> {
 /// an instance this node's view of policy allows (the view as the tunnel comes up, whether
 /// or not a local denial stops flows), what the client has sent is read into it and sent
 /// after the header; then only a refusal lets the flow move on.
-/// On a tunnel that was up already the header goes alone (the caller sends `early` after
-/// the accept), so a silent or failing cached tunnel is left as it was before any byte.
+/// On a tunnel that was up already the header goes alone (after the accept, `early` is
+/// the pump's first write), so a silent or failing cached tunnel is left as it was before
+/// any byte.
 async fn open_stream(
     node: &Arc<Node>,
     peer: &quicmesh_protocol::wire::PeerInfo,
