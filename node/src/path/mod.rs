@@ -14,6 +14,7 @@ pub mod decide;
 pub mod manager;
 pub mod probe;
 pub mod punch;
+mod relay_out;
 pub mod socket;
 
 use std::collections::{HashMap, HashSet, VecDeque};

@@ -13,6 +13,7 @@ use quicmesh_protocol::path::{self as pp, PathPacket, RELAY_HEADER};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
+use super::relay_out::RelayOut;
 use super::{Extra, Incoming, Paths, Route, Source, PENDING_MAX};
 use crate::reason::RelayDrop;
 
@@ -23,42 +24,32 @@ pub struct MeshSocket {
     paths: Arc<Paths>,
     /// Which of main and extra sockets is read first (alternates).
     turn: AtomicBool,
+    /// Sends through relays, coalesced.
+    out: Arc<RelayOut>,
+}
+
+impl Drop for MeshSocket {
+    fn drop(&mut self) {
+        self.out.close();
+    }
 }
 
 impl MeshSocket {
     pub fn new(inner: Arc<dyn AsyncUdpSocket>, paths: Arc<Paths>) -> Arc<Self> {
         let _ = paths.inner.set(inner.clone());
+        let out = RelayOut::new(inner.clone(), paths.metrics.clone());
         Arc::new(Self {
             inner,
             paths,
             turn: AtomicBool::new(false),
+            out,
         })
     }
 
-    /// Sends `t` wrapped for a relay, segment by segment.
+    /// Sends `t` wrapped for a relay (coalesced with what follows it, see [`RelayOut`]).
     fn send_relayed(&self, t: &Transmit, relay: SocketAddr, to: pp::PeerId) -> io::Result<()> {
-        let seg = t.segment_size.unwrap_or(t.contents.len()).max(1);
         let (header, hlen) = self.paths.relay_header(relay, to);
-        let n = t.contents.len().div_ceil(seg);
-        self.paths.metrics.relayed_tx.inc_by(n as u64);
-        // One buffer per sending thread, kept (a GSO batch is up to 64 KiB).
-        thread_local! {
-            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        BUF.with_borrow_mut(|buf| {
-            buf.clear();
-            for chunk in t.contents.chunks(seg) {
-                buf.extend_from_slice(&header[..hlen]);
-                buf.extend_from_slice(chunk);
-            }
-            self.inner.try_send(&Transmit {
-                destination: relay,
-                ecn: None,
-                contents: buf,
-                segment_size: (n > 1).then_some(seg + hlen),
-                src_ip: None,
-            })
-        })
+        self.out.send(t, relay, to, &header[..hlen])
     }
 
     /// Handles one path packet found in a received datagram; QUIC datagrams unwrapped
@@ -689,6 +680,94 @@ mod tests {
             .encode()
             .lines()
             .any(|l| l.contains("reason=\"sender_not_registered\"") && l.ends_with(" 3")));
+    }
+
+    /// Datagrams for one peer through one relay that follow each other in a turn of the
+    /// runtime leave in one GSO send (the relay reads them as one, each behind its
+    /// header); the twins leave apart: for another peer, or after a short datagram.
+    #[test]
+    fn relayed_sends_that_follow_each_other_leave_as_one() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _rt = rt.enter();
+        let relay_sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let relay = relay_sock.local_addr().unwrap();
+        let (s, _paths, _metrics) = socket(relay);
+        let state = quinn::udp::UdpSocketState::new((&relay_sock).into()).unwrap();
+        relay_sock
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        // Each read: (bytes, stride, the peers its headers name).
+        let read = || {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let mut meta = [RecvMeta::default()];
+                let n = state.recv(
+                    (&relay_sock).into(),
+                    &mut [IoSliceMut::new(&mut buf)],
+                    &mut meta,
+                );
+                if n.is_err() {
+                    return got;
+                }
+                let m = meta[0];
+                let peers: std::collections::BTreeSet<u64> = buf[..m.len]
+                    .chunks(m.stride)
+                    .map(|d| match pp::decode(d) {
+                        Ok(Some(PathPacket::RelaySend { to, .. })) => to.0,
+                        other => panic!("not relay framing: {other:?}"),
+                    })
+                    .collect();
+                got.push((m.len, m.stride, peers.into_iter().collect::<Vec<_>>()));
+            }
+        };
+        let ten = vec![0x40u8; 1000];
+        let short = vec![0x40u8; 950];
+        let send = |sends: &[(&[u8], u64)]| {
+            rt.block_on(async {
+                // The runtime's driver has to have seen the socket writable once.
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                for (contents, to) in sends {
+                    let t = Transmit {
+                        destination: relay,
+                        ecn: None,
+                        contents,
+                        segment_size: Some(100),
+                        src_ip: None,
+                    };
+                    s.send_relayed(&t, relay, pp::PeerId(*to)).unwrap();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            })
+        };
+        let stride = RELAY_HEADER + 100;
+        send(&[(&ten, 1), (&ten, 1)]);
+        assert_eq!(
+            read(),
+            vec![(20 * stride, stride, vec![1])],
+            "two sends of ten datagrams for one peer leave as one"
+        );
+        send(&[(&ten, 1), (&ten, 2)]);
+        assert_eq!(
+            read(),
+            vec![
+                (10 * stride, stride, vec![1]),
+                (10 * stride, stride, vec![2])
+            ],
+            "for two peers: apart"
+        );
+        send(&[(&short, 1), (&ten, 1)]);
+        assert_eq!(
+            read(),
+            vec![
+                (10 * RELAY_HEADER + 950, stride, vec![1]),
+                (10 * stride, stride, vec![1])
+            ],
+            "nothing follows a short datagram in one send"
+        );
     }
 
     #[test]
