@@ -109,6 +109,7 @@ mod layers {
         ("path", include_str!("path/mod.rs")),
         ("path", include_str!("path/socket.rs")),
         ("path", include_str!("path/punch.rs")),
+        ("path", include_str!("path/relay_out.rs")),
         ("path", include_str!("path/probe.rs")),
         ("path", include_str!("path/decide.rs")),
         ("state", include_str!("state.rs")),
