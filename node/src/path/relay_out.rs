@@ -29,7 +29,22 @@ use crate::reason::RelayDrop;
 
 /// The most payload one GSO send may carry: an IPv4 datagram's 65,535 bytes less its IP
 /// and UDP headers (the kernel refuses more with EMSGSIZE, which quinn-udp reports as sent).
-const MAX_GSO_PAYLOAD: usize = 65_535 - 20 - 8;
+pub(super) const MAX_GSO_PAYLOAD: usize = 65_535 - 20 - 8;
+
+/// Whether `add` more datagrams, `add_len` bytes, can follow `count` held ones of
+/// `stride` (`held_len` bytes) in one GSO send of at most `max` segments: only the last
+/// datagram of a send may be short, and the send stays within [`MAX_GSO_PAYLOAD`]. The
+/// rule of this node's relayed sends and of a relay's forwarded ones.
+pub(super) fn gso_can_follow(
+    held_len: usize,
+    count: usize,
+    stride: usize,
+    add: usize,
+    add_len: usize,
+    max: usize,
+) -> bool {
+    held_len == count * stride && count + add <= max && held_len + add_len <= MAX_GSO_PAYLOAD
+}
 
 /// What a send held for later: datagrams (each with its relay header) for one peer
 /// through one relay, all `stride` bytes but the last.
@@ -56,10 +71,7 @@ impl Held {
         self.count == 0
             || (self.key == Some(key)
                 && self.stride == stride
-                // Only the last datagram of a GSO send may be short.
-                && self.buf.len() == self.count * self.stride
-                && self.count + n <= max
-                && self.buf.len() + len <= MAX_GSO_PAYLOAD)
+                && gso_can_follow(self.buf.len(), self.count, stride, n, len, max))
     }
 
     fn clear(&mut self) {

@@ -13,7 +13,7 @@ use quicmesh_protocol::path::{self as pp, PathPacket, RELAY_HEADER};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
-use super::relay_out::RelayOut;
+use super::relay_out::{gso_can_follow, RelayOut, MAX_GSO_PAYLOAD};
 use super::{Extra, Incoming, Paths, Route, Source, PENDING_MAX};
 use crate::reason::RelayDrop;
 
@@ -211,8 +211,8 @@ impl MeshSocket {
             }
         }
         let n = len.div_ceil(stride);
-        // One send carries at most 64 KiB (the general path splits a larger read).
-        let fits = n <= self.inner.max_transmit_segments() && len <= usize::from(u16::MAX);
+        // One send carries at most MAX_GSO_PAYLOAD (the general path splits a larger read).
+        let fits = n <= self.inner.max_transmit_segments() && len <= MAX_GSO_PAYLOAD;
         let Some(to) = to.filter(|_| fits) else {
             return false;
         };
@@ -372,9 +372,7 @@ impl RelayBatch {
         } else if self.to != Some(to)
             || d.len() > self.seg
             // A shorter datagram ends a batch: nothing may follow it.
-            || self.buf.len() != self.count * self.seg
-            || self.count >= self.max
-            || self.buf.len() + d.len() > u16::MAX as usize
+            || !gso_can_follow(self.buf.len(), self.count, self.seg, 1, d.len(), self.max)
         {
             return false;
         }
@@ -505,6 +503,14 @@ impl AsyncUdpSocket for MeshSocket {
 mod tests {
     use super::*;
 
+    /// A current-thread runtime, as the node runs.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     /// A mesh socket on a real loopback UDP socket, relaying through `relay`, whose view
     /// holds peer 1 only.
     fn socket(relay: SocketAddr) -> (Arc<MeshSocket>, Arc<Paths>, crate::metrics::Metrics) {
@@ -545,10 +551,7 @@ mod tests {
     /// a coalesced read alike; the twin from a peer in the view is delivered.
     #[test]
     fn relayed_datagrams_from_a_peer_not_in_the_view_are_dropped() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let _rt = rt.enter();
         let relay: SocketAddr = "198.18.0.30:7800".parse().unwrap();
         let (s, paths, metrics) = socket(relay);
@@ -593,10 +596,7 @@ mod tests {
     /// twin from an address no node registered is dropped.
     #[test]
     fn a_relay_forwards_a_coalesced_read_in_place() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let _rt = rt.enter();
         let metrics = crate::metrics::Metrics::new();
         let (paths, _) = Paths::new(true, metrics.paths());
@@ -681,10 +681,7 @@ mod tests {
     /// header); the twins leave apart: for another peer, or after a short datagram.
     #[test]
     fn relayed_sends_that_follow_each_other_leave_as_one() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let _rt = rt.enter();
         let relay_sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let relay = relay_sock.local_addr().unwrap();
