@@ -298,15 +298,17 @@ fn a_stock_wireguard_client_reaches_the_mesh_under_its_own_identity_and_policy()
     // 10 % between minutes, so the best of each side, taken apart, compared the drift as
     // much as the flood. Each transfer is 80 MiB (~1.5 s): 30 MiB ones (~0.6 s) scattered
     // single ratios from 0.76 to 1.12 and a median of five fell to 0.89 once in CI.
-    let (mut ratios, mut sent) = (Vec::new(), 0u64);
+    let (mut ratios, mut rates, mut sent) = (Vec::new(), Vec::new(), 0u64);
     let (mut quiet_all, mut flooded_all) = (Vec::new(), Vec::new());
     for _ in 0..7 {
         let quiet = throughput(&ns_phone, sink, 80);
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicU64::new(0));
-        let (s2, n2, ns, src) = (
+        let micros = Arc::new(AtomicU64::new(0));
+        let (s2, n2, t2, ns, src) = (
             stop.clone(),
             count.clone(),
+            micros.clone(),
             ns_mallory.clone(),
             sources.clone(),
         );
@@ -319,6 +321,7 @@ fn a_stock_wireguard_client_reaches_the_mesh_under_its_own_identity_and_policy()
                     4_000,
                     &s2,
                     &n2,
+                    &t2,
                 )
             })
             .unwrap()
@@ -327,7 +330,9 @@ fn a_stock_wireguard_client_reaches_the_mesh_under_its_own_identity_and_policy()
         let flooded = throughput(&ns_phone, sink, 80);
         stop.store(true, Ordering::Relaxed);
         flooder.join().unwrap();
-        sent += count.load(Ordering::Relaxed);
+        let n = count.load(Ordering::Relaxed);
+        sent += n;
+        rates.push((n as f64 / (micros.load(Ordering::Relaxed) as f64 / 1e6)).round());
         ratios.push(flooded / quiet);
         quiet_all.push(quiet.round());
         flooded_all.push(flooded.round());
@@ -336,11 +341,15 @@ fn a_stock_wireguard_client_reaches_the_mesh_under_its_own_identity_and_policy()
     let median = ratios[ratios.len() / 2];
     let st = gw.status().unwrap();
     eprintln!(
-        "wireguard: quiet {quiet_all:?} Mbit/s, flooded {flooded_all:?} Mbit/s, median ratio {median:.2} under a flood of {} initiations; gateway: {}",
+        "wireguard: quiet {quiet_all:?} Mbit/s, flooded {flooded_all:?} Mbit/s, median ratio {median:.2} under a flood of {} initiations at {rates:?}/s; gateway: {}",
         sent,
         st["gateway"]
     );
     assert!(sent > 8_000, "the flood did not run");
+    assert!(
+        rates.iter().all(|r| *r >= 3_600.0),
+        "the flood fell behind its 4,000 a second: {rates:?}"
+    );
     let dropped = &st["gateway"]["dropped"];
     let refused = ["unknown_key", "source_limit"]
         .iter()
@@ -348,17 +357,18 @@ fn a_stock_wireguard_client_reaches_the_mesh_under_its_own_identity_and_policy()
         .sum::<u64>()
         + st["gateway"]["cookies_sent"].as_u64().unwrap_or(0);
     assert!(refused >= sent * 9 / 10, "the flood was not counted: {st}");
-    // Issue 18 asks for 0.9. Earlier VMs met it; the 2-vCPU VMs of 2026-12-01 measured
-    // medians of 0.87-0.89, and those of 2026-12-02 0.84 twice. On 2026-12-02 neither
-    // the flooder's own CPU (run at nice 19: 0.84) nor the cookie replies (computed, not
-    // sent: 0.86) was the cost, and a lower shared handshake limit changed nothing before:
-    // what remains is 4,000 more datagrams a second received and checked on two cores
-    // the client, the gateway and the service already fill (~17 % more packets than the
-    // client's own). The test holds 0.80 (at 0.85 it failed on these VMs with nothing
-    // changed in the gateway) and prints the ratio; the issue's 0.9 is reported unmet.
+    // The gateway reads handshakes on a socket and thread of their own (the kernel steers
+    // by message type): the flood takes no slot in the data path's reads and no turn of
+    // its loop. With everything on one socket, these VMs measured medians of 0.84-0.89
+    // (0.84 with the flooder niced as here); steered, 0.90-0.95 with the flooder at its
+    // normal priority, 0.95-0.98 niced.
     assert!(
-        median >= 0.80,
+        median >= 0.9,
         "the client kept a median {median:.2} of its quiet throughput under the flood (ratios {ratios:.2?})"
+    );
+    assert_eq!(
+        st["gateway"]["handshakes_apart"], true,
+        "handshakes are read apart from the data: {st}"
     );
 
     // What the dashboard shows: the coordinator knows the client's last handshake and its
@@ -483,6 +493,7 @@ fn flood(
     rate: u64,
     stop: &AtomicBool,
     sent: &AtomicU64,
+    elapsed: &AtomicU64,
 ) {
     use boringtun::noise::{Tunn, TunnResult};
     use boringtun::x25519::{PublicKey, StaticSecret};
@@ -508,6 +519,10 @@ fn flood(
         .iter()
         .map(|ip| UdpSocket::bind(SocketAddr::new(*ip, 0)).unwrap())
         .collect();
+    // The attacker's CPU is not the gateway's: here both share two cores, so the flooder
+    // yields to everything else (its sends' kernel work, which a gateway's host would do
+    // on receive, yields with it). Its rate is checked by the caller.
+    rustix::process::nice(19).unwrap();
     let start = Instant::now();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
@@ -520,4 +535,5 @@ fn flood(
         std::thread::sleep(Duration::from_millis(2));
     }
     sent.store(n, Ordering::Relaxed);
+    elapsed.store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
 }

@@ -9,12 +9,17 @@
 //! cookie before any Diffie-Hellman is spent on them. A key or index that is not a
 //! client's is dropped and never answered.
 //!
+//! The first checks a handshake passes ([`Gate`]: MAC1, the limiter, the per-source
+//! limit, the static key inside an initiation) need no session, so a gateway can run them
+//! on their own thread for the handshakes it reads apart, and a flood of them never holds
+//! the sessions' lock the data path takes for every packet.
+//!
 //! A leaf module: it depends on `protocol` and `reason` only. The socket, the timer tick
 //! and the mesh side live in the gateway shell.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use boringtun::noise::errors::WireGuardError;
@@ -124,15 +129,72 @@ pub enum ClientsError {
     SharedKey(WgKey),
 }
 
-/// A gateway's WireGuard side.
-pub struct Gateway {
+/// The checks every datagram passes before any session is looked at: a handshake's MAC1,
+/// the shared limiter (a cookie under load), the per-source limit, and which session it
+/// is for (the static key inside an initiation, the receiver index of anything else).
+/// Cheap to clone: the clones share the limiter and the counts.
+#[derive(Clone)]
+pub struct Gate {
     secret: StaticSecret,
     public: PublicKey,
     limiter: Arc<RateLimiter>,
+    sources: Arc<Mutex<SourceCounts>>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("public", &WgKey(*self.public.as_bytes()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which session a datagram that passed the [`Gate`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    to: Lookup,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    /// An initiation, by the static key inside it.
+    Key(WgKey),
+    /// Anything else, by the receiver index this gateway gave out (its top 24 bits).
+    Index(u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// An initiation or a response: its session checks it with the limiter again.
+    Handshake,
+    CookieReply,
+    /// A transport data message, the only kind that carries inner packets.
+    Data,
+}
+
+impl Admitted {
+    /// A transport data message (the only kind that carries inner packets).
+    pub fn is_data(&self) -> bool {
+        self.kind == Kind::Data
+    }
+}
+
+/// What the [`Gate`] turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// A cookie of this many bytes, written at the start of the buffer: the source must
+    /// prove its address before its handshake is taken.
+    Cookie(usize),
+    Drop(WgDrop),
+}
+
+/// A gateway's WireGuard side.
+pub struct Gateway {
+    gate: Gate,
     clients: HashMap<WgKey, Slot>,
     by_index: HashMap<u32, WgKey>,
     by_address: HashMap<IpAddr, WgKey>,
-    sources: SourceCounts,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -150,22 +212,30 @@ impl Gateway {
         let secret = StaticSecret::from(secret);
         let public = PublicKey::from(&secret);
         Self {
-            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
-            secret,
-            public,
+            gate: Gate {
+                limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+                secret,
+                public,
+                sources: Arc::new(Mutex::new(SourceCounts {
+                    last_reset: Some(std::time::Instant::now()),
+                    ..SourceCounts::default()
+                })),
+            },
             clients: HashMap::new(),
             by_index: HashMap::new(),
             by_address: HashMap::new(),
-            sources: SourceCounts {
-                last_reset: Some(std::time::Instant::now()),
-                ..SourceCounts::default()
-            },
         }
     }
 
     /// The gateway's public key, as clients list it.
     pub fn public_key(&self) -> WgKey {
-        WgKey(*self.public.as_bytes())
+        WgKey(*self.gate.public.as_bytes())
+    }
+
+    /// The gateway's [`Gate`], to check datagrams without holding the gateway (its clones
+    /// share the limiter and the counts with it).
+    pub fn gate(&self) -> Gate {
+        self.gate.clone()
     }
 
     /// How many clients it serves.
@@ -213,12 +283,12 @@ impl Gateway {
                 None => {
                     let index = self.free_index();
                     let tunn = Tunn::new(
-                        self.secret.clone(),
+                        self.gate.secret.clone(),
                         PublicKey::from(client.public_key.0),
                         None,
                         None,
                         index,
-                        Some(self.limiter.clone()),
+                        Some(self.gate.limiter.clone()),
                     );
                     self.by_index.insert(index, client.public_key);
                     self.clients.insert(
@@ -250,7 +320,8 @@ impl Gateway {
         }
     }
 
-    /// Takes one datagram that came from `from`; `now` is unix seconds, for expiry.
+    /// Takes one datagram that came from `from`; `now` is unix seconds, for expiry: the
+    /// [`Gate`], then [`Gateway::take`].
     pub fn inbound<'a>(
         &mut self,
         from: SocketAddr,
@@ -258,69 +329,35 @@ impl Gateway {
         now: u64,
         out: &'a mut [u8],
     ) -> Inbound<'a> {
-        // boringtun writes into `out` up to the datagram's length (and 148 bytes for a
-        // handshake answer): a short buffer is the caller's bug, never a panic here.
+        match self.gate.check(from, datagram, out) {
+            Ok(admitted) => self.take(admitted, from, datagram, now, out),
+            Err(Refused::Cookie(n)) => Inbound::Cookie(&out[..n]),
+            Err(Refused::Drop(r)) => Inbound::Drop(r),
+        }
+    }
+
+    /// Takes a datagram the [`Gate`] admitted: its session decrypts it (a handshake is
+    /// answered, a data message gives its inner packet, checked to be from the client's
+    /// own address).
+    pub fn take<'a>(
+        &mut self,
+        admitted: Admitted,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: u64,
+        out: &'a mut [u8],
+    ) -> Inbound<'a> {
         if out.len() < datagram.len().max(148) {
             return Inbound::Drop(WgDrop::Malformed);
         }
-        let mut cookie = [0u8; 64];
-        let handshake = matches!(datagram.first(), Some(1) | Some(2));
-        // Whether the limiter will check this one's MAC2 (its count before this check).
-        let under_load = self.sources.checks >= HANDSHAKES_PER_SECOND;
-        let verified = self
-            .limiter
-            .verify_packet(Some(from.ip()), datagram, &mut cookie);
-        if handshake && !matches!(verified, Err(TunnResult::Err(WireGuardError::InvalidMac))) {
-            self.sources.checks += 1;
-        }
-        let packet = match verified {
-            Ok(p) => p,
-            Err(TunnResult::WriteToNetwork(c)) => {
-                let n = c.len();
-                out[..n].copy_from_slice(c);
-                return Inbound::Cookie(&out[..n]);
-            }
-            Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
-                return Inbound::Drop(WgDrop::BadMac)
-            }
-            Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
-                return Inbound::Drop(WgDrop::UnderLoad)
-            }
-            Err(_) => return Inbound::Drop(WgDrop::Malformed),
-        };
-        // A source is held to its own limit only once it has proven its address (a MAC2
-        // under load), as WireGuard does: below the load, anyone could spoof a client's
-        // address and spend its allowance, locking it out; what gets through then is
-        // bounded by the shared limit.
-        let is_handshake = matches!(
-            packet,
-            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
-        );
-        if is_handshake && under_load && !self.sources.admit(from.ip()) {
-            return Inbound::Drop(WgDrop::SourceLimit);
-        }
-        let key = match &packet {
-            Packet::HandshakeInit(init) => {
-                match parse_handshake_anon(&self.secret, &self.public, init) {
-                    Ok(half) => {
-                        let key = WgKey(half.peer_static_public);
-                        if !self.clients.contains_key(&key) {
-                            return Inbound::Drop(WgDrop::UnknownKey);
-                        }
-                        key
-                    }
-                    Err(_) => return Inbound::Drop(WgDrop::Crypto),
+        let key = match admitted.to {
+            Lookup::Key(key) => {
+                if !self.clients.contains_key(&key) {
+                    return Inbound::Drop(WgDrop::UnknownKey);
                 }
+                key
             }
-            Packet::HandshakeResponse(p) => match self.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(k) => *k,
-                None => return Inbound::Drop(WgDrop::UnknownIndex),
-            },
-            Packet::PacketCookieReply(p) => match self.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(k) => *k,
-                None => return Inbound::Drop(WgDrop::UnknownIndex),
-            },
-            Packet::PacketData(p) => match self.by_index.get(&(p.receiver_idx >> 8)) {
+            Lookup::Index(i) => match self.by_index.get(&i) {
                 Some(k) => *k,
                 None => return Inbound::Drop(WgDrop::UnknownIndex),
             },
@@ -331,9 +368,9 @@ impl Gateway {
         if !slot.client.live_at(now) {
             return Inbound::Drop(WgDrop::Expired);
         }
-        if is_handshake {
+        if admitted.kind == Kind::Handshake {
             // The session checks it with the limiter again: counted twice.
-            self.sources.checks += 1;
+            self.gate.counted_again();
         }
         match slot.tunn.decapsulate(Some(from.ip()), datagram, out) {
             // The session's own rate check (a second one) can answer a cookie: that is no
@@ -404,8 +441,7 @@ impl Gateway {
     /// Runs every live client's timers (keepalives, rekeys, expiring sessions); `send`
     /// gets what must go out. Call every [`TICK`]; `now` is unix seconds.
     pub fn tick(&mut self, now: u64, out: &mut [u8], mut send: impl FnMut(SocketAddr, &[u8])) {
-        self.limiter.reset_count();
-        self.sources.tick();
+        self.gate.tick();
         for slot in self.clients.values_mut() {
             if !slot.client.live_at(now) {
                 continue;
@@ -449,6 +485,117 @@ impl Gateway {
     /// The session index a client was given (for tests and `status`).
     pub fn index_of(&self, key: &WgKey) -> Option<u32> {
         self.clients.get(key).map(|s| s.index)
+    }
+}
+
+impl Gate {
+    /// The first checks of a datagram that came from `from`. A cookie is written at the
+    /// start of `out`. Only handshakes touch the shared counts (a data message is only
+    /// parsed here).
+    pub fn check(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Result<Admitted, Refused> {
+        // boringtun writes into `out` up to the datagram's length (and 148 bytes for a
+        // handshake answer): a short buffer is the caller's bug, never a panic here.
+        if out.len() < datagram.len().max(148) {
+            return Err(Refused::Drop(WgDrop::Malformed));
+        }
+        let mut cookie = [0u8; 64];
+        if !matches!(datagram.first(), Some(1) | Some(2)) {
+            let packet = match self
+                .limiter
+                .verify_packet(Some(from.ip()), datagram, &mut cookie)
+            {
+                Ok(p) => p,
+                Err(_) => return Err(Refused::Drop(WgDrop::Malformed)),
+            };
+            return Ok(match packet {
+                Packet::PacketCookieReply(p) => Admitted {
+                    to: Lookup::Index(p.receiver_idx >> 8),
+                    kind: Kind::CookieReply,
+                },
+                Packet::PacketData(p) => Admitted {
+                    to: Lookup::Index(p.receiver_idx >> 8),
+                    kind: Kind::Data,
+                },
+                // Parsed by the first byte: these never come out of it.
+                Packet::HandshakeInit(_) | Packet::HandshakeResponse(_) => {
+                    return Err(Refused::Drop(WgDrop::Malformed))
+                }
+            });
+        }
+        // A handshake: the counts stay locked while the limiter takes it, so the mirror
+        // of its count and the limiter's agree between threads.
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        // Whether the limiter will check this one's MAC2 (its count before this check).
+        let under_load = sources.checks >= HANDSHAKES_PER_SECOND;
+        let verified = self
+            .limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie);
+        if !matches!(verified, Err(TunnResult::Err(WireGuardError::InvalidMac))) {
+            sources.checks += 1;
+        }
+        let packet = match verified {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(c)) => {
+                let n = c.len();
+                out[..n].copy_from_slice(c);
+                return Err(Refused::Cookie(n));
+            }
+            Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
+                return Err(Refused::Drop(WgDrop::BadMac))
+            }
+            Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
+                return Err(Refused::Drop(WgDrop::UnderLoad))
+            }
+            Err(_) => return Err(Refused::Drop(WgDrop::Malformed)),
+        };
+        // A source is held to its own limit only once it has proven its address (a MAC2
+        // under load), as WireGuard does: below the load, anyone could spoof a client's
+        // address and spend its allowance, locking it out; what gets through then is
+        // bounded by the shared limit.
+        if under_load && !sources.admit(from.ip()) {
+            return Err(Refused::Drop(WgDrop::SourceLimit));
+        }
+        drop(sources);
+        let to = match packet {
+            Packet::HandshakeInit(init) => {
+                match parse_handshake_anon(&self.secret, &self.public, &init) {
+                    Ok(half) => Lookup::Key(WgKey(half.peer_static_public)),
+                    Err(_) => return Err(Refused::Drop(WgDrop::Crypto)),
+                }
+            }
+            Packet::HandshakeResponse(p) => Lookup::Index(p.receiver_idx >> 8),
+            // Parsed by the first byte: these never come out of it.
+            Packet::PacketCookieReply(_) | Packet::PacketData(_) => {
+                return Err(Refused::Drop(WgDrop::Malformed))
+            }
+        };
+        Ok(Admitted {
+            to,
+            kind: Kind::Handshake,
+        })
+    }
+
+    /// A session checked a handshake with the limiter again.
+    fn counted_again(&self) {
+        self.sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .checks += 1;
+    }
+
+    /// Every [`TICK`]: the limiter's count and the per-source counts start over once a
+    /// second.
+    fn tick(&self) {
+        self.limiter.reset_count();
+        self.sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .tick();
     }
 }
 
