@@ -1,9 +1,11 @@
 //! The WireGuard gateway shell: stock WireGuard clients (laptops, phones, routers) reach
 //! the mesh through this node, each with its own identity and policy.
 //!
-//! - One UDP socket (`[gateway.wireguard] listen`). Each datagram goes through the
+//! - One UDP port (`[gateway.wireguard] listen`). Each datagram goes through the
 //!   sans-IO [`crate::wg::Gateway`]: handshakes are answered (cookies under a flood),
-//!   inner packets come out with their source checked to be the client's own.
+//!   inner packets come out with their source checked to be the client's own. Data
+//!   messages are read here; the kernel steers handshakes to a socket and thread of
+//!   their own ([`handshakes`]), so a flood of them never slows the data path.
 //! - A client's packet for a mesh node is sent into the overlay as that client: the
 //!   destination judges it with the client's service and labels. Its flow is recorded in
 //!   this gateway's clients tracker, so the answers pass back.
@@ -37,6 +39,8 @@ use crate::overlay::{ClientDrops, ClientPath, Overlay, Sender};
 use crate::reason::{Label, WgDrop};
 use crate::state::{Node, View};
 use crate::wg::{self, Inbound, Outbound};
+
+mod handshakes;
 
 /// Errors starting the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +121,7 @@ pub async fn start(
         addr: cfg.listen,
         reason: e.to_string(),
     };
-    let (std_socket, handshakes) = bind(cfg.listen).map_err(bind_err)?;
+    let (std_socket, handshakes) = handshakes::bind(cfg.listen).map_err(bind_err)?;
     // Room for a burst: best effort, the kernel caps it at net.core.rmem_max.
     for sock in std::iter::once(&std_socket).chain(handshakes.as_ref()) {
         let s = socket2::SockRef::from(sock);
@@ -174,7 +178,7 @@ pub async fn start(
         let gw = g.clone();
         if let Err(e) = std::thread::Builder::new()
             .name("wg-handshakes".into())
-            .spawn(move || handshake_loop(gw, sock))
+            .spawn(move || handshakes::handshake_loop(gw, sock))
         {
             // Its socket is gone with the closure: the kernel steers everything to the
             // data socket again, where handshakes are taken as well.
@@ -515,130 +519,6 @@ async fn from_client(
         .await;
 }
 
-/// The index a [`STEER`] program returns for the data socket; anything else goes to the
-/// socket bound after it.
-const DATA_SOCKET: u32 = 0;
-
-/// Classic BPF for the port's SO_REUSEPORT group, run on each datagram's UDP payload: a
-/// transport data message (type 4) to the data socket, everything else (handshakes,
-/// cookies, whatever a flood sends) to the handshake socket. A datagram too short to have
-/// a type fails the load, which returns 0: the data socket, where it is dropped.
-const STEER: [(u16, u8, u8, u32); 4] = [
-    // ld b[0]
-    (0x30, 0, 0, 0),
-    // jeq #4, next, skip one
-    (0x15, 0, 1, 4),
-    // ret #DATA_SOCKET
-    (0x06, 0, 0, DATA_SOCKET),
-    // ret #1
-    (0x06, 0, 0, 1),
-];
-
-/// Binds the gateway's port: a socket for data messages, read by the runtime, and when
-/// the kernel steers by message type (SO_REUSEPORT with [`STEER`]), a second socket on the
-/// same port for the rest, read by a thread of its own. A handshake flood then costs the
-/// data path nothing: no slot in its batched reads, no turn of its loop, no wait on the
-/// sessions' lock while cookies are made. Where steering is refused, one socket takes
-/// everything (as before). A port in use is refused as ever: it is taken once without
-/// SO_REUSEPORT first, so a second gateway on it fails instead of sharing its traffic.
-fn bind(listen: SocketAddr) -> std::io::Result<(std::net::UdpSocket, Option<std::net::UdpSocket>)> {
-    let probe = std::net::UdpSocket::bind(listen)?;
-    let addr = probe.local_addr()?;
-    drop(probe);
-    let steered = || -> std::io::Result<(std::net::UdpSocket, std::net::UdpSocket)> {
-        let data = reuse_port_socket(addr)?;
-        let filter: Vec<nix::libc::sock_filter> = STEER
-            .iter()
-            .map(|&(code, jt, jf, k)| nix::libc::sock_filter { code, jt, jf, k })
-            .collect();
-        let prog = nix::libc::sock_fprog {
-            len: filter.len() as u16,
-            filter: filter.as_ptr().cast_mut(),
-        };
-        nix::sys::socket::setsockopt(&data, nix::sys::socket::sockopt::AttachReusePortCbpf, &prog)?;
-        let handshakes = reuse_port_socket(addr)?;
-        Ok((data, handshakes))
-    };
-    match steered() {
-        Ok((data, handshakes)) => Ok((data, Some(handshakes))),
-        Err(e) => {
-            tracing::warn!(%addr, error = %e, "WireGuard handshakes cannot be steered to a socket of their own; one socket takes everything");
-            Ok((std::net::UdpSocket::bind(addr)?, None))
-        }
-    }
-}
-
-/// A UDP socket bound to `addr` in the port's SO_REUSEPORT group.
-fn reuse_port_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::ReusePort, &true)?;
-    s.bind(&addr.into())?;
-    Ok(s.into())
-}
-
-/// How much the handshake thread yields to the data path when the CPU is short (a nice
-/// value, on this thread alone): its weight is a tenth of the data path's, so a flood
-/// cannot take a core's worth from the clients' traffic, and handshakes still have more
-/// than they need (one takes well under a millisecond).
-const HANDSHAKE_NICE: i32 = 10;
-
-/// Handshakes, cookies and whatever else is no data message, on their own socket and
-/// thread: the [`wg::Gate`] without the sessions' lock (a flood is answered with cookies
-/// or dropped here), then the session, briefly under the lock, for what it admitted.
-fn handshake_loop(g: Arc<WgGateway>, socket: std::net::UdpSocket) {
-    if let Err(e) = rustix::process::nice(HANDSHAKE_NICE) {
-        tracing::debug!(error = %e, "WireGuard handshake thread keeps its priority");
-    }
-    let gate = lock(&g.core).gw.gate();
-    // Sends never wait on a full socket: a reply lost is a handshake retried.
-    let send = |to: SocketAddr, b: &[u8]| {
-        let s = socket2::SockRef::from(&socket);
-        if let Err(e) = s.send_to_with_flags(b, &to.into(), nix::libc::MSG_DONTWAIT) {
-            tracing::debug!(%to, error = %e, "WireGuard handshake datagram not sent");
-        }
-    };
-    let mut dgram = vec![0u8; wg::BUFFER];
-    let mut out = vec![0u8; wg::BUFFER];
-    loop {
-        let (n, from) = match socket.recv_from(&mut dgram) {
-            Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::debug!(error = %e, "WireGuard handshake receive");
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                continue;
-            }
-        };
-        let dgram = &dgram[..n];
-        let admitted = match gate.check(from, dgram, &mut out) {
-            Ok(a) => a,
-            Err(wg::Refused::Cookie(n)) => {
-                g.metrics.cookies.inc();
-                send(from, &out[..n]);
-                continue;
-            }
-            Err(wg::Refused::Drop(r)) => {
-                g.count(r);
-                continue;
-            }
-        };
-        if admitted.is_data() {
-            // Steered to the data socket, never here.
-            g.count(WgDrop::Malformed);
-            continue;
-        }
-        let now = unix_now().max(0) as u64;
-        let mut core = lock(&g.core);
-        let Core { gw, buf } = &mut *core;
-        let what = gw.take(admitted, from, dgram, now, &mut out);
-        g.answer(gw, buf, from, what, send);
-    }
-}
-
 /// WireGuard's timers, the clients list, and the clients tracker's re-check.
 async fn timer_loop(node: Arc<Node>, g: Arc<WgGateway>) {
     let mut views = node.watch_view();
@@ -690,58 +570,5 @@ async fn timer_loop(node: Arc<Node>, g: Arc<WgGateway>) {
             }
             served = now_served;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    /// What `sock` received until it has been quiet for 200 ms: each datagram's first byte.
-    fn drain(sock: &std::net::UdpSocket) -> Vec<u8> {
-        sock.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut got = Vec::new();
-        let mut b = [0u8; 256];
-        while let Ok(n) = sock.recv(&mut b) {
-            got.push(if n == 0 { 0xff } else { b[0] });
-        }
-        got.sort();
-        got
-    }
-
-    /// The kernel steers by message type, whatever the source: data messages (type 4) to
-    /// the data socket, handshakes, cookies and junk to the handshake socket, an empty
-    /// datagram (no type) to the data socket. Without the program, the group spreads
-    /// datagrams by source and this fails.
-    #[test]
-    fn handshakes_and_data_reach_their_own_sockets_from_any_source() {
-        let (data, handshakes) = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let handshakes = handshakes.expect("steering is supported here");
-        let to = data.local_addr().unwrap();
-        assert_eq!(handshakes.local_addr().unwrap(), to, "one port");
-        for _ in 0..16 {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            for first in [4u8, 1, 2, 3, b'G'] {
-                s.send_to(&[first, 0, 0, 0, 9, 9], to).unwrap();
-            }
-            s.send_to(&[], to).unwrap();
-        }
-        let mut want_data = vec![4u8; 16];
-        want_data.extend([0xff; 16]);
-        let mut want_hs: Vec<u8> = [1u8, 2, 3, b'G'].repeat(16);
-        want_hs.sort();
-        assert_eq!(drain(&data), want_data, "the data socket");
-        assert_eq!(drain(&handshakes), want_hs, "the handshake socket");
-    }
-
-    /// Denied twin: a second gateway on a port in use fails to bind, as it did with one
-    /// socket, instead of joining the group and taking a share of the first one's traffic.
-    #[test]
-    fn a_second_gateway_on_the_same_port_is_refused() {
-        let (data, _handshakes) = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let err = bind(data.local_addr().unwrap()).unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
     }
 }

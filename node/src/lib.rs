@@ -131,6 +131,7 @@ mod layers {
         ("dns", include_str!("dns.rs")),
         ("health", include_str!("health.rs")),
         ("gateway", include_str!("gateway.rs")),
+        ("gateway", include_str!("gateway/handshakes.rs")),
         ("control", include_str!("control.rs")),
         ("admin", include_str!("admin.rs")),
         ("admin", include_str!("admin/http.rs")),
