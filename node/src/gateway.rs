@@ -5,7 +5,7 @@
 //!   sans-IO [`crate::wg::Gateway`]: handshakes are answered (cookies under a flood),
 //!   inner packets come out with their source checked to be the client's own. Data
 //!   messages are read here; the kernel steers handshakes to a socket and thread of
-//!   their own ([`handshakes`]), so a flood of them never slows the data path.
+//!   their own (`handshakes`), so a flood of them never slows the data path.
 //! - A client's packet for a mesh node is sent into the overlay as that client: the
 //!   destination judges it with the client's service and labels. Its flow is recorded in
 //!   this gateway's clients tracker, so the answers pass back.
