@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quicmesh_netns_tests::net::{dns_query, metric, sink_server, sink_transfer};
+use quicmesh_netns_tests::net::{dns_query, metric};
 use quicmesh_netns_tests::topo::{
     echo_round_trip, exec, in_ns, ping_until, tcp_echo_in, udp_echo_in, Net,
 };
@@ -55,14 +55,6 @@ fn client_status(gw: &NodeProc, name: &str) -> serde_json::Value {
         .find(|c| c["name"] == name)
         .cloned()
         .unwrap_or(serde_json::Value::Null)
-}
-
-/// Pushes `mib` MiB to the sink at `to` from `ns`: Mbit/s.
-fn throughput(ns: &str, to: SocketAddr, mib: usize) -> f64 {
-    let (sent, got, secs) =
-        in_ns(ns, move || sink_transfer(to, mib * 1024 * 1024).unwrap()).unwrap();
-    assert_eq!(sent, got, "the transfer arrived altered");
-    (mib * 8) as f64 * 1.048_576 / secs
 }
 
 #[test]
@@ -116,8 +108,6 @@ fn a_stock_wireguard_client_reaches_the_mesh_under_its_own_identity_and_policy()
     for port in [5201, 6000] {
         tcp_echo_in(&ns_b, SocketAddr::new(b4, port));
     }
-    let sink = SocketAddr::new(b4, 5202);
-    in_ns(&ns_b, move || sink_server(&sink.to_string()).unwrap()).unwrap();
     let udp = SocketAddr::new(b4, 5353);
     udp_echo_in(&ns_b, udp);
 
@@ -293,62 +283,92 @@ fn a_stock_wireguard_client_reaches_the_mesh_under_its_own_identity_and_policy()
         .unwrap()
         .parse()
         .unwrap();
-    // Each flooded transfer is compared with the quiet one just before it, and the
-    // median of the seven ratios is what counts: this machine's speed drifts by more than
-    // 10 % between minutes, so the best of each side, taken apart, compared the drift as
-    // much as the flood. Each transfer is 80 MiB (~1.5 s): 30 MiB ones (~0.6 s) scattered
-    // single ratios from 0.76 to 1.12 and a median of five fell to 0.89 once in CI.
-    let (mut ratios, mut rates, mut sent) = (Vec::new(), Vec::new(), 0u64);
-    let (mut quiet_all, mut flooded_all) = (Vec::new(), Vec::new());
-    for _ in 0..7 {
-        let quiet = throughput(&ns_phone, sink, 80);
-        let stop = Arc::new(AtomicBool::new(false));
-        let count = Arc::new(AtomicU64::new(0));
-        let micros = Arc::new(AtomicU64::new(0));
-        let (s2, n2, t2, ns, src) = (
-            stop.clone(),
-            count.clone(),
-            micros.clone(),
-            ns_mallory.clone(),
-            sources.clone(),
-        );
-        let flooder = std::thread::spawn(move || {
-            in_ns(&ns, move || {
-                flood(
-                    gw_key,
-                    "198.18.24.10:51820".parse().unwrap(),
-                    &src,
-                    4_000,
-                    &s2,
-                    &n2,
-                    &t2,
-                )
-            })
-            .unwrap()
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        let flooded = throughput(&ns_phone, sink, 80);
-        stop.store(true, Ordering::Relaxed);
-        flooder.join().unwrap();
-        let n = count.load(Ordering::Relaxed);
-        sent += n;
-        rates.push((n as f64 / (micros.load(Ordering::Relaxed) as f64 / 1e6)).round());
-        ratios.push(flooded / quiet);
-        quiet_all.push(quiet.round());
-        flooded_all.push(flooded.round());
+    // One continuous transfer, the flood switched on and off every half second: each
+    // flooded window is compared with the quiet windows on either side of it, and the
+    // median of ten such ratios is what counts. (Separate transfers, quiet then flooded,
+    // compared this machine's drift between seconds as much as the flood: single ratios
+    // scattered from 0.67 to 1.18.)
+    let counted = SocketAddr::new(b4, 5202);
+    let got = Arc::new(AtomicU64::new(0));
+    let g2 = got.clone();
+    in_ns(&ns_b, move || counting_server(counted, g2)).unwrap();
+    let on = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent_on = Arc::new(AtomicU64::new(0));
+    let (o2, s2, n2, ns, src) = (
+        on.clone(),
+        stop.clone(),
+        sent_on.clone(),
+        ns_mallory.clone(),
+        sources.clone(),
+    );
+    let flooder = std::thread::spawn(move || {
+        in_ns(&ns, move || {
+            flood(
+                gw_key,
+                "198.18.24.10:51820".parse().unwrap(),
+                &src,
+                4_000,
+                &o2,
+                &s2,
+                &n2,
+            )
+        })
+        .unwrap()
+    });
+    let (s3, ns_phone_w) = (stop.clone(), ns_phone.clone());
+    let writer =
+        std::thread::spawn(move || in_ns(&ns_phone_w, move || push_until(counted, &s3)).unwrap());
+    const WINDOW: Duration = Duration::from_millis(500);
+    // Each window's rate is taken over its last 400 ms (TCP settles after a switch).
+    const SETTLE: Duration = Duration::from_millis(100);
+    let window = |flooded: bool| -> f64 {
+        on.store(flooded, Ordering::Relaxed);
+        std::thread::sleep(SETTLE);
+        let (b0, t0) = (got.load(Ordering::Relaxed), Instant::now());
+        std::thread::sleep(WINDOW - SETTLE);
+        let (b1, t1) = (got.load(Ordering::Relaxed), Instant::now());
+        (b1 - b0) as f64 * 8.0 / 1e6 / (t1 - t0).as_secs_f64()
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let mut quiet_all = vec![window(false)];
+    let mut flooded_all = Vec::new();
+    let mut flood_time = Duration::ZERO;
+    for _ in 0..10 {
+        let t = Instant::now();
+        flooded_all.push(window(true));
+        flood_time += t.elapsed();
+        quiet_all.push(window(false));
     }
+    stop.store(true, Ordering::Relaxed);
+    flooder.join().unwrap();
+    writer.join().unwrap();
+    let sent = sent_on.load(Ordering::Relaxed);
+    let rate = sent as f64 / flood_time.as_secs_f64();
+    let mut ratios: Vec<f64> = flooded_all
+        .iter()
+        .enumerate()
+        .map(|(i, f)| f / ((quiet_all[i] + quiet_all[i + 1]) / 2.0))
+        .collect();
     ratios.sort_by(f64::total_cmp);
-    let median = ratios[ratios.len() / 2];
+    let median = (ratios[4] + ratios[5]) / 2.0;
     let st = gw.status().unwrap();
+    let round = |v: &[f64]| v.iter().map(|x| x.round()).collect::<Vec<_>>();
     eprintln!(
-        "wireguard: quiet {quiet_all:?} Mbit/s, flooded {flooded_all:?} Mbit/s, median ratio {median:.2} under a flood of {} initiations at {rates:?}/s; gateway: {}",
-        sent,
+        "wireguard: quiet {:?} Mbit/s, flooded {:?} Mbit/s, median ratio {median:.2} under a flood of {sent} initiations at {rate:.0}/s; gateway: {}",
+        round(&quiet_all),
+        round(&flooded_all),
         st["gateway"]
     );
-    assert!(sent > 8_000, "the flood did not run");
     assert!(
-        rates.iter().all(|r| *r >= 3_600.0),
-        "the flood fell behind its 4,000 a second: {rates:?}"
+        quiet_all.iter().all(|q| *q > 10.0),
+        "the transfer stalled: {quiet_all:?}"
+    );
+    // Niced, the flooder may fall behind on a busy second; it must still flood at many
+    // times the load (400 a second).
+    assert!(
+        rate >= 3_000.0,
+        "the flood fell behind its 4,000 a second: {rate:.0}"
     );
     let dropped = &st["gateway"]["dropped"];
     let refused = ["unknown_key", "source_limit"]
@@ -357,11 +377,12 @@ fn a_stock_wireguard_client_reaches_the_mesh_under_its_own_identity_and_policy()
         .sum::<u64>()
         + st["gateway"]["cookies_sent"].as_u64().unwrap_or(0);
     assert!(refused >= sent * 9 / 10, "the flood was not counted: {st}");
-    // The gateway reads handshakes on a socket and thread of their own (the kernel steers
-    // by message type): the flood takes no slot in the data path's reads and no turn of
-    // its loop. With everything on one socket, these VMs measured medians of 0.84-0.89
-    // (0.84 with the flooder niced as here); steered, 0.90-0.95 with the flooder at its
-    // normal priority, 0.95-0.98 niced.
+    // Two protections keep the flood off the client's traffic, and either one alone holds
+    // it here: cookies (past 400 handshakes a second no Diffie-Hellman is spent on an
+    // unproven source) and handshakes read on a socket and thread of their own, at a lower
+    // priority (the kernel steers by message type). Measured on the 2-vCPU VMs of
+    // 2026-12-02: both on, medians 0.95-1.02; steering off, 0.85-0.96; cookies off,
+    // 1.00-1.02; both off, 0.69 and 0.79 (the test fails).
     assert!(
         median >= 0.9,
         "the client kept a median {median:.2} of its quiet throughput under the flood (ratios {ratios:.2?})"
@@ -411,21 +432,7 @@ fn a_stock_wireguard_client_reaches_the_mesh_under_its_own_identity_and_policy()
     let got = Arc::new(AtomicU64::new(0));
     let g2 = got.clone();
     let cut = SocketAddr::new(b4, 5203);
-    in_ns(&ns_b, move || {
-        let l = TcpListener::bind(cut).unwrap();
-        std::thread::spawn(move || {
-            if let Ok((mut s, _)) = l.accept() {
-                let mut buf = vec![0u8; 64 * 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 {
-                        return;
-                    }
-                    g2.fetch_add(n as u64, Ordering::Relaxed);
-                }
-            }
-        });
-    })
-    .unwrap();
+    in_ns(&ns_b, move || counting_server(cut, g2)).unwrap();
     let ns = ns_phone.clone();
     let writer = std::thread::spawn(move || {
         in_ns(&ns, move || {
@@ -483,17 +490,18 @@ fn a_stock_wireguard_client_reaches_the_mesh_under_its_own_identity_and_policy()
     writer.join().unwrap();
 }
 
-/// Sends WireGuard handshake initiations to `to` at `rate` a second until `stop`, from
-/// each of `sources` in turn: from 256 keys the gateway does not know, with a valid MAC1
-/// (each one the gateway looks at costs it a Diffie-Hellman), precomputed and replayed.
+/// Sends WireGuard handshake initiations to `to` at `rate` a second while `on`, until
+/// `stop`, from each of `sources` in turn: from 256 keys the gateway does not know, with a
+/// valid MAC1 (each one the gateway looks at costs it a Diffie-Hellman), precomputed and
+/// replayed. `sent` counts what it sent while on.
 fn flood(
     gw: quicmesh_protocol::wg::WgKey,
     to: SocketAddr,
     sources: &[IpAddr],
     rate: u64,
+    on: &AtomicBool,
     stop: &AtomicBool,
     sent: &AtomicU64,
-    elapsed: &AtomicU64,
 ) {
     use boringtun::noise::{Tunn, TunnResult};
     use boringtun::x25519::{PublicKey, StaticSecret};
@@ -525,15 +533,61 @@ fn flood(
     rustix::process::nice(19).unwrap();
     let start = Instant::now();
     let mut n = 0u64;
+    // Where the schedule starts: each time the flood is switched on.
+    let mut since: Option<(Instant, u64)> = None;
     while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
-        let due = start.elapsed().as_secs_f64() * rate as f64;
-        while (n as f64) < due {
+        if !on.load(Ordering::Relaxed) {
+            since = None;
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let (t0, n0) = *since.get_or_insert((Instant::now(), n));
+        let due = n0 + (t0.elapsed().as_secs_f64() * rate as f64) as u64;
+        while n < due {
             let s = &socks[n as usize % socks.len()];
             let _ = s.send_to(&inits[(n % 256) as usize], to);
             n += 1;
+            sent.fetch_add(1, Ordering::Relaxed);
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    sent.store(n, Ordering::Relaxed);
-    elapsed.store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+}
+
+/// A TCP server on `bind` that reads everything sent to it and adds it to `got`.
+fn counting_server(bind: SocketAddr, got: Arc<AtomicU64>) {
+    let l = TcpListener::bind(bind).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let got = got.clone();
+            std::thread::spawn(move || {
+                let mut r = s;
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(k) = r.read(&mut buf) {
+                    if k == 0 {
+                        break;
+                    }
+                    got.fetch_add(k as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+}
+
+/// Pushes fresh pseudo-random bytes to `to` as fast as the path takes them, until `stop`:
+/// made as they go, as an application's would be, so the sender's CPU is part of the
+/// load the two cores carry.
+fn push_until(to: SocketAddr, stop: &AtomicBool) {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut state: u64 = 0x1234_5678_9abc_def1;
+    while !stop.load(Ordering::Relaxed) {
+        for b in buf.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *b = state as u8;
+        }
+        s.write_all(&buf).unwrap();
+    }
 }

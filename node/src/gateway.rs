@@ -76,8 +76,11 @@ pub struct WgGateway {
     client_drops: ClientDrops,
     /// Whether clients get DNS answers on this node's overlay address.
     dns: bool,
-    /// Whether the kernel steers handshakes to a socket and thread of their own.
-    handshakes_apart: bool,
+    /// The first checks, run without `core`.
+    gate: wg::Gate,
+    /// Whether the kernel steers handshakes to a socket and thread of their own (and that
+    /// thread runs).
+    handshakes_apart: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for WgGateway {
@@ -133,6 +136,7 @@ pub async fn start(
     let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
     let gw = wg::Gateway::new(key.0);
     let public_key = gw.public_key();
+    let gate = gw.gate();
     let overlay_cfg = node.cfg.overlay.clone();
     let limits = overlay_cfg
         .map(|o| Limits {
@@ -167,25 +171,18 @@ pub async fn start(
         drops: std::array::from_fn(|_| AtomicU64::new(0)),
         client_drops: ClientDrops::default(),
         dns,
-        handshakes_apart: handshakes.is_some(),
+        gate,
+        handshakes_apart: false.into(),
     });
     g.apply_clients(&node.view());
     let _ = ov.clients.set(g.clone());
     let _ = node.gateway.set(g.clone());
+    if let Some(sock) = handshakes {
+        handshakes::start(node.clone(), ov.clone(), g.clone(), sock);
+    }
     tokio::spawn(receive_loop(node.clone(), ov, g.clone()));
     tokio::spawn(timer_loop(node, g.clone()));
-    if let Some(sock) = handshakes {
-        let gw = g.clone();
-        if let Err(e) = std::thread::Builder::new()
-            .name("wg-handshakes".into())
-            .spawn(move || handshakes::handshake_loop(gw, sock))
-        {
-            // Its socket is gone with the closure: the kernel steers everything to the
-            // data socket again, where handshakes are taken as well.
-            tracing::warn!(error = %e, "WireGuard handshakes: no thread of their own; taken with the data");
-        }
-    }
-    tracing::info!(listen = %cfg.listen, key = %public_key, dns, handshakes_apart = g.handshakes_apart, "WireGuard gateway up");
+    tracing::info!(listen = %cfg.listen, key = %public_key, dns, handshakes_apart = g.handshakes_apart.load(Ordering::Relaxed), "WireGuard gateway up");
     Ok(g)
 }
 
@@ -212,6 +209,23 @@ impl WgGateway {
             }
         }
         self.client_drops.retain(view);
+    }
+
+    /// What the gate turned away: a cookie sent, a drop counted.
+    fn refused(
+        &self,
+        from: SocketAddr,
+        r: wg::Refused,
+        out: &[u8],
+        send: impl Fn(SocketAddr, &[u8]),
+    ) {
+        match r {
+            wg::Refused::Cookie(n) => {
+                self.metrics.cookies.inc();
+                send(from, out.get(..n).unwrap_or_default());
+            }
+            wg::Refused::Drop(r) => self.count(r),
+        }
     }
 
     /// What a datagram came to, other than an inner packet: answered, counted.
@@ -337,7 +351,7 @@ impl crate::state::Gateway for WgGateway {
             "port": self.port,
             "public_key": self.public_key.to_string(),
             "dns": self.dns,
-            "handshakes_apart": self.handshakes_apart,
+            "handshakes_apart": self.handshakes_apart.load(Ordering::Relaxed),
             "tracked_flows": self.tracker.len(),
             "cookies_sent": self.metrics.cookies.get(),
             "handshakes": self.metrics.handshakes.get(),
@@ -412,7 +426,7 @@ async fn receive_loop(node: Arc<Node>, ov: Arc<Overlay>, g: Arc<WgGateway>) {
     }
 }
 
-/// One datagram from `from`: answered, or its inner packet sent on.
+/// One datagram from `from`: the gate (without the sessions' lock), then its session.
 #[allow(clippy::too_many_arguments)]
 async fn one_datagram(
     node: &Arc<Node>,
@@ -425,13 +439,35 @@ async fn one_datagram(
     sender: &mut Sender,
     gro: &mut tun_rs::GROTable,
 ) {
+    match g.gate.check(from, dgram, out) {
+        Ok(admitted) => {
+            admitted_datagram(node, ov, g, view, from, admitted, dgram, out, sender, gro).await
+        }
+        Err(r) => g.refused(from, r, out, |to, b| g.send(to, b)),
+    }
+}
+
+/// A datagram the gate admitted: answered by its session, or its inner packet sent on.
+#[allow(clippy::too_many_arguments)]
+async fn admitted_datagram(
+    node: &Arc<Node>,
+    ov: &Arc<Overlay>,
+    g: &WgGateway,
+    view: &View,
+    from: SocketAddr,
+    admitted: wg::Admitted,
+    dgram: &[u8],
+    out: &mut [u8],
+    sender: &mut Sender,
+    gro: &mut tun_rs::GROTable,
+) {
     let now = unix_now().max(0) as u64;
     let base = out.as_ptr() as usize;
     // Where the inner packet lies in `out`, when there is one.
     let inner = {
         let mut core = lock(&g.core);
         let Core { gw, buf } = &mut *core;
-        match gw.inbound(from, dgram, now, out) {
+        match gw.take(admitted, from, dgram, now, out) {
             // The packet lies in `out` (boringtun writes it at the start); where exactly
             // is computed without any arithmetic that could overflow.
             Inbound::Packet(_, p) => (p.as_ptr() as usize)

@@ -383,6 +383,8 @@ reasons! {
         NotAClient => "not_a_client",
         /// More handshakes from one source address in a second than it may send.
         SourceLimit => "source_limit",
+        /// Admitted on the handshake thread, but the queue to the sessions was full.
+        Backlog => "backlog",
     }
 }
 

@@ -4,15 +4,16 @@
 //!
 //! Handshake initiations are matched to a client by the static key inside them (the
 //! gateway's private key opens it); every later message by the receiver index this
-//! gateway gave the client's session (its top 24 bits). One [`RateLimiter`] is shared by
-//! every session: under a handshake flood, sources must prove their address with a
-//! cookie before any Diffie-Hellman is spent on them. A key or index that is not a
-//! client's is dropped and never answered.
+//! gateway gave the client's session (its top 24 bits). One count of handshakes a second
+//! decides the load: under it, sources must prove their address with a cookie (boringtun's
+//! [`RateLimiter`]) before any Diffie-Hellman is spent on them, and each proven source is
+//! held to its own limit. A key or index that is not a client's is dropped and never
+//! answered.
 //!
-//! The first checks a handshake passes ([`Gate`]: MAC1, the limiter, the per-source
-//! limit, the static key inside an initiation) need no session, so a gateway can run them
-//! on their own thread for the handshakes it reads apart, and a flood of them never holds
-//! the sessions' lock the data path takes for every packet.
+//! The first checks ([`Gate`]: MAC1, the load and cookies, the per-source limit, the static
+//! key inside an initiation, whether a client has that key or index) need no session, so a
+//! gateway runs them on their own thread for the handshakes it reads apart: a flood of
+//! them never takes the sessions' lock the data path takes for every packet.
 //!
 //! A leaf module: it depends on `protocol` and `reason` only. The socket, the timer tick
 //! and the mesh side live in the gateway shell.
@@ -35,18 +36,18 @@ use crate::reason::WgDrop;
 /// holds a session's worth of memory.
 pub const MAX_CLIENTS: usize = 65_536;
 
-/// Handshakes per second, over all clients, before sources must answer a cookie. Each
-/// handshake is verified twice (once to find its client, once by its session), so this
-/// is twice the handshakes let through.
-pub const HANDSHAKES_PER_SECOND: u64 = 2 * 200;
+/// Handshakes per second (a valid MAC1), over all sources, before sources must answer a
+/// cookie.
+pub const HANDSHAKES_PER_SECOND: u64 = 400;
 
 /// Handshake messages one source address may send per second, cookie or not (as Linux
 /// WireGuard's per-address limit): a host that answers cookies from its real address
 /// still cannot make the gateway spend a Diffie-Hellman on every datagram it sends.
 pub const HANDSHAKES_PER_SOURCE: u32 = 20;
 
-/// Source addresses tracked for [`HANDSHAKES_PER_SOURCE`]; beyond, the count starts over
-/// (sources that cannot receive are held off by cookies instead).
+/// Source addresses tracked for [`HANDSHAKES_PER_SOURCE`] (an IPv6 source by its /64, as
+/// Linux WireGuard: one host holds a whole /64); beyond, the count starts over (sources
+/// that cannot receive are held off by cookies instead).
 const MAX_SOURCES: usize = 16_384;
 
 /// How often [`Gateway::tick`] must run (WireGuard's timers are in whole 250 ms steps).
@@ -72,16 +73,15 @@ pub enum Inbound<'a> {
     Drop(WgDrop),
 }
 
-/// Handshakes per source address in the current second.
-#[derive(Debug, Default)]
+/// This second's handshakes: the one count that decides the load, and each proven
+/// source's own. It starts over by itself once a second has passed.
+#[derive(Debug)]
 struct SourceCounts {
     counts: HashMap<IpAddr, u32>,
-    /// The shared limiter's count, mirrored: handshake checks with a valid MAC1 since its
-    /// last reset (it resets at most once a second, on the same ticks). At or past
-    /// [`HANDSHAKES_PER_SECOND`] the limiter checks MAC2: what then passes has proven its
-    /// source address.
+    /// Handshakes with a valid MAC1 this second. At or past [`HANDSHAKES_PER_SECOND`] the
+    /// gateway is under load: sources must prove their address (MAC2) with a cookie.
     checks: u64,
-    last_reset: Option<std::time::Instant>,
+    since: std::time::Instant,
 }
 
 /// What a packet for a client comes to.
@@ -130,15 +130,29 @@ pub enum ClientsError {
 }
 
 /// The checks every datagram passes before any session is looked at: a handshake's MAC1,
-/// the shared limiter (a cookie under load), the per-source limit, and which session it
-/// is for (the static key inside an initiation, the receiver index of anything else).
-/// Cheap to clone: the clones share the limiter and the counts.
+/// the load (a cookie under it), the per-source limit, and which session it is for (the
+/// static key inside an initiation, the receiver index of anything else), refused early
+/// when no client has it. Cheap to clone: the clones share the counts and the snapshot.
 #[derive(Clone)]
 pub struct Gate {
     secret: StaticSecret,
     public: PublicKey,
-    limiter: Arc<RateLimiter>,
+    /// Checks MAC1 and never asks for a cookie (its limit is never reached): below the
+    /// load, and in every session.
+    mac1: Arc<RateLimiter>,
+    /// Checks MAC1 and MAC2 and answers a cookie to any source that has not proven its
+    /// address (a limit of 0): under the load.
+    cookies: Arc<RateLimiter>,
     sources: Arc<Mutex<SourceCounts>>,
+    /// The clients' keys and session indexes, replaced whole by [`Gateway::set_clients`].
+    known: Arc<arc_swap::ArcSwap<Known>>,
+}
+
+/// What the sessions hold, as the [`Gate`] sees it (the session checks again).
+#[derive(Debug, Default)]
+struct Known {
+    keys: std::collections::HashSet<WgKey>,
+    indexes: std::collections::HashSet<u32>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -166,7 +180,7 @@ enum Lookup {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// An initiation or a response: its session checks it with the limiter again.
+    /// An initiation or a response.
     Handshake,
     CookieReply,
     /// A transport data message, the only kind that carries inner packets.
@@ -213,13 +227,16 @@ impl Gateway {
         let public = PublicKey::from(&secret);
         Self {
             gate: Gate {
-                limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+                mac1: Arc::new(RateLimiter::new(&public, u64::MAX)),
+                cookies: Arc::new(RateLimiter::new(&public, 0)),
                 secret,
                 public,
                 sources: Arc::new(Mutex::new(SourceCounts {
-                    last_reset: Some(std::time::Instant::now()),
-                    ..SourceCounts::default()
+                    counts: HashMap::new(),
+                    checks: 0,
+                    since: std::time::Instant::now(),
                 })),
+                known: Arc::default(),
             },
             clients: HashMap::new(),
             by_index: HashMap::new(),
@@ -233,7 +250,7 @@ impl Gateway {
     }
 
     /// The gateway's [`Gate`], to check datagrams without holding the gateway (its clones
-    /// share the limiter and the counts with it).
+    /// share the counts and the clients' snapshot with it).
     pub fn gate(&self) -> Gate {
         self.gate.clone()
     }
@@ -288,7 +305,7 @@ impl Gateway {
                         None,
                         None,
                         index,
-                        Some(self.gate.limiter.clone()),
+                        Some(self.gate.mac1.clone()),
                     );
                     self.by_index.insert(index, client.public_key);
                     self.clients.insert(
@@ -303,6 +320,10 @@ impl Gateway {
                 }
             }
         }
+        self.gate.known.store(Arc::new(Known {
+            keys: self.clients.keys().copied().collect(),
+            indexes: self.by_index.keys().copied().collect(),
+        }));
         Ok(())
     }
 
@@ -368,13 +389,9 @@ impl Gateway {
         if !slot.client.live_at(now) {
             return Inbound::Drop(WgDrop::Expired);
         }
-        if admitted.kind == Kind::Handshake {
-            // The session checks it with the limiter again: counted twice.
-            self.gate.counted_again();
-        }
         match slot.tunn.decapsulate(Some(from.ip()), datagram, out) {
-            // The session's own rate check (a second one) can answer a cookie: that is no
-            // proof of anything, and must not move the client's endpoint.
+            // A session's own check never asks for a cookie (it checks MAC1 only); were
+            // one to come out, it would prove nothing and must not move the endpoint.
             TunnResult::WriteToNetwork(b) if b.starts_with(&[3, 0, 0, 0]) => Inbound::Cookie(b),
             // A handshake answer (or what it released): the datagram was authenticated.
             TunnResult::WriteToNetwork(b) => {
@@ -490,8 +507,8 @@ impl Gateway {
 
 impl Gate {
     /// The first checks of a datagram that came from `from`. A cookie is written at the
-    /// start of `out`. Only handshakes touch the shared counts (a data message is only
-    /// parsed here).
+    /// start of `out`. Only handshakes touch the counts (a data message is only parsed,
+    /// and its index looked up).
     pub fn check(
         &self,
         from: SocketAddr,
@@ -504,122 +521,137 @@ impl Gate {
             return Err(Refused::Drop(WgDrop::Malformed));
         }
         let mut cookie = [0u8; 64];
-        if !matches!(datagram.first(), Some(1) | Some(2)) {
-            let packet = match self
-                .limiter
-                .verify_packet(Some(from.ip()), datagram, &mut cookie)
-            {
-                Ok(p) => p,
-                Err(_) => return Err(Refused::Drop(WgDrop::Malformed)),
-            };
-            return Ok(match packet {
-                Packet::PacketCookieReply(p) => Admitted {
-                    to: Lookup::Index(p.receiver_idx >> 8),
-                    kind: Kind::CookieReply,
-                },
-                Packet::PacketData(p) => Admitted {
-                    to: Lookup::Index(p.receiver_idx >> 8),
-                    kind: Kind::Data,
-                },
-                // Parsed by the first byte: these never come out of it.
-                Packet::HandshakeInit(_) | Packet::HandshakeResponse(_) => {
-                    return Err(Refused::Drop(WgDrop::Malformed))
-                }
-            });
-        }
-        // A handshake: the counts stay locked while the limiter takes it, so the mirror
-        // of its count and the limiter's agree between threads.
-        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        // Whether the limiter will check this one's MAC2 (its count before this check).
-        let under_load = sources.checks >= HANDSHAKES_PER_SECOND;
-        let verified = self
-            .limiter
-            .verify_packet(Some(from.ip()), datagram, &mut cookie);
-        if !matches!(verified, Err(TunnResult::Err(WireGuardError::InvalidMac))) {
-            sources.checks += 1;
-        }
-        let packet = match verified {
+        let packet = match self
+            .mac1
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
             Ok(p) => p,
-            Err(TunnResult::WriteToNetwork(c)) => {
-                let n = c.len();
-                out[..n].copy_from_slice(c);
-                return Err(Refused::Cookie(n));
-            }
             Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
                 return Err(Refused::Drop(WgDrop::BadMac))
             }
-            Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
-                return Err(Refused::Drop(WgDrop::UnderLoad))
-            }
             Err(_) => return Err(Refused::Drop(WgDrop::Malformed)),
         };
-        // A source is held to its own limit only once it has proven its address (a MAC2
-        // under load), as WireGuard does: below the load, anyone could spoof a client's
-        // address and spend its allowance, locking it out; what gets through then is
-        // bounded by the shared limit.
-        if under_load && !sources.admit(from.ip()) {
-            return Err(Refused::Drop(WgDrop::SourceLimit));
+        let (to, kind) = match &packet {
+            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_) => {
+                self.check_handshake(from, datagram, &packet, out)?
+            }
+            Packet::PacketCookieReply(p) => (Lookup::Index(p.receiver_idx >> 8), Kind::CookieReply),
+            Packet::PacketData(p) => (Lookup::Index(p.receiver_idx >> 8), Kind::Data),
+        };
+        let known = self.known.load();
+        let ours = match to {
+            Lookup::Key(k) => known.keys.contains(&k),
+            Lookup::Index(i) => known.indexes.contains(&i),
+        };
+        match (ours, to) {
+            (true, _) => Ok(Admitted { to, kind }),
+            (false, Lookup::Key(_)) => Err(Refused::Drop(WgDrop::UnknownKey)),
+            (false, Lookup::Index(_)) => Err(Refused::Drop(WgDrop::UnknownIndex)),
         }
-        drop(sources);
+    }
+
+    /// A handshake whose MAC1 is valid: counted; under the load, its source must have
+    /// proven its address (MAC2, else a cookie) and be within its own limit.
+    fn check_handshake(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        packet: &Packet<'_>,
+        out: &mut [u8],
+    ) -> Result<(Lookup, Kind), Refused> {
+        let now = std::time::Instant::now();
+        let under_load = self.counts().count(now);
+        if under_load {
+            let mut cookie = [0u8; 64];
+            match self
+                .cookies
+                .verify_packet(Some(from.ip()), datagram, &mut cookie)
+            {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(c)) => {
+                    let n = c.len();
+                    out[..n].copy_from_slice(c);
+                    return Err(Refused::Cookie(n));
+                }
+                Err(_) => return Err(Refused::Drop(WgDrop::Malformed)),
+            }
+            // A source is held to its own limit only once it has proven its address, as
+            // WireGuard does: below the load, anyone could spoof a client's address and
+            // spend its allowance, locking it out; what gets through then is bounded by
+            // the shared count.
+            if !self.counts().admit(from.ip(), now) {
+                return Err(Refused::Drop(WgDrop::SourceLimit));
+            }
+        }
         let to = match packet {
             Packet::HandshakeInit(init) => {
-                match parse_handshake_anon(&self.secret, &self.public, &init) {
+                match parse_handshake_anon(&self.secret, &self.public, init) {
                     Ok(half) => Lookup::Key(WgKey(half.peer_static_public)),
                     Err(_) => return Err(Refused::Drop(WgDrop::Crypto)),
                 }
             }
             Packet::HandshakeResponse(p) => Lookup::Index(p.receiver_idx >> 8),
-            // Parsed by the first byte: these never come out of it.
             Packet::PacketCookieReply(_) | Packet::PacketData(_) => {
                 return Err(Refused::Drop(WgDrop::Malformed))
             }
         };
-        Ok(Admitted {
-            to,
-            kind: Kind::Handshake,
-        })
+        Ok((to, Kind::Handshake))
     }
 
-    /// A session checked a handshake with the limiter again.
-    fn counted_again(&self) {
-        self.sources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .checks += 1;
+    fn counts(&self) -> std::sync::MutexGuard<'_, SourceCounts> {
+        self.sources.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Every [`TICK`]: the limiter's count and the per-source counts start over once a
-    /// second.
+    /// Every [`TICK`]: the MAC1 limiter's own count kept far from its limit (it starts over
+    /// once a second).
     fn tick(&self) {
-        self.limiter.reset_count();
-        self.sources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .tick();
+        self.mac1.reset_count();
+        self.cookies.reset_count();
     }
 }
 
 impl SourceCounts {
-    /// Counts a handshake from `ip`; false past [`HANDSHAKES_PER_SOURCE`] this second.
-    fn admit(&mut self, ip: IpAddr) -> bool {
+    /// Starts the second over when one has passed.
+    fn roll(&mut self, now: std::time::Instant) {
+        if now.duration_since(self.since) >= Duration::from_secs(1) {
+            self.since = now;
+            self.counts.clear();
+            self.checks = 0;
+        }
+    }
+
+    /// Counts a handshake with a valid MAC1; whether the gateway was under load before it.
+    fn count(&mut self, now: std::time::Instant) -> bool {
+        self.roll(now);
+        let loaded = self.checks >= HANDSHAKES_PER_SECOND;
+        self.checks = self.checks.saturating_add(1);
+        loaded
+    }
+
+    /// Counts a proven handshake from `ip`; false past [`HANDSHAKES_PER_SOURCE`] this
+    /// second.
+    fn admit(&mut self, ip: IpAddr, now: std::time::Instant) -> bool {
+        self.roll(now);
+        let ip = source_key(ip);
         if self.counts.len() >= MAX_SOURCES && !self.counts.contains_key(&ip) {
             self.counts.clear();
         }
         let n = self.counts.entry(ip).or_default();
-        *n += 1;
+        *n = n.saturating_add(1);
         *n <= HANDSHAKES_PER_SOURCE
     }
+}
 
-    /// Called every [`TICK`], right after the limiter's own reset: the counts start over
-    /// when a second has passed since they last did, as the limiter's.
-    fn tick(&mut self) {
-        let now = std::time::Instant::now();
-        let last = *self.last_reset.get_or_insert(now);
-        if now.duration_since(last) >= Duration::from_secs(1) {
-            self.last_reset = Some(now);
-            self.counts.clear();
-            self.checks = 0;
-        }
+/// The source a per-source limit counts: an IPv4 address, or an IPv6 address's /64.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
     }
 }
 

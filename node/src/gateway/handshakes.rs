@@ -4,15 +4,22 @@
 //! each datagram by its WireGuard message type: data messages to the socket the runtime
 //! reads (the data path), everything else (handshakes, cookies, whatever a flood sends)
 //! to a socket read by a thread of its own, at a lower priority. There the [`wg::Gate`]
-//! answers a flood with cookies or drops it without the sessions' lock; only what it
-//! admits reaches a session, briefly under the lock.
+//! answers a flood with cookies or drops it, taking no lock the data path holds; what it
+//! admits is queued for its session on the runtime.
+//!
+//! The group admits only sockets of the same user (the kernel's rule for SO_REUSEPORT),
+//! and the port is taken once without it first, so another gateway on it is refused. A
+//! process running as the node's own user could still join the group and take part of
+//! the port's traffic: that user already holds the node's keys, and is trusted as the node.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{lock, Core, WgGateway};
-use crate::clock::unix_now;
+use super::WgGateway;
+use crate::overlay::{Overlay, Sender};
 use crate::reason::WgDrop;
+use crate::state::Node;
 use crate::wg;
 
 /// The index a [`STEER`] program returns for the data socket; anything else goes to the
@@ -84,18 +91,69 @@ fn reuse_port_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 
 /// How much the handshake thread yields to the data path when the CPU is short (a nice
 /// value, on this thread alone): its weight is a tenth of the data path's, so a flood
-/// cannot take a core's worth from the clients' traffic, and handshakes still have more
-/// than they need (one takes well under a millisecond).
+/// cannot take a core's worth from the clients' traffic. It takes no lock the data path
+/// waits on for long (the gate's counts only, never the sessions'), so its lower priority
+/// never holds the data path up.
 const HANDSHAKE_NICE: i32 = 10;
 
+/// Datagrams the handshake thread admitted, queued for their sessions on the runtime: a
+/// flood gets at most [`wg::HANDSHAKES_PER_SECOND`] a second past the gate (more only from
+/// sources that proved their address, each within its own limit).
+const SESSIONS_QUEUE: usize = 1024;
+
+/// A datagram the gate admitted on the handshake thread.
+struct Admitted {
+    from: SocketAddr,
+    admitted: wg::Admitted,
+    datagram: Vec<u8>,
+}
+
+/// Starts the handshake thread on `socket` and the task that takes what it admits to the
+/// sessions. Where the thread cannot start, its socket closes with it and the kernel
+/// steers everything to the data socket again, where handshakes are taken as well.
+pub(super) fn start(
+    node: Arc<Node>,
+    ov: Arc<Overlay>,
+    g: Arc<WgGateway>,
+    socket: std::net::UdpSocket,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(SESSIONS_QUEUE);
+    let gw = g.clone();
+    match std::thread::Builder::new()
+        .name("wg-handshakes".into())
+        .spawn(move || handshake_loop(gw, socket, tx))
+    {
+        Ok(_) => {
+            tokio::spawn(sessions_loop(node, ov, g, rx));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "WireGuard handshakes: no thread of their own; taken with the data")
+        }
+    }
+}
+
 /// Handshakes, cookies and whatever else is no data message, on their own socket and
-/// thread: the [`wg::Gate`] without the sessions' lock (a flood is answered with cookies
-/// or dropped here), then the session, briefly under the lock, for what it admitted.
-pub(super) fn handshake_loop(g: Arc<WgGateway>, socket: std::net::UdpSocket) {
+/// thread: the [`wg::Gate`] (a flood is answered with cookies or dropped here, without the
+/// sessions' lock), then what it admitted is queued for its session on the runtime. The
+/// socket takes GRO like the data socket (the kernel picks by hash which one decides
+/// whether a flow is coalesced), so a batch is split here, and a data message in one is
+/// queued like the rest.
+fn handshake_loop(
+    g: Arc<WgGateway>,
+    socket: std::net::UdpSocket,
+    tx: tokio::sync::mpsc::Sender<Admitted>,
+) {
+    let state = match quinn_udp::UdpSocketState::new((&socket).into()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "WireGuard handshake socket: no receive path; handshakes taken with the data");
+            return;
+        }
+    };
     if let Err(e) = rustix::process::nice(HANDSHAKE_NICE) {
         tracing::debug!(error = %e, "WireGuard handshake thread keeps its priority");
     }
-    let gate = lock(&g.core).gw.gate();
+    g.handshakes_apart.store(true, Ordering::Relaxed);
     // Sends never wait on a full socket: a reply lost is a handshake retried.
     let send = |to: SocketAddr, b: &[u8]| {
         let s = socket2::SockRef::from(&socket);
@@ -103,41 +161,80 @@ pub(super) fn handshake_loop(g: Arc<WgGateway>, socket: std::net::UdpSocket) {
             tracing::debug!(%to, error = %e, "WireGuard handshake datagram not sent");
         }
     };
-    let mut dgram = vec![0u8; wg::BUFFER];
+    let mut buf = vec![0u8; (state.gro_segments() * 1500).max(64 * 1024)];
+    let mut meta = [quinn_udp::RecvMeta::default()];
     let mut out = vec![0u8; wg::BUFFER];
     loop {
-        let (n, from) = match socket.recv_from(&mut dgram) {
-            Ok(r) => r,
+        // One read at a time on a blocking socket (a batched read would wait for a full
+        // batch); each may be a GRO batch of one source's datagrams.
+        let got = {
+            let mut slices = [std::io::IoSliceMut::new(&mut buf)];
+            state.recv((&socket).into(), &mut slices, &mut meta)
+        };
+        match got {
+            Ok(0) => continue,
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::debug!(error = %e, "WireGuard handshake receive");
                 std::thread::sleep(std::time::Duration::from_millis(10));
                 continue;
             }
-        };
-        let dgram = &dgram[..n];
-        let admitted = match gate.check(from, dgram, &mut out) {
-            Ok(a) => a,
-            Err(wg::Refused::Cookie(n)) => {
-                g.metrics.cookies.inc();
-                send(from, &out[..n]);
-                continue;
-            }
-            Err(wg::Refused::Drop(r)) => {
-                g.count(r);
-                continue;
-            }
-        };
-        if admitted.is_data() {
-            // Steered to the data socket, never here.
-            g.count(WgDrop::Malformed);
-            continue;
         }
-        let now = unix_now().max(0) as u64;
-        let mut core = lock(&g.core);
-        let Core { gw, buf } = &mut *core;
-        let what = gw.take(admitted, from, dgram, now, &mut out);
-        g.answer(gw, buf, from, what, send);
+        let m = meta[0];
+        let data = buf.get(..m.len).unwrap_or_default();
+        for dgram in data.chunks(m.stride.max(1)) {
+            let admitted = match g.gate.check(m.addr, dgram, &mut out) {
+                Ok(a) => a,
+                Err(r) => {
+                    g.refused(m.addr, r, &out, send);
+                    continue;
+                }
+            };
+            let item = Admitted {
+                from: m.addr,
+                admitted,
+                datagram: dgram.to_vec(),
+            };
+            match tx.try_send(item) {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => g.count(WgDrop::Backlog),
+                // The runtime is gone: so is the node.
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    g.handshakes_apart.store(false, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What the handshake thread admitted, taken by its session under the sessions' lock
+/// (answers leave from the data socket: the same port).
+async fn sessions_loop(
+    node: Arc<Node>,
+    ov: Arc<Overlay>,
+    g: Arc<WgGateway>,
+    mut rx: tokio::sync::mpsc::Receiver<Admitted>,
+) {
+    let mut out = vec![0u8; wg::BUFFER];
+    let mut sender = Sender::default();
+    let mut gro = tun_rs::GROTable::default();
+    while let Some(a) = rx.recv().await {
+        let view = node.view();
+        super::admitted_datagram(
+            &node,
+            &ov,
+            &g,
+            &view,
+            a.from,
+            a.admitted,
+            &a.datagram,
+            &mut out,
+            &mut sender,
+            &mut gro,
+        )
+        .await;
     }
 }
 
@@ -185,11 +282,15 @@ mod tests {
     }
 
     /// Denied twin: a second gateway on a port in use fails to bind, as it did with one
-    /// socket, instead of joining the group and taking a share of the first one's traffic.
+    /// socket, instead of joining the group and taking a share of the first one's traffic;
+    /// so does any other program.
     #[test]
     fn a_second_gateway_on_the_same_port_is_refused() {
         let (data, _handshakes) = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let err = bind(data.local_addr().unwrap()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+        // Nor does any other program bind it (without SO_REUSEPORT, as most do).
+        let err = std::net::UdpSocket::bind(data.local_addr().unwrap()).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
     }
 }

@@ -458,13 +458,12 @@ fn a_cookie_never_moves_a_client_s_endpoint() {
     let mut alice = peer(&gw, 2, "198.18.0.10:40000");
     gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
         .unwrap();
-    // Counted twice: once to find its client, once by its session.
+    // Counted once.
     handshake(&mut gw, &mut alice).unwrap();
     let mut gbuf = vec![0u8; BUFFER];
-    // Fill the shared count to one below its limit, from many sources (each within its
-    // own allowance).
+    // Fill the count to its limit, from many sources (each within its own allowance).
     let mut flooder = peer(&gw, 7, "198.18.0.99:5555");
-    for i in 0..(HANDSHAKES_PER_SECOND - 3) {
+    for i in 0..(HANDSHAKES_PER_SECOND - 1) {
         let init = initiation(&mut flooder, true);
         let src = SocketAddr::from(([198, 18, 1, (i % 250) as u8], 6000));
         assert_eq!(
@@ -505,5 +504,99 @@ fn spoofing_a_client_s_address_does_not_lock_it_out() {
     assert!(
         matches!(gw.inbound(alice.addr, &init, NOW, &mut gbuf), Inbound::Reply(k, _) if k == alice.key),
         "the client is still answered"
+    );
+}
+
+/// Found by the third review: the load was decided on a copy of the limiter's count that
+/// handshakes too malformed for the limiter still raised (and that reset on another
+/// clock), so 400 one-byte datagrams a second made the gateway hold sources to their own
+/// limit while none had to prove its address: a spoofer then spent a client's allowance.
+/// One count now decides, and only a valid MAC1 raises it.
+#[test]
+fn malformed_handshakes_do_not_count_toward_the_load() {
+    let mut gw = Gateway::new(secret(1));
+    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
+    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
+        .unwrap();
+    let mut gbuf = vec![0u8; BUFFER];
+    for i in 0..HANDSHAKES_PER_SECOND {
+        let src = SocketAddr::from(([198, 18, 2, (i % 250) as u8], 7000));
+        assert_eq!(
+            gw.inbound(src, &[1], NOW, &mut gbuf),
+            Inbound::Drop(WgDrop::Malformed)
+        );
+    }
+    let mut spoofer = peer(&gw, 8, "198.18.0.66:1");
+    for _ in 0..=HANDSHAKES_PER_SOURCE {
+        let init = initiation(&mut spoofer, true);
+        assert_eq!(
+            gw.inbound(alice.addr, &init, NOW, &mut gbuf),
+            Inbound::Drop(WgDrop::UnknownKey),
+            "below the load: looked at, unknown, no per-source count"
+        );
+    }
+    let init = initiation(&mut alice, false);
+    assert!(
+        matches!(gw.inbound(alice.addr, &init, NOW, &mut gbuf), Inbound::Reply(k, _) if k == alice.key),
+        "the client is still answered"
+    );
+}
+
+/// An IPv6 host holds a whole /64: its proven handshakes count as one source's, whichever
+/// address of the /64 they come from; another /64 has its own allowance.
+#[test]
+fn an_ipv6_source_is_counted_by_its_64() {
+    let gw = Gateway::new(secret(1));
+    let gate = gw.gate();
+    let mut counts = gate.counts();
+    let now = std::time::Instant::now();
+    for i in 0..HANDSHAKES_PER_SOURCE {
+        let ip: IpAddr = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+        assert!(counts.admit(ip, now));
+    }
+    assert!(!counts.admit("2001:db8:1:2:ffff::1".parse().unwrap(), now));
+    assert!(counts.admit("2001:db8:1:3::1".parse().unwrap(), now));
+    // A v4-mapped address is its IPv4 address.
+    for _ in 0..HANDSHAKES_PER_SOURCE {
+        assert!(counts.admit("198.18.0.1".parse().unwrap(), now));
+    }
+    assert!(!counts.admit("::ffff:198.18.0.1".parse().unwrap(), now));
+}
+
+/// The gate alone (no sessions' lock) refuses keys and indexes no client has, and follows
+/// the client list at once: a removed client's index is refused by the gate too. Denied
+/// twin of a client's own index passing.
+#[test]
+fn the_gate_knows_the_clients_keys_and_indexes_without_the_sessions() {
+    let mut gw = Gateway::new(secret(1));
+    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
+    let mut mallory = peer(&gw, 7, "198.18.0.99:5555");
+    let a = client("alice", alice.key, "100.64.0.9");
+    gw.set_clients(vec![a]).unwrap();
+    handshake(&mut gw, &mut alice).unwrap();
+    let gate = gw.gate();
+    let mut out = vec![0u8; BUFFER];
+    let init = initiation(&mut mallory, true);
+    assert_eq!(
+        gate.check(mallory.addr, &init, &mut out),
+        Err(Refused::Drop(WgDrop::UnknownKey))
+    );
+    let init = initiation(&mut alice, true);
+    assert!(gate.check(alice.addr, &init, &mut out).is_ok());
+    let mut buf = vec![0u8; BUFFER];
+    let wire = match alice
+        .tunn
+        .encapsulate(&ipv4("100.64.0.9", "100.64.0.1", b"x"), &mut buf)
+    {
+        TunnResult::WriteToNetwork(b) => b.to_vec(),
+        other => panic!("{other:?}"),
+    };
+    let admitted = gate.check(alice.addr, &wire, &mut out).unwrap();
+    assert!(admitted.is_data());
+    gw.set_clients(vec![]).unwrap();
+    assert_eq!(
+        gate.check(alice.addr, &wire, &mut out),
+        Err(Refused::Drop(WgDrop::UnknownIndex)),
+        "a removed client's index is refused before any session is looked at"
     );
 }
