@@ -752,11 +752,21 @@ fn iperf(ns: &str, target: Ipv4Addr, secs: u64, extra: &[&str]) -> anyhow::Resul
         "5000",
     ];
     args.extend_from_slice(extra);
-    let out = run_in(ns, &args)?;
-    let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
-    if let Some(e) = v["error"].as_str() {
-        bail!("iperf3: {e}");
-    }
+    // The server takes one test at a time and may still be closing the last one: "busy"
+    // is retried for a few seconds.
+    let mut tries = 0;
+    let v = loop {
+        let out = run_in(ns, &args)?;
+        let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+        match v["error"].as_str() {
+            Some(e) if e.contains("busy") && tries < 10 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            Some(e) => bail!("iperf3: {e}"),
+            None => break v,
+        }
+    };
     let end = &v["end"];
     Ok((
         end["sum_received"]["bits_per_second"]

@@ -322,27 +322,63 @@ fn a_stock_wireguard_client_reaches_the_mesh_under_its_own_identity_and_policy()
     const WINDOW: Duration = Duration::from_millis(500);
     // Each window's rate is taken over its last 400 ms (TCP settles after a switch).
     const SETTLE: Duration = Duration::from_millis(100);
-    let window = |flooded: bool| -> f64 {
+    // What the gateway refused so far (cookies, unknown keys, source limits): each window
+    // shows the flood reached it while on, and not while off.
+    let refused_so_far = || -> u64 {
+        let st = gw.status().unwrap();
+        let dropped = &st["gateway"]["dropped"];
+        ["unknown_key", "source_limit"]
+            .iter()
+            .map(|r| dropped[r].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            + st["gateway"]["cookies_sent"].as_u64().unwrap_or(0)
+    };
+    let window = |flooded: bool| -> (f64, u64) {
         on.store(flooded, Ordering::Relaxed);
+        let r0 = refused_so_far();
         std::thread::sleep(SETTLE);
         let (b0, t0) = (got.load(Ordering::Relaxed), Instant::now());
         std::thread::sleep(WINDOW - SETTLE);
         let (b1, t1) = (got.load(Ordering::Relaxed), Instant::now());
-        (b1 - b0) as f64 * 8.0 / 1e6 / (t1 - t0).as_secs_f64()
+        let refused = refused_so_far() - r0;
+        (
+            (b1 - b0) as f64 * 8.0 / 1e6 / (t1 - t0).as_secs_f64(),
+            refused,
+        )
     };
     std::thread::sleep(Duration::from_secs(1));
-    let mut quiet_all = vec![window(false)];
-    let mut flooded_all = Vec::new();
+    let (q, r) = window(false);
+    let (mut quiet_all, mut quiet_refused) = (vec![q], vec![r]);
+    let (mut flooded_all, mut flooded_refused) = (Vec::new(), Vec::new());
     let mut flood_time = Duration::ZERO;
     for _ in 0..10 {
         let t = Instant::now();
-        flooded_all.push(window(true));
+        let (f, r) = window(true);
         flood_time += t.elapsed();
-        quiet_all.push(window(false));
+        flooded_all.push(f);
+        flooded_refused.push(r);
+        let (q, r) = window(false);
+        quiet_all.push(q);
+        quiet_refused.push(r);
     }
     stop.store(true, Ordering::Relaxed);
     flooder.join().unwrap();
     writer.join().unwrap();
+    eprintln!(
+        "wireguard: refused per window, flooded {flooded_refused:?}, quiet {quiet_refused:?}; sent {} in {flood_time:?}",
+        sent_on.load(Ordering::Relaxed)
+    );
+    // Each flooded window holds at least a tenth of a second of the flood (400 refused;
+    // about 2,000 when the flooder keeps its rate); quiet ones get only the
+    // tail of what the (lower-priority) handshake thread had not yet taken.
+    assert!(
+        flooded_refused.iter().all(|r| *r >= 400),
+        "the flood did not reach the gateway in every flooded window: {flooded_refused:?}"
+    );
+    assert!(
+        quiet_refused.iter().sum::<u64>() * 10 <= flooded_refused.iter().sum::<u64>(),
+        "the flood went on into quiet windows: {quiet_refused:?} against {flooded_refused:?}"
+    );
     let sent = sent_on.load(Ordering::Relaxed);
     let rate = sent as f64 / flood_time.as_secs_f64();
     let mut ratios: Vec<f64> = flooded_all
@@ -364,10 +400,10 @@ fn a_stock_wireguard_client_reaches_the_mesh_under_its_own_identity_and_policy()
         quiet_all.iter().all(|q| *q > 10.0),
         "the transfer stalled: {quiet_all:?}"
     );
-    // Niced, the flooder may fall behind on a busy second; it must still flood at many
-    // times the load (400 a second).
+    // Niced, the flooder falls behind on a busy second (3,000-3,500 a second measured);
+    // it must still flood at many times the load (400 a second).
     assert!(
-        rate >= 3_000.0,
+        rate >= 2_000.0,
         "the flood fell behind its 4,000 a second: {rate:.0}"
     );
     let dropped = &st["gateway"]["dropped"];
@@ -543,7 +579,13 @@ fn flood(
         }
         let (t0, n0) = *since.get_or_insert((Instant::now(), n));
         let due = n0 + (t0.elapsed().as_secs_f64() * rate as f64) as u64;
-        while n < due {
+        // Niced, it is often late on a busy second and catches up in a burst; a burst
+        // stops the moment the flood is switched off, and more than 100 ms owed is let go.
+        if due > n + rate / 10 {
+            since = Some((Instant::now(), n));
+            continue;
+        }
+        while n < due && on.load(Ordering::Relaxed) {
             let s = &socks[n as usize % socks.len()];
             let _ = s.send_to(&inits[(n % 256) as usize], to);
             n += 1;
@@ -577,7 +619,8 @@ fn counting_server(bind: SocketAddr, got: Arc<AtomicU64>) {
 /// made as they go, as an application's would be, so the sender's CPU is part of the
 /// load the two cores carry.
 fn push_until(to: SocketAddr, stop: &AtomicBool) {
-    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        .expect("the client reaches the counting server through the gateway");
     s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = vec![0u8; 64 * 1024];
     let mut state: u64 = 0x1234_5678_9abc_def1;
@@ -588,6 +631,7 @@ fn push_until(to: SocketAddr, stop: &AtomicBool) {
             state ^= state << 17;
             *b = state as u8;
         }
-        s.write_all(&buf).unwrap();
+        s.write_all(&buf)
+            .expect("the transfer through the gateway goes on");
     }
 }

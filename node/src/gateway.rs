@@ -182,7 +182,7 @@ pub async fn start(
     }
     tokio::spawn(receive_loop(node.clone(), ov, g.clone()));
     tokio::spawn(timer_loop(node, g.clone()));
-    tracing::info!(listen = %cfg.listen, key = %public_key, dns, handshakes_apart = g.handshakes_apart.load(Ordering::Relaxed), "WireGuard gateway up");
+    tracing::info!(listen = %cfg.listen, key = %public_key, dns, "WireGuard gateway up");
     Ok(g)
 }
 
@@ -439,7 +439,7 @@ async fn one_datagram(
     sender: &mut Sender,
     gro: &mut tun_rs::GROTable,
 ) {
-    match g.gate.check(from, dgram, out) {
+    match g.gate.check(from, dgram, unix_now().max(0) as u64, out) {
         Ok(admitted) => {
             admitted_datagram(node, ov, g, view, from, admitted, dgram, out, sender, gro).await
         }

@@ -377,7 +377,8 @@ reasons! {
         Spoofed => "spoofed",
         /// A packet for a client that has never connected to this gateway.
         NoEndpoint => "no_endpoint",
-        /// Handshakes over the rate limit from a source that has not proven its address.
+        /// Handshakes over the rate limit from a source that has not proven its address,
+        /// or cookie replies over theirs.
         UnderLoad => "under_load",
         /// A packet for an address that is no client of this gateway.
         NotAClient => "not_a_client",
@@ -385,6 +386,9 @@ reasons! {
         SourceLimit => "source_limit",
         /// Admitted on the handshake thread, but the queue to the sessions was full.
         Backlog => "backlog",
+        /// A data message on the handshake socket (a GRO batch led by a handshake): data
+        /// is taken on the data path only.
+        Misrouted => "misrouted",
     }
 }
 

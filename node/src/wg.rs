@@ -45,6 +45,12 @@ pub const HANDSHAKES_PER_SECOND: u64 = 400;
 /// still cannot make the gateway spend a Diffie-Hellman on every datagram it sends.
 pub const HANDSHAKES_PER_SOURCE: u32 = 20;
 
+/// Cookie replies a second, over all clients, taken to a session. A client sends one only
+/// to an initiation of this gateway's (when it has packets for a client with no session)
+/// while the client is under load itself; they carry no MAC, so past this they are
+/// dropped (as `under_load`) before any session is looked at.
+pub const COOKIE_REPLIES_PER_SECOND: u32 = 64;
+
 /// Source addresses tracked for [`HANDSHAKES_PER_SOURCE`] (an IPv6 source by its /64, as
 /// Linux WireGuard: one host holds a whole /64); beyond, the count starts over (sources
 /// that cannot receive are held off by cookies instead).
@@ -81,7 +87,11 @@ struct SourceCounts {
     /// Handshakes with a valid MAC1 this second. At or past [`HANDSHAKES_PER_SECOND`] the
     /// gateway is under load: sources must prove their address (MAC2) with a cookie.
     checks: u64,
-    since: std::time::Instant,
+    /// Cookie replies (to this gateway's own initiations) this second: they carry no MAC,
+    /// so they get a budget of their own.
+    cookie_replies: u32,
+    /// The unix second these counts are for.
+    second: u64,
 }
 
 /// What a packet for a client comes to.
@@ -234,7 +244,8 @@ impl Gateway {
                 sources: Arc::new(Mutex::new(SourceCounts {
                     counts: HashMap::new(),
                     checks: 0,
-                    since: std::time::Instant::now(),
+                    cookie_replies: 0,
+                    second: 0,
                 })),
                 known: Arc::default(),
             },
@@ -350,7 +361,7 @@ impl Gateway {
         now: u64,
         out: &'a mut [u8],
     ) -> Inbound<'a> {
-        match self.gate.check(from, datagram, out) {
+        match self.gate.check(from, datagram, now, out) {
             Ok(admitted) => self.take(admitted, from, datagram, now, out),
             Err(Refused::Cookie(n)) => Inbound::Cookie(&out[..n]),
             Err(Refused::Drop(r)) => Inbound::Drop(r),
@@ -513,6 +524,7 @@ impl Gate {
         &self,
         from: SocketAddr,
         datagram: &[u8],
+        now: u64,
         out: &mut [u8],
     ) -> Result<Admitted, Refused> {
         // boringtun writes into `out` up to the datagram's length (and 148 bytes for a
@@ -533,9 +545,14 @@ impl Gate {
         };
         let (to, kind) = match &packet {
             Packet::HandshakeInit(_) | Packet::HandshakeResponse(_) => {
-                self.check_handshake(from, datagram, &packet, out)?
+                self.check_handshake(from, datagram, &packet, now, out)?
             }
-            Packet::PacketCookieReply(p) => (Lookup::Index(p.receiver_idx >> 8), Kind::CookieReply),
+            Packet::PacketCookieReply(p) => {
+                if !self.counts().cookie_reply(now) {
+                    return Err(Refused::Drop(WgDrop::UnderLoad));
+                }
+                (Lookup::Index(p.receiver_idx >> 8), Kind::CookieReply)
+            }
             Packet::PacketData(p) => (Lookup::Index(p.receiver_idx >> 8), Kind::Data),
         };
         let known = self.known.load();
@@ -557,9 +574,9 @@ impl Gate {
         from: SocketAddr,
         datagram: &[u8],
         packet: &Packet<'_>,
+        now: u64,
         out: &mut [u8],
     ) -> Result<(Lookup, Kind), Refused> {
-        let now = std::time::Instant::now();
         let under_load = self.counts().count(now);
         if under_load {
             let mut cookie = [0u8; 64];
@@ -611,17 +628,18 @@ impl Gate {
 }
 
 impl SourceCounts {
-    /// Starts the second over when one has passed.
-    fn roll(&mut self, now: std::time::Instant) {
-        if now.duration_since(self.since) >= Duration::from_secs(1) {
-            self.since = now;
+    /// Starts over when the second (unix) is another.
+    fn roll(&mut self, now: u64) {
+        if now != self.second {
+            self.second = now;
             self.counts.clear();
             self.checks = 0;
+            self.cookie_replies = 0;
         }
     }
 
     /// Counts a handshake with a valid MAC1; whether the gateway was under load before it.
-    fn count(&mut self, now: std::time::Instant) -> bool {
+    fn count(&mut self, now: u64) -> bool {
         self.roll(now);
         let loaded = self.checks >= HANDSHAKES_PER_SECOND;
         self.checks = self.checks.saturating_add(1);
@@ -630,7 +648,7 @@ impl SourceCounts {
 
     /// Counts a proven handshake from `ip`; false past [`HANDSHAKES_PER_SOURCE`] this
     /// second.
-    fn admit(&mut self, ip: IpAddr, now: std::time::Instant) -> bool {
+    fn admit(&mut self, ip: IpAddr, now: u64) -> bool {
         self.roll(now);
         let ip = source_key(ip);
         if self.counts.len() >= MAX_SOURCES && !self.counts.contains_key(&ip) {
@@ -639,6 +657,13 @@ impl SourceCounts {
         let n = self.counts.entry(ip).or_default();
         *n = n.saturating_add(1);
         *n <= HANDSHAKES_PER_SOURCE
+    }
+
+    /// Counts a cookie reply; false past [`COOKIE_REPLIES_PER_SECOND`] this second.
+    fn cookie_reply(&mut self, now: u64) -> bool {
+        self.roll(now);
+        self.cookie_replies = self.cookie_replies.saturating_add(1);
+        self.cookie_replies <= COOKIE_REPLIES_PER_SECOND
     }
 }
 

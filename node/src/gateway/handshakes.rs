@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::WgGateway;
+use crate::clock::unix_now;
 use crate::overlay::{Overlay, Sender};
 use crate::reason::WgDrop;
 use crate::state::Node;
@@ -136,14 +137,18 @@ pub(super) fn start(
 /// thread: the [`wg::Gate`] (a flood is answered with cookies or dropped here, without the
 /// sessions' lock), then what it admitted is queued for its session on the runtime. The
 /// socket takes GRO like the data socket (the kernel picks by hash which one decides
-/// whether a flow is coalesced), so a batch is split here, and a data message in one is
-/// queued like the rest.
+/// whether a flow is coalesced), so a batch is split here; a data message in one (a batch
+/// led by a handshake) is dropped and counted, never queued.
 fn handshake_loop(
     g: Arc<WgGateway>,
     socket: std::net::UdpSocket,
     tx: tokio::sync::mpsc::Sender<Admitted>,
 ) {
-    let state = match quinn_udp::UdpSocketState::new((&socket).into()) {
+    // quinn-udp's state turns GRO on and the socket non-blocking; this thread waits in
+    // its reads, so blocking again.
+    let state = match quinn_udp::UdpSocketState::new((&socket).into())
+        .and_then(|s| socket.set_nonblocking(false).map(|()| s))
+    {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "WireGuard handshake socket: no receive path; handshakes taken with the data");
@@ -154,6 +159,7 @@ fn handshake_loop(
         tracing::debug!(error = %e, "WireGuard handshake thread keeps its priority");
     }
     g.handshakes_apart.store(true, Ordering::Relaxed);
+    tracing::info!("WireGuard handshakes read on a socket and thread of their own");
     // Sends never wait on a full socket: a reply lost is a handshake retried.
     let send = |to: SocketAddr, b: &[u8]| {
         let s = socket2::SockRef::from(&socket);
@@ -174,7 +180,16 @@ fn handshake_loop(
         match got {
             Ok(0) => continue,
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "WireGuard handshake receive");
                 std::thread::sleep(std::time::Duration::from_millis(10));
@@ -184,13 +199,22 @@ fn handshake_loop(
         let m = meta[0];
         let data = buf.get(..m.len).unwrap_or_default();
         for dgram in data.chunks(m.stride.max(1)) {
-            let admitted = match g.gate.check(m.addr, dgram, &mut out) {
+            let admitted = match g
+                .gate
+                .check(m.addr, dgram, unix_now().max(0) as u64, &mut out)
+            {
                 Ok(a) => a,
                 Err(r) => {
                     g.refused(m.addr, r, &out, send);
                     continue;
                 }
             };
+            // Only a GRO batch led by a handshake brings one here; queued, any number of
+            // them would bypass every limit on the way to the sessions.
+            if admitted.is_data() {
+                g.count(WgDrop::Misrouted);
+                continue;
+            }
             let item = Admitted {
                 from: m.addr,
                 admitted,
