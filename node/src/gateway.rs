@@ -439,9 +439,13 @@ async fn one_datagram(
     sender: &mut Sender,
     gro: &mut tun_rs::GROTable,
 ) {
-    match g.gate.check(from, dgram, unix_now().max(0) as u64, out) {
+    let now = unix_now().max(0) as u64;
+    match g.gate.check(from, dgram, now, out) {
         Ok(admitted) => {
-            admitted_datagram(node, ov, g, view, from, admitted, dgram, out, sender, gro).await
+            admitted_datagram(
+                node, ov, g, view, now, from, admitted, dgram, out, sender, gro,
+            )
+            .await
         }
         Err(r) => g.refused(from, r, out, |to, b| g.send(to, b)),
     }
@@ -454,6 +458,7 @@ async fn admitted_datagram(
     ov: &Arc<Overlay>,
     g: &WgGateway,
     view: &View,
+    now: u64,
     from: SocketAddr,
     admitted: wg::Admitted,
     dgram: &[u8],
@@ -461,7 +466,6 @@ async fn admitted_datagram(
     sender: &mut Sender,
     gro: &mut tun_rs::GROTable,
 ) {
-    let now = unix_now().max(0) as u64;
     let base = out.as_ptr() as usize;
     // Where the inner packet lies in `out`, when there is one.
     let inner = {

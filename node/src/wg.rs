@@ -147,8 +147,8 @@ pub enum ClientsError {
 pub struct Gate {
     secret: StaticSecret,
     public: PublicKey,
-    /// Checks MAC1 and never asks for a cookie (its limit is never reached): below the
-    /// load, and in every session.
+    /// Checks MAC1 and never asks for a cookie (its limit, u64::MAX, is reached only after
+    /// 2^64 checks, so it is never reset): below the load, and in every session.
     mac1: Arc<RateLimiter>,
     /// Checks MAC1 and MAC2 and answers a cookie to any source that has not proven its
     /// address (a limit of 0): under the load.
@@ -469,7 +469,6 @@ impl Gateway {
     /// Runs every live client's timers (keepalives, rekeys, expiring sessions); `send`
     /// gets what must go out. Call every [`TICK`]; `now` is unix seconds.
     pub fn tick(&mut self, now: u64, out: &mut [u8], mut send: impl FnMut(SocketAddr, &[u8])) {
-        self.gate.tick();
         for slot in self.clients.values_mut() {
             if !slot.client.live_at(now) {
                 continue;
@@ -617,13 +616,6 @@ impl Gate {
 
     fn counts(&self) -> std::sync::MutexGuard<'_, SourceCounts> {
         self.sources.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Every [`TICK`]: the MAC1 limiter's own count kept far from its limit (it starts over
-    /// once a second).
-    fn tick(&self) {
-        self.mac1.reset_count();
-        self.cookies.reset_count();
     }
 }
 

@@ -251,6 +251,7 @@ async fn sessions_loop(
             &ov,
             &g,
             &view,
+            unix_now().max(0) as u64,
             a.from,
             a.admitted,
             &a.datagram,
