@@ -56,6 +56,10 @@ pub const COOKIE_REPLIES_PER_SECOND: u32 = 64;
 /// that cannot receive are held off by cookies instead).
 const MAX_SOURCES: usize = 16_384;
 
+/// How far behind the counts' second a reading may be and still count as that second
+/// (one thread's clock reading taken just before another's, see `SourceCounts::roll`).
+const STALE_SECONDS: u64 = 2;
+
 /// How often [`Gateway::tick`] must run (WireGuard's timers are in whole 250 ms steps).
 pub const TICK: Duration = Duration::from_millis(250);
 
@@ -620,9 +624,13 @@ impl Gate {
 }
 
 impl SourceCounts {
-    /// Starts over when the second (unix) is another.
+    /// Starts over when the second (unix) is a later one. The handshake thread and the data
+    /// path each read the clock, and the lower-priority thread may carry a second that has
+    /// just passed: a second up to [`STALE_SECONDS`] behind counts as the current one, so
+    /// going back and forth across a boundary does not start the counts over each time
+    /// (found by review). A clock stepped back further starts them over once.
     fn roll(&mut self, now: u64) {
-        if now != self.second {
+        if now > self.second || now.saturating_add(STALE_SECONDS) < self.second {
             self.second = now;
             self.counts.clear();
             self.checks = 0;

@@ -626,3 +626,34 @@ fn cookie_replies_have_a_budget_of_their_own() {
     // The next second has its budget again.
     assert!(gate.check(alice.addr, &reply, NOW + 1, &mut out).is_ok());
 }
+
+/// Found by review: the handshake thread and the data path read the clock apart, and
+/// the counts started over on any other second, backwards too: two threads alternating
+/// across a boundary reset every limit each time. A second just behind now counts as the
+/// current one (denied twin: the source stays at its limit); a later second, or a clock
+/// stepped back for real, starts over (allowed twin).
+#[test]
+fn a_stale_second_does_not_start_the_counts_over() {
+    let gw = Gateway::new(secret(1));
+    let gate = gw.gate();
+    let mut counts = gate.counts();
+    let ip: IpAddr = "198.18.0.1".parse().unwrap();
+    for _ in 0..HANDSHAKES_PER_SOURCE {
+        assert!(counts.admit(ip, NOW));
+    }
+    assert!(!counts.admit(ip, NOW));
+    assert!(
+        !counts.admit(ip, NOW - 1),
+        "a reading just behind is this second"
+    );
+    assert!(!counts.admit(ip, NOW), "and did not start the counts over");
+    assert!(counts.admit(ip, NOW + 1), "the next second starts over");
+    for _ in 1..HANDSHAKES_PER_SOURCE {
+        assert!(counts.admit(ip, NOW + 1));
+    }
+    assert!(!counts.admit(ip, NOW + 1));
+    assert!(
+        counts.admit(ip, NOW - 3600),
+        "a clock stepped back an hour starts over"
+    );
+}
