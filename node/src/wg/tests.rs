@@ -657,3 +657,21 @@ fn a_stale_second_does_not_start_the_counts_over() {
         "a clock stepped back an hour starts over"
     );
 }
+
+/// Found by fuzzing: a sealed IPv4 header whose total length (11) is shorter than the
+/// header itself came out as an 11-byte packet, its source read past its end (the
+/// client's own address there, so it passed cryptokey routing). Dropped as malformed;
+/// the same header with its true length passes.
+#[test]
+fn an_inner_packet_shorter_than_its_own_header_is_dropped() {
+    let mut gw = Gateway::new(secret(1));
+    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
+    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
+        .unwrap();
+    handshake(&mut gw, &mut alice).unwrap();
+    let mut pkt = ipv4("100.64.0.9", "100.64.0.1", b"x");
+    let whole = pkt.clone();
+    pkt[2..4].copy_from_slice(&11u16.to_be_bytes());
+    assert_eq!(send(&mut gw, &mut alice, &pkt), Err(WgDrop::Malformed));
+    assert_eq!(send(&mut gw, &mut alice, &whole).unwrap(), whole);
+}
