@@ -707,12 +707,13 @@ fn accept<'a>(
     if !slot.client.owns(src) {
         return Inbound::Drop(WgDrop::Spoofed);
     }
+    // A malformed packet changes nothing, not even where the client is.
+    if !packet.is_empty() && !whole_header(packet) {
+        return Inbound::Drop(WgDrop::Malformed);
+    }
     slot.endpoint = Some(from);
     if packet.is_empty() {
         return Inbound::Nothing;
-    }
-    if !whole_header(packet) {
-        return Inbound::Drop(WgDrop::Malformed);
     }
     Inbound::Packet(key, packet)
 }
@@ -723,7 +724,10 @@ fn accept<'a>(
 /// (found by fuzzing `wg_gateway`).
 fn whole_header(packet: &[u8]) -> bool {
     match packet.first().map(|b| b >> 4) {
-        Some(4) => packet.len() >= 20 && packet.len() >= usize::from(packet[0] & 0x0f) * 4,
+        Some(4) => {
+            let header = usize::from(packet[0] & 0x0f) * 4;
+            header >= 20 && packet.len() >= header
+        }
         Some(6) => packet.len() >= 40,
         _ => false,
     }

@@ -675,3 +675,31 @@ fn an_inner_packet_shorter_than_its_own_header_is_dropped() {
     assert_eq!(send(&mut gw, &mut alice, &pkt), Err(WgDrop::Malformed));
     assert_eq!(send(&mut gw, &mut alice, &whole).unwrap(), whole);
 }
+
+/// From review: a header length under 20 bytes (IHL 0-4) is malformed too, and a
+/// malformed packet does not move the client's endpoint (it roams only on packets the
+/// gateway takes).
+#[test]
+fn a_header_length_under_20_is_malformed_and_moves_nothing() {
+    let mut gw = Gateway::new(secret(1));
+    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
+    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
+        .unwrap();
+    handshake(&mut gw, &mut alice).unwrap();
+    let mut pkt = ipv4("100.64.0.9", "100.64.0.1", b"x");
+    pkt[0] = 0x44;
+    alice.addr = "198.18.0.77:40001".parse().unwrap();
+    assert_eq!(send(&mut gw, &mut alice, &pkt), Err(WgDrop::Malformed));
+    assert_eq!(
+        gw.stats()[0].endpoint,
+        Some("198.18.0.10:40000".parse().unwrap()),
+        "the endpoint stayed"
+    );
+    pkt[0] = 0x45;
+    assert!(send(&mut gw, &mut alice, &pkt).is_ok());
+    assert_eq!(
+        gw.stats()[0].endpoint,
+        Some(alice.addr),
+        "a packet taken moves it"
+    );
+}
