@@ -126,13 +126,19 @@ fn send(gw: &mut Gateway, p: &mut Peer, packet: &[u8]) -> Result<Vec<u8>, WgDrop
     }
 }
 
-#[test]
-fn a_client_s_handshake_and_packets_cross_both_ways() {
+/// A gateway serving one client, alice (100.64.0.9), whose session is up.
+fn alice_in_session() -> (Gateway, Peer) {
     let mut gw = Gateway::new(secret(1));
     let mut alice = peer(&gw, 2, "198.18.0.10:40000");
     gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
         .unwrap();
     handshake(&mut gw, &mut alice).unwrap();
+    (gw, alice)
+}
+
+#[test]
+fn a_client_s_handshake_and_packets_cross_both_ways() {
+    let (mut gw, mut alice) = alice_in_session();
     let pkt = ipv4("100.64.0.9", "100.64.0.1", b"hello mesh");
     assert_eq!(send(&mut gw, &mut alice, &pkt).unwrap(), pkt);
     // Back to the client, at the endpoint its datagrams came from.
@@ -183,11 +189,7 @@ fn an_unknown_key_is_dropped_and_never_answered() {
 
 #[test]
 fn data_for_an_index_never_given_out_is_dropped() {
-    let mut gw = Gateway::new(secret(1));
-    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
-    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
-        .unwrap();
-    handshake(&mut gw, &mut alice).unwrap();
+    let (mut gw, mut alice) = alice_in_session();
     let mut buf = vec![0u8; BUFFER];
     let mut wire = match alice
         .tunn
@@ -281,11 +283,7 @@ fn a_removed_or_expired_client_is_cut_at_once_and_the_others_keep_their_sessions
 
 #[test]
 fn a_client_that_roams_is_answered_at_its_new_address() {
-    let mut gw = Gateway::new(secret(1));
-    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
-    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
-        .unwrap();
-    handshake(&mut gw, &mut alice).unwrap();
+    let (mut gw, mut alice) = alice_in_session();
     alice.addr = "198.18.1.20:51000".parse().unwrap();
     send(
         &mut gw,
@@ -664,11 +662,7 @@ fn a_stale_second_does_not_start_the_counts_over() {
 /// the same header with its true length passes.
 #[test]
 fn an_inner_packet_shorter_than_its_own_header_is_dropped() {
-    let mut gw = Gateway::new(secret(1));
-    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
-    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
-        .unwrap();
-    handshake(&mut gw, &mut alice).unwrap();
+    let (mut gw, mut alice) = alice_in_session();
     let mut pkt = ipv4("100.64.0.9", "100.64.0.1", b"x");
     let whole = pkt.clone();
     pkt[2..4].copy_from_slice(&11u16.to_be_bytes());
@@ -681,11 +675,7 @@ fn an_inner_packet_shorter_than_its_own_header_is_dropped() {
 /// gateway takes).
 #[test]
 fn a_header_length_under_20_is_malformed_and_moves_nothing() {
-    let mut gw = Gateway::new(secret(1));
-    let mut alice = peer(&gw, 2, "198.18.0.10:40000");
-    gw.set_clients(vec![client("alice", alice.key, "100.64.0.9")])
-        .unwrap();
-    handshake(&mut gw, &mut alice).unwrap();
+    let (mut gw, mut alice) = alice_in_session();
     let mut pkt = ipv4("100.64.0.9", "100.64.0.1", b"x");
     pkt[0] = 0x44;
     alice.addr = "198.18.0.77:40001".parse().unwrap();
